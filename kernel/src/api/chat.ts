@@ -1,0 +1,258 @@
+import { inspect } from "node:util";
+import { currentSink, type DisplaySink } from "../display/sink";
+import type { Reply } from "./reply";
+import { expectBoolean, expectInteger, expectNumber, expectString } from "./validate";
+
+/** Generation settings a chat builder collects; unset ones take the worker's defaults. */
+export interface ChatSettings {
+  system?: string;
+  maxTokens?: number;
+  temperature?: number;
+  topP?: number;
+  topK?: number;
+  greedy?: boolean;
+  stop?: readonly string[];
+  seed?: number;
+  /** Do not stream the reply into the cell while awaiting. */
+  quiet?: boolean;
+}
+
+/** How a running generation reports text and learns it should stop. */
+export interface ChatIO {
+  onText?: (piece: string) => void;
+  signal?: AbortSignal;
+}
+
+/** What a chat builder runs against: a model, or a conversation that keeps history. */
+export interface ChatTarget {
+  /** Shown in the builder's toString(). */
+  readonly label: string;
+  /** Where an awaited reply streams; default: the kernel's output, else stdout. */
+  readonly sink?: () => DisplaySink;
+  run(prompt: string, settings: Readonly<ChatSettings>, io: ChatIO): Promise<Reply>;
+}
+
+const MAX_STOP_STRINGS = 16;
+
+/**
+ * A chat request being put together. Each option returns a new builder (so a configured one can
+ * be reused), checks its value at once, and nothing is sent until the builder is awaited or
+ * streamed. Awaiting streams the reply into the cell and resolves to a {@link Reply}.
+ */
+export class ChatRequest implements PromiseLike<Reply> {
+  readonly #target: ChatTarget;
+  readonly #prompt: string;
+  readonly #settings: Readonly<ChatSettings>;
+  #run: Promise<Reply> | undefined;
+  #stream: ChatStream | undefined;
+
+  constructor(target: ChatTarget, prompt: string, settings: Readonly<ChatSettings> = {}) {
+    this.#target = target;
+    this.#prompt = expectString("chat(prompt)", prompt);
+    this.#settings = settings;
+  }
+
+  /** The settings this builder will send. */
+  get settings(): Readonly<ChatSettings> {
+    return this.#settings;
+  }
+
+  get prompt(): string {
+    return this.#prompt;
+  }
+
+  #with(patch: ChatSettings): ChatRequest {
+    return new ChatRequest(this.#target, this.#prompt, { ...this.#settings, ...patch });
+  }
+
+  /** System prompt for this request. */
+  system(text: string): ChatRequest {
+    return this.#with({ system: expectString("system(text)", text) });
+  }
+
+  /** Most tokens to generate (at least 1). */
+  maxTokens(n: number): ChatRequest {
+    return this.#with({ maxTokens: expectInteger("maxTokens(n)", n, { min: 1 }) });
+  }
+
+  /** Sampling temperature, 0 or more; 0 behaves like greedy decoding. */
+  temperature(t: number): ChatRequest {
+    return this.#with({ temperature: expectNumber("temperature(t)", t, { min: 0 }) });
+  }
+
+  /** Nucleus sampling: keep the smallest set of tokens whose probability reaches p, 0 < p <= 1. */
+  topP(p: number): ChatRequest {
+    return this.#with({ topP: expectNumber("topP(p)", p, { above: 0, max: 1 }) });
+  }
+
+  /** Sample among the k most likely tokens; 0 turns the limit off. */
+  topK(k: number): ChatRequest {
+    return this.#with({ topK: expectInteger("topK(k)", k, { min: 0 }) });
+  }
+
+  /** Always take the most likely token (deterministic). */
+  greedy(on = true): ChatRequest {
+    return this.#with({ greedy: expectBoolean("greedy(on)", on) });
+  }
+
+  /** Stop when the text contains any of these strings (they are not included in the reply). */
+  stop(...strings: string[]): ChatRequest {
+    const list = strings.flat();
+    list.forEach((s, i) => expectString(`stop(...strings)[${i}]`, s, { nonEmpty: true }));
+    const merged = [...(this.#settings.stop ?? []), ...list];
+    if (merged.length > MAX_STOP_STRINGS) {
+      throw new RangeError(`stop() takes at most ${MAX_STOP_STRINGS} strings in all, got ${merged.length}`);
+    }
+    return this.#with({ stop: merged });
+  }
+
+  /** Seed for sampling, so a sampled reply can be reproduced. */
+  seed(n: number): ChatRequest {
+    return this.#with({ seed: expectInteger("seed(n)", n, { min: 0 }) });
+  }
+
+  /** Await without streaming the reply into the output. */
+  quiet(on = true): ChatRequest {
+    return this.#with({ quiet: expectBoolean("quiet(on)", on) });
+  }
+
+  /**
+   * The reply's text pieces as they are generated, for program use; nothing is printed. One
+   * builder is one generation: awaiting the builder afterwards gives this stream's reply.
+   */
+  stream(): ChatStream {
+    if (this.#run && !this.#stream) {
+      throw new Error("This chat request is already running (it was awaited); call .stream() on a new m.chat(...)");
+    }
+    this.#stream ??= new ChatStream((io) => this.#target.run(this.#prompt, this.#settings, io));
+    return this.#stream;
+  }
+
+  then<A = Reply, B = never>(
+    onFulfilled?: ((reply: Reply) => A | PromiseLike<A>) | null,
+    onRejected?: ((reason: unknown) => B | PromiseLike<B>) | null,
+  ): Promise<A | B> {
+    this.#run ??= this.#stream ? this.#stream.reply : this.#start();
+    return this.#run.then(onFulfilled, onRejected);
+  }
+
+  catch<B = never>(onRejected?: ((reason: unknown) => B | PromiseLike<B>) | null): Promise<Reply | B> {
+    return this.then(undefined, onRejected);
+  }
+
+  finally(onFinally?: (() => void) | null): Promise<Reply> {
+    return this.then().finally(onFinally);
+  }
+
+  async #start(): Promise<Reply> {
+    if (this.#settings.quiet) return this.#target.run(this.#prompt, this.#settings, {});
+    const base = this.#target.sink?.() ?? currentSink();
+    // Pieces can still arrive after an interrupt has ended the cell; they belong to this cell.
+    const sink = base.pin?.() ?? base;
+    let last = "";
+    const reply = await this.#target.run(this.#prompt, this.#settings, {
+      onText: (piece) => {
+        if (piece === "") return;
+        last = piece;
+        sink.text(piece);
+      },
+    });
+    // The kernel prints the awaited value on the next line; end the streamed text first.
+    let tail = last === "" || last.endsWith("\n") ? "" : "\n";
+    if (reply.cancelled) tail += `[cancelled after ${reply.completionTokens} tokens]\n`;
+    if (tail) sink.text(tail);
+    return reply;
+  }
+
+  toString(): string {
+    const parts = [this.#target.label, JSON.stringify(this.#prompt.length > 60 ? this.#prompt.slice(0, 60) + "…" : this.#prompt)];
+    for (const [key, value] of Object.entries(this.#settings)) {
+      if (value === undefined) continue;
+      if (value === true) parts.push(key);
+      else if (typeof value === "string") parts.push(`${key}: ${JSON.stringify(value.length > 40 ? value.slice(0, 40) + "…" : value)}`);
+      else parts.push(`${key}: ${JSON.stringify(value)}`);
+    }
+    return `chat(${parts.join(", ")})`;
+  }
+}
+
+Object.defineProperty(ChatRequest.prototype, inspect.custom, {
+  value(this: ChatRequest): string {
+    return this.toString();
+  },
+});
+
+/**
+ * Text pieces of one generation, as an async iterable. Leaving the loop early (break, return,
+ * an exception) cancels the generation on the worker. `reply` resolves to the full Reply once
+ * the generation is over.
+ */
+export class ChatStream implements AsyncIterable<string> {
+  readonly #start: (io: ChatIO) => Promise<Reply>;
+  #reply: Promise<Reply> | undefined;
+  #iterating = false;
+
+  constructor(start: (io: ChatIO) => Promise<Reply>) {
+    this.#start = start;
+  }
+
+  /** The finished reply; starts the generation if iteration has not. */
+  get reply(): Promise<Reply> {
+    if (!this.#reply) {
+      // Consume the pieces ourselves so `await s.reply` alone also works.
+      this.#reply = this.#start({});
+    }
+    return this.#reply;
+  }
+
+  [Symbol.asyncIterator](): AsyncIterator<string> {
+    if (this.#iterating || this.#reply) throw new Error("A chat stream can be iterated once; call .stream() again for another generation");
+    this.#iterating = true;
+    const queue: string[] = [];
+    let finished = false;
+    let failure: { error: unknown } | null = null;
+    let wake: (() => void) | null = null;
+    const abort = new AbortController();
+    const notify = (): void => {
+      wake?.();
+      wake = null;
+    };
+    this.#reply = this.#start({
+      onText: (piece) => {
+        if (piece === "") return;
+        queue.push(piece);
+        notify();
+      },
+      signal: abort.signal,
+    });
+    this.#reply.then(
+      () => {
+        finished = true;
+        notify();
+      },
+      (error: unknown) => {
+        failure = { error };
+        finished = true;
+        notify();
+      },
+    );
+    const reply = this.#reply;
+    return {
+      async next(): Promise<IteratorResult<string>> {
+        for (;;) {
+          if (queue.length > 0) return { value: queue.shift()!, done: false };
+          if (failure) throw failure.error;
+          if (finished) return { value: undefined, done: true };
+          await new Promise<void>((r) => (wake = r));
+        }
+      },
+      async return(): Promise<IteratorResult<string>> {
+        if (!finished) {
+          abort.abort();
+          await reply.catch(() => undefined);
+        }
+        return { value: undefined, done: true };
+      },
+    };
+  }
+}

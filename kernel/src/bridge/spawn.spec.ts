@@ -1,0 +1,88 @@
+import { chmodSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { isPidAlive } from "./runtime";
+import { ensureWorker, spawnWorker } from "./spawn";
+
+const dir = mkdtempSync(join(tmpdir(), "qwenbook-spawn-spec-"));
+const started: number[] = [];
+afterAll(() => {
+  for (const pid of started) if (isPidAlive(pid)) process.kill(pid, "SIGKILL");
+});
+
+async function failure(p: Promise<unknown>): Promise<Error> {
+  const outcome = await p.then(
+    () => new Error("expected a rejection"),
+    (e: unknown) => e as Error,
+  );
+  if (outcome.message === "expected a rejection") throw outcome;
+  return outcome;
+}
+
+/** A stand-in for python: a shell script that gets the worker's command line. */
+function fakePython(name: string, body: string): string {
+  const path = join(dir, name);
+  writeFileSync(path, `#!/bin/sh\n# args: -m qwenbook_bridge.worker --runtime-file F --log L\nrf="$4"\n${body}\n`);
+  chmodSync(path, 0o755);
+  return path;
+}
+
+// Writes a runtime file naming itself, then stays alive like a worker would.
+const goodWorker = (counter: string) =>
+  fakePython(
+    "good",
+    `echo started >> ${counter}\n` +
+      `printf '{"transport":"tcp","ip":"127.0.0.1","router_port":1,"pub_port":2,"key":"k","signature_scheme":"hmac-sha256",` +
+      `"pid":%s,"protocol_version":"1.0","worker_version":"t","started":"","python":"sh","log":"l"}' $$ > "$rf.tmp"\n` +
+      `mv "$rf.tmp" "$rf"\nexec sleep 30`,
+  );
+
+describe("spawnWorker", () => {
+  it("says which python could not be run and how to fix it", async () => {
+    await expect(spawnWorker({ runtimeFile: join(dir, "a", "rt.json"), python: join(dir, "no-such-python") })).rejects.toThrow(
+      /Could not run the worker's python ".*no-such-python".*QWENBOOK_PYTHON/s,
+    );
+  });
+
+  it("quotes the log when the worker exits during start-up", async () => {
+    const python = fakePython("crash", 'echo "ModuleNotFoundError: No module named qwenbook_bridge" >&2\nexit 3');
+    const err = await failure(spawnWorker({ runtimeFile: join(dir, "b", "rt.json"), python }));
+    expect(err.message).toMatch(/exited during start-up \(exit code 3;.*\nThe end of its log \(.*qwenbook-worker\.log\):\n/s);
+    expect(err.message).toContain("ModuleNotFoundError: No module named qwenbook_bridge");
+  });
+
+  it("gives up after the timeout with the log's end, leaving the slow worker be", async () => {
+    const python = fakePython("slow", 'echo "importing torch"\nexec sleep 30');
+    const err = await failure(spawnWorker({ runtimeFile: join(dir, "c", "rt.json"), python, timeoutMs: 300 }));
+    const pid = Number(/pid (\d+)/.exec(err.message)?.[1]);
+    started.push(pid);
+    expect(err.message).toMatch(/did not write .*rt\.json within 0\.3 s; it is still running.*importing torch/s);
+    expect(isPidAlive(pid)).toBe(true);
+  });
+});
+
+describe("ensureWorker", () => {
+  it("starts one worker for concurrent callers and attaches to it afterwards", async () => {
+    const counter = join(dir, "starts.txt");
+    const python = goodWorker(counter);
+    const runtimeFile = join(dir, "d", "rt.json");
+    const [a, b] = await Promise.all([ensureWorker({ runtimeFile, python }), ensureWorker({ runtimeFile, python })]);
+    started.push(a.pid);
+    expect(b.pid).toBe(a.pid);
+    expect((await ensureWorker({ runtimeFile, python })).pid).toBe(a.pid);
+    expect(readFileSync(counter, "utf8")).toBe("started\n");
+  });
+
+  it("replaces a runtime file left by a dead worker", async () => {
+    const runtimeFile = join(dir, "e", "rt.json");
+    const counter = join(dir, "starts-e.txt");
+    const first = await ensureWorker({ runtimeFile, python: goodWorker(counter) });
+    process.kill(first.pid, "SIGKILL");
+    while (isPidAlive(first.pid)) await new Promise((r) => setTimeout(r, 10));
+    const second = await ensureWorker({ runtimeFile, python: goodWorker(counter) });
+    started.push(second.pid);
+    expect(second.pid).not.toBe(first.pid);
+    expect(readFileSync(counter, "utf8")).toBe("started\nstarted\n");
+  });
+});

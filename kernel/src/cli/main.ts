@@ -1,0 +1,160 @@
+#!/usr/bin/env node
+import { spawnSync } from "node:child_process";
+import { resolve } from "node:path";
+import { WorkerClient } from "../bridge/client";
+import { resolvePython, tokenizerModelsDir } from "../bridge/paths";
+import { endpoint, runtimeFilePath } from "../bridge/runtime";
+import { ensureWorker, liveRuntime } from "../bridge/spawn";
+import { stopWorker } from "../bridge/stop";
+import { installKernelspec } from "../kernelspec/install";
+import { formatBytes } from "../api/progress";
+
+const USAGE = `usage: qwenbook <command>
+
+  worker start [--device auto|cpu|cuda|cuda:N]   start the worker (or report the one running)
+  worker status                                  show the running worker's models and memory
+  worker stop                                    stop the worker and unload its models
+  tiny-model <dir>                               write the tiny Qwen2 test model into <dir>
+  kernelspec install --prefix <venv>             install the "Qwen (TypeScript)" kernel into a venv
+
+The worker's runtime file: $QWENBOOK_RUNTIME_DIR, else $JUPYTER_RUNTIME_DIR, else
+~/.local/share/jupyter/runtime. Its python: $QWENBOOK_PYTHON, else the checkout's .venv, else python3.
+Exit codes: 0 done, 1 failed (or, for worker status, no worker running), 2 wrong command line.`;
+
+/** A wrong command line: printed with the usage, exit code 2. */
+class UsageError extends Error {}
+
+function takeOption(args: string[], name: string): string | undefined {
+  const i = args.findIndex((a) => a === name || a.startsWith(`${name}=`));
+  if (i < 0) return undefined;
+  const [flag] = args.splice(i, 1);
+  if (flag.includes("=")) return flag.slice(name.length + 1);
+  const value = args.splice(i, 1)[0];
+  if (value === undefined || value.startsWith("--")) throw new UsageError(`${name} needs a value`);
+  return value;
+}
+
+function noMoreArgs(args: string[]): void {
+  if (args.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(args[0])}`);
+}
+
+async function workerStart(args: string[]): Promise<number> {
+  const device = takeOption(args, "--device");
+  noMoreArgs(args);
+  if (device !== undefined && !/^(auto|cpu|cuda|cuda:\d+)$/.test(device)) {
+    throw new UsageError(`--device must be auto, cpu, cuda or cuda:N, got ${JSON.stringify(device)}`);
+  }
+  const runtimeFile = runtimeFilePath();
+  const running = liveRuntime(runtimeFile);
+  if (running) {
+    console.log(`A worker is already running: pid ${running.pid} at ${endpoint(running, "router")} (log ${running.log})`);
+    if (device) console.log(`(--device ${device} not applied; stop it first to start one on another device)`);
+    return 0;
+  }
+  const info = await ensureWorker({ runtimeFile, device });
+  console.log(`Started the worker: pid ${info.pid} at ${endpoint(info, "router")}\n  runtime file ${runtimeFile}\n  log ${info.log}`);
+  return 0;
+}
+
+async function workerStatus(args: string[]): Promise<number> {
+  noMoreArgs(args);
+  const runtimeFile = runtimeFilePath();
+  const info = liveRuntime(runtimeFile);
+  if (!info) {
+    console.log(`No worker is running (runtime file ${runtimeFile}). Start one with: qwenbook worker start`);
+    return 1;
+  }
+  const client = await WorkerClient.connect(info, { clientName: "qwenbook status" });
+  try {
+    const s = await client.request("status", {});
+    const h = client.hello;
+    console.log(`worker pid ${s.pid}, up ${formatSeconds(s.uptime_s)}, protocol ${h.protocol_version}, worker ${h.worker_version}`);
+    console.log(`  python ${h.python} (torch ${h.torch}, transformers ${h.transformers}), devices: ${h.devices.join(", ")}`);
+    console.log(`  endpoint ${endpoint(info, "router")}, log ${info.log}`);
+    console.log(s.models.length ? "models:" : "models: none loaded");
+    for (const m of s.models) console.log(`  ${m.model_id}  ${m.architecture}  ${m.dtype} on ${m.device}  (${m.path})`);
+    for (const mem of s.memory) {
+      console.log(`memory ${mem.device}: ${formatBytes(mem.used)} used of ${formatBytes(mem.total)}`);
+    }
+    if (s.running.length) console.log(`running: ${s.running.map((r) => `${r.msg_type} since ${r.started}`).join("; ")}`);
+    return 0;
+  } finally {
+    client.close();
+  }
+}
+
+async function workerStop(args: string[]): Promise<number> {
+  noMoreArgs(args);
+  const runtimeFile = runtimeFilePath();
+  const info = liveRuntime(runtimeFile);
+  if (!info) {
+    console.log("No worker is running.");
+    return 0;
+  }
+  await stopWorker(info, runtimeFile);
+  console.log(`Stopped the worker (pid ${info.pid}).`);
+  return 0;
+}
+
+function tinyModel(args: string[]): number {
+  const [dir, ...rest] = args;
+  if (!dir) throw new UsageError("tiny-model needs the folder to write the model into");
+  noMoreArgs(rest);
+  const python = resolvePython();
+  const cmd = ["-m", "qwenbook_bridge.tiny", resolve(dir), "--tokenizer-dir", tokenizerModelsDir()];
+  const r = spawnSync(python.command, cmd, { stdio: "inherit" });
+  if (r.error) {
+    throw new Error(`Could not run ${python.command} (from ${python.reason}): ${r.error.message}. Set QWENBOOK_PYTHON to a python with qwenbook_bridge installed.`);
+  }
+  return r.status ?? 1;
+}
+
+function kernelspec(args: string[]): number {
+  const [sub, ...rest] = args;
+  if (sub !== "install") throw new UsageError(`kernelspec has one subcommand, install; got ${JSON.stringify(sub ?? "")}`);
+  const prefix = takeOption(rest, "--prefix");
+  if (!prefix) throw new UsageError("kernelspec install needs --prefix <venv>");
+  noMoreArgs(rest);
+  const r = installKernelspec(prefix);
+  console.log(r.changed ? `Installed the "Qwen (TypeScript)" kernel in ${r.dir}` : `The "Qwen (TypeScript)" kernel is already installed in ${r.dir}`);
+  return 0;
+}
+
+async function run(argv: string[]): Promise<number> {
+  const [command, ...args] = argv;
+  if (command === undefined || command === "-h" || command === "--help" || command === "help") {
+    console.log(USAGE);
+    return command === undefined ? 2 : 0;
+  }
+  if (command === "worker") {
+    const [sub, ...rest] = args;
+    if (sub === "start") return workerStart(rest);
+    if (sub === "status") return workerStatus(rest);
+    if (sub === "stop") return workerStop(rest);
+    throw new UsageError(`worker takes start, status or stop; got ${JSON.stringify(sub ?? "")}`);
+  }
+  if (command === "tiny-model") return tinyModel(args);
+  if (command === "kernelspec") return kernelspec(args);
+  throw new UsageError(`unknown command ${JSON.stringify(command)}`);
+}
+
+function formatSeconds(s: number): string {
+  if (s < 120) return `${s.toFixed(0)} s`;
+  if (s < 7200) return `${(s / 60).toFixed(0)} min`;
+  return `${(s / 3600).toFixed(1)} h`;
+}
+
+run(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (e: unknown) => {
+    if (e instanceof UsageError) {
+      console.error(`qwenbook: ${e.message}\n\n${USAGE}`);
+      process.exitCode = 2;
+    } else {
+      console.error(`qwenbook: ${e instanceof Error ? e.message : String(e)}`);
+      process.exitCode = 1;
+    }
+  },
+);

@@ -1,0 +1,153 @@
+// The text/plain and text/html forms of each bundle, for every front end without the Qwenbook
+// extension. HTML here is escaped and styled inline (no classes: there is no stylesheet there), and
+// kept short because it is saved in the notebook next to the JSON.
+import type { ChatBundle, GpuBundle, TrainBundle } from "../../../extension/schema/bundles";
+
+const SPARK_POINTS = 120;
+const ROLE_COLOR = { system: "#888", user: "#1976d2", assistant: "#388e3c" } as const;
+
+export function chatText(b: ChatBundle): string {
+  const lines = b.messages.map((m) => `${m.role}: ${m.content}`);
+  const status = chatStatus(b);
+  if (status) lines.push(`(${status})`);
+  if (b.state === "error" && b.error) lines.push(`${b.error.name}: ${b.error.message}`);
+  return lines.join("\n");
+}
+
+export function chatHtml(b: ChatBundle): string {
+  const rows = b.messages.map(
+    (m) =>
+      `<div style="margin:2px 0"><b style="color:${ROLE_COLOR[m.role]}">${m.role}</b> ` +
+      `<span style="white-space:pre-wrap">${escapeHtml(m.content)}</span></div>`,
+  );
+  const status = chatStatus(b);
+  if (status) rows.push(`<div style="opacity:.7;font-size:smaller">${escapeHtml(status)}</div>`);
+  if (b.state === "error" && b.error) {
+    rows.push(`<div style="color:#d32f2f">${escapeHtml(`${b.error.name}: ${b.error.message}`)}</div>`);
+  }
+  return `<div>${rows.join("")}</div>`;
+}
+
+function chatStatus(b: ChatBundle): string {
+  const s = b.stats;
+  const parts: string[] = [];
+  if (b.state === "generating") parts.push("generating…");
+  if (b.state === "cancelled") parts.push("cancelled");
+  if (s) parts.push(`${int(s.completionTokens)} token${s.completionTokens === 1 ? "" : "s"}`);
+  if (b.state !== "generating" && s?.tokensPerSecond !== undefined) parts.push(`${rate(s.tokensPerSecond)} tokens/s`);
+  if (b.state !== "generating" && s?.ttftMs !== undefined) parts.push(`first token ${Math.round(s.ttftMs)} ms`);
+  return parts.join(" · ");
+}
+
+export function trainText(b: TrainBundle): string {
+  const lines = [`${b.title ?? "Training"} (${b.state}): ${trainFacts(b).join(" · ")}`];
+  if (b.checkpoint) lines.push(`${b.state === "cancelled" ? "Last checkpoint" : "Checkpoint"}: ${b.checkpoint}`);
+  if (b.error) lines.push(`${b.error.name}: ${b.error.message}${b.error.hint ? `\n${b.error.hint}` : ""}`);
+  return lines.join("\n");
+}
+
+export function trainHtml(b: TrainBundle): string {
+  const facts = trainFacts(b).map(escapeHtml).join(" · ");
+  const extra = [
+    b.checkpoint ? `<div>checkpoint: <code>${escapeHtml(b.checkpoint)}</code></div>` : "",
+    b.error ? `<div style="color:#d32f2f">${escapeHtml(`${b.error.name}: ${b.error.message}`)}</div>` : "",
+  ].join("");
+  return (
+    `<div><div><b>${escapeHtml(b.title ?? "Training")}</b> (${escapeHtml(b.state)})</div>` +
+    `<div style="font-size:smaller">${facts}</div>${lossSparkline(b)}${extra}</div>`
+  );
+}
+
+function trainFacts(b: TrainBundle): string[] {
+  const p = b.progress;
+  const facts = [`step ${int(p.step)}/${int(p.totalSteps)}`];
+  if (p.epoch !== undefined) facts.push(`epoch ${p.epoch.toFixed(2)}${p.totalEpochs !== undefined ? `/${p.totalEpochs}` : ""}`);
+  const loss = lastNumber(b.train.loss);
+  if (loss !== undefined) facts.push(`loss ${loss.toPrecision(4)}`);
+  const evalLoss = lastNumber(b.eval?.loss ?? []);
+  if (evalLoss !== undefined) facts.push(`eval loss ${evalLoss.toPrecision(4)}`);
+  const lr = b.train.lr?.[b.train.lr.length - 1];
+  if (lr !== undefined) facts.push(`lr ${lr.toExponential(1)}`);
+  if (p.tokensPerSecond !== undefined) facts.push(`${rate(p.tokensPerSecond)} tokens/s`);
+  if (b.state === "running" && p.etaS !== undefined) facts.push(`ETA ${duration(p.etaS)}`);
+  if (b.state !== "running" && p.elapsedS !== undefined) facts.push(`took ${duration(p.elapsedS)}`);
+  return facts;
+}
+
+/** The loss curve as a small inline SVG, thinned to a fixed number of points. */
+function lossSparkline(b: TrainBundle): string {
+  const pts: Array<[number, number]> = [];
+  b.train.step.forEach((s, i) => {
+    const l = b.train.loss[i];
+    if (l !== null && l !== undefined) pts.push([s, l]);
+  });
+  if (pts.length < 2) return "";
+  const every = Math.ceil(pts.length / SPARK_POINTS);
+  const thin = pts.filter((_, i) => i % every === 0 || i === pts.length - 1);
+  const [x0, x1] = [thin[0][0], thin[thin.length - 1][0]];
+  const ys = thin.map((p) => p[1]);
+  const [y0, y1] = [Math.min(...ys), Math.max(...ys)];
+  const w = 240;
+  const h = 48;
+  const coords = thin
+    .map(([x, y]) => `${(((x - x0) / (x1 - x0 || 1)) * w).toFixed(1)},${(h - 2 - ((y - y0) / (y1 - y0 || 1)) * (h - 4)).toFixed(1)}`)
+    .join(" ");
+  return (
+    `<svg width="${w}" height="${h}" viewBox="0 0 ${w} ${h}" role="img" aria-label="loss curve">` +
+    `<polyline fill="none" stroke="currentColor" stroke-width="1.5" points="${coords}"/></svg>`
+  );
+}
+
+export function gpuText(b: GpuBundle): string {
+  if (b.devices.length === 0) return "GPU memory: no devices reported";
+  return b.devices.map(deviceLine).join("\n");
+}
+
+export function gpuHtml(b: GpuBundle): string {
+  const rows = b.devices.map((d) => `<div>${escapeHtml(deviceLine(d))}</div>`);
+  return `<div>${rows.join("") || "GPU memory: no devices reported"}</div>`;
+}
+
+function deviceLine(d: GpuBundle["devices"][number]): string {
+  const pct = d.total > 0 ? ` (${Math.round((d.used / d.total) * 100)}%)` : "";
+  if (d.kind === "cpu") return `cpu process RAM ${bytes(d.used)} of ${bytes(d.total)} machine RAM${pct} (no GPU in use)`;
+  const parts = [`${bytes(d.used)} used`];
+  if (d.reserved !== undefined) parts.push(`${bytes(d.reserved)} reserved`);
+  if (d.peak !== undefined) parts.push(`peak ${bytes(d.peak)}`);
+  parts.push(`${bytes(d.total)} total${pct}`);
+  return `${d.device}${d.name ? ` ${d.name}` : ""}: ${parts.join(" / ")}`;
+}
+
+export function escapeHtml(s: string): string {
+  return s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+function lastNumber(values: ReadonlyArray<number | null>): number | undefined {
+  for (let i = values.length - 1; i >= 0; i--) {
+    const v = values[i];
+    if (v !== null) return v;
+  }
+  return undefined;
+}
+
+function int(n: number): string {
+  return Math.round(n)
+    .toString()
+    .replace(/\B(?=(\d{3})+(?!\d))/g, ",");
+}
+
+function rate(n: number): string {
+  return n < 100 ? n.toFixed(1) : int(n);
+}
+
+function bytes(n: number): string {
+  const GiB = 1024 ** 3;
+  return n >= GiB ? `${(n / GiB).toFixed(1)} GiB` : `${Math.round(n / 1024 ** 2)} MiB`;
+}
+
+function duration(seconds: number): string {
+  const s = Math.round(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ${String(s % 60).padStart(2, "0")}s`;
+  return `${Math.floor(s / 3600)}h ${String(Math.floor((s % 3600) / 60)).padStart(2, "0")}m`;
+}

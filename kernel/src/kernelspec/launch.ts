@@ -1,0 +1,88 @@
+// The "Qwen (TypeScript)" kernel process: tslab, with `qwenbook` importable from any notebook
+// folder, its display sink wired to tslab's display_data, and interrupts cancelling worker requests.
+import { dirname, join } from "node:path";
+import { packageDir } from "../bridge/paths";
+import { registerSink, type DisplayBundle, type DisplayOptions, type DisplaySink } from "../display/sink";
+import { forwardTypeScriptSys, hookRequire, type ResolutionSys } from "./resolution";
+import { patchConverter, type TsForAwait } from "./top-level-for-await";
+
+interface TslabBundle {
+  data: Record<string, unknown>;
+  metadata: Record<string, unknown>;
+  transient: { display_id?: string };
+}
+
+interface TslabJupyter {
+  /** Set by tslab for the cell being executed; null before the first one. */
+  lastWriteDisplayData: ((bundle: TslabBundle, update: boolean) => void) | null;
+}
+
+interface TslabMain {
+  startKernel(options: { configPath: string; enableFindLocal: boolean }): void;
+}
+
+type WriteText = (chunk: string) => unknown;
+type WriteDisplay = TslabJupyter["lastWriteDisplayData"];
+
+/**
+ * tslab points process.stdout.write and lastWriteDisplayData at the cell being executed. The sink
+ * looks them up on each call; pin() captures them, so late output still lands in its own cell.
+ */
+function cellSink(text: () => WriteText, display: () => WriteDisplay): DisplaySink {
+  return {
+    text(chunk) {
+      text()(chunk);
+    },
+    display(bundle: DisplayBundle, options: DisplayOptions = {}) {
+      const write = display();
+      if (!write) {
+        const plain = bundle.data["text/plain"];
+        if (typeof plain === "string") text()(`${plain}\n`);
+        return;
+      }
+      write(
+        {
+          data: { ...bundle.data },
+          metadata: { ...(bundle.metadata ?? {}) },
+          transient: options.id === undefined ? {} : { display_id: options.id },
+        },
+        options.update ?? false,
+      );
+    },
+    pin() {
+      const t = text();
+      const d = display();
+      return cellSink(() => t, () => d);
+    },
+  };
+}
+
+function parseConfigPath(argv: readonly string[]): string {
+  const i = argv.indexOf("--config-path");
+  const value = i >= 0 ? argv[i + 1] : argv.find((a) => a.startsWith("--config-path="))?.slice("--config-path=".length);
+  if (!value) {
+    process.stderr.write("usage: node launch.js --config-path <connection file>\n");
+    process.exit(2);
+  }
+  return value;
+}
+
+function main(): void {
+  const configPath = parseConfigPath(process.argv.slice(2));
+  process.env.QWENBOOK_KERNEL = "1";
+  const pkg = packageDir();
+  // Resolve tslab's own copies so the patched `ts.sys` and display hook are the ones it uses.
+  const tslabDir = dirname(require.resolve("tslab/package.json"));
+  const ts = require(require.resolve("@tslab/typescript-for-tslab", { paths: [tslabDir] })) as TsForAwait & { sys: ResolutionSys };
+  forwardTypeScriptSys(ts.sys, process.cwd(), pkg);
+  hookRequire(pkg);
+  patchConverter(require(join(tslabDir, "dist", "converter.js")) as Parameters<typeof patchConverter>[0], ts);
+
+  const jupyter = require(join(tslabDir, "dist", "jupyter.js")) as TslabJupyter;
+  registerSink(cellSink(() => process.stdout.write.bind(process.stdout), () => jupyter.lastWriteDisplayData));
+
+  const { startKernel } = require(join(tslabDir, "dist", "main.js")) as TslabMain;
+  startKernel({ configPath, enableFindLocal: false });
+}
+
+main();

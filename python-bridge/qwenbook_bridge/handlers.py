@@ -1,0 +1,119 @@
+"""What each request does, apart from sockets and framing (the server does those).
+
+Control handlers take a request's content and return its reply content at once. Job handlers take a
+`JobContext` (the request, a cancel flag and a way to emit events), run on the job thread, and return the
+reply content; an exception becomes an error reply.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import PROTOCOL_VERSION, __version__
+from .engine import (CancelledError, GenerationOptions, LoadOptions, LoadProgress, ModelRegistry, available_devices,
+                     generate, memory_snapshot)
+from .protocol import Message, major
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+class ProtocolVersionMismatch(Exception):
+    """The client speaks another major protocol version than this worker."""
+
+
+@dataclass
+class JobContext:
+    request: Message
+    cancel: threading.Event
+    emit: Emit  # (event msg_type, content): sent to the requester with this request as parent
+
+
+JobHandler = Callable[[JobContext], dict[str, Any]]
+
+# Request fields that map one-to-one onto option dataclasses; absent fields keep the dataclass defaults.
+_LOAD_FIELDS = ("dtype", "device", "revision", "attn_implementation", "local_files_only")
+_GENERATE_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "greedy", "stop", "seed")
+
+
+def _pick(content: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {k: content[k] for k in names if k in content}
+
+
+class Handlers:
+    def __init__(self, default_device: str = "auto") -> None:
+        self.registry = ModelRegistry(default_device)
+        self.started = time.monotonic()
+
+    # ------------------------------------------------------------ control (main thread)
+
+    def hello(self, content: dict[str, Any]) -> dict[str, Any]:
+        import torch
+        import transformers
+
+        theirs = content["protocol_version"]
+        if major(theirs) != major(PROTOCOL_VERSION):
+            raise ProtocolVersionMismatch(
+                f"{content.get('client') or 'the client'} speaks protocol {theirs} but this worker (qwenbook_bridge "
+                f"{__version__}, pid {os.getpid()}) speaks {PROTOCOL_VERSION}; stop the old worker "
+                "(npx qwenbook worker stop) so a matching one is started")
+        return {
+            "status": "ok",
+            "protocol_version": PROTOCOL_VERSION,
+            "worker_version": __version__,
+            "pid": os.getpid(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "devices": available_devices(),
+        }
+
+    def status(self, running: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "models": self.registry.infos(),
+            "running": running,
+            "memory": memory_snapshot(),
+        }
+
+    # ------------------------------------------------------------ jobs (job thread)
+
+    def load(self, job: JobContext) -> dict[str, Any]:
+        if job.cancel.is_set():
+            raise CancelledError("the load was cancelled before it started")
+        content = job.request.content
+        options = LoadOptions(**_pick(content, _LOAD_FIELDS))
+
+        def progress(p: LoadProgress) -> None:
+            # Stop between stages (and between download chunks); a model that finished loading is kept.
+            if job.cancel.is_set() and p.stage != "ready":
+                raise CancelledError(f"loading {content['model']} was cancelled ({p.stage} stage)")
+            job.emit("load_progress", p.to_dict())
+
+        loaded, already = self.registry.load(content["model"], options, progress=progress)
+        return {"status": "ok", "model": dict(loaded.info), "already_loaded": already}
+
+    def unload(self, job: JobContext) -> dict[str, Any]:
+        return {"status": "ok", "unloaded": self.registry.unload(job.request.content["model_id"])}
+
+    def generate(self, job: JobContext) -> dict[str, Any]:
+        content = job.request.content
+        loaded = self.registry.get(content["model_id"])
+        options = GenerationOptions(**_pick(content, _GENERATE_FIELDS))
+        on_token = None
+        if content.get("stream", True):
+            def on_token(delta: Any) -> None:
+                job.emit("token", {"text": delta.text, "token_ids": delta.token_ids, "index": delta.index})
+        result = generate(loaded, content["messages"], options, on_token=on_token, cancel=job.cancel)
+        return {"status": "ok", **result.to_dict()}
+
+    def jobs(self) -> dict[str, JobHandler]:
+        """Requests that run on the job thread; new GPU capabilities (train, export, serve) register here."""
+        return {"load": self.load, "unload": self.unload, "generate": self.generate}

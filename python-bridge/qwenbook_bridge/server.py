@@ -1,0 +1,331 @@
+"""The ZeroMQ side of the worker: a ROUTER for requests, a PUB for telemetry, one job thread for GPU work.
+
+The main thread owns every socket the clients see. It answers control requests (hello, status, cancel,
+shutdown) at once, even while a generation runs, and forwards what the job thread produces: the job thread
+signs its events and replies and pushes them over an inproc PUSH/PULL pair that the main loop polls next to
+the ROUTER, so a token costs one inproc hop and no sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import zmq
+
+from .engine import EngineError, memory_snapshot
+from .handlers import Handlers, JobContext, ProtocolVersionMismatch
+from .protocol import (REQUESTS, InvalidContentError, MalformedMessageError, Message, SignatureError, Signer,
+                       error_content, exception_content, make_message, now_iso, parse, reply_type, serialize,
+                       validate_request)
+
+log = logging.getLogger("qwenbook.worker")
+
+GPU_EVENT_INTERVAL_S = 1.0
+CONTROL_REQUESTS = ("hello", "status", "cancel", "shutdown")  # answered on the main thread, never queued
+_DRAIN_BATCH = 512  # messages handled per socket per wake-up, so one busy socket cannot starve the other
+_STOP_GRACE_S = 10.0  # how long a running job gets to notice cancellation at shutdown
+
+
+def dispatch_gaps(handled: set[str]) -> tuple[list[str], list[str]]:
+    """Requests the schema declares without a handler, and handlers the schema does not declare."""
+    return sorted(set(REQUESTS) - handled), sorted(handled - set(REQUESTS))
+
+
+@dataclass
+class InFlight:
+    request: Message
+    cancel: threading.Event
+    started: str
+
+
+class WorkerServer:
+    def __init__(self, key: str, ip: str = "127.0.0.1", handlers: Handlers | None = None) -> None:
+        self.signer = Signer(key)
+        self.session = str(uuid.uuid4())
+        self.handlers = handlers or Handlers()
+        self._ctx = zmq.Context()
+        self.router = self._ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 1000)
+        # A ROUTER silently drops what exceeds the high-water mark; a reader that falls behind must get every
+        # token late rather than a reply with holes. (Telemetry on the PUB may drop: the next one replaces it.)
+        self.router.setsockopt(zmq.SNDHWM, 0)
+        self.router_port = self.router.bind_to_random_port(f"tcp://{ip}")
+        self.pub = self._ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 1000)
+        self.pub_port = self.pub.bind_to_random_port(f"tcp://{ip}")
+        self._jobs_endpoint = f"inproc://qwenbook-jobs-{self.session}"
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._pull.bind(self._jobs_endpoint)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+        self._control: dict[str, Callable[[Message], dict[str, Any]]] = {
+            "hello": lambda m: self.handlers.hello(m.content),
+            "status": lambda m: self.handlers.status(self._running_list()),
+            "cancel": self._cancel,
+            "shutdown": self._shutdown,
+        }
+        assert tuple(self._control) == CONTROL_REQUESTS
+        self._jobs = self.handlers.jobs()
+        self._unimplemented, extra = dispatch_gaps(set(self._control) | set(self._jobs))
+        if extra:
+            raise RuntimeError(f"handlers for {extra} have no entry in protocol.json's x-requests")
+        if self._unimplemented:
+            log.warning("protocol.json declares requests this worker does not handle yet: %s", self._unimplemented)
+
+        self._queue: queue.Queue[InFlight | None] = queue.Queue()
+        self._running: dict[str, InFlight] = {}
+        self._busy = False
+        self._next_gpu_event = 0.0
+        self._stop_reason: str | None = None
+        self._job_thread_exited = False
+        self._job_thread = threading.Thread(target=self._job_loop, name="qwenbook-jobs", daemon=True)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop the worker cleanly; the wakeup fd breaks the main loop out of its poll."""
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            self._stop_reason = self._stop_reason or f"signal {signal.Signals(signum).name}"
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def stop(self, reason: str) -> None:
+        """Ask the main loop to stop (safe from any thread)."""
+        self._stop_reason = self._stop_reason or reason
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def serve_forever(self) -> bool:
+        """Run until shutdown; True when every job finished (False: a job ignored cancellation)."""
+        self._job_thread.start()
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._pull, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        log.info("serving: router port %d, pub port %d", self.router_port, self.pub_port)
+        while self._stop_reason is None:
+            timeout = None
+            if self._busy:
+                timeout = max(0.0, (self._next_gpu_event - time.monotonic()) * 1000)
+            for sock, _ in poller.poll(timeout):
+                if sock is self.router:
+                    self._drain_router()
+                elif sock is self._pull:
+                    self._drain_jobs()
+                else:
+                    self._drain_wakeups()
+            if self._busy and time.monotonic() >= self._next_gpu_event:
+                self._gpu_event()
+        return self._finish()
+
+    def _finish(self) -> bool:
+        log.info("stopping (%s)", self._stop_reason)
+        self._broadcast("worker_status", {"state": "stopping", "running": len(self._running)})
+        for item in self._running.values():
+            item.cancel.set()
+        self._queue.put(None)
+        deadline = time.monotonic() + _STOP_GRACE_S
+        while not self._job_thread_exited and time.monotonic() < deadline:
+            if self._pull.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                self._drain_jobs()
+        finished = self._job_thread_exited
+        if not finished:
+            log.error("a job did not stop within %.0f s of being cancelled; exiting without it", _STOP_GRACE_S)
+        for sock in (self.router, self.pub):
+            sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        if finished:
+            self._pull.close()
+            self._ctx.term()
+        return finished
+
+    # ------------------------------------------------------------ main thread: requests
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _drain_router(self) -> None:
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_request(frames)
+
+    def _send_reply(self, request: Message, content: dict[str, Any]) -> None:
+        msg = make_message(reply_type(request.msg_type), content, self.session, parent=request)
+        self.router.send_multipart(serialize(msg, self.signer))
+
+    def _on_request(self, frames: list[bytes]) -> None:
+        try:
+            self._handle_request(frames)
+        except Exception:  # a bug in handling one message must not take the worker down
+            log.exception("internal error while handling a request")
+
+    def _handle_request(self, frames: list[bytes]) -> None:
+        try:
+            msg = parse(frames, self.signer)
+        except SignatureError as e:
+            sender = frames[0].hex()[:16] if frames else "?"
+            log.warning("dropped a message with an %s from peer %s (%d frames): the sender does not hold this "
+                        "worker's key", e, sender, len(frames))
+            return
+        except MalformedMessageError as e:
+            log.warning("dropped a malformed message: %s", e)
+            return
+        kind = msg.msg_type
+        log.info("%s %s from session %s", kind, msg.msg_id, msg.session)
+        if kind not in REQUESTS:
+            known = ", ".join(sorted(REQUESTS))
+            self._send_reply(msg, error_content(
+                "UnknownMessageType", f"this worker does not understand {kind!r} requests (it knows: {known}); "
+                "update the worker or the client so that their protocol versions match"))
+            return
+        if kind in self._unimplemented:
+            self._send_reply(msg, error_content(
+                "UnsupportedRequest", f"this worker does not implement {kind!r} requests yet; update qwenbook_bridge"))
+            return
+        try:
+            validate_request(kind, msg.content)
+        except InvalidContentError as e:
+            self._send_reply(msg, error_content("InvalidRequest", str(e)))
+            return
+        if kind in self._control:
+            try:
+                content = self._control[kind](msg)
+            except ProtocolVersionMismatch as e:
+                log.warning("%s refused: %s", kind, e)
+                content = error_content(type(e).__name__, str(e))
+            except Exception as e:
+                log.exception("%s failed", kind)
+                content = exception_content(e)
+            self._send_reply(msg, content)
+            return
+        if msg.msg_id in self._running:
+            self._send_reply(msg, error_content(
+                "DuplicateRequest", f"a request with msg_id {msg.msg_id} is already running; use a fresh msg_id"))
+            return
+        item = InFlight(msg, threading.Event(), now_iso())
+        self._running[msg.msg_id] = item
+        self._queue.put(item)
+        self._set_busy()
+
+    def _running_list(self) -> list[dict[str, Any]]:
+        return [{"msg_id": i.request.msg_id, "msg_type": i.request.msg_type, "session": i.request.session,
+                 "started": i.started} for i in self._running.values()]
+
+    def _cancel(self, msg: Message) -> dict[str, Any]:
+        item = self._running.get(msg.content["target"])
+        if item is not None:
+            item.cancel.set()
+            log.info("cancel %s (%s) at the request of session %s", item.request.msg_id, item.request.msg_type,
+                     msg.session)
+            # Forward what the job produced before the flag was set, so that at most the one step in progress
+            # can still arrive after this reply.
+            self._drain_jobs()
+        return {"status": "ok", "cancelled": item is not None}
+
+    def _shutdown(self, msg: Message) -> dict[str, Any]:
+        self._stop_reason = f"shutdown requested by session {msg.session}"
+        return {"status": "ok"}
+
+    # ------------------------------------------------------------ main thread: job output and telemetry
+
+    def _drain_jobs(self) -> None:
+        """Forward what the job thread produced; notes when it has exited."""
+        for _ in range(_DRAIN_BATCH):
+            try:
+                frames = self._pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            tag = frames[0]
+            if tag == b"out":
+                self.router.send_multipart(frames[1:])
+            elif tag == b"done":
+                self._running.pop(frames[1].decode(), None)
+                self._set_busy()
+            elif tag == b"exit":
+                self._job_thread_exited = True
+
+    def _set_busy(self) -> None:
+        busy = bool(self._running)
+        if busy == self._busy:
+            return
+        self._busy = busy
+        self._broadcast("worker_status", {"state": "busy" if busy else "idle", "running": len(self._running)})
+        # One snapshot as work starts and one as it ends, so a gauge shows both the rise and the release.
+        self._gpu_event()
+
+    def _gpu_event(self) -> None:
+        self._next_gpu_event = time.monotonic() + GPU_EVENT_INTERVAL_S
+        try:
+            devices = memory_snapshot()
+        except Exception as e:  # telemetry must never take the worker down
+            log.warning("memory snapshot failed: %s", e)
+            return
+        self._broadcast("gpu", {"devices": devices, "time": time.time()})
+
+    def _broadcast(self, msg_type: str, content: dict[str, Any]) -> None:
+        msg = make_message(msg_type, content, self.session)
+        self.pub.send_multipart([msg_type.encode(), *serialize(msg, self.signer)])
+
+    # ------------------------------------------------------------ job thread
+
+    def _job_loop(self) -> None:
+        push = self._ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 1000)
+        push.connect(self._jobs_endpoint)
+        try:
+            while (item := self._queue.get()) is not None:
+                self._run_job(item, push)
+        finally:
+            push.send_multipart([b"exit"])
+            push.close()
+
+    def _run_job(self, item: InFlight, push: zmq.Socket) -> None:
+        request = item.request
+
+        def emit(event_type: str, content: dict[str, Any]) -> None:
+            msg = make_message(event_type, content, self.session, parent=request)
+            push.send_multipart([b"out", *serialize(msg, self.signer)])
+
+        started = time.perf_counter()
+        try:
+            content = self._jobs[request.msg_type](JobContext(request, item.cancel, emit))
+        except EngineError as e:
+            log.warning("%s %s failed: %s: %s", request.msg_type, request.msg_id, type(e).__name__, e)
+            content = exception_content(e)
+        except Exception as e:
+            log.exception("%s %s failed", request.msg_type, request.msg_id)
+            content = exception_content(e)
+        reply = make_message(reply_type(request.msg_type), content, self.session, parent=request)
+        try:
+            frames = serialize(reply, self.signer)
+        except (TypeError, ValueError) as e:
+            log.exception("%s reply could not be encoded", request.msg_type)
+            reply.content = exception_content(e)
+            frames = serialize(reply, self.signer)
+        log.info("%s %s done in %.0f ms: %s", request.msg_type, request.msg_id, (time.perf_counter() - started) * 1000,
+                 content.get("status"))
+        push.send_multipart([b"out", *frames])
+        push.send_multipart([b"done", request.msg_id.encode()])

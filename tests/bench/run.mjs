@@ -1,0 +1,61 @@
+#!/usr/bin/env node
+// `npm run bench`: the notebook path (TypeScript -> ZeroMQ -> worker) against the same greedy generation
+// called in-process in Python, in the same run on the same model, and the overhead per token.
+import { spawnSync } from "node:child_process";
+import { mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const repo = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+const python = join(repo, ".venv", "bin", "python");
+const model = process.env.QWENBOOK_BENCH_MODEL ?? join(repo, ".qwenbook", "models", "tiny-qwen2");
+const prompt = "Write a short story about a lighthouse keeper.";
+const maxTokens = Number(process.env.QWENBOOK_BENCH_TOKENS ?? 128);
+const runs = Number(process.env.QWENBOOK_BENCH_RUNS ?? 5);
+
+process.env.QWENBOOK_RUNTIME_DIR = mkdtempSync(join(tmpdir(), "qwenbook-bench-"));
+process.env.QWENBOOK_PYTHON = python;
+const { qwen } = await import("qwenbook");
+
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+
+async function viaWorker() {
+  const m = await qwen.load(model, { dtype: "fp32", device: "cpu" });
+  const results = [];
+  for (let i = 0; i <= runs; i++) {
+    const t0 = performance.now();
+    let first = 0;
+    let pieces = 0;
+    const req = m.chat(prompt).greedy().maxTokens(maxTokens);
+    for await (const _ of req.stream()) {
+      if (pieces++ === 0) first = performance.now() - t0;
+    }
+    const total = performance.now() - t0;
+    const reply = await req;
+    if (i > 0) results.push({ ttft: first, total, tokens: reply.completionTokens });
+  }
+  return {
+    ttft_ms: median(results.map((r) => r.ttft)),
+    total_ms: median(results.map((r) => r.total)),
+    tokens: results[0].tokens,
+  };
+}
+
+function inProcess() {
+  const r = spawnSync(python, ["-m", "qwenbook_bridge.bench_local", "--model", model, "--prompt", prompt,
+    "--max-tokens", String(maxTokens), "--runs", String(runs), "--json"], { encoding: "utf8" });
+  if (r.status !== 0) throw new Error(`in-process bench failed: ${r.stderr}`);
+  return JSON.parse(r.stdout.trim().split("\n").pop());
+}
+
+const local = inProcess();
+const worker = await viaWorker();
+await qwen.shutdown();
+const workerTps = (worker.tokens / worker.total_ms) * 1000;
+const overheadPerToken = (worker.total_ms - local.total_ms) / worker.tokens;
+console.log(`model: ${model}, prompt ${JSON.stringify(prompt)}, ${maxTokens} new tokens, greedy, median of ${runs}`);
+console.log("path                      ttft ms   tokens/s   total ms");
+console.log(`in-process Python       ${local.ttft_ms.toFixed(2).padStart(8)} ${local.tokens_per_s.toFixed(1).padStart(10)} ${local.total_ms.toFixed(1).padStart(10)}`);
+console.log(`TS -> ZeroMQ -> worker  ${worker.ttft_ms.toFixed(2).padStart(8)} ${workerTps.toFixed(1).padStart(10)} ${worker.total_ms.toFixed(1).padStart(10)}`);
+console.log(`overhead: ${overheadPerToken.toFixed(3)} ms per token, ratio ${(workerTps / local.tokens_per_s).toFixed(3)}`);

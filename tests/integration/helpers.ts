@@ -1,0 +1,79 @@
+// Shared fixtures for the integration suite: paths, the tiny model, a private runtime dir per file,
+// the venv's python, and a sink that records what would have been printed into a cell.
+import { spawn, spawnSync } from "node:child_process";
+import { mkdtempSync, realpathSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { inject } from "vitest";
+import type { DisplaySink } from "../../kernel/src/display/sink";
+
+export const repo = realpathSync(join(new URL(".", import.meta.url).pathname, "..", ".."));
+export const kernelDir = join(repo, "kernel");
+export const cli = join(kernelDir, "dist", "cli", "main.js");
+export const python = process.env.QWENBOOK_PYTHON ?? join(repo, ".venv", "bin", "python");
+
+export function tinyModel(): string {
+  return inject("tinyModel");
+}
+
+/**
+ * A fresh runtime dir for this test file, set as QWENBOOK_RUNTIME_DIR so that every worker this
+ * process (and its children) starts or finds is this file's own.
+ */
+export function privateRuntimeDir(name: string): string {
+  const dir = mkdtempSync(join(tmpdir(), `qwenbook-it-${name}-`));
+  process.env.QWENBOOK_RUNTIME_DIR = dir;
+  process.env.QWENBOOK_PYTHON = python;
+  // A hub lookup must fail fast here (no network), not wait on retries.
+  process.env.HF_HUB_OFFLINE = "1";
+  return dir;
+}
+
+export type ReferenceJob =
+  | { kind: "greedy"; messages: { role: string; content: string }[]; max_tokens: number }
+  | { kind: "conversation"; system: string; turns: string[]; max_tokens: number };
+
+export interface GreedyReference {
+  engine_text: string;
+  engine_ids: number[];
+  hf_ids: number[];
+  prompt_tokens: number;
+}
+
+export interface ConversationReference {
+  replies: string[];
+  prompt_tokens: number[];
+}
+
+/**
+ * Runs greedy generations in-process in Python (the engine and plain HF generate) for the same
+ * inputs; asynchronous, so it can overlap the worker's start-up.
+ */
+export function pythonReference(jobs: ReferenceJob[]): Promise<unknown[]> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(python, [join(repo, "tests", "integration", "reference.py"), tinyModel(), JSON.stringify(jobs)], {
+      env: { ...process.env, OMP_NUM_THREADS: "1" },
+    });
+    let out = "";
+    let err = "";
+    child.stdout.on("data", (d: Buffer) => (out += d));
+    child.stderr.on("data", (d: Buffer) => (err += d));
+    child.once("error", reject);
+    child.once("exit", (code) => {
+      if (code !== 0) reject(new Error(`reference.py failed (exit ${code}):\n${err}`));
+      else resolve(JSON.parse(out.trim().split("\n").pop()!) as unknown[]);
+    });
+  });
+}
+
+/** Runs the CLI with this process's environment. */
+export function runCli(...args: string[]): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [cli, ...args], { encoding: "utf8", env: process.env, timeout: 120_000 });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** A display sink that keeps what it was given. */
+export function recordingSink(): DisplaySink & { out: string[] } {
+  const out: string[] = [];
+  return { out, text: (t) => void out.push(t), display: () => undefined };
+}

@@ -1,0 +1,15 @@
+import { defineConfig } from "vitest/config";
+
+// Kernel unit specs (next to the code) and the integration suite, which starts real workers.
+export default defineConfig({
+  test: {
+    root: new URL("..", import.meta.url).pathname,
+    include: ["kernel/src/**/*.spec.ts", "tests/integration/**/*.test.ts"],
+    globalSetup: ["tests/integration/global-setup.ts"],
+    // Integration files each start a worker (torch import, model load); on a small machine running
+    // them side by side only makes each slower.
+    fileParallelism: false,
+    testTimeout: 60_000,
+    hookTimeout: 180_000,
+  },
+});
