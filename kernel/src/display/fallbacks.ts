@@ -67,7 +67,7 @@ function trainFacts(b: TrainBundle): string[] {
   const evalLoss = lastNumber(b.eval?.loss ?? []);
   if (evalLoss !== undefined) facts.push(`eval loss ${evalLoss.toPrecision(4)}`);
   const lr = b.train.lr?.[b.train.lr.length - 1];
-  if (lr !== undefined) facts.push(`lr ${lr.toExponential(1)}`);
+  if (lr !== undefined) facts.push(`lr ${lr === 0 ? "0" : lr.toExponential(1)}`);
   if (p.tokensPerSecond !== undefined) facts.push(`${rate(p.tokensPerSecond)} tokens/s`);
   if (b.state === "running" && p.etaS !== undefined) facts.push(`ETA ${duration(p.etaS)}`);
   if (b.state !== "running" && p.elapsedS !== undefined) facts.push(`took ${duration(p.elapsedS)}`);

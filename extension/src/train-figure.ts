@@ -1,0 +1,159 @@
+import type { Config, Data, Layout } from "plotly.js-dist-min";
+import type { TrainBundle } from "../schema/bundles";
+
+/** The colours a chart takes from the JupyterLab theme, so it reads in light and dark themes alike. */
+export interface ChartTheme {
+  text: string;
+  muted: string;
+  grid: string;
+  loss: string;
+  eval: string;
+  font: string;
+}
+
+export interface Figure {
+  data: Data[];
+  layout: Partial<Layout>;
+  config: Partial<Config>;
+}
+
+/** Stable trace ids; Plotly puts them in the SVG class names, which the browser tests look for. */
+export const TRACE = {
+  loss: "loss",
+  smoothed: "loss-smoothed",
+  eval: "eval-loss",
+  lr: "lr",
+} as const;
+
+const FALLBACK_THEME: ChartTheme = {
+  text: "rgba(0, 0, 0, 0.87)",
+  muted: "rgba(0, 0, 0, 0.54)",
+  grid: "#e0e0e0",
+  loss: "#1976d2",
+  eval: "#f57c00",
+  font: "system-ui, sans-serif",
+};
+
+/** Reads the theme from JupyterLab's CSS variables as they apply to `el`. */
+export function readTheme(el: Element): ChartTheme {
+  const style = getComputedStyle(el);
+  const v = (name: string, fallback: string) => style.getPropertyValue(name).trim() || fallback;
+  return {
+    text: v("--jp-ui-font-color1", FALLBACK_THEME.text),
+    muted: v("--jp-ui-font-color2", FALLBACK_THEME.muted),
+    grid: v("--jp-border-color2", FALLBACK_THEME.grid),
+    loss: v("--jp-brand-color1", FALLBACK_THEME.loss),
+    eval: v("--jp-warn-color1", FALLBACK_THEME.eval),
+    font: v("--jp-ui-font-family", FALLBACK_THEME.font),
+  };
+}
+
+/**
+ * Exponential moving average with TensorBoard's start-up debiasing, so the first points are not
+ * dragged towards zero. Gaps (null: a non-finite loss) stay gaps and do not poison the average.
+ */
+export function smooth(values: ReadonlyArray<number | null>, weight: number): Array<number | null> {
+  let last = 0;
+  let n = 0;
+  return values.map((v) => {
+    if (v === null) return null;
+    last = last * weight + (1 - weight) * v;
+    n += 1;
+    return last / (1 - weight ** n);
+  });
+}
+
+/** More points take more smoothing (an averaging window of about a tenth of the run), from 0.6 to 0.95. */
+export function smoothingWeight(points: number): number {
+  return Math.min(0.95, Math.max(0.6, 1 - 10 / Math.max(points, 1)));
+}
+
+/** The loss chart: raw and smoothed train loss, eval points, and the learning rate on a right-hand axis. */
+export function buildFigure(bundle: TrainBundle, theme: ChartTheme): Figure {
+  const { train, eval: evals, progress } = bundle;
+  const data: Data[] = [
+    {
+      type: "scatter",
+      mode: "lines",
+      uid: TRACE.loss,
+      name: "loss",
+      x: train.step,
+      y: train.loss,
+      // simplify off: every logged step stays a vertex, so what is drawn is what was logged.
+      line: { color: theme.loss, width: 1, simplify: false },
+      opacity: 0.35,
+      hovertemplate: "%{y:.4f}",
+    },
+    {
+      type: "scatter",
+      mode: "lines",
+      uid: TRACE.smoothed,
+      name: "loss (smoothed)",
+      x: train.step,
+      y: smooth(train.loss, smoothingWeight(train.step.length)),
+      line: { color: theme.loss, width: 2 },
+      hovertemplate: "%{y:.4f}",
+    },
+  ];
+  if (evals && evals.step.length > 0) {
+    data.push({
+      type: "scatter",
+      mode: "lines+markers",
+      uid: TRACE.eval,
+      name: "eval loss",
+      x: evals.step,
+      y: evals.loss,
+      line: { color: theme.eval, width: 1.5, dash: "dot" },
+      marker: { color: theme.eval, size: 7 },
+      hovertemplate: "%{y:.4f}",
+    });
+  }
+  if (train.lr && train.lr.length > 0) {
+    data.push({
+      type: "scatter",
+      mode: "lines",
+      uid: TRACE.lr,
+      name: "learning rate",
+      x: train.step,
+      y: train.lr,
+      yaxis: "y2",
+      line: { color: theme.muted, width: 1, dash: "dash" },
+      hovertemplate: "%{y:.2e}",
+    });
+  }
+  const lastStep = train.step.length > 0 ? train.step[train.step.length - 1] : 0;
+  const xMax = Math.max(progress.totalSteps, lastStep, 1);
+  const axis = { gridcolor: theme.grid, linecolor: theme.grid, zeroline: false, tickfont: { color: theme.muted } };
+  const layout: Partial<Layout> = {
+    height: 300,
+    autosize: true,
+    margin: { l: 56, r: 64, t: 32, b: 40 },
+    paper_bgcolor: "rgba(0,0,0,0)",
+    plot_bgcolor: "rgba(0,0,0,0)",
+    font: { family: theme.font, size: 11, color: theme.text },
+    // The user's zoom survives live updates as long as this value stays the same.
+    uirevision: "qwenbook-train",
+    showlegend: true,
+    legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom", bgcolor: "rgba(0,0,0,0)" },
+    hovermode: "x unified",
+    xaxis: { ...axis, title: { text: "step" }, range: [0, xMax] },
+    yaxis: { ...axis, title: { text: "loss" } },
+    yaxis2: {
+      ...axis,
+      title: { text: "learning rate" },
+      overlaying: "y",
+      side: "right",
+      showgrid: false,
+      tickformat: ".1e",
+      rangemode: "tozero",
+    },
+  };
+  const config: Partial<Config> = {
+    displaylogo: false,
+    responsive: false,
+    displayModeBar: "hover",
+    modeBarButtonsToRemove: ["select2d", "lasso2d", "autoScale2d"],
+    toImageButtonOptions: { filename: "training-loss" },
+  };
+  return { data, layout, config };
+}
