@@ -1,0 +1,62 @@
+"""Models and prompts for the benchmark: the Qwen2.5-7B shape with random weights (no download needed),
+a small shape for CPU runs, or a local folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Qwen2.5-7B's config.json, as far as the computation's shape goes.
+QWEN25_7B: dict[str, Any] = dict(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, use_sliding_window=False)
+
+SMALL: dict[str, Any] = dict(
+    vocab_size=151936, hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, use_sliding_window=False, initializer_range=0.5)
+
+
+def build_random_model(shape: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """A Qwen2ForCausalLM with random weights, created directly on `device`."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(**(QWEN25_7B if shape == "7b" else SMALL))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # transformers initialises biases to zero and norms to one; perturb them so a decoder that ignored
+    # either would give different tokens and fail the comparison.
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=gen, device=device, dtype=torch.float32) * 0.5)
+            elif name.endswith("norm.weight"):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen, device=device, dtype=torch.float32))
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: pass a folder holding a saved model")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": str(device)}).eval()
+
+
+def random_prompts(vocab: int, count: int, length: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    # Stay below the special-token range so a real tokenizer's control tokens are never drawn.
+    high = min(vocab, 151643)
+    return torch.randint(0, high, (count, length), generator=gen).tolist()
+
+
+def check_prompts(vocab: int, count: int, longest: int, seed: int) -> list[list[int]]:
+    """`count` prompts of different lengths, the longest `longest` tokens."""
+    lengths = [max(1, longest * (i + 1) // count) for i in range(count)]
+    lengths = [max(1, n - 3 * i) for i, n in enumerate(lengths)]
+    return [random_prompts(vocab, 1, n, seed + i)[0] for i, n in enumerate(lengths)]
