@@ -1,0 +1,312 @@
+"""OpenAI-compatible request parsing and response shapes, with no HTTP or model in sight.
+
+Requests are validated by hand rather than by a pydantic model so that every rejection reads like
+OpenAI's own (which parameter, what was wrong) and carries the `param` field clients display.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+CHAT_ROLES = ("system", "user", "assistant")
+# OpenAI's newer name for the system role; Qwen's templates know only "system".
+ROLE_ALIASES = {"developer": "system"}
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+@dataclass
+class GenerationOptions:
+    """Options shared by both endpoints; None means 'the model's default'."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    ignore_eos: bool = False
+
+
+@dataclass
+class ChatRequest(GenerationOptions):
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class CompletionRequest(GenerationOptions):
+    prompt: str | list[int] = ""
+    echo: bool = False
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_request(f"The request body is not valid JSON ({exc}). Send a JSON object with "
+                          "Content-Type: application/json.") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"The request body must be a JSON object, not {_json_type(body)}.")
+    return body
+
+
+def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
+    req = ChatRequest()
+    _parse_common(body, req)
+    if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
+        req.max_tokens = _int(body, "max_completion_tokens", minimum=1)
+    messages = body.get("messages")
+    if messages is None:
+        raise bad_request("Missing required parameter: 'messages'.", "messages")
+    if not isinstance(messages, list):
+        raise bad_request(f"Invalid type for 'messages': expected an array, but got {_json_type(messages)} instead.",
+                          "messages")
+    if not messages:
+        raise bad_request("'messages' is empty: send at least one message, e.g. "
+                          '[{"role": "user", "content": "Hello"}].', "messages", "empty_array")
+    req.messages = [_parse_message(m, i) for i, m in enumerate(messages)]
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise bad_request(f"'{name}' is not supported by this server: tool calling is not implemented.", name)
+    if body.get("logprobs"):
+        raise bad_request("'logprobs' is not supported by this server.", "logprobs")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise bad_request("Only response_format {'type': 'text'} is supported by this server.", "response_format")
+    return req
+
+
+def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
+    req = CompletionRequest()
+    _parse_common(body, req)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one, as the openai client sends it for a single prompt
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request("'prompt' is empty: send some text to continue.", "prompt")
+        req.prompt = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                     for t in prompt):
+        req.prompt = list(prompt)
+    elif prompt is None:
+        raise bad_request("Missing required parameter: 'prompt'.", "prompt")
+    else:
+        raise bad_request("'prompt' must be a non-empty string or a list of token ids; several prompts in one "
+                          "request are not supported, send one request each.", "prompt")
+    req.echo = _bool(body, "echo")
+    if body.get("suffix"):
+        raise bad_request("'suffix' is not supported by this server.", "suffix")
+    if body.get("best_of") not in (None, 1):
+        raise bad_request("Only best_of=1 is supported by this server.", "best_of")
+    if body.get("logprobs") not in (None, 0):
+        raise bad_request("'logprobs' is not supported by this server.", "logprobs")
+    return req
+
+
+def _parse_common(body: dict[str, Any], req: GenerationOptions) -> None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request(f"Invalid type for 'model': expected a string, but got {_json_type(model)} instead.", "model")
+    req.model = model
+    if body.get("max_tokens") is not None:
+        req.max_tokens = _int(body, "max_tokens", minimum=1)
+    req.temperature = _number(body, "temperature", 0.0, 2.0)
+    req.top_p = _number(body, "top_p", 0.0, 1.0)
+    if req.top_p == 0.0:
+        raise bad_request("'top_p' must be greater than 0.", "top_p")
+    if body.get("top_k") is not None:
+        top_k = _int(body, "top_k", minimum=-1)
+        req.top_k = 0 if top_k == -1 else top_k  # vLLM's -1 means off as well
+    req.repetition_penalty = _number(body, "repetition_penalty", 0.01, 10.0)
+    req.presence_penalty = _number(body, "presence_penalty", -2.0, 2.0) or 0.0
+    req.frequency_penalty = _number(body, "frequency_penalty", -2.0, 2.0) or 0.0
+    if body.get("seed") is not None:
+        req.seed = _int(body, "seed")
+    req.stop = _stop(body.get("stop"))
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise bad_request(f"Only n=1 is supported by this server, got n={n!r}: send {n} requests instead.", "n")
+    if body.get("logit_bias"):
+        raise bad_request("'logit_bias' is not supported by this server.", "logit_bias")
+    req.stream = _bool(body, "stream")
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise bad_request("'stream_options' must be an object.", "stream_options")
+        if not req.stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+        req.include_usage = bool(opts.get("include_usage", False))
+    req.ignore_eos = _bool(body, "ignore_eos")
+
+
+def _parse_message(m: Any, i: int) -> dict[str, str]:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise bad_request(f"Invalid type for '{where}': expected an object, but got {_json_type(m)} instead.", where)
+    role = m.get("role")
+    if not isinstance(role, str):
+        raise bad_request(f"Missing required parameter: '{where}.role'.", f"{where}.role")
+    role = ROLE_ALIASES.get(role, role)
+    if role not in CHAT_ROLES:
+        raise bad_request(f"Invalid value for '{where}.role': {role!r}. This model's chat template renders only "
+                          f"the roles {', '.join(CHAT_ROLES)} (and 'developer' as system).", f"{where}.role")
+    content = m.get("content")
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(f"'{where}.content[{j}]' is not a text part: this model reads text only.",
+                                  f"{where}.content")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if content is None and role == "assistant":
+        content = ""
+    if not isinstance(content, str):
+        raise bad_request(f"Invalid type for '{where}.content': expected a string or an array of text parts, "
+                          f"but got {_json_type(content)} instead.", f"{where}.content")
+    return {"role": role, "content": content}
+
+
+def _stop(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise bad_request("'stop' must be a string or an array of strings.", "stop")
+    if len(items) > 16:
+        raise bad_request(f"'stop' has {len(items)} strings; at most 16 are allowed.", "stop")
+    return tuple(s for s in items if s)
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise bad_request(f"Invalid type for '{name}': expected a number, but got {_json_type(v)} instead.", name)
+    if not lo <= v <= hi:
+        raise bad_request(f"Invalid value for '{name}': {v} is outside [{lo:g}, {hi:g}].", name)
+    return float(v)
+
+
+def _int(body: dict[str, Any], name: str, minimum: int | None = None) -> int:
+    v = body.get(name)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad_request(f"Invalid type for '{name}': expected an integer, but got {_json_type(v)} instead.", name)
+    if minimum is not None and v < minimum:
+        raise bad_request(f"Invalid value for '{name}': {v} is below the minimum of {minimum}.", name)
+    return v
+
+
+def _bool(body: dict[str, Any], name: str) -> bool:
+    v = body.get(name)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise bad_request(f"Invalid type for '{name}': expected a boolean, but got {_json_type(v)} instead.", name)
+    return v
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+            dict: "an object"}.get(type(v), type(v).__name__)
+
+
+# ---- responses ------------------------------------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(rid: str, model: str, text: str, finish_reason: str, use: dict[str, int],
+                    warning: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                     "logprobs": None, "finish_reason": finish_reason}],
+        "usage": use, "system_fingerprint": None,
+    }
+    if warning:
+        body["warning"] = warning
+    return body
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None,
+               include_usage: bool) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def text_completion(rid: str, model: str, text: str, finish_reason: str, use: dict[str, int],
+                    warning: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": use, "system_fingerprint": None,
+    }
+    if warning:
+        body["warning"] = warning
+    return body
+
+
+def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None,
+                     include_usage: bool) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(rid: str, obj: str, model: str, created: int, use: dict[str, int]) -> dict[str, Any]:
+    """The extra last chunk OpenAI sends when stream_options.include_usage is set: no choices, only usage."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "system_fingerprint": None,
+            "choices": [], "usage": use}
+
+
+def models_list(names: list[str], created: int, owned_by: str = "qwenbook") -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(n, created, owned_by) for n in names]}
+
+
+def model_card(name: str, created: int, owned_by: str = "qwenbook") -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": owned_by}

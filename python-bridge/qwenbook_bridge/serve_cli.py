@@ -1,0 +1,84 @@
+"""Serve a model as an OpenAI-compatible API without a notebook.
+
+    python -m qwenbook_bridge.serve_cli Qwen/Qwen2.5-7B-Instruct --port 8000 [--adapter PATH] [--api-key K]
+
+Loads the model once, serves until Ctrl-C (or SIGTERM), then closes the port and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .engine.errors import EngineError
+
+
+def default_name(source: str, adapter: str | None) -> str:
+    """The id clients pass as `model`: the adapter's folder name when one is applied, else the model's."""
+    if adapter:
+        return Path(adapter.rstrip("/")).name
+    return source.rstrip("/") if "/" in source and not Path(source).exists() else Path(source.rstrip("/")).name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m qwenbook_bridge.serve_cli", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="hub id (e.g. Qwen/Qwen2.5-7B-Instruct) or local model folder")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--name", default=None, help="model id clients use (default: the model's or adapter's name)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder to apply on top of the model")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default auto)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default 32)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="tokens per request, prompt included (default: the model's own)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .engine.loading import LoadOptions, LoadProgress, load_model
+    from .engine.serving import OpenAIServer, ServeConfig
+
+    def progress(p: LoadProgress) -> None:
+        print(f"[{p.stage}] {p.message}", file=sys.stderr, flush=True)
+
+    try:
+        loaded = load_model(args.model, LoadOptions(dtype=args.dtype, device=args.device), progress)
+        if args.adapter:
+            from .engine.adapters import AdapterManager
+
+            info = AdapterManager(loaded.model).load(args.adapter)
+            print(f"[adapter] {info.name} applied from {info.path}", file=sys.stderr, flush=True)
+        name = args.name or default_name(args.model, args.adapter)
+        aliases = tuple({args.model, loaded.model_id} - {name})
+        config = ServeConfig(port=args.port, host=args.host, api_key=args.api_key, model_name=name, aliases=aliases,
+                             max_batch_size=args.max_batch_size, context_length=args.context_length)
+        server = OpenAIServer.for_loaded(loaded, config)
+        server.start()
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"Serving {name} at {server.url}  (Ctrl-C stops)", flush=True)
+    print(f"  {server.curl_example()}", flush=True)
+    while not done.wait(0.5):  # a timed wait lets the signal handler run promptly
+        pass
+    print("stopping…", file=sys.stderr, flush=True)
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
