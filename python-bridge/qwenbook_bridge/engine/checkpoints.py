@@ -1,0 +1,140 @@
+"""Training checkpoints: `checkpoint-<step>/` folders written atomically, found again for resuming.
+
+A checkpoint folder holds the trained weights in their ordinary format (a peft adapter folder, or a
+transformers model folder for full fine-tuning), so it can be loaded as it is, plus:
+  training_state.pt   optimizer, scheduler, grad-scaler and RNG states (torch.save, loadable weights_only)
+  trainer_state.json  step, data position, eval results, the loss history so far
+  train_config.json   the options of the run that wrote it
+It is written into a hidden temporary folder that is renamed into place only when complete, so a folder
+named checkpoint-<step> is never half written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import EngineError
+
+TRAINER_STATE = "trainer_state.json"
+TRAINING_STATE = "training_state.pt"
+TRAIN_CONFIG = "train_config.json"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+_TMP_PREFIX = ".tmp-checkpoint-"
+
+
+class CheckpointError(EngineError):
+    """A checkpoint folder is missing, incomplete, or does not fit the run being resumed."""
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(output_dir: Path, step: int, write_weights: Callable[[Path], None],
+                     training_state: dict[str, Any], trainer_state: dict[str, Any], config: dict[str, Any]) -> Path:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=output_dir))
+    try:
+        write_weights(tmp)
+        torch.save(training_state, tmp / TRAINING_STATE)
+        (tmp / TRAIN_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+        state = {"format_version": FORMAT_VERSION, **trainer_state}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
+        if final.exists():
+            # Replace a same-step checkpoint from an earlier attempt: move it aside first so that at every
+            # moment checkpoint-<step> is either the old complete one or the new complete one.
+            old = output_dir / f"{_TMP_PREFIX}{step}-old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Delete leftovers of checkpoints that were interrupted while being written."""
+    if output_dir.is_dir():
+        for p in output_dir.iterdir():
+            if p.is_dir() and p.name.startswith(_TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest step first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir()
+             if p.is_dir() and (m := _NAME.match(p.name)) and (p / TRAINER_STATE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint folder as given, or the newest complete checkpoint inside a run folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: checkpoint not found")
+    if (p / TRAINER_STATE).is_file() and (p / TRAINING_STATE).is_file():
+        return p
+    found = list_checkpoints(p)
+    if found:
+        return found[-1]
+    raise CheckpointError(f"{p}: not a checkpoint (no {TRAINER_STATE} / {TRAINING_STATE}) and holds no complete "
+                          "checkpoint-<step> folder")
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{checkpoint}: cannot read {TRAINER_STATE}: {e}") from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{checkpoint}: checkpoint format {state.get('format_version')!r} is not supported "
+                              f"(expected {FORMAT_VERSION})")
+    return state
+
+
+def read_training_state(checkpoint: Path, device: torch.device) -> dict[str, Any]:
+    try:
+        return torch.load(checkpoint / TRAINING_STATE, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means the file cannot be used
+        raise CheckpointError(f"{checkpoint}: cannot read {TRAINING_STATE}: {e}") from None
+
+
+def publish(checkpoint: Path, output_dir: Path, names: list[str]) -> None:
+    """Make the checkpoint's weight files the run's final output: hard links (no extra disk), else copies."""
+    for name in names:
+        src, dst = checkpoint / name, output_dir / name
+        tmp = output_dir / f".{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
