@@ -1,0 +1,106 @@
+"""Python side of the export integration tests: makes inputs (adapters, another architecture) and checks what the
+worker wrote with plain transformers / peft, independently of the worker's own code.
+
+usage: python export_check.py BASE_MODEL_DIR JOBS_JSON   (prints one JSON line: a result per job)
+  {"kind": "adapter", "out": DIR, "seed": N}         a peft LoRA adapter with random non-zero lora_B -> {}
+  {"kind": "llama", "out": DIR}                       a tiny LlamaForCausalLM folder with the base's tokenizer -> {}
+  {"kind": "chat_prompt", "messages": [...], "max_tokens": N}
+      -> {"prompt_ids", "greedy_ids", "smallest_gap"}  the chat-formatted prompt, the base's greedy continuation
+                                                       and the smallest top-1/top-2 logit gap along it
+  {"kind": "compare", "folder": DIR, "adapter": DIR | null, "texts": [...]}
+      -> {"max_diff", "adapter_effect"}                max |logits(folder) - logits(base [+ adapter])| in fp32,
+                                                       and how much the adapter moves the base's logits
+  {"kind": "hf_greedy", "folder": DIR, "prompt_ids": [...], "max_tokens": N} -> {"ids"}  plain transformers generate
+  {"kind": "env"} -> {"bitsandbytes": bool}
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    base_dir, jobs = Path(sys.argv[1]), json.loads(sys.argv[2])
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+
+    def logits(model, text: str) -> torch.Tensor:
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            return model(input_ids=ids).logits[0].float()
+
+    results = []
+    for job in jobs:
+        kind = job["kind"]
+        if kind == "adapter":
+            import copy
+
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(job["seed"])
+            pm = get_peft_model(copy.deepcopy(base), LoraConfig(
+                r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False))
+            pm.save_pretrained(job["out"])
+            results.append({})
+        elif kind == "llama":
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            out = Path(job["out"])
+            LlamaForCausalLM(LlamaConfig(vocab_size=base.config.vocab_size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1)).save_pretrained(out)
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(base_dir / name, out / name)
+            results.append({})
+        elif kind == "chat_prompt":
+            text = tok.apply_chat_template(job["messages"], add_generation_prompt=True, tokenize=False)
+            prompt = tok(text, add_special_tokens=False).input_ids
+            x, gap = torch.tensor([prompt]), float("inf")
+            with torch.no_grad():
+                for _ in range(job["max_tokens"]):
+                    top = base(input_ids=x).logits[0, -1].topk(2)
+                    gap = min(gap, (top.values[0] - top.values[1]).item())
+                    x = torch.cat([x, top.indices[:1][None]], dim=1)
+            results.append({"prompt_ids": prompt, "greedy_ids": x[0, len(prompt):].tolist(), "smallest_gap": gap})
+        elif kind == "compare":
+            saved = AutoModelForCausalLM.from_pretrained(job["folder"], dtype=torch.float32).eval()
+            reference, effect = base, 0.0
+            if job.get("adapter"):
+                from peft import PeftModel
+
+                reference = PeftModel.from_pretrained(base, job["adapter"]).eval()
+            diffs = []
+            for text in job["texts"]:
+                want = logits(reference, text)
+                diffs.append((logits(saved, text) - want).abs().max().item())
+                if reference is not base:
+                    with reference.disable_adapter():
+                        effect = max(effect, (logits(reference, text) - want).abs().max().item())
+            if reference is not base:
+                reference.unload()
+            results.append({"max_diff": max(diffs), "adapter_effect": effect})
+        elif kind == "hf_greedy":
+            model = AutoModelForCausalLM.from_pretrained(job["folder"], dtype=torch.float32).eval()
+            prompt = torch.tensor([job["prompt_ids"]])
+            with torch.no_grad():
+                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                     max_new_tokens=job["max_tokens"])
+            results.append({"ids": out[0, prompt.shape[1]:].tolist()})
+        elif kind == "env":
+            results.append({"bitsandbytes": importlib.util.find_spec("bitsandbytes") is not None})
+        else:
+            raise SystemExit(f"unknown job kind {kind!r}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
