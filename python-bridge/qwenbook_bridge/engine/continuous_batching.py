@@ -205,6 +205,8 @@ class BatchScheduler:
                 for fn, fut in calls:
                     _run_into(fn, fut)
                 self._park_if_asked()
+                if self._stopping:  # stop() ended a park: the block that parked us may still be using the model
+                    break
                 try:
                     self._admit()
                     if self._rows:

@@ -41,6 +41,18 @@ def resolve_device(device: str, default: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
+def configure_cuda() -> None:
+    """Process-wide CUDA settings, applied once a model is placed on a GPU.
+
+    PyTorch's cuDNN backend for scaled_dot_product_attention builds a new execution plan for every new key
+    length, and decoding grows the key length by one each step: on H100/H200 a 1-row decode step of a small
+    model took 51 ms with it and 1.9 ms without. Turning it off leaves flash / memory-efficient / math
+    attention, for the notebook's generate and the HTTP server's batch alike.
+    """
+    if torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def _peak_rss_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kilobytes, macOS bytes.
@@ -68,11 +80,13 @@ def memory_snapshot() -> list[dict]:
                 "total": int(props.total_memory),
             })
         return devices
+    rss = int(psutil.Process().memory_info().rss)
     return [{
         "device": "cpu",
         "kind": "cpu",
         "name": "process memory (RSS)",
-        "used": int(psutil.Process().memory_info().rss),
-        "peak": _peak_rss_bytes(),
+        "used": rss,
+        # getrusage and /proc count pages a little differently; the peak is never below what is in use now.
+        "peak": max(_peak_rss_bytes(), rss),
         "total": int(psutil.virtual_memory().total),
     }]

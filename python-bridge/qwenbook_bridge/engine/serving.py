@@ -171,6 +171,10 @@ class OpenAIServer:
         start() may be called again."""
         self.api.state.stopping = True
         self.api.cancel_all()
+        if self._owns_scheduler:
+            # Before the HTTP side: ending the scheduler ends every stream now, even while it is parked by
+            # exclusive(), where cancellations would otherwise wait for the park to end.
+            self.scheduler.stop()
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:
@@ -180,8 +184,6 @@ class OpenAIServer:
                 self._thread.join(5)
         if self._socket is not None:
             self._socket.close()  # uvicorn closes it too; this covers a server that never got going
-        if self._owns_scheduler:
-            self.scheduler.stop()
         self._thread = self._server = self._socket = None
         self._started_at = None
 

@@ -1,0 +1,172 @@
+import { inspect } from "node:util";
+import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
+import type { WorkerClient } from "../bridge/client";
+import type { ServerInfo, ServeStats } from "../bridge/protocol.gen";
+import { recordingSink, type RecordingSink } from "../display/testutil";
+import { serveArgs } from "../cli/serve";
+import { Server, serveRequest } from "./serve";
+
+const URL_ = "http://127.0.0.1:8000/v1";
+const CURL = `curl ${URL_}/chat/completions -H "Content-Type: application/json" -H "Authorization: Bearer sk-local" -d '{}'`;
+
+function stats(patch: Partial<ServeStats> = {}): ServeStats {
+  return {
+    running: true, url: URL_, host: "127.0.0.1", port: 8000, model_name: "qwen-huanhuan", requests_total: 0,
+    requests_active: 0, requests_waiting: 0, errors: 0, tokens_generated: 0, tokens_per_second: 0, uptime_s: 0, ...patch,
+  };
+}
+
+function info(s: ServeStats = stats()): ServerInfo {
+  return {
+    server_id: "qwen-huanhuan@127.0.0.1:8000", model_id: "tiny:fp32:cpu", name: "qwen-huanhuan", url: URL_, host: "127.0.0.1",
+    port: 8000, auth: true, max_batch_size: 32, curl_example: CURL, stats: s,
+  };
+}
+
+/** A stand-in for WorkerClient answering serve_status / serve_stop from `live`. */
+function fakeClient(pid = 7) {
+  const state = { live: stats() as ServeStats | null, calls: [] as string[] };
+  const client = {
+    info: { pid },
+    async request(type: string, content: { server_id: string }) {
+      state.calls.push(type);
+      expect(content.server_id).toBe("qwen-huanhuan@127.0.0.1:8000");
+      if (type === "serve_status") return { status: "ok", servers: state.live ? [info(state.live)] : [] };
+      if (type === "serve_stop") {
+        const last = state.live;
+        state.live = null;
+        return { status: "ok", stopped: last ? [info({ ...last, running: false })] : [] };
+      }
+      throw new Error(`unexpected ${type}`);
+    },
+  };
+  return { client: client as unknown as WorkerClient, state };
+}
+
+function server(sink: RecordingSink, client: WorkerClient, pid = 7) {
+  return new Server({ connection: async () => client, sink: () => sink }, info(), pid, "sk-local");
+}
+
+const plain = (sink: RecordingSink, i = -1) => String(sink.displays.at(i)!.data["text/plain"]);
+
+beforeEach(() => {
+  vi.useFakeTimers();
+});
+afterEach(() => {
+  vi.useRealTimers();
+});
+
+describe("Server", () => {
+  it("shows URL, name, traffic and a curl example when inspected", () => {
+    const s = server(recordingSink({ rich: false }), fakeClient().client);
+    const shown = inspect(s);
+    expect(shown).toMatch(/^Server\(qwen-huanhuan at http:\/\/127\.0\.0\.1:8000\/v1, running\)/);
+    expect(shown).toContain('served as "qwen-huanhuan" (API key required)');
+    expect(shown).toContain("0 requests (0 active) · 0.0 tokens/s · 0 errors");
+    expect(shown).toContain(`curl     ${CURL}`);
+    expect(String(s)).toBe(shown);
+  });
+
+  it("prints one line in a terminal and draws no rich output", () => {
+    const sink = recordingSink({ rich: false });
+    server(sink, fakeClient().client);
+    expect(sink.texts).toEqual([`serving tiny:fp32:cpu as "qwen-huanhuan" at ${URL_}\n`]);
+    expect(sink.displays).toHaveLength(0);
+  });
+
+  it("in a notebook, draws a text + html output, refreshes it on stats() and while the cell runs, and ends it on stop()", async () => {
+    let endCell = () => undefined as void;
+    const sink = recordingSink({ cellDone: new Promise<void>((r) => (endCell = r)) });
+    const fake = fakeClient();
+    const s = server(sink, fake.client);
+    expect(sink.displays).toHaveLength(1);
+    expect(sink.displays[0]).toMatchObject({ update: false });
+    expect(Object.keys(sink.displays[0].data).sort()).toEqual(["text/html", "text/plain"]);
+    expect(plain(sink, 0)).toContain(`serving qwen-huanhuan at ${URL_}`);
+
+    fake.state.live = stats({ requests_total: 3, requests_active: 2, tokens_per_second: 41.25 });
+    await vi.advanceTimersByTimeAsync(1000); // the cell is still running: one refresh a second
+    expect(plain(sink)).toContain("3 requests (2 active) · 41.3 tokens/s · 0 errors");
+    endCell();
+    await vi.advanceTimersByTimeAsync(5000);
+    const polled = fake.state.calls.length;
+
+    fake.state.live = stats({ requests_total: 4, errors: 1, last_error: "401: You didn't provide an API key.", last_error_at: 1 });
+    const now = await s.stats();
+    expect(now).toMatchObject({ requestsTotal: 4, errors: 1, lastError: "401: You didn't provide an API key.", lastErrorAt: new Date(1000) });
+    await vi.advanceTimersByTimeAsync(2000);
+    expect(plain(sink)).toContain("last error: 401: You didn't provide an API key.");
+    expect(String(sink.displays.at(-1)!.data["text/html"])).toContain("last error: 401: You didn&#39;t provide an API key.");
+    expect(fake.state.calls.length).toBe(polled + 1); // no polling after the cell ended
+
+    const final = await s.stop();
+    expect(final.running).toBe(false);
+    expect(plain(sink)).toMatch(/^stopped qwen-huanhuan at .* \(stopped\)/);
+    expect(sink.displays.every((d) => d.id === sink.displays[0].id)).toBe(true);
+    expect(sink.displays.slice(1).every((d) => d.update)).toBe(true);
+    expect((await s.stop()).running).toBe(false);
+    expect(fake.state.calls.filter((c) => c === "serve_stop")).toHaveLength(1);
+  });
+
+  it("watch(seconds) refreshes for that long and resolves with the counters", async () => {
+    const sink = recordingSink();
+    const fake = fakeClient();
+    const s = server(sink, fake.client);
+    const watched = s.watch(3);
+    fake.state.live = stats({ requests_total: 9 });
+    await vi.advanceTimersByTimeAsync(3000);
+    expect((await watched).requestsTotal).toBe(9);
+    const calls = fake.state.calls.length;
+    await vi.advanceTimersByTimeAsync(5000);
+    expect(fake.state.calls.length).toBe(calls);
+    expect(() => s.watch(0)).toThrow(/watch\(seconds\) must be greater than 0/);
+  });
+
+  it("reports a server that went away (stopped elsewhere, or a restarted worker) as stopped", async () => {
+    const fake = fakeClient();
+    const s = server(recordingSink({ rich: false }), fake.client);
+    fake.state.live = null;
+    expect((await s.stats()).running).toBe(false);
+    expect(s.running).toBe(false);
+
+    const restarted = server(recordingSink({ rich: false }), fakeClient(8).client, 7);
+    expect((await restarted.stop()).running).toBe(false);
+  });
+});
+
+describe("serve options", () => {
+  it("default to port 8000 and map to the wire names", () => {
+    expect(serveRequest({})).toEqual({ port: 8000 });
+    expect(serveRequest({ port: 0, host: "0.0.0.0", apiKey: "sk-local", name: "qwen-huanhuan", maxBatchSize: 8 })).toEqual({
+      port: 0, host: "0.0.0.0", api_key: "sk-local", name: "qwen-huanhuan", max_batch_size: 8,
+    });
+  });
+
+  it("fail eagerly with the option's name", () => {
+    expect(() => serveRequest({ port: 8000.5 })).toThrow("serve option port must be a whole number, got 8000.5");
+    expect(() => serveRequest({ port: -1 })).toThrow("serve option port must be at least 0, got -1 (0 picks a free port)");
+    expect(() => serveRequest({ host: "" })).toThrow("serve option host must not be empty");
+    expect(() => serveRequest({ apiKey: "sk local" })).toThrow(/apiKey must not contain spaces/);
+    expect(() => serveRequest({ name: " padded" })).toThrow(/name must not start or end with spaces/);
+    expect(() => serveRequest({ maxBatchSize: 5000 })).toThrow("serve option maxBatchSize must be at most 1024, got 5000");
+    expect(() => serveRequest({ apikey: "x" } as never)).toThrow('serve(options) has no option "apikey"');
+  });
+});
+
+describe("qwenbook serve command line", () => {
+  it("becomes serve_cli's arguments", () => {
+    expect(serveArgs(["Qwen/Qwen2.5-7B-Instruct", "--port", "8000", "--api-key", "sk-local", "--host", "0.0.0.0", "--name", "qwen"])).toEqual([
+      "-m", "qwenbook_bridge.serve_cli", "Qwen/Qwen2.5-7B-Instruct", "--port", "8000", "--host", "0.0.0.0", "--api-key", "sk-local", "--name", "qwen",
+    ]);
+  });
+
+  it("refuses a wrong command line before anything starts", () => {
+    expect(() => serveArgs([])).toThrow("serve needs the model to serve");
+    expect(() => serveArgs(["m", "--port", "80a"])).toThrow('--port must be a whole number from 0 to 65535, got "80a"');
+    expect(() => serveArgs(["m", "--port"])).toThrow(/--port/);
+    expect(() => serveArgs(["m", "--prot", "1"])).toThrow(/Unknown option '--prot'/);
+    expect(() => serveArgs(["m", "--device", "gpu"])).toThrow("--device must be auto, cpu, cuda or cuda:N");
+    expect(() => serveArgs(["m", "--adapter", "/no/such/folder"])).toThrow("--adapter /no/such/folder: no such folder");
+    expect(() => serveArgs(["a", "b"])).toThrow('serve takes one model, got "a", "b"');
+  });
+});

@@ -1,0 +1,132 @@
+// `qwenbook serve <model>`: an OpenAI-compatible server without a notebook. The Python side
+// (qwenbook_bridge.serve_cli) loads the model and serves; this checks the command line first, so a
+// typo fails in a second instead of after the model has loaded, then runs it and passes signals on.
+import { spawn } from "node:child_process";
+import { existsSync, statSync } from "node:fs";
+import { constants } from "node:os";
+import { join, resolve } from "node:path";
+import { parseArgs } from "node:util";
+import { resolvePython } from "../bridge/paths";
+
+export const SERVE_USAGE = `usage: qwenbook serve <model> [options]
+
+  <model>                 hub id (e.g. Qwen/Qwen2.5-7B-Instruct) or local model folder
+  --port N                port to listen on (default 8000; 0 picks a free one)
+  --host H                address to bind (default 127.0.0.1, this machine only; 0.0.0.0 every interface)
+  --api-key K             require "Authorization: Bearer K" on every request
+  --name N                model id clients use (default: the model's or the adapter's name)
+  --adapter DIR           LoRA adapter folder to apply on top of the model
+  --device D              auto, cpu, cuda or cuda:N (default auto)
+  --dtype T               auto, bf16, fp16 or fp32 (default auto)
+  --max-batch-size N      requests decoded together (default 32)
+  --context-length N      tokens per request, prompt included (default: the model's own)
+
+Serves until Ctrl-C or SIGTERM, then frees the port and exits 0.`;
+
+class ServeUsageError extends Error {}
+
+/** The python command line for serve_cli, or a ServeUsageError naming what is wrong. */
+export function serveArgs(argv: string[]): string[] {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      strict: true,
+      options: {
+        port: { type: "string" },
+        host: { type: "string" },
+        "api-key": { type: "string" },
+        name: { type: "string" },
+        adapter: { type: "string" },
+        device: { type: "string" },
+        dtype: { type: "string" },
+        "max-batch-size": { type: "string" },
+        "context-length": { type: "string" },
+      },
+    });
+  } catch (e) {
+    throw new ServeUsageError((e as Error).message);
+  }
+  const { values: v, positionals } = parsed;
+  if (positionals.length === 0) throw new ServeUsageError("serve needs the model to serve: a hub id or a model folder");
+  if (positionals.length > 1) throw new ServeUsageError(`serve takes one model, got ${positionals.map((p) => JSON.stringify(p)).join(", ")}`);
+  const out = ["-m", "qwenbook_bridge.serve_cli", positionals[0]];
+  if (v.port !== undefined) out.push("--port", String(integer("--port", v.port, 0, 65535)));
+  if (v.host !== undefined) out.push("--host", word("--host", v.host));
+  if (v["api-key"] !== undefined) out.push("--api-key", word("--api-key", v["api-key"]));
+  if (v.name !== undefined) {
+    if (v.name.trim() === "") throw new ServeUsageError("--name must not be empty");
+    out.push("--name", v.name);
+  }
+  if (v.adapter !== undefined) out.push("--adapter", adapterDir(v.adapter));
+  if (v.device !== undefined) {
+    if (!/^(auto|cpu|cuda|cuda:\d+)$/.test(v.device)) throw new ServeUsageError(`--device must be auto, cpu, cuda or cuda:N, got ${JSON.stringify(v.device)}`);
+    out.push("--device", v.device);
+  }
+  if (v.dtype !== undefined) {
+    if (!["auto", "bf16", "fp16", "fp32"].includes(v.dtype)) throw new ServeUsageError(`--dtype must be auto, bf16, fp16 or fp32, got ${JSON.stringify(v.dtype)}`);
+    out.push("--dtype", v.dtype);
+  }
+  if (v["max-batch-size"] !== undefined) out.push("--max-batch-size", String(integer("--max-batch-size", v["max-batch-size"], 1, 1024)));
+  if (v["context-length"] !== undefined) out.push("--context-length", String(integer("--context-length", v["context-length"], 2, 10_000_000)));
+  return out;
+}
+
+function integer(flag: string, text: string, min: number, max: number): number {
+  const n = /^\d+$/.test(text) ? Number(text) : NaN;
+  if (!Number.isSafeInteger(n) || n < min || n > max) {
+    throw new ServeUsageError(`${flag} must be a whole number from ${min} to ${max}, got ${JSON.stringify(text)}`);
+  }
+  return n;
+}
+
+function word(flag: string, text: string): string {
+  if (text === "" || /\s/.test(text)) throw new ServeUsageError(`${flag} must be non-empty without spaces, got ${JSON.stringify(text)}`);
+  return text;
+}
+
+function adapterDir(path: string): string {
+  const dir = resolve(path);
+  if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new ServeUsageError(`--adapter ${path}: no such folder`);
+  if (!existsSync(join(dir, "adapter_config.json"))) {
+    throw new ServeUsageError(`--adapter ${path}: not a LoRA adapter folder (it has no adapter_config.json); pass the folder training wrote`);
+  }
+  return dir;
+}
+
+/** Runs `qwenbook serve ...`; resolves with the exit code. */
+export async function serveCommand(argv: string[]): Promise<number> {
+  if (argv.includes("-h") || argv.includes("--help")) {
+    console.log(SERVE_USAGE);
+    return 0;
+  }
+  let args: string[];
+  try {
+    args = serveArgs(argv);
+  } catch (e) {
+    if (!(e instanceof ServeUsageError)) throw e;
+    console.error(`qwenbook serve: ${e.message}\n\n${SERVE_USAGE}`);
+    return 2;
+  }
+  const python = resolvePython();
+  const child = spawn(python.command, args, { stdio: "inherit", env: { ...process.env, PYTHONUNBUFFERED: "1" } });
+  // Ctrl-C in a terminal reaches the whole process group, the child included; a SIGTERM from a
+  // process manager reaches only us. Passing both on lets the server close its port either way.
+  const forward = (signal: NodeJS.Signals) => () => void child.kill(signal);
+  const onInt = forward("SIGINT");
+  const onTerm = forward("SIGTERM");
+  process.on("SIGINT", onInt);
+  process.on("SIGTERM", onTerm);
+  try {
+    return await new Promise<number>((resolveCode, reject) => {
+      child.once("error", (e) =>
+        reject(new Error(`Could not run ${python.command} (from ${python.reason}): ${e.message}. Set QWENBOOK_PYTHON to a python with qwenbook_bridge installed.`)),
+      );
+      child.once("exit", (code, signal) => resolveCode(code ?? 128 + (signal ? constants.signals[signal] : 1)));
+    });
+  } finally {
+    process.off("SIGINT", onInt);
+    process.off("SIGTERM", onTerm);
+  }
+}

@@ -1,0 +1,29 @@
+// The serving part of `npm run bench`: an OpenAI-compatible server on the same model, with 1, 8 and 32
+// concurrent streaming clients against the same requests sent one at a time, in one run
+// (python-bridge/tests/bench/serve_bench.py does the measuring and checks every concurrent reply against
+// its one-at-a-time twin).
+import { spawnSync } from "node:child_process";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const repo = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+
+/** Runs the serving benchmark and prints its table; returns its JSON result. */
+export function runServeBench({ python, model, threads, maxTokens = 64, concurrency = "1,8,32" }) {
+  const script = join(repo, "python-bridge", "tests", "bench", "serve_bench.py");
+  const args = [script, "--model", model, "--device", "cpu", "--dtype", "fp32", "--max-tokens", String(maxTokens),
+    "--concurrency", concurrency, "--threads", String(threads)];
+  const r = spawnSync(python, args, { encoding: "utf8", stdio: ["ignore", "pipe", "inherit"], env: process.env });
+  if (r.status !== 0) throw new Error(`serving benchmark failed (exit ${r.status}):\n${r.stdout}`);
+  const lines = r.stdout.trim().split("\n");
+  const result = JSON.parse(lines.pop());
+  console.log(lines.join("\n"));
+  return result;
+}
+
+if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
+  const model = process.env.QWENBOOK_BENCH_MODEL ?? join(repo, ".qwenbook", "models", "tiny-qwen2");
+  const threads = process.env.QWENBOOK_BENCH_THREADS ?? "1";
+  runServeBench({ python: join(repo, ".venv", "bin", "python"), model, threads,
+    maxTokens: Number(process.env.QWENBOOK_BENCH_SERVE_TOKENS ?? 64) });
+}
