@@ -7,6 +7,10 @@ exactly where an uninterrupted one would be.
 Packed rows carry position ids that restart at 0 for every example and no attention mask: transformers then
 builds a block-diagonal causal mask from the position ids (flash-attention reads them directly), so packed
 examples never attend to each other.
+
+Everything the loss needs to know about the batch's shape (which positions are trained, whether the rows are
+plain causal sequences) is worked out here on the host, so the training step never has to wait for the device
+to answer a question about its own inputs.
 """
 
 from __future__ import annotations
@@ -29,11 +33,20 @@ class Batch:
     attention_mask: torch.Tensor | None
     tokens: int    # real (non-padding) tokens, for tokens/s
     targets: int   # tokens the loss is computed on
+    # Flat indices (row * width + column) of the positions whose next token is a target, and those tokens.
+    target_index: torch.Tensor | None = None
+    target_ids: torch.Tensor | None = None
+    # Every row is one example filling the whole width: a plain causal mask and positions 0.. are exactly
+    # right, so the model needs neither mask nor position ids (and does not inspect them on the device).
+    plain_causal: bool = False
 
     def to(self, device: torch.device) -> Batch:
-        mask = self.attention_mask.to(device) if self.attention_mask is not None else None
-        return Batch(self.input_ids.to(device), self.labels.to(device), self.position_ids.to(device), mask,
-                     self.tokens, self.targets)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.to(device, non_blocking=True) if t is not None else None
+
+        return Batch(self.input_ids.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
+                     self.position_ids.to(device, non_blocking=True), move(self.attention_mask), self.tokens,
+                     self.targets, move(self.target_index), move(self.target_ids), self.plain_causal)
 
 
 def split_eval(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -130,8 +143,11 @@ def collate(examples: Sequence[Example], units: Sequence[Sequence[int]], unit_id
         position_ids[r, n:] = torch.arange(width - n)
         mask[r, :n] = 1
         tokens += n
-    targets = int((labels_t[:, 1:] != IGNORE_INDEX).sum())
-    return Batch(input_ids, labels_t, position_ids, None if packing else mask, tokens, targets)
+    shifted = labels_t[:, 1:]
+    rows_i, cols_i = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+    plain = all(len(units[u]) == 1 and len(r[0]) == width for u, r in zip(unit_ids, rows))
+    return Batch(input_ids, labels_t, position_ids, None if packing else mask, tokens, int(rows_i.numel()),
+                 target_index=rows_i * width + cols_i, target_ids=shifted[rows_i, cols_i], plain_causal=plain)
 
 
 def _mask_example_starts(labels: list[int], positions: list[int]) -> list[int]:

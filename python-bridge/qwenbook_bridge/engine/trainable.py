@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import fast_lora
 from .errors import InvalidOptionError
 from .training_config import TrainConfig
 
@@ -59,6 +60,7 @@ class Trainable:
         self._snapshot: dict[str, torch.Tensor] | None = None
         self.peft_model: Any = None
         self.targets: list[str] = []
+        self.compiled: list[nn.Module] = []
 
     def prepare(self) -> None:
         cfg = self.config
@@ -69,13 +71,27 @@ class Trainable:
             lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.scale_alpha, lora_dropout=cfg.lora.dropout,
                               target_modules=self.targets, bias="none", task_type="CAUSAL_LM")
             self.peft_model = get_peft_model(self.model, lora)
+            fast_lora.install(self.model)
         else:
             self._snapshot = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}
             for p in self.model.parameters():
                 p.requires_grad_(True)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.compile:
+            self._compile_layers()
         self.model.train()
+
+    def _compile_layers(self) -> None:
+        """torch.compile each decoder layer (the layers share one compiled graph): norms, rotary embedding,
+        activation and the adapters' additions become a few fused kernels instead of dozens of small ones.
+        Inside gradient checkpointing the checkpoint wraps the compiled layer, so recomputation runs it too."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        for module in self.model.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module.compile()
+                self.compiled.append(module)
 
     @property
     def causal_lm(self) -> Any:
@@ -143,7 +159,12 @@ class Trainable:
 
     def restore(self) -> None:
         """Give the caller its model back as it was: adapter layers removed or original weights written back."""
+        for module in self.compiled:
+            # What nn.Module.compile() set; the layer runs its plain forward again.
+            module._compiled_call_impl = None
+        self.compiled = []
         if self.peft_model is not None:
+            fast_lora.uninstall(self.model)
             self.peft_model.unload()
             self.peft_model = None
         if self._snapshot is not None:

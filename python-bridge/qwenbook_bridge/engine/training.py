@@ -30,7 +30,7 @@ from .train_batches import Batch, DataSchedule, collate, make_units, split_eval
 from .data import DatasetSpec
 from .chat_encoding import TokenizedDataset, build_dataset
 from .errors import EngineError, InvalidOptionError
-from .train_loss import token_loss_sum
+from .train_step import StepRunner, build_optimizer
 from .trainable import Trainable, has_injected_adapters, precision_plan, resolve_targets
 from .training_config import TrainConfig
 
@@ -141,6 +141,7 @@ class _Run:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.scaler: torch.amp.GradScaler | None = None
+        self.runner: StepRunner | None = None
         self.step = 0
 
     # -- setup: everything that can fail on bad input happens before the model is touched -----------------
@@ -183,14 +184,11 @@ class _Run:
         torch.manual_seed(cfg.seed)  # the same LoRA initialization for the same seed
         self.trainable = trainable
         trainable.prepare()
-        params = self.trainable.parameters()
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+        self.optimizer = build_optimizer(self.trainable.parameters(), cfg, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        self.runner = StepRunner(trainable, self.optimizer, device=self.device, max_grad_norm=cfg.max_grad_norm,
+                                 autocast=self.autocast, scheduler=self.scheduler, scaler=self.scaler)
         self.best_eval: float | None = None
         self.last_eval: float | None = None
         self.history: list[dict[str, Any]] = []
@@ -310,40 +308,20 @@ class _Run:
 
     def _train_step(self) -> tuple[float, float, int]:
         """One optimizer step over its micro-batches: (mean token loss, gradient norm, tokens seen)."""
-        assert self.optimizer is not None and self.trainable is not None
+        assert self.runner is not None
         batches = [collate(self.train_set, self.units, ids, self.pad_id, self.cfg.packing)
                    for ids in self.schedule.step_units(self.step)]
-        # Normalizing by the whole step's target count makes the loss independent of how rows split into
-        # micro-batches (a plain mean of per-batch means would weight short batches up).
-        targets = sum(b.targets for b in batches)
-        step_loss, tokens = 0.0, 0
-        for batch in batches:
-            loss = self._loss_sum(batch.to(self.device)) / targets
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            step_loss += loss.item()
-            tokens += batch.tokens
+        stats = self.runner(batches)
+        # The one wait for the device per step: the progress events report these values.
+        step_loss, grad_norm = float(stats.loss), float(stats.grad_norm)
         if not math.isfinite(step_loss):
             raise TrainingError(f"the loss became {step_loss} at step {self.step + 1}; lower lr (now {self.cfg.lr}) "
                                 "or use dtype 'fp32' / 'bf16' instead of 'fp16'")
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), max_norm))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return step_loss, grad_norm, tokens
+        return step_loss, grad_norm, stats.tokens
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
-        assert self.trainable is not None
-        if self.autocast is None:
-            return token_loss_sum(self.trainable.causal_lm, batch)
-        with torch.autocast(self.device.type, dtype=self.autocast):
-            return token_loss_sum(self.trainable.causal_lm, batch)
+        assert self.runner is not None
+        return self.runner.loss_sum(batch)
 
     def _evaluate(self) -> None:
         assert self.trainable is not None
@@ -404,6 +382,7 @@ class _Run:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
         self.optimizer = self.scheduler = self.scaler = None
+        self.runner = None
         if self.trainable is not None:
             self.trainable.restore()
             self.trainable = None

@@ -1,0 +1,79 @@
+"""One optimizer step of the training loop, queued on the device without waiting for it.
+
+The step returns its loss and gradient norm as device tensors: nothing in it asks the device for a value, so
+the host can queue the next step's work while the device is still busy with this one. The caller decides
+when to read them (the loop in training.py reads them once per step, to report and to stop on a non-finite
+loss; the benchmark reads them at the end).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .train_batches import Batch
+from .train_loss import token_loss_sum
+from .trainable import Trainable
+from .training_config import TrainConfig
+
+
+@dataclass
+class StepStats:
+    loss: torch.Tensor        # 0-d fp32: the step's mean token loss
+    grad_norm: torch.Tensor   # 0-d: the global gradient norm before clipping
+    tokens: int               # real (non-padding) tokens the step saw
+
+
+def build_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig,
+                    device: torch.device) -> torch.optim.AdamW:
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    # The fused CUDA kernel updates every parameter in a few launches instead of several per tensor (LoRA on a
+    # 7B model has ~400 small tensors); same arithmetic.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=config.adam_betas, eps=config.adam_eps, fused=fused or None)
+
+
+class StepRunner:
+    def __init__(self, trainable: Trainable, optimizer: torch.optim.Optimizer, *, device: torch.device,
+                 max_grad_norm: float, autocast: torch.dtype | None = None, scheduler: Any = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        self.trainable, self.optimizer, self.device = trainable, optimizer, device
+        self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+        self.autocast, self.scheduler, self.scaler = autocast, scheduler, scaler
+        self.params = trainable.parameters()
+
+    def loss_sum(self, batch: Batch) -> torch.Tensor:
+        if self.autocast is None:
+            return token_loss_sum(self.trainable.causal_lm, batch)
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            return token_loss_sum(self.trainable.causal_lm, batch)
+
+    def __call__(self, batches: Sequence[Batch]) -> StepStats:
+        # Normalizing by the whole step's target count makes the loss independent of how rows split into
+        # micro-batches (a plain mean of per-batch means would weight short batches up).
+        targets = sum(b.targets for b in batches)
+        step_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        tokens = 0
+        for batch in batches:
+            loss = self.loss_sum(batch.to(self.device)) / targets
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            step_loss += loss.detach()
+            tokens += batch.tokens
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return StepStats(step_loss, grad_norm.detach(), tokens)
