@@ -14,7 +14,7 @@ export const outputPath = join(kernelDir, "src", "bridge", "protocol.gen.ts");
 const KNOWN_KEYS = new Set([
   "type", "properties", "required", "additionalProperties", "items", "enum", "const", "$ref", "description",
   "default", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems",
-  "maxItems", "pattern",
+  "maxItems", "pattern", "anyOf",
 ]);
 
 function docComment(lines, indent) {
@@ -44,6 +44,7 @@ function typeOf(s, where, indent) {
     return m[1];
   }
   if ("const" in s) return JSON.stringify(s.const);
+  if (s.anyOf) return s.anyOf.map((alt, i) => typeOf(alt, `${where}|${i}`, indent)).join(" | ");
   if (s.enum) return s.enum.map((v) => JSON.stringify(v)).join(" | ");
   switch (s.type) {
     case "string":
@@ -68,7 +69,8 @@ function objectBody(s, where, indent) {
   const required = new Set(s.required ?? []);
   for (const r of required) if (!(r in props)) throw new Error(`${where}: required "${r}" has no property`);
   const names = Object.keys(props);
-  if (names.length === 0) return "Record<string, never>";
+  // No properties: an empty object when closed, any JSON object (rows, option dumps) when open.
+  if (names.length === 0) return s.additionalProperties === false ? "Record<string, never>" : "Record<string, unknown>";
   const inner = indent + "  ";
   let out = "{\n";
   for (const name of names) {

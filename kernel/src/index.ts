@@ -3,14 +3,39 @@ export { Model } from "./api/model";
 export { ChatRequest, ChatStream, type ChatSettings } from "./api/chat";
 export { Conversation, type ConversationOptions } from "./api/conversation";
 export { Reply } from "./api/reply";
+export { GpuGauge, type GpuOptions } from "./api/gpu";
+export { MergeRequest } from "./api/merge";
+export { Server, type ServeOptions, type ServerStats } from "./api/serve";
+export { ExportReport, type ExportDetails, type ExportFile } from "./api/report";
+export { TrainRun } from "./api/train";
+export { TrainResult, type DatasetReport, type EvalPoint, type LossPoint } from "./api/train-result";
+export { TrainPreview, type PreviewExample } from "./api/preview";
+export type { LoraOptions, Optimizer, Schedule, TrainDtype, TrainMethod, TrainSettings, Truncation } from "./api/train-config";
+export {
+  SelfCognition,
+  type AlpacaRow,
+  type DatasetFormat,
+  type DatasetInput,
+  type DatasetOptions,
+  type DatasetRow,
+  type SelfCognitionLanguage,
+  type SelfCognitionOptions,
+  type ShareGptRow,
+} from "./api/datasets";
+export { AdapterModel, Adapters, type AdapterInfo, type AdapterSource } from "./api/adapters";
+export type { ExportOptions, GgufType, SaveDtype, SaveOptions, SaveQuant } from "./api/export";
 export type {
   AttentionImplementation,
   ChatMessage,
   DeviceMemory,
   Dtype,
   FinishReason,
+  GroupSize,
   LoadOptions,
+  LoadQuant,
   ModelInfo,
+  QualityFigures,
+  QuantInfo,
   RunningRequest,
   WorkerStatus,
 } from "./api/types";

@@ -18,6 +18,9 @@ from typing import Any
 from . import PROTOCOL_VERSION, __version__
 from .engine import (CancelledError, GenerationOptions, LoadOptions, LoadProgress, ModelRegistry, available_devices,
                      generate, memory_snapshot)
+from .handlers_export import ExportHandlers
+from .handlers_serve import ServeHandlers
+from .handlers_train import BACKGROUND, TrainHandlers
 from .protocol import Message, major
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -37,7 +40,7 @@ class JobContext:
 JobHandler = Callable[[JobContext], dict[str, Any]]
 
 # Request fields that map one-to-one onto option dataclasses; absent fields keep the dataclass defaults.
-_LOAD_FIELDS = ("dtype", "device", "revision", "attn_implementation", "local_files_only")
+_LOAD_FIELDS = ("dtype", "device", "revision", "attn_implementation", "local_files_only", "quant")
 _GENERATE_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "greedy", "stop", "seed")
 
 
@@ -49,6 +52,10 @@ class Handlers:
     def __init__(self, default_device: str = "auto") -> None:
         self.registry = ModelRegistry(default_device)
         self.started = time.monotonic()
+        self.export = ExportHandlers(self.registry)
+        self.serve = ServeHandlers(self.registry)
+        self.train = TrainHandlers(self.registry, exclusive=self.serve.exclusive)
+        self.background = BACKGROUND  # request types the server runs on a thread of their own
 
     # ------------------------------------------------------------ control (main thread)
 
@@ -101,6 +108,8 @@ class Handlers:
         return {"status": "ok", "model": dict(loaded.info), "already_loaded": already}
 
     def unload(self, job: JobContext) -> dict[str, Any]:
+        self.serve.stop_model(job.request.content["model_id"])  # a server would keep the weights alive
+        self.train.forget(job.request.content["model_id"])  # so would its adapters
         return {"status": "ok", "unloaded": self.registry.unload(job.request.content["model_id"])}
 
     def generate(self, job: JobContext) -> dict[str, Any]:
@@ -111,9 +120,20 @@ class Handlers:
         if content.get("stream", True):
             def on_token(delta: Any) -> None:
                 job.emit("token", {"text": delta.text, "token_ids": delta.token_ids, "index": delta.index})
-        result = generate(loaded, content["messages"], options, on_token=on_token, cancel=job.cancel)
+        with self.serve.exclusive(loaded.model_id), self.train.adapter_scope(loaded, content.get("adapter")):
+            result = generate(loaded, content["messages"], options, on_token=on_token, cancel=job.cancel)
         return {"status": "ok", **result.to_dict()}
 
     def jobs(self) -> dict[str, JobHandler]:
         """Requests that run on the job thread; new GPU capabilities (train, export, serve) register here."""
-        return {"load": self.load, "unload": self.unload, "generate": self.generate}
+        exports = {name: self.train.bare(handler) for name, handler in self.export.jobs().items()}
+        return {"load": self.load, "unload": self.unload, "generate": self.generate, **exports,
+                **self.serve.jobs(), **self.train.jobs()}
+
+    def controls(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        """Requests beyond hello/status/cancel/shutdown answered at once on the main thread (content -> reply)."""
+        return {**self.serve.controls()}
+
+    def close(self) -> None:
+        """The worker is stopping: close what outlives requests (HTTP servers)."""
+        self.serve.close()

@@ -3,7 +3,8 @@
 The main thread owns every socket the clients see. It answers control requests (hello, status, cancel,
 shutdown) at once, even while a generation runs, and forwards what the job thread produces: the job thread
 signs its events and replies and pushes them over an inproc PUSH/PULL pair that the main loop polls next to
-the ROUTER, so a token costs one inproc hop and no sleeps.
+the ROUTER, so a token costs one inproc hop and no sleeps. A training run gets a thread of its own (with its
+own PUSH socket), so it holds up neither control requests nor work on other models.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import zmq
 
 from .engine import EngineError, memory_snapshot
 from .handlers import Handlers, JobContext, ProtocolVersionMismatch
+from .job_lanes import JobLanes, ModelFree
 from .protocol import (REQUESTS, InvalidContentError, MalformedMessageError, Message, SignatureError, Signer,
                        error_content, exception_content, make_message, now_iso, parse, reply_type, serialize,
                        validate_request)
@@ -75,6 +77,8 @@ class WorkerServer:
             "shutdown": self._shutdown,
         }
         assert tuple(self._control) == CONTROL_REQUESTS
+        for name, handler in self.handlers.controls().items():
+            self._control[name] = lambda m, h=handler: h(m.content)
         self._jobs = self.handlers.jobs()
         self._unimplemented, extra = dispatch_gaps(set(self._control) | set(self._jobs))
         if extra:
@@ -82,7 +86,10 @@ class WorkerServer:
         if self._unimplemented:
             log.warning("protocol.json declares requests this worker does not handle yet: %s", self._unimplemented)
 
-        self._queue: queue.Queue[InFlight | None] = queue.Queue()
+        self._queue: queue.Queue[InFlight | ModelFree | None] = queue.Queue()
+        # Training gets a thread of its own; other work for the model it trains waits for it (job_lanes.py).
+        self._lanes = JobLanes(self._run_job, self._open_push, getattr(self.handlers, "background", frozenset()),
+                               self._queue.put)
         self._running: dict[str, InFlight] = {}
         self._busy = False
         self._next_gpu_event = 0.0
@@ -135,6 +142,10 @@ class WorkerServer:
 
     def _finish(self) -> bool:
         log.info("stopping (%s)", self._stop_reason)
+        try:
+            self.handlers.close()  # HTTP servers first: their clients get a clean end, not a cut connection
+        except Exception:
+            log.exception("closing the handlers failed")
         self._broadcast("worker_status", {"state": "stopping", "running": len(self._running)})
         for item in self._running.values():
             item.cancel.set()
@@ -213,7 +224,7 @@ class WorkerServer:
         if kind in self._control:
             try:
                 content = self._control[kind](msg)
-            except ProtocolVersionMismatch as e:
+            except (ProtocolVersionMismatch, EngineError) as e:
                 log.warning("%s refused: %s", kind, e)
                 content = error_content(type(e).__name__, str(e))
             except Exception as e:
@@ -291,14 +302,22 @@ class WorkerServer:
 
     # ------------------------------------------------------------ job thread
 
-    def _job_loop(self) -> None:
+    def _open_push(self) -> zmq.Socket:
         push = self._ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 1000)
         push.connect(self._jobs_endpoint)
+        return push
+
+    def _job_loop(self) -> None:
+        push = self._open_push()
         try:
             while (item := self._queue.get()) is not None:
-                self._run_job(item, push)
+                if isinstance(item, ModelFree):
+                    self._lanes.release(item, push)
+                else:
+                    self._lanes.dispatch(item, push)
         finally:
+            self._lanes.finish(push, _STOP_GRACE_S - 1)
             push.send_multipart([b"exit"])
             push.close()
 

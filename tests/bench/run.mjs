@@ -16,6 +16,10 @@ const runs = Number(process.env.QWENBOOK_BENCH_RUNS ?? 5);
 
 process.env.QWENBOOK_RUNTIME_DIR = mkdtempSync(join(tmpdir(), "qwenbook-bench-"));
 process.env.QWENBOOK_PYTHON = python;
+// One torch thread on both sides: the tiny model is too small to gain from more, and equal settings keep
+// the comparison about the transport, not about thread scheduling.
+const threads = process.env.QWENBOOK_BENCH_THREADS ?? "1";
+process.env.OMP_NUM_THREADS = threads;
 const { qwen } = await import("qwenbook");
 
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
@@ -44,9 +48,10 @@ async function viaWorker() {
 
 function inProcess() {
   const r = spawnSync(python, ["-m", "qwenbook_bridge.bench_local", "--model", model, "--prompt", prompt,
-    "--max-tokens", String(maxTokens), "--runs", String(runs), "--json"], { encoding: "utf8" });
+    "--max-tokens", String(maxTokens), "--runs", String(runs), "--threads", threads, "--json"], { encoding: "utf8" });
   if (r.status !== 0) throw new Error(`in-process bench failed: ${r.stderr}`);
-  return JSON.parse(r.stdout.trim().split("\n").pop());
+  const out = JSON.parse(r.stdout.trim().split("\n").pop());
+  return { ...out, total_ms: median(out.per_run.map((x) => x.duration_ms)) };
 }
 
 const local = inProcess();
@@ -56,6 +61,14 @@ const workerTps = (worker.tokens / worker.total_ms) * 1000;
 const overheadPerToken = (worker.total_ms - local.total_ms) / worker.tokens;
 console.log(`model: ${model}, prompt ${JSON.stringify(prompt)}, ${maxTokens} new tokens, greedy, median of ${runs}`);
 console.log("path                      ttft ms   tokens/s   total ms");
-console.log(`in-process Python       ${local.ttft_ms.toFixed(2).padStart(8)} ${local.tokens_per_s.toFixed(1).padStart(10)} ${local.total_ms.toFixed(1).padStart(10)}`);
+const localTps = (local.completion_tokens / local.total_ms) * 1000;
+console.log(`in-process Python       ${local.ttft_ms.toFixed(2).padStart(8)} ${localTps.toFixed(1).padStart(10)} ${local.total_ms.toFixed(1).padStart(10)}`);
 console.log(`TS -> ZeroMQ -> worker  ${worker.ttft_ms.toFixed(2).padStart(8)} ${workerTps.toFixed(1).padStart(10)} ${worker.total_ms.toFixed(1).padStart(10)}`);
-console.log(`overhead: ${overheadPerToken.toFixed(3)} ms per token, ratio ${(workerTps / local.tokens_per_s).toFixed(3)}`);
+console.log(`overhead: ${overheadPerToken.toFixed(3)} ms per token, throughput ratio worker/in-process ${(workerTps / localTps).toFixed(3)}`);
+
+// ---------------------------------------------------------------- serving (tests/bench/serve.mjs)
+// The OpenAI-compatible server on the same model: 1, 8 and 32 concurrent streaming clients versus the
+// same requests one at a time, in this run.
+const { runServeBench } = await import("./serve.mjs");
+console.log("\nserving: concurrent OpenAI clients vs the same requests one at a time");
+runServeBench({ python, model, threads, maxTokens: Number(process.env.QWENBOOK_BENCH_SERVE_TOKENS ?? 64) });

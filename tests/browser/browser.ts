@@ -104,11 +104,20 @@ export async function openNotebook(page: Page, lab: LabInfo, name: string): Prom
 }
 
 /**
- * Waits until the notebook's kernel is idle. Running a cell while the kernel is still connecting
- * makes JupyterLab ask which kernel to start instead of running it.
+ * Waits until the notebook's kernel is connected and idle. A cell run while the kernel is still
+ * starting or connecting is dropped (or JupyterLab asks which kernel to start). The execution
+ * indicator alone does not tell: it reads "idle" before any kernel exists, so the status bar's
+ * "<kernel> | Idle" is what counts.
  */
 export async function waitForIdleKernel(panel: Locator, timeout = 90_000): Promise<void> {
-  await panel.page().locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first().waitFor({ state: "attached", timeout });
+  await panel.page().waitForFunction(
+    () =>
+      Array.from(document.querySelectorAll("#jp-main-statusbar .jp-StatusBar-TextItem")).some((el) =>
+        /^(?!No Kernel\b).+ \| Idle$/.test((el.textContent ?? "").trim()),
+      ),
+    undefined,
+    { timeout, polling: 100 },
+  );
 }
 
 /** Switches JupyterLab's theme through its settings API (the page must be reloaded to see it). */

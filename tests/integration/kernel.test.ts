@@ -1,24 +1,47 @@
 // The "Qwen (TypeScript)" kernel, started by Jupyter's own client from its kernelspec, in a folder
-// outside the repo: `qwenbook` imports (types and runtime), replies stream into the cell, the
-// interrupt button cancels, and rich outputs reach Jupyter as display_data.
+// outside the repo: `qwenbook` imports (types and runtime), replies stream into the chat widget,
+// the interrupt button cancels, the memory gauge shows numbers, and rich outputs reach Jupyter as
+// display_data updated in place by display id.
 import { spawn } from "node:child_process";
 import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { CHAT_MIME, GPU_MIME, type ChatBundle, type GpuBundle } from "../../kernel/src/display/bundles";
 import { Qwen } from "../../kernel/src/index";
 import { privateRuntimeDir, python, repo, runCli, tinyModel } from "./helpers";
+
+interface Display {
+  msg_type: string;
+  data: Record<string, unknown>;
+  display_id: string | null;
+}
 
 interface CellResult {
   status: string;
   stream: string;
   errors: { ename: string; evalue: string }[];
-  displays: { msg_type: string; data: Record<string, unknown>; display_id: string | null }[];
+  displays: Display[];
 }
 
 const prefix = mkdtempSync(join(tmpdir(), "qwenbook-kernel-prefix-"));
 const notebookDir = mkdtempSync(join(tmpdir(), "qwenbook-notebook-"));
 let cells: CellResult[];
+
+/**
+ * The states of the widget of one MIME type in a cell, checked to be one output shown once (maybe
+ * first as a text placeholder) and then updated in place.
+ */
+function widget<T>(cell: CellResult, mime: string): T[] {
+  const id = cell.displays.find((d) => mime in d.data)?.display_id;
+  expect(id).toEqual(expect.any(String));
+  const [first, ...updates] = cell.displays.filter((d) => d.display_id === id);
+  expect(first.msg_type).toBe("display_data");
+  for (const u of updates) expect(u.msg_type).toBe("update_display_data");
+  // Every output carries a text/plain form for front ends without the extension.
+  for (const d of [first, ...updates]) expect(d.data["text/plain"]).toEqual(expect.any(String));
+  return [first, ...updates].filter((d) => mime in d.data).map((d) => d.data[mime] as T);
+}
 
 function drive(code: { code: string; interrupt_after_output?: boolean }[]): Promise<CellResult[]> {
   return new Promise((resolve, reject) => {
@@ -55,10 +78,14 @@ beforeAll(async () => {
       code:
         "const done = await turn!;\n" +
         "JSON.stringify({ finish: done.finishReason, tokens: done.completionTokens, turns: talk.history.length, " +
-        "kept: done.text.length > 0 && talk.history[1].content === done.text })",
+        "kept: done.text.length > 0 && talk.history[1].content === done.text, text: done.text })",
     },
     // A top-level for-await, which tslab alone would run outside an async function.
     { code: 'const pieces: string[] = [];\nfor await (const p of m.chat("count to five").greedy().maxTokens(5).stream()) pieces.push(p);\npieces.length' },
+    // A gauge on its own shows the current numbers; one beside a request stays live while it runs.
+    { code: "qwen.gpu();" },
+    { code: 'const gauge = qwen.gpu();\nawait m.chat("Tell me a story.").greedy().maxTokens(128).quiet();\ngauge.live' },
+    { code: "await qwen.gpu().watch(2);" },
     {
       code:
         'const sink = (globalThis as any)[Symbol.for("qwenbook.display")];\n' +
@@ -89,13 +116,26 @@ describe("the Qwen (TypeScript) kernel", () => {
     expect(cells[0].stream.trim()).toMatch(/^tiny-qwen2:/);
   });
 
-  it("streams the reply into the cell and shows the awaited value as a one-line summary", () => {
+  it("streams the reply into one chat widget and shows the awaited value as a one-line summary", () => {
     const { stream, errors } = cells[1];
     expect(errors).toEqual([]);
-    const [text, summary] = stream.split(/\n(?=Reply\()/);
-    expect(summary.trim()).toMatch(/^Reply\(12 tokens, length, [\d.]+ tok\/s\)$/);
+    const chat = widget<ChatBundle>(cells[1], CHAT_MIME);
+    expect(chat[0]).toMatchObject({
+      state: "generating",
+      model: expect.stringMatching(/^tiny-qwen2:/),
+      messages: [{ role: "user", content: "你好，你是谁？" }, { role: "assistant", content: "" }],
+    });
+    expect(chat.length).toBeGreaterThan(1);
+    const last = chat[chat.length - 1];
+    expect(last).toMatchObject({ state: "done", stats: { completionTokens: 12, finishReason: "length" } });
+    expect(last.stats?.tokensPerSecond).toBeGreaterThan(0);
+    const text = last.messages[1].content;
     expect(text.length).toBeGreaterThan(0);
-    expect(stream.split(text).length - 1).toBe(1);
+    expect(chat.slice(0, -1).every((b) => b.state === "generating" && text.startsWith(b.messages[1].content))).toBe(true);
+    const plain = cells[1].displays[cells[1].displays.length - 1].data["text/plain"];
+    expect(plain).toContain(`assistant: ${text}`);
+    // The widget is the reply's only rendering: the cell prints just the summary.
+    expect(stream.trim()).toMatch(/^Reply\(12 tokens, length, [\d.]+ tok\/s\)$/);
   });
 
   it("type-checks against the package's real types", () => {
@@ -107,12 +147,23 @@ describe("the Qwen (TypeScript) kernel", () => {
     expect(cells[3].status).toBe("ok");
     expect(cells[4].status).toBe("error");
     expect(cells[4].stream).toContain("Interrupted");
-    // The rest of the reply, and the note that it was cancelled, stay in the interrupted cell.
-    expect(cells[4].stream).toMatch(/\[cancelled after \d+ tokens\]\n$/);
-    expect(cells[5].stream).not.toContain("cancelled after");
-    const state = JSON.parse(cells[5].stream.trim().split("\n").pop()!) as { finish: string; tokens: number; turns: number; kept: boolean };
+    const state = JSON.parse(cells[5].stream.trim().split("\n").pop()!) as {
+      finish: string;
+      tokens: number;
+      turns: number;
+      kept: boolean;
+      text: string;
+    };
     expect(state).toMatchObject({ finish: "cancelled", turns: 2, kept: true });
     expect(state.tokens).toBeLessThan(3000);
+    // The rest of the reply reaches the interrupted cell's widget, which ends cancelled.
+    const chat = widget<ChatBundle>(cells[4], CHAT_MIME);
+    expect(chat[chat.length - 1]).toMatchObject({
+      state: "cancelled",
+      messages: [{ role: "user", content: "Tell me a very long story." }, { role: "assistant", content: state.text }],
+      stats: { completionTokens: state.tokens, finishReason: "cancelled" },
+    });
+    expect(cells[5].displays).toEqual([]);
   });
 
   it("runs a cell with a top-level for-await over a reply stream", () => {
@@ -120,9 +171,44 @@ describe("the Qwen (TypeScript) kernel", () => {
     expect(Number(cells[6].stream.trim())).toBeGreaterThan(0);
   });
 
-  it("sends rich outputs as display_data and updates them in place by display id", () => {
+  it("shows the worker's memory in a gauge with numbers, ending not live", () => {
     expect(cells[7].errors).toEqual([]);
-    expect(cells[7].displays).toEqual([
+    // The gauge holds its place with a line of text until the worker's numbers arrive.
+    expect(cells[7].displays[0]).toMatchObject({ msg_type: "display_data", data: { "text/plain": "GPU memory: asking the worker…" } });
+    const gauge = widget<GpuBundle>(cells[7], GPU_MIME);
+    const device = gauge[0].devices[0];
+    // This worker runs on the CPU: the gauge shows its process RAM against the machine's.
+    expect(device).toMatchObject({ device: "cpu", kind: "cpu" });
+    expect(device.used).toBeGreaterThan(0);
+    expect(device.total).toBeGreaterThan(device.used);
+    expect(gauge[gauge.length - 1].live).toBe(false);
+    expect(cells[7].stream.trim()).toMatch(/^GpuGauge\(.*\)$/);
+  });
+
+  it("keeps the gauge live while a request runs in its cell, fed by the worker's broadcasts", () => {
+    expect(cells[8].errors).toEqual([]);
+    // Awaited in the cell, the request ended while the gauge was still live.
+    expect(cells[8].stream.trim()).toBe("true");
+    const gauge = widget<GpuBundle>(cells[8], GPU_MIME);
+    expect(gauge.slice(0, -1).every((b) => b.live)).toBe(true);
+    const last = gauge[gauge.length - 1];
+    expect(last.live).toBe(false);
+    // The snapshot at the start, then the samples the worker broadcast while it generated.
+    expect(last.devices[0].history!.length).toBeGreaterThan(1);
+  });
+
+  it("keeps a watched gauge updating for the time asked, and awaiting it waits that long", () => {
+    expect(cells[9].errors).toEqual([]);
+    expect(cells[9].stream).toBe("");
+    const gauge = widget<GpuBundle>(cells[9], GPU_MIME);
+    // One sample at the start and one each second after, from an idle worker that is asked for them.
+    expect(gauge[gauge.length - 1].devices[0].history!.length).toBeGreaterThanOrEqual(3);
+    expect(gauge[gauge.length - 1].live).toBe(false);
+  });
+
+  it("sends rich outputs as display_data and updates them in place by display id", () => {
+    expect(cells[10].errors).toEqual([]);
+    expect(cells[10].displays).toEqual([
       { msg_type: "display_data", data: { "text/plain": "v1", "application/vnd.qwenbook.test+json": { v: 1 } }, display_id: "d1" },
       { msg_type: "update_display_data", data: { "text/plain": "v2" }, display_id: "d1" },
     ]);

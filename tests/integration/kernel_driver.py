@@ -4,7 +4,8 @@ a given folder, runs cells in order and prints, as one JSON line, what each cell
 usage: python kernel_driver.py KERNEL_NAME CWD CELLS_JSON
   CELLS_JSON: [{"code": "...", "interrupt_after_output": false}, ...]
   Each result: {"status", "stream", "errors": [{ename, evalue}], "displays": [{msg_type, data, display_id}]}
-A cell with interrupt_after_output gets the kernel's interrupt once its first output has arrived.
+A cell with interrupt_after_output gets the kernel's interrupt once its first text has arrived: a
+stream, or the first update of a widget (its first display shows the request before any token).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def run_cell(km, kc, cell, earlier):
         record(out, kind, content)
         if kind == "status" and content["execution_state"] == "idle":
             idle = True
-        if not interrupted and kind in ("stream", "display_data"):
+        if not interrupted and kind in ("stream", "update_display_data"):
             km.interrupt_kernel()
             interrupted = True
     while True:

@@ -57,3 +57,22 @@ export function jsonOf<T>(c: Cell): T {
   if (lines.length === 0) throw new Error(`cell printed no JSON line: ${streamText(c)}`);
   return JSON.parse(lines[lines.length - 1]) as T;
 }
+
+const CHAT_MIME = "application/vnd.qwenbook.chat+json";
+
+export interface ChatOutput {
+  chat: {
+    state: string;
+    messages: { role: string; content: string }[];
+    stats?: { completionTokens: number; finishReason?: string };
+  };
+  /** The text/plain form saved beside it for front ends without the extension. */
+  plain: string;
+}
+
+/** The chat widgets a cell shows, as saved (their final state). */
+export function chatOutputs(c: Cell): ChatOutput[] {
+  return (c.outputs ?? [])
+    .filter((o) => o.output_type === "display_data" && o.data?.[CHAT_MIME] !== undefined)
+    .map((o) => ({ chat: o.data![CHAT_MIME] as ChatOutput["chat"], plain: joinText(o.data!["text/plain"] as string | string[]) }));
+}

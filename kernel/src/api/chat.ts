@@ -1,4 +1,6 @@
 import { inspect } from "node:util";
+import { startChatDisplay, type ChatDisplay, type ChatOpening } from "../display/chat-display";
+import { errorInfo } from "../display/error-info";
 import { currentSink, type DisplaySink } from "../display/sink";
 import type { Reply } from "./reply";
 import { expectBoolean, expectInteger, expectNumber, expectString } from "./validate";
@@ -19,7 +21,10 @@ export interface ChatSettings {
 
 /** How a running generation reports text and learns it should stop. */
 export interface ChatIO {
-  onText?: (piece: string) => void;
+  /** Called once, as the request goes out, with the messages sent and the model's id. */
+  onStart?: (opening: ChatOpening) => void;
+  /** Each piece of the reply, with the number of tokens generated so far when known. */
+  onText?: (piece: string, tokens?: number) => void;
   signal?: AbortSignal;
 }
 
@@ -149,6 +154,42 @@ export class ChatRequest implements PromiseLike<Reply> {
     const base = this.#target.sink?.() ?? currentSink();
     // Pieces can still arrive after an interrupt has ended the cell; they belong to this cell.
     const sink = base.pin?.() ?? base;
+    return sink.rich ? this.#startWidget(sink) : this.#startText(sink);
+  }
+
+  /** In a notebook: the chat widget, updated in place as the reply streams. */
+  async #startWidget(sink: DisplaySink): Promise<Reply> {
+    let live: ChatDisplay | undefined;
+    // A target that does not announce its request still gets a widget, holding the prompt alone.
+    const open = (opening: ChatOpening = { messages: [{ role: "user", content: this.#prompt }] }) =>
+      (live ??= startChatDisplay(sink, opening));
+    let tokens = 0;
+    let reply: Reply;
+    try {
+      reply = await this.#target.run(this.#prompt, this.#settings, {
+        onStart: (opening) => void open(opening),
+        onText: (piece, n) => {
+          tokens = n ?? tokens + 1;
+          open().append(piece, tokens);
+        },
+      });
+    } catch (error) {
+      live?.fail(errorInfo(error));
+      throw error;
+    }
+    open().end(reply.cancelled ? "cancelled" : "done", reply.text, {
+      completionTokens: reply.completionTokens,
+      promptTokens: reply.promptTokens,
+      ttftMs: reply.ttftMs,
+      durationMs: reply.durationMs,
+      tokensPerSecond: reply.tokensPerSecond,
+      finishReason: reply.finishReason,
+    });
+    return reply;
+  }
+
+  /** In a terminal: the reply's text as it streams, then a newline (and a note when cancelled). */
+  async #startText(sink: DisplaySink): Promise<Reply> {
     let last = "";
     const reply = await this.#target.run(this.#prompt, this.#settings, {
       onText: (piece) => {

@@ -2,9 +2,17 @@ import { inspect } from "node:util";
 import type { WorkerClient } from "../bridge/client";
 import type { GenerateRequest, LoadRequest, ModelInfo as WireModelInfo } from "../bridge/protocol.gen";
 import type { DisplaySink } from "../display/sink";
+import { AdapterModel, type AdapterSource } from "./adapters";
 import { ChatRequest, type ChatIO, type ChatSettings } from "./chat";
 import { Conversation, type ConversationOptions } from "./conversation";
+import { exportRequest, runExport, saveRequest, type ExportOptions, type ExportTarget, type SaveOptions } from "./export";
+import { MergeRequest } from "./merge";
+import { toQuantInfo, type ExportReport } from "./report";
 import { Reply } from "./reply";
+import { serveRequest, startServer, type ServeOptions, type Server } from "./serve";
+import { GpuGauge } from "./gpu";
+import { TrainRun, type ModelTarget } from "./train";
+import type { LoraOptions } from "./train-config";
 import type { ChatMessage, ModelInfo } from "./types";
 import { expectKnownKeys, expectString } from "./validate";
 
@@ -30,6 +38,7 @@ export function toModelInfo(m: WireModelInfo): ModelInfo {
     vocabSize: m.vocab_size,
     hasChatTemplate: m.has_chat_template,
     ...(m.load_seconds === undefined ? {} : { loadSeconds: m.load_seconds }),
+    ...(m.quant === undefined ? {} : { quant: toQuantInfo(m.quant) }),
   };
 }
 
@@ -81,8 +90,79 @@ export class Model {
     return (await client.request("unload", { model_id: this.id })).unloaded;
   }
 
-  /** Runs a generation on an explicit message list (what chat and conversation build). */
-  async generate(messages: ChatMessage[], settings: Readonly<ChatSettings>, io: ChatIO = {}): Promise<Reply> {
+  /**
+   * Saves the model as a folder that plain transformers loads: sharded safetensors with their
+   * index, config, generation config, tokenizer and chat template. With `quant` the weights are
+   * saved int8/int4 (reloaded by `qwen.load`); a model loaded quantized is saved quantized.
+   */
+  save(path: string, options: SaveOptions = {}): Promise<ExportReport> {
+    return this.#write("save", () => saveRequest(path, options));
+  }
+
+  /** Writes the model as one GGUF file for llama.cpp / Ollama / LM Studio. */
+  export(path: string, options: ExportOptions = {}): Promise<ExportReport> {
+    return this.#write("export", () => exportRequest(path, options));
+  }
+
+  /** This model with LoRA adapter folder(s) folded in; call `.save()` or `.export()` on the result. */
+  merge(options: { adapter: string | readonly string[] }): MergeRequest {
+    const o = expectKnownKeys("merge(options)", options, ["adapter"]);
+    if (o.adapter === undefined) {
+      throw new TypeError('merge() needs the adapter to fold in: model.merge({ adapter: "runs/x/adapter" }) (the folder training wrote)');
+    }
+    return new MergeRequest(this, o.adapter as string | readonly string[]);
+  }
+
+  /**
+   * Serves this model as an OpenAI-compatible HTTP API (chat and text completions, streaming, a
+   * models list) from the worker, sharing the loaded weights. `server.url` is the `baseURL` for
+   * OpenAI clients; `await server.stop()` frees the port and keeps the model loaded. While it
+   * runs, this model's own chat pauses the server's batch for its length instead of waiting.
+   */
+  serve(options: ServeOptions = {}): Promise<Server> {
+    const request = serveRequest(options); // options fail here, before anything is sent
+    const host = { connection: () => this.#host.connection(), sink: this.sink };
+    return startServer(host, async () => ({ client: await this.#ready(), modelId: this.id }), request);
+  }
+
+  /**
+   * A LoRA fine-tuning run on this model: chain `.dataset(...)` and options, then
+   * `await run.train()` (live dashboard; the interrupt button cancels into a checkpoint).
+   */
+  lora(options: LoraOptions = {}): TrainRun {
+    return TrainRun.lora(this.#trainTarget(), options);
+  }
+
+  /** A full-parameter fine-tuning run on this model (every weight is trained; needs far more memory than LoRA). */
+  fullFinetune(): TrainRun {
+    return TrainRun.full(this.#trainTarget());
+  }
+
+  /**
+   * This model answering with a LoRA adapter (a folder training wrote, or a TrainResult). The base
+   * weights are shared: `m` itself keeps answering without the adapter, and switching costs no reload.
+   */
+  withAdapter(adapter: AdapterSource, options: { name?: string } = {}): AdapterModel {
+    return new AdapterModel(this, this.#trainTarget(), adapter, options);
+  }
+
+  #trainTarget(): ModelTarget {
+    return {
+      model: this,
+      sink: this.sink,
+      connect: async () => ({ client: await this.#ready(), modelId: this.id }),
+      gauge: (sink) => new GpuGauge({ connection: () => this.#host.connection(), sink: () => sink }),
+    };
+  }
+
+  async #write(kind: "save" | "export", build: () => { body: Parameters<typeof runExport>[2]; quiet: boolean }): Promise<ExportReport> {
+    const { body, quiet } = build(); // options fail here, before anything is sent
+    const target: ExportTarget = { label: this.id, sink: this.sink, connect: async () => ({ client: await this.#ready(), modelId: this.id }) };
+    return runExport(target, kind, body, quiet);
+  }
+
+  /** The connection, with this model loaded in its worker. */
+  async #ready(): Promise<WorkerClient> {
     const client = await this.#host.connection();
     if (client.info.pid !== this.#workerPid) {
       // The worker was restarted (crash, `worker stop`): its models are gone, so load this one again.
@@ -90,8 +170,16 @@ export class Model {
       this.#info = toModelInfo(await this.#host.loadOn(client, this.#load, true));
       this.#workerPid = client.info.pid;
     }
-    const reply = await client.request("generate", toGenerateRequest(this.id, messages, settings), {
-      onEvent: (event) => io.onText?.(event.content.text),
+    return client;
+  }
+
+  /** Runs a generation on an explicit message list (what chat and conversation build). */
+  async generate(messages: ChatMessage[], settings: Readonly<ChatSettings>, io: ChatIO = {}): Promise<Reply> {
+    const client = await this.#ready();
+    const request = toGenerateRequest(this.id, messages, settings);
+    io.onStart?.({ model: this.id, messages });
+    const reply = await client.request("generate", request, {
+      onEvent: (event) => io.onText?.(event.content.text, event.content.index + event.content.token_ids.length),
       signal: io.signal,
     });
     return Reply.fromWire(reply, this.id);

@@ -1,4 +1,50 @@
+import { randomUUID } from "node:crypto";
 import type { LoadProgressEvent } from "../bridge/protocol.gen";
+import type { DisplaySink } from "../display/sink";
+import { createThrottle, type ThrottleOptions } from "../display/throttle";
+
+/** Reports one model load to the user: its progress events, then a summary line or a failure. */
+export interface LoadReporter {
+  progress(event: LoadProgressEvent): void;
+  /** The load is over; `summary` says what was loaded. */
+  done(summary: string): void;
+  /** The load failed; the error itself is reported by whoever awaited it. */
+  failed(): void;
+}
+
+/**
+ * In a notebook, one output line rewritten in place (throttled) that ends as the summary; in a
+ * terminal, a few lines as {@link createLoadProgress} prints them, then the summary.
+ */
+export function createLoadReporter(label: string, sink: DisplaySink, options: ThrottleOptions = {}): LoadReporter {
+  if (!sink.rich) {
+    const progress = createLoadProgress(label, (line) => sink.text(line));
+    return { progress, done: (summary) => sink.text(`${summary}\n`), failed: () => undefined };
+  }
+  const id = randomUUID();
+  let shown = false;
+  let last = "";
+  const show = (line: string) => {
+    sink.display({ data: { "text/plain": line } }, { id, update: shown });
+    shown = true;
+  };
+  const lines = createThrottle(show, options);
+  return {
+    progress(event) {
+      if (event.stage === "ready") return;
+      last = progressLine(label, event);
+      lines.push(last);
+    },
+    done(summary) {
+      if (shown) lines.finish(summary);
+      else sink.text(`${summary}\n`);
+    },
+    failed() {
+      if (shown) lines.finish(`${last} (failed)`);
+      else lines.cancel();
+    },
+  };
+}
 
 /**
  * Turns load_progress events into a few plain-text lines: one per stage, plus one per quarter of
@@ -16,13 +62,17 @@ export function createLoadProgress(label: string, write: (line: string) => void)
     if (event.stage !== stage) quarter = -1;
     stage = event.stage;
     quarter = q;
-    const pct = event.fraction === undefined ? "" : ` ${Math.round(event.fraction * 100)}%`;
-    const bytes =
-      event.bytes_total !== undefined && event.bytes_done !== undefined
-        ? ` (${formatBytes(event.bytes_done)} of ${formatBytes(event.bytes_total)})`
-        : "";
-    write(`[${label}] ${event.stage}${pct}: ${event.message}${bytes}\n`);
+    write(`${progressLine(label, event)}\n`);
   };
+}
+
+function progressLine(label: string, event: LoadProgressEvent): string {
+  const pct = event.fraction === undefined ? "" : ` ${Math.round(event.fraction * 100)}%`;
+  const bytes =
+    event.bytes_total !== undefined && event.bytes_done !== undefined
+      ? ` (${formatBytes(event.bytes_done)} of ${formatBytes(event.bytes_total)})`
+      : "";
+  return `[${label}] ${event.stage}${pct}: ${event.message}${bytes}`;
 }
 
 export function formatBytes(n: number): string {

@@ -6,11 +6,16 @@ import { runtimeFilePath } from "../bridge/runtime";
 import { ensureWorker, liveRuntime } from "../bridge/spawn";
 import { stopWorker } from "../bridge/stop";
 import { currentSink, type DisplaySink } from "../display/sink";
+import { Adapters } from "./adapters";
+import { datasets } from "./datasets";
 import { chooseDefaultModel } from "./default-model";
+import { GpuGauge, type GpuOptions } from "./gpu";
 import { cancelOnInterrupt } from "./interrupt";
 import { formatCount, Model, toModelInfo, type ModelHost } from "./model";
 import { resolveModelSource } from "./model-source";
-import { createLoadProgress } from "./progress";
+import { quantOptions } from "./export";
+import { createLoadReporter } from "./progress";
+import { quantSummary, toQuantInfo } from "./report";
 import { DTYPES, type LoadOptions, type WorkerStatus } from "./types";
 import { expectBoolean, expectKnownKeys, expectOneOf, expectString } from "./validate";
 
@@ -27,7 +32,7 @@ export interface QwenOptions {
   sink?: DisplaySink;
 }
 
-const LOAD_OPTION_KEYS = ["dtype", "device", "revision", "attention", "localFilesOnly", "quiet"] as const;
+const LOAD_OPTION_KEYS = ["dtype", "device", "revision", "attention", "localFilesOnly", "quiet", "quant", "groupSize", "calibration"] as const;
 
 /**
  * Entry point of the API: finds (or starts) the worker, loads models, reports status. The
@@ -38,6 +43,18 @@ export class Qwen {
   #client: WorkerClient | null = null;
   #connecting: Promise<WorkerClient> | null = null;
   readonly #host: ModelHost;
+
+  /** Built-in training data: `qwen.datasets.selfCognition({ name, author })`. */
+  readonly datasets = datasets;
+
+  /**
+   * LoRA adapters on loaded models: `await qwen.adapters.load("runs/huanhuan")` puts an adapter on
+   * the model it was trained on and returns the view that chats with it.
+   */
+  readonly adapters: Adapters = new Adapters({
+    connection: () => this.#connection(),
+    model: (info, client) => new Model(this.#host, info, { model: info.path, dtype: wireDtype(info.dtype), device: info.device }, client.info.pid),
+  });
 
   constructor(options: QwenOptions = {}) {
     this.#options = { ...options };
@@ -65,6 +82,8 @@ export class Qwen {
     if (o.revision !== undefined) request.revision = expectString("load option revision", o.revision, { nonEmpty: true });
     if (o.attention !== undefined) request.attn_implementation = expectOneOf("load option attention", o.attention, ["sdpa", "eager"] as const);
     if (o.localFilesOnly !== undefined) request.local_files_only = expectBoolean("load option localFilesOnly", o.localFilesOnly);
+    const quant = quantOptions("load", o, ["int8", "int4", "nf4"]);
+    if (quant) request.quant = quant;
     const quiet = o.quiet === undefined ? false : expectBoolean("load option quiet", o.quiet);
     const client = await this.#connection();
     const info = await this.#loadOn(client, request, quiet);
@@ -94,6 +113,15 @@ export class Qwen {
       log: client.info.log,
       runtimeFile: this.runtimeFile,
     };
+  }
+
+  /**
+   * Shows a live gauge of the worker's memory (per GPU, or process RAM on a CPU-only worker). It
+   * updates while the cell runs; `qwen.gpu().watch(seconds)` keeps it updating longer, and
+   * awaiting the gauge waits until it stops. Starts the worker if none is running.
+   */
+  gpu(options: GpuOptions = {}): GpuGauge {
+    return new GpuGauge({ connection: () => this.#connection(), sink: () => this.#sink() }, options);
   }
 
   /** Stops the worker (unloading every model, for every notebook using it). False if none ran. */
@@ -147,15 +175,23 @@ export class Qwen {
   }
 
   async #loadOn(client: WorkerClient, request: LoadRequest, quiet: boolean): Promise<WireModelInfo> {
-    const sink = this.#sink();
+    const base = this.#sink();
     const label = isAbsolute(request.model) ? basename(request.model) : request.model;
-    const progress = quiet ? undefined : createLoadProgress(label, (line) => sink.text(line));
-    const reply = await client.request("load", request, { onEvent: (event) => progress?.(event.content) });
-    if (!quiet) {
+    const report = quiet ? undefined : createLoadReporter(label, base.pin?.() ?? base);
+    let reply;
+    try {
+      reply = await client.request("load", request, { onEvent: (event) => report?.progress(event.content) });
+    } catch (error) {
+      report?.failed();
+      throw error;
+    }
+    if (report) {
       const m = reply.model;
       const what = `${m.model_id} (${m.architecture}, ${formatCount(m.parameters)} parameters, ${m.dtype} on ${m.device})`;
       const seconds = m.load_seconds === undefined ? "" : ` in ${m.load_seconds.toFixed(1)} s`;
-      sink.text(reply.already_loaded ? `${what} is already loaded\n` : `loaded ${what}${seconds}\n`);
+      const lines = [reply.already_loaded ? `${what} is already loaded` : `loaded ${what}${seconds}`];
+      if (m.quant) lines.push(`  ${quantSummary(toQuantInfo(m.quant))}`);
+      report.done(lines.join("\n"));
     }
     return reply.model;
   }
@@ -166,6 +202,10 @@ Object.defineProperty(Qwen.prototype, inspect.custom, {
     return this.toString();
   },
 });
+
+function wireDtype(dtype: string): LoadRequest["dtype"] {
+  return (DTYPES as readonly string[]).includes(dtype) ? (dtype as LoadRequest["dtype"]) : "auto";
+}
 
 function checkDevice(value: unknown): string {
   const d = expectString("load option device", value, { nonEmpty: true });

@@ -18,6 +18,51 @@ export interface LoadOptions {
   localFilesOnly?: boolean;
   /** Print no progress lines. */
   quiet?: boolean;
+  /**
+   * Weight-only quantization while loading: "int8" (per channel), "int4" (groups), "nf4" (needs
+   * bitsandbytes in the worker). A folder saved quantized reloads quantized without it.
+   */
+  quant?: LoadQuant;
+  /** int4: input columns sharing one scale (32, 64 or 128; default 128). */
+  groupSize?: GroupSize;
+  /** int4: a .txt/.json/.jsonl file of texts for GPTQ rounding instead of rounding to nearest. */
+  calibration?: string;
+}
+
+export type LoadQuant = "int8" | "int4" | "nf4";
+export type GroupSize = 32 | 64 | 128;
+export const GROUP_SIZES: readonly GroupSize[] = [32, 64, 128];
+
+/** How far a quantized form is from the unquantized model, measured on a held-out text. */
+export interface QualityFigures {
+  /** Predicted tokens the figures are averaged over. */
+  tokens: number;
+  perplexity: number;
+  /** The unquantized model's perplexity on the same text. */
+  referencePerplexity?: number;
+  /** Mean per-token KL(unquantized || quantized), in nats. */
+  meanKl?: number;
+  /** Share (0..1) of positions where both pick the same top token. */
+  top1Agreement?: number;
+  /** What the figures were measured on. */
+  text: string;
+}
+
+/** How a loaded model holds its quantized weights. */
+export interface QuantInfo {
+  method: LoadQuant;
+  groupSize?: number;
+  /** "nearest", "gptq", or how a saved folder was rounded. */
+  rounding: string;
+  /** Linear layers held quantized. */
+  layers: number;
+  /** Bytes of their codes and scales, and what the same layers take in bf16. */
+  quantizedBytes: number;
+  bf16Bytes: number;
+  /** Loaded from a folder saved quantized, rather than quantized while loading. */
+  fromFolder: boolean;
+  /** Measured while quantizing at load; absent for a folder saved quantized. */
+  quality?: QualityFigures;
 }
 
 export interface ModelInfo {
@@ -35,6 +80,8 @@ export interface ModelInfo {
   vocabSize: number;
   hasChatTemplate: boolean;
   loadSeconds?: number;
+  /** Present when the weights are held quantized. */
+  quant?: QuantInfo;
 }
 
 export interface ChatMessage {

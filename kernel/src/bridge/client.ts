@@ -58,7 +58,7 @@ interface Pending extends InFlight {
 }
 
 /** Requests that do work on the worker and so can be stopped by `cancel`. */
-const CANCELLABLE: ReadonlySet<RequestType> = new Set<RequestType>(["load", "generate"]);
+const CANCELLABLE: ReadonlySet<RequestType> = new Set<RequestType>(["load", "generate", "save", "export", "train"]);
 
 /**
  * One connection to a worker: a DEALER for requests, their events and replies, and a SUB socket

@@ -46,6 +46,7 @@ export interface ModelInfo {
   vocab_size: number;
   has_chat_template: boolean;
   load_seconds?: number;
+  quant?: QuantInfo;
 }
 
 export interface DeviceMemory {
@@ -97,10 +98,12 @@ export interface LoadRequest {
   attn_implementation?: "sdpa" | "eager";
   /** @default false */
   local_files_only?: boolean;
+  /** Weight-only quantization applied while loading; a folder saved quantized reloads without it */
+  quant?: QuantOptions;
 }
 
 export interface LoadProgressEvent {
-  stage: "resolve" | "download" | "tokenizer" | "weights" | "ready";
+  stage: "resolve" | "download" | "tokenizer" | "weights" | "quantize" | "ready";
   message: string;
   /** minimum 0; maximum 1 */
   fraction?: number;
@@ -154,6 +157,11 @@ export interface GenerateRequest {
   seed?: number;
   /** @default true */
   stream?: boolean;
+  /**
+   * Name of a LoRA adapter loaded on this model (adapter_load) to answer with; absent: the base model
+   * minLength 1
+   */
+  adapter?: string;
 }
 
 export interface TokenEvent {
@@ -209,6 +217,672 @@ export interface ShutdownReply {
   status: "ok";
 }
 
+export interface QuantOptions {
+  /** int8 per output channel, int4 in groups, nf4 through bitsandbytes (when installed) */
+  method: "int8" | "int4" | "nf4";
+  /**
+   * int4 only: input columns sharing one scale
+   * @default 128
+   */
+  group_size?: 32 | 64 | 128;
+  /**
+   * int4 only: absolute path of a .txt/.json/.jsonl file of texts for GPTQ rounding
+   * minLength 1
+   */
+  calibration?: string;
+}
+
+export interface QualityInfo {
+  /** Predicted tokens the figures are averaged over */
+  tokens: number;
+  perplexity: number;
+  /** The unquantized model's perplexity on the same text */
+  reference_perplexity?: number;
+  /** Mean per-token KL(unquantized || this), in nats */
+  mean_kl?: number;
+  /**
+   * Share of positions where both pick the same top token
+   * minimum 0; maximum 1
+   */
+  top1_agreement?: number;
+  /** What the figures were measured on */
+  text: string;
+}
+
+export interface QuantInfo {
+  method: "int8" | "int4" | "nf4";
+  /** int4: the group size asked for (a layer whose input it does not divide uses a smaller one) */
+  group_size?: number;
+  /** nearest, gptq, or as saved */
+  rounding: string;
+  /** Linear layers held quantized */
+  layers: number;
+  /** Bytes of codes and scales of the quantized layers */
+  quantized_bytes: number;
+  /** Bytes the same layers take in bf16 */
+  bf16_bytes: number;
+  /** Loaded from a folder saved quantized (true) or quantized while loading (false) */
+  from_folder: boolean;
+  quality?: QualityInfo;
+}
+
+export interface SaveRequest {
+  model_id: string;
+  /**
+   * Absolute path of the folder to write
+   * minLength 1
+   */
+  target: string;
+  /**
+   * Absolute paths of peft adapter folders to merge into the base while saving
+   * minItems 1
+   */
+  adapters?: Array<string>;
+  /**
+   * Largest safetensors file, e.g. 2GB, 500MB, 1.5GiB or a byte count
+   * pattern "^\\s*\\d+(\\.\\d+)?\\s*([kKmMgGtT][iI]?[bB]|[bB])?\\s*$"
+   * @default "2GB"
+   */
+  shard_size?: string;
+  /** Cast floating-point weights on the way out; absent keeps each tensor's dtype */
+  dtype?: "bf16" | "fp16" | "fp32";
+  /**
+   * Replace a target folder that exists and is not empty
+   * @default false
+   */
+  overwrite?: boolean;
+  /** Save int8/int4 weights (a model loaded quantized is saved quantized without this) */
+  quant?: QuantOptions;
+}
+
+export interface ExportRequest {
+  model_id: string;
+  /**
+   * Absolute path of the file to write
+   * minLength 1
+   */
+  target: string;
+  format: "gguf";
+  /**
+   * Tensor type of the 2-D weights
+   * @default "f16"
+   */
+  type?: "f32" | "f16" | "bf16" | "q8_0" | "q4_0";
+  /**
+   * Absolute paths of peft adapter folders to merge in
+   * minItems 1
+   */
+  adapters?: Array<string>;
+  /** @default false */
+  overwrite?: boolean;
+}
+
+export interface ExportProgressEvent {
+  stage: "prepare" | "quantize" | "calibrate" | "write" | "tokenizer" | "evaluate" | "done";
+  /**
+   * Of the whole operation; never goes backwards
+   * minimum 0; maximum 1
+   */
+  fraction: number;
+  bytes_done: number;
+  bytes_total: number;
+}
+
+export interface FileSize {
+  /** Relative to the saved folder, or the file's name */
+  path: string;
+  bytes: number;
+}
+
+/** What the writer did; which fields appear depends on the format */
+export interface ExportDetails {
+  shards?: number;
+  tensors?: number;
+  merged?: boolean;
+  adapters?: Array<string>;
+  /** Quantized linear layers */
+  layers?: number;
+  rounding?: string;
+  /** Unquantized folder the weights were quantized again from */
+  requantized_from?: string;
+  /** Weights held int8/int4 were written as floating point (GGUF export of a quantized model) */
+  dequantized?: boolean;
+  kept_f16?: Array<string>;
+  types?: Array<string>;
+}
+
+export interface ExportReply {
+  status: "ok";
+  path: string;
+  /** safetensors, safetensors-int8, safetensors-int4, gguf-<type> */
+  format: string;
+  sizes: {
+    root: string;
+    files: Array<FileSize>;
+    total_bytes: number;
+  };
+  /** Absent when not measured (plain and merged saves) */
+  quality?: QualityInfo;
+  details: ExportDetails;
+}
+
+/** Serve a loaded model as an OpenAI-compatible HTTP API (GET /v1/models, POST /v1/chat/completions, POST /v1/completions) from inside the worker, sharing its weights. One server per model; asking again with the same options returns the running one. */
+export interface ServeStartRequest {
+  /** minLength 1 */
+  model_id: string;
+  /**
+   * 0 picks a free port (the reply says which)
+   * minimum 0; maximum 65535
+   * @default 8000
+   */
+  port?: number;
+  /**
+   * Address to bind: 127.0.0.1 is this machine only, 0.0.0.0 every interface
+   * minLength 1
+   * @default "127.0.0.1"
+   */
+  host?: string;
+  /**
+   * When set, every HTTP request needs 'Authorization: Bearer <api_key>'
+   * minLength 1
+   */
+  api_key?: string;
+  /**
+   * The id clients pass as `model` and /v1/models lists; default: the model's hub id or folder name
+   * minLength 1
+   */
+  name?: string;
+  /**
+   * Requests decoded together; more wait in a queue
+   * minimum 1; maximum 1024
+   * @default 32
+   */
+  max_batch_size?: number;
+}
+
+export interface ServeStats {
+  running: boolean;
+  /** Base URL for OpenAI clients, e.g. http://127.0.0.1:8000/v1 */
+  url: string;
+  host: string;
+  port: number;
+  model_name: string;
+  requests_total: number;
+  requests_active: number;
+  /** Queued behind a full batch */
+  requests_waiting: number;
+  /** Requests answered with an error status */
+  errors: number;
+  tokens_generated: number;
+  /** Averaged over the last few seconds */
+  tokens_per_second: number;
+  /** '<HTTP status>: <message>' of the latest error; absent when there was none */
+  last_error?: string;
+  /** Unix time of last_error */
+  last_error_at?: number;
+  /** Unix time; absent once stopped */
+  started_at?: number;
+  uptime_s: number;
+}
+
+export interface ServerInfo {
+  server_id: string;
+  /** The loaded model it serves */
+  model_id: string;
+  /** The id clients pass as `model` */
+  name: string;
+  url: string;
+  host: string;
+  /** The bound port (the chosen one when 0 was asked for) */
+  port: number;
+  /** Whether an API key is required */
+  auth: boolean;
+  max_batch_size: number;
+  /** A curl command that sends one chat request to this server */
+  curl_example: string;
+  stats: ServeStats;
+}
+
+export interface ServeStartReply {
+  status: "ok";
+  server: ServerInfo;
+  /** The model was already served with these options; that server is returned */
+  already_running: boolean;
+}
+
+/** Stop one server (server_id) or the server of a model (model_id); exactly one of the two. The port is freed, the model stays loaded. */
+export interface ServeStopRequest {
+  /** minLength 1 */
+  server_id?: string;
+  /** minLength 1 */
+  model_id?: string;
+}
+
+export interface ServeStopReply {
+  status: "ok";
+  /** Final state of each server stopped; empty when none matched (already stopped) */
+  stopped: Array<ServerInfo>;
+}
+
+/** Running servers and their live counters; server_id or model_id narrow the list. */
+export interface ServeStatusRequest {
+  /** minLength 1 */
+  server_id?: string;
+  /** minLength 1 */
+  model_id?: string;
+}
+
+export interface ServeStatusReply {
+  status: "ok";
+  servers: Array<ServerInfo>;
+}
+
+export interface LoraOptions {
+  /**
+   * Rank of the update matrices
+   * minimum 1
+   * @default 8
+   */
+  r?: number;
+  /**
+   * Scale numerator (the update is scaled by alpha / r); absent: 2 * r
+   * exclusiveMinimum 0
+   */
+  alpha?: number;
+  /**
+   * Dropout on the LoRA input
+   * minimum 0; exclusiveMaximum 1
+   * @default 0
+   */
+  dropout?: number;
+  /**
+   * Module names to adapt (q_proj, v_proj, ...), or every linear layer but the output head
+   * @default "all-linear"
+   */
+  targets?: "all-linear" | Array<string>;
+}
+
+/** A fine-tuning run's options, as engine/training_config.py TrainConfig names them; the engine checks every value again and lists all that cannot work */
+export interface TrainOptions {
+  /**
+   * Absolute path of the run folder (checkpoint-<step>/ and the final adapter or weights)
+   * minLength 1
+   */
+  output_dir: string;
+  /** @default "lora" */
+  method?: "lora" | "full";
+  lora?: LoraOptions;
+  /**
+   * minimum 2
+   * @default 1024
+   */
+  max_length?: number;
+  /**
+   * What happens to rows longer than max_length (counted and reported either way)
+   * @default "truncate"
+   */
+  truncation?: "truncate" | "drop";
+  /**
+   * minimum 1
+   * @default 4
+   */
+  batch_size?: number;
+  /**
+   * minimum 1
+   * @default 4
+   */
+  grad_accum?: number;
+  /**
+   * May be fractional; ignored when max_steps is set
+   * exclusiveMinimum 0
+   * @default 3
+   */
+  epochs?: number;
+  /** minimum 1 */
+  max_steps?: number;
+  /**
+   * exclusiveMinimum 0
+   * @default 0.0001
+   */
+  lr?: number;
+  /** @default "cosine" */
+  schedule?: "cosine" | "linear" | "constant";
+  /**
+   * Below 1: a fraction of all steps; 1 or more: a number of steps
+   * minimum 0
+   * @default 0
+   */
+  warmup?: number;
+  /** @default "adamw" */
+  optimizer?: "adamw";
+  /**
+   * minimum 0
+   * @default 0
+   */
+  weight_decay?: number;
+  /** minItems 2; maxItems 2 */
+  adam_betas?: Array<number>;
+  /** exclusiveMinimum 0 */
+  adam_eps?: number;
+  /**
+   * Gradient clipping; 0 turns it off
+   * minimum 0
+   * @default 1
+   */
+  max_grad_norm?: number;
+  /**
+   * Compute precision
+   * @default "auto"
+   */
+  dtype?: "auto" | "bf16" | "fp16" | "fp32";
+  /** @default false */
+  gradient_checkpointing?: boolean;
+  /** @default false */
+  packing?: boolean;
+  /**
+   * minimum 0; exclusiveMaximum 1
+   * @default 0
+   */
+  eval_split?: number;
+  /**
+   * 0: only at the end
+   * minimum 0
+   * @default 0
+   */
+  eval_every?: number;
+  /**
+   * 0: only at the end (and on cancel)
+   * minimum 0
+   * @default 0
+   */
+  save_every?: number;
+  /**
+   * minimum 1
+   * @default 1
+   */
+  log_every?: number;
+  /** @default 42 */
+  seed?: number;
+  /**
+   * Absolute path of a checkpoint-<step> folder, or of a run folder (its newest checkpoint)
+   * minLength 1
+   */
+  resume_from?: string;
+  /**
+   * Start afresh in an output_dir that holds another run's checkpoints (they are deleted)
+   * @default false
+   */
+  overwrite?: boolean;
+}
+
+export interface SelfCognitionOptions {
+  /** minLength 1 */
+  name: string;
+  /** minLength 1 */
+  author: string;
+  /**
+   * Name in the English answers; absent: name
+   * minLength 1
+   */
+  name_en?: string;
+  /**
+   * Author in the English answers; absent: author
+   * minLength 1
+   */
+  author_en?: string;
+  /**
+   * Halves of the built-in set to use; absent: both
+   * minItems 1
+   */
+  languages?: Array<"zh" | "en">;
+}
+
+/** One source of training rows: exactly one of path, rows and self_cognition */
+export interface DatasetSource {
+  /**
+   * Absolute path of a .json (list of rows) or .jsonl file
+   * minLength 1
+   */
+  path?: string;
+  /**
+   * alpaca or sharegpt rows sent inline
+   * minItems 1
+   */
+  rows?: Array<Record<string, unknown>>;
+  self_cognition?: SelfCognitionOptions;
+  /** @default "auto" */
+  format?: "auto" | "alpaca" | "sharegpt";
+  /**
+   * Rows drawn from this source (seeded); more than it holds cycles through it
+   * minimum 1
+   */
+  samples?: number;
+  /**
+   * Label in reports and error messages
+   * minLength 1
+   */
+  name?: string;
+}
+
+export interface TrainRequest {
+  model_id: string;
+  config: TrainOptions;
+  /** minItems 1 */
+  datasets: Array<DatasetSource>;
+}
+
+export interface SourceStats {
+  name: string;
+  format: string;
+  /** Rows the source holds */
+  rows: number;
+  /** Rows drawn from it */
+  samples: number;
+}
+
+export interface DatasetStats {
+  sources: Array<SourceStats>;
+  /** Examples kept for training and eval */
+  examples: number;
+  /** Rows longer than max_length */
+  too_long: number;
+  truncated: number;
+  dropped_too_long: number;
+  /** Rows with no answer token left after truncation */
+  dropped_no_answer: number;
+  retokenized_boundaries?: number;
+  tokens: number;
+  /** Tokens the loss is computed on (the answers) */
+  trained_tokens: number;
+  max_length: number;
+  notes: Array<string>;
+}
+
+export interface TrainBeginEvent {
+  total_steps: number;
+  steps_per_epoch: number;
+  /** 0, or the step a resumed run continues from */
+  start_step: number;
+  /** The checkpoint a resumed run continues from */
+  resumed_from?: string;
+  examples: number;
+  eval_examples: number;
+  rows_per_step: number;
+  trainable_params: number;
+  total_params: number;
+  device: string;
+  dataset: DatasetStats;
+  notes: Array<string>;
+  /** Every option of the run, defaults filled in */
+  config: Record<string, unknown>;
+}
+
+export interface TrainProgressEvent {
+  /** Optimizer steps done */
+  step: number;
+  total_steps: number;
+  epoch: number;
+  /** Mean token loss over the steps since the last event */
+  loss: number;
+  /** Learning rate of the step just taken */
+  lr: number;
+  /** Before clipping */
+  grad_norm: number;
+  /** Training throughput since the last event */
+  tokens_per_s: number;
+  eta_s: number;
+}
+
+export interface EvalEvent {
+  step: number;
+  eval_loss: number;
+  best_eval_loss: number;
+  eval_tokens: number;
+}
+
+export interface CheckpointEvent {
+  step: number;
+  /** The complete checkpoint-<step> folder */
+  path: string;
+  reason: "periodic" | "final" | "cancel";
+}
+
+/** A train_progress or eval event as the run recorded it */
+export interface TrainHistoryEntry {
+  kind: "train_progress" | "eval";
+  step: number;
+  total_steps?: number;
+  epoch?: number;
+  loss?: number;
+  lr?: number;
+  grad_norm?: number;
+  tokens_per_s?: number;
+  eta_s?: number;
+  eval_loss?: number;
+  best_eval_loss?: number;
+  eval_tokens?: number;
+}
+
+export interface TrainReply {
+  status: "ok";
+  /** cancelled: stopped by cancel after writing a checkpoint */
+  outcome: "completed" | "cancelled";
+  method: "lora" | "full";
+  output_dir: string;
+  /** LoRA: the peft adapter folder (the run folder when completed, the last checkpoint when cancelled) */
+  adapter_path?: string;
+  /** Full fine-tuning: the transformers model folder */
+  model_path?: string;
+  step: number;
+  total_steps: number;
+  epoch: number;
+  final_loss?: number;
+  best_eval_loss?: number;
+  final_eval_loss?: number;
+  /** Tokens trained on in this session of the run */
+  tokens: number;
+  tokens_per_s: number;
+  elapsed_s: number;
+  checkpoints: Array<string>;
+  dataset: DatasetStats;
+  history: Array<TrainHistoryEntry>;
+  resumed_from?: string;
+  notes: Array<string>;
+}
+
+export interface TrainPreviewRequest {
+  /** The model whose tokenizer and chat template render the rows */
+  model_id: string;
+  /** minItems 1 */
+  datasets: Array<DatasetSource>;
+  /**
+   * Examples to render, taken from the sources in turn
+   * minimum 1; maximum 100
+   * @default 3
+   */
+  n?: number;
+  /** minimum 2 */
+  max_length?: number;
+  /** @default 42 */
+  seed?: number;
+}
+
+export interface PreviewSegment {
+  text: string;
+  /** true: the loss is computed on these tokens; false: masked (-100) */
+  trained: boolean;
+}
+
+export interface PreviewExample {
+  source: string;
+  /** 1-based row (line for JSONL) in the source */
+  row: number;
+  tokens: number;
+  trained_tokens: number;
+  truncated: boolean;
+  segments: Array<PreviewSegment>;
+}
+
+export interface TrainPreviewReply {
+  status: "ok";
+  examples: Array<PreviewExample>;
+}
+
+export interface AdapterInfo {
+  /** What generate's adapter field names it by */
+  name: string;
+  path: string;
+  r?: number;
+  alpha?: number;
+  targets: Array<string>;
+  /** The base model the adapter was trained on, as its adapter_config.json says */
+  base_model?: string;
+}
+
+export interface AdapterLoadRequest {
+  model_id: string;
+  /**
+   * Absolute path of a peft adapter folder
+   * minLength 1
+   */
+  path: string;
+  /**
+   * Default: from the folder's name; loading the same folder again is a no-op (or a reload when its weights changed)
+   * pattern "^[A-Za-z0-9_-]+$"
+   */
+  name?: string;
+}
+
+export interface AdapterLoadReply {
+  status: "ok";
+  adapter: AdapterInfo;
+  /** It was loaded before and its weights on disk had changed */
+  reloaded: boolean;
+  /** Every adapter now on the model */
+  adapters: Array<AdapterInfo>;
+}
+
+export interface AdapterUnloadRequest {
+  model_id: string;
+  name: string;
+}
+
+export interface AdapterUnloadReply {
+  status: "ok";
+  /** false when no adapter of that name was loaded */
+  unloaded: boolean;
+  adapters: Array<AdapterInfo>;
+}
+
+export interface AdapterListRequest {
+  model_id: string;
+}
+
+export interface AdapterListReply {
+  status: "ok";
+  adapters: Array<AdapterInfo>;
+}
+
 export interface GpuEvent {
   devices: Array<DeviceMemory>;
   /** Unix time in seconds */
@@ -229,12 +903,27 @@ export interface RequestMap {
   cancel: { request: CancelRequest; reply: CancelReply; events: never };
   status: { request: StatusRequest; reply: StatusReply; events: never };
   shutdown: { request: ShutdownRequest; reply: ShutdownReply; events: never };
+  save: { request: SaveRequest; reply: ExportReply; events: "export_progress" };
+  export: { request: ExportRequest; reply: ExportReply; events: "export_progress" };
+  serve_start: { request: ServeStartRequest; reply: ServeStartReply; events: never };
+  serve_stop: { request: ServeStopRequest; reply: ServeStopReply; events: never };
+  serve_status: { request: ServeStatusRequest; reply: ServeStatusReply; events: never };
+  train: { request: TrainRequest; reply: TrainReply; events: "train_begin" | "train_progress" | "eval" | "checkpoint" };
+  train_preview: { request: TrainPreviewRequest; reply: TrainPreviewReply; events: never };
+  adapter_load: { request: AdapterLoadRequest; reply: AdapterLoadReply; events: never };
+  adapter_unload: { request: AdapterUnloadRequest; reply: AdapterUnloadReply; events: never };
+  adapter_list: { request: AdapterListRequest; reply: AdapterListReply; events: never };
 }
 
 /** Events streamed for a request, keyed by msg_type. */
 export interface EventMap {
   token: TokenEvent;
   load_progress: LoadProgressEvent;
+  export_progress: ExportProgressEvent;
+  train_begin: TrainBeginEvent;
+  train_progress: TrainProgressEvent;
+  eval: EvalEvent;
+  checkpoint: CheckpointEvent;
 }
 
 /** Worker-wide telemetry on the PUB socket, keyed by topic (msg_type). */
@@ -247,6 +936,6 @@ export type RequestType = keyof RequestMap;
 export type EventType = keyof EventMap;
 export type BroadcastType = keyof BroadcastMap;
 
-export const REQUEST_TYPES: readonly RequestType[] = ["hello", "load", "unload", "generate", "cancel", "status", "shutdown"];
-export const EVENT_TYPES: readonly EventType[] = ["token", "load_progress"];
+export const REQUEST_TYPES: readonly RequestType[] = ["hello", "load", "unload", "generate", "cancel", "status", "shutdown", "save", "export", "serve_start", "serve_stop", "serve_status", "train", "train_preview", "adapter_load", "adapter_unload", "adapter_list"];
+export const EVENT_TYPES: readonly EventType[] = ["token", "load_progress", "export_progress", "train_begin", "train_progress", "eval", "checkpoint"];
 export const BROADCAST_TYPES: readonly BroadcastType[] = ["gpu", "worker_status"];

@@ -42,6 +42,25 @@ describe("gen-protocol.mjs", () => {
     expect(out).toContain('@default "a"');
   });
 
+  it("turns anyOf into a union and an object without properties into an open or an empty record", () => {
+    const out = generate({
+      ...base,
+      $defs: {
+        Lora: {
+          type: "object",
+          properties: {
+            targets: { anyOf: [{ const: "all-linear" }, { type: "array", items: { type: "string" } }] },
+            extra: { type: "object" },
+            none: { type: "object", additionalProperties: false },
+          },
+        },
+      },
+    });
+    expect(out).toContain('  targets?: "all-linear" | Array<string>;');
+    expect(out).toContain("  extra?: Record<string, unknown>;");
+    expect(out).toContain("  none?: Record<string, never>;");
+  });
+
   it("refuses schema features it does not understand instead of guessing", () => {
     expect(() => generate({ ...base, $defs: { X: { oneOf: [] } } })).toThrow(/"oneOf" is not supported/);
     expect(() => generate({ ...base, $defs: { X: { type: "object", required: ["a"], properties: {} } } })).toThrow(/required "a"/);

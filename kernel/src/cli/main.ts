@@ -8,12 +8,14 @@ import { ensureWorker, liveRuntime } from "../bridge/spawn";
 import { stopWorker } from "../bridge/stop";
 import { installKernelspec } from "../kernelspec/install";
 import { formatBytes } from "../api/progress";
+import { serveCommand } from "./serve";
 
 const USAGE = `usage: qwenbook <command>
 
   worker start [--device auto|cpu|cuda|cuda:N]   start the worker (or report the one running)
   worker status                                  show the running worker's models and memory
   worker stop                                    stop the worker and unload its models
+  serve <model> [--port N] [--api-key K] ...     serve a model as an OpenAI-compatible API (serve --help)
   tiny-model <dir>                               write the tiny Qwen2 test model into <dir>
   kernelspec install --prefix <venv>             install the "Qwen (TypeScript)" kernel into a venv
 
@@ -133,6 +135,7 @@ async function run(argv: string[]): Promise<number> {
     if (sub === "stop") return workerStop(rest);
     throw new UsageError(`worker takes start, status or stop; got ${JSON.stringify(sub ?? "")}`);
   }
+  if (command === "serve") return serveCommand(args);
   if (command === "tiny-model") return tinyModel(args);
   if (command === "kernelspec") return kernelspec(args);
   throw new UsageError(`unknown command ${JSON.stringify(command)}`);

@@ -13,6 +13,11 @@ export interface DisplayOptions {
 
 /** Where the API writes what a user should see while a call runs. */
 export interface DisplaySink {
+  /**
+   * True where rich outputs are drawn and can be updated in place (a notebook). Elsewhere (a
+   * terminal) only the first text/plain of each output shows, so callers stream text instead.
+   */
+  readonly rich?: boolean;
   /** Appends plain text to the current cell's output (or the terminal). */
   text(chunk: string): void;
   /** Shows a rich output, or updates one in place. */
@@ -23,6 +28,11 @@ export interface DisplaySink {
    * notion of a current cell leave it out.
    */
   pin?(): DisplaySink;
+  /**
+   * Resolves once the cell that is current now (or that pin() captured) has finished running,
+   * also when it was interrupted. Sinks without cells leave it out.
+   */
+  whenCellDone?(): Promise<void>;
 }
 
 /** The kernel launcher registers its sink under this key; anything else falls back to stdout. */
@@ -32,6 +42,7 @@ type GlobalWithSink = typeof globalThis & { [DISPLAY_SINK_KEY]?: DisplaySink };
 
 /** Outside a kernel: text to stdout, rich outputs as their text/plain part. */
 export const stdoutSink: DisplaySink = {
+  rich: false,
   text(chunk) {
     process.stdout.write(chunk);
   },

@@ -15,6 +15,7 @@ interface TslabBundle {
 interface TslabJupyter {
   /** Set by tslab for the cell being executed; null before the first one. */
   lastWriteDisplayData: ((bundle: TslabBundle, update: boolean) => void) | null;
+  JupyterHandlerImpl: { prototype: { handleExecuteImpl: (...args: unknown[]) => Promise<unknown> } };
 }
 
 interface TslabMain {
@@ -24,12 +25,40 @@ interface TslabMain {
 type WriteText = (chunk: string) => unknown;
 type WriteDisplay = TslabJupyter["lastWriteDisplayData"];
 
+/** One execution of a cell; `done` resolves when tslab has finished it, interrupted or not. */
+interface CellRun {
+  done: Promise<void>;
+}
+
+/**
+ * Follows which cell is running, so that output started in a cell (a live gauge) can end with
+ * it. tslab runs one execute request at a time through handleExecuteImpl.
+ */
+function trackCells(jupyter: TslabJupyter): () => CellRun {
+  let current: CellRun = { done: Promise.resolve() };
+  const proto = jupyter.JupyterHandlerImpl.prototype;
+  const execute = proto.handleExecuteImpl;
+  proto.handleExecuteImpl = async function (this: unknown, ...args: unknown[]) {
+    let end = (): void => undefined;
+    current = { done: new Promise<void>((resolve) => (end = resolve)) };
+    try {
+      return await execute.apply(this, args);
+    } finally {
+      end();
+    }
+  };
+  return () => current;
+}
+
 /**
  * tslab points process.stdout.write and lastWriteDisplayData at the cell being executed. The sink
  * looks them up on each call; pin() captures them, so late output still lands in its own cell.
  */
-function cellSink(text: () => WriteText, display: () => WriteDisplay): DisplaySink {
+function cellSink(text: () => WriteText, display: () => WriteDisplay, cell: () => CellRun): DisplaySink {
   return {
+    get rich() {
+      return display() !== null;
+    },
     text(chunk) {
       text()(chunk);
     },
@@ -52,7 +81,11 @@ function cellSink(text: () => WriteText, display: () => WriteDisplay): DisplaySi
     pin() {
       const t = text();
       const d = display();
-      return cellSink(() => t, () => d);
+      const c = cell();
+      return cellSink(() => t, () => d, () => c);
+    },
+    whenCellDone() {
+      return cell().done;
     },
   };
 }
@@ -79,7 +112,8 @@ function main(): void {
   patchConverter(require(join(tslabDir, "dist", "converter.js")) as Parameters<typeof patchConverter>[0], ts);
 
   const jupyter = require(join(tslabDir, "dist", "jupyter.js")) as TslabJupyter;
-  registerSink(cellSink(() => process.stdout.write.bind(process.stdout), () => jupyter.lastWriteDisplayData));
+  const cell = trackCells(jupyter);
+  registerSink(cellSink(() => process.stdout.write.bind(process.stdout), () => jupyter.lastWriteDisplayData, cell));
 
   const { startKernel } = require(join(tslabDir, "dist", "main.js")) as TslabMain;
   startKernel({ configPath, enableFindLocal: false });

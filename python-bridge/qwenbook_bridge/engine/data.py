@@ -112,8 +112,9 @@ def read_rows(path: str | os.PathLike[str]) -> list[tuple[int, Any]]:
     p = Path(path)
     name = str(path)
     if not p.exists():
-        raise DatasetError("file not found (check the path; relative paths are resolved from the worker's "
-                           f"working directory {os.getcwd()})", file=name)
+        hint = "" if p.is_absolute() else \
+            f"; relative paths are resolved from the worker's working directory {os.getcwd()}"
+        raise DatasetError(f"file not found (check the path{hint})", file=name)
     if p.is_dir():
         raise DatasetError("is a folder; give a .json or .jsonl file", file=name)
     try:
@@ -293,7 +294,7 @@ def mix(specs: Sequence[DatasetSpec], seed: int) -> MixedConversations:
             full, rest = divmod(spec.samples, len(convs))
             picks = list(range(len(convs))) * full + sorted(rng.sample(range(len(convs)), rest))
             chosen = [convs[i] for i in picks]
-            if full:
+            if spec.samples > len(convs):  # only when rows repeat
                 out.notes.append(f"{spec.label()}: {spec.samples} samples requested from {len(convs)} rows, so "
                                  f"each row is used {full}{f'-{full + 1}' if rest else ''} times")
         out.conversations += chosen

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .errors import DeviceUnavailableError, InvalidOptionError, ModelNotFoundError, ModelNotLoadedError, NotACausalLMError
-from .gpu import resolve_device
+from .gpu import configure_cuda, resolve_device
 from .hub import is_hub_id, looks_like_path, resolve_hub_model, weights_problem
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -33,6 +33,8 @@ class LoadOptions:
     revision: str | None = None  # hub branch, tag or commit; ignored for local folders
     attn_implementation: str = "sdpa"  # PyTorch's fused attention: fastest portable choice
     local_files_only: bool = False  # never touch the network, even when the cache misses
+    # {method: int8 | int4 | nf4, group_size, calibration}: weight-only quantization while loading (quant_load.py)
+    quant: dict[str, Any] | None = None
 
 
 @dataclass
@@ -71,10 +73,17 @@ class _Plan:
     device: torch.device
     dtype_name: str
     attn_implementation: str
+    quant: Any = field(default=None, compare=False)  # QuantConfig to apply after loading, or None
+    quant_key: str = ""
+    stored_quant: str | None = None  # the method of a folder saved quantized
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return (str(self.path), self.dtype_name, str(self.device))
+    def key(self) -> tuple[str, str, str, str]:
+        return (str(self.path), self.dtype_name, str(self.device), self.quant_key)
+
+    def model_id(self, label: str) -> str:
+        method = self.stored_quant or (self.quant.method if self.quant is not None else None)
+        return f"{label}:{self.dtype_name}:{self.device}" + (f":{method}" if method else "")
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
@@ -171,9 +180,15 @@ def plan_load(source: str, options: LoadOptions, progress: ProgressCallback, def
             f"attn_implementation {options.attn_implementation!r} is not supported: use 'sdpa' or 'eager'")
     device = resolve_device(options.device, default_device)
     dtype_name = resolve_dtype(options.dtype, device)
+    from .quant_load import check_folder_quant, quant_config, quant_key
+
+    quant = quant_config(options.quant)  # before any download or weight is read
     path, label = _resolve_path(source.strip(), options, progress)
     check_model_folder(path)
-    return _Plan(source, label, path, device, dtype_name, options.attn_implementation)
+    stored = check_folder_quant(path, quant)
+    if stored is not None:
+        quant = None  # the folder's own codes are used as they are
+    return _Plan(source, label, path, device, dtype_name, options.attn_implementation, quant, quant_key(quant), stored)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -190,7 +205,16 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 def _load_planned(plan: _Plan, model_id: str, progress: ProgressCallback) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .quant_load import load_quantized_folder, quantize_loaded
+
     started = time.perf_counter()
+    if plan.device.type == "cuda":
+        configure_cuda()
+    if plan.stored_quant is not None:
+        progress(LoadProgress("weights", f"loading {plan.stored_quant} weights as saved onto {plan.device}"))
+        model, tokenizer, quant_info = load_quantized_folder(plan.path, plan.device, plan.dtype_name)
+        attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        return _finish_load(plan, model_id, model, tokenizer, attn, started, quant_info, progress)
     progress(LoadProgress("tokenizer", f"loading the tokenizer from {plan.path}"))
     tokenizer = AutoTokenizer.from_pretrained(plan.path)
     progress(LoadProgress("weights", f"loading weights as {plan.dtype_name} onto {plan.device}"))
@@ -209,6 +233,20 @@ def _load_planned(plan: _Plan, model_id: str, progress: ProgressCallback) -> Loa
     if plan.device.type != "cuda":
         model.to(plan.device)
     model.eval()
+    quant_info = None
+    if plan.quant is not None:
+        def on_quant(message: str, fraction: float | None) -> None:
+            progress(LoadProgress("quantize", message, fraction))
+
+        quant_info = quantize_loaded(model, tokenizer, plan.quant, on_quant)
+        free_memory()
+    return _finish_load(plan, model_id, model, tokenizer, attn, started, quant_info, progress)
+
+
+def _finish_load(plan: _Plan, model_id: str, model: Any, tokenizer: Any, attn: str, started: float,
+                 quant_info: dict[str, Any] | None, progress: ProgressCallback) -> LoadedModel:
+    from .quant_load import parameter_count
+
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     context = getattr(text_config, "max_position_embeddings", None) or 0
     info = {
@@ -216,7 +254,7 @@ def _load_planned(plan: _Plan, model_id: str, progress: ProgressCallback) -> Loa
         "source": plan.source,
         "path": str(plan.path),
         "architecture": type(model).__name__,
-        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "parameters": parameter_count(model),
         "dtype": plan.dtype_name,
         "device": str(plan.device),
         "context_length": int(context),
@@ -225,8 +263,11 @@ def _load_planned(plan: _Plan, model_id: str, progress: ProgressCallback) -> Loa
         "attn_implementation": attn,
         "load_seconds": round(time.perf_counter() - started, 3),
     }
+    if quant_info is not None:
+        info["quant"] = quant_info
+    held = f", {quant_info['method']} weights" if quant_info is not None else ""
     progress(LoadProgress("ready", f"{plan.label} is ready ({info['parameters']:,} parameters, "
-                                   f"{plan.dtype_name} on {plan.device})", 1.0))
+                                   f"{plan.dtype_name} on {plan.device}{held})", 1.0))
     return LoadedModel(model_id, plan.source, plan.path, model, tokenizer, info, plan.device,
                        DTYPES[plan.dtype_name], _eos_ids(model, tokenizer))
 
@@ -237,10 +278,10 @@ def _no_progress(_: LoadProgress) -> None:
 
 def load_model(source: str, options: LoadOptions | None = None, progress: ProgressCallback | None = None,
                default_device: str = "auto") -> LoadedModel:
-    """Load `source` (hub id or folder) without a registry; the handle is '<name>:<dtype>:<device>'."""
+    """Load `source` (hub id or folder) without a registry; the handle is '<name>:<dtype>:<device>[:<quant>]'."""
     progress = progress or _no_progress
     plan = plan_load(source, options or LoadOptions(), progress, default_device)
-    return _load_planned(plan, f"{plan.label}:{plan.dtype_name}:{plan.device}", progress)
+    return _load_planned(plan, plan.model_id(plan.label), progress)
 
 
 def free_memory() -> None:
@@ -255,7 +296,7 @@ class ModelRegistry:
     def __init__(self, default_device: str = "auto") -> None:
         self.default_device = default_device
         self._lock = threading.Lock()
-        self._by_key: dict[tuple[str, str, str], LoadedModel] = {}
+        self._by_key: dict[tuple[str, str, str, str], LoadedModel] = {}
 
     def load(self, source: str, options: LoadOptions | None = None,
              progress: ProgressCallback | None = None) -> tuple[LoadedModel, bool]:
@@ -268,10 +309,10 @@ class ModelRegistry:
         if existing is not None:
             progress(LoadProgress("ready", f"{existing.model_id} is already loaded", 1.0))
             return existing, True
-        model_id = f"{plan.label}:{plan.dtype_name}:{plan.device}"
+        model_id = plan.model_id(plan.label)
         n = 2
         while model_id in taken:  # same folder name in two places: keep handles unique and readable
-            model_id, n = f"{plan.label}~{n}:{plan.dtype_name}:{plan.device}", n + 1
+            model_id, n = plan.model_id(f"{plan.label}~{n}"), n + 1
         loaded = _load_planned(plan, model_id, progress)
         with self._lock:
             self._by_key[plan.key] = loaded

@@ -1,0 +1,233 @@
+"""Fine-tuning requests (`train`, `train_preview`) and LoRA adapters on resident models (`adapter_*`).
+
+`train` runs on a thread of its own (the server starts one for each request type in BACKGROUND), so a long run
+blocks neither control requests nor work on other models; requests for the model being trained wait for it
+(the server defers them). The engine gives the caller's model back unchanged, so the base model keeps serving
+once the run ends, however it ends (completed, cancelled, out of memory).
+
+Each resident model gets one `AdapterManager`. Adapters are loaded inactive; a generate request names the one
+it wants (or none, for the base), so switching costs no reload and two notebooks cannot change each other's
+active adapter. Paths must be absolute: the notebook API resolves them against the notebook's folder.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .engine import CancelledError, InvalidOptionError, LoadedModel, ModelRegistry
+
+if TYPE_CHECKING:
+    from .engine.adapters import AdapterManager
+    from .engine.data import DatasetSpec
+    from .handlers import JobContext
+
+# Requests the server runs on their own thread rather than the shared job thread.
+BACKGROUND = frozenset({"train"})
+_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+Exclusive = Callable[[str], AbstractContextManager[None]]
+
+
+def _no_exclusive(_: str) -> AbstractContextManager[None]:
+    return nullcontext()
+
+
+def absolute(value: str, name: str) -> str:
+    if not Path(value).is_absolute():
+        raise InvalidOptionError(
+            f"{name} must be an absolute path, got {value!r}: the worker runs in its own folder, so a relative path "
+            "would land somewhere unexpected (the notebook API resolves paths against the notebook's folder)")
+    return value
+
+
+def json_clean(value: Any) -> Any:
+    """Event and reply content as the schema has it: no None fields, tuples as lists, no NaN/Infinity (which
+    JSON cannot carry; a non-finite number is left out like a missing one)."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            v = json_clean(v)
+            if v is not None:
+                out[k] = v
+        return out
+    if isinstance(value, (list, tuple)):
+        return [json_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def dataset_specs(items: list[dict[str, Any]]) -> list[DatasetSpec]:
+    from .engine.data import DatasetSpec
+
+    specs = []
+    for i, item in enumerate(items):
+        if item.get("path") is not None:
+            absolute(item["path"], f"datasets[{i}].path")
+        specs.append(DatasetSpec.from_dict(item))
+    return specs
+
+
+def _stamp(folder: Path) -> tuple[int, int] | None:
+    """When and how big the adapter's weights are, to notice a folder rewritten by a later run."""
+    for name in _WEIGHT_FILES:
+        f = folder / name
+        if f.is_file():
+            st = f.stat()
+            return st.st_mtime_ns, st.st_size
+    return None
+
+
+def _adapter_dict(info: Any) -> dict[str, Any]:
+    d = info.to_dict()
+    d.pop("active", None)  # requests pick their adapter; none is "active" between them
+    return json_clean(d)
+
+
+class TrainHandlers:
+    def __init__(self, registry: ModelRegistry, exclusive: Exclusive = _no_exclusive) -> None:
+        self.registry = registry
+        # Holds a served model's HTTP batch scheduler parked while a job changes the model (LoRA layers in it).
+        self.exclusive = exclusive
+        self._lock = threading.Lock()
+        self._managers: dict[str, AdapterManager] = {}
+        self._stamps: dict[tuple[str, str], tuple[int, int] | None] = {}
+
+    def jobs(self) -> dict[str, Callable[[JobContext], dict[str, Any]]]:
+        return {"train": self.train, "train_preview": self.preview, "adapter_load": self.adapter_load,
+                "adapter_unload": self.adapter_unload, "adapter_list": self.adapter_list}
+
+    # ------------------------------------------------------------ adapters as other handlers see them
+
+    def manager(self, loaded: LoadedModel) -> AdapterManager:
+        from .engine.adapters import AdapterManager
+
+        with self._lock:
+            current = self._managers.get(loaded.model_id)
+            if current is None or current.model is not loaded.model:  # a model unloaded and loaded again
+                current = self._managers[loaded.model_id] = AdapterManager(loaded.model)
+            return current
+
+    def _existing(self, model_id: str) -> AdapterManager | None:
+        with self._lock:
+            return self._managers.get(model_id)
+
+    def forget(self, model_id: str) -> None:
+        """The model is being unloaded: drop its adapters (and the manager's reference to the weights)."""
+        with self._lock:
+            self._managers.pop(model_id, None)
+            for key in [k for k in self._stamps if k[0] == model_id]:
+                del self._stamps[key]
+
+    @contextmanager
+    def adapter_scope(self, loaded: LoadedModel, name: str | None) -> Iterator[None]:
+        """The model as a generate request asked for it: with adapter `name`, or the bare base for None."""
+        manager = self._existing(loaded.model_id) if name is None else self.manager(loaded)
+        if manager is None or (name is None and not manager.names()):
+            yield
+            return
+        with manager.using(name):
+            yield
+
+    @contextmanager
+    def without_adapters(self, model_id: str) -> Iterator[None]:
+        """Take the model's adapters off for the block (saving, exporting, training act on the bare base)."""
+        manager = self._existing(model_id)
+        if manager is None or not manager.names():
+            yield
+            return
+        with manager.suspended():
+            yield
+
+    def bare(self, handler: Callable[[JobContext], dict[str, Any]]) -> Callable[[JobContext], dict[str, Any]]:
+        """`handler` run with the request's model free of loaded adapters (save/export merge their own)."""
+        def run(job: JobContext) -> dict[str, Any]:
+            model_id = job.request.content.get("model_id")
+            manager = self._existing(model_id) if isinstance(model_id, str) else None
+            if manager is None or not manager.names():
+                return handler(job)
+            # A served model's batch must not decode while its adapters come off and go back on.
+            with self.exclusive(model_id), manager.suspended():
+                return handler(job)
+        return run
+
+    # ------------------------------------------------------------ train / train_preview
+
+    def train(self, job: JobContext) -> dict[str, Any]:
+        from .engine.training import train
+        from .engine.training_config import TrainConfig
+
+        content = job.request.content
+        loaded = self.registry.get(content["model_id"])
+        options = dict(content["config"])
+        absolute(options["output_dir"], "config.output_dir")
+        if options.get("resume_from") is not None:
+            absolute(options["resume_from"], "config.resume_from")
+        config = TrainConfig.from_dict(options)
+        config.validate()
+        specs = dataset_specs(content["datasets"])
+        if job.cancel.is_set():
+            raise CancelledError("the training run was cancelled before it started; nothing was written")
+
+        def on_event(kind: str, event: dict[str, Any]) -> None:
+            job.emit(kind, json_clean(event))
+
+        with self.exclusive(loaded.model_id), self.without_adapters(loaded.model_id):
+            result = train(loaded.model, loaded.tokenizer, specs, config, on_event=on_event, cancel=job.cancel)
+        reply = json_clean(result.to_dict())
+        reply["outcome"] = reply.pop("status")
+        return {"status": "ok", **reply}
+
+    def preview(self, job: JobContext) -> dict[str, Any]:
+        from .engine.chat_encoding import preview
+
+        content = job.request.content
+        loaded = self.registry.get(content["model_id"])
+        specs = dataset_specs(content["datasets"])
+        examples = preview(specs, loaded.tokenizer, content.get("n", 3), max_length=content.get("max_length"),
+                           seed=content.get("seed", 42))
+        return {"status": "ok", "examples": examples}
+
+    # ------------------------------------------------------------ adapter_load / adapter_unload / adapter_list
+
+    def adapter_load(self, job: JobContext) -> dict[str, Any]:
+        content = job.request.content
+        loaded = self.registry.get(content["model_id"])
+        folder = Path(absolute(content["path"], "path")).resolve()
+        manager = self.manager(loaded)
+        name = content.get("name")
+        stamp = _stamp(folder)
+        reloaded = False
+        with self.exclusive(loaded.model_id):
+            known = next((i for i in manager.list() if i.path == str(folder) and name in (None, i.name)), None)
+            if known is not None and self._stamps.get((loaded.model_id, known.name)) != stamp:
+                # The folder was written again (a new run into the same output): load what is there now.
+                manager.unload(known.name)
+                name, reloaded = known.name, True
+            info = manager.load(folder, name, activate=False)
+        with self._lock:
+            self._stamps[(loaded.model_id, info.name)] = stamp
+        return {"status": "ok", "adapter": _adapter_dict(info), "reloaded": reloaded,
+                "adapters": [_adapter_dict(i) for i in manager.list()]}
+
+    def adapter_unload(self, job: JobContext) -> dict[str, Any]:
+        content = job.request.content
+        loaded = self.registry.get(content["model_id"])
+        manager = self._existing(loaded.model_id)
+        unloaded = manager is not None and content["name"] in manager.names()
+        if unloaded:
+            with self.exclusive(loaded.model_id):
+                manager.unload(content["name"])
+            with self._lock:
+                self._stamps.pop((loaded.model_id, content["name"]), None)
+        return {"status": "ok", "unloaded": unloaded,
+                "adapters": [_adapter_dict(i) for i in manager.list()] if manager else []}
+
+    def adapter_list(self, job: JobContext) -> dict[str, Any]:
+        loaded = self.registry.get(job.request.content["model_id"])
+        manager = self._existing(loaded.model_id)
+        return {"status": "ok", "adapters": [_adapter_dict(i) for i in manager.list()] if manager else []}
