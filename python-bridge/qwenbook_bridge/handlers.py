@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import PROTOCOL_VERSION, __version__
@@ -21,6 +22,7 @@ from .engine import (CancelledError, GenerationOptions, LoadOptions, LoadProgres
 from .handlers_export import ExportHandlers
 from .handlers_serve import ServeHandlers
 from .handlers_train import BACKGROUND, TrainHandlers
+from .paths import model_source, with_calibration_path
 from .protocol import Message, major
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -49,12 +51,13 @@ def _pick(content: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
 
 
 class Handlers:
-    def __init__(self, default_device: str = "auto") -> None:
+    def __init__(self, default_device: str = "auto", root: Path | None = None) -> None:
         self.registry = ModelRegistry(default_device)
         self.started = time.monotonic()
-        self.export = ExportHandlers(self.registry)
+        self.root = root  # with --root, every client path must resolve inside it (paths.py)
+        self.export = ExportHandlers(self.registry, root=root)
         self.serve = ServeHandlers(self.registry)
-        self.train = TrainHandlers(self.registry, exclusive=self.serve.exclusive)
+        self.train = TrainHandlers(self.registry, exclusive=self.serve.exclusive, root=root)
         self.background = BACKGROUND  # request types the server runs on a thread of their own
 
     # ------------------------------------------------------------ control (main thread)
@@ -95,7 +98,10 @@ class Handlers:
     def load(self, job: JobContext) -> dict[str, Any]:
         if job.cancel.is_set():
             raise CancelledError("the load was cancelled before it started")
-        content = job.request.content
+        content = dict(job.request.content)
+        content["model"] = model_source(content["model"], self.root)
+        if "quant" in content:
+            content["quant"] = with_calibration_path(content["quant"], self.root)
         options = LoadOptions(**_pick(content, _LOAD_FIELDS))
 
         def progress(p: LoadProgress) -> None:

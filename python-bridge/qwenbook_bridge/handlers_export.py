@@ -3,8 +3,8 @@ int8/int4) or as one GGUF file, with progress events, cancellation and a size/qu
 
 The engine does the writing (engine/merge.py, quant_io.py, gguf_export.py): everything goes to a hidden sibling
 and is renamed into place at the end, so a cancel (checked at every progress event, i.e. between tensors) or an
-error leaves nothing that looks finished. Paths must be absolute: the worker runs in its own folder, and the
-notebook API resolves relative paths against the notebook's folder before sending them.
+error leaves nothing that looks finished. Paths must be absolute (paths.py checks them, and the --root): the
+worker runs in its own folder, and the notebook API resolves relative paths against the notebook's folder.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .engine import CancelledError, InvalidOptionError, LoadedModel, ModelRegistry
 from .engine.save import ProgressEvent, SaveConfig, TargetExistsError
+from .paths import resolve_user_path, with_calibration_path
 
 if TYPE_CHECKING:
     from .handlers import JobContext
@@ -24,15 +25,6 @@ if TYPE_CHECKING:
 # "done") come after the rename: the files are complete and the report is finished rather than thrown away.
 _CANCELLABLE_STAGES = frozenset({"prepare", "quantize", "calibrate", "write", "tokenizer"})
 _MERGE_PREFIX = "qwenbook_merge"
-
-
-def absolute(value: str, name: str) -> Path:
-    path = Path(value)
-    if not path.is_absolute():
-        raise InvalidOptionError(
-            f"{name} must be an absolute path, got {value!r}: the worker runs in its own folder, so a relative path "
-            "would land somewhere unexpected (the notebook API resolves paths against the notebook's folder)")
-    return path
 
 
 def check_adapter_folder(path: Path) -> None:
@@ -125,8 +117,9 @@ def report_content(report: Any) -> dict[str, Any]:
 
 
 class ExportHandlers:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, root: Path | None = None) -> None:
         self.registry = registry
+        self.root = root  # client paths must resolve inside it (paths.py); None: anywhere
 
     def jobs(self) -> dict[str, Callable[[JobContext], dict[str, Any]]]:
         return {"save": self.save, "export": self.export}
@@ -141,7 +134,7 @@ class ExportHandlers:
         content = job.request.content
         loaded, target, adapters = self._common(job, is_dir=True)
         resident = loaded.info.get("quant") or {}
-        spec = content.get("quant")
+        spec = with_calibration_path(content.get("quant"), self.root)
         if spec is not None and "group_size" not in spec and resident.get("group_size"):
             spec = {**spec, "group_size": resident["group_size"]}  # "int4" alone keeps the resident's groups
         if spec is not None and spec.get("method") == "nf4":
@@ -197,8 +190,9 @@ class ExportHandlers:
         if (loaded.info.get("quant") or {}).get("method") == "nf4":
             raise InvalidOptionError(f"{loaded.model_id} holds nf4 (bitsandbytes) weights, which Qwenbook cannot "
                                      f"{what}: load the unquantized model and {what} that instead (save can make int8 or int4)")
-        target = absolute(content["target"], f"{what} target")
-        adapters = [absolute(a, f"adapters[{i}]") for i, a in enumerate(content.get("adapters") or [])]
+        target = resolve_user_path(content["target"], self.root, f"{what} target")
+        adapters = [resolve_user_path(a, self.root, f"adapters[{i}]")
+                    for i, a in enumerate(content.get("adapters") or [])]
         for a in adapters:
             check_adapter_folder(a)
         refuse_existing(target, is_dir=is_dir, overwrite=bool(content.get("overwrite", False)))

@@ -19,7 +19,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .engine import CancelledError, InvalidOptionError, LoadedModel, ModelRegistry
+from .engine import CancelledError, LoadedModel, ModelRegistry
+from .paths import resolve_user_path
 
 if TYPE_CHECKING:
     from .engine.adapters import AdapterManager
@@ -34,14 +35,6 @@ Exclusive = Callable[[str], AbstractContextManager[None]]
 
 def _no_exclusive(_: str) -> AbstractContextManager[None]:
     return nullcontext()
-
-
-def absolute(value: str, name: str) -> str:
-    if not Path(value).is_absolute():
-        raise InvalidOptionError(
-            f"{name} must be an absolute path, got {value!r}: the worker runs in its own folder, so a relative path "
-            "would land somewhere unexpected (the notebook API resolves paths against the notebook's folder)")
-    return value
 
 
 def json_clean(value: Any) -> Any:
@@ -61,13 +54,13 @@ def json_clean(value: Any) -> Any:
     return value
 
 
-def dataset_specs(items: list[dict[str, Any]]) -> list[DatasetSpec]:
+def dataset_specs(items: list[dict[str, Any]], root: Path | None = None) -> list[DatasetSpec]:
     from .engine.data import DatasetSpec
 
     specs = []
     for i, item in enumerate(items):
         if item.get("path") is not None:
-            absolute(item["path"], f"datasets[{i}].path")
+            item = {**item, "path": str(resolve_user_path(item["path"], root, f"datasets[{i}].path"))}
         specs.append(DatasetSpec.from_dict(item))
     return specs
 
@@ -89,8 +82,9 @@ def _adapter_dict(info: Any) -> dict[str, Any]:
 
 
 class TrainHandlers:
-    def __init__(self, registry: ModelRegistry, exclusive: Exclusive = _no_exclusive) -> None:
+    def __init__(self, registry: ModelRegistry, exclusive: Exclusive = _no_exclusive, root: Path | None = None) -> None:
         self.registry = registry
+        self.root = root  # client paths must resolve inside it (paths.py); None: anywhere
         # Holds a served model's HTTP batch scheduler parked while a job changes the model (LoRA layers in it).
         self.exclusive = exclusive
         self._lock = threading.Lock()
@@ -164,12 +158,12 @@ class TrainHandlers:
         content = job.request.content
         loaded = self.registry.get(content["model_id"])
         options = dict(content["config"])
-        absolute(options["output_dir"], "config.output_dir")
-        if options.get("resume_from") is not None:
-            absolute(options["resume_from"], "config.resume_from")
+        for name in ("output_dir", "resume_from"):
+            if options.get(name) is not None:
+                options[name] = str(resolve_user_path(options[name], self.root, f"config.{name}"))
         config = TrainConfig.from_dict(options)
         config.validate()
-        specs = dataset_specs(content["datasets"])
+        specs = dataset_specs(content["datasets"], self.root)
         if job.cancel.is_set():
             raise CancelledError("the training run was cancelled before it started; nothing was written")
 
@@ -187,7 +181,7 @@ class TrainHandlers:
 
         content = job.request.content
         loaded = self.registry.get(content["model_id"])
-        specs = dataset_specs(content["datasets"])
+        specs = dataset_specs(content["datasets"], self.root)
         examples = preview(specs, loaded.tokenizer, content.get("n", 3), max_length=content.get("max_length"),
                            seed=content.get("seed", 42))
         return {"status": "ok", "examples": examples}
@@ -197,7 +191,7 @@ class TrainHandlers:
     def adapter_load(self, job: JobContext) -> dict[str, Any]:
         content = job.request.content
         loaded = self.registry.get(content["model_id"])
-        folder = Path(absolute(content["path"], "path")).resolve()
+        folder = resolve_user_path(content["path"], self.root, "path").resolve()
         manager = self.manager(loaded)
         name = content.get("name")
         stamp = _stamp(folder)

@@ -129,8 +129,8 @@ def parse(frames: list[bytes], signer: Signer) -> Message:
         raise SignatureError("missing signature" if not signature else "invalid signature")
     try:
         header, parent, metadata, content = (unpack(p) for p in parts)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise MalformedMessageError(f"a frame is not UTF-8 JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deeply
+        raise MalformedMessageError(f"a frame is not UTF-8 JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(header, dict) or not all(isinstance(header.get(k), str) for k in ("msg_id", "msg_type")):
         raise MalformedMessageError("header must be an object with string msg_id and msg_type")
     for name, value in (("parent_header", parent), ("metadata", metadata), ("content", content)):

@@ -10,12 +10,14 @@ own PUSH socket), so it holds up neither control requests nor work on other mode
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,8 +27,8 @@ from .engine import EngineError, memory_snapshot
 from .handlers import Handlers, JobContext, ProtocolVersionMismatch
 from .job_lanes import JobLanes, ModelFree
 from .protocol import (REQUESTS, InvalidContentError, MalformedMessageError, Message, SignatureError, Signer,
-                       error_content, exception_content, make_message, now_iso, parse, reply_type, serialize,
-                       validate_request)
+                       check, error_content, exception_content, make_message, now_iso, parse, reply_type,
+                       serialize, validate_request)
 
 log = logging.getLogger("qwenbook.worker")
 
@@ -34,6 +36,22 @@ GPU_EVENT_INTERVAL_S = 1.0
 CONTROL_REQUESTS = ("hello", "status", "cancel", "shutdown")  # answered on the main thread, never queued
 _DRAIN_BATCH = 512  # messages handled per socket per wake-up, so one busy socket cannot starve the other
 _STOP_GRACE_S = 10.0  # how long a running job gets to notice cancellation at shutdown
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # per message, all frames together (protocol.json says so)
+MAX_MESSAGE_ENV = "QWENBOOK_MAX_MESSAGE_BYTES"
+REPLAY_WINDOW = 65536  # msg_ids remembered; a signed message whose msg_id is among them is a replay
+
+
+def max_message_bytes(value: int | None = None) -> int:
+    """The size limit: an explicit value, else $QWENBOOK_MAX_MESSAGE_BYTES, else 64 MiB."""
+    if value is None:
+        raw = os.environ.get(MAX_MESSAGE_ENV, "")
+        try:
+            value = int(raw) if raw else DEFAULT_MAX_MESSAGE_BYTES
+        except ValueError:
+            raise ValueError(f"{MAX_MESSAGE_ENV}={raw!r} is not a whole number of bytes") from None
+    if value < 4096:
+        raise ValueError(f"the message size limit must be at least 4096 bytes, got {value}")
+    return value
 
 
 def dispatch_gaps(handled: set[str]) -> tuple[list[str], list[str]]:
@@ -49,13 +67,19 @@ class InFlight:
 
 
 class WorkerServer:
-    def __init__(self, key: str, ip: str = "127.0.0.1", handlers: Handlers | None = None) -> None:
+    def __init__(self, key: str, ip: str = "127.0.0.1", handlers: Handlers | None = None,
+                 max_message: int | None = None) -> None:
         self.signer = Signer(key)
         self.session = str(uuid.uuid4())
         self.handlers = handlers or Handlers()
+        self.max_message = max_message_bytes(max_message)
+        self._seen: OrderedDict[str, None] = OrderedDict()
         self._ctx = zmq.Context()
         self.router = self._ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 1000)
+        # ZeroMQ disconnects a peer that sends one frame above this before buffering it, so a huge frame never
+        # reaches memory; messages whose frames only add up to too much are dropped in _handle_request.
+        self.router.setsockopt(zmq.MAXMSGSIZE, self.max_message)
         # A ROUTER silently drops what exceeds the high-water mark; a reader that falls behind must get every
         # token late rather than a reply with holes. (Telemetry on the PUB may drop: the next one replaces it.)
         self.router.setsockopt(zmq.SNDHWM, 0)
@@ -194,6 +218,11 @@ class WorkerServer:
             log.exception("internal error while handling a request")
 
     def _handle_request(self, frames: list[bytes]) -> None:
+        size = sum(len(f) for f in frames)
+        if size > self.max_message:
+            log.warning("dropped a %d-byte message (%d frames) from peer %s: over the %d-byte limit (%s)", size,
+                        len(frames), frames[0].hex()[:16] if frames else "?", self.max_message, MAX_MESSAGE_ENV)
+            return
         try:
             msg = parse(frames, self.signer)
         except SignatureError as e:
@@ -204,7 +233,23 @@ class WorkerServer:
         except MalformedMessageError as e:
             log.warning("dropped a malformed message: %s", e)
             return
+        try:
+            # A reply carries the request's header as its parent_header, so one that breaks the schema could
+            # only be answered with a message the client must reject.
+            check("Header", msg.header, "request header")
+        except InvalidContentError as e:
+            log.warning("dropped a message with an invalid header: %s", e)
+            return
         kind = msg.msg_type
+        if msg.msg_id in self._seen:
+            # Only a key holder can sign, so this is a captured message sent again (or a client bug): running
+            # it twice could repeat a shutdown or a write, and answering it would tell the sender it worked.
+            log.warning("dropped a replayed %s %s (session %s): this msg_id was seen among the last %d messages",
+                        kind[:64], msg.msg_id[:64], str(msg.session)[:64], REPLAY_WINDOW)
+            return
+        self._seen[msg.msg_id] = None
+        if len(self._seen) > REPLAY_WINDOW:
+            self._seen.popitem(last=False)
         log.info("%s %s from session %s", kind, msg.msg_id, msg.session)
         if kind not in REQUESTS:
             known = ", ".join(sorted(REQUESTS))

@@ -63,6 +63,22 @@ def read_runtime_file(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def exposed_file_problem(path: Path) -> str | None:
+    """Why an existing runtime file must not be reused, or None: another user owns it or may have read it."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file; remove it and start again"
+    if st.st_uid != os.getuid():
+        return f"{path} belongs to another user (uid {st.st_uid}); remove it or pass a different --runtime-file"
+    if st.st_mode & 0o077:
+        return (f"{path} is readable by group/others (mode {stat.S_IMODE(st.st_mode):04o}), so a worker key kept in "
+                f"it may have been read; remove it (rm {path}) or make it private (chmod 600 {path}) and start again")
+    return None
+
+
 def remove_runtime_file(path: Path, pid: int) -> None:
     """Remove the file only if it still names `pid`: a newer worker may have replaced it."""
     data = read_runtime_file(path)
@@ -88,6 +104,8 @@ def live_worker_pid(path: Path) -> int | None:
 def setup_logging(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    if os.fstat(fd).st_uid == os.getuid():
+        os.fchmod(fd, 0o600)  # an older log made more open: it names files and models, so keep it private
     handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8", buffering=1))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d %(threadName)s] %(message)s"))
     root = logging.getLogger()
@@ -118,6 +136,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ip", default="127.0.0.1", help="address to bind (default 127.0.0.1; only this machine)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models on a busy machine)")
+    p.add_argument("--root", type=Path, default=None,
+                   help="only read and write client-given paths inside this folder (default: $QWENBOOK_ROOT, else "
+                        "anywhere); use it when several users share one worker")
+    p.add_argument("--max-message-bytes", type=int, default=None,
+                   help="refuse requests larger than this (default: $QWENBOOK_MAX_MESSAGE_BYTES or 64 MiB)")
     p.add_argument("--log", type=Path, default=None, help=f"log file (default: {LOG_FILE_NAME} next to the runtime file)")
     return p.parse_args(argv)
 
@@ -129,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     ensure_private_dir(runtime_file.parent)
     setup_logging(log_file)
 
+    problem = exposed_file_problem(runtime_file)
+    if problem is not None:
+        log.error("refusing to start: %s", problem)
+        print(f"qwenbook worker: refusing to start: {problem}", file=sys.stderr)
+        return 1
     other = live_worker_pid(runtime_file)
     if other is not None:
         message = (f"another Qwenbook worker (pid {other}) is running and owns {runtime_file}; attach to it, stop it "
@@ -153,8 +181,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwenbook worker: {e}", file=sys.stderr)
         return 2
 
+    from .paths import worker_root
+
     key = secrets.token_hex(32)
-    server = WorkerServer(key, ip=args.ip, handlers=Handlers(default_device=args.device))
+    try:
+        root = worker_root(args.root)
+        server = WorkerServer(key, ip=args.ip, handlers=Handlers(default_device=args.device, root=root),
+                              max_message=args.max_message_bytes)
+    except ValueError as e:
+        log.error("%s", e)
+        print(f"qwenbook worker: {e}", file=sys.stderr)
+        return 2
     info = {
         "transport": "tcp",
         "ip": args.ip,
@@ -171,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     server.install_signal_handlers()
     write_runtime_file(runtime_file, info)
-    log.info("worker %s (protocol %s) pid %d ready; runtime file %s", __version__, PROTOCOL_VERSION, os.getpid(),
-             runtime_file)
+    log.info("worker %s (protocol %s) pid %d ready; runtime file %s; client paths %s", __version__, PROTOCOL_VERSION,
+             os.getpid(), runtime_file, f"confined to {root}" if root else "unrestricted")
     try:
         clean = server.serve_forever()
     finally:

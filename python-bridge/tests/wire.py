@@ -19,15 +19,16 @@ TIMEOUT_S = 120  # generous: only there so a broken worker fails the test instea
 
 
 class WorkerProcess:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.runtime_file = folder / "runtime" / "qwenbook-worker.json"
         self.log_file = folder / "runtime" / "qwenbook-worker.log"
         self.output = folder / "worker-output.txt"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
         with open(self.output, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "qwenbook_bridge.worker", "--runtime-file", str(self.runtime_file),
-                 "--device", "cpu"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                 "--device", "cpu", *(args or [])],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.info = self._wait_for_runtime_file()
 
     def _wait_for_runtime_file(self) -> dict[str, Any]:

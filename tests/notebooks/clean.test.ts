@@ -8,7 +8,16 @@ describe("committed notebooks", () => {
 
   it("include the tutorials", () => {
     const names = files.map((f) => f.split("/").pop());
-    expect(names).toEqual(expect.arrayContaining(["00-hello.ipynb"]));
+    expect(names).toEqual(
+      expect.arrayContaining([
+        "00-hello.ipynb",
+        "01-chat.ipynb",
+        "02-lora-role-play.ipynb",
+        "03-self-cognition.ipynb",
+        "04-qlora-fast.ipynb",
+        "05-multiturn-merge-quantize.ipynb",
+      ]),
+    );
   });
 
   it.each(files)("%s carries no outputs", (file) => {

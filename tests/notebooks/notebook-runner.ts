@@ -28,10 +28,13 @@ export interface ExecutedNotebook {
 
 const joinText = (t: string | string[] | undefined): string => (Array.isArray(t) ? t.join("") : t ?? "");
 
-/** Executes notebooks/<name> with the Qwen kernel through nbclient and returns the executed cells. */
-export function executeNotebook(name: string, env: Record<string, string> = {}): ExecutedNotebook {
+/**
+ * Executes <dir>/<name> (default: the repository's notebooks/) with the Qwen kernel through nbclient
+ * and returns the executed cells. The kernel runs in <dir>, so relative paths in the notebook land there.
+ */
+export function executeNotebook(name: string, env: Record<string, string> = {}, dir: string = join(repo, "notebooks")): ExecutedNotebook {
   const out = join(mkdtempSync(join(tmpdir(), "qwenbook-nb-")), name);
-  const r = spawnSync(python, [join(repo, "tests", "notebooks", "execute.py"), join(repo, "notebooks", name), out], {
+  const r = spawnSync(python, [join(repo, "tests", "notebooks", "execute.py"), join(dir, name), out], {
     env: { ...process.env, ...env },
     encoding: "utf8",
     timeout: 900_000,

@@ -37,3 +37,24 @@ class ModelNotLoadedError(EngineError):
 
 class CancelledError(EngineError):
     """The request was cancelled before it could produce anything."""
+
+
+class GenerationOutOfMemoryError(EngineError):
+    """The device ran out of memory while generating; the message says what to change."""
+
+
+# How allocators word running out: CUDA ("CUDA out of memory"), the CPU allocator ("can't allocate memory",
+# "not enough memory"), MPS and the OS ("Cannot allocate memory").
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _OOM_WORDS)
+
+
+def first_sentences(e: BaseException, limit: int = 240) -> str:
+    """The start of an allocator's message: CUDA's goes on for several sentences of allocator statistics."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ". ".join(text.split(". ")[:2]).rstrip(".")[:limit]

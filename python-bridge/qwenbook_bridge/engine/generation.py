@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidOptionError, ModelNotLoadedError, NoChatTemplateError
-from .loading import LoadedModel
+from .errors import (GenerationOutOfMemoryError, InvalidOptionError, ModelNotLoadedError, NoChatTemplateError,
+                     first_sentences, is_out_of_memory)
+from .loading import LoadedModel, free_memory
 from .streaming import IncrementalDetokenizer, StopStringFilter
 
 ROLES = ("system", "user", "assistant")
@@ -184,38 +185,54 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Gene
 
     finish, tail = "length", ""
     t_first = t_last = None
-    with torch.inference_mode():
-        if cancel is not None and cancel.is_set():
-            finish = "cancelled"
-        else:
-            cache = DynamicCache(config=model.config)
-            extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-            ids = torch.tensor([prompt], device=loaded.device)
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra).logits[0, -1]
-            while True:
-                next_id = sample(logits)
-                token = int(next_id)
-                t_last = time.perf_counter()
-                if t_first is None:
-                    t_first = t_last
-                token_ids.append(token)
-                pending.append(token)
-                if token in eos:
-                    finish = "stop"
-                    break
-                text = stops.push(detok.push(token))
-                if stops.hit is not None:
-                    finish, tail = "stop_string", text  # the text before the stop string
-                    break
-                if text:
-                    deliver(text)
-                if len(token_ids) >= budget:
-                    finish = "length"
-                    break
-                if cancel is not None and cancel.is_set():
-                    finish = "cancelled"
-                    break
-                logits = model(input_ids=next_id.view(1, 1), past_key_values=cache, use_cache=True).logits[0, -1]
+    failure: GenerationOutOfMemoryError | None = None
+    try:
+        with torch.inference_mode():
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+            else:
+                cache = DynamicCache(config=model.config)
+                extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+                ids = torch.tensor([prompt], device=loaded.device)
+                logits = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra).logits[0, -1]
+                while True:
+                    next_id = sample(logits)
+                    token = int(next_id)
+                    t_last = time.perf_counter()
+                    if t_first is None:
+                        t_first = t_last
+                    token_ids.append(token)
+                    pending.append(token)
+                    if token in eos:
+                        finish = "stop"
+                        break
+                    text = stops.push(detok.push(token))
+                    if stops.hit is not None:
+                        finish, tail = "stop_string", text  # the text before the stop string
+                        break
+                    if text:
+                        deliver(text)
+                    if len(token_ids) >= budget:
+                        finish = "length"
+                        break
+                    if cancel is not None and cancel.is_set():
+                        finish = "cancelled"
+                        break
+                    logits = model(input_ids=next_id.view(1, 1), past_key_values=cache, use_cache=True).logits[0, -1]
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        # Built here, raised below: leaving the except block drops the traceback and with it the frames that
+        # hold this step's activations, so the memory can actually be given back first.
+        failure = GenerationOutOfMemoryError(
+            f"out of memory on {loaded.device} while generating ({first_sentences(e)}), with a {len(prompt)}-token "
+            f"prompt after {len(token_ids)} new token(s). Try a shorter conversation or a smaller max_tokens (now "
+            f"{opts.max_tokens}), unload models you no longer use, or let a training run on the same device finish "
+            f"first. {loaded.model_id} is still loaded and usable.")
+    if failure is not None:
+        cache = logits = None  # the KV cache is the bulk of what generation holds
+        free_memory()
+        raise failure
 
     if finish != "stop_string":
         tail = stops.push(detok.flush())

@@ -29,7 +29,7 @@ from . import checkpoints as ckpt
 from .train_batches import Batch, DataSchedule, collate, make_units, split_eval
 from .data import DatasetSpec
 from .chat_encoding import TokenizedDataset, build_dataset
-from .errors import EngineError, InvalidOptionError
+from .errors import EngineError, InvalidOptionError, is_out_of_memory
 from .train_step import StepRunner, build_optimizer
 from .trainable import Trainable, has_injected_adapters, precision_plan, resolve_targets
 from .training_config import TrainConfig
@@ -95,7 +95,7 @@ def train(model: Any, tokenizer: Any, datasets: Sequence[DatasetSpec], config: T
 
 
 def _is_out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+    return is_out_of_memory(e)
 
 
 @dataclass
