@@ -1,0 +1,167 @@
+// Runs the five tutorial notebooks top to bottom in quick mode on the tiny model, as a workshop would
+// run them on a GPU, and checks what each cell left behind: the chat widgets, training dashboards and
+// memory gauges in their final state (nbclient applies update_display_data in place).
+import { spawnSync } from "node:child_process";
+import { cpSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import { cellWith, errorsOf, executeNotebook, repo, sourceOf, streamText, type Cell, type ExecutedNotebook } from "./notebook-runner";
+
+const CHAT = "application/vnd.qwenbook.chat+json";
+const TRAIN = "application/vnd.qwenbook.train+json";
+const GPU = "application/vnd.qwenbook.gpu+json";
+
+interface ChatWidget {
+  state: string;
+  messages: Array<{ role: string; content: string }>;
+}
+interface TrainWidget {
+  state: string;
+  train: { step: number[]; loss: Array<number | null> };
+}
+interface GpuWidget {
+  devices: Array<{ device: string; used: number; total: number }>;
+}
+
+// The notebooks write runs/ and out/ next to themselves; a copy inside the repository (so packages
+// still resolve from its node_modules) keeps a user's real runs in notebooks/ from being overwritten.
+const workRoot = join(repo, ".qwenbook");
+mkdirSync(workRoot, { recursive: true });
+const workDir = mkdtempSync(join(workRoot, "tutorials-"));
+cpSync(join(repo, "notebooks", "data"), join(workDir, "data"), { recursive: true });
+for (const f of readdirSync(join(repo, "notebooks")).filter((n) => n.endsWith(".ipynb"))) {
+  cpSync(join(repo, "notebooks", f), join(workDir, f));
+}
+
+afterAll(() => {
+  spawnSync("node", [join(repo, "kernel", "dist", "cli", "main.js"), "worker", "stop"], { stdio: "inherit" });
+  rmSync(workDir, { recursive: true, force: true });
+});
+
+const env = { QWENBOOK_QUICK: "1", QWENBOOK_MODEL: process.env.QWENBOOK_TINY_MODEL ?? "" };
+
+function widgets<T>(cell: Cell, mime: string): T[] {
+  return (cell.outputs ?? []).filter((o) => o.data?.[mime] !== undefined).map((o) => o.data![mime] as T);
+}
+
+/** Cells that await a chat into the cell (not quiet, not a stream for program use). */
+function chatCells(nb: ExecutedNotebook): Cell[] {
+  return nb.cells.filter((c) => {
+    const src = sourceOf(c);
+    return c.cell_type === "code" && /\.(chat|say)\(/.test(src) && !/\.quiet\(\)|\.stream\(\)/.test(src);
+  });
+}
+
+function codeCells(nb: ExecutedNotebook, pattern: RegExp): Cell[] {
+  return nb.cells.filter((c) => c.cell_type === "code" && pattern.test(sourceOf(c)));
+}
+
+const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+
+function checkNotebook(name: string, extra: (nb: ExecutedNotebook) => void): void {
+  describe(`notebooks/${name} (quick mode)`, () => {
+    const nb = executeNotebook(name, env, workDir);
+
+    it(`runs top to bottom without errors (CI run time: ${nb.seconds} s)`, () => {
+      console.log(`${name}: ${nb.seconds} s`);
+      expect(errorsOf(nb), nb.stderr).toEqual([]);
+      const stderr = nb.cells.flatMap((c) => (c.outputs ?? []).filter((o) => o.output_type === "stream" && o.name === "stderr"));
+      expect(stderr, "cells wrote to stderr").toEqual([]);
+      expect(nb.status, nb.stderr).toBe(0);
+      expect(nb.seconds).toBeGreaterThan(0);
+    });
+
+    it("shows each awaited chat as a finished chat widget with a reply", () => {
+      const cells = chatCells(nb);
+      expect(cells.length).toBeGreaterThan(0);
+      for (const cell of cells) {
+        const chats = widgets<ChatWidget>(cell, CHAT);
+        expect(chats.length, `no chat widget in: ${sourceOf(cell)}`).toBeGreaterThan(0);
+        for (const chat of chats) {
+          expect(chat.state, sourceOf(cell)).toBe("done");
+          const last = chat.messages[chat.messages.length - 1];
+          expect(last.role).toBe("assistant");
+          expect(last.content.trim().length, `empty reply in: ${sourceOf(cell)}`).toBeGreaterThan(0);
+        }
+      }
+    });
+
+    it("draws a memory gauge wherever the notebook shows one", () => {
+      for (const cell of codeCells(nb, /qwen\.gpu\(|\.train\(\)/)) {
+        const gauges = widgets<GpuWidget>(cell, GPU);
+        expect(gauges.length, `no memory gauge in: ${sourceOf(cell)}`).toBeGreaterThan(0);
+        const device = gauges[gauges.length - 1].devices[0];
+        expect(device.used).toBeGreaterThan(0);
+        expect(device.total).toBeGreaterThan(device.used);
+      }
+    });
+
+    extra(nb);
+  });
+}
+
+/** Every training cell ends in a finished dashboard whose loss falls: last quarter below the first. */
+function checkTraining(nb: ExecutedNotebook): void {
+  it("trains to the end with a falling loss in the dashboard", () => {
+    const cells = codeCells(nb, /\.train\(\)/);
+    expect(cells.length).toBeGreaterThan(0);
+    for (const cell of cells) {
+      const runs = widgets<TrainWidget>(cell, TRAIN);
+      expect(runs.length, `no training dashboard in: ${sourceOf(cell)}`).toBe(1);
+      const [run] = runs;
+      expect(run.state).toBe("done");
+      const losses = run.train.loss.filter((x): x is number => x !== null);
+      expect(losses.length).toBe(run.train.step.length);
+      expect(losses.length).toBeGreaterThanOrEqual(4);
+      const q = Math.floor(losses.length / 4);
+      expect(mean(losses.slice(-q)), `loss did not fall: ${losses.join(", ")}`).toBeLessThan(mean(losses.slice(0, q)));
+    }
+  });
+}
+
+checkNotebook("01-chat.ipynb", (nb) => {
+  it("kept the conversation's history", () => {
+    const chats = widgets<ChatWidget>(cellWith(nb, "What is my name"), CHAT);
+    // system, then three user/assistant turns
+    expect(chats[0].messages.map((m) => m.role)).toEqual(["system", "user", "assistant", "user", "assistant", "user", "assistant"]);
+  });
+});
+
+checkNotebook("02-lora-role-play.ipynb", (nb) => {
+  checkTraining(nb);
+  it("previews the template with the trained spans marked", () => {
+    expect(JSON.stringify(cellWith(nb, "run.preview(").outputs)).toContain("⟦");
+  });
+});
+
+checkNotebook("03-self-cognition.ipynb", (nb) => {
+  checkTraining(nb);
+  it("served the merged model and streamed a reply over the OpenAI-compatible API", () => {
+    const streamed = /\((\d+) characters streamed\)/.exec(streamText(cellWith(nb, "await streamChat(")));
+    expect(Number(streamed?.[1])).toBeGreaterThan(0);
+    expect(streamText(cellWith(nb, "server.stats()"))).toMatch(/requests: [1-9]/);
+  });
+});
+
+checkNotebook("04-qlora-fast.ipynb", (nb) => {
+  checkTraining(nb);
+  it("trained on an int4 base and wrote a 16-bit merge and a GGUF file", () => {
+    expect(JSON.stringify(cellWith(nb, 'quant: "int4"').outputs)).toContain("int4");
+    const merged = JSON.stringify(cellWith(nb, "qlora-merged-16bit").outputs);
+    expect(merged).toContain("safetensors →");
+    expect(merged).not.toContain("safetensors-int4");
+    expect(JSON.stringify(cellWith(nb, "qlora-q8_0.gguf").outputs)).toContain("gguf-q8_0");
+  });
+});
+
+checkNotebook("05-multiturn-merge-quantize.ipynb", (nb) => {
+  checkTraining(nb);
+  it("compared the formats and ran the GGUF file in llama.cpp", () => {
+    const table = streamText(cellWith(nb, "console.table(\n  comparison"));
+    for (const format of ["safetensors int8", "safetensors int4 (GPTQ)", "GGUF q8_0", "GGUF q4_0"]) expect(table).toContain(format);
+    expect(JSON.stringify(cellWith(nb, "barChart(").outputs)).toContain("<svg");
+    expect(streamText(cellWith(nb, "run-gguf.mjs"))).toMatch(/^llama\.cpp \(.+\), [1-9]\d* tokens/);
+    // everything the notebook loaded was unloaded again
+    expect(streamText(cellWith(nb, "(await qwen.status()).models"))).not.toContain("multiturn");
+  });
+});
