@@ -39,3 +39,29 @@ def tiny(tiny_model_dir: Path):
     from qwenbook_bridge.engine import LoadOptions, load_model
 
     return load_model(str(tiny_model_dir), LoadOptions(dtype="fp32", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def worker_args() -> list[str]:
+    """Extra worker command-line options; a test module overrides this fixture to change them."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory, worker_args: list[str]):
+    """A real worker subprocess for the tests of one module, with its own runtime folder."""
+    from wire import WorkerProcess
+
+    proc = WorkerProcess(tmp_path_factory.mktemp("worker"), args=worker_args)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(worker):
+    """A signed DEALER/SUB client of that worker."""
+    from wire import Client
+
+    c = Client(worker.info)
+    yield c
+    c.close()

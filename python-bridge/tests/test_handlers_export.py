@@ -18,24 +18,9 @@ from qwenbook_bridge.engine import GenerationOptions, generate
 from qwenbook_bridge.engine.gguf_read import GgufFile
 from qwenbook_bridge.handlers import Handlers, JobContext
 from qwenbook_bridge.protocol import make_message, validate_message
-from wire import Client, WorkerProcess
 
 CHAT = [{"role": "user", "content": "你好，你是谁？"}]
 TEXT = "The harbour town woke slowly. 你好，你是谁？ def f(x): return x * 2"
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    proc = WorkerProcess(tmp_path_factory.mktemp("export-worker"))
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def client(worker):
-    c = Client(worker.info)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,24 +11,10 @@ import threading
 import httpx
 import pytest
 
-from wire import TIMEOUT_S, Client, WorkerProcess
+from wire import TIMEOUT_S, Client
 
 KEY = "sk-wire-test"
 CHAT = [{"role": "user", "content": "Write a haiku about the sea."}]
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    proc = WorkerProcess(tmp_path_factory.mktemp("serve-worker"))
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def client(worker):
-    c = Client(worker.info)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

@@ -17,26 +17,12 @@ import torch
 
 from qwenbook_bridge.handlers import Handlers, JobContext
 from qwenbook_bridge.protocol import Message, exception_content, make_message, validate_message
-from wire import Client, WorkerProcess
+from wire import Client
 
 ROWS = [{"system": "简短", "instruction": f"问题{i}", "output": f"回答{i}号"} for i in range(12)]
 CHAT = [{"role": "user", "content": "问题3"}]
 SMALL = {"max_length": 48, "batch_size": 2, "grad_accum": 1, "epochs": 1, "lr": 1e-3, "lora": {"r": 4},
          "log_every": 1}
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    proc = WorkerProcess(tmp_path_factory.mktemp("train-worker"))
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def client(worker):
-    c = Client(worker.info)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

@@ -26,20 +26,6 @@ CHAT = [{"role": "system", "content": "You are a helpful assistant."}, {"role": 
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    proc = WorkerProcess(tmp_path_factory.mktemp("worker"))
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def client(worker):
-    c = Client(worker.info)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
 def first_load(client, tiny_model_dir):
     reply, events = client.call("load", {"model": str(tiny_model_dir), "dtype": "fp32"})
     assert reply.content["status"] == "ok", reply.content

@@ -2,27 +2,15 @@
 // outside the repo: `qwenbook` imports (types and runtime), replies stream into the chat widget,
 // the interrupt button cancels, the memory gauge shows numbers, and rich outputs reach Jupyter as
 // display_data updated in place by display id.
-import { spawn } from "node:child_process";
 import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { CHAT_MIME, GPU_MIME, type ChatBundle, type GpuBundle } from "../../kernel/src/display/bundles";
 import { Qwen } from "../../kernel/src/index";
-import { privateRuntimeDir, python, repo, runCli, tinyModel } from "./helpers";
+import { privateRuntimeDir, repo, runCli, tinyModel } from "./helpers";
+import { drive as driveKernel, type CellCode, type CellResult } from "./kernel-harness";
 
-interface Display {
-  msg_type: string;
-  data: Record<string, unknown>;
-  display_id: string | null;
-}
-
-interface CellResult {
-  status: string;
-  stream: string;
-  errors: { ename: string; evalue: string }[];
-  displays: Display[];
-}
 
 const prefix = mkdtempSync(join(tmpdir(), "qwenbook-kernel-prefix-"));
 const notebookDir = mkdtempSync(join(tmpdir(), "qwenbook-notebook-"));
@@ -43,21 +31,7 @@ function widget<T>(cell: CellResult, mime: string): T[] {
   return [first, ...updates].filter((d) => mime in d.data).map((d) => d.data[mime] as T);
 }
 
-function drive(code: { code: string; interrupt_after_output?: boolean }[]): Promise<CellResult[]> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(python, [join(repo, "tests", "integration", "kernel_driver.py"), "qwen-ts", notebookDir, JSON.stringify(code)], {
-      env: { ...process.env, JUPYTER_PATH: join(prefix, "share", "jupyter") },
-    });
-    let out = "";
-    let err = "";
-    child.stdout.on("data", (d: Buffer) => (out += d));
-    child.stderr.on("data", (d: Buffer) => (err += d));
-    child.once("exit", (status) => {
-      if (status !== 0) reject(new Error(`kernel_driver.py exited with ${status}:\n${err}`));
-      else resolve(JSON.parse(out.trim().split("\n").pop()!) as CellResult[]);
-    });
-  });
-}
+const drive = (code: CellCode[]): Promise<CellResult[]> => driveKernel(prefix, notebookDir, code);
 
 beforeAll(async () => {
   privateRuntimeDir("kernel");

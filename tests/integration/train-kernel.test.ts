@@ -2,47 +2,21 @@
 // its config, the preview renders, training draws one dashboard updated in place by display id that
 // ends done, paths resolve against the notebook's folder, and the interrupt button cancels a run into
 // a checkpoint whose result the next cell can still read.
-import { spawn } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { CHAT_MIME, GPU_MIME, TRAIN_MIME, type TrainBundle } from "../../kernel/src/display/bundles";
 import { Qwen } from "../../kernel/src/index";
-import { privateRuntimeDir, python, repo, runCli, tinyModel } from "./helpers";
+import { privateRuntimeDir, runCli, tinyModel } from "./helpers";
+import { drive as driveKernel, type CellCode, type CellResult } from "./kernel-harness";
 
-interface Display {
-  msg_type: string;
-  data: Record<string, unknown>;
-  display_id: string | null;
-}
-
-interface CellResult {
-  status: string;
-  stream: string;
-  errors: { ename: string; evalue: string }[];
-  displays: Display[];
-}
 
 const prefix = mkdtempSync(join(tmpdir(), "qwenbook-train-kernel-prefix-"));
 const notebookDir = mkdtempSync(join(tmpdir(), "qwenbook-train-notebook-"));
 let cells: CellResult[];
 
-function drive(code: { code: string; interrupt_after_output?: boolean }[]): Promise<CellResult[]> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(python, [join(repo, "tests", "integration", "kernel_driver.py"), "qwen-ts", notebookDir, JSON.stringify(code)], {
-      env: { ...process.env, JUPYTER_PATH: join(prefix, "share", "jupyter") },
-    });
-    let out = "";
-    let err = "";
-    child.stdout.on("data", (d: Buffer) => (out += d));
-    child.stderr.on("data", (d: Buffer) => (err += d));
-    child.once("exit", (status) => {
-      if (status !== 0) reject(new Error(`kernel_driver.py exited with ${status}:\n${err}`));
-      else resolve(JSON.parse(out.trim().split("\n").pop()!) as CellResult[]);
-    });
-  });
-}
+const drive = (code: CellCode[]): Promise<CellResult[]> => driveKernel(prefix, notebookDir, code);
 
 /** The train dashboards of a cell: one output shown once, then updated in place under its display id. */
 function dashboard(cell: CellResult): TrainBundle[] {
