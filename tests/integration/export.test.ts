@@ -9,7 +9,7 @@ import { inspect } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ExportReport, Qwen, WorkerError, type Model } from "../../kernel/src/index";
 import type { DisplayBundle, DisplaySink } from "../../kernel/src/display/sink";
-import { privateRuntimeDir, python, repo, tinyModel } from "./helpers";
+import { privateRuntimeDir, repo, runPythonJson, tinyModel } from "./helpers";
 
 const PROMPT = "Once upon a time, in a small village,";
 const TEXTS = ["The quick brown fox jumps over the lazy dog.", "你好，你是谁？ def f(x): return x * 2"];
@@ -27,16 +27,8 @@ let model: Model;
 let prepared: Promise<unknown[]>;
 
 function check(jobs: object[]): Promise<unknown[]> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(python, [join(repo, "tests", "integration", "export_check.py"), tinyModel(), JSON.stringify(jobs)], {
-      env: { ...process.env, OMP_NUM_THREADS: "1" },
-    });
-    let out = "";
-    let err = "";
-    child.stdout.on("data", (d: Buffer) => (out += d));
-    child.stderr.on("data", (d: Buffer) => (err += d));
-    child.once("error", reject);
-    child.once("exit", (code) => (code === 0 ? resolve(JSON.parse(out.trim().split("\n").pop()!) as unknown[]) : reject(new Error(`export_check.py failed (exit ${code}):\n${err}`))));
+  return runPythonJson([join(repo, "tests", "integration", "export_check.py"), tinyModel(), JSON.stringify(jobs)], {
+    OMP_NUM_THREADS: "1",
   });
 }
 

@@ -50,18 +50,23 @@ export interface ConversationReference {
  * inputs; asynchronous, so it can overlap the worker's start-up.
  */
 export function pythonReference(jobs: ReferenceJob[]): Promise<unknown[]> {
+  return runPythonJson([join(repo, "tests", "integration", "reference.py"), tinyModel(), JSON.stringify(jobs)], {
+    OMP_NUM_THREADS: "1",
+  });
+}
+
+/** Runs the venv's Python with `args` and resolves to the JSON on the last line it printed. */
+export function runPythonJson<T = unknown[]>(args: string[], env: Record<string, string> = {}): Promise<T> {
   return new Promise((resolve, reject) => {
-    const child = spawn(python, [join(repo, "tests", "integration", "reference.py"), tinyModel(), JSON.stringify(jobs)], {
-      env: { ...process.env, OMP_NUM_THREADS: "1" },
-    });
+    const child = spawn(python, args, { env: { ...process.env, ...env } });
     let out = "";
     let err = "";
     child.stdout.on("data", (d: Buffer) => (out += d));
     child.stderr.on("data", (d: Buffer) => (err += d));
     child.once("error", reject);
     child.once("exit", (code) => {
-      if (code !== 0) reject(new Error(`reference.py failed (exit ${code}):\n${err}`));
-      else resolve(JSON.parse(out.trim().split("\n").pop()!) as unknown[]);
+      if (code !== 0) reject(new Error(`python ${args[0]} failed (exit ${code}):\n${err}`));
+      else resolve(JSON.parse(out.trim().split("\n").pop()!) as T);
     });
   });
 }

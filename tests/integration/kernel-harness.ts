@@ -1,8 +1,7 @@
 // Drives the "Qwen (TypeScript)" kernel through Jupyter's own client (kernel_driver.py) and reads
 // back what each cell sent: status, stream text, errors and display messages.
-import { spawn } from "node:child_process";
 import { join } from "node:path";
-import { python, repo } from "./helpers";
+import { repo, runPythonJson } from "./helpers";
 
 export interface Display {
   msg_type: string;
@@ -25,17 +24,8 @@ export interface CellCode {
 
 /** Runs the cells in one kernel started from the kernelspec under `prefix`, with `notebookDir` as its folder. */
 export function drive(prefix: string, notebookDir: string, code: CellCode[]): Promise<CellResult[]> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(python, [join(repo, "tests", "integration", "kernel_driver.py"), "qwen-ts", notebookDir, JSON.stringify(code)], {
-      env: { ...process.env, JUPYTER_PATH: join(prefix, "share", "jupyter") },
-    });
-    let out = "";
-    let err = "";
-    child.stdout.on("data", (d: Buffer) => (out += d));
-    child.stderr.on("data", (d: Buffer) => (err += d));
-    child.once("exit", (status) => {
-      if (status !== 0) reject(new Error(`kernel_driver.py exited with ${status}:\n${err}`));
-      else resolve(JSON.parse(out.trim().split("\n").pop()!) as CellResult[]);
-    });
-  });
+  return runPythonJson<CellResult[]>(
+    [join(repo, "tests", "integration", "kernel_driver.py"), "qwen-ts", notebookDir, JSON.stringify(code)],
+    { JUPYTER_PATH: join(prefix, "share", "jupyter") },
+  );
 }
