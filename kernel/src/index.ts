@@ -8,6 +8,7 @@ export { MergeRequest } from "./api/merge";
 export { Server, type ServeOptions, type ServerStats } from "./api/serve";
 export { ExportReport, type ExportDetails, type ExportFile } from "./api/report";
 export { TrainRun } from "./api/train";
+export { TrainingRun, type RunState, type WatchOptions } from "./api/runs";
 export { TrainResult, type DatasetReport, type EvalPoint, type LossPoint } from "./api/train-result";
 export { TrainPreview, type PreviewExample } from "./api/preview";
 export type { LoraOptions, Optimizer, Schedule, TrainDtype, TrainMethod, TrainSettings, Truncation } from "./api/train-config";

@@ -42,7 +42,7 @@ class JobContext:
 JobHandler = Callable[[JobContext], dict[str, Any]]
 
 # Request fields that map one-to-one onto option dataclasses; absent fields keep the dataclass defaults.
-_LOAD_FIELDS = ("dtype", "device", "revision", "attn_implementation", "local_files_only", "quant")
+_LOAD_FIELDS = ("dtype", "device", "devices", "revision", "attn_implementation", "local_files_only", "quant")
 _GENERATE_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "greedy", "stop", "seed")
 
 
@@ -138,7 +138,7 @@ class Handlers:
 
     def controls(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         """Requests beyond hello/status/cancel/shutdown answered at once on the main thread (content -> reply)."""
-        return {**self.serve.controls()}
+        return {**self.serve.controls(), **self.train.controls()}
 
     def close(self) -> None:
         """The worker is stopping: close what outlives requests (HTTP servers)."""

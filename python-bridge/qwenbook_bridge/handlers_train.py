@@ -8,6 +8,9 @@ once the run ends, however it ends (completed, cancelled, out of memory).
 Each resident model gets one `AdapterManager`. Adapters are loaded inactive; a generate request names the one
 it wants (or none, for the base), so switching costs no reload and two notebooks cannot change each other's
 active adapter. Paths must be absolute: the notebook API resolves them against the notebook's folder.
+
+Every run is recorded in a `RunRegistry` (run_registry.py): `runs` lists them and `run_watch` replays a run's
+events and follows it, so a kernel restarted mid-run can redraw its dashboard.
 """
 
 from __future__ import annotations
@@ -19,18 +22,23 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .engine import CancelledError, LoadedModel, ModelRegistry
+from .engine import CancelledError, EngineError, LoadedModel, ModelRegistry
 from .paths import resolve_user_path
+from .run_registry import RunRegistry
 
 if TYPE_CHECKING:
     from .engine.adapters import AdapterManager
     from .engine.data import DatasetSpec
     from .handlers import JobContext
 
-# Requests the server runs on their own thread rather than the shared job thread.
-BACKGROUND = frozenset({"train"})
+# Requests the server runs on their own thread rather than the shared job thread (a watch lasts as long as its run).
+BACKGROUND = frozenset({"train", "run_watch"})
 _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 Exclusive = Callable[[str], AbstractContextManager[None]]
+
+
+class UnknownRunError(EngineError):
+    """run_watch named a run this worker does not know (another worker's, or one long forgotten)."""
 
 
 def _no_exclusive(_: str) -> AbstractContextManager[None]:
@@ -90,10 +98,21 @@ class TrainHandlers:
         self._lock = threading.Lock()
         self._managers: dict[str, AdapterManager] = {}
         self._stamps: dict[tuple[str, str], tuple[int, int] | None] = {}
+        self.runs = RunRegistry()  # what a restarted kernel lists and re-attaches to
 
     def jobs(self) -> dict[str, Callable[[JobContext], dict[str, Any]]]:
         return {"train": self.train, "train_preview": self.preview, "adapter_load": self.adapter_load,
-                "adapter_unload": self.adapter_unload, "adapter_list": self.adapter_list}
+                "adapter_unload": self.adapter_unload, "adapter_list": self.adapter_list, "run_watch": self.watch}
+
+    def controls(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        return {"runs": lambda _content: {"status": "ok", "runs": self.runs.list()}}
+
+    def watch(self, job: JobContext) -> dict[str, Any]:
+        try:
+            run = self.runs.watch(job.request.content["run_id"], job.emit, job.cancel)
+        except KeyError as e:
+            raise UnknownRunError(e.args[0]) from None
+        return {"status": "ok", "run": run}
 
     # ------------------------------------------------------------ adapters as other handlers see them
 
@@ -167,12 +186,21 @@ class TrainHandlers:
         if job.cancel.is_set():
             raise CancelledError("the training run was cancelled before it started; nothing was written")
 
-        def on_event(kind: str, event: dict[str, Any]) -> None:
-            job.emit(kind, json_clean(event))
+        run = self.runs.begin(job.request.msg_id, loaded.model_id, str(config.output_dir), job.request.session)
 
-        with self.exclusive(loaded.model_id), self.without_adapters(loaded.model_id):
-            result = train(loaded.model, loaded.tokenizer, specs, config, on_event=on_event, cancel=job.cancel)
+        def on_event(kind: str, event: dict[str, Any]) -> None:
+            event = json_clean(event)
+            self.runs.record(run, kind, event)
+            job.emit(kind, event)
+
+        try:
+            with self.exclusive(loaded.model_id), self.without_adapters(loaded.model_id):
+                result = train(loaded.model, loaded.tokenizer, specs, config, on_event=on_event, cancel=job.cancel)
+        except BaseException as e:
+            self.runs.end(run, "cancelled" if isinstance(e, CancelledError) else "failed", f"{type(e).__name__}: {e}")
+            raise
         reply = json_clean(result.to_dict())
+        self.runs.end(run, str(reply.get("status", "completed")))
         reply["outcome"] = reply.pop("status")
         return {"status": "ok", **reply}
 

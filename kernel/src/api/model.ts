@@ -34,6 +34,7 @@ export function toModelInfo(m: WireModelInfo): ModelInfo {
     parameters: m.parameters,
     dtype: m.dtype,
     device: m.device,
+    devices: m.devices ?? [m.device],
     contextLength: m.context_length,
     vocabSize: m.vocab_size,
     hasChatTemplate: m.has_chat_template,
@@ -187,7 +188,7 @@ export class Model {
 
   toString(): string {
     const i = this.#info;
-    return `Model(${i.id}, ${i.architecture}, ${formatCount(i.parameters)} parameters, ${i.dtype} on ${i.device})`;
+    return `Model(${i.id}, ${i.architecture}, ${formatCount(i.parameters)} parameters, ${i.dtype} on ${i.devices.join(" + ")})`;
   }
 }
 

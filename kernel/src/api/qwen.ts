@@ -1,6 +1,6 @@
 import { basename, isAbsolute } from "node:path";
 import { inspect } from "node:util";
-import { WorkerClient } from "../bridge/client";
+import { WorkerClient, type ClientOptions } from "../bridge/client";
 import type { LoadRequest, ModelInfo as WireModelInfo } from "../bridge/protocol.gen";
 import { runtimeFilePath } from "../bridge/runtime";
 import { ensureWorker, liveRuntime } from "../bridge/spawn";
@@ -8,6 +8,8 @@ import { stopWorker } from "../bridge/stop";
 import { currentSink, type DisplaySink } from "../display/sink";
 import { Adapters } from "./adapters";
 import { datasets } from "./datasets";
+import { listRuns, type TrainingRun } from "./runs";
+import { checkDevices } from "./devices";
 import { chooseDefaultModel } from "./default-model";
 import { GpuGauge, type GpuOptions } from "./gpu";
 import { cancelOnInterrupt } from "./interrupt";
@@ -30,9 +32,11 @@ export interface QwenOptions {
   startTimeoutMs?: number;
   /** Where progress and streamed replies go; default: the kernel's output, else stdout. */
   sink?: DisplaySink;
+  /** Sees every message the worker sends this client (type, parent request and session); for tracing. */
+  onMessage?: ClientOptions["onMessage"];
 }
 
-const LOAD_OPTION_KEYS = ["dtype", "device", "revision", "attention", "localFilesOnly", "quiet", "quant", "groupSize", "calibration"] as const;
+const LOAD_OPTION_KEYS = ["dtype", "device", "devices", "revision", "attention", "localFilesOnly", "quiet", "quant", "groupSize", "calibration"] as const;
 
 /**
  * Entry point of the API: finds (or starts) the worker, loads models, reports status. The
@@ -79,6 +83,7 @@ export class Qwen {
     const request: LoadRequest = { model: resolveModelSource(model) };
     if (o.dtype !== undefined) request.dtype = expectOneOf("load option dtype", o.dtype, DTYPES);
     if (o.device !== undefined) request.device = checkDevice(o.device);
+    if (o.devices !== undefined) request.devices = checkDevices(o.devices);
     if (o.revision !== undefined) request.revision = expectString("load option revision", o.revision, { nonEmpty: true });
     if (o.attention !== undefined) request.attn_implementation = expectOneOf("load option attention", o.attention, ["sdpa", "eager"] as const);
     if (o.localFilesOnly !== undefined) request.local_files_only = expectBoolean("load option localFilesOnly", o.localFilesOnly);
@@ -98,6 +103,15 @@ export class Qwen {
     const choice = chooseDefaultModel(id);
     if (choice.notice) this.#sink().text(`${choice.notice}\n`);
     return choice.model;
+  }
+
+  /**
+   * The worker's training runs, running and finished (also those a previous kernel started);
+   * `await runs[i].watch()` re-opens a run's dashboard. Does not start a worker: none running, none listed.
+   */
+  async runs(): Promise<TrainingRun[]> {
+    if (!(this.#client && !this.#client.closed) && !liveRuntime(this.runtimeFile)) return [];
+    return listRuns({ connection: () => this.#connection(), sink: () => this.#sink() });
   }
 
   /** The running worker's models, requests in flight and memory. Does not start a worker. */
@@ -166,7 +180,7 @@ export class Qwen {
           timeoutMs: this.#options.startTimeoutMs,
         });
       }
-      const client = await WorkerClient.connect(info);
+      const client = await WorkerClient.connect(info, { onMessage: this.#options.onMessage });
       cancelOnInterrupt(client);
       this.#client = client;
       return client;
@@ -187,7 +201,7 @@ export class Qwen {
     }
     if (report) {
       const m = reply.model;
-      const what = `${m.model_id} (${m.architecture}, ${formatCount(m.parameters)} parameters, ${m.dtype} on ${m.device})`;
+      const what = `${m.model_id} (${m.architecture}, ${formatCount(m.parameters)} parameters, ${m.dtype} on ${(m.devices ?? [m.device]).join(" + ")})`;
       const seconds = m.load_seconds === undefined ? "" : ` in ${m.load_seconds.toFixed(1)} s`;
       const lines = [reply.already_loaded ? `${what} is already loaded` : `loaded ${what}${seconds}`];
       if (m.quant) lines.push(`  ${quantSummary(toQuantInfo(m.quant))}`);

@@ -1,6 +1,8 @@
 // Public shapes of the API, in the ecosystem's camelCase. The wire types (snake_case) stay in
 // bridge/protocol.gen.ts; these are what a notebook sees.
 
+import type { Devices } from "./devices";
+
 export type Dtype = "auto" | "bf16" | "fp16" | "fp32";
 export const DTYPES: readonly Dtype[] = ["auto", "bf16", "fp16", "fp32"];
 
@@ -11,6 +13,11 @@ export interface LoadOptions {
   dtype?: Dtype;
   /** "auto", "cpu", "cuda" or "cuda:N". */
   device?: string;
+  /**
+   * Spread the layers over several devices instead of one: "auto" (every visible GPU), a list such as
+   * ["cuda:0", "cuda:1"], or { maxMemory: { "cuda:0": "20GiB", cpu: "64GiB" } }.
+   */
+  devices?: Devices;
   /** Hub branch, tag or commit. */
   revision?: string;
   attention?: AttentionImplementation;
@@ -75,7 +82,10 @@ export interface ModelInfo {
   architecture: string;
   parameters: number;
   dtype: string;
+  /** Where token ids go: the device of the embeddings. */
   device: string;
+  /** Every device holding part of the weights (several when loaded with `devices`). */
+  devices: string[];
   contextLength: number;
   vocabSize: number;
   hasChatTemplate: boolean;

@@ -41,6 +41,16 @@ export interface ClientOptions {
   livenessIntervalMs?: number;
   /** Where to report messages the client drops (bad signature, handler errors). */
   warn?: (line: string) => void;
+  /** Sees every signed message this client receives, before it is routed (for tracing and tests). */
+  onMessage?: (message: ReceivedMessage) => void;
+}
+
+/** What `onMessage` is told about a received message. */
+export interface ReceivedMessage {
+  type: string;
+  /** msg_id and session of the request it answers; undefined for none. */
+  parentMsgId?: string;
+  parentSession?: string;
 }
 
 /** A request sent and not yet answered. */
@@ -58,7 +68,7 @@ interface Pending extends InFlight {
 }
 
 /** Requests that do work on the worker and so can be stopped by `cancel`. */
-const CANCELLABLE: ReadonlySet<RequestType> = new Set<RequestType>(["load", "generate", "save", "export", "train"]);
+const CANCELLABLE: ReadonlySet<RequestType> = new Set<RequestType>(["load", "generate", "save", "export", "train", "run_watch"]);
 
 /**
  * One connection to a worker: a DEALER for requests, their events and replies, and a SUB socket
@@ -76,7 +86,8 @@ export class WorkerClient {
   private subscriber: Subscriber | null = null;
   private readonly listeners = new Map<string, Set<(content: unknown) => void>>();
   private readonly pending = new Map<string, Pending>();
-  private readonly options: Required<Omit<ClientOptions, "session">>;
+  private readonly options: Required<Omit<ClientOptions, "session" | "onMessage">>;
+  private readonly onMessage?: (message: ReceivedMessage) => void;
   private sendChain: Promise<void> = Promise.resolve();
   private pumping = false;
   private subPumping = false;
@@ -92,6 +103,7 @@ export class WorkerClient {
       livenessIntervalMs: options.livenessIntervalMs ?? 250,
       warn: options.warn ?? ((line) => process.stderr.write(`qwenbook: ${line}\n`)),
     };
+    this.onMessage = options.onMessage;
     this.signer = createSigner(info.key);
     this.dealer = new Dealer({ linger: 0, receiveTimeout: this.options.livenessIntervalMs });
     this.dealer.connect(endpoint(info, "router"));
@@ -292,6 +304,13 @@ export class WorkerClient {
       return;
     }
     const parentId = "msg_id" in msg.parentHeader ? msg.parentHeader.msg_id : undefined;
+    const parentSession = "session" in msg.parentHeader ? msg.parentHeader.session : undefined;
+    this.onMessage?.({ type: msg.header.msg_type, parentMsgId: parentId, parentSession });
+    if (parentSession !== undefined && parentSession !== this.session) {
+      // The worker routes by connection; a message for another session here would be another client's data.
+      this.options.warn(`dropped a ${msg.header.msg_type} meant for session ${parentSession}, not this client's`);
+      return;
+    }
     const p = parentId === undefined ? undefined : this.pending.get(parentId);
     // No waiter: the reply to a request this client already gave up on (timeout, close).
     if (!p) return;

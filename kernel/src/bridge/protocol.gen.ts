@@ -42,12 +42,20 @@ export interface ModelInfo {
   parameters: number;
   dtype: string;
   device: string;
+  /** Every device holding part of the weights (cuda:0, cuda:1, cpu) */
+  devices?: Array<string>;
   context_length: number;
   vocab_size: number;
   has_chat_template: boolean;
   load_seconds?: number;
   quant?: QuantInfo;
 }
+
+/** auto (every visible GPU), a list of devices, or per-device memory budgets */
+export type DevicesOption = "auto" | Array<string> | {
+  /** device (cuda:N or cpu) to bytes or a size like "20GiB" */
+  maxMemory: Record<string, unknown>;
+};
 
 export interface DeviceMemory {
   /** cuda:0, or cpu for process memory */
@@ -93,6 +101,8 @@ export interface LoadRequest {
    * @default "auto"
    */
   device?: string;
+  /** Spread the model over several devices (instead of device) */
+  devices?: DevicesOption;
   revision?: string;
   /** @default "sdpa" */
   attn_implementation?: "sdpa" | "eager";
@@ -883,6 +893,39 @@ export interface AdapterListReply {
   adapters: Array<AdapterInfo>;
 }
 
+/** A training run this worker started; run_id is the msg_id of the train request that started it */
+export interface RunInfo {
+  run_id: string;
+  model_id: string;
+  output_dir: string;
+  /** The session of the client that started the run */
+  session: string;
+  started: string;
+  state: "running" | "completed" | "cancelled" | "failed";
+  step: number;
+  total_steps?: number;
+  /** Why a failed run failed */
+  error?: string;
+}
+
+export type RunsRequest = Record<string, never>;
+
+export interface RunsReply {
+  status: "ok";
+  runs: Array<RunInfo>;
+}
+
+/** Replays the run's kept events (train_begin and the latest 2000 others), then streams its live events until it ends; cancelling the watch leaves the run running */
+export interface RunWatchRequest {
+  /** minLength 1 */
+  run_id: string;
+}
+
+export interface RunWatchReply {
+  status: "ok";
+  run: RunInfo;
+}
+
 export interface GpuEvent {
   devices: Array<DeviceMemory>;
   /** Unix time in seconds */
@@ -913,6 +956,8 @@ export interface RequestMap {
   adapter_load: { request: AdapterLoadRequest; reply: AdapterLoadReply; events: never };
   adapter_unload: { request: AdapterUnloadRequest; reply: AdapterUnloadReply; events: never };
   adapter_list: { request: AdapterListRequest; reply: AdapterListReply; events: never };
+  runs: { request: RunsRequest; reply: RunsReply; events: never };
+  run_watch: { request: RunWatchRequest; reply: RunWatchReply; events: "train_begin" | "train_progress" | "eval" | "checkpoint" };
 }
 
 /** Events streamed for a request, keyed by msg_type. */
@@ -936,6 +981,6 @@ export type RequestType = keyof RequestMap;
 export type EventType = keyof EventMap;
 export type BroadcastType = keyof BroadcastMap;
 
-export const REQUEST_TYPES: readonly RequestType[] = ["hello", "load", "unload", "generate", "cancel", "status", "shutdown", "save", "export", "serve_start", "serve_stop", "serve_status", "train", "train_preview", "adapter_load", "adapter_unload", "adapter_list"];
+export const REQUEST_TYPES: readonly RequestType[] = ["hello", "load", "unload", "generate", "cancel", "status", "shutdown", "save", "export", "serve_start", "serve_stop", "serve_status", "train", "train_preview", "adapter_load", "adapter_unload", "adapter_list", "runs", "run_watch"];
 export const EVENT_TYPES: readonly EventType[] = ["token", "load_progress", "export_progress", "train_begin", "train_progress", "eval", "checkpoint"];
 export const BROADCAST_TYPES: readonly BroadcastType[] = ["gpu", "worker_status"];

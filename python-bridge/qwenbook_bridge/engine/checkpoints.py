@@ -90,8 +90,10 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints in `output_dir`, oldest step first."""
     if not output_dir.is_dir():
         return []
+    # Both state files: a folder copied or restored only in part is not a checkpoint to resume from.
     found = [(int(m.group(1)), p) for p in output_dir.iterdir()
-             if p.is_dir() and (m := _NAME.match(p.name)) and (p / TRAINER_STATE).is_file()]
+             if p.is_dir() and (m := _NAME.match(p.name)) and (p / TRAINER_STATE).is_file()
+             and (p / TRAINING_STATE).is_file()]
     return [p for _, p in sorted(found)]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .device_map import Placement, devices_used, first_device, resolve_placement
 from .errors import DeviceUnavailableError, InvalidOptionError, ModelNotFoundError, ModelNotLoadedError, NotACausalLMError
 from .gpu import configure_cuda, resolve_device
 from .hub import is_hub_id, looks_like_path, resolve_hub_model, weights_problem
@@ -35,6 +36,8 @@ class LoadOptions:
     local_files_only: bool = False  # never touch the network, even when the cache misses
     # {method: int8 | int4 | nf4, group_size, calibration}: weight-only quantization while loading (quant_load.py)
     quant: dict[str, Any] | None = None
+    # "auto" | ["cuda:0", "cuda:1"] | {"maxMemory": {...}}: spread layers over several devices (device_map.py)
+    devices: Any = None
 
 
 @dataclass
@@ -76,14 +79,19 @@ class _Plan:
     quant: Any = field(default=None, compare=False)  # QuantConfig to apply after loading, or None
     quant_key: str = ""
     stored_quant: str | None = None  # the method of a folder saved quantized
+    placement: Placement | None = None  # several devices through a device map, or None for `device` alone
+
+    @property
+    def where(self) -> str:
+        return self.placement.key if self.placement is not None else str(self.device)
 
     @property
     def key(self) -> tuple[str, str, str, str]:
-        return (str(self.path), self.dtype_name, str(self.device), self.quant_key)
+        return (str(self.path), self.dtype_name, self.where, self.quant_key)
 
     def model_id(self, label: str) -> str:
         method = self.stored_quant or (self.quant.method if self.quant is not None else None)
-        return f"{label}:{self.dtype_name}:{self.device}" + (f":{method}" if method else "")
+        return f"{label}:{self.dtype_name}:{self.where}" + (f":{method}" if method else "")
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
@@ -178,7 +186,14 @@ def plan_load(source: str, options: LoadOptions, progress: ProgressCallback, def
     if options.attn_implementation not in ATTENTION:
         raise InvalidOptionError(
             f"attn_implementation {options.attn_implementation!r} is not supported: use 'sdpa' or 'eager'")
-    device = resolve_device(options.device, default_device)
+    placement = resolve_placement(options.devices)
+    if placement is not None and (options.device or "auto").strip().lower() != "auto":
+        raise InvalidOptionError(
+            f"pass either device ({options.device!r}) or devices ({options.devices!r}), not both: "
+            "devices spreads the model over several devices, device puts it on one")
+    device = placement.primary if placement is not None else resolve_device(options.device, default_device)
+    if placement is not None and not placement.spread:
+        placement = None  # nothing to spread over (no GPU): an ordinary single-device load
     dtype_name = resolve_dtype(options.dtype, device)
     from .quant_load import check_folder_quant, quant_config, quant_key
 
@@ -188,7 +203,12 @@ def plan_load(source: str, options: LoadOptions, progress: ProgressCallback, def
     stored = check_folder_quant(path, quant)
     if stored is not None:
         quant = None  # the folder's own codes are used as they are
-    return _Plan(source, label, path, device, dtype_name, options.attn_implementation, quant, quant_key(quant), stored)
+    if placement is not None and (quant is not None or stored is not None):
+        raise InvalidOptionError(
+            "devices cannot be combined with Qwenbook's weight-only quantization yet: load the quantized model on "
+            "one device (device 'cuda:N'), or load it unquantized with devices")
+    return _Plan(source, label, path, device, dtype_name, options.attn_implementation, quant, quant_key(quant), stored,
+                 placement)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
@@ -219,7 +239,10 @@ def _load_planned(plan: _Plan, model_id: str, progress: ProgressCallback) -> Loa
     tokenizer = AutoTokenizer.from_pretrained(plan.path)
     progress(LoadProgress("weights", f"loading weights as {plan.dtype_name} onto {plan.device}"))
     kwargs: dict[str, Any] = {"dtype": DTYPES[plan.dtype_name]}
-    if plan.device.type == "cuda":
+    if plan.placement is not None:
+        kwargs["device_map"] = plan.placement.device_map
+        kwargs["max_memory"] = dict(plan.placement.max_memory or {})
+    elif plan.device.type == "cuda":
         kwargs["device_map"] = {"": plan.device.index}  # straight onto the GPU, without a full copy in RAM
     attn = plan.attn_implementation
     try:
@@ -230,7 +253,7 @@ def _load_planned(plan: _Plan, model_id: str, progress: ProgressCallback) -> Loa
         progress(LoadProgress("weights", "this architecture has no sdpa attention; using eager attention"))
         attn = "eager"
         model = AutoModelForCausalLM.from_pretrained(plan.path, attn_implementation=attn, **kwargs)
-    if plan.device.type != "cuda":
+    if plan.device.type != "cuda" and plan.placement is None:
         model.to(plan.device)
     model.eval()
     quant_info = None
@@ -257,6 +280,7 @@ def _finish_load(plan: _Plan, model_id: str, model: Any, tokenizer: Any, attn: s
         "parameters": parameter_count(model),
         "dtype": plan.dtype_name,
         "device": str(plan.device),
+        "devices": devices_used(model, plan.device),
         "context_length": int(context),
         "vocab_size": int(getattr(text_config, "vocab_size", 0) or len(tokenizer)),
         "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
@@ -267,8 +291,10 @@ def _finish_load(plan: _Plan, model_id: str, model: Any, tokenizer: Any, attn: s
         info["quant"] = quant_info
     held = f", {quant_info['method']} weights" if quant_info is not None else ""
     progress(LoadProgress("ready", f"{plan.label} is ready ({info['parameters']:,} parameters, "
-                                   f"{plan.dtype_name} on {plan.device}{held})", 1.0))
-    return LoadedModel(model_id, plan.source, plan.path, model, tokenizer, info, plan.device,
+                                   f"{plan.dtype_name} on {'+'.join(info['devices'])}{held})", 1.0))
+    device = first_device(model, plan.device) if plan.placement is not None else plan.device
+    info["device"] = str(device)
+    return LoadedModel(model_id, plan.source, plan.path, model, tokenizer, info, device,
                        DTYPES[plan.dtype_name], _eos_ids(model, tokenizer))
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .data_parallel import DataParallel
 from .train_batches import Batch
 from .train_loss import token_loss_sum
 from .trainable import Trainable
@@ -42,8 +43,9 @@ def build_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig,
 class StepRunner:
     def __init__(self, trainable: Trainable, optimizer: torch.optim.Optimizer, *, device: torch.device,
                  max_grad_norm: float, autocast: torch.dtype | None = None, scheduler: Any = None,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+                 scaler: torch.amp.GradScaler | None = None, parallel: DataParallel | None = None) -> None:
         self.trainable, self.optimizer, self.device = trainable, optimizer, device
+        self.parallel = parallel
         self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
         self.autocast, self.scheduler, self.scaler = autocast, scheduler, scaler
         self.params = trainable.parameters()
@@ -58,6 +60,8 @@ class StepRunner:
         # Normalizing by the whole step's target count makes the loss independent of how rows split into
         # micro-batches (a plain mean of per-batch means would weight short batches up).
         targets = sum(b.targets for b in batches)
+        if self.parallel is not None:  # the whole step's count, so ranks' summed gradients are the one-process one
+            targets = self.parallel.sum_int(targets)
         step_loss = torch.zeros((), dtype=torch.float32, device=self.device)
         tokens = 0
         for batch in batches:
@@ -65,6 +69,10 @@ class StepRunner:
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             step_loss += loss.detach()
             tokens += batch.tokens
+        if self.parallel is not None:
+            self.parallel.sync_gradients(self.params)
+            self.parallel.sum_(step_loss)
+            tokens = self.parallel.sum_int(tokens)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)

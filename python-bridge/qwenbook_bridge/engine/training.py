@@ -28,6 +28,7 @@ import torch
 from . import checkpoints as ckpt
 from .train_batches import Batch, DataSchedule, collate, make_units, split_eval
 from .data import DatasetSpec
+from .data_parallel import DataParallel
 from .chat_encoding import TokenizedDataset, build_dataset
 from .errors import EngineError, InvalidOptionError, is_out_of_memory
 from .train_step import StepRunner, build_optimizer
@@ -74,12 +75,16 @@ class TrainResult:
 
 
 def train(model: Any, tokenizer: Any, datasets: Sequence[DatasetSpec], config: TrainConfig, *,
-          on_event: EventSink | None = None, cancel: threading.Event | None = None) -> TrainResult:
+          on_event: EventSink | None = None, cancel: threading.Event | None = None,
+          parallel: DataParallel | None = None) -> TrainResult:
     """Fine-tune `model` on `datasets`. Bad options raise InvalidOptionError before the model is touched; a
     cancelled run writes a checkpoint and returns status "cancelled"; out of memory raises
-    TrainingOutOfMemoryError after freeing what the run allocated."""
+    TrainingOutOfMemoryError after freeing what the run allocated.
+
+    With `parallel` (one rank of several, see data_parallel.py) `config.grad_accum` is the GLOBAL count of
+    micro-batches per step; only rank 0 writes checkpoints and results."""
     config.validate()
-    run = _Run(model, tokenizer, datasets, config, on_event or (lambda kind, content: None), cancel)
+    run = _Run(model, tokenizer, datasets, config, on_event or (lambda kind, content: None), cancel, parallel)
     failure: Exception | None = None
     try:
         return run.run()
@@ -132,9 +137,10 @@ class _Meter:
 
 class _Run:
     def __init__(self, model: Any, tokenizer: Any, datasets: Sequence[DatasetSpec], config: TrainConfig,
-                 emit: EventSink, cancel: threading.Event | None) -> None:
+                 emit: EventSink, cancel: threading.Event | None, parallel: DataParallel | None = None) -> None:
         self.model, self.tokenizer, self.datasets, self.cfg = model, tokenizer, datasets, config
-        self.emit, self.cancel = emit, cancel
+        self.emit, self.cancel, self.parallel = emit, cancel, parallel
+        self.writes = parallel is None or parallel.is_main
         self.device = next(model.parameters()).device
         self.out = Path(config.output_dir)
         self.trainable: Trainable | None = None
@@ -176,9 +182,10 @@ class _Run:
             trainable.check_resumable(self.resume)
         elif cfg.method == "lora":
             resolve_targets(self.model, cfg.lora.targets)
-        ckpt.remove_stale_temporaries(self.out)
-        if previous_run:
-            self._clear_previous_run(previous_run)
+        if self.writes:
+            ckpt.remove_stale_temporaries(self.out)
+            if previous_run:
+                self._clear_previous_run(previous_run)
 
         # From here on the model is changed; release() puts it back.
         torch.manual_seed(cfg.seed)  # the same LoRA initialization for the same seed
@@ -188,7 +195,10 @@ class _Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.runner = StepRunner(trainable, self.optimizer, device=self.device, max_grad_norm=cfg.max_grad_norm,
-                                 autocast=self.autocast, scheduler=self.scheduler, scaler=self.scaler)
+                                 autocast=self.autocast, scheduler=self.scheduler, scaler=self.scaler,
+                                 parallel=self.parallel)
+        if self.parallel is not None:
+            self.parallel.broadcast_parameters(self.trainable.parameters())
         self.best_eval: float | None = None
         self.last_eval: float | None = None
         self.history: list[dict[str, Any]] = []
@@ -246,12 +256,20 @@ class _Run:
         self._begin()
         status: Literal["completed", "cancelled"] = "completed"
         while self.step < self.total_steps:
-            if self.cancel is not None and self.cancel.is_set():
+            cancelled = self.cancel is not None and self.cancel.is_set()
+            if self.parallel is not None:  # every rank stops at the same step, or one waits for the others forever
+                cancelled = self.parallel.any_(cancelled)
+            if cancelled:
                 status = "cancelled"
                 break
             lr = self.scheduler.get_last_lr()[0]
             t0 = time.perf_counter()
-            loss, grad_norm, tokens = self._train_step()
+            try:
+                loss, grad_norm, tokens = self._train_step()
+            except Exception as e:
+                if self.parallel is not None and self.parallel.is_peer_failure(e):
+                    self._save_after_lost_rank()
+                raise
             self.meter.add(loss, tokens, time.perf_counter() - t0)
             self.step += 1
 
@@ -283,7 +301,7 @@ class _Run:
             self._evaluate()
         final = self.saved.get(self.step) or self._checkpoint("cancel" if status == "cancelled" else "final")
         result_path = final
-        if status == "completed":
+        if status == "completed" and self.writes:
             ckpt.publish(final, self.out, self.trainable.weight_files(final))
             result_path = self.out
         losses = [h["loss"] for h in self.history if h.get("kind") == "train_progress"]
@@ -301,7 +319,7 @@ class _Run:
             checkpoints=[str(p) for p in ckpt.list_checkpoints(self.out)],
             dataset=self.data.stats.to_dict(), history=self.history,
             resumed_from=str(self.resume) if self.resume else None, notes=self.notes)
-        if status == "completed":
+        if status == "completed" and self.writes:
             (self.out / "train_result.json").write_text(
                 json.dumps(result.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
         return result
@@ -309,8 +327,10 @@ class _Run:
     def _train_step(self) -> tuple[float, float, int]:
         """One optimizer step over its micro-batches: (mean token loss, gradient norm, tokens seen)."""
         assert self.runner is not None
-        batches = [collate(self.train_set, self.units, ids, self.pad_id, self.cfg.packing)
-                   for ids in self.schedule.step_units(self.step)]
+        micro = self.schedule.step_units(self.step)
+        if self.parallel is not None:
+            micro = self.parallel.shard(micro)
+        batches = [collate(self.train_set, self.units, ids, self.pad_id, self.cfg.packing) for ids in micro]
         stats = self.runner(batches)
         # The one wait for the device per step: the progress events report these values.
         step_loss, grad_norm = float(stats.loss), float(stats.grad_norm)
@@ -322,6 +342,16 @@ class _Run:
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         assert self.runner is not None
         return self.runner.loss_sum(batch)
+
+    def _save_after_lost_rank(self) -> None:
+        """A step of a several-rank run failed (most often a collective, because another rank died). Every
+        collective comes before the optimizer step, so this rank still holds the last completed step intact:
+        keep it, so the run resumes from there (on one process too) rather than from an older checkpoint."""
+        if self.parallel is None or not self.writes or self.step == 0 or self.step in self.saved:
+            return
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        self._checkpoint("cancel")
 
     def _evaluate(self) -> None:
         assert self.trainable is not None
@@ -354,8 +384,11 @@ class _Run:
                          "data_position": self.schedule.position(self.step),
                          "data_fingerprint": self.data.fingerprint(), "best_eval_loss": self.best_eval,
                          "last_eval_loss": self.last_eval, "log_history": self.history}
-        path = ckpt.write_checkpoint(self.out, self.step, self.trainable.save, training_state, trainer_state,
-                                     self.cfg.to_dict())
+        if self.writes:
+            path = ckpt.write_checkpoint(self.out, self.step, self.trainable.save, training_state, trainer_state,
+                                         self.cfg.to_dict())
+        else:
+            path = self.out / f"checkpoint-{self.step}"
         self.saved[self.step] = path
         self._event("checkpoint", {"step": self.step, "path": str(path), "reason": reason})
         return path

@@ -1,0 +1,178 @@
+"""One rank of a data-parallel fine-tuning run on one host, started by torchrun:
+
+    torchrun --nproc_per_node 2 -m qwenbook_bridge.dist_train run.json
+
+run.json: {"model": "<folder or hub id>", "dtype": "auto", "datasets": [{"source": "data.jsonl", ...}],
+           "train": {TrainConfig fields, grad_accum PER RANK}, "events": "<path for rank 0's events, JSON lines>"}
+
+The global batch is batch_size × grad_accum × world size, and the run is exactly the one-process run with
+grad_accum × world size (same steps, schedule and checkpoints), so a checkpoint resumes on one process.
+Ranks talk over gloo on CPUs and nccl on GPUs (one GPU per rank, cuda:LOCAL_RANK). Rank 0 alone writes
+checkpoints, the result and the events. When a rank dies, torchrun stops the others; rank 0 saves the last
+completed step first when it can (see training.py) and every rank exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .engine import InvalidOptionError, LoadOptions, load_model
+from .engine.data import DatasetSpec
+from .engine.data_parallel import DataParallel
+from .engine.errors import EngineError
+from .engine.training import train
+from .engine.training_config import TrainConfig
+
+_KEYS = {"model", "dtype", "datasets", "train", "events"}
+_DATASET_KEYS = {"source", "format", "samples", "name"}
+
+
+@dataclass
+class DistRun:
+    model: str
+    dtype: str
+    datasets: list[DatasetSpec]
+    config: TrainConfig  # grad_accum per rank, as written in the file
+    events: Path | None
+
+    @classmethod
+    def read(cls, path: Path) -> DistRun:
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InvalidOptionError(f"cannot read the run file {path}: {e}") from e
+        if not isinstance(spec, dict):
+            raise InvalidOptionError(f"{path} must hold a JSON object with model, datasets and train")
+        unknown = sorted(set(spec) - _KEYS)
+        if unknown:
+            raise InvalidOptionError(f"{path} has unknown keys {unknown}; allowed: {sorted(_KEYS)}")
+        for key in ("model", "datasets", "train"):
+            if key not in spec:
+                raise InvalidOptionError(f"{path} has no {key!r}: a run needs model, datasets and train")
+        if not isinstance(spec["datasets"], list) or not spec["datasets"]:
+            raise InvalidOptionError(f"{path}: datasets must be a non-empty list of {{source, format, samples}}")
+        datasets = []
+        for i, d in enumerate(spec["datasets"]):
+            if not isinstance(d, dict) or "source" not in d or set(d) - _DATASET_KEYS:
+                raise InvalidOptionError(f"{path}: datasets[{i}] must be an object with source and optionally "
+                                         f"format, samples, name; got {d!r}")
+            datasets.append(DatasetSpec(**d))
+        events = spec.get("events")
+        return cls(str(spec["model"]), str(spec.get("dtype", "auto")), datasets, TrainConfig.from_dict(spec["train"]),
+                   Path(events) if events else None)
+
+
+class RankLostError(EngineError):
+    """Another rank of the run died, so this one cannot go on."""
+
+
+def _lost_peer_message(config: TrainConfig, world: int) -> str:
+    from .engine import checkpoints as ckpt
+
+    saved = ckpt.list_checkpoints(Path(config.output_dir))
+    where = (f"the last checkpoint is {saved[-1]}; resume it with resume_from, with grad_accum "
+             f"{config.grad_accum // world} per rank on {world} ranks or grad_accum {config.grad_accum} on one process "
+             "(the same global batch)") if saved else \
+        "no checkpoint was written yet; start the run again"
+    return f"another rank stopped (its process died or was killed), so the run ended; {where}"
+
+
+def _rank_env() -> tuple[int, int, int]:
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), \
+            int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as e:
+        raise InvalidOptionError(f"RANK / WORLD_SIZE / LOCAL_RANK are not integers ({e}); start with torchrun") from e
+
+
+def _device(local_rank: int) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise InvalidOptionError(f"rank {local_rank} needs cuda:{local_rank}, but this host has {count} GPU(s); "
+                                 f"start torchrun with --nproc_per_node {count} or fewer")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _event_writer(path: Path | None, world_size: int) -> Any:
+    if path is None:
+        def to_stdout(kind: str, content: dict[str, Any]) -> None:
+            print(json.dumps({"kind": kind, "world_size": world_size, "content": content}), flush=True)
+        return to_stdout
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stream = path.open("a", encoding="utf-8")
+
+    def to_file(kind: str, content: dict[str, Any]) -> None:
+        stream.write(json.dumps({"kind": kind, "world_size": world_size, "content": content}) + "\n")
+        stream.flush()
+    return to_file
+
+
+def run(path: Path) -> dict[str, Any]:
+    rank, world, local_rank = _rank_env()
+    spec = DistRun.read(path)
+    device = _device(local_rank)
+    cancel = threading.Event()
+    # torchrun sends SIGTERM to the ranks left when one dies (or when the run is stopped): finish the step in
+    # hand and let rank 0 write a checkpoint, instead of dying mid-write.
+    signal.signal(signal.SIGTERM, lambda *_: cancel.set())
+    parallel = None
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(minutes=10))
+        parallel = DataParallel(rank, world, device)
+    try:
+        config = replace(spec.config, grad_accum=spec.config.grad_accum * world)
+        loaded = load_model(spec.model, LoadOptions(dtype=spec.dtype, device=str(device)))
+        emit = _event_writer(spec.events, world) if rank == 0 else (lambda kind, content: None)
+        try:
+            result = train(loaded.model, loaded.tokenizer, spec.datasets, config, on_event=emit, cancel=cancel,
+                           parallel=parallel)
+        except Exception as e:
+            if parallel is None or not parallel.is_peer_failure(e):
+                raise
+            raise RankLostError(_lost_peer_message(config, world)) from e
+        return result.to_dict()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: torchrun --nproc_per_node N -m qwenbook_bridge.dist_train run.json", file=sys.stderr)
+        return 2
+    rank = os.environ.get("RANK", "0")
+    try:
+        result = run(Path(args[0]))
+    except EngineError as e:
+        print(f"qwenbook dist_train rank {rank}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - a rank's last word, before torchrun reports the exit code
+        print(f"qwenbook dist_train rank {rank}: training stopped: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if rank == "0":  # a cancelled run's result too: it names the checkpoint to resume from
+        print(json.dumps({"kind": "result", "content": result}), flush=True)
+    if result["status"] != "completed":
+        print(f"qwenbook dist_train rank {rank}: run stopped at step {result['step']} of {result['total_steps']} "
+              f"(checkpoint {result['checkpoints'][-1] if result['checkpoints'] else 'none'})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

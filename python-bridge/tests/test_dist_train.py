@@ -1,0 +1,149 @@
+"""Data-parallel training under torchrun (gloo on CPU): the same run as one process, and a dead rank's end.
+
+Tolerance: losses of the 2-rank run match the 1-process run with the same global batch within 1e-4 (fp32);
+they differ only in the order gradients are summed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from qwenbook_bridge.dist_launch import DistributedRunError, check_ranks, launch
+from qwenbook_bridge.engine import checkpoints as ckpt
+from qwenbook_bridge.engine.errors import DeviceUnavailableError, InvalidOptionError
+from qwenbook_bridge.engine.data import DatasetSpec
+from qwenbook_bridge.engine.training import train
+from qwenbook_bridge.engine.training_config import TrainConfig
+
+ROWS = [{"instruction": f"问题{i}", "output": f"回答{i}号，" * (1 + i % 3)} for i in range(16)]
+TOLERANCE = 1e-4
+
+
+def settings(out: Path, **extra) -> dict:
+    base = dict(output_dir=str(out), max_length=48, batch_size=2, grad_accum=1, max_steps=4, lr=1e-3,
+                lora={"r": 4}, log_every=1, seed=7)
+    base.update(extra)
+    return base
+
+
+def write_run(tmp: Path, model_dir: Path, train_settings: dict) -> Path:
+    data = tmp / "data.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
+    run = tmp / "run.json"
+    run.write_text(json.dumps({"model": str(model_dir), "dtype": "fp32", "datasets": [{"source": str(data)}],
+                               "train": train_settings, "events": str(tmp / "events.jsonl")}), encoding="utf-8")
+    return run
+
+
+def torchrun(run: Path, nproc: int = 2) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc_per_node={nproc}", "-m", "qwenbook_bridge.dist_train", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def one_process(model_dir: Path, data: Path, config: dict) -> dict[int, float]:
+    """Step -> loss of a one-process run (with a resumed run, the checkpoint's earlier steps too)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    result = train(model, tok, [DatasetSpec(str(data))], TrainConfig.from_dict(config))
+    return {h["step"]: h["loss"] for h in result.history if h["kind"] == "train_progress"}
+
+
+def test_rank_counts_are_checked_before_anything_starts(tmp_path: Path) -> None:
+    with pytest.raises(InvalidOptionError, match="whole number of ranks"):
+        check_ranks(0)
+    if torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailableError, match=f"asked for {torch.cuda.device_count() + 1} GPUs"):
+            check_ranks(torch.cuda.device_count() + 1)
+
+
+def test_a_run_that_cannot_start_says_why(tmp_path: Path) -> None:
+    run = {"model": str(tmp_path / "missing"), "datasets": [{"source": "x.jsonl"}],
+           "train": {"output_dir": str(tmp_path / "out")}}
+    with pytest.raises(DistributedRunError, match=r"2-rank run ended with exit code .*does not exist"):
+        launch(run, 2, tmp_path / "launch")
+
+
+def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, tiny_model_dir: Path) -> None:
+    run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp")).read_text(encoding="utf-8"))
+    del run["events"]
+    seen: list[tuple[str, dict]] = []
+    result = launch(run, 2, tmp_path / "launch", on_event=lambda kind, content: seen.append((kind, content)))
+    assert result["status"] == "completed" and result["step"] == 4
+    begin = next(c for k, c in seen if k == "train_begin")
+    assert begin["rows_per_step"] == 2 * 1 * 2 and begin["world_size"] == 2  # batch × grad_accum × ranks
+    ranked = {c["step"]: c["loss"] for k, c in seen if k == "train_progress"}
+    assert (tmp_path / "ddp" / "adapter_model.safetensors").is_file()
+
+    reference = one_process(tiny_model_dir, tmp_path / "data.jsonl", settings(tmp_path / "one", grad_accum=2))
+    assert list(ranked) == list(reference) == [1, 2, 3, 4]
+    assert max(abs(ranked[s] - reference[s]) for s in reference) < TOLERANCE, (ranked, reference)
+    assert reference[4] < reference[1]  # it learns, so matching curves are not two flat lines
+
+
+def _rank_process(parent: psutil.Process, rank: str) -> psutil.Process | None:
+    for child in parent.children(recursive=True):
+        try:
+            if child.environ().get("RANK") == rank and "dist_train" in " ".join(child.cmdline()):
+                return child
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+def test_a_killed_rank_ends_the_run_and_its_checkpoint_resumes_on_one_process(tmp_path: Path,
+                                                                              tiny_model_dir: Path) -> None:
+    out_dir = tmp_path / "ddp"
+    run = write_run(tmp_path, tiny_model_dir, settings(out_dir, max_steps=400, save_every=2))
+    proc = torchrun(run)
+    deadline = time.monotonic() + 180
+    while not ckpt.list_checkpoints(out_dir):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.05)
+    victim = _rank_process(psutil.Process(proc.pid), "1")
+    assert victim is not None
+    victim.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "another rank stopped (its process died or was killed)" in err, err[-3000:]
+    assert "resume it with resume_from" in err
+
+    last = ckpt.list_checkpoints(out_dir)[-1]
+    step = ckpt.read_trainer_state(last)["step"]
+    assert 2 <= step < 400
+    # The checkpoint holds the global setup (grad_accum × world size), so one process carries it on.
+    saved = json.loads((last / "train_config.json").read_text(encoding="utf-8"))
+    assert saved["grad_accum"] == 2
+    resumed = one_process(tiny_model_dir, tmp_path / "data.jsonl",
+                          settings(out_dir, grad_accum=2, max_steps=step + 2, resume_from=str(last)))
+    assert list(resumed)[-3:] == [step, step + 1, step + 2]
+
+
+def test_cancel_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path: Path, tiny_model_dir: Path) -> None:
+    run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp", max_steps=400)).read_text())
+    del run["events"]
+    cancel = threading.Event()
+
+    def on_event(kind: str, content: dict) -> None:
+        if kind == "train_progress" and content["step"] >= 2:
+            cancel.set()
+
+    result = launch(run, 2, tmp_path / "launch", on_event=on_event, cancel=cancel)
+    assert result["status"] == "cancelled" and 2 <= result["step"] < 400
+    last = ckpt.list_checkpoints(tmp_path / "ddp")[-1]
+    assert ckpt.read_trainer_state(last)["step"] == result["step"]
