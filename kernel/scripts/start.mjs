@@ -16,6 +16,8 @@ if (!env.QWENBOOK_MODEL) {
   console.log("[start] set QWENBOOK_MODEL=<hub id or folder> to choose a model.");
 }
 const args = ["lab", `--notebook-dir=${join(repo, "notebooks")}`, "--ip=127.0.0.1", ...process.argv.slice(2)];
+// Jupyter refuses to start as root without this; containers and workshop machines often run as root.
+if (process.getuid?.() === 0 && !args.includes("--allow-root")) args.push("--allow-root");
 if (!existsSync(join(venvBin, "jupyter"))) {
   console.error("[start] .venv has no jupyter: run `npm start` again so setup can finish");
   process.exit(1);
