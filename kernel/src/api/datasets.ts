@@ -2,7 +2,7 @@ import { existsSync, statSync } from "node:fs";
 import { basename, isAbsolute } from "node:path";
 import { inspect } from "node:util";
 import type { DatasetSource } from "../bridge/protocol.gen";
-import { resolvePath } from "./export";
+import { resolvePath } from "./paths";
 import { expectInteger, expectKnownKeys, expectOneOf, expectString } from "./validate";
 
 export type DatasetFormat = "auto" | "alpaca" | "sharegpt";

@@ -1,11 +1,11 @@
 import { randomUUID } from "node:crypto";
 import { existsSync, statSync } from "node:fs";
-import { homedir } from "node:os";
-import { basename, join, resolve } from "node:path";
+import { basename, join } from "node:path";
 import type { WorkerClient } from "../bridge/client";
 import type { ExportProgressEvent, ExportRequest, QuantOptions, SaveRequest } from "../bridge/protocol.gen";
 import type { DisplaySink } from "../display/sink";
 import { createThrottle, type ThrottleOptions } from "../display/throttle";
+import { resolvePath } from "./paths";
 import { ExportReport, formatSize } from "./report";
 import { GROUP_SIZES, type GroupSize, type LoadQuant } from "./types";
 import { expectBoolean, expectInteger, expectKnownKeys, expectOneOf, expectString } from "./validate";
@@ -60,11 +60,6 @@ export interface ExportTarget {
   connect(): Promise<{ client: WorkerClient; modelId: string }>;
 }
 
-/** `~` and relative paths resolved against `cwd` (a notebook's folder): the worker runs elsewhere. */
-export function resolvePath(path: string, cwd: string = process.cwd()): string {
-  const expanded = path === "~" || path.startsWith("~/") ? homedir() + path.slice(1) : path;
-  return resolve(cwd, expanded);
-}
 
 /** Checks a shard size the way the worker reads it ("2GB", "500MB", "1.5GiB", bytes) and returns it as sent. */
 export function checkShardSize(value: unknown, name = "save option shardSize"): string {

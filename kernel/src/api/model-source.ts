@@ -1,6 +1,6 @@
 import { existsSync, statSync } from "node:fs";
-import { homedir } from "node:os";
 import { isAbsolute, resolve } from "node:path";
+import { expandHome } from "./paths";
 import { expectString } from "./validate";
 
 /**
@@ -11,7 +11,7 @@ import { expectString } from "./validate";
 export function resolveModelSource(model: unknown, cwd: string = process.cwd()): string {
   const given = expectString("load(model)", model).trim();
   if (given === "") throw new RangeError("load(model) needs a hub id or a folder, got an empty string");
-  const expanded = given === "~" || given.startsWith("~/") ? homedir() + given.slice(1) : given;
+  const expanded = expandHome(given);
   const abs = resolve(cwd, expanded);
   if (existsSync(abs)) {
     if (!statSync(abs).isDirectory()) {

@@ -5,7 +5,7 @@ import { basename } from "node:path";
 import type { LoraOptions as WireLora, TrainBeginEvent, TrainOptions, TrainRequest } from "../bridge/protocol.gen";
 import type { ConfigValue } from "../display/bundles";
 import type { DatasetEntry } from "./datasets";
-import { resolvePath } from "./export";
+import { resolvePath } from "./paths";
 import { expectInteger, expectKnownKeys, expectNumber, expectString } from "./validate";
 
 export type TrainMethod = "lora" | "full";

@@ -5,7 +5,7 @@ import { errorInfo } from "../display/error-info";
 import type { DisplaySink } from "../display/sink";
 import { createTrainDisplay, type TrainDisplay } from "../display/train-display";
 import { datasetEntry, type DatasetInput, type DatasetOptions } from "./datasets";
-import { resolvePath } from "./export";
+import { resolvePath } from "./paths";
 import type { GpuGauge } from "./gpu";
 import type { Model } from "./model";
 import { TrainPreview } from "./preview";
