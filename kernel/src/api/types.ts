@@ -1,6 +1,7 @@
 // Public shapes of the API, in the ecosystem's camelCase. The wire types (snake_case) stay in
 // bridge/protocol.gen.ts; these are what a notebook sees.
 
+import type { DeviceMemory as WireDeviceMemory } from "../bridge/protocol.gen";
 import type { Devices } from "./devices";
 
 export type Dtype = "auto" | "bf16" | "fp16" | "fp32";
@@ -102,16 +103,8 @@ export interface ChatMessage {
 /** Why a generation ended. */
 export type FinishReason = "stop" | "length" | "stop_string" | "cancelled";
 
-export interface DeviceMemory {
-  device: string;
-  kind: "cuda" | "cpu";
-  name?: string;
-  /** Bytes allocated by tensors (cuda) or the worker's resident memory (cpu). */
-  used: number;
-  reserved?: number;
-  peak?: number;
-  total: number;
-}
+/** A device's memory: bytes allocated by tensors (cuda) or the worker's resident memory (cpu). */
+export type DeviceMemory = WireDeviceMemory;
 
 export interface RunningRequest {
   msgId: string;

@@ -1,6 +1,7 @@
 // Builders for the three rich outputs the JupyterLab extension renders. The bundle shapes live in
 // one place, extension/schema/bundles.json, whose generated declarations both sides import. Nothing
 // here does I/O: callers pass the result to a DisplaySink, usually through a throttle.
+import type { DeviceMemory } from "../bridge/protocol.gen";
 import type {
   BundleMimeTypes,
   ChatBundle,
@@ -187,15 +188,7 @@ export class TrainRecorder {
 }
 
 /** A device's memory as the worker's `gpu` telemetry reports it. */
-export interface DeviceSample {
-  device: string;
-  kind: "cuda" | "cpu";
-  name?: string;
-  used: number;
-  reserved?: number;
-  peak?: number;
-  total: number;
-}
+export type DeviceSample = DeviceMemory;
 
 export interface GpuHistoryOptions {
   /** How many recent samples the sparkline shows. */
