@@ -16,7 +16,6 @@ import json
 import platform
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .bench_model import build_random_model, check_prompts, load_model, random_prompts
+from .bench_model import build_random_model, check_prompts, load_model, random_prompts, run_scenario
 from .engine.fast_decode import FastDecoder
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -124,17 +123,7 @@ class Bench:
         self.out.write_text(json.dumps(asdict(self.report), indent=2), encoding="utf-8")
 
     def guarded(self, what: str, fn: Callable[[], None]) -> None:
-        # One failing scenario (out of memory, a compile error) must not lose the others' figures.
-        try:
-            fn()
-        except Exception as exc:  # noqa: BLE001 - reported in the JSON and on stderr, then the run goes on
-            self.report.errors.append({"scenario": what, "error": f"{type(exc).__name__}: {exc}",
-                                       "traceback": traceback.format_exc()})
-            print(f"[bench] {what} failed: {exc}", file=sys.stderr, flush=True)
-        finally:
-            self.save()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        run_scenario(what, fn, self.report.errors, self.device, self.save)
 
     def add(self, **row: Any) -> None:
         self.report.results.append(row)

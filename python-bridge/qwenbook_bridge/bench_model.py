@@ -3,6 +3,10 @@ a small shape for CPU runs, or a local folder."""
 
 from __future__ import annotations
 
+import gc
+import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +64,20 @@ def check_prompts(vocab: int, count: int, longest: int, seed: int) -> list[list[
     lengths = [max(1, longest * (i + 1) // count) for i in range(count)]
     lengths = [max(1, n - 3 * i) for i, n in enumerate(lengths)]
     return [random_prompts(vocab, 1, n, seed + i)[0] for i, n in enumerate(lengths)]
+
+
+def run_scenario(what: str, fn: Callable[[], None], errors: list[dict[str, str]], device: torch.device,
+                 save: Callable[[], None]) -> None:
+    """Runs one benchmark scenario. A failure (out of memory, a compile error) must not lose the other
+    scenarios' figures: it is recorded in `errors` and on stderr, memory is released and the JSON saved."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON and on stderr, then the run goes on
+        errors.append({"scenario": what, "error": f"{type(exc).__name__}: {exc}",
+                       "traceback": traceback.format_exc()})
+        print(f"[bench] {what} failed: {exc}", file=sys.stderr, flush=True)
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        save()

@@ -30,7 +30,6 @@ import json
 import platform
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .bench_model import build_random_model, load_model
+from .bench_model import build_random_model, load_model, run_scenario
 from .engine.chat_encoding import IGNORE_INDEX, Example
 from .engine.train_batches import collate
 from .engine.train_step import StepRunner, build_optimizer
@@ -102,22 +101,11 @@ class Bench:
         self.out.write_text(json.dumps(asdict(self.report), indent=2), encoding="utf-8")
 
     def guarded(self, what: str, fn: Callable[[], None]) -> None:
-        # One failing scenario (out of memory, a compile error) must not lose the others' figures.
         if self.s.deadline_s is not None and time.perf_counter() - self.started > self.s.deadline_s:
             self.report.skipped.append(what)
             print(f"[bench] {what} skipped: past the {self.s.deadline_s:.0f} s deadline", file=sys.stderr, flush=True)
             return
-        try:
-            fn()
-        except Exception as exc:  # noqa: BLE001 - reported in the JSON and on stderr, then the run goes on
-            self.report.errors.append({"scenario": what, "error": f"{type(exc).__name__}: {exc}",
-                                       "traceback": traceback.format_exc()})
-            print(f"[bench] {what} failed: {exc}", file=sys.stderr, flush=True)
-        finally:
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.save()
+        run_scenario(what, fn, self.report.errors, self.device, self.save)
 
     def measure(self, config: tuple[int, int], path: str, step: StepFn, setup_s: float) -> None:
         """Warm-up steps, then a timed window; losses and norms stay on the device until the end."""
