@@ -1,14 +1,10 @@
 import { inspect } from "node:util";
-import type { ExportReply, QualityInfo, QuantInfo as WireQuantInfo } from "../bridge/protocol.gen";
+import type { ExportReply, FileSize, QualityInfo, QuantInfo as WireQuantInfo } from "../bridge/protocol.gen";
 import type { DisplayBundle } from "../display/sink";
 import type { QualityFigures, QuantInfo } from "./types";
 
-/** One file a save or export wrote, with its size in bytes. */
-export interface ExportFile {
-  /** Relative to the saved folder, or the exported file's name. */
-  path: string;
-  bytes: number;
-}
+/** One file a save or export wrote, with its size in bytes (path relative to the saved folder, or the file's name). */
+export type ExportFile = FileSize;
 
 /** What the writer did; which fields are present depends on the format. */
 export interface ExportDetails {
