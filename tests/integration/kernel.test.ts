@@ -167,7 +167,7 @@ describe("the Qwen (TypeScript) kernel", () => {
     expect(gauge.slice(0, -1).every((b) => b.live)).toBe(true);
     const last = gauge[gauge.length - 1];
     expect(last.live).toBe(false);
-    // The snapshot at the start, then the samples the worker broadcast while it generated.
+    // The snapshot at the start, any samples broadcast while it generated, and one as the work left memory.
     expect(last.devices[0].history!.length).toBeGreaterThan(1);
   });
 

@@ -90,6 +90,21 @@ describe("qwen.gpu() in a notebook", () => {
     expect(sink.pins).toBe(1);
   });
 
+  it("ends with the memory as a short request left it, even when it ended between broadcasts", async () => {
+    let endCell = () => undefined as void;
+    const sink = recordingSink({ cellDone: new Promise<void>((r) => (endCell = r)) });
+    let used = 1;
+    const fake = fakeClient(() => [cpu(used * GiB)]);
+    const g = gauge(sink, fake.client);
+    await vi.advanceTimersByTimeAsync(0);
+    used = 3; // the request ran and left more memory in use, all within 400 ms
+    await vi.advanceTimersByTimeAsync(400);
+    endCell();
+    await g;
+    expect(fake.state.statusCalls).toBe(2);
+    expect(bundles(sink).at(-1)!).toMatchObject({ live: false, devices: [{ used: 3 * GiB, history: [GiB, 3 * GiB] }] });
+  });
+
   it("keeps updating after the cell has ended while watched, polling an idle worker once a second", async () => {
     let used = 1;
     const sink = recordingSink({ cellDone: Promise.resolve() });

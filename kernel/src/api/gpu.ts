@@ -161,6 +161,9 @@ export class GpuGauge implements PromiseLike<void> {
         // A busy worker's broadcast may have been missed (a subscription takes a moment to start).
         if (Date.now() - lastSampleAt >= (workerBusy ? 2 : 0.9) * intervalMs) await snapshot();
       }
+      // The last drawing shows the memory as the work left it (a short request can end between samples),
+      // unless the gauge was stopped by hand or the worker is going away.
+      if (!this.#stopped && !workerStopping && !client.closed && Date.now() - lastSampleAt > 100) await snapshot();
     } finally {
       this.#stopped = true;
       for (const off of unsubscribe) off();
