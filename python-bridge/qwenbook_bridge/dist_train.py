@@ -2,11 +2,15 @@
 
     torchrun --nproc_per_node 2 -m qwenbook_bridge.dist_train run.json
 
-run.json: {"model": "<folder or hub id>", "dtype": "auto", "datasets": [{"source": "data.jsonl", ...}],
+run.json: {"model": "<folder or hub id>", "dtype": "auto", "strategy": "ddp" | "fsdp",
+           "datasets": [{"path": "data.jsonl"} | {"rows": [...]} | {"self_cognition": {...}}, ...] (as in a train request),
            "train": {TrainConfig fields, grad_accum PER RANK}, "events": "<path for rank 0's events, JSON lines>"}
 
 The global batch is batch_size × grad_accum × world size, and the run is exactly the one-process run with
 grad_accum × world size (same steps, schedule and checkpoints), so a checkpoint resumes on one process.
+"ddp" keeps a whole model on every rank and sums the trainable weights' gradients once per step (LoRA);
+"fsdp" shards every decoder layer's weights, gradients and optimizer state over the ranks with FSDP2
+(fully_shard), for full fine-tuning and for bases too large for one card.
 Ranks talk over gloo on CPUs and nccl on GPUs (one GPU per rank, cuda:LOCAL_RANK). Rank 0 alone writes
 checkpoints, the result and the events. When a rank dies, torchrun stops the others; rank 0 saves the last
 completed step first when it can (see training.py) and every rank exits non-zero.
@@ -34,8 +38,8 @@ from .engine.errors import EngineError
 from .engine.training import train
 from .engine.training_config import TrainConfig
 
-_KEYS = {"model", "dtype", "datasets", "train", "events"}
-_DATASET_KEYS = {"source", "format", "samples", "name"}
+_KEYS = {"model", "dtype", "strategy", "datasets", "train", "events"}
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -45,6 +49,7 @@ class DistRun:
     datasets: list[DatasetSpec]
     config: TrainConfig  # grad_accum per rank, as written in the file
     events: Path | None
+    strategy: str = "ddp"
 
     @classmethod
     def read(cls, path: Path) -> DistRun:
@@ -52,25 +57,32 @@ class DistRun:
             spec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise InvalidOptionError(f"cannot read the run file {path}: {e}") from e
+        return cls.from_dict(spec, str(path))
+
+    @classmethod
+    def from_dict(cls, spec: Any, where: str) -> DistRun:
+        """A run from its dict (a run file's contents); `where` names it in errors."""
         if not isinstance(spec, dict):
-            raise InvalidOptionError(f"{path} must hold a JSON object with model, datasets and train")
+            raise InvalidOptionError(f"{where} must hold a JSON object with model, datasets and train")
         unknown = sorted(set(spec) - _KEYS)
         if unknown:
-            raise InvalidOptionError(f"{path} has unknown keys {unknown}; allowed: {sorted(_KEYS)}")
+            raise InvalidOptionError(f"{where} has unknown keys {unknown}; allowed: {sorted(_KEYS)}")
         for key in ("model", "datasets", "train"):
             if key not in spec:
-                raise InvalidOptionError(f"{path} has no {key!r}: a run needs model, datasets and train")
+                raise InvalidOptionError(f"{where} has no {key!r}: a run needs model, datasets and train")
         if not isinstance(spec["datasets"], list) or not spec["datasets"]:
-            raise InvalidOptionError(f"{path}: datasets must be a non-empty list of {{source, format, samples}}")
+            raise InvalidOptionError(f"{where}: datasets must be a non-empty list of {{source, format, samples}}")
         datasets = []
         for i, d in enumerate(spec["datasets"]):
-            if not isinstance(d, dict) or "source" not in d or set(d) - _DATASET_KEYS:
-                raise InvalidOptionError(f"{path}: datasets[{i}] must be an object with source and optionally "
-                                         f"format, samples, name; got {d!r}")
-            datasets.append(DatasetSpec(**d))
+            if not isinstance(d, dict):
+                raise InvalidOptionError(f"{where}: datasets[{i}] must be an object like a train request's, got {d!r}")
+            datasets.append(DatasetSpec.from_dict(d))
+        strategy = spec.get("strategy", "ddp")
+        if strategy not in STRATEGIES:
+            raise InvalidOptionError(f"{where}: strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
         events = spec.get("events")
         return cls(str(spec["model"]), str(spec.get("dtype", "auto")), datasets, TrainConfig.from_dict(spec["train"]),
-                   Path(events) if events else None)
+                   Path(events) if events else None, strategy)
 
 
 class RankLostError(EngineError):
@@ -122,6 +134,7 @@ def _event_writer(path: Path | None, world_size: int) -> Any:
 
 
 def run(path: Path) -> dict[str, Any]:
+    """The rank torchrun started: joins the group from torchrun's environment, trains, leaves the group."""
     rank, world, local_rank = _rank_env()
     spec = DistRun.read(path)
     device = _device(local_rank)
@@ -129,26 +142,36 @@ def run(path: Path) -> dict[str, Any]:
     # torchrun sends SIGTERM to the ranks left when one dies (or when the run is stopped): finish the step in
     # hand and let rank 0 write a checkpoint, instead of dying mid-write.
     signal.signal(signal.SIGTERM, lambda *_: cancel.set())
-    parallel = None
-    if world > 1:
+    if world > 1 or spec.strategy == "fsdp":  # FSDP2 shards over the default group, even a group of one
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(minutes=10))
-        parallel = DataParallel(rank, world, device)
     try:
-        config = replace(spec.config, grad_accum=spec.config.grad_accum * world)
-        loaded = load_model(spec.model, LoadOptions(dtype=spec.dtype, device=str(device)))
         emit = _event_writer(spec.events, world) if rank == 0 else (lambda kind, content: None)
-        try:
-            result = train(loaded.model, loaded.tokenizer, spec.datasets, config, on_event=emit, cancel=cancel,
-                           parallel=parallel)
-        except Exception as e:
-            if parallel is None or not parallel.is_peer_failure(e):
-                raise
-            raise RankLostError(_lost_peer_message(config, world)) from e
-        return result.to_dict()
+        return run_rank(spec, rank, world, device, emit, cancel)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_rank(spec: DistRun, rank: int, world: int, device: torch.device, emit: Any,
+             cancel: threading.Event) -> dict[str, Any]:
+    """One rank's share of the run in an already joined process group (torchrun's or Ray Train's)."""
+    from .engine.fsdp import ShardedParallel
+
+    parallel = None
+    if world > 1 or spec.strategy == "fsdp":
+        parallel = (ShardedParallel if spec.strategy == "fsdp" else DataParallel)(rank, world, device)
+    config = replace(spec.config, grad_accum=spec.config.grad_accum * world)
+    loaded = load_model(spec.model, LoadOptions(dtype=spec.dtype, device=str(device)))
+    try:
+        result = train(loaded.model, loaded.tokenizer, spec.datasets, config, on_event=emit, cancel=cancel,
+                       parallel=parallel)
+    except Exception as e:
+        if parallel is None or not parallel.is_peer_failure(e):
+            raise
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise RankLostError(f"{_lost_peer_message(config, world)} (the collective said: {cause})") from e
+    return result.to_dict()
 
 
 def main(argv: list[str] | None = None) -> int:

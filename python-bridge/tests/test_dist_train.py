@@ -41,7 +41,7 @@ def write_run(tmp: Path, model_dir: Path, train_settings: dict) -> Path:
     data = tmp / "data.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
     run = tmp / "run.json"
-    run.write_text(json.dumps({"model": str(model_dir), "dtype": "fp32", "datasets": [{"source": str(data)}],
+    run.write_text(json.dumps({"model": str(model_dir), "dtype": "fp32", "datasets": [{"path": str(data)}],
                                "train": train_settings, "events": str(tmp / "events.jsonl")}), encoding="utf-8")
     return run
 
@@ -72,7 +72,7 @@ def test_rank_counts_are_checked_before_anything_starts(tmp_path: Path) -> None:
 
 
 def test_a_run_that_cannot_start_says_why(tmp_path: Path) -> None:
-    run = {"model": str(tmp_path / "missing"), "datasets": [{"source": "x.jsonl"}],
+    run = {"model": str(tmp_path / "missing"), "datasets": [{"path": "x.jsonl"}],
            "train": {"output_dir": str(tmp_path / "out")}}
     with pytest.raises(DistributedRunError, match=r"2-rank run ended with exit code .*does not exist"):
         launch(run, 2, tmp_path / "launch")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,17 +28,32 @@ class DataParallel:
     rank: int
     world_size: int
     device: torch.device  # where collectives run: the rank's GPU under nccl, the CPU under gloo
+    sharded: ClassVar[bool] = False  # weights split over the ranks (fsdp.py), not a whole model on each
+
+    @property
+    def loss_scale(self) -> float:
+        """What backward's loss is multiplied by so the reduced gradients are the sum over ranks."""
+        return 1.0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """Called once the model is ready to train, before the optimizer sees its parameters; returns the module
+        the loss must run through, or None for the model as it is."""
+        return None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, micro_batches: Sequence[T]) -> list[T]:
-        """This rank's contiguous share of a step's micro-batches (a short last step may leave a rank none)."""
+    def shard(self, micro_batches: Sequence[T]) -> tuple[list[T], int]:
+        """This rank's contiguous share of a step's micro-batches (a short last step may leave a rank none),
+        and how many of them at the end are fillers that must count for nothing (none here)."""
         n = len(micro_batches)
         per, extra = divmod(n, self.world_size)
         start = self.rank * per + min(self.rank, extra)
-        return list(micro_batches[start:start + per + (1 if self.rank < extra else 0)])
+        return list(micro_batches[start:start + per + (1 if self.rank < extra else 0)]), 0
+
+    def local(self, value: torch.Tensor) -> torch.Tensor:
+        return value
 
     def sum_int(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
@@ -52,7 +67,7 @@ class DataParallel:
             return True
         text = str(e).lower()
         return isinstance(e, RuntimeError) and any(
-            w in text for w in ("gloo", "nccl", "connection reset", "connection closed"))
+            w in text for w in ("connection reset", "connection closed", "closed by peer", "broken pipe", "timed out"))
 
     def any_(self, flag: bool) -> bool:
         """True on every rank when it is True on any rank."""

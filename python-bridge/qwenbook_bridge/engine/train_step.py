@@ -43,8 +43,10 @@ def build_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig,
 class StepRunner:
     def __init__(self, trainable: Trainable, optimizer: torch.optim.Optimizer, *, device: torch.device,
                  max_grad_norm: float, autocast: torch.dtype | None = None, scheduler: Any = None,
-                 scaler: torch.amp.GradScaler | None = None, parallel: DataParallel | None = None) -> None:
+                 scaler: torch.amp.GradScaler | None = None, parallel: DataParallel | None = None,
+                 loss_module: torch.nn.Module | None = None) -> None:
         self.trainable, self.optimizer, self.device = trainable, optimizer, device
+        self.loss_module = loss_module  # what a sharded model's loss runs through (fsdp.py)
         self.parallel = parallel
         self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
         self.autocast, self.scheduler, self.scaler = autocast, scheduler, scaler
@@ -52,23 +54,35 @@ class StepRunner:
 
     def loss_sum(self, batch: Batch) -> torch.Tensor:
         if self.autocast is None:
-            return token_loss_sum(self.trainable.causal_lm, batch)
+            return self._loss(batch)
         with torch.autocast(self.device.type, dtype=self.autocast):
-            return token_loss_sum(self.trainable.causal_lm, batch)
+            return self._loss(batch)
 
-    def __call__(self, batches: Sequence[Batch]) -> StepStats:
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        if self.loss_module is not None:
+            return self.loss_module(batch)
+        return token_loss_sum(self.trainable.causal_lm, batch)
+
+    def __call__(self, batches: Sequence[Batch], fillers: int = 0) -> StepStats:
+        """One step over `batches`; the last `fillers` of them only keep this rank in step with the others
+        (sharded ranks gather weights together on every pass) and count for nothing."""
+        real = len(batches) - fillers
         # Normalizing by the whole step's target count makes the loss independent of how rows split into
         # micro-batches (a plain mean of per-batch means would weight short batches up).
-        targets = sum(b.targets for b in batches)
+        targets = sum(b.targets for b in batches[:real])
         if self.parallel is not None:  # the whole step's count, so ranks' summed gradients are the one-process one
             targets = self.parallel.sum_int(targets)
         step_loss = torch.zeros((), dtype=torch.float32, device=self.device)
         tokens = 0
-        for batch in batches:
+        for i, batch in enumerate(batches):
             loss = self.loss_sum(batch.to(self.device)) / targets
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            step_loss += loss.detach()
-            tokens += batch.tokens
+            if i >= real:
+                loss = loss * 0.0
+            grad_loss = loss if self.parallel is None or self.parallel.loss_scale == 1 else loss * self.parallel.loss_scale
+            (self.scaler.scale(grad_loss) if self.scaler is not None else grad_loss).backward()
+            if i < real:
+                step_loss += loss.detach()
+                tokens += batch.tokens
         if self.parallel is not None:
             self.parallel.sync_gradients(self.params)
             self.parallel.sum_(step_loss)
@@ -76,6 +90,8 @@ class StepRunner:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        if self.parallel is not None:
+            grad_norm = self.parallel.local(grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

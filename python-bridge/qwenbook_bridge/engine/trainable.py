@@ -52,8 +52,10 @@ class Trainable:
     """The model prepared for one training run. `module` is what the optimizer trains; `causal_lm` is the
     transformers model the loss runs through (with any adapter layers inside it)."""
 
-    def __init__(self, model: Any, config: TrainConfig, tokenizer: Any) -> None:
+    def __init__(self, model: Any, config: TrainConfig, tokenizer: Any, keep_original: bool = True) -> None:
         self.model, self.config, self.tokenizer = model, config, tokenizer
+        # A rank of a several-process run ends with its process: no need to give the weights back.
+        self.keep_original = keep_original
         self._was_training = model.training
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self._had_checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
@@ -73,7 +75,8 @@ class Trainable:
             self.peft_model = get_peft_model(self.model, lora)
             fast_lora.install(self.model)
         else:
-            self._snapshot = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}
+            if self.keep_original:
+                self._snapshot = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters()}
             for p in self.model.parameters():
                 p.requires_grad_(True)
         if cfg.gradient_checkpointing:
@@ -109,11 +112,16 @@ class Trainable:
         skip = {"training_state.pt", "trainer_state.json", "train_config.json"}
         return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in skip)
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the trained weights; `state` is the model's whole state dict when the live one is sharded."""
         if self.peft_model is not None:
-            self.peft_model.save_pretrained(folder)
+            # peft picks the adapter's weights out of the PeftModel's state dict, which wraps this model's.
+            whole = None if state is None else {f"base_model.model.{k}": v for k, v in state.items()}
+            self.peft_model.save_pretrained(folder, state_dict=whole)
         else:
-            self.model.save_pretrained(folder, safe_serialization=True)
+            if state is not None:  # gathered copies no longer share storage, so say which are one weight
+                state = {k: v for k, v in state.items() if not self._is_tied(k)}
+            self.model.save_pretrained(folder, safe_serialization=True, state_dict=state)
             self.tokenizer.save_pretrained(folder)
 
     def check_resumable(self, checkpoint: Path) -> None:

@@ -31,6 +31,7 @@ from .data import DatasetSpec
 from .data_parallel import DataParallel
 from .chat_encoding import TokenizedDataset, build_dataset
 from .errors import EngineError, InvalidOptionError, is_out_of_memory
+from .fsdp import restore_optimizer
 from .train_step import StepRunner, build_optimizer
 from .trainable import Trainable, has_injected_adapters, precision_plan, resolve_targets
 from .training_config import TrainConfig
@@ -177,7 +178,7 @@ class _Run:
         if resume_state and resume_state["step"] >= self.total_steps:
             raise InvalidOptionError(f"{self.resume} is already at step {resume_state['step']} of "
                                      f"{self.total_steps}; raise epochs or max_steps to train further")
-        trainable = Trainable(self.model, cfg, self.tokenizer)
+        trainable = Trainable(self.model, cfg, self.tokenizer, keep_original=self.parallel is None)
         if self.resume:
             trainable.check_resumable(self.resume)
         elif cfg.method == "lora":
@@ -191,12 +192,15 @@ class _Run:
         torch.manual_seed(cfg.seed)  # the same LoRA initialization for the same seed
         self.trainable = trainable
         trainable.prepare()
+        if self.resume:  # into the whole model, before a sharded run splits it over the ranks
+            trainable.load(self.resume)
+        loss_module = self.parallel.wrap(self.model) if self.parallel is not None else None
         self.optimizer = build_optimizer(self.trainable.parameters(), cfg, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.runner = StepRunner(trainable, self.optimizer, device=self.device, max_grad_norm=cfg.max_grad_norm,
                                  autocast=self.autocast, scheduler=self.scheduler, scaler=self.scaler,
-                                 parallel=self.parallel)
+                                 parallel=self.parallel, loss_module=loss_module)
         if self.parallel is not None:
             self.parallel.broadcast_parameters(self.trainable.parameters())
         self.best_eval: float | None = None
@@ -235,10 +239,10 @@ class _Run:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     def _restore(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """Everything but the weights (loaded in _setup) from `checkpoint`."""
         assert self.trainable is not None and self.optimizer is not None
-        self.trainable.load(checkpoint)
         training = ckpt.read_training_state(checkpoint, self.device)
-        self.optimizer.load_state_dict(training["optimizer"])
+        restore_optimizer(self.model, self.optimizer, training, self.parallel, checkpoint)
         self.scheduler.load_state_dict(training["scheduler"])
         if self.scaler is not None and training.get("scaler"):
             self.scaler.load_state_dict(training["scaler"])
@@ -329,9 +333,11 @@ class _Run:
         assert self.runner is not None
         micro = self.schedule.step_units(self.step)
         if self.parallel is not None:
-            micro = self.parallel.shard(micro)
+            micro, fillers = self.parallel.shard(micro)
+        else:
+            fillers = 0
         batches = [collate(self.train_set, self.units, ids, self.pad_id, self.cfg.packing) for ids in micro]
-        stats = self.runner(batches)
+        stats = self.runner(batches, fillers)
         # The one wait for the device per step: the progress events report these values.
         step_loss, grad_norm = float(stats.loss), float(stats.grad_norm)
         if not math.isfinite(step_loss):
@@ -348,6 +354,8 @@ class _Run:
         collective comes before the optimizer step, so this rank still holds the last completed step intact:
         keep it, so the run resumes from there (on one process too) rather than from an older checkpoint."""
         if self.parallel is None or not self.writes or self.step == 0 or self.step in self.saved:
+            return
+        if self.parallel.sharded:  # the weights are spread over the ranks, one of which is gone
             return
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
@@ -376,7 +384,17 @@ class _Run:
 
     def _checkpoint(self, reason: str) -> Path:
         assert self.trainable is not None and self.optimizer is not None
-        training_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        trainable = self.trainable
+        write_weights = trainable.save
+        if self.parallel is not None and self.parallel.sharded:
+            # Gathering whole weights and optimizer state takes every rank; rank 0 then writes them.
+            whole = self.parallel.full_model_state(self.model)
+            optimizer_state: dict[str, Any] = {**self.parallel.full_optimizer_state(self.model, self.optimizer),
+                                               "keys": "names"}
+            write_weights = lambda folder: trainable.save(folder, whole)  # noqa: E731
+        else:
+            optimizer_state = self.optimizer.state_dict()
+        training_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                           "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                           "rng": ckpt.rng_state()}
         trainer_state = {"step": self.step, "total_steps": self.total_steps, "method": self.cfg.method,
@@ -385,7 +403,7 @@ class _Run:
                          "data_fingerprint": self.data.fingerprint(), "best_eval_loss": self.best_eval,
                          "last_eval_loss": self.last_eval, "log_history": self.history}
         if self.writes:
-            path = ckpt.write_checkpoint(self.out, self.step, self.trainable.save, training_state, trainer_state,
+            path = ckpt.write_checkpoint(self.out, self.step, write_weights, training_state, trainer_state,
                                          self.cfg.to_dict())
         else:
             path = self.out / f"checkpoint-{self.step}"
