@@ -34,10 +34,17 @@ def build_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig,
     no_decay = [p for p in params if p.ndim < 2]
     # The fused CUDA kernel updates every parameter in a few launches instead of several per tensor (LoRA on a
     # 7B model has ~400 small tensors); same arithmetic.
-    fused = device.type == "cuda"
+    fused = device.type == "cuda" and not _sharded(params)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, betas=config.adam_betas, eps=config.adam_eps, fused=fused or None)
+
+
+def _sharded(params: Sequence[torch.nn.Parameter]) -> bool:
+    """FSDP2's parameters are DTensors, which the fused AdamW kernel may not take; foreach handles them."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in params)
 
 
 class StepRunner:
