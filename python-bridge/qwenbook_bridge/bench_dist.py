@@ -77,6 +77,7 @@ def summarize_training(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({
             "strategy": run["strategy"], "method": run["method"], "ranks": run["ranks"],
             "tokens_per_s": round(run["tokens_per_s"], 1),
+            "tokens_per_s_median_step": round(run.get("tokens_per_s_median_step", 0.0), 1),
             "speedup_vs_base": round(run["tokens_per_s"] / base["tokens_per_s"], 3) if base["tokens_per_s"] else None,
             "base_ranks": base["ranks"],
             "scaling_efficiency": round(run["tokens_per_s"] / (scale * base["tokens_per_s"]), 3)
@@ -159,14 +160,16 @@ def spread_generation(shape: str, tokenizer_dir: Path, new_tokens: int, long_pro
     greedy = GenerationOptions(max_tokens=new_tokens, greedy=True)
     short = [{"role": "user", "content": "Tell me about the four cards this model is spread over."}]
     long = [{"role": "user", "content": " hello" * long_prompt}]
-    generate(loaded, short, GenerationOptions(max_tokens=4, greedy=True))  # warm-up
+    # A whole run of each path first: the first pass over four cards pays for allocator growth and kernel
+    # selection on every card (measured: 4.9 tok/s on a first 32-token run, 14.4 on the second).
+    generate(loaded, short, greedy)
     ours = generate(loaded, short, greedy)
     ours_long = min((generate(loaded, long, GenerationOptions(max_tokens=1, greedy=True)) for _ in range(2)),
                     key=lambda r: r.ttft_ms)
 
     ids = torch.tensor([prompt_ids(loaded, short)], device=device)
     long_ids = torch.tensor([prompt_ids(loaded, long)], device=device)
-    hf_generate(model, ids, 2)
+    hf_generate(model, ids, new_tokens)
     t_full = _timed(lambda: hf_generate(model, ids, new_tokens))
     t_one = _timed(lambda: hf_generate(model, ids, 1))
     hf_ttft = min(_timed(lambda: hf_generate(model, long_ids, 1)) for _ in range(2))

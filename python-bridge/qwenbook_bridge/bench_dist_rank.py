@@ -17,6 +17,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import torch
@@ -107,7 +108,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any] | None:
             "micro_rows": micro_rows, "length": length, "global_micro_batches": global_micro,
             "global_rows_per_step": micro_rows * global_micro, "trainable_params": trainable_params,
             "total_params": total_params, "build_s": build_s, "losses": losses, "step_s": times,
-            "tokens_per_s": sum(tokens[measured]) / seconds if seconds > 0 else 0.0, "per_rank": peaks}
+            "tokens_per_s": sum(tokens[measured]) / seconds if seconds > 0 else 0.0,
+            # One slow step (a collective waiting on a busy host) moves the mean; the median step does not.
+            "tokens_per_s_median_step": median(tokens[measured]) / median(times[measured]),
+            "per_rank": peaks}
 
 
 def main(argv: list[str] | None = None) -> int:

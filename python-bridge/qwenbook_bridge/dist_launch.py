@@ -40,7 +40,7 @@ def check_ranks(nproc: int) -> None:
                                          f"(cuda:0..cuda:{count - 1}); ask for {count} or fewer")
 
 
-def _relay(path: Path, offset: int, on_event: EventSink) -> int:
+def _relay(path: Path, offset: int, on_event: EventSink, strategy: str = "ddp") -> int:
     """Hand on the complete lines written to `path` since `offset`; returns the new offset."""
     try:
         with path.open("rb") as f:
@@ -51,7 +51,7 @@ def _relay(path: Path, offset: int, on_event: EventSink) -> int:
     end = data.rfind(b"\n") + 1  # a line still being written waits for the next poll
     for line in data[:end].splitlines():
         event = json.loads(line)
-        on_event(event["kind"], {**event["content"], "world_size": event["world_size"]}
+        on_event(event["kind"], {**event["content"], "world_size": event["world_size"], "strategy": strategy}
                  if event["kind"] == "train_begin" else event["content"])
     return offset + end
 
@@ -60,6 +60,7 @@ def launch(run: dict[str, Any], nproc: int, workdir: Path, on_event: EventSink |
            cancel: threading.Event | None = None, poll_s: float = 0.2) -> dict[str, Any]:
     """Run `run` (dist_train's run file, without "events") on `nproc` ranks; returns rank 0's TrainResult dict."""
     check_ranks(nproc)
+    strategy = str(run.get("strategy", "ddp"))
     workdir.mkdir(parents=True, exist_ok=True)
     events = workdir / "events.jsonl"
     events.unlink(missing_ok=True)
@@ -79,14 +80,14 @@ def launch(run: dict[str, Any], nproc: int, workdir: Path, on_event: EventSink |
     offset, stopping = 0, False
     relay = on_event or (lambda kind, content: None)
     while proc.poll() is None:
-        offset = _relay(events, offset, relay)
+        offset = _relay(events, offset, relay, strategy)
         if cancel is not None and cancel.is_set() and not stopping:
             proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
             stopping = True
         time.sleep(poll_s)
     for r in readers:
         r.join()
-    _relay(events, offset, relay)
+    _relay(events, offset, relay, strategy)
     results = [json.loads(line) for line in out if line.startswith('{"kind": "result"')]
     if results and (proc.returncode == 0 or (stopping and results[-1]["content"]["status"] == "cancelled")):
         return results[-1]["content"]

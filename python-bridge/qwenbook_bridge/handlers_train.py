@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .distributed_train import distributed_launcher
 from .engine import CancelledError, EngineError, LoadedModel, ModelRegistry
 from .paths import resolve_user_path
 from .run_registry import RunRegistry
@@ -186,6 +187,9 @@ class TrainHandlers:
         if job.cancel.is_set():
             raise CancelledError("the training run was cancelled before it started; nothing was written")
 
+        distributed = content.get("distributed")
+        launch = None if distributed is None else distributed_launcher(
+            distributed, loaded, config, self._wire_datasets(content["datasets"]))
         run = self.runs.begin(job.request.msg_id, loaded.model_id, str(config.output_dir), job.request.session)
 
         def on_event(kind: str, event: dict[str, Any]) -> None:
@@ -194,15 +198,25 @@ class TrainHandlers:
             job.emit(kind, event)
 
         try:
-            with self.exclusive(loaded.model_id), self.without_adapters(loaded.model_id):
-                result = train(loaded.model, loaded.tokenizer, specs, config, on_event=on_event, cancel=job.cancel)
+            if launch is not None:
+                # The ranks load the model themselves; the resident copy keeps serving meanwhile.
+                outcome = launch(on_event, job.cancel)
+            else:
+                with self.exclusive(loaded.model_id), self.without_adapters(loaded.model_id):
+                    outcome = train(loaded.model, loaded.tokenizer, specs, config, on_event=on_event,
+                                    cancel=job.cancel).to_dict()
         except BaseException as e:
             self.runs.end(run, "cancelled" if isinstance(e, CancelledError) else "failed", f"{type(e).__name__}: {e}")
             raise
-        reply = json_clean(result.to_dict())
+        reply = json_clean(outcome)
         self.runs.end(run, str(reply.get("status", "completed")))
         reply["outcome"] = reply.pop("status")
         return {"status": "ok", **reply}
+
+    def _wire_datasets(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The request's datasets as the ranks read them: paths made absolute and checked like the worker's."""
+        return [{**item, "path": str(resolve_user_path(item["path"], self.root, f"datasets[{i}].path"))}
+                if item.get("path") is not None else dict(item) for i, item in enumerate(items)]
 
     def preview(self, job: JobContext) -> dict[str, Any]:
         from .engine.chat_encoding import preview

@@ -679,6 +679,45 @@ export interface TrainRequest {
   config: TrainOptions;
   /** minItems 1 */
   datasets: Array<DatasetSource>;
+  distributed?: DistributedOptions;
+}
+
+/** Train on several ranks: processes on this host (devices) or Ray Train workers (cluster). The global batch is batch_size x grad_accum rows, as on one device; grad_accum must split evenly over the ranks */
+export interface DistributedOptions {
+  /**
+   * ddp: a whole model per rank (LoRA); fsdp: FSDP2, weights, gradients and optimizer state sharded over the ranks
+   * @default "ddp"
+   */
+  strategy?: "ddp" | "fsdp";
+  /**
+   * Ranks on this host under torchrun: one GPU each, or CPU processes (gloo) on a CPU-only worker
+   * minimum 1
+   */
+  devices?: number;
+  cluster?: ClusterOptions;
+}
+
+export interface ClusterOptions {
+  /**
+   * ray://host:10001 or host:6379; default RAY_ADDRESS
+   * minLength 1
+   */
+  address?: string;
+  /** minimum 1 */
+  workers: number;
+  /** minimum 0 */
+  gpus_per_worker?: number;
+  /** exclusiveMinimum 0 */
+  connect_timeout_s?: number;
+}
+
+export interface RankMemory {
+  rank: number;
+  device: string;
+  /** Bytes the rank's tensors hold */
+  used: number;
+  /** Most bytes held since the run started */
+  peak: number;
 }
 
 export interface SourceStats {
@@ -725,6 +764,10 @@ export interface TrainBeginEvent {
   notes: Array<string>;
   /** Every option of the run, defaults filled in */
   config: Record<string, unknown>;
+  /** Ranks in a several-process run (absent on one device) */
+  world_size?: number;
+  /** How a several-process run splits the work */
+  strategy?: "ddp" | "fsdp";
 }
 
 export interface TrainProgressEvent {
@@ -741,6 +784,8 @@ export interface TrainProgressEvent {
   /** Training throughput since the last event */
   tokens_per_s: number;
   eta_s: number;
+  /** Every rank's device memory, in a several-process run */
+  rank_memory?: Array<RankMemory>;
 }
 
 export interface EvalEvent {

@@ -105,3 +105,16 @@ class DataParallel:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def memory(self) -> list[dict[str, int | str]]:
+        """Every rank's memory (its GPU's tensors, or its process on a CPU), gathered on every rank."""
+        if self.device.type == "cuda":
+            used, peak = torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device)
+        else:
+            import psutil
+
+            used = peak = psutil.Process().memory_info().rss
+        mine = {"rank": self.rank, "device": str(self.device), "used": int(used), "peak": int(peak)}
+        everyone: list[dict[str, int | str]] = [mine] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        return everyone

@@ -278,7 +278,10 @@ class _Run:
             self.step += 1
 
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                self._event("train_progress", self.meter.report(self, lr, grad_norm))
+                report = self.meter.report(self, lr, grad_norm)
+                if self.parallel is not None:  # a collective: every rank logs at the same steps
+                    report["rank_memory"] = self.parallel.memory()
+                self._event("train_progress", report)
             if self.eval_set and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                 self._evaluate()
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
