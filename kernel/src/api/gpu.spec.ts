@@ -105,6 +105,23 @@ describe("qwen.gpu() in a notebook", () => {
     expect(bundles(sink).at(-1)!).toMatchObject({ live: false, devices: [{ used: 3 * GiB, history: [GiB, 3 * GiB] }] });
   });
 
+  it("shows a several-rank run's ranks beside the worker's own devices", async () => {
+    let endCell = () => undefined as void;
+    const sink = recordingSink({ cellDone: new Promise<void>((r) => (endCell = r)) });
+    const fake = fakeClient(() => [cpu(GiB)]);
+    const g = gauge(sink, fake.client);
+    await vi.advanceTimersByTimeAsync(0);
+    g.showRanks([0, 1].map((rank) => ({ rank, device: `cuda:${rank}`, name: "NVIDIA H200", used: 17 * GiB, peak: 18 * GiB, total: 140 * GiB })));
+    await vi.advanceTimersByTimeAsync(300);
+    const shown = bundles(sink).at(-1)!.devices;
+    expect(shown.map((d) => d.device)).toEqual(["cpu", "rank 0 · cuda:0", "rank 1 · cuda:1"]);
+    expect(shown[2]).toMatchObject({ kind: "cuda", name: "NVIDIA H200", used: 17 * GiB, peak: 18 * GiB, total: 140 * GiB });
+    endCell();
+    await g;
+    // The worker's later samples keep the ranks beside them.
+    expect(bundles(sink).at(-1)!.devices).toHaveLength(3);
+  });
+
   it("keeps updating after the cell has ended while watched, polling an idle worker once a second", async () => {
     let used = 1;
     const sink = recordingSink({ cellDone: Promise.resolve() });

@@ -1,7 +1,7 @@
 import { randomUUID } from "node:crypto";
 import { inspect } from "node:util";
 import type { WorkerClient } from "../bridge/client";
-import type { DeviceMemory } from "../bridge/protocol.gen";
+import type { DeviceMemory, RankMemory } from "../bridge/protocol.gen";
 import { GpuHistory } from "../display/bundles";
 import type { DisplaySink } from "../display/sink";
 import { createThrottle } from "../display/throttle";
@@ -43,6 +43,9 @@ export class GpuGauge implements PromiseLike<void> {
   #shown = false;
   #sampled = false;
   #wake: () => void = () => undefined;
+  /** The ranks of a several-process training run, shown after the worker's own devices. */
+  #ranks: DeviceMemory[] = [];
+  #redraw: () => void = () => undefined;
 
   constructor(host: GpuHost, options: GpuOptions = {}) {
     const o = expectKnownKeys("gpu(options)", options, ["watch"]);
@@ -76,6 +79,22 @@ export class GpuGauge implements PromiseLike<void> {
     this.#until = Math.max(this.#until, Date.now() + s * 1000);
     this.#wake();
     return this;
+  }
+
+  /**
+   * Shows a several-rank run's memory, one bar per rank (its process's tensors on its GPU), beside the
+   * worker's own devices; called with each progress event that carries it.
+   */
+  showRanks(ranks: readonly RankMemory[]): void {
+    this.#ranks = ranks.map((r) => ({
+      device: `rank ${r.rank} · ${r.device}`,
+      kind: r.device.startsWith("cuda") ? "cuda" : "cpu",
+      name: r.name,
+      used: r.used,
+      peak: r.peak,
+      total: r.total,
+    }));
+    this.#redraw();
   }
 
   /** Stops updating now; the output keeps the last sample. */
@@ -118,11 +137,20 @@ export class GpuGauge implements PromiseLike<void> {
       this.#sink.display(history.bundle(live), { id: this.#id, update: this.#shown });
       this.#shown = true;
     });
+    let workerDevices: readonly DeviceMemory[] = [];
+    let sampleTime = 0;
     const sample = (devices: readonly DeviceMemory[], time: number) => {
-      history.push({ devices, time });
+      workerDevices = devices;
+      sampleTime = time;
+      history.push({ devices: [...devices, ...this.#ranks], time });
       lastSampleAt = Date.now();
       this.#sampled = true;
       if (!this.#stopped) draw.push(true);
+    };
+    this.#redraw = () => {
+      if (!this.#sampled || this.#stopped) return;
+      history.push({ devices: [...workerDevices, ...this.#ranks], time: sampleTime });
+      draw.push(true);
     };
     let workerStopping = false;
     // The worker broadcasts its memory once a second only while it works; idle, it is polled.

@@ -2,7 +2,7 @@
 // are checked, their wire form (the worker's TrainConfig, snake_case; unset options keep its
 // defaults there), and how they read back in toString and the dashboard's config table.
 import { basename } from "node:path";
-import type { LoraOptions as WireLora, TrainBeginEvent, TrainOptions, TrainRequest } from "../bridge/protocol.gen";
+import type { DistributedOptions, LoraOptions as WireLora, TrainBeginEvent, TrainOptions, TrainRequest } from "../bridge/protocol.gen";
 import type { ConfigValue } from "../display/bundles";
 import type { DatasetEntry } from "./datasets";
 import { resolvePath } from "./paths";
@@ -25,6 +25,25 @@ export interface LoraOptions {
   dropout?: number;
   /** "all-linear" (the default: every projection, not the output head) or module names like ["q_proj", "v_proj"]. */
   targets?: "all-linear" | readonly string[];
+}
+
+export type Strategy = "ddp" | "fsdp";
+export const STRATEGIES: readonly Strategy[] = ["ddp", "fsdp"];
+
+export interface ClusterOptions {
+  /** Ray Train workers; each is one rank. */
+  workers: number;
+  /** GPUs each worker gets (0 for CPU workers); default 0. */
+  gpusPerWorker?: number;
+  /** Seconds to wait for the cluster to answer; default 15. */
+  connectTimeout?: number;
+}
+
+/** Where the ranks of a several-rank run come from: processes on the worker's host, or a Ray cluster. */
+export interface DistributedSettings {
+  readonly strategy?: Strategy;
+  readonly devices?: number;
+  readonly cluster?: Readonly<ClusterOptions & { address?: string }>;
 }
 
 /** What a builder holds. Immutable; each builder method makes a copy with one field changed. */
@@ -58,6 +77,18 @@ export interface TrainSettings {
   readonly resume?: string;
   readonly overwrite?: boolean;
   readonly quiet?: boolean;
+  readonly distributed?: DistributedSettings;
+}
+
+export function checkCluster(address: unknown, options: unknown): ClusterOptions & { address?: string } {
+  const o = expectKnownKeys("cluster(address, options)", options, ["workers", "gpusPerWorker", "connectTimeout"]);
+  const out: ClusterOptions & { address?: string } = {
+    workers: expectInteger("cluster option workers", o.workers, { min: 1, hint: "the number of Ray Train workers, one rank each" }),
+  };
+  if (address !== undefined) out.address = expectString("cluster(address)", address, { nonEmpty: true });
+  if (o.gpusPerWorker !== undefined) out.gpusPerWorker = expectNumber("cluster option gpusPerWorker", o.gpusPerWorker, { min: 0 });
+  if (o.connectTimeout !== undefined) out.connectTimeout = expectNumber("cluster option connectTimeout", o.connectTimeout, { above: 0 });
+  return out;
 }
 
 export function checkLora(options: unknown): LoraOptions {
@@ -95,6 +126,30 @@ export function checkComplete(s: TrainSettings): void {
   if (s.resume !== undefined && s.overwrite) {
     throw new Error("resume() continues a run and overwrite() starts one afresh; use one of them");
   }
+  const d = s.distributed;
+  if (d?.strategy !== undefined && d.devices === undefined && d.cluster === undefined) {
+    throw new Error(`strategy("${d.strategy}") splits a run over several ranks: add .devices(n) (GPUs of this machine) or .cluster(address, { workers })`);
+  }
+}
+
+/** The wire form of the ranks, or undefined for a run in the worker itself (one device, DDP). */
+export function toDistributed(d: DistributedSettings | undefined): DistributedOptions | undefined {
+  if (d === undefined) return undefined;
+  const strategy = d.strategy ?? "ddp";
+  if (d.cluster !== undefined) {
+    const c = d.cluster;
+    return {
+      strategy,
+      cluster: {
+        workers: c.workers,
+        ...(c.address === undefined ? {} : { address: c.address }),
+        ...(c.gpusPerWorker === undefined ? {} : { gpus_per_worker: c.gpusPerWorker }),
+        ...(c.connectTimeout === undefined ? {} : { connect_timeout_s: c.connectTimeout }),
+      },
+    };
+  }
+  if (d.devices === undefined || (d.devices === 1 && strategy === "ddp")) return undefined;
+  return { strategy, devices: d.devices };
 }
 
 /** The run folder when none was given: runs/<model>-<method>-<date>-<time>, next to the notebook. */
@@ -143,7 +198,10 @@ export function toTrainOptions(s: TrainSettings, output: string): TrainOptions {
 }
 
 export function toTrainRequest(modelId: string, s: TrainSettings, output: string): TrainRequest {
-  return { model_id: modelId, config: toTrainOptions(s, output), datasets: s.datasets.map((d) => d.wire) };
+  const request: TrainRequest = { model_id: modelId, config: toTrainOptions(s, output), datasets: s.datasets.map((d) => d.wire) };
+  const distributed = toDistributed(s.distributed);
+  if (distributed !== undefined) request.distributed = distributed;
+  return request;
 }
 
 /** "LoRA r=8 alpha=32" or "full fine-tune": how a run is named in toString and the dashboard title. */
@@ -182,9 +240,17 @@ export function settingRows(s: TrainSettings, cwd: string = process.cwd()): Arra
     ["seed", s.seed],
     ["resume", s.resume === undefined ? undefined : shortPath(s.resume, cwd)],
     ["overwrite", s.overwrite],
+    ["devices", s.distributed?.devices],
+    ["strategy", s.distributed?.strategy],
+    ["cluster", s.distributed?.cluster === undefined ? undefined : clusterLabel(s.distributed.cluster)],
     ["output", s.output === undefined ? undefined : shortPath(s.output, cwd)],
   ];
   return rows.filter((r): r is [string, string | number | boolean] => r[1] !== undefined);
+}
+
+function clusterLabel(c: ClusterOptions & { address?: string }): string {
+  const gpus = c.gpusPerWorker ? ` × ${c.gpusPerWorker} GPU` : "";
+  return `${c.address ?? "$RAY_ADDRESS"} (${c.workers} workers${gpus})`;
 }
 
 /** A path relative to `cwd` when it lies inside it, so notebooks show "runs/x" rather than /home/.../runs/x. */
@@ -221,6 +287,8 @@ export function dashboardConfig(e: TrainBeginEvent, output: string, cwd: string)
   if (e.eval_examples) put("evalExamples", e.eval_examples);
   put("trainableParams", e.trainable_params);
   put("device", e.device);
+  put("ranks", e.world_size);
+  put("strategy", e.strategy);
   if (e.resumed_from) put("resumedFrom", shortPath(e.resumed_from, cwd));
   put("output", shortPath(output, cwd));
   return out;

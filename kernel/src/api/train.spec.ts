@@ -162,6 +162,34 @@ describe("the training builder", () => {
     expect(sent).toEqual([]);
   });
 
+  it("splits a run over ranks of this machine or a Ray cluster, keeping the global batch", async () => {
+    const { t, sent } = target(() => reply("completed", 3, "x"), recordingSink({ rich: false }));
+    const run = TrainRun.lora(t, { r: 16 }).dataset(ROWS).gradAccum(4).quiet();
+    await run.devices(2).strategy("ddp").train();
+    expect(sent[0].distributed).toEqual({ strategy: "ddp", devices: 2 });
+    expect(sent[0].config.grad_accum).toBe(4); // the global count; the worker splits it over the ranks
+    await TrainRun.full(t).dataset(ROWS).devices(4).strategy("fsdp").quiet().train();
+    expect(sent[1].distributed).toEqual({ strategy: "fsdp", devices: 4 });
+    await run.cluster("ray://head:10001", { workers: 8, gpusPerWorker: 1, connectTimeout: 5 }).train();
+    expect(sent[2].distributed).toEqual({ strategy: "ddp", cluster: { workers: 8, address: "ray://head:10001", gpus_per_worker: 1, connect_timeout_s: 5 } });
+    await run.cluster({ workers: 2 }).strategy("fsdp").train();
+    expect(sent[3].distributed).toEqual({ strategy: "fsdp", cluster: { workers: 2 } });
+    // One device with DDP is an ordinary run in the worker.
+    await run.devices(1).train();
+    expect(sent[4].distributed).toBeUndefined();
+    expect(String(run.devices(2).strategy("ddp"))).toContain("devices 2 · strategy ddp");
+    expect(String(run.cluster("ray://head:10001", { workers: 8, gpusPerWorker: 1 }))).toContain("cluster ray://head:10001 (8 workers × 1 GPU)");
+
+    expect(() => run.devices(0)).toThrow(/devices\(n\) must be at least 1/);
+    expect(() => run.strategy("zero3" as never)).toThrow(/"ddp", "fsdp"/);
+    expect(() => run.devices(2).cluster({ workers: 2 })).toThrow(/not both/);
+    expect(() => run.cluster({ workers: 2 }).devices(2)).toThrow(/not both/);
+    expect(() => run.cluster({ workers: 0 })).toThrow(/cluster option workers must be at least 1/);
+    expect(() => run.cluster("ray://h:1", { workers: 2, gpus: 1 } as never)).toThrow(/no option "gpus"/);
+    await expect(run.strategy("fsdp").train()).rejects.toThrow(/add \.devices\(n\).*or \.cluster/);
+    expect(sent).toHaveLength(5);
+  });
+
   it("picks a run folder under runs/ when none was given", async () => {
     const { t, sent } = target(() => reply("completed", 3, "x"));
     await TrainRun.full(t).dataset(ROWS).quiet().train();
@@ -278,6 +306,17 @@ describe("the live dashboard", () => {
     await TrainRun.lora(quiet.t).dataset(DATA).quiet().train();
     expect(quiet.sink.displays).toEqual([]);
     expect(quiet.sink.texts).toEqual([]);
+  });
+
+  it("adds every rank's memory to a several-rank run's progress lines", async () => {
+    const rank = (r: number) => ({ rank: r, device: `cuda:${r}`, name: "GPU", used: 17.2 * 2 ** 30, peak: 18 * 2 ** 30, total: 80 * 2 ** 30 });
+    const { t, sink } = target((emit) => {
+      emit("train_begin", { ...BEGIN, world_size: 2, strategy: "ddp" });
+      emit("train_progress", { step: 1, total_steps: 3, epoch: 0.67, loss: 2.5, lr: 1e-4, grad_norm: 1.2, tokens_per_s: 3000, eta_s: 2, rank_memory: [rank(0), rank(1)] });
+      return reply("completed", 3, join(dir, "runs", "h"));
+    }, recordingSink({ rich: false }));
+    await TrainRun.lora(t).dataset(DATA).devices(2).output(join(process.cwd(), "runs", "h")).train();
+    expect(sink.texts.join("")).toContain("3000 tokens/s · ETA 0:02 · memory rank 0 17.2 GiB, rank 1 17.2 GiB\n");
   });
 
   it("formats durations as a clock", () => {

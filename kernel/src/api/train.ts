@@ -25,6 +25,10 @@ import {
   type TrainDtype,
   type TrainSettings,
   type Truncation,
+  checkCluster,
+  type ClusterOptions,
+  STRATEGIES,
+  type Strategy,
 } from "./train-config";
 import { TrainResult } from "./train-result";
 import { expectBoolean, expectInteger, expectKnownKeys, expectNumber, expectOneOf, expectString } from "./validate";
@@ -202,6 +206,37 @@ export class TrainRun {
     return this.#with({ resume: abs, ...(this.#s.output === undefined ? { output: runFolderOf(abs) } : {}) });
   }
 
+  /**
+   * Trains on `n` ranks on the worker's machine (torchrun), one GPU each, or CPU processes on a CPU-only
+   * worker. The global batch stays batchSize × gradAccum rows, as on one device, so gradAccum must be a
+   * multiple of `n`; checkpoints resume on any number of devices.
+   */
+  devices(n: number): TrainRun {
+    if (this.#s.distributed?.cluster !== undefined) {
+      throw new Error("This run already trains on a Ray cluster (.cluster(...)); use devices(n) for one machine or cluster() for several, not both");
+    }
+    const devices = expectInteger("devices(n)", n, { min: 1, hint: "the number of GPUs (ranks) to train on" });
+    return this.#with({ distributed: { ...this.#s.distributed, devices } });
+  }
+
+  /** How several ranks share the work: "ddp" (a whole model on each; LoRA) or "fsdp" (FSDP2: weights sharded; full fine-tuning, large bases). */
+  strategy(name: Strategy): TrainRun {
+    return this.#with({ distributed: { ...this.#s.distributed, strategy: expectOneOf("strategy(name)", name, STRATEGIES) } });
+  }
+
+  /**
+   * Trains on a Ray cluster with Ray Train's TorchTrainer: `cluster("ray://head:10001", { workers: 8, gpusPerWorker: 1 })`,
+   * or `cluster({ workers })` to use RAY_ADDRESS. The output folder must be one every worker can write.
+   */
+  cluster(address: string | ClusterOptions, options?: ClusterOptions): TrainRun {
+    if (this.#s.distributed?.devices !== undefined) {
+      throw new Error(`This run already trains on devices(${this.#s.distributed.devices}) of the worker's machine; use devices(n) for one machine or cluster() for several, not both`);
+    }
+    const [where, o] = typeof address === "string" ? [address, options] : [undefined, address];
+    const cluster = Object.freeze(checkCluster(where, o));
+    return this.#with({ distributed: { ...this.#s.distributed, cluster } });
+  }
+
   /** Start afresh in an output folder that holds another run's checkpoints (they are deleted). */
   overwrite(on = true): TrainRun {
     return this.#with({ overwrite: expectBoolean("overwrite(on)", on) });
@@ -275,6 +310,7 @@ export class TrainRun {
               break;
             case "train_progress":
               display?.progress(event.content);
+              if (event.content.rank_memory) gauge?.showRanks(event.content.rank_memory);
               break;
             case "eval":
               display?.evaluate(event.content);

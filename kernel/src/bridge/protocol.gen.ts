@@ -714,6 +714,10 @@ export interface ClusterOptions {
 export interface RankMemory {
   rank: number;
   device: string;
+  /** The GPU's name, or the process's memory on a CPU */
+  name: string;
+  /** The GPU's memory, or the machine's RAM */
+  total: number;
   /** Bytes the rank's tensors hold */
   used: number;
   /** Most bytes held since the run started */

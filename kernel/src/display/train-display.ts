@@ -116,7 +116,8 @@ export function createTrainLog(sink: DisplaySink, title: string): TrainDisplay {
       const width = String(e.total_steps).length;
       line(
         `step ${String(e.step).padStart(width)}/${e.total_steps} · epoch ${e.epoch.toFixed(2)} · loss ${e.loss.toFixed(4)} · ` +
-          `lr ${e.lr.toExponential(2)} · grad ${e.grad_norm.toFixed(2)} · ${Math.round(e.tokens_per_s)} tokens/s · ETA ${clock(e.eta_s)}`,
+          `lr ${e.lr.toExponential(2)} · grad ${e.grad_norm.toFixed(2)} · ${Math.round(e.tokens_per_s)} tokens/s · ETA ${clock(e.eta_s)}` +
+          (e.rank_memory ? ` · memory ${e.rank_memory.map((r) => `rank ${r.rank} ${(r.used / 2 ** 30).toFixed(1)} GiB`).join(", ")}` : ""),
       );
     },
     evaluate(e) {

@@ -110,11 +110,15 @@ class DataParallel:
         """Every rank's memory (its GPU's tensors, or its process on a CPU), gathered on every rank."""
         if self.device.type == "cuda":
             used, peak = torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device)
+            props = torch.cuda.get_device_properties(self.device)
+            name, total = props.name, props.total_memory
         else:
             import psutil
 
             used = peak = psutil.Process().memory_info().rss
-        mine = {"rank": self.rank, "device": str(self.device), "used": int(used), "peak": int(peak)}
+            name, total = "process memory (RSS)", psutil.virtual_memory().total
+        mine = {"rank": self.rank, "device": str(self.device), "name": name, "used": int(used), "peak": int(peak),
+                "total": int(total)}
         everyone: list[dict[str, int | str]] = [mine] * self.world_size
         dist.all_gather_object(everyone, mine)
         return everyone
