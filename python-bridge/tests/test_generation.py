@@ -20,6 +20,13 @@ PROMPTS = [
 GREEDY = GenerationOptions(max_tokens=64, greedy=True)
 
 
+@pytest.fixture(autouse=True, params=["plain", "fast"])
+def decode_loop(request, monkeypatch):
+    """Every test runs on both decode loops: transformers' forward, and the fast decoder (on the CPU here)."""
+    monkeypatch.setenv("QWENBOOK_FAST_DECODE", "1" if request.param == "fast" else "0")
+    return request.param
+
+
 def run(tiny, messages, opts=GREEDY, cancel=None):
     deltas = []
     result = generate(tiny, messages, opts, on_token=deltas.append, cancel=cancel)

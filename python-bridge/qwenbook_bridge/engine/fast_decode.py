@@ -21,6 +21,7 @@ tokens, slower.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -158,6 +159,7 @@ class FastDecoder:
         self._pool: Any = None
         self._ring: list[Tensor] | None = None
         self._host_position = 0  # the largest position of a current token, known without asking the device
+        self.busy = threading.Lock()  # held by whoever is decoding with it (engine/generation.py)
 
     def _refresh_fused(self) -> None:
         for lw, (weight, bias) in zip(self.weights.layers, self._fused):

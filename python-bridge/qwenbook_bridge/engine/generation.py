@@ -12,7 +12,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from .streaming import IncrementalDetokenizer, StopStringFilter
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 16
+MAX_EOS_IDS = 8  # the fast decoder's stop-id slots
 
 
 def _is_int(value: Any) -> bool:
@@ -136,6 +137,52 @@ def _sampler(opts: GenerationOptions, device: torch.device) -> Callable[[torch.T
     return sample
 
 
+def _token_stream(loaded: LoadedModel, prompt: list[int], budget: int, opts: GenerationOptions) -> Iterator[int]:
+    """The reply's tokens, one at a time, from the fast decoder where it applies (fast_generation.py), else
+    from transformers' forward with a dynamic cache. Closing the iterator stops decoding."""
+    from .fast_generation import decoder_for
+
+    model = loaded.model
+    context = int(loaded.info.get("context_length") or 0)
+    decoder = decoder_for(model, loaded.device, len(prompt) + budget, context)
+    # A decoder serves one request at a time; a second request for the same model meanwhile takes the plain loop.
+    if decoder is not None and decoder.busy.acquire(blocking=False):
+        try:
+            yield from _fast_stream(decoder, loaded, prompt, budget, opts)
+        finally:
+            decoder.busy.release()
+        return
+    yield from _plain_stream(model, loaded.device, prompt, opts)
+
+
+def _fast_stream(decoder: Any, loaded: LoadedModel, prompt: list[int], budget: int,
+                 opts: GenerationOptions) -> Iterator[int]:
+    from .fast_decode import SamplingParams
+
+    greedy = opts.greedy or opts.temperature == 0
+    sampling = SamplingParams() if greedy else SamplingParams(
+        temperature=float(opts.temperature), top_k=int(opts.top_k), top_p=float(opts.top_p), seed=opts.seed)
+    stop_ids = sorted(loaded.eos_token_ids)[:MAX_EOS_IDS]
+    for step in decoder.stream([prompt], budget, sampling, eos_token_ids=stop_ids):
+        if step[0] is None:
+            return
+        yield step[0]
+
+
+def _plain_stream(model: Any, device: torch.device, prompt: list[int], opts: GenerationOptions) -> Iterator[int]:
+    from transformers import DynamicCache
+
+    sample = _sampler(opts, device)
+    cache = DynamicCache(config=model.config)
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    ids = torch.tensor([prompt], device=device)
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra).logits[0, -1]
+    while True:
+        next_id = sample(logits)
+        yield int(next_id)
+        logits = model(input_ids=next_id.view(1, 1), past_key_values=cache, use_cache=True).logits[0, -1]
+
+
 def _accepts(model: Any, name: str) -> bool:
     try:
         return name in inspect.signature(model.forward).parameters
@@ -148,8 +195,6 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Gene
              cancel: threading.Event | None = None) -> GenerationResult:
     """Generate a chat reply. `on_token` gets text deltas as they become safe to show; `cancel` stops the
     loop before the next token and the result keeps the partial reply."""
-    from transformers import DynamicCache
-
     started = time.perf_counter()
     opts = (opts or GenerationOptions()).validate()
     model = loaded.model
@@ -167,7 +212,6 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Gene
 
     detok = IncrementalDetokenizer(loaded.tokenizer)
     stops = StopStringFilter(opts.stop)
-    sample = _sampler(opts, loaded.device)
     eos = loaded.eos_token_ids
     pieces: list[str] = []
     token_ids: list[int] = []
@@ -186,18 +230,14 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Gene
     finish, tail = "length", ""
     t_first = t_last = None
     failure: GenerationOutOfMemoryError | None = None
+    tokens: Iterator[int] | None = None
     try:
         with torch.inference_mode():
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
             else:
-                cache = DynamicCache(config=model.config)
-                extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-                ids = torch.tensor([prompt], device=loaded.device)
-                logits = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra).logits[0, -1]
-                while True:
-                    next_id = sample(logits)
-                    token = int(next_id)
+                tokens = _token_stream(loaded, prompt, budget, opts)
+                for token in tokens:
                     t_last = time.perf_counter()
                     if t_first is None:
                         t_first = t_last
@@ -218,7 +258,6 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Gene
                     if cancel is not None and cancel.is_set():
                         finish = "cancelled"
                         break
-                    logits = model(input_ids=next_id.view(1, 1), past_key_values=cache, use_cache=True).logits[0, -1]
     except Exception as e:
         if not is_out_of_memory(e):
             raise
@@ -229,8 +268,10 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Gene
             f"prompt after {len(token_ids)} new token(s). Try a shorter conversation or a smaller max_tokens (now "
             f"{opts.max_tokens}), unload models you no longer use, or let a training run on the same device finish "
             f"first. {loaded.model_id} is still loaded and usable.")
+    finally:
+        if tokens is not None:
+            tokens.close()  # the plain loop's KV cache is the bulk of what generation holds
     if failure is not None:
-        cache = logits = None  # the KV cache is the bulk of what generation holds
         free_memory()
         raise failure
 

@@ -1,0 +1,56 @@
+"""Which loop a chat request decodes on (fast_generation.py): the fast decoder where it applies, kept per model
+and grown for longer requests, and the plain loop for adapters and layers it cannot read."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwenbook_bridge.engine import GenerationOptions, generate
+from qwenbook_bridge.engine.fast_decode import FastDecoder
+from qwenbook_bridge.engine.fast_generation import _decoders, decoder_for, forget
+
+CHAT = [{"role": "user", "content": "你好，你是谁？"}]
+
+
+@pytest.fixture(autouse=True)
+def fresh(tiny, monkeypatch):
+    monkeypatch.setenv("QWENBOOK_FAST_DECODE", "1")
+    forget(tiny.model)
+    yield
+    forget(tiny.model)
+
+
+def test_chat_runs_on_one_decoder_per_model_that_grows_for_longer_requests(tiny):
+    first = generate(tiny, CHAT, GenerationOptions(max_tokens=8, greedy=True))
+    decoder = _decoders.get(tiny.model)
+    assert isinstance(decoder, FastDecoder) and decoder.max_seq_len >= 2048
+    generate(tiny, CHAT, GenerationOptions(max_tokens=8, greedy=True))
+    assert _decoders.get(tiny.model) is decoder  # kept: no new cache, no new graphs
+    longer = generate(tiny, CHAT, GenerationOptions(max_tokens=decoder.max_seq_len, greedy=True))
+    grown = _decoders.get(tiny.model)
+    assert grown is not decoder and grown.max_seq_len >= longer.prompt_tokens + longer.completion_tokens
+    assert longer.token_ids[:8] == first.token_ids
+
+
+def test_the_mode_switch_and_the_cpu_default(tiny, monkeypatch):
+    monkeypatch.setenv("QWENBOOK_FAST_DECODE", "0")
+    assert decoder_for(tiny.model, tiny.device, 64, 32768) is None
+    monkeypatch.setenv("QWENBOOK_FAST_DECODE", "auto")  # auto: on CUDA only
+    assert decoder_for(tiny.model, tiny.device, 64, 32768) is None
+    monkeypatch.setenv("QWENBOOK_FAST_DECODE", "1")
+    assert decoder_for(tiny.model, tiny.device, 64, 32768) is not None
+    assert decoder_for(tiny.model, tiny.device, 40000, 32768) is None  # more than the model's context
+
+
+def test_a_model_with_adapter_layers_decodes_on_the_plain_loop_with_its_adapter(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    plain = generate(tiny, CHAT, GenerationOptions(max_tokens=12, greedy=True))
+    peft_model = get_peft_model(tiny.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    try:
+        assert decoder_for(tiny.model, tiny.device, 64, 32768) is None
+        with_adapter = generate(tiny, CHAT, GenerationOptions(max_tokens=12, greedy=True))
+        assert with_adapter.token_ids != plain.token_ids  # the adapter's random B changes the reply
+    finally:
+        peft_model.unload()
+    assert generate(tiny, CHAT, GenerationOptions(max_tokens=12, greedy=True)).token_ids == plain.token_ids
