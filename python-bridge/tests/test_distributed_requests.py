@@ -62,3 +62,11 @@ def test_a_bad_row_is_found_in_the_worker_not_in_every_rank(client, model_id, tm
     reply, events = client.call("train", request(model_id, tmp_path / "bad", {"devices": 2}, rows=rows))
     assert events == []
     assert reply.content["ename"] == "DatasetError" and "row 2" in reply.content["evalue"], reply.content
+
+
+def test_a_ray_address_that_does_not_answer_is_named_in_the_error(client, model_id, tmp_path):
+    cluster = {"address": "127.0.0.1:9", "workers": 2, "connect_timeout_s": 2}
+    reply, events = client.call("train", request(model_id, tmp_path / "far", {"cluster": cluster}))
+    assert events == []
+    assert reply.content["ename"] == "RayClusterError", reply.content
+    assert "127.0.0.1:9" in reply.content["evalue"]

@@ -1,0 +1,171 @@
+"""Ray Train runs (ray_launch) on a local one-node Ray cluster of 2 CPUs: the same run as one process, cancel,
+a failing rank's own words, and the errors a user meets before training starts (no cluster, too few CPUs, an
+output folder the nodes cannot write).
+
+Tolerance: as in test_dist_train.py, losses of the 2-worker run match the 1-process run with the same global
+batch within 1e-4 (fp32); they differ only in the order gradients are summed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from qwenbook_bridge.dist_launch import DistributedRunError
+from qwenbook_bridge.engine import checkpoints as ckpt
+from qwenbook_bridge.engine.errors import DeviceUnavailableError, InvalidOptionError
+from qwenbook_bridge.ray_launch import RayClusterError, launch
+
+from test_dist_train import TOLERANCE, one_process, settings, write_run
+
+RAY = Path(sys.executable).with_name("ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_node(temp: str) -> None:
+    """Ends this node's processes (those started with its temp dir, and their children) by pid:
+    `ray stop` would end every Ray node of this user on the machine."""
+    procs: list[psutil.Process] = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(temp in part for part in p.info["cmdline"] or ()):
+            try:
+                procs += [p, *p.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    address: str  # the head's GCS, host:port
+    client: str  # Ray Client, ray://host:port
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A head node with 2 CPUs for this module."""
+    # Ray's socket paths live under the temp dir and must stay short (AF_UNIX paths are capped near 107 bytes).
+    temp = tempfile.mkdtemp(prefix="qbray", dir="/tmp")
+    port, client_port = _free_port(), _free_port()
+    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+    try:
+        started = subprocess.run(
+            [str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+             "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}",
+             f"--ray-client-server-port={client_port}", f"--dashboard-port={_free_port()}",
+             f"--dashboard-agent-listen-port={_free_port()}"],
+            capture_output=True, text=True, env=env, timeout=180)
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        yield Cluster(f"127.0.0.1:{port}", f"ray://127.0.0.1:{client_port}")
+    finally:
+        _stop_node(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_two_workers_match_one_process_with_the_same_global_batch(cluster: Cluster, tmp_path: Path,
+                                                                   tiny_model_dir: Path) -> None:
+    run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp")).read_text(encoding="utf-8"))
+    del run["events"]
+    seen: list[tuple[str, dict]] = []
+    result = launch(run, 2, 0, cluster.address, tmp_path / "launch",
+                    on_event=lambda kind, content: seen.append((kind, content)))
+    assert result["status"] == "completed" and result["step"] == 4
+    begin = next(c for k, c in seen if k == "train_begin")
+    assert begin["rows_per_step"] == 2 * 1 * 2 and begin["world_size"] == 2  # batch × grad_accum × workers
+    ranked = {c["step"]: c["loss"] for k, c in seen if k == "train_progress"}
+    assert (tmp_path / "ddp" / "adapter_model.safetensors").is_file()
+
+    reference = one_process(tiny_model_dir, tmp_path / "data.jsonl", settings(tmp_path / "one", grad_accum=2))
+    assert list(ranked) == list(reference) == [1, 2, 3, 4]
+    assert max(abs(ranked[s] - reference[s]) for s in reference) < TOLERANCE, (ranked, reference)
+    assert reference[4] < reference[1]  # it learns, so matching curves are not two flat lines
+
+
+def test_a_cluster_that_does_not_answer_is_named_quickly(tmp_path: Path, tiny_model_dir: Path) -> None:
+    run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp")).read_text(encoding="utf-8"))
+    del run["events"]
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(RayClusterError, match=f"cannot reach the Ray cluster at {address}"):
+        launch(run, 2, 0, address, tmp_path / "launch", connect_timeout_s=5)
+    assert time.monotonic() - start < 5
+
+
+def test_no_address_says_how_to_give_one(tmp_path: Path, tiny_model_dir: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp")).read_text(encoding="utf-8"))
+    del run["events"]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(InvalidOptionError, match="pass an address .* or set RAY_ADDRESS"):
+        launch(run, 2, 0, None, tmp_path / "launch")
+
+
+def test_an_output_folder_a_node_cannot_write_is_named_before_training(cluster: Cluster, tmp_path: Path,
+                                                                       tiny_model_dir: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    out = blocker / "ddp"
+    run = json.loads(write_run(tmp_path, tiny_model_dir, settings(out)).read_text(encoding="utf-8"))
+    del run["events"]
+    said = rf"node \S+ \(\w+\) cannot use the run's output folder {re.escape(str(out))}: cannot write"
+    with pytest.raises(RayClusterError, match=said):
+        launch(run, 2, 0, cluster.address, tmp_path / "launch")
+
+
+def test_more_workers_than_the_cluster_has_fail_before_training(cluster: Cluster, tmp_path: Path,
+                                                               tiny_model_dir: Path) -> None:
+    run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp")).read_text(encoding="utf-8"))
+    del run["events"]
+    seen: list[str] = []
+    with pytest.raises(DeviceUnavailableError,
+                       match=rf"3 CPUs and 0 GPUs, but the Ray cluster at {cluster.address} has 2 CPUs"):
+        launch(run, 3, 0, cluster.address, tmp_path / "launch", on_event=lambda kind, content: seen.append(kind))
+    assert seen == [] and not (tmp_path / "ddp").exists()
+
+
+def test_a_failing_rank_raises_with_its_own_words(cluster: Cluster, tmp_path: Path) -> None:
+    run = {"model": str(tmp_path / "missing"), "datasets": [{"path": "x.jsonl"}],
+           "train": {"output_dir": str(tmp_path / "out")}}
+    with pytest.raises(DistributedRunError, match=r"2-rank Ray Train run failed: rank \d: .*does not exist"):
+        launch(run, 2, 0, cluster.address, tmp_path / "launch")
+
+
+def test_cancel_stops_every_worker_at_one_step_with_a_checkpoint(cluster: Cluster, tmp_path: Path,
+                                                                 tiny_model_dir: Path) -> None:
+    run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp", max_steps=400)).read_text())
+    del run["events"]
+    cancel = threading.Event()
+
+    def on_event(kind: str, content: dict) -> None:
+        if kind == "train_progress" and content["step"] >= 2:
+            cancel.set()
+
+    # Through Ray Client this time: the queue and the stop flag are actors, so events and cancel cross it too.
+    result = launch(run, 2, 0, cluster.client, tmp_path / "launch", on_event=on_event, cancel=cancel)
+    assert result["status"] == "cancelled" and 2 <= result["step"] < 400
+    last = ckpt.list_checkpoints(tmp_path / "ddp")[-1]
+    assert ckpt.read_trainer_state(last)["step"] == result["step"]
