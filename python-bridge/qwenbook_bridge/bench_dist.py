@@ -5,6 +5,12 @@ over every GPU generating through the engine.
         --spread 72b --tokenizer ../.qwenbook/models/tiny-qwen2 --out bench-dist.json
     python -m qwenbook_bridge.bench_dist --small --ddp 1,2 --fsdp 2 --spread small --out x.json   # CPU, gloo
 
+The four-GPU run recorded in the project notes was (from python-bridge/, the tokenizer folder holding the tiny
+model's tokenizer.json, tokenizer_config.json and chat_template.jinja):
+
+    python -m qwenbook_bridge.bench_dist --ddp 1,2,4 --fsdp 4 --spread 72b --tokenizer TOK --out dist-a.json
+    python -m qwenbook_bridge.bench_dist --ddp "" --fsdp 2 --out dist-b.json
+
 Training: each configuration runs under torchrun (bench_dist_rank.py) with the Qwen2.5-7B shape (random
 weights, same seed everywhere) and the same global batch, so the per-step losses of 1, 2 and 4 ranks must
 agree to bf16 rounding; tokens/s counts every rank, scaling efficiency is tokens/s on N ranks over N times

@@ -71,6 +71,14 @@ def test_rank_counts_are_checked_before_anything_starts(tmp_path: Path) -> None:
             check_ranks(torch.cuda.device_count() + 1)
 
 
+def test_more_gpus_than_the_host_has_are_refused_with_the_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_ranks(2)
+    with pytest.raises(DeviceUnavailableError, match=r"asked for 3 GPUs, this worker sees 2 \(cuda:0..cuda:1\); ask for 2"):
+        check_ranks(3)
+
+
 def test_a_run_that_cannot_start_says_why(tmp_path: Path) -> None:
     run = {"model": str(tmp_path / "missing"), "datasets": [{"path": "x.jsonl"}],
            "train": {"output_dir": str(tmp_path / "out")}}
