@@ -117,6 +117,7 @@ class Bench:
         self.device = next(model.parameters()).device
         self.vocab = model.config.vocab_size
         self.fp32_tokens: list[list[int]] = []
+        self.rebuild: Callable[[], Any] = lambda: model  # set by main: the same model again in 16-bit
         self.fp32_margins: list[list[float]] = []
 
     def save(self) -> None:
@@ -207,6 +208,36 @@ class Bench:
         first_token()
         ttft = _median([_timed(dev, first_token) for _ in range(c.repeats)])
         self.add(scenario="ttft", path=variant, prompt_tokens=c.ttft_len, ttft_s=ttft)
+
+    def run_quantized(self, method: str) -> None:
+        """Batch-1 decode of the graph variant after quantizing the weights in place: int8 per channel, int4 in
+        groups of 128. The model stays quantized; int8 needs the 16-bit weights, so it must come first."""
+        from .engine.quant import QuantConfig, quantize_model
+        from .engine.quant_layers import QuantizedLinear
+
+        if method == "int8" and any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
+            raise ValueError("int8 must be measured before int4 (it quantizes the 16-bit weights)")
+        if method == "int4" and any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
+            self._restore_16bit()
+        started = time.perf_counter()
+        summary = quantize_model(self.model, QuantConfig(method=method, group_size=128))
+        c, dev = self.cfg, self.device
+        dec = FastDecoder(self.model, max_seq_len=c.prompt_len + c.new_tokens, batch_size=1, cuda_graphs=dev.type == "cuda")
+        ids = random_prompts(self.vocab, 1, c.prompt_len, seed=2)
+        dec.generate(ids, c.new_tokens)
+        self.add(scenario="decode_b1", path=f"graph-{method}", quantized_bytes=summary.quantized_bytes,
+                 setup_s=time.perf_counter() - started,
+                 **_rate(dev, lambda n: dec.generate(ids, n), 1, c.new_tokens, c.repeats))
+
+    def _restore_16bit(self) -> None:
+        import gc
+
+        self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch.manual_seed(0)  # the same random weights as the first build
+        self.model = self.rebuild()
 
     def run_batched(self, batch: int, paths: list[str]) -> None:
         c, dev = self.cfg, self.device
@@ -305,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-new-tokens", type=int, help="new tokens for the batched scenarios")
     p.add_argument("--batch-sizes", help="comma list, default 8,32")
     p.add_argument("--out", default="qwenbook-bench.json", help="where the JSON report goes")
+    p.add_argument("--quant", default="", help="comma list of int8, int4: after the rest, quantize the model in "
+                   "place (in that order, int8 from a fresh copy of the weights) and time batch-1 decode on the "
+                   "graph variant, beside the same variant in 16-bit")
     p.add_argument("--profile", action="store_true",
                    help="also write a kernel-time table per variant to <out>.profile.txt")
     a = p.parse_args(argv)
@@ -339,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         "ceiling_tokens_per_s": bandwidth / weight_bytes, "config": asdict(cfg), "variants": variants,
         "model_build_s": time.perf_counter() - start}
     bench = Bench(model, cfg, variants, report, Path(a.out))
+    bench.rebuild = lambda: (load_model(a.model, device, dtype) if a.model else
+                             build_random_model("small" if a.small else "7b", device, dtype)).eval()
     bench.save()
     refs: list[tuple[list[int], list[int]]] = []
     with torch.no_grad():
@@ -361,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             for v in dict.fromkeys(["eager", *variants]):
                 bench.guarded(f"profile_{v}", lambda v=v: report.meta.setdefault("profile", []).append(
                     profile_decode(model, v, cfg, prof_path)))
+        for method in filter(None, a.quant.split(",")):
+            bench.guarded(f"quant_{method}", lambda method=method: bench.run_quantized(method))
     report.meta["total_s"] = time.perf_counter() - start
     bench.save()
     print(summarize(report), flush=True)

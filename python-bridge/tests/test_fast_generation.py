@@ -54,3 +54,18 @@ def test_a_model_with_adapter_layers_decodes_on_the_plain_loop_with_its_adapter(
     finally:
         peft_model.unload()
     assert generate(tiny, CHAT, GenerationOptions(max_tokens=12, greedy=True)).token_ids == plain.token_ids
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_quantized_model_chats_on_the_fast_decoder_with_the_plain_loops_tokens(tiny_model_dir, monkeypatch, method):
+    from qwenbook_bridge.engine import LoadOptions, load_model
+
+    loaded = load_model(str(tiny_model_dir), LoadOptions(dtype="fp32", device="cpu",
+                                                          quant={"method": method, "group_size": 32}))
+    greedy = GenerationOptions(max_tokens=24, greedy=True)
+    monkeypatch.setenv("QWENBOOK_FAST_DECODE", "0")
+    plain = generate(loaded, CHAT, greedy)
+    monkeypatch.setenv("QWENBOOK_FAST_DECODE", "1")
+    fast = generate(loaded, CHAT, greedy)
+    assert isinstance(_decoders.get(loaded.model), FastDecoder)
+    assert fast.token_ids == plain.token_ids

@@ -36,25 +36,25 @@ class LayerWeights:
     """Views of one decoder layer's parameters (no copies: the model's tensors themselves)."""
 
     input_norm: Tensor
-    q_weight: Tensor
+    q_weight: Weight
     q_bias: Tensor | None
-    k_weight: Tensor
+    k_weight: Weight
     k_bias: Tensor | None
-    v_weight: Tensor
+    v_weight: Weight
     v_bias: Tensor | None
-    o_weight: Tensor
+    o_weight: Weight
     q_norm: Tensor | None
     k_norm: Tensor | None
     post_norm: Tensor
-    gate_weight: Tensor
-    up_weight: Tensor
-    down_weight: Tensor
+    gate_weight: Weight
+    up_weight: Weight
+    down_weight: Weight
 
-    def attn_in_args(self) -> tuple[Tensor | None, ...]:
+    def attn_in_args(self) -> tuple[Weight | None, ...]:
         return (self.input_norm, self.q_weight, self.q_bias, self.k_weight, self.k_bias,
                 self.v_weight, self.v_bias, self.q_norm, self.k_norm)
 
-    def attn_out_args(self) -> tuple[Tensor, ...]:
+    def attn_out_args(self) -> tuple[Weight, ...]:
         return (self.o_weight, self.post_norm, self.gate_weight, self.up_weight, self.down_weight)
 
 
@@ -64,17 +64,34 @@ class DecoderWeights:
     embed: Tensor
     layers: list[LayerWeights]
     final_norm: Tensor
-    lm_head: Tensor
+    lm_head: Weight
 
 
-def _plain_linear(module: Any, where: str) -> tuple[Tensor, Tensor | None]:
-    # A peft-wrapped or quantized layer computes more than weight @ x; reading only .weight would
-    # silently decode with the wrong function, so refuse it.
+# A projection's weight: a tensor for a plain nn.Linear, or the layer itself for the engine's int8/int4 layers,
+# whose forward runs their packed kernels (and applies their bias).
+Weight = Tensor | torch.nn.Module
+
+
+def lin(x: Tensor, w: Weight, b: Tensor | None = None) -> Tensor:
+    return F.linear(x, w, b) if isinstance(w, Tensor) else w(x)
+
+
+def weight_device(w: Weight) -> torch.device:
+    return w.device if isinstance(w, Tensor) else next(t.device for t in w.buffers())
+
+
+def _plain_linear(module: Any, where: str) -> tuple[Weight, Tensor | None]:
+    from .quant_layers import QuantizedLinear
+
+    if isinstance(module, QuantizedLinear) and type(module).forward is QuantizedLinear.forward:
+        return module, None
+    # A peft-wrapped layer computes more than weight @ x; reading only .weight would silently decode with the
+    # wrong function, so refuse it.
     if type(module) is not torch.nn.Linear:
         raise TypeError(
-            f"{where} is a {type(module).__name__}, not a plain torch.nn.Linear: the fast decoder reads "
-            "weights directly. Merge LoRA adapters first (peft's merge_and_unload()) or use the plain "
-            "generation path for adapters and quantized models.")
+            f"{where} is a {type(module).__name__}, not a plain torch.nn.Linear or an int8/int4 layer: the fast "
+            "decoder reads weights directly. Merge LoRA adapters first (peft's merge_and_unload()) or use the "
+            "plain generation path for adapters.")
     return module.weight, module.bias
 
 
@@ -97,7 +114,7 @@ def extract_weights(model: Any) -> DecoderWeights:
     shape = DecoderShape(
         num_layers=len(inner.layers), hidden_size=config.hidden_size, num_heads=heads,
         num_kv_heads=config.num_key_value_heads, head_dim=head_dim,
-        vocab_size=model.lm_head.weight.shape[0], rms_eps=float(config.rms_norm_eps))
+        vocab_size=model.lm_head.out_features, rms_eps=float(config.rms_norm_eps))
     layers = []
     for i, layer in enumerate(inner.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -123,7 +140,7 @@ def extract_weights(model: Any) -> DecoderWeights:
         raise ValueError("lm_head has a bias, which Qwen models do not have")
     weights = DecoderWeights(shape=shape, embed=inner.embed_tokens.weight, layers=layers,
                              final_norm=inner.norm.weight, lm_head=lm_w)
-    devices = {t.device for t in (weights.embed, weights.lm_head, *(lw.q_weight for lw in layers))}
+    devices = {weight_device(t) for t in (weights.embed, weights.lm_head, *(lw.q_weight for lw in layers))}
     if len(devices) != 1 or next(iter(devices)).type == "meta":
         raise ValueError(f"the model's weights are on {sorted(map(str, devices))}; the fast decoder needs "
                          "the whole model on one device (load it without a multi-device device_map)")
@@ -156,8 +173,8 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def attn_in(x: Tensor, cos: Tensor, sin: Tensor, eps: float, num_heads: int, num_kv_heads: int, head_dim: int,
-            input_norm: Tensor, q_w: Tensor, q_b: Tensor | None, k_w: Tensor | None, k_b: Tensor | None,
-            v_w: Tensor | None, v_b: Tensor | None, q_norm: Tensor | None,
+            input_norm: Tensor, q_w: Weight, q_b: Tensor | None, k_w: Weight | None, k_b: Tensor | None,
+            v_w: Weight | None, v_b: Tensor | None, q_norm: Tensor | None,
             k_norm: Tensor | None) -> tuple[Tensor, Tensor]:
     """Tokens [T, hidden] at their positions' cos/sin [T, head_dim] -> queries [T, heads, head_dim] and the
     new cache entries [2, T, kv_heads, head_dim] (keys rotated, values), one tensor so one write stores both.
@@ -165,11 +182,11 @@ def attn_in(x: Tensor, cos: Tensor, sin: Tensor, eps: float, num_heads: int, num
     t = x.shape[0]
     h = rms_norm(x, input_norm, eps)
     if k_w is None:
-        q, k, v = F.linear(h, q_w, q_b).split(
+        q, k, v = lin(h, q_w, q_b).split(
             (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim), dim=-1)
     else:
         assert v_w is not None
-        q, k, v = F.linear(h, q_w, q_b), F.linear(h, k_w, k_b), F.linear(h, v_w, v_b)
+        q, k, v = lin(h, q_w, q_b), lin(h, k_w, k_b), lin(h, v_w, v_b)
     q = q.reshape(t, num_heads, head_dim)
     k = k.reshape(t, num_kv_heads, head_dim)
     v = v.reshape(t, num_kv_heads, head_dim)
@@ -239,16 +256,16 @@ def decode_layer(x: Tensor, cos: Tensor, sin: Tensor, kv: Tensor, slot: Tensor, 
     return attn_out(x, attn, eps, o_w, post_norm, gate_w, up_w, down_w)
 
 
-def attn_out(x: Tensor, attn: Tensor, eps: float, o_w: Tensor, post_norm: Tensor, gate_w: Tensor, up_w: Tensor,
-             down_w: Tensor) -> Tensor:
+def attn_out(x: Tensor, attn: Tensor, eps: float, o_w: Weight, post_norm: Tensor, gate_w: Weight, up_w: Weight,
+             down_w: Weight) -> Tensor:
     """Residual stream [T, hidden] plus attention output [T, heads * head_dim] -> the layer's output."""
-    x = x + F.linear(attn, o_w)
+    x = x + lin(attn, o_w)
     h = rms_norm(x, post_norm, eps)
-    return x + F.linear(F.silu(F.linear(h, gate_w)) * F.linear(h, up_w), down_w)
+    return x + lin(F.silu(lin(h, gate_w)) * lin(h, up_w), down_w)
 
 
-def final_logits(x: Tensor, norm: Tensor, lm_head: Tensor, eps: float) -> Tensor:
-    return F.linear(rms_norm(x, norm, eps), lm_head).float()
+def final_logits(x: Tensor, norm: Tensor, lm_head: Weight, eps: float) -> Tensor:
+    return lin(rms_norm(x, norm, eps), lm_head).float()
 
 
 def sample_tokens(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
