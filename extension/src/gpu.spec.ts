@@ -72,6 +72,14 @@ describe("GPU gauge", () => {
     expect(card.querySelector(".qwenbook-dial-reserved")).toBeNull();
   });
 
+  it("labels a training rank's dial with the rank and its device", async () => {
+    const rank = { device: "rank 1 · cpu", kind: "cpu", name: "process memory (RSS)", used: GiB, peak: GiB, total: 24 * GiB, history: [GiB] };
+    const w = await show(gpu({ devices: [{ ...rank, device: "cpu" }, rank] }));
+    const cards = [...w.node.querySelectorAll(".qwenbook-gauge")];
+    expect(cards.map((c) => text(c.querySelector(".qwenbook-gauge-device")))).toEqual(["CPU", "rank 1 · cpu"]);
+    expect(text(cards[1].querySelector(".qwenbook-gauge-note"))).toBe("A training rank on the CPU: this shows its process's RAM.");
+  });
+
   it("says whether it is live", async () => {
     const w = await show(gpu());
     expect(text(w.node.querySelector(".qwenbook-gpu-footer"))).toMatch(/^live · \d\d:\d\d:\d\d$/);

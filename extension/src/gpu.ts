@@ -64,7 +64,7 @@ function deviceCard(d: DeviceGauge, intervalS: number | undefined): HTMLElement 
     h(
       "div",
       { class: "qwenbook-gauge-title" },
-      h("span", { class: "qwenbook-gauge-device" }, cpu ? "CPU" : d.device),
+      h("span", { class: "qwenbook-gauge-device" }, d.device === "cpu" ? "CPU" : d.device),
       d.name ? h("span", { class: "qwenbook-gauge-name" }, d.name) : null,
     ),
     dial({
@@ -89,7 +89,9 @@ function deviceCard(d: DeviceGauge, intervalS: number | undefined): HTMLElement 
       ? h(
           "div",
           { class: "qwenbook-gauge-note" },
-          "CPU only: no GPU is in use, so this shows the worker process's RAM.",
+          d.device === "cpu"
+            ? "CPU only: no GPU is in use, so this shows the worker process's RAM."
+            : "A training rank on the CPU: this shows its process's RAM.",
         )
       : null,
   );
