@@ -91,6 +91,7 @@ class Handlers:
             "models": self.registry.infos(),
             "running": running,
             "memory": memory_snapshot(),
+            "devices": available_devices(),
         }
 
     # ------------------------------------------------------------ jobs (job thread)

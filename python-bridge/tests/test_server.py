@@ -158,6 +158,7 @@ def test_status_lists_the_loaded_model_and_memory(client, model_id):
     reply, _ = client.call("status", {})
     assert [m["model_id"] for m in reply.content["models"]] == [model_id]
     assert reply.content["running"] == [] and reply.content["memory"][-1]["kind"] == "cpu"
+    assert reply.content["devices"][0] == "cpu"  # what a notebook counts GPUs from
 
 
 def test_a_second_worker_refuses_to_replace_a_live_one(worker):

@@ -16,6 +16,7 @@ describe("committed notebooks", () => {
         "03-self-cognition.ipynb",
         "04-qlora-fast.ipynb",
         "05-multiturn-merge-quantize.ipynb",
+        "06-several-gpus.ipynb",
       ]),
     );
   });

@@ -52,8 +52,9 @@ function chatCells(nb: ExecutedNotebook): Cell[] {
   });
 }
 
+/** Code cells matching `pattern`, less those that run only against a Ray cluster (none in CI). */
 function codeCells(nb: ExecutedNotebook, pattern: RegExp): Cell[] {
-  return nb.cells.filter((c) => c.cell_type === "code" && pattern.test(sourceOf(c)));
+  return nb.cells.filter((c) => c.cell_type === "code" && pattern.test(sourceOf(c)) && !sourceOf(c).startsWith("if (process.env.RAY_ADDRESS)"));
 }
 
 const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
@@ -168,5 +169,21 @@ checkNotebook("05-multiturn-merge-quantize.ipynb", (nb) => {
     expect(streamText(cellWith(nb, "run-gguf.mjs"))).toMatch(/^llama\.cpp \(.+\), [1-9]\d* tokens/);
     // everything the notebook loaded was unloaded again
     expect(streamText(cellWith(nb, "(await qwen.status()).models"))).not.toContain("multiturn");
+  });
+});
+
+checkNotebook("06-several-gpus.ipynb", (nb) => {
+  checkTraining(nb);
+  it("trained on two ranks with DDP and with FSDP2, the dashboards saying so", () => {
+    for (const [pattern, strategy] of [[/\.strategy\("ddp"\)/, "ddp"], [/\.strategy\("fsdp"\)/, "fsdp"]] as const) {
+      const [cell] = codeCells(nb, pattern);
+      const run = widgets<TrainWidget & { config: Record<string, unknown> }>(cell, TRAIN)[0];
+      expect(run.config).toMatchObject({ ranks: 2, strategy });
+      // The gauge beside it has a dial for each rank.
+      const gauge = widgets<GpuWidget>(cell, GPU).at(-1)!;
+      expect(gauge.devices.map((d) => d.device)).toEqual(expect.arrayContaining(["rank 0 · cpu", "rank 1 · cpu"]));
+    }
+    expect(streamText(cellWith(nb, "No RAY_ADDRESS"))).toContain("No RAY_ADDRESS");
+    expect(streamText(cellWith(nb, "(await qwen.status()).models"))).not.toContain("fsdp");
   });
 });

@@ -29,7 +29,7 @@ function fakeClient(memory: () => DeviceMemory[]) {
     async request(type: string) {
       if (type !== "status") throw new Error(`unexpected ${type}`);
       state.statusCalls += 1;
-      return { status: "ok", pid: 1, uptime_s: 1, models: [], running: [], memory: memory() };
+      return { status: "ok", pid: 1, uptime_s: 1, models: [], running: [], memory: memory(), devices: ["cpu"] };
     },
   };
   return {

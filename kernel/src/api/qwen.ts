@@ -124,6 +124,7 @@ export class Qwen {
       models: s.models.map(toModelInfo),
       running: s.running.map((r) => ({ msgId: r.msg_id, type: r.msg_type, session: r.session, started: r.started })),
       memory: s.memory.map((m) => ({ ...m })),
+      devices: [...s.devices],
       log: client.info.log,
       runtimeFile: this.runtimeFile,
     };

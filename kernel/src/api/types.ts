@@ -119,6 +119,8 @@ export interface WorkerStatus {
   models: ModelInfo[];
   running: RunningRequest[];
   memory: DeviceMemory[];
+  /** What the worker can put models on: "cpu", then "cuda:0", "cuda:1", ... */
+  devices: string[];
   /** Where the worker writes its log. */
   log: string;
   runtimeFile: string;

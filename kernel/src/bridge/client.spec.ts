@@ -98,8 +98,8 @@ describe("WorkerClient", () => {
     worker = await startFakeWorker({
       hello: helloHandler(),
       status: async (_m, r) => {
-        await r.forged("status_reply", { status: "ok", pid: 666, uptime_s: 0, models: [], running: [], memory: [] });
-        await r.reply({ status: "ok", pid: 1, uptime_s: 0, models: [], running: [], memory: [] });
+        await r.forged("status_reply", { status: "ok", pid: 666, uptime_s: 0, models: [], running: [], memory: [], devices: ["cpu"] });
+        await r.reply({ status: "ok", pid: 1, uptime_s: 0, models: [], running: [], memory: [], devices: ["cpu"] });
       },
     });
     client = await WorkerClient.connect(worker.info, { warn: (l) => warnings.push(l) });

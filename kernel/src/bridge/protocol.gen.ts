@@ -211,6 +211,8 @@ export interface StatusReply {
   status: "ok";
   pid: number;
   uptime_s: number;
+  /** What this worker can put models on: cpu, then cuda:0, cuda:1, ... */
+  devices: Array<string>;
   models: Array<ModelInfo>;
   running: Array<{
     msg_id: string;
