@@ -65,3 +65,11 @@ def client(worker):
     c = Client(worker.info)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="module")
+def model_id(client, tiny_model_dir):
+    """The tiny model loaded in fp32 in the module's worker (a module may define its own instead)."""
+    reply, _ = client.call("load", {"model": str(tiny_model_dir), "dtype": "fp32"})
+    assert reply.content["status"] == "ok", reply.content
+    return reply.content["model"]["model_id"]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -91,6 +92,12 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, 
     del run["events"]
     seen: list[tuple[str, dict]] = []
     result = launch(run, 2, tmp_path / "launch", on_event=lambda kind, content: seen.append((kind, content)))
+    assert_two_ranks_match_one_process(result, seen, tmp_path, tiny_model_dir)
+
+
+def assert_two_ranks_match_one_process(result: dict, seen: list[tuple[str, dict]], tmp_path: Path,
+                                       tiny_model_dir: Path) -> None:
+    """A finished 2-rank run of settings(tmp_path / "ddp") against one process with the same global batch."""
     assert result["status"] == "completed" and result["step"] == 4
     begin = next(c for k, c in seen if k == "train_begin")
     assert begin["rows_per_step"] == 2 * 1 * 2 and begin["world_size"] == 2  # batch × grad_accum × ranks
@@ -101,6 +108,17 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, 
     assert list(ranked) == list(reference) == [1, 2, 3, 4]
     assert max(abs(ranked[s] - reference[s]) for s in reference) < TOLERANCE, (ranked, reference)
     assert reference[4] < reference[1]  # it learns, so matching curves are not two flat lines
+
+
+def cancel_after(step: int) -> tuple[threading.Event, Callable[[str, dict], None]]:
+    """A cancel event and an event sink that sets it once training reports `step`."""
+    cancel = threading.Event()
+
+    def on_event(kind: str, content: dict) -> None:
+        if kind == "train_progress" and content["step"] >= step:
+            cancel.set()
+
+    return cancel, on_event
 
 
 def _rank_process(parent: psutil.Process, rank: str) -> psutil.Process | None:
@@ -145,12 +163,7 @@ def test_a_killed_rank_ends_the_run_and_its_checkpoint_resumes_on_one_process(tm
 def test_cancel_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path: Path, tiny_model_dir: Path) -> None:
     run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp", max_steps=400)).read_text())
     del run["events"]
-    cancel = threading.Event()
-
-    def on_event(kind: str, content: dict) -> None:
-        if kind == "train_progress" and content["step"] >= 2:
-            cancel.set()
-
+    cancel, on_event = cancel_after(2)
     result = launch(run, 2, tmp_path / "launch", on_event=on_event, cancel=cancel)
     assert result["status"] == "cancelled" and 2 <= result["step"] < 400
     last = ckpt.list_checkpoints(tmp_path / "ddp")[-1]

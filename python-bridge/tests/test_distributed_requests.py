@@ -13,13 +13,6 @@ SMALL = {"max_length": 48, "batch_size": 1, "grad_accum": 2, "max_steps": 2, "lr
          "log_every": 1}
 
 
-@pytest.fixture(scope="module")
-def model_id(client, tiny_model_dir):
-    reply, _ = client.call("load", {"model": str(tiny_model_dir), "dtype": "fp32"})
-    assert reply.content["status"] == "ok", reply.content
-    return reply.content["model"]["model_id"]
-
-
 def request(model_id: str, out: Path, distributed: dict, rows=ROWS, **options) -> dict:
     return {"model_id": model_id, "config": {"output_dir": str(out), **copy.deepcopy(SMALL), **options},
             "datasets": [{"rows": rows}], "distributed": distributed}

@@ -24,13 +24,6 @@ TEXT = "The harbour town woke slowly. 你好，你是谁？ def f(x): return x *
 
 
 @pytest.fixture(scope="module")
-def model_id(client, tiny_model_dir):
-    reply, _ = client.call("load", {"model": str(tiny_model_dir), "dtype": "fp32"})
-    assert reply.content["status"] == "ok", reply.content
-    return reply.content["model"]["model_id"]
-
-
-@pytest.fixture(scope="module")
 def hf_base(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -25,13 +25,6 @@ SMALL = {"max_length": 48, "batch_size": 2, "grad_accum": 1, "epochs": 1, "lr": 
          "log_every": 1}
 
 
-@pytest.fixture(scope="module")
-def model_id(client, tiny_model_dir):
-    reply, _ = client.call("load", {"model": str(tiny_model_dir), "dtype": "fp32"})
-    assert reply.content["status"] == "ok", reply.content
-    return reply.content["model"]["model_id"]
-
-
 def train_request(model_id: str, out: Path, rows=ROWS, **options) -> dict:
     config = {"output_dir": str(out), **copy.deepcopy(SMALL), **options}
     return {"model_id": model_id, "config": config, "datasets": [{"rows": rows}]}

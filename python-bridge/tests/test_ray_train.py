@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from qwenbook_bridge.engine import checkpoints as ckpt
 from qwenbook_bridge.engine.errors import DeviceUnavailableError, InvalidOptionError
 from qwenbook_bridge.ray_launch import RayClusterError, launch
 
-from test_dist_train import TOLERANCE, one_process, settings, write_run
+from test_dist_train import assert_two_ranks_match_one_process, cancel_after, settings, write_run
 
 RAY = Path(sys.executable).with_name("ray")
 
@@ -93,16 +92,7 @@ def test_two_workers_match_one_process_with_the_same_global_batch(cluster: Clust
     seen: list[tuple[str, dict]] = []
     result = launch(run, 2, 0, cluster.address, tmp_path / "launch",
                     on_event=lambda kind, content: seen.append((kind, content)))
-    assert result["status"] == "completed" and result["step"] == 4
-    begin = next(c for k, c in seen if k == "train_begin")
-    assert begin["rows_per_step"] == 2 * 1 * 2 and begin["world_size"] == 2  # batch × grad_accum × workers
-    ranked = {c["step"]: c["loss"] for k, c in seen if k == "train_progress"}
-    assert (tmp_path / "ddp" / "adapter_model.safetensors").is_file()
-
-    reference = one_process(tiny_model_dir, tmp_path / "data.jsonl", settings(tmp_path / "one", grad_accum=2))
-    assert list(ranked) == list(reference) == [1, 2, 3, 4]
-    assert max(abs(ranked[s] - reference[s]) for s in reference) < TOLERANCE, (ranked, reference)
-    assert reference[4] < reference[1]  # it learns, so matching curves are not two flat lines
+    assert_two_ranks_match_one_process(result, seen, tmp_path, tiny_model_dir)
 
 
 def test_a_cluster_that_does_not_answer_is_named_quickly(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -158,12 +148,7 @@ def test_cancel_stops_every_worker_at_one_step_with_a_checkpoint(cluster: Cluste
                                                                  tiny_model_dir: Path) -> None:
     run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp", max_steps=400)).read_text())
     del run["events"]
-    cancel = threading.Event()
-
-    def on_event(kind: str, content: dict) -> None:
-        if kind == "train_progress" and content["step"] >= 2:
-            cancel.set()
-
+    cancel, on_event = cancel_after(2)
     # Through Ray Client this time: the queue and the stop flag are actors, so events and cancel cross it too.
     result = launch(run, 2, 0, cluster.client, tmp_path / "launch", on_event=on_event, cancel=cancel)
     assert result["status"] == "cancelled" and 2 <= result["step"] < 400
