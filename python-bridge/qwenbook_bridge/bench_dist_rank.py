@@ -99,7 +99,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any] | None:
     peaks: list[Any] = [None] * world
     dist.all_gather_object(peaks, {"device": str(device), "peak_bytes": peak,
                                    "name": torch.cuda.get_device_name(device) if cuda else "cpu"})
-    dist.destroy_process_group()
     if rank != 0:
         return None
     measured = slice(spec["warmup"], steps)
@@ -126,4 +125,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .dist_train import exit_rank
+
+    exit_rank(main())
