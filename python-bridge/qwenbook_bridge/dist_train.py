@@ -51,6 +51,11 @@ class DistRun:
     events: Path | None
     strategy: str = "ddp"
 
+    def parallel(self, world: int) -> bool:
+        """Whether the run trains as one of a group: several ranks, or FSDP2, which shards over the default
+        group even when it is a group of one."""
+        return world > 1 or self.strategy == "fsdp"
+
     @classmethod
     def read(cls, path: Path) -> DistRun:
         try:
@@ -142,7 +147,7 @@ def run(path: Path) -> dict[str, Any]:
     # torchrun sends SIGTERM to the ranks left when one dies (or when the run is stopped): finish the step in
     # hand and let rank 0 write a checkpoint, instead of dying mid-write.
     signal.signal(signal.SIGTERM, lambda *_: cancel.set())
-    if world > 1 or spec.strategy == "fsdp":  # FSDP2 shards over the default group, even a group of one
+    if spec.parallel(world):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=timedelta(minutes=10))
     emit = _event_writer(spec.events, world) if rank == 0 else (lambda kind, content: None)
@@ -156,7 +161,7 @@ def run_rank(spec: DistRun, rank: int, world: int, device: torch.device, emit: A
     from .engine.fsdp import ShardedParallel
 
     parallel = None
-    if world > 1 or spec.strategy == "fsdp":
+    if spec.parallel(world):
         parallel = (ShardedParallel if spec.strategy == "fsdp" else DataParallel)(rank, world, device)
     config = replace(spec.config, grad_accum=spec.config.grad_accum * world)
     loaded = load_model(spec.model, LoadOptions(dtype=spec.dtype, device=str(device)))

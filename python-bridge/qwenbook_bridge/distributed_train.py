@@ -21,6 +21,7 @@ import torch
 from .dist_launch import EventSink, check_ranks
 from .dist_train import STRATEGIES
 from .engine import InvalidOptionError, LoadedModel
+from .engine.data import DatasetSpec
 from .engine.training_config import TrainConfig
 
 Launch = Callable[[EventSink, threading.Event], dict[str, Any]]
@@ -39,7 +40,8 @@ def _ranks(options: dict[str, Any]) -> tuple[int | None, dict[str, Any] | None, 
 
 
 def distributed_launcher(options: dict[str, Any], loaded: LoadedModel, config: TrainConfig,
-                         datasets: list[dict[str, Any]]) -> Launch:
+                         datasets: list[dict[str, Any]], specs: list[DatasetSpec]) -> Launch:
+    """`datasets` as the request gave them (paths resolved) go to the ranks; `specs` are the same, parsed."""
     strategy = options.get("strategy", "ddp")
     if strategy not in STRATEGIES:
         raise InvalidOptionError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
@@ -55,10 +57,8 @@ def distributed_launcher(options: dict[str, Any], loaded: LoadedModel, config: T
                                  "model in every rank in 16-bit: load it without quantize and train again")
     # The ranks would each find a bad row only after loading the model: read the data here first.
     from .engine.chat_encoding import build_dataset
-    from .engine.data import DatasetSpec
 
-    build_dataset([DatasetSpec.from_dict(d) for d in datasets], loaded.tokenizer, config.max_length,
-                  truncation=config.truncation, seed=config.seed)
+    build_dataset(specs, loaded.tokenizer, config.max_length, truncation=config.truncation, seed=config.seed)
     source = str(loaded.path) if loaded.path.is_dir() else loaded.source
     train = {**config.to_dict(), "grad_accum": config.grad_accum // world}
     run = {"model": source, "dtype": _DTYPES.get(loaded.dtype, "auto"), "strategy": strategy,

@@ -63,15 +63,16 @@ def json_clean(value: Any) -> Any:
     return value
 
 
+def resolved_datasets(items: list[dict[str, Any]], root: Path | None = None) -> list[dict[str, Any]]:
+    """The request's datasets with their paths made absolute and checked (as the ranks of a run also read them)."""
+    return [{**item, "path": str(resolve_user_path(item["path"], root, f"datasets[{i}].path"))}
+            if item.get("path") is not None else dict(item) for i, item in enumerate(items)]
+
+
 def dataset_specs(items: list[dict[str, Any]], root: Path | None = None) -> list[DatasetSpec]:
     from .engine.data import DatasetSpec
 
-    specs = []
-    for i, item in enumerate(items):
-        if item.get("path") is not None:
-            item = {**item, "path": str(resolve_user_path(item["path"], root, f"datasets[{i}].path"))}
-        specs.append(DatasetSpec.from_dict(item))
-    return specs
+    return [DatasetSpec.from_dict(item) for item in resolved_datasets(items, root)]
 
 
 def _stamp(folder: Path) -> tuple[int, int] | None:
@@ -172,6 +173,7 @@ class TrainHandlers:
     # ------------------------------------------------------------ train / train_preview
 
     def train(self, job: JobContext) -> dict[str, Any]:
+        from .engine.data import DatasetSpec
         from .engine.training import train
         from .engine.training_config import TrainConfig
 
@@ -183,13 +185,13 @@ class TrainHandlers:
                 options[name] = str(resolve_user_path(options[name], self.root, f"config.{name}"))
         config = TrainConfig.from_dict(options)
         config.validate()
-        specs = dataset_specs(content["datasets"], self.root)
+        datasets = resolved_datasets(content["datasets"], self.root)
+        specs = [DatasetSpec.from_dict(d) for d in datasets]
         if job.cancel.is_set():
             raise CancelledError("the training run was cancelled before it started; nothing was written")
 
         distributed = content.get("distributed")
-        launch = None if distributed is None else distributed_launcher(
-            distributed, loaded, config, self._wire_datasets(content["datasets"]))
+        launch = None if distributed is None else distributed_launcher(distributed, loaded, config, datasets, specs)
         run = self.runs.begin(job.request.msg_id, loaded.model_id, str(config.output_dir), job.request.session)
 
         def on_event(kind: str, event: dict[str, Any]) -> None:
@@ -212,11 +214,6 @@ class TrainHandlers:
         self.runs.end(run, str(reply.get("status", "completed")))
         reply["outcome"] = reply.pop("status")
         return {"status": "ok", **reply}
-
-    def _wire_datasets(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The request's datasets as the ranks read them: paths made absolute and checked like the worker's."""
-        return [{**item, "path": str(resolve_user_path(item["path"], self.root, f"datasets[{i}].path"))}
-                if item.get("path") is not None else dict(item) for i, item in enumerate(items)]
 
     def preview(self, job: JobContext) -> dict[str, Any]:
         from .engine.chat_encoding import preview

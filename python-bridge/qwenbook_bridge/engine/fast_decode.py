@@ -108,10 +108,10 @@ class FastDecoder:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.weights = extract_weights(model)
-        plain = [lw.q_weight for lw in self.weights.layers]
-        quantized = not all(isinstance(w, Tensor) for lw in self.weights.layers
-                            for w in (lw.q_weight, lw.k_weight, lw.v_weight, lw.o_weight, lw.gate_weight,
-                                      lw.up_weight, lw.down_weight)) or not isinstance(self.weights.lm_head, Tensor)
+        layers = self.weights.layers
+        plain_qkv = all(isinstance(w, Tensor) for lw in layers for w in (lw.q_weight, lw.k_weight, lw.v_weight))
+        rest = [self.weights.lm_head, *(w for lw in layers for w in lw.attn_out_args())]
+        quantized = not plain_qkv or not all(isinstance(w, Tensor) for w in rest)
         if compile and quantized:
             # Their forward picks a packed kernel in Python (and checks it once); use CUDA graphs alone for them.
             raise ValueError("compile=True does not take int8/int4 layers; use cuda_graphs (the default on CUDA)")
@@ -138,8 +138,7 @@ class FastDecoder:
             self._final = torch.compile(final_logits, fullgraph=True)
         dev, b = self.device, batch_size
         self._fused: list[tuple[Tensor, Tensor | None]] = []
-        if (on_cuda if fuse_qkv is None else fuse_qkv) and all(isinstance(w, Tensor) for w in plain) \
-                and all(isinstance(lw.k_weight, Tensor) and isinstance(lw.v_weight, Tensor) for lw in self.weights.layers):
+        if (on_cuda if fuse_qkv is None else fuse_qkv) and plain_qkv:
             for lw in self.weights.layers:
                 rows = lw.q_weight.shape[0] + lw.k_weight.shape[0] + lw.v_weight.shape[0]
                 weight = torch.empty(rows, shape.hidden_size, dtype=lw.q_weight.dtype, device=dev)

@@ -4,8 +4,8 @@ whole Qwen model on one GPU, the plain transformers forward loop for everything 
 `QWENBOOK_FAST_DECODE` chooses: "auto" (the default: on CUDA), "1" (also on the CPU, where it runs the same
 functions eagerly: same tokens, no gain; the tests use it), "0" (never). The plain loop stays in charge of
 models spread over several devices, models with LoRA adapters in their layers and architectures the fast
-decoder does not implement (int8/int4 layers run their own packed kernels inside it); a decoder that cannot be built (out of memory) is not
-tried again for that model.
+decoder does not implement (int8/int4 layers run their own packed kernels inside it); a decoder that cannot
+be built (out of memory) is not tried again for that model.
 
 One decoder is kept per model object (dropped with it) and grown when a request needs more cache slots than
 it has; its cache is sized to the requests seen, not to the model's whole context.

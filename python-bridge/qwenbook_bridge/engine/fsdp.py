@@ -40,9 +40,10 @@ class ShardedParallel(DataParallel):
         """Shard each decoder layer on its own (so one layer's weights are whole at a time), then the rest;
         returns the module the loss must run through (see _LossModule)."""
         from torch.distributed.fsdp import fully_shard
-        from transformers.modeling_layers import GradientCheckpointingLayer
 
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        from .trainable import decoder_layers
+
+        layers = decoder_layers(model)
         if not layers:
             raise TypeError(f"{type(model).__name__} has no decoder layers FSDP can shard one by one")
         for layer in layers:

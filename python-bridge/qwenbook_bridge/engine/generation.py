@@ -137,13 +137,13 @@ def _sampler(opts: GenerationOptions, device: torch.device) -> Callable[[torch.T
     return sample
 
 
-def _token_stream(loaded: LoadedModel, prompt: list[int], budget: int, opts: GenerationOptions) -> Iterator[int]:
+def _token_stream(loaded: LoadedModel, prompt: list[int], budget: int, context: int,
+                  opts: GenerationOptions) -> Iterator[int]:
     """The reply's tokens, one at a time, from the fast decoder where it applies (fast_generation.py), else
     from transformers' forward with a dynamic cache. Closing the iterator stops decoding."""
     from .fast_generation import decoder_for
 
     model = loaded.model
-    context = int(loaded.info.get("context_length") or 0)
     decoder = decoder_for(model, loaded.device, len(prompt) + budget, context)
     # A decoder serves one request at a time; a second request for the same model meanwhile takes the plain loop.
     if decoder is not None and decoder.busy.acquire(blocking=False):
@@ -236,7 +236,7 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Gene
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
             else:
-                tokens = _token_stream(loaded, prompt, budget, opts)
+                tokens = _token_stream(loaded, prompt, budget, context, opts)
                 for token in tokens:
                     t_last = time.perf_counter()
                     if t_first is None:

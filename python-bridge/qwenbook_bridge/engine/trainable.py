@@ -48,6 +48,13 @@ def resolve_targets(model: Any, targets: list[str] | str) -> list[str]:
     return list(dict.fromkeys(targets))
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers (what gradient checkpointing, compile and FSDP each treat as one unit)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 class Trainable:
     """The model prepared for one training run. `module` is what the optimizer trains; `causal_lm` is the
     transformers model the loss runs through (with any adapter layers inside it)."""
@@ -89,12 +96,9 @@ class Trainable:
         """torch.compile each decoder layer (the layers share one compiled graph): norms, rotary embedding,
         activation and the adapters' additions become a few fused kernels instead of dozens of small ones.
         Inside gradient checkpointing the checkpoint wraps the compiled layer, so recomputation runs it too."""
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        for module in self.model.modules():
-            if isinstance(module, GradientCheckpointingLayer):
-                module.compile()
-                self.compiled.append(module)
+        for module in decoder_layers(self.model):
+            module.compile()
+            self.compiled.append(module)
 
     @property
     def causal_lm(self) -> Any:
