@@ -119,6 +119,7 @@ class Bench:
         self.fp32_tokens: list[list[int]] = []
         self.rebuild: Callable[[], Any] = lambda: model  # set by main: the same model again in 16-bit
         self.fp32_margins: list[list[float]] = []
+        self.batched_sizes: tuple[int, ...] = ()  # set by main unless batched scenarios are skipped
 
     def save(self) -> None:
         self.out.write_text(json.dumps(asdict(self.report), indent=2), encoding="utf-8")
@@ -228,6 +229,19 @@ class Bench:
         self.add(scenario="decode_b1", path=f"graph-{method}", quantized_bytes=summary.quantized_bytes,
                  setup_s=time.perf_counter() - started,
                  **_rate(dev, lambda n: dec.generate(ids, n), 1, c.new_tokens, c.repeats))
+        # Same quantized model through transformers' loop: the decoder must give its greedy tokens.
+        prompt = check_prompts(self.vocab, 1, c.prompt_len, seed=1)[0]
+        reference = hf_generate(self.model, torch.tensor([prompt], device=dev), c.check_tokens)[0].tolist()
+        tokens = dec.generate([prompt], c.check_tokens)[0]
+        self.report.correctness.append(self._divergence(f"graph-{method}", prompt, reference, tokens, None))
+        del dec
+        for b in self.batched_sizes:
+            prompts = random_prompts(self.vocab, b, c.prompt_len, seed=10 + b)
+            dec = FastDecoder(self.model, max_seq_len=c.prompt_len + c.batch_new_tokens, batch_size=b)
+            dec.generate(prompts, c.batch_new_tokens)
+            self.add(scenario=f"decode_b{b}", path=f"graph-{method}", batch=b,
+                     **_rate(dev, lambda n: dec.generate(prompts, n), b, c.batch_new_tokens, c.repeats))
+            del dec
 
     def _restore_16bit(self) -> None:
         import gc
@@ -289,7 +303,9 @@ def summarize(report: Report) -> str:
              f"weights: {meta.get('weight_bytes', 0) / 1e9:.2f} GB ({meta.get('parameters', 0) / 1e9:.2f} B params, "
              f"{meta.get('dtype')})   copy bandwidth: {meta.get('copy_bandwidth_gbps', 0):.0f} GB/s   "
              f"batch-1 ceiling: {ceiling or 0:.1f} tokens/s", "",
-             f"{'scenario':<12}{'path':<18}{'tokens/s':>10}{'vs HF':>8}{'% ceiling':>11}{'TTFT ms':>10}"]
+             f"{'scenario':<12}{'path':<18}{'tokens/s':>10}{'vs HF':>8}{'% ceiling':>11}{'TTFT ms':>10}"
+             f"{'vs 16-bit':>11}"]
+    graph = {r["scenario"]: r for r in rows if r["path"] == "graph"}
     for r in rows:
         if r["scenario"] == "setup":
             continue
@@ -302,7 +318,9 @@ def summarize(report: Report) -> str:
         pct = f"{100 * tps / ceiling:.0f}%" if tps and ceiling and r["scenario"] == "decode_b1" else ""
         ttft = f"{1000 * r['ttft_s']:.1f}" if "ttft_s" in r else ""
         rate = f"{tps:.1f}" if tps else ""
-        lines.append(f"{r['scenario']:<12}{r['path']:<18}{rate:>10}{ratio:>8}{pct:>11}{ttft:>10}")
+        base16 = graph.get(r["scenario"], {}).get("tokens_per_s") if r["path"].startswith("graph-") else None
+        vs16 = f"{tps / base16:.2f}x" if tps and base16 else ""
+        lines.append(f"{r['scenario']:<12}{r['path']:<18}{rate:>10}{ratio:>8}{pct:>11}{ttft:>10}{vs16:>11}")
     for r in rows:
         if r["scenario"] == "setup":
             lines.append(f"setup {r['path']}: compile + capture + first run {r['warmup_s']:.1f} s")
@@ -375,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(model, cfg, variants, report, Path(a.out))
     bench.rebuild = lambda: (load_model(a.model, device, dtype) if a.model else
                              build_random_model("small" if a.small else "7b", device, dtype)).eval()
+    bench.batched_sizes = () if "batched" in skip else cfg.batch_sizes
     bench.save()
     refs: list[tuple[list[int], list[int]]] = []
     with torch.no_grad():

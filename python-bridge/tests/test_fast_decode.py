@@ -60,7 +60,7 @@ def _prompts(vocab: int, lengths: tuple[int, ...], seed: int = 0) -> list[list[i
 
 
 def _hf_greedy(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     return out[0, ids.shape[1]:].tolist()

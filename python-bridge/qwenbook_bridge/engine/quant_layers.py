@@ -2,9 +2,10 @@
 
 They subclass nn.Linear so that peft's LoRA wraps them as it wraps any linear layer (the QLoRA recipe: frozen
 quantized base, LoRA in float). `weight` is None; codes are in `qweight`, scales in `scales`. Matmuls use
-PyTorch's packed operators where they exist for the device and the shape (CPU: `_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`; CUDA: `_weight_int4pack_mm` for bf16), each checked once
-against a plain dequantize-and-matmul, which is also the fallback. `_dyn_quant_matmul_4bit` is not used: it
+the engine's Triton kernels for a few input rows on CUDA (quant_triton.py: decoding), else PyTorch's packed
+operators where they exist for the device and the shape (CPU: `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`;
+CUDA without Triton: `_weight_int4pack_mm` for bf16), each checked once against a plain dequantize-and-matmul,
+which is also the fallback (and, where Triton runs, the path for many rows: prefill). `_dyn_quant_matmul_4bit` is not used: it
 quantizes the activations to int8 as well, so its results would differ from weight-only quantization.
 When gradients flow through a layer (LoRA training) its weights are dequantized on the fly in forward and
 again in backward, so no dequantized copy is kept between the two.
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import quant_triton
 from .quant_math import dequantize_int4, pack_int4, quantize_int4, quantize_int8, unpack_int4
 
 log = logging.getLogger(__name__)
@@ -30,25 +32,31 @@ _KERNEL_CHECKED: dict[tuple[str, str, torch.dtype], bool] = {}
 
 
 def _kernel_ok(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Does the packed operator exist here and agree with dequantize-and-matmul (and, for int4, give the codes
-    back exactly)? Checked once per (kind, device type, dtype) on a small layer."""
+    """Does the kernel exist here and agree with dequantize-and-matmul (and, for the packed int4 operator, give
+    the codes back exactly)? Checked once per (kind, device type, dtype) on a small layer. Kinds: "int8",
+    "int4" (PyTorch's packed operators), "int8-triton", "int4-triton"."""
     key = (kind, device.type, dtype)
     if key not in _KERNEL_CHECKED:
         ok = False
+        method, _, impl = kind.partition("-")
         try:
             g = torch.Generator().manual_seed(0)
             w = torch.randn(64, 256, generator=g)
-            x = torch.randn(3, 256, generator=g).to(device, dtype)
-            layer: QuantizedLinear = (Int8Linear.from_float(w, None, dtype) if kind == "int8"
+            layer: QuantizedLinear = (Int8Linear.from_float(w, None, dtype) if method == "int8"
                                       else Int4Linear.from_float(w, None, 64, dtype)).to(device)
             codes = layer.qweight.clone()
-            ref = x.float() @ layer.dequantize(torch.float32).t()
-            got = layer._raw_kernel(x)
-            if got is None:
-                _KERNEL_CHECKED[key] = False  # no packed operator for this device/dtype: dequantize + matmul
-                return False
-            tol = 1e-3 if dtype == torch.float32 else 3e-2
-            ok = bool(((got.float() - ref).abs().max() <= tol * ref.abs().max()).item())
+            ok = True
+            for rows in (1, 3) if impl else (3,):
+                x = torch.randn(rows, 256, generator=g).to(device, dtype)
+                if impl and not quant_triton.supports(method, x, 256, 64):
+                    continue
+                ref = x.float() @ layer.dequantize(torch.float32).t()
+                got = layer._triton_matmul(x) if impl else layer._raw_kernel(x)
+                if got is None:
+                    _KERNEL_CHECKED[key] = False  # no packed operator for this device/dtype: dequantize + matmul
+                    return False
+                tol = 1e-3 if dtype == torch.float32 else 3e-2
+                ok = ok and bool(((got.float() - ref).abs().max() <= tol * ref.abs().max()).item())
             if ok and isinstance(layer, Int4Linear):
                 ok = torch.equal(layer.canonical_codes(), codes)
             if not ok:
@@ -111,12 +119,27 @@ class QuantizedLinear(nn.Linear):
         if torch.is_grad_enabled() and x2.requires_grad:
             y = self._grad_matmul(x2)
         else:
-            y = self._kernel_matmul(x2.contiguous()) if self._use_kernel else None
+            y = self._inference_matmul(x2.contiguous())
             if y is None:
                 y = x2 @ self.dequantize(x2.dtype).t()
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _inference_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        if quant_triton.available(x.device) and _kernel_ok(f"{self.method}-triton", x.device, x.dtype):
+            if quant_triton.supports(self.method, x, self.in_features, self._group_size()):
+                return self._triton_matmul(x)
+            # Many rows: dequantize + matmul. The packed operators would re-lay-out the codes that the Triton
+            # kernels read, and back again at the next decode step.
+            return None
+        return self._kernel_matmul(x) if self._use_kernel else None
+
+    def _group_size(self) -> int:
+        return 0
+
+    def _triton_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def _grad_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         return _DequantLinearFn.apply(x2, self)
@@ -153,6 +176,9 @@ class Int8Linear(QuantizedLinear):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
+
+    def _triton_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_triton.int8_matmul(x, self.qweight, self.scales)
 
     def _raw_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
         # On CUDA the packed int8 operator was slower than dequantize + bf16 matmul (batch-1 decode, 3584x18944,
@@ -265,6 +291,13 @@ class Int4Linear(QuantizedLinear):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int4(self.canonical_codes(), self.scales, dtype)
+
+    def _group_size(self) -> int:
+        return self.group_size
+
+    def _triton_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        self._to_canonical()
+        return quant_triton.int4_matmul(x, self.qweight, self.scales, self.group_size)
 
     def _grad_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         self._to_canonical()  # backward needs the codes; recovering them every step would cost a matmul

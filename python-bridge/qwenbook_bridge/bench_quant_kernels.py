@@ -1,0 +1,141 @@
+"""Per-matmul timing of the int8/int4 decode kernels on the Qwen2.5-7B projection shapes, beside bf16.
+
+    cd python-bridge && PYTHONPATH=. python -m qwenbook_bridge.bench_quant_kernels --out kernels.json [--sweep]
+
+Each path runs 20 times inside one CUDA graph (as in a captured decode step, so launch costs are what the
+decoder pays), replayed 10 times; the median per call is reported with the bandwidth it reached. `--sweep`
+also tries a grid of tile sizes for the Triton kernels and reports the best beside `pick_config`'s choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .engine import quant_triton
+from .engine.quant_layers import Int4Linear
+from .engine.quant_math import dequantize_int4, quantize_int4, quantize_int8
+
+SHAPES = {"q/o": (3584, 3584), "k/v": (512, 3584), "gate/up": (18944, 3584), "down": (3584, 18944)}
+GROUP = 128
+
+
+def time_call(fn: Callable[[], Any], calls: int = 20, replays: int = 10) -> float:
+    """Seconds per call, from CUDA-graph replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def sweep_configs(method: str, rows: int) -> list[quant_triton.KernelConfig]:
+    if rows == 1:
+        ks = (256, 512, 1024) if method == "int8" else (256, 512)
+        grid = itertools.product((8, 16, 32, 64), ks, (1, 2, 4, 8), (2, 4, 8))
+        return [quant_triton.KernelConfig(n, k, s, w) for n, k, s, w in grid]
+    ks = (64, 128, 256) if method == "int8" else (GROUP,)
+    grid = itertools.product((32, 64, 128), ks, (1, 2, 4, 8), (4, 8))
+    return [quant_triton.KernelConfig(n, k, s, w, block_m=16) for n, k, s, w in grid]
+
+
+def bench_shape(name: str, n: int, k: int, rows: int, sweep: bool) -> list[dict[str, Any]]:
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w = torch.randn(n, k, device=dev, generator=gen, dtype=torch.float32) * 0.02
+    x = torch.randn(rows, k, device=dev, generator=gen).to(torch.bfloat16)
+    wb = w.to(torch.bfloat16)
+    q8, s8 = quantize_int8(w, torch.bfloat16)
+    p4, s4 = quantize_int4(w, GROUP, torch.bfloat16)
+    del w
+    tiny = Int4Linear(k, n, False, GROUP, device="meta")
+    tiny.qweight, tiny.scales = p4.clone(), s4.clone()
+    tiny._pack_for("cuda")  # tinygemm's own layout
+    sz = tiny._make_scale_zeros(s4, torch.bfloat16)
+    ref8 = x.float() @ (q8.float() * s8.float()[:, None]).t()
+    ref4 = x.float() @ dequantize_int4(p4, s4, torch.float32).t()
+    paths: dict[str, tuple[Callable[[], Any], int]] = {
+        "bf16": (lambda: F.linear(x, wb), n * k * 2),
+        "int8-dequant": (lambda: x @ (q8.to(torch.bfloat16) * s8[:, None]).t(), n * k + n * 2),
+        "int8-triton": (lambda: quant_triton.int8_matmul(x, q8, s8), n * k + n * 2),
+        "int4-dequant": (lambda: x @ dequantize_int4(p4, s4, torch.bfloat16).t(), n * k // 2 + s4.numel() * 2),
+        "int4-tinygemm": (lambda: torch.ops.aten._weight_int4pack_mm(x, tiny.qweight, GROUP, sz),
+                          n * k // 2 + s4.numel() * 2),
+        "int4-triton": (lambda: quant_triton.int4_matmul(x, p4, s4, GROUP), n * k // 2 + s4.numel() * 2),
+    }
+    rows_out = []
+    for path, (fn, nbytes) in paths.items():
+        secs = time_call(fn)
+        row = {"shape": name, "n": n, "k": k, "rows": rows, "path": path, "us": secs * 1e6,
+               "gbps": nbytes / secs / 1e9}
+        if path.endswith("triton"):
+            ref = ref8 if path.startswith("int8") else ref4
+            row["max_rel_err"] = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
+            row["config"] = quant_triton.pick_config(path[:4], rows, n, k, GROUP).__dict__
+        rows_out.append(row)
+    if sweep:
+        for method, call in (("int8", lambda c: quant_triton.int8_matmul(x, q8, s8, c)),
+                             ("int4", lambda c: quant_triton.int4_matmul(x, p4, s4, GROUP, c))):
+            nbytes = paths[f"{method}-triton"][1]
+            best: tuple[float, Any] | None = None
+            for cfg in sweep_configs(method, rows):
+                try:
+                    secs = time_call(lambda cfg=cfg: call(cfg), calls=10, replays=5)
+                except Exception as e:  # noqa: BLE001 - a tile the compiler rejects (shared memory): skip it
+                    print(f"skip {method} {cfg}: {type(e).__name__}", file=sys.stderr)
+                    continue
+                if best is None or secs < best[0]:
+                    best = (secs, cfg)
+            if best:
+                rows_out.append({"shape": name, "n": n, "k": k, "rows": rows, "path": f"{method}-triton-best",
+                                 "us": best[0] * 1e6, "gbps": nbytes / best[0] / 1e9, "config": best[1].__dict__})
+    return rows_out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qwenbook_bridge.bench_quant_kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="1,8,16,32", help="comma list of input rows")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--out", default="qwenbook-quant-kernels.json")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA device")
+    results = []
+    for rows in (int(r) for r in a.rows.split(",")):
+        for name, (n, k) in SHAPES.items():
+            results += bench_shape(name, n, k, rows, a.sweep and rows in (1, 8))
+            Path(a.out).write_text(json.dumps({"card": torch.cuda.get_device_name(), "results": results}, indent=1))
+    for r in results:
+        extra = f" err {r['max_rel_err']:.1e}" if "max_rel_err" in r else ""
+        cfg = f" {r['config']}" if "config" in r else ""
+        print(f"rows {r['rows']:>2} {r['shape']:>7} {r['path']:>18}: {r['us']:7.1f} us {r['gbps']:7.0f} GB/s{extra}{cfg}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The Triton kernels behind quant_triton.py (imported only when a kernel is about to run).
+
+Layouts: int8 codes [N, K] with one scale per row; int4 codes two to a byte (low nibble = even input index)
+[N, K/2] with scales [N, K/GROUP]. Outputs go to y[pid_k] so split-K partial sums can be added afterwards.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def k_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    steps = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(steps, SPLIT_K)
+    start = pid_k * per * BLOCK_K
+    stop = tl.minimum(start + per * BLOCK_K, K)
+    return start, stop
+
+
+@triton.jit
+def gemv_int8(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(start, stop, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < stop
+        x = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + pid_k * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def gemv_int4(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # A BLOCK_K slice is GROUPS whole groups; the packed bytes of a group are HALF wide.
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    HALF: tl.constexpr = GROUP // 2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    rg = tl.arange(0, GROUPS)
+    rb = tl.arange(0, HALF)
+    n_groups = K // GROUP
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(start, stop, BLOCK_K):
+        g = k0 // GROUP + rg  # [GROUPS]
+        g_ok = (g * GROUP) < stop
+        byte = g[:, None] * HALF + rb[None, :]  # [GROUPS, HALF]: byte index within a row
+        xe = tl.load(x_ptr + 2 * byte, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + 2 * byte + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        p = tl.load(w_ptr + rn[:, None, None] * (K // 2) + byte[None, :, :],
+                    mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+        lo = (p & 15).to(tl.float32) - 8.0
+        hi = (p >> 4).to(tl.float32) - 8.0
+        part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BLOCK_N, GROUPS]
+        s = tl.load(s_ptr + rn[:, None] * n_groups + g[None, :], mask=n_ok[:, None] & g_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(part * s, axis=1)
+    tl.store(y_ptr + pid_k * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def mm_int8(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(start, stop, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < stop
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))  # int8 codes are exact in 16-bit floats
+    acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = y_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def mm_int4(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, GROUP: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # BLOCK_K == GROUP: one scale per row per iteration.
+    HALF: tl.constexpr = BLOCK_K // 2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rb = tl.arange(0, HALF)
+    m_ok = rm < M
+    n_ok = rn < N
+    start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(start, stop, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None], other=0.0)
+        p = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + rb)[None, :], mask=n_ok[:, None], other=0)
+        lo = (p & 15).to(tl.float32) - 8.0
+        hi = (p >> 4).to(tl.float32) - 8.0
+        codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # interleaves back to input order
+        s = tl.load(s_ptr + rn * (K // GROUP) + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
+        w = (codes * s[:, None]).to(x.dtype)
+        acc += tl.dot(x, tl.trans(w))
+    out = y_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+# What quant_triton.kernels() compares with the environment to know whether to reload this module.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
