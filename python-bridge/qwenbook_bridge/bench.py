@@ -211,7 +211,7 @@ class Bench:
         self.add(scenario="ttft", path=variant, prompt_tokens=c.ttft_len, ttft_s=ttft)
 
     def run_quantized(self, method: str) -> None:
-        """Batch-1 decode of the graph variant after quantizing the weights in place: int8 per channel, int4 in
+        """Decode on the same variants as 16-bit after quantizing the weights in place: int8 per channel, int4 in
         groups of 128. The model stays quantized; int8 needs the 16-bit weights, so it must come first."""
         from .engine.quant import QuantConfig, quantize_model
         from .engine.quant_layers import QuantizedLinear
@@ -222,26 +222,36 @@ class Bench:
             self._restore_16bit()
         started = time.perf_counter()
         summary = quantize_model(self.model, QuantConfig(method=method, group_size=128))
+        self.add(scenario="setup", path=method, quantized_bytes=summary.quantized_bytes,
+                 warmup_s=time.perf_counter() - started)
         c, dev = self.cfg, self.device
-        dec = FastDecoder(self.model, max_seq_len=c.prompt_len + c.new_tokens, batch_size=1, cuda_graphs=dev.type == "cuda")
         ids = random_prompts(self.vocab, 1, c.prompt_len, seed=2)
-        dec.generate(ids, c.new_tokens)
-        self.add(scenario="decode_b1", path=f"graph-{method}", quantized_bytes=summary.quantized_bytes,
-                 setup_s=time.perf_counter() - started,
-                 **_rate(dev, lambda n: dec.generate(ids, n), 1, c.new_tokens, c.repeats))
-        # Same quantized model through transformers' loop: the decoder must give its greedy tokens.
         prompt = check_prompts(self.vocab, 1, c.prompt_len, seed=1)[0]
+        # Same quantized model through transformers' loop: the decoder must give its greedy tokens.
         reference = hf_generate(self.model, torch.tensor([prompt], device=dev), c.check_tokens)[0].tolist()
-        tokens = dec.generate([prompt], c.check_tokens)[0]
-        self.report.correctness.append(self._divergence(f"graph-{method}", prompt, reference, tokens, None))
-        del dec
-        for b in self.batched_sizes:
-            prompts = random_prompts(self.vocab, b, c.prompt_len, seed=10 + b)
-            dec = FastDecoder(self.model, max_seq_len=c.prompt_len + c.batch_new_tokens, batch_size=b)
-            dec.generate(prompts, c.batch_new_tokens)
-            self.add(scenario=f"decode_b{b}", path=f"graph-{method}", batch=b,
-                     **_rate(dev, lambda n: dec.generate(prompts, n), b, c.batch_new_tokens, c.repeats))
+        variants = [v for v in self.variants if v != "eager"] or ["eager"]
+        for variant in variants:
+            path = f"{variant}-{method}"
+            dec = FastDecoder(self.model, max_seq_len=max(c.prompt_len + c.new_tokens, c.ttft_len + 1),
+                              batch_size=1, **VARIANTS[variant])
+            dec.generate(ids, c.new_tokens)
+            self.add(scenario="decode_b1", path=path,
+                     **_rate(dev, lambda n: dec.generate(ids, n), 1, c.new_tokens, c.repeats))
+            tokens = dec.generate([prompt], c.check_tokens)[0]
+            self.report.correctness.append(self._divergence(path, prompt, reference, tokens, None))
+            long_ids = random_prompts(self.vocab, 1, c.ttft_len, seed=3)
+            next(iter(dec.stream(long_ids, 1)))
+            ttft = _median([_timed(dev, lambda: next(iter(dec.stream(long_ids, 1)))) for _ in range(c.repeats)])
+            self.add(scenario="ttft", path=path, prompt_tokens=c.ttft_len, ttft_s=ttft)
             del dec
+            for b in self.batched_sizes:
+                prompts = random_prompts(self.vocab, b, c.prompt_len, seed=10 + b)
+                dec = FastDecoder(self.model, max_seq_len=c.prompt_len + c.batch_new_tokens, batch_size=b,
+                                  **VARIANTS[variant])
+                dec.generate(prompts, c.batch_new_tokens)
+                self.add(scenario=f"decode_b{b}", path=path, batch=b,
+                         **_rate(dev, lambda n: dec.generate(prompts, n), b, c.batch_new_tokens, c.repeats))
+                del dec
 
     def _restore_16bit(self) -> None:
         import gc
@@ -305,7 +315,7 @@ def summarize(report: Report) -> str:
              f"batch-1 ceiling: {ceiling or 0:.1f} tokens/s", "",
              f"{'scenario':<12}{'path':<18}{'tokens/s':>10}{'vs HF':>8}{'% ceiling':>11}{'TTFT ms':>10}"
              f"{'vs 16-bit':>11}"]
-    graph = {r["scenario"]: r for r in rows if r["path"] == "graph"}
+    sixteen = {(r["scenario"], r["path"]): r for r in rows}
     for r in rows:
         if r["scenario"] == "setup":
             continue
@@ -318,12 +328,14 @@ def summarize(report: Report) -> str:
         pct = f"{100 * tps / ceiling:.0f}%" if tps and ceiling and r["scenario"] == "decode_b1" else ""
         ttft = f"{1000 * r['ttft_s']:.1f}" if "ttft_s" in r else ""
         rate = f"{tps:.1f}" if tps else ""
-        base16 = graph.get(r["scenario"], {}).get("tokens_per_s") if r["path"].startswith("graph-") else None
+        variant, _, method = r["path"].rpartition("-")
+        base16 = sixteen.get((r["scenario"], variant), {}).get("tokens_per_s") if method in ("int8", "int4") else None
         vs16 = f"{tps / base16:.2f}x" if tps and base16 else ""
         lines.append(f"{r['scenario']:<12}{r['path']:<18}{rate:>10}{ratio:>8}{pct:>11}{ttft:>10}{vs16:>11}")
     for r in rows:
         if r["scenario"] == "setup":
-            lines.append(f"setup {r['path']}: compile + capture + first run {r['warmup_s']:.1f} s")
+            what = "quantize" if r["path"] in ("int8", "int4") else "compile + capture + first run"
+            lines.append(f"setup {r['path']}: {what} {r['warmup_s']:.1f} s")
     pairs: dict[tuple[str, str], list[str]] = {}
     for c in report.correctness:
         at = c["first_divergence"]

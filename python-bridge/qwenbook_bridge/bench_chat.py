@@ -31,7 +31,8 @@ def write_random_model(tokenizer: Path, into: Path) -> Path:
     model = build_random_model("7b", torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.bfloat16)
     model.save_pretrained(into)
     del model
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     for f in tokenizer.iterdir():
         shutil.copy(f, into / f.name)
     return into
@@ -45,18 +46,26 @@ def time_loops(folder: Path, quant: str | None, max_tokens: int, runs: int) -> l
     from .engine import GenerationOptions, LoadOptions, generate, load_model
     from .engine.fast_generation import forget
 
-    loaded = load_model(str(folder), LoadOptions(dtype="bf16", device="cuda" if torch.cuda.is_available() else "cpu",
+    cuda = torch.cuda.is_available()
+    loaded = load_model(str(folder), LoadOptions(dtype="bf16" if cuda else "fp32", device="cuda" if cuda else "cpu",
                                                  quant={"method": quant, "group_size": 128} if quant else None))
     messages = [{"role": "user", "content": PROMPT}]
     opts = GenerationOptions(max_tokens=max_tokens, greedy=True)
     rows, tokens = [], {}
+    saved = os.environ.get("QWENBOOK_FAST_DECODE")
     for loop, flag in (("plain", "0"), ("fast", "1")):
         os.environ["QWENBOOK_FAST_DECODE"] = flag
-        generate(loaded, messages, opts, on_token=lambda _d: None)  # warm-up (captures the graphs)
-        results = [generate(loaded, messages, opts, on_token=lambda _d: None) for _ in range(runs)]
+        try:
+            generate(loaded, messages, opts, on_token=lambda _d: None)  # warm-up (captures the graphs)
+            results = [generate(loaded, messages, opts, on_token=lambda _d: None) for _ in range(runs)]
+        finally:
+            if saved is None:
+                os.environ.pop("QWENBOOK_FAST_DECODE", None)
+            else:
+                os.environ["QWENBOOK_FAST_DECODE"] = saved
         best = max(results, key=lambda r: r.tokens_per_s)
         tokens[loop] = best.token_ids
-        rows.append({"loop": loop, "quant": quant or "bf16", "prompt_tokens": best.prompt_tokens,
+        rows.append({"loop": loop, "quant": quant or "none", "dtype": loaded.info.get("dtype"), "prompt_tokens": best.prompt_tokens,
                      "completion_tokens": best.completion_tokens,
                      "tokens_per_s": sorted(r.tokens_per_s for r in results)[len(results) // 2],
                      "ttft_ms": sorted(r.ttft_ms for r in results)[len(results) // 2]})
@@ -64,7 +73,8 @@ def time_loops(folder: Path, quant: str | None, max_tokens: int, runs: int) -> l
     rows[-1]["speedup"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     forget(loaded.model)
     del loaded
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(a.out).write_text(json.dumps({"card": torch.cuda.get_device_name() if torch.cuda.is_available()
                                                else "cpu", "rows": rows}, indent=1), encoding="utf-8")
     for r in rows:
-        print(f"{r['quant']:>5} {r['loop']:>5}: {r['tokens_per_s']:8.1f} tokens/s, first token {r['ttft_ms']:.1f} ms"
+        print(f"{r['quant']:>5} {r['dtype']} {r['loop']:>5}: {r['tokens_per_s']:8.1f} tokens/s, first token {r['ttft_ms']:.1f} ms"
               + (f", {r['speedup']:.2f}x plain, first divergence {r['first_divergence_from_plain']}"
                  if r["loop"] == "fast" else ""), flush=True)
     return 0

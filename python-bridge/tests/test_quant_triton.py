@@ -86,6 +86,30 @@ def test_configs_cover_the_gpu_for_small_layers() -> None:
     big = quant_triton.pick_config("int8", 1, 18944, 3584)
     assert big.split_k == 1
     assert quant_triton.pick_config("int4", 8, 3584, 18944, 128).block_k == 128
+    assert quant_triton.pick_config("int8", 1, 3584, 18944).split_k == 8  # the down projection's long rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_pass_dequantize_is_bit_identical_to_torchs(interpret: None, dtype: torch.dtype) -> None:
+    w = _weights(72, 384, seed=6)
+    codes, scales = quantize_int8(w, torch.bfloat16)
+    assert torch.equal(quant_triton.dequantize("int8", codes, scales, dtype), codes.to(dtype) * scales.to(dtype)[:, None])
+    for group in (32, 64, 128):
+        packed, s4 = quantize_int4(w, group, torch.bfloat16)
+        assert torch.equal(quant_triton.dequantize("int4", packed, s4, dtype, group),
+                           dequantize_int4(packed, s4, dtype))
+
+
+def test_layers_dequantize_through_the_kernel_where_it_runs(interpret: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = Int4Linear.from_float(_weights(48, 256, seed=7), None, 64, torch.float32)
+    calls: list[str] = []
+    real = quant_triton.dequantize
+    monkeypatch.setattr(quant_triton, "dequantize", lambda m, *a, **k: calls.append(m) or real(m, *a, **k))
+    layer.dequantize(torch.float32)  # the first call also checks the kernel against torch
+    calls.clear()
+    got = layer.dequantize(torch.float32)
+    assert calls == ["int4"]
+    assert torch.equal(got, dequantize_int4(layer.qweight, layer.scales, torch.float32))
 
 
 def test_what_the_kernels_take() -> None:
@@ -97,7 +121,8 @@ def test_what_the_kernels_take() -> None:
 def test_supports_rejects_what_the_tiles_cannot_do(interpret: None) -> None:
     assert quant_triton.supports("int4", torch.zeros(1, 256), 256, 64)
     assert not quant_triton.supports("int4", torch.zeros(1, 96 * 2), 192, 48)  # group not a power of two
-    assert not quant_triton.supports("int8", torch.zeros(17, 256, dtype=torch.float16), 256)  # prefill
+    assert quant_triton.supports("int8", torch.zeros(32, 256, dtype=torch.float16), 256)  # a batch decoding
+    assert not quant_triton.supports("int8", torch.zeros(33, 256, dtype=torch.float16), 256)  # prefill
     assert not quant_triton.supports("int8", torch.zeros(2, 256), 256)  # fp32 in tl.dot would be tf32
     assert not quant_triton.supports("int8", torch.zeros(4, 256, dtype=torch.float16)[:, ::2], 128)
 
@@ -114,7 +139,7 @@ def test_layers_use_the_kernels_for_few_rows_and_dequantize_for_many(interpret: 
     monkeypatch.setattr(quant_triton, name, lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k))
     ref_w = layer.dequantize(torch.float32)
     with torch.no_grad():
-        for rows in (1, 5, 40):
+        for rows in (1, 5, 40):  # 40 > MAX_ROWS
             x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)).half()
             assert _close(layer(x[None])[0], x.float() @ ref_w.t(), 2e-3)
     assert 1 in calls and 5 in calls and 40 not in calls  # 40 rows go through dequantize + matmul
@@ -138,3 +163,16 @@ def test_fast_decoder_on_the_kernels_gives_the_models_greedy_tokens(interpret: N
         got = FastDecoder(model, max_seq_len=64).generate([prompt], 12)[0]
     assert calls and set(calls) == {1}  # every decode step (the 9-token prefill dequantizes)
     assert got == reference
+
+
+def test_compiled_decoder_takes_quantized_layers_where_the_kernels_run(interpret: None, perturbed_lm: Any) -> None:
+    model = copy.deepcopy(perturbed_lm)
+    quantize_model(model, QuantConfig(method="int4", group_size=32))
+    prompt = _prompts(model.config.vocab_size, (9,), seed=6)[0]
+    with pytest.MonkeyPatch.context() as off:
+        off.delenv("TRITON_INTERPRET")
+        reference = _hf_greedy(model, prompt, 8)
+        with pytest.raises(ValueError, match="only where their Triton kernels run"):
+            FastDecoder(model, max_seq_len=64, compile=True)
+    decoder = FastDecoder(model, max_seq_len=64, compile=True)
+    assert decoder.generate([prompt], 8)[0] == reference

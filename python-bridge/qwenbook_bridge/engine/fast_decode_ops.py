@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .quant_triton import QuantWeight
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 
 
@@ -67,24 +69,33 @@ class DecoderWeights:
     lm_head: Weight
 
 
-# A projection's weight: a tensor for a plain nn.Linear, or the layer itself for the engine's int8/int4 layers,
-# whose forward runs their packed kernels (and applies their bias).
-Weight = Tensor | torch.nn.Module
+# A projection's weight: a tensor for a plain nn.Linear; for the engine's int8/int4 layers, their codes and scales
+# where the Triton kernels run (one custom operator, so CUDA graphs and torch.compile take it), else the layer
+# itself, whose forward runs its packed kernels (and applies its bias).
+Weight = Tensor | QuantWeight | torch.nn.Module
 
 
 def lin(x: Tensor, w: Weight, b: Tensor | None = None) -> Tensor:
-    return F.linear(x, w, b) if isinstance(w, Tensor) else w(x)
+    if isinstance(w, Tensor):
+        return F.linear(x, w, b)
+    if isinstance(w, QuantWeight):
+        y = torch.ops.qwenbook.quant_matmul(x, w.codes, w.scales, w.group_size)
+        return y if b is None else y + b
+    return w(x)
 
 
 def weight_device(w: Weight) -> torch.device:
+    if isinstance(w, QuantWeight):
+        return w.codes.device
     return w.device if isinstance(w, Tensor) else next(t.device for t in w.buffers())
 
 
-def _plain_linear(module: Any, where: str) -> tuple[Weight, Tensor | None]:
+def _plain_linear(module: Any, where: str, dtype: torch.dtype) -> tuple[Weight, Tensor | None]:
     from .quant_layers import QuantizedLinear
 
     if isinstance(module, QuantizedLinear) and type(module).forward is QuantizedLinear.forward:
-        return module, None
+        packed = module.decode_weight(dtype)
+        return (module, None) if packed is None else (packed, module.bias)
     # A peft-wrapped layer computes more than weight @ x; reading only .weight would silently decode with the
     # wrong function, so refuse it.
     if type(module) is not torch.nn.Linear:
@@ -109,6 +120,7 @@ def extract_weights(model: Any) -> DecoderWeights:
         raise ValueError("sliding-window attention layers are not supported by the fast decoder; "
                          "use the plain generation path for this model")
     inner = model.model
+    dtype = inner.embed_tokens.weight.dtype
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     shape = DecoderShape(
@@ -119,13 +131,13 @@ def extract_weights(model: Any) -> DecoderWeights:
     for i, layer in enumerate(inner.layers):
         attn, mlp = layer.self_attn, layer.mlp
         where = f"model.layers.{i}"
-        q_w, q_b = _plain_linear(attn.q_proj, f"{where}.self_attn.q_proj")
-        k_w, k_b = _plain_linear(attn.k_proj, f"{where}.self_attn.k_proj")
-        v_w, v_b = _plain_linear(attn.v_proj, f"{where}.self_attn.v_proj")
-        o_w, o_b = _plain_linear(attn.o_proj, f"{where}.self_attn.o_proj")
-        g_w, g_b = _plain_linear(mlp.gate_proj, f"{where}.mlp.gate_proj")
-        u_w, u_b = _plain_linear(mlp.up_proj, f"{where}.mlp.up_proj")
-        d_w, d_b = _plain_linear(mlp.down_proj, f"{where}.mlp.down_proj")
+        q_w, q_b = _plain_linear(attn.q_proj, f"{where}.self_attn.q_proj", dtype)
+        k_w, k_b = _plain_linear(attn.k_proj, f"{where}.self_attn.k_proj", dtype)
+        v_w, v_b = _plain_linear(attn.v_proj, f"{where}.self_attn.v_proj", dtype)
+        o_w, o_b = _plain_linear(attn.o_proj, f"{where}.self_attn.o_proj", dtype)
+        g_w, g_b = _plain_linear(mlp.gate_proj, f"{where}.mlp.gate_proj", dtype)
+        u_w, u_b = _plain_linear(mlp.up_proj, f"{where}.mlp.up_proj", dtype)
+        d_w, d_b = _plain_linear(mlp.down_proj, f"{where}.mlp.down_proj", dtype)
         if any(b is not None for b in (o_b, g_b, u_b, d_b)):
             raise ValueError(f"{where} has biases on o_proj or the MLP, which Qwen models do not have")
         q_norm = getattr(attn, "q_norm", None)
@@ -135,7 +147,7 @@ def extract_weights(model: Any) -> DecoderWeights:
             v_weight=v_w, v_bias=v_b, o_weight=o_w,
             q_norm=None if q_norm is None else q_norm.weight, k_norm=None if k_norm is None else k_norm.weight,
             post_norm=layer.post_attention_layernorm.weight, gate_weight=g_w, up_weight=u_w, down_weight=d_w))
-    lm_w, lm_b = _plain_linear(model.lm_head, "lm_head")
+    lm_w, lm_b = _plain_linear(model.lm_head, "lm_head", dtype)
     if lm_b is not None:
         raise ValueError("lm_head has a bias, which Qwen models do not have")
     weights = DecoderWeights(shape=shape, embed=inner.embed_tokens.weight, layers=layers,

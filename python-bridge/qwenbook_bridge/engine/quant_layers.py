@@ -68,6 +68,32 @@ def _kernel_ok(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
     return _KERNEL_CHECKED[key]
 
 
+def _dequant_kernel_ok(method: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Does the one-pass Triton dequantize run here and give torch's result bit for bit? Checked once."""
+    key = (f"{method}-dequant", device.type, dtype)
+    if key not in _KERNEL_CHECKED:
+        ok = False
+        if quant_triton.available(device):
+            try:
+                w = torch.randn(40, 384, generator=torch.Generator().manual_seed(0))
+                if method == "int8":
+                    codes, scales = quantize_int8(w, torch.bfloat16)
+                    ref = codes.to(dtype) * scales.to(dtype)[:, None]
+                    got = quant_triton.dequantize("int8", codes.to(device), scales.to(device), dtype)
+                else:
+                    codes, scales = quantize_int4(w, 32, torch.bfloat16)
+                    ref = dequantize_int4(codes, scales, dtype)
+                    got = quant_triton.dequantize("int4", codes.to(device), scales.to(device), dtype, 32)
+                ok = torch.equal(got.cpu(), ref)
+                if not ok:
+                    log.warning("Triton %s dequantize on %s/%s differs from torch's; using torch", method,
+                                device.type, dtype)
+            except Exception as e:  # noqa: BLE001 - a compiler or driver failure: fall back, say why
+                log.info("Triton %s dequantize unavailable on %s/%s (%s)", method, device.type, dtype, e)
+        _KERNEL_CHECKED[key] = ok
+    return _KERNEL_CHECKED[key]
+
+
 class _DequantLinearFn(torch.autograd.Function):
     """y = x @ W^T with W rebuilt from the codes in forward and again in backward, never stored between."""
 
@@ -138,6 +164,16 @@ class QuantizedLinear(nn.Linear):
     def _group_size(self) -> int:
         return 0
 
+    def decode_weight(self, dtype: torch.dtype) -> quant_triton.QuantWeight | None:
+        """The codes and scales for `quant_triton.quant_matmul`, where its kernels run and pass their check
+        for activations in `dtype`; else None (the layer's own forward picks a path per call)."""
+        device = self.qweight.device
+        if not (quant_triton.available(device) and _kernel_ok(f"{self.method}-triton", device, dtype)):
+            return None
+        if isinstance(self, Int4Linear):
+            self._to_canonical()
+        return quant_triton.QuantWeight(self.qweight, self.scales, self._group_size())
+
     def _triton_matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -175,6 +211,8 @@ class Int8Linear(QuantizedLinear):
         return layer
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if _dequant_kernel_ok("int8", self.qweight.device, dtype):
+            return quant_triton.dequantize("int8", self.qweight, self.scales, dtype)
         return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
 
     def _triton_matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,6 +328,8 @@ class Int4Linear(QuantizedLinear):
         return self._run_kernel(x, sz)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if _dequant_kernel_ok("int4", self.qweight.device, dtype):
+            return quant_triton.dequantize("int4", self.canonical_codes(), self.scales, dtype, self.group_size)
         return dequantize_int4(self.canonical_codes(), self.scales, dtype)
 
     def _group_size(self) -> int:

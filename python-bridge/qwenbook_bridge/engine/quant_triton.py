@@ -23,17 +23,26 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-MAX_ROWS = 16  # above this many input rows the dequantize+matmul path (cuBLAS) wins
+MAX_ROWS = 32  # the most rows measured (a batch of 32 decoding): beyond, dequantize + cuBLAS
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _kernels: ModuleType | None = None
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class QuantWeight(NamedTuple):
+    """A quantized projection as plain tensors, for code that calls `quant_matmul` directly (the fast decoder,
+    under CUDA graphs and torch.compile). group_size 0 means int8 with a scale per row."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
 
 
 def available(device: torch.device) -> bool:
@@ -60,23 +69,22 @@ class KernelConfig:
 
 
 def pick_config(method: str, rows: int, n: int, k: int, group_size: int = 0) -> KernelConfig:
-    """Tile sizes for a layer shape. Enough programs to cover every SM matters most for a matrix-vector
-    product, so small N is split over K. Tuned on an H100/H200 sweep (bench_quant_kernels.py)."""
+    """Tile sizes for a layer shape, from a sweep over the Qwen2.5-7B projections on an H200
+    (bench_quant_kernels.py --sweep). Narrow tiles win for one row: more programs stream the weights at once.
+    Long rows (the down projection's 18,944 inputs) are split over K; so are layers too narrow to give every
+    SM a few programs, as long as each split keeps two or more slices to walk."""
     if rows == 1:
-        block_n = 16 if method == "int8" else 32
-        block_k = 512 if method == "int8" else max(256, group_size)
-        programs = -(-n // block_n)
-        split = 1
-        while programs * split < 264 and k // (block_k * split * 2) >= 2:
-            split *= 2
-        return KernelConfig(block_n, block_k, split, num_warps=4)
-    block_k = 128 if method == "int8" else max(64, group_size)
-    block_n = 64
-    programs = -(-n // block_n)
+        block_n, block_k, warps = 8, 512, 4
+    else:
+        block_n, block_k, warps = 32, 256 if method == "int8" else max(64, group_size), 4
+    steps = -(-k // block_k)
     split = 1
-    while programs * split < 264 and k // (block_k * split * 2) >= 4:
+    while split * 2 <= steps and k // (split * 2) >= 2048:
         split *= 2
-    return KernelConfig(block_n, block_k, split, num_warps=4)
+    programs = -(-n // block_n)
+    while programs * split < 264 and steps // (split * 2) >= 2:
+        split *= 2
+    return KernelConfig(block_n, block_k, split, num_warps=warps)
 
 
 def _launch(method: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, n: int, group_size: int,
@@ -130,3 +138,40 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gro
     k = half * 2
     return _launch("int4", x, packed, scales.contiguous(), n, group_size,
                    cfg or pick_config("int4", x.shape[0], n, k, group_size))
+
+
+def dequantize(method: str, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+               group_size: int = 0) -> torch.Tensor:
+    """The whole weight in `dtype`, in one pass (torch's unpack-cast-scale chain makes several full-size
+    temporaries: 380-610 us for a 7B MLP matrix on an H200). Bit-identical to quant_math's dequantize."""
+    kern = kernels()
+    n = codes.shape[0]
+    k = codes.shape[1] * (2 if method == "int4" else 1)
+    out = torch.empty((n, k), dtype=dtype, device=codes.device)
+    block_n, block_k = 32, 128
+    grid = (-(-n // block_n), -(-k // block_k))
+    if method == "int8":
+        kern.dequant_int8[grid](codes, scales, out, n, k, BLOCK_N=block_n, BLOCK_K=block_k)
+    else:
+        kern.dequant_int4[grid](codes, scales.contiguous(), out, n, k, GROUP=group_size, BLOCK_N=block_n,
+                                BLOCK_K=block_k)
+    return out
+
+
+@torch.library.custom_op("qwenbook::quant_matmul", mutates_args=())
+def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [M, K] @ W^T for a QuantWeight's tensors. An opaque operator to torch.compile, which fuses the
+    elementwise work around it and leaves the matmul to these kernels."""
+    method = "int4" if group_size else "int8"
+    x = x.contiguous()
+    k = x.shape[1]
+    if supports(method, x, k, group_size):
+        if method == "int8":
+            return int8_matmul(x, codes, scales)
+        return int4_matmul(x, codes, scales, group_size)
+    return x @ dequantize(method, codes, scales, x.dtype, group_size).t()
+
+
+@quant_matmul.register_fake
+def _quant_matmul_shape(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], codes.shape[0]))

@@ -40,8 +40,9 @@ def gemv_int8(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
 
 @triton.jit
 def gemv_int4(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    # A BLOCK_K slice is GROUPS whole groups; the packed bytes of a group are HALF wide.
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # A BLOCK_K slice is GROUPS whole groups; the packed bytes of a group are HALF wide. The codes' offset of 8
+    # comes out of the sums once per group: sum((c - 8) * x) = sum(c * x) - 8 * sum(x).
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     HALF: tl.constexpr = GROUP // 2
     pid_n = tl.program_id(0)
@@ -59,11 +60,12 @@ def gemv_int4(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
         byte = g[:, None] * HALF + rb[None, :]  # [GROUPS, HALF]: byte index within a row
         xe = tl.load(x_ptr + 2 * byte, mask=g_ok[:, None], other=0.0).to(tl.float32)
         xo = tl.load(x_ptr + 2 * byte + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+        x_sum = tl.sum(xe + xo, axis=1)  # [GROUPS]
         p = tl.load(w_ptr + rn[:, None, None] * (K // 2) + byte[None, :, :],
                     mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
-        lo = (p & 15).to(tl.float32) - 8.0
-        hi = (p >> 4).to(tl.float32) - 8.0
-        part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BLOCK_N, GROUPS]
+        lo = (p & 15).to(tl.float32)
+        hi = (p >> 4).to(tl.float32)
+        part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2) - 8.0 * x_sum[None, :]
         s = tl.load(s_ptr + rn[:, None] * n_groups + g[None, :], mask=n_ok[:, None] & g_ok[None, :],
                     other=0.0).to(tl.float32)
         acc += tl.sum(part * s, axis=1)
@@ -119,6 +121,32 @@ def mm_int4(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, GROUP: tl.constexpr,
         acc += tl.dot(x, tl.trans(w))
     out = y_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+@triton.jit
+def dequant_int8(w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = (rn < N)[:, None] & (rk < K)[None, :]
+    q = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=ok, other=0).to(tl.float32)
+    s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
+    # The same rounding as torch's codes.to(dtype) * scales.to(dtype): a float product rounded once.
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def dequant_int4(w_ptr, s_ptr, out_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    HALF: tl.constexpr = BLOCK_K // 2
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rb = tl.program_id(1) * HALF + tl.arange(0, HALF)
+    n_ok = rn < N
+    p = tl.load(w_ptr + rn[:, None] * (K // 2) + rb[None, :], mask=n_ok[:, None] & (rb < K // 2)[None, :], other=0)
+    codes = tl.reshape(tl.join((p & 15).to(tl.float32) - 8.0, (p >> 4).to(tl.float32) - 8.0), (BLOCK_N, BLOCK_K))
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = n_ok[:, None] & (rk < K)[None, :]
+    s = tl.load(s_ptr + rn[:, None] * (K // GROUP) + (rk // GROUP)[None, :], mask=ok, other=0.0)
+    w = codes * s.to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+
 
 # What quant_triton.kernels() compares with the environment to know whether to reload this module.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
