@@ -3,7 +3,9 @@
     cd python-bridge && PYTHONPATH=. python -m qwenbook_bridge.bench_quant_kernels --out kernels.json [--sweep]
 
 Each path runs 20 times inside one CUDA graph (as in a captured decode step, so launch costs are what the
-decoder pays), replayed 10 times; the median per call is reported with the bandwidth it reached. `--sweep`
+decoder pays), replayed 10 times; the median per call is reported with the bandwidth it reached. Calls cycle
+through copies of the weights adding up to more than the L2 cache, so every call reads from memory as a
+decode step does (a 7B int4 MLP matrix, 34 MB, would otherwise stay in an H200's 50 MB L2). `--sweep`
 also tries a grid of tile sizes for the Triton kernels and reports the best beside `pick_config`'s choice.
 """
 
@@ -28,18 +30,21 @@ SHAPES = {"q/o": (3584, 3584), "k/v": (512, 3584), "gate/up": (18944, 3584), "do
 GROUP = 128
 
 
-def time_call(fn: Callable[[], Any], calls: int = 20, replays: int = 10) -> float:
-    """Seconds per call, from CUDA-graph replays."""
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+def time_call(fn: Callable[[int], Any], calls: int = 20, replays: int = 10) -> float:
+    """Seconds per call, from CUDA-graph replays; call i gets i (to pick a weight copy)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
+        for i in range(3):
+            fn(i)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+        for i in range(calls):
+            fn(i)
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -55,9 +60,12 @@ def time_call(fn: Callable[[], Any], calls: int = 20, replays: int = 10) -> floa
 
 def sweep_configs(method: str, rows: int) -> list[quant_triton.KernelConfig]:
     if rows == 1:
-        ks = (256, 512, 1024) if method == "int8" else (256, 512)
-        grid = itertools.product((8, 16, 32, 64), ks, (1, 2, 4, 8), (2, 4, 8))
-        return [quant_triton.KernelConfig(n, k, s, w) for n, k, s, w in grid]
+        grid = itertools.product((4, 8, 16), (512, 1024, 2048), (1, 4, 8), (2, 4, 8))
+        configs = [quant_triton.KernelConfig(n, k, s, w) for n, k, s, w in grid]
+        if method == "int4":
+            configs += [quant_triton.KernelConfig(c.block_n, c.block_k, c.split_k, c.num_warps, words=True)
+                        for c in configs]
+        return configs
     ks = (64, 128, 256) if method == "int8" else (GROUP,)
     grid = itertools.product((32, 64, 128), ks, (1, 2, 4, 8), (4, 8))
     return [quant_triton.KernelConfig(n, k, s, w, block_m=16) for n, k, s, w in grid]
@@ -78,14 +86,22 @@ def bench_shape(name: str, n: int, k: int, rows: int, sweep: bool) -> list[dict[
     sz = tiny._make_scale_zeros(s4, torch.bfloat16)
     ref8 = x.float() @ (q8.float() * s8.float()[:, None]).t()
     ref4 = x.float() @ dequantize_int4(p4, s4, torch.float32).t()
-    paths: dict[str, tuple[Callable[[], Any], int]] = {
-        "bf16": (lambda: F.linear(x, wb), n * k * 2),
-        "int8-dequant": (lambda: x @ (q8.to(torch.bfloat16) * s8[:, None]).t(), n * k + n * 2),
-        "int8-triton": (lambda: quant_triton.int8_matmul(x, q8, s8), n * k + n * 2),
-        "int4-dequant": (lambda: x @ dequantize_int4(p4, s4, torch.bfloat16).t(), n * k // 2 + s4.numel() * 2),
-        "int4-tinygemm": (lambda: torch.ops.aten._weight_int4pack_mm(x, tiny.qweight, GROUP, sz),
-                          n * k // 2 + s4.numel() * 2),
-        "int4-triton": (lambda: quant_triton.int4_matmul(x, p4, s4, GROUP), n * k // 2 + s4.numel() * 2),
+
+    def copies(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(-(-L2_FLUSH_BYTES // nbytes))]
+
+    c16, c8, c4, ct = copies(wb), copies(q8, s8), copies(p4, s4), copies(tiny.qweight, sz)
+    b16, b8, b4 = n * k * 2, n * k + n * 2, n * k // 2 + s4.numel() * 2
+    paths: dict[str, tuple[Callable[[int], Any], int]] = {
+        "bf16": (lambda i: F.linear(x, c16[i % len(c16)][0]), b16),
+        "int8-dequant": (lambda i: x @ quant_triton.dequantize("int8", *c8[i % len(c8)], torch.bfloat16).t(), b8),
+        "int8-triton": (lambda i: quant_triton.int8_matmul(x, *c8[i % len(c8)]), b8),
+        "int4-dequant": (lambda i: x @ quant_triton.dequantize("int4", *c4[i % len(c4)], torch.bfloat16, GROUP).t(),
+                         b4),
+        "int4-tinygemm": (lambda i: torch.ops.aten._weight_int4pack_mm(x, ct[i % len(ct)][0], GROUP,
+                                                                        ct[i % len(ct)][1]), b4),
+        "int4-triton": (lambda i: quant_triton.int4_matmul(x, *c4[i % len(c4)], GROUP), b4),
     }
     rows_out = []
     for path, (fn, nbytes) in paths.items():
@@ -94,17 +110,17 @@ def bench_shape(name: str, n: int, k: int, rows: int, sweep: bool) -> list[dict[
                "gbps": nbytes / secs / 1e9}
         if path.endswith("triton"):
             ref = ref8 if path.startswith("int8") else ref4
-            row["max_rel_err"] = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
+            row["max_rel_err"] = ((fn(0).float() - ref).abs().max() / ref.abs().max()).item()
             row["config"] = quant_triton.pick_config(path[:4], rows, n, k, GROUP).__dict__
         rows_out.append(row)
     if sweep:
-        for method, call in (("int8", lambda c: quant_triton.int8_matmul(x, q8, s8, c)),
-                             ("int4", lambda c: quant_triton.int4_matmul(x, p4, s4, GROUP, c))):
+        for method, call in (("int8", lambda c, i: quant_triton.int8_matmul(x, *c8[i % len(c8)], c)),
+                             ("int4", lambda c, i: quant_triton.int4_matmul(x, *c4[i % len(c4)], GROUP, c))):
             nbytes = paths[f"{method}-triton"][1]
             best: tuple[float, Any] | None = None
             for cfg in sweep_configs(method, rows):
                 try:
-                    secs = time_call(lambda cfg=cfg: call(cfg), calls=10, replays=5)
+                    secs = time_call(lambda i, cfg=cfg: call(cfg, i), calls=16, replays=5)
                 except Exception as e:  # noqa: BLE001 - a tile the compiler rejects (shared memory): skip it
                     print(f"skip {method} {cfg}: {type(e).__name__}", file=sys.stderr)
                     continue

@@ -66,6 +66,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     block_m: int = 16  # rows per tile in the tl.dot kernels
+    words: bool = False  # int4, one row: read the codes as 32-bit words (gemv_int4_words)
 
 
 def pick_config(method: str, rows: int, n: int, k: int, group_size: int = 0) -> KernelConfig:
@@ -100,7 +101,10 @@ def _launch(method: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
         if method == "int8":
             kern.gemv_int8[grid](x, codes, scales, y, n, k, **common)
         else:
-            kern.gemv_int4[grid](x, codes, scales, y, n, k, GROUP=group_size, **common)
+            if cfg.words and k % 8 == 0:
+                kern.gemv_int4_words[grid](x, codes.view(torch.int32), scales, y, n, k, GROUP=group_size, **common)
+            else:
+                kern.gemv_int4[grid](x, codes, scales, y, n, k, GROUP=group_size, **common)
     else:
         block_m = max(16, 1 << (m - 1).bit_length())
         if method == "int8":

@@ -73,6 +73,37 @@ def gemv_int4(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
 
 
 @triton.jit
+def gemv_int4_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # The same product read as 32-bit words: word w of a row holds inputs 8w..8w+7, nibble j = input 8w + j
+    # (little-endian bytes, low nibble first). Wider loads than bytes; scales are applied per word.
+    WORDS: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    rw = tl.arange(0, WORDS)
+    n_groups = K // GROUP
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(start, stop, BLOCK_K):
+        kw = k0 + 8 * rw  # first input of each word
+        w_ok = kw < stop
+        words = tl.load(w_ptr + rn[:, None] * (K // 8) + (k0 // 8 + rw)[None, :],
+                        mask=n_ok[:, None] & w_ok[None, :], other=0)
+        part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        x_sum = tl.zeros((WORDS,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptr + kw + j, mask=w_ok, other=0.0).to(tl.float32)
+            part += ((words >> (4 * j)) & 15).to(tl.float32) * xj[None, :]
+            x_sum += xj
+        s = tl.load(s_ptr + rn[:, None] * n_groups + (kw // GROUP)[None, :], mask=n_ok[:, None] & w_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum((part - 8.0 * x_sum[None, :]) * s, axis=1)
+    tl.store(y_ptr + pid_k * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
 def mm_int8(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n = tl.program_id(0)
