@@ -41,7 +41,8 @@ def _close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
 CASES = [  # rows, dtype, tolerance relative to the largest output
     (1, torch.float32, 1e-5), (1, torch.bfloat16, 1e-2), (3, torch.float16, 2e-3), (16, torch.float16, 2e-3)]
 CONFIGS = [None, quant_triton.KernelConfig(block_n=16, block_k=128, split_k=3),
-           quant_triton.KernelConfig(block_n=32, block_k=256, split_k=2, num_warps=2)]
+           quant_triton.KernelConfig(block_n=32, block_k=256, split_k=2, num_warps=2),
+           quant_triton.KernelConfig(block_n=8, block_k=256, split_k=2, words=True)]
 
 
 @pytest.mark.parametrize("rows,dtype,tol", CASES)
@@ -64,7 +65,8 @@ def test_int4_kernels_match_dequantize_then_matmul(interpret: None, rows: int, d
     packed, scales = quantize_int4(_weights(40, 640), group, torch.bfloat16)
     x = torch.randn(rows, 640, generator=torch.Generator().manual_seed(2)).to(dtype)
     ref = x.float() @ dequantize_int4(packed, scales, torch.float32).t()
-    for cfg in (None, quant_triton.KernelConfig(block_n=16, block_k=max(group, 128), split_k=3)):
+    for cfg in (None, quant_triton.KernelConfig(block_n=16, block_k=max(group, 128), split_k=3),
+                quant_triton.KernelConfig(block_n=8, block_k=max(group, 256), split_k=2, words=True)):
         got = quant_triton.int4_matmul(x, packed, scales, group, cfg)
         assert got.shape == (rows, 40) and got.dtype == dtype
         assert _close(got, ref, tol), (cfg, (got.float() - ref).abs().max())

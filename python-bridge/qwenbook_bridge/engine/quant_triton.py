@@ -66,7 +66,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     block_m: int = 16  # rows per tile in the tl.dot kernels
-    words: bool = False  # int4, one row: read the codes as 32-bit words (gemv_int4_words)
+    words: bool = False  # one row: read the codes as 32-bit words (gemv_*_words)
 
 
 def pick_config(method: str, rows: int, n: int, k: int, group_size: int = 0) -> KernelConfig:
@@ -99,7 +99,10 @@ def _launch(method: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
     common: dict[str, Any] = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, num_warps=cfg.num_warps)
     if m == 1:
         if method == "int8":
-            kern.gemv_int8[grid](x, codes, scales, y, n, k, **common)
+            if cfg.words and k % 4 == 0:
+                kern.gemv_int8_words[grid](x, codes.view(torch.int32), scales, y, n, k, **common)
+            else:
+                kern.gemv_int8[grid](x, codes, scales, y, n, k, **common)
         else:
             if cfg.words and k % 8 == 0:
                 kern.gemv_int4_words[grid](x, codes.view(torch.int32), scales, y, n, k, GROUP=group_size, **common)

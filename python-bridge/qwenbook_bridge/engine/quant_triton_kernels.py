@@ -72,11 +72,17 @@ def gemv_int4(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
     tl.store(y_ptr + pid_k * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
+# Integer-to-float conversions run at a quarter of the FP32 rate, which would cap a one-row product below the
+# memory speed. The word kernels build the floats from bits instead: a code c in 0..255 ORed into the mantissa
+# of 2^23 (0x4B000000) is the float 2^23 + c exactly, so one subtraction gives the code minus its offset.
+MAGIC: tl.constexpr = 0x4B000000
+
+
 @triton.jit
 def gemv_int4_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    # The same product read as 32-bit words: word w of a row holds inputs 8w..8w+7, nibble j = input 8w + j
-    # (little-endian bytes, low nibble first). Wider loads than bytes; scales are applied per word.
+    # The codes read as 32-bit words: word w of a row holds inputs 8w..8w+7, nibble j = input 8w + j
+    # (little-endian bytes, low nibble first). Scales are applied per word.
     WORDS: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -92,15 +98,39 @@ def gemv_int4_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
         words = tl.load(w_ptr + rn[:, None] * (K // 8) + (k0 // 8 + rw)[None, :],
                         mask=n_ok[:, None] & w_ok[None, :], other=0)
         part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-        x_sum = tl.zeros((WORDS,), dtype=tl.float32)
         for j in tl.static_range(8):
             xj = tl.load(x_ptr + kw + j, mask=w_ok, other=0.0).to(tl.float32)
-            part += ((words >> (4 * j)) & 15).to(tl.float32) * xj[None, :]
-            x_sum += xj
+            c = (((words >> (4 * j)) & 15) | MAGIC).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+            part += c * xj[None, :]
         s = tl.load(s_ptr + rn[:, None] * n_groups + (kw // GROUP)[None, :], mask=n_ok[:, None] & w_ok[None, :],
                     other=0.0).to(tl.float32)
-        acc += tl.sum((part - 8.0 * x_sum[None, :]) * s, axis=1)
+        acc += tl.sum(part * s, axis=1)
     tl.store(y_ptr + pid_k * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def gemv_int8_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # Word w of a row holds inputs 4w..4w+3, byte j = input 4w + j. XOR 128 maps the signed byte to 0..255.
+    WORDS: tl.constexpr = BLOCK_K // 4
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    rw = tl.arange(0, WORDS)
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    for k0 in range(start, stop, BLOCK_K):
+        kw = k0 + 4 * rw
+        w_ok = kw < stop
+        words = tl.load(w_ptr + rn[:, None] * (K // 4) + (k0 // 4 + rw)[None, :],
+                        mask=n_ok[:, None] & w_ok[None, :], other=0)
+        for j in tl.static_range(4):
+            xj = tl.load(x_ptr + kw + j, mask=w_ok, other=0.0).to(tl.float32)
+            c = ((((words >> (8 * j)) & 255) ^ 128) | MAGIC).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+            acc += c * xj[None, :]
+    out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + pid_k * N + rn, out.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
