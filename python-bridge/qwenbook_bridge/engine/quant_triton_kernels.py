@@ -75,7 +75,7 @@ def gemv_int4(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
 # Integer-to-float conversions run at a quarter of the FP32 rate, which would cap a one-row product below the
 # memory speed. The word kernels build the floats from bits instead: a code c in 0..255 ORed into the mantissa
 # of 2^23 (0x4B000000) is the float 2^23 + c exactly, so one subtraction gives the code minus its offset.
-MAGIC: tl.constexpr = 0x4B000000
+MAGIC = tl.constexpr(0x4B000000)
 
 
 @triton.jit
