@@ -70,14 +70,18 @@ class KernelConfig:
 
 
 def pick_config(method: str, rows: int, n: int, k: int, group_size: int = 0) -> KernelConfig:
-    """Tile sizes for a layer shape, from a sweep over the Qwen2.5-7B projections on an H200
-    (bench_quant_kernels.py --sweep). Narrow tiles win for one row: more programs stream the weights at once.
-    Long rows (the down projection's 18,944 inputs) are split over K; so are layers too narrow to give every
-    SM a few programs, as long as each split keeps two or more slices to walk."""
+    """Tile sizes for a layer shape, from sweeps over the Qwen2.5-7B projections on an H200, with weights
+    cycled past the L2 cache (bench_quant_kernels.py --sweep). One row: narrow tiles over long K slices for
+    layers with few outputs (k/v: 512), so hundreds of programs stream at once; the long rows of the down
+    projection (18,944 inputs) are split over K. Several rows: the tl.dot kernels, split over K until every
+    SM has a few programs."""
     if rows == 1:
-        block_n, block_k, warps = 8, 512, 4
-    else:
-        block_n, block_k, warps = 32, 256 if method == "int8" else max(64, group_size), 4
+        if n <= 1024:
+            return KernelConfig(4, 2048, 1, num_warps=8, words=True)
+        if k >= 8192:
+            return KernelConfig(16, 512, 4 if method == "int8" else 8, num_warps=4, words=True)
+        return KernelConfig(16, 512 if method == "int8" else 2048, 1, num_warps=4, words=True)
+    block_n, block_k = 32, 256 if method == "int8" else max(64, group_size)
     steps = -(-k // block_k)
     split = 1
     while split * 2 <= steps and k // (split * 2) >= 2048:
@@ -85,7 +89,7 @@ def pick_config(method: str, rows: int, n: int, k: int, group_size: int = 0) -> 
     programs = -(-n // block_n)
     while programs * split < 264 and steps // (split * 2) >= 2:
         split *= 2
-    return KernelConfig(block_n, block_k, split, num_warps=warps)
+    return KernelConfig(block_n, block_k, split, num_warps=4)
 
 
 def _launch(method: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, n: int, group_size: int,
