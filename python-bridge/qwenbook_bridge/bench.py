@@ -120,6 +120,7 @@ class Bench:
         self.rebuild: Callable[[], Any] = lambda: model  # set by main: the same model again in 16-bit
         self.fp32_margins: list[list[float]] = []
         self.batched_sizes: tuple[int, ...] = ()  # set by main unless batched scenarios are skipped
+        self.profile_path: Path | None = None  # set by main with --profile: quantized variants are profiled too
 
     def save(self) -> None:
         self.out.write_text(json.dumps(asdict(self.report), indent=2), encoding="utf-8")
@@ -244,6 +245,9 @@ class Bench:
             ttft = _median([_timed(dev, lambda: next(iter(dec.stream(long_ids, 1)))) for _ in range(c.repeats)])
             self.add(scenario="ttft", path=path, prompt_tokens=c.ttft_len, ttft_s=ttft)
             del dec
+            if self.profile_path is not None:
+                self.report.meta.setdefault("profile", []).append(
+                    profile_decode(self.model, variant, c, self.profile_path, label=path))
             for b in self.batched_sizes:
                 prompts = random_prompts(self.vocab, b, c.prompt_len, seed=10 + b)
                 dec = FastDecoder(self.model, max_seq_len=c.prompt_len + c.batch_new_tokens, batch_size=b,
@@ -279,7 +283,7 @@ class Bench:
             self.add(scenario=f"decode_b{batch}", path=path, batch=batch, **row)
 
 
-def profile_decode(model: Any, variant: str, cfg: BenchConfig, path: Path) -> dict[str, float]:
+def profile_decode(model: Any, variant: str, cfg: BenchConfig, path: Path, label: str = "") -> dict[str, float]:
     """Kernel-time table for 32 decode steps of one variant: where a step's time goes, and how much of the
     step the device spends idle between kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -298,10 +302,10 @@ def profile_decode(model: Any, variant: str, cfg: BenchConfig, path: Path) -> di
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = averages.table(sort_by=key, row_limit=40)
     kernel_us = sum(getattr(e, key, 0.0) for e in averages if device.type != "cuda" or e.device_type.name == "CUDA")
-    summary = {"variant": variant, "steps": steps - 1, "wall_ms_per_step": 1000 * wall / (steps - 1),
+    summary = {"variant": label or variant, "steps": steps - 1, "wall_ms_per_step": 1000 * wall / (steps - 1),
                "device_ms_per_step_profiled": kernel_us / 1000 / steps}
     with path.open("a", encoding="utf-8") as f:
-        f.write(f"== {variant}: {json.dumps(summary)}\n{table}\n\n")
+        f.write(f"== {label or variant}: {json.dumps(summary)}\n{table}\n\n")
     return summary
 
 
@@ -424,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.profile:
             prof_path = Path(a.out).with_suffix(".profile.txt")
             prof_path.write_text("", encoding="utf-8")
+            bench.profile_path = prof_path
             # The un-graphed run shows each kernel's own time; the graphed ones show what is left between kernels.
             for v in dict.fromkeys(["eager", *variants]):
                 bench.guarded(f"profile_{v}", lambda v=v: report.meta.setdefault("profile", []).append(
