@@ -62,6 +62,8 @@ def sweep_configs(method: str, rows: int) -> list[quant_triton.KernelConfig]:
     if rows == 1:
         grid = itertools.product((4, 8, 16), (512, 1024, 2048), (1, 4, 8), (2, 4, 8))
         configs = [quant_triton.KernelConfig(n, k, s, w) for n, k, s, w in grid]
+        if method == "int4":  # one int4 kernel; int8 has a byte-reading and a word-reading one
+            return configs
         return configs + [quant_triton.KernelConfig(c.block_n, c.block_k, c.split_k, c.num_warps, words=True)
                           for c in configs]
     ks = (64, 128, 256) if method == "int8" else (GROUP,)

@@ -8,6 +8,7 @@ two to a byte, low nibble first, with a scale per group), dequantize in register
 
 - `gemv_*`: one input row. Each program owns BLOCK_N output rows and walks K in BLOCK_K slices, summing
   in fp32 on the CUDA cores; K may be split over SPLIT_K programs whose partial sums are added afterwards.
+  The int4 kernel (and int8 with `words`) reads the codes as 32-bit words and builds floats from their bits.
 - `mm_*`: 2..MAX_ROWS input rows. The dequantized weight tile goes through `tl.dot` (rows padded to 16).
 
 Both compute the same sums as dequantize-then-matmul, in a different order (and without rounding the
@@ -66,7 +67,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     block_m: int = 16  # rows per tile in the tl.dot kernels
-    words: bool = False  # one row: read the codes as 32-bit words (gemv_*_words)
+    words: bool = False  # int8, one row: read the codes as 32-bit words (int4 always does)
 
 
 def pick_config(method: str, rows: int, n: int, k: int, group_size: int = 0) -> KernelConfig:
@@ -108,10 +109,7 @@ def _launch(method: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
             else:
                 kern.gemv_int8[grid](x, codes, scales, y, n, k, **common)
         else:
-            if cfg.words and k % 8 == 0:
-                kern.gemv_int4_words[grid](x, codes.view(torch.int32), scales, y, n, k, GROUP=group_size, **common)
-            else:
-                kern.gemv_int4[grid](x, codes, scales, y, n, k, GROUP=group_size, **common)
+            kern.gemv_int4_words[grid](x, codes.view(torch.int32), scales, y, n, k, GROUP=group_size, **common)
     else:
         block_m = max(16, 1 << (m - 1).bit_length())
         if method == "int8":

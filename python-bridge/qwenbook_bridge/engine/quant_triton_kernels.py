@@ -20,12 +20,17 @@ def k_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
+def out_rows(N, BLOCK_N: tl.constexpr):
+    """This program's output rows (axis 0 of the grid) and which of them exist."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rn, rn < N
+
+
+@triton.jit
 def gemv_int8(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
+    rn, n_ok = out_rows(N, BLOCK_N)
     start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(start, stop, BLOCK_K):
@@ -35,40 +40,6 @@ def gemv_int8(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
         w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
     acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + pid_k * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def gemv_int4(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    # A BLOCK_K slice is GROUPS whole groups; the packed bytes of a group are HALF wide. The codes' offset of 8
-    # comes out of the sums once per group: sum((c - 8) * x) = sum(c * x) - 8 * sum(x).
-    GROUPS: tl.constexpr = BLOCK_K // GROUP
-    HALF: tl.constexpr = GROUP // 2
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
-    rg = tl.arange(0, GROUPS)
-    rb = tl.arange(0, HALF)
-    n_groups = K // GROUP
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(start, stop, BLOCK_K):
-        g = k0 // GROUP + rg  # [GROUPS]
-        g_ok = (g * GROUP) < stop
-        byte = g[:, None] * HALF + rb[None, :]  # [GROUPS, HALF]: byte index within a row
-        xe = tl.load(x_ptr + 2 * byte, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + 2 * byte + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
-        x_sum = tl.sum(xe + xo, axis=1)  # [GROUPS]
-        p = tl.load(w_ptr + rn[:, None, None] * (K // 2) + byte[None, :, :],
-                    mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
-        lo = (p & 15).to(tl.float32)
-        hi = (p >> 4).to(tl.float32)
-        part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2) - 8.0 * x_sum[None, :]
-        s = tl.load(s_ptr + rn[:, None] * n_groups + g[None, :], mask=n_ok[:, None] & g_ok[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(part * s, axis=1)
     tl.store(y_ptr + pid_k * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -84,10 +55,8 @@ def gemv_int4_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
     # The codes read as 32-bit words: word w of a row holds inputs 8w..8w+7, nibble j = input 8w + j
     # (little-endian bytes, low nibble first). Scales are applied per word.
     WORDS: tl.constexpr = BLOCK_K // 8
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
+    rn, n_ok = out_rows(N, BLOCK_N)
     start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
     rw = tl.arange(0, WORDS)
     n_groups = K // GROUP
@@ -113,10 +82,8 @@ def gemv_int8_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     # Word w of a row holds inputs 4w..4w+3, byte j = input 4w + j. XOR 128 maps the signed byte to 0..255.
     WORDS: tl.constexpr = BLOCK_K // 4
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
+    rn, n_ok = out_rows(N, BLOCK_N)
     start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
     rw = tl.arange(0, WORDS)
     acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
@@ -136,12 +103,10 @@ def gemv_int8_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
 @triton.jit
 def mm_int8(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn, n_ok = out_rows(N, BLOCK_N)
     m_ok = rm < M
-    n_ok = rn < N
     start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(start, stop, BLOCK_K):
@@ -161,13 +126,11 @@ def mm_int4(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, GROUP: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     # BLOCK_K == GROUP: one scale per row per iteration.
     HALF: tl.constexpr = BLOCK_K // 2
-    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn, n_ok = out_rows(N, BLOCK_N)
     rb = tl.arange(0, HALF)
     m_ok = rm < M
-    n_ok = rn < N
     start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(start, stop, BLOCK_K):
@@ -185,11 +148,11 @@ def mm_int4(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, GROUP: tl.constexpr,
 
 @triton.jit
 def dequant_int8(w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn, n_ok = out_rows(N, BLOCK_N)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    ok = (rn < N)[:, None] & (rk < K)[None, :]
+    ok = n_ok[:, None] & (rk < K)[None, :]
     q = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=ok, other=0).to(tl.float32)
-    s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
+    s = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
     # The same rounding as torch's codes.to(dtype) * scales.to(dtype): a float product rounded once.
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -197,9 +160,8 @@ def dequant_int8(w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl
 @triton.jit
 def dequant_int4(w_ptr, s_ptr, out_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     HALF: tl.constexpr = BLOCK_K // 2
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn, n_ok = out_rows(N, BLOCK_N)
     rb = tl.program_id(1) * HALF + tl.arange(0, HALF)
-    n_ok = rn < N
     p = tl.load(w_ptr + rn[:, None] * (K // 2) + rb[None, :], mask=n_ok[:, None] & (rb < K // 2)[None, :], other=0)
     codes = tl.reshape(tl.join((p & 15).to(tl.float32) - 8.0, (p >> 4).to(tl.float32) - 8.0), (BLOCK_N, BLOCK_K))
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
