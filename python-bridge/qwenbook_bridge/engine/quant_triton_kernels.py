@@ -10,10 +10,19 @@ import triton
 import triton.language as tl
 
 
+# Only Triton builtins and this module's own functions are called from the kernels: triton.language's jit-written
+# helpers (cdiv, zeros, sum) are bound to whether TRITON_INTERPRET was set when triton was first imported, so in
+# a process that imported it before (torch.compile does) the interpreter could not run them. A reduction with
+# the standard sum combiner is what tl.sum compiles to, and the interpreter recognises it and sums in numpy.
+@triton.jit
+def total(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
 @triton.jit
 def k_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    steps = tl.cdiv(K, BLOCK_K)
-    per = tl.cdiv(steps, SPLIT_K)
+    steps = (K + BLOCK_K - 1) // BLOCK_K
+    per = (steps + SPLIT_K - 1) // SPLIT_K
     start = pid_k * per * BLOCK_K
     stop = tl.minimum(start + per * BLOCK_K, K)
     return start, stop
@@ -32,13 +41,13 @@ def gemv_int8(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
     pid_k = tl.program_id(1)
     rn, n_ok = out_rows(N, BLOCK_N)
     start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
     for k0 in range(start, stop, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < stop
         x = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        acc += total(w.to(tl.float32) * x[None, :], axis=1)
     acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + pid_k * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
@@ -60,20 +69,20 @@ def gemv_int4_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
     start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
     rw = tl.arange(0, WORDS)
     n_groups = K // GROUP
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
     for k0 in range(start, stop, BLOCK_K):
         kw = k0 + 8 * rw  # first input of each word
         w_ok = kw < stop
         words = tl.load(w_ptr + rn[:, None] * (K // 8) + (k0 // 8 + rw)[None, :],
                         mask=n_ok[:, None] & w_ok[None, :], other=0)
-        part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        part = tl.full((BLOCK_N, WORDS), 0.0, dtype=tl.float32)
         for j in tl.static_range(8):
             xj = tl.load(x_ptr + kw + j, mask=w_ok, other=0.0).to(tl.float32)
             c = (((words >> (4 * j)) & 15) | MAGIC).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
             part += c * xj[None, :]
         s = tl.load(s_ptr + rn[:, None] * n_groups + (kw // GROUP)[None, :], mask=n_ok[:, None] & w_ok[None, :],
                     other=0.0).to(tl.float32)
-        acc += tl.sum(part * s, axis=1)
+        acc += total(part * s, axis=1)
     tl.store(y_ptr + pid_k * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -86,7 +95,7 @@ def gemv_int8_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
     rn, n_ok = out_rows(N, BLOCK_N)
     start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
     rw = tl.arange(0, WORDS)
-    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    acc = tl.full((BLOCK_N, WORDS), 0.0, dtype=tl.float32)
     for k0 in range(start, stop, BLOCK_K):
         kw = k0 + 4 * rw
         w_ok = kw < stop
@@ -96,7 +105,7 @@ def gemv_int8_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
             xj = tl.load(x_ptr + kw + j, mask=w_ok, other=0.0).to(tl.float32)
             c = ((((words >> (8 * j)) & 255) ^ 128) | MAGIC).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
             acc += c * xj[None, :]
-    out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    out = total(acc, axis=1) * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + pid_k * N + rn, out.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -108,7 +117,7 @@ def mm_int8(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm,
     rn, n_ok = out_rows(N, BLOCK_N)
     m_ok = rm < M
     start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for k0 in range(start, stop, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < stop
@@ -132,7 +141,7 @@ def mm_int4(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, GROUP: tl.constexpr,
     rb = tl.arange(0, HALF)
     m_ok = rm < M
     start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for k0 in range(start, stop, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None], other=0.0)
