@@ -24,7 +24,10 @@ from test_fast_decode import _hf_greedy, _prompts, perturbed_lm, tiny_lm  # noqa
 @pytest.fixture
 def interpret(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # Kernel checks are cached per process; ones made without the interpreter ("no Triton on this CPU") must not
+    # decide these tests, nor theirs the tests that follow.
     saved = dict(quant_layers._KERNEL_CHECKED)
+    quant_layers._KERNEL_CHECKED.clear()
     yield
     quant_layers._KERNEL_CHECKED.clear()
     quant_layers._KERNEL_CHECKED.update(saved)
