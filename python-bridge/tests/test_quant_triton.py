@@ -181,3 +181,17 @@ def test_compiled_decoder_takes_quantized_layers_where_the_kernels_run(interpret
             FastDecoder(model, max_seq_len=64, compile=True)
     decoder = FastDecoder(model, max_seq_len=64, compile=True)
     assert decoder.generate([prompt], 8)[0] == reference
+
+
+def test_a_kernel_that_fails_its_check_is_not_used(interpret: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_a: Any, **_k: Any) -> torch.Tensor:
+        raise RuntimeError("compile failed")  # what a Triton or driver failure looks like from here
+
+    monkeypatch.setattr(quant_triton, "int8_matmul", broken)
+    layer = Int8Linear.from_float(_weights(48, 256, seed=8), None, torch.float32)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        got = layer(x)  # falls back to dequantize + matmul, and remembers not to try again
+    assert quant_layers._KERNEL_CHECKED[("int8-triton", "cpu", torch.float32)] is False
+    assert layer.decode_weight(torch.float32) is None  # the fast decoder keeps the layer's own forward
+    assert _close(got, x @ layer.dequantize(torch.float32).t(), 1e-5)
