@@ -68,7 +68,7 @@ def sweep_configs(method: str, rows: int) -> list[quant_triton.KernelConfig]:
                           for c in configs]
     ks = (64, 128, 256) if method == "int8" else (GROUP,)
     grid = itertools.product((32, 64, 128), ks, (1, 2, 4, 8), (4, 8))
-    return [quant_triton.KernelConfig(n, k, s, w, block_m=16) for n, k, s, w in grid]
+    return [quant_triton.KernelConfig(n, k, s, w) for n, k, s, w in grid]
 
 
 def bench_shape(name: str, n: int, k: int, rows: int, sweep: bool) -> list[dict[str, Any]]:

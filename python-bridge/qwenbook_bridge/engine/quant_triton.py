@@ -66,7 +66,6 @@ class KernelConfig:
     block_k: int  # input elements per iteration (a multiple of the int4 group size)
     split_k: int = 1
     num_warps: int = 4
-    block_m: int = 16  # rows per tile in the tl.dot kernels
     words: bool = False  # int8, one row: read the codes as 32-bit words (int4 always does)
 
 
@@ -111,7 +110,7 @@ def _launch(method: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
         else:
             kern.gemv_int4_words[grid](x, codes.view(torch.int32), scales, y, n, k, GROUP=group_size, **common)
     else:
-        block_m = max(16, 1 << (m - 1).bit_length())
+        block_m = max(16, 1 << (m - 1).bit_length())  # the rows, padded to what tl.dot takes
         if method == "int8":
             kern.mm_int8[grid](x, codes, scales, y, m, n, k, x.stride(0), BLOCK_M=block_m, **common)
         else:
