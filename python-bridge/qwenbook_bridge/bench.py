@@ -202,14 +202,30 @@ class Bench:
                     self._divergence(variant, prompt, self.fp32_tokens[i], ours, self.fp32_margins[i]))
         self.add(scenario="decode_b1", path=variant, **_rate(dev, lambda n: dec.generate(ids, n), 1,
                                                              c.new_tokens, c.repeats))
+        self._ttft(dec, variant)
+
+    def _ttft(self, dec: FastDecoder, path: str) -> None:
+        c = self.cfg
         long_ids = random_prompts(self.vocab, 1, c.ttft_len, seed=3)
 
         def first_token() -> None:
             next(iter(dec.stream(long_ids, 1)))
 
         first_token()
-        ttft = _median([_timed(dev, first_token) for _ in range(c.repeats)])
-        self.add(scenario="ttft", path=variant, prompt_tokens=c.ttft_len, ttft_s=ttft)
+        ttft = _median([_timed(self.device, first_token) for _ in range(c.repeats)])
+        self.add(scenario="ttft", path=path, prompt_tokens=c.ttft_len, ttft_s=ttft)
+
+    def _batched_prompts(self, batch: int) -> list[list[int]]:
+        return random_prompts(self.vocab, batch, self.cfg.prompt_len, seed=10 + batch)
+
+    def _fast_batched(self, variant: str, batch: int) -> dict[str, float]:
+        """Decode rate of `batch` sequences at once on one variant (warmed up first; freed on return)."""
+        c = self.cfg
+        prompts = self._batched_prompts(batch)
+        dec = FastDecoder(self.model, max_seq_len=c.prompt_len + c.batch_new_tokens, batch_size=batch,
+                          **VARIANTS[variant])
+        dec.generate(prompts, c.batch_new_tokens)
+        return _rate(self.device, lambda n: dec.generate(prompts, n), batch, c.batch_new_tokens, c.repeats)
 
     def run_quantized(self, method: str) -> None:
         """Decode on the same variants as 16-bit after quantizing the weights in place: int8 per channel, int4 in
@@ -240,22 +256,13 @@ class Bench:
                      **_rate(dev, lambda n: dec.generate(ids, n), 1, c.new_tokens, c.repeats))
             tokens = dec.generate([prompt], c.check_tokens)[0]
             self.report.correctness.append(self._divergence(path, prompt, reference, tokens, None))
-            long_ids = random_prompts(self.vocab, 1, c.ttft_len, seed=3)
-            next(iter(dec.stream(long_ids, 1)))
-            ttft = _median([_timed(dev, lambda: next(iter(dec.stream(long_ids, 1)))) for _ in range(c.repeats)])
-            self.add(scenario="ttft", path=path, prompt_tokens=c.ttft_len, ttft_s=ttft)
+            self._ttft(dec, path)
             del dec
             if self.profile_path is not None:
                 self.report.meta.setdefault("profile", []).append(
                     profile_decode(self.model, variant, c, self.profile_path, label=path))
             for b in self.batched_sizes:
-                prompts = random_prompts(self.vocab, b, c.prompt_len, seed=10 + b)
-                dec = FastDecoder(self.model, max_seq_len=c.prompt_len + c.batch_new_tokens, batch_size=b,
-                                  **VARIANTS[variant])
-                dec.generate(prompts, c.batch_new_tokens)
-                self.add(scenario=f"decode_b{b}", path=path, batch=b,
-                         **_rate(dev, lambda n: dec.generate(prompts, n), b, c.batch_new_tokens, c.repeats))
-                del dec
+                self.add(scenario=f"decode_b{b}", path=path, batch=b, **self._fast_batched(variant, b))
 
     def _restore_16bit(self) -> None:
         import gc
@@ -269,17 +276,12 @@ class Bench:
 
     def run_batched(self, batch: int, paths: list[str]) -> None:
         c, dev = self.cfg, self.device
-        prompts = random_prompts(self.vocab, batch, c.prompt_len, seed=10 + batch)
         for path in paths:
             if path == "hf":
-                ids = torch.tensor(prompts, device=dev)
+                ids = torch.tensor(self._batched_prompts(batch), device=dev)
                 row = _rate(dev, lambda n: hf_generate(self.model, ids, n), batch, c.batch_new_tokens, 1)
             else:
-                dec = FastDecoder(self.model, max_seq_len=c.prompt_len + c.batch_new_tokens, batch_size=batch,
-                                  **VARIANTS[path])
-                dec.generate(prompts, c.batch_new_tokens)
-                row = _rate(dev, lambda n: dec.generate(prompts, n), batch, c.batch_new_tokens, c.repeats)
-                del dec
+                row = self._fast_batched(path, batch)
             self.add(scenario=f"decode_b{batch}", path=path, batch=batch, **row)
 
 

@@ -56,16 +56,21 @@ def test_a_model_with_adapter_layers_decodes_on_the_plain_loop_with_its_adapter(
     assert generate(tiny, CHAT, GenerationOptions(max_tokens=12, greedy=True)).token_ids == plain.token_ids
 
 
+def plain_then_fast(loaded, messages, options, monkeypatch, fast_mode="1"):
+    """The same request on the plain loop, then with the fast decoder switched on (checked to be the one used)."""
+    monkeypatch.setenv("QWENBOOK_FAST_DECODE", "0")
+    plain = generate(loaded, messages, options)
+    monkeypatch.setenv("QWENBOOK_FAST_DECODE", fast_mode)
+    fast = generate(loaded, messages, options)
+    assert isinstance(_decoders.get(loaded.model), FastDecoder)
+    return plain, fast
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_a_quantized_model_chats_on_the_fast_decoder_with_the_plain_loops_tokens(tiny_model_dir, monkeypatch, method):
     from qwenbook_bridge.engine import LoadOptions, load_model
 
     loaded = load_model(str(tiny_model_dir), LoadOptions(dtype="fp32", device="cpu",
                                                           quant={"method": method, "group_size": 32}))
-    greedy = GenerationOptions(max_tokens=24, greedy=True)
-    monkeypatch.setenv("QWENBOOK_FAST_DECODE", "0")
-    plain = generate(loaded, CHAT, greedy)
-    monkeypatch.setenv("QWENBOOK_FAST_DECODE", "1")
-    fast = generate(loaded, CHAT, greedy)
-    assert isinstance(_decoders.get(loaded.model), FastDecoder)
+    plain, fast = plain_then_fast(loaded, CHAT, GenerationOptions(max_tokens=24, greedy=True), monkeypatch)
     assert fast.token_ids == plain.token_ids

@@ -24,10 +24,7 @@ from test_fast_decode import _hf_greedy, _prompts, perturbed_lm, tiny_lm  # noqa
 @pytest.fixture
 def interpret(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    # Kernel checks are cached per process; ones made without the interpreter ("no Triton on this CPU") must not
-    # decide these tests, nor theirs the tests that follow.
-    saved = dict(quant_layers._KERNEL_CHECKED)
-    quant_layers._KERNEL_CHECKED.clear()
+    saved = dict(quant_layers._KERNEL_CHECKED)  # checks made under the interpreter stay with these tests
     yield
     quant_layers._KERNEL_CHECKED.clear()
     quant_layers._KERNEL_CHECKED.update(saved)
@@ -120,16 +117,16 @@ def test_layers_dequantize_through_the_kernel_where_it_runs(interpret: None, mon
 def test_what_the_kernels_take() -> None:
     x = torch.zeros(1, 256)
     assert not quant_triton.available(torch.device("cpu"))  # no interpreter: CPU layers keep their kernels
-    assert not quant_triton.supports("int8", x, 256)
+    assert not quant_triton.supports("int8", x)
 
 
 def test_supports_rejects_what_the_tiles_cannot_do(interpret: None) -> None:
-    assert quant_triton.supports("int4", torch.zeros(1, 256), 256, 64)
-    assert not quant_triton.supports("int4", torch.zeros(1, 96 * 2), 192, 48)  # group not a power of two
-    assert quant_triton.supports("int8", torch.zeros(32, 256, dtype=torch.float16), 256)  # a batch decoding
-    assert not quant_triton.supports("int8", torch.zeros(33, 256, dtype=torch.float16), 256)  # prefill
-    assert not quant_triton.supports("int8", torch.zeros(2, 256), 256)  # fp32 in tl.dot would be tf32
-    assert not quant_triton.supports("int8", torch.zeros(4, 256, dtype=torch.float16)[:, ::2], 128)
+    assert quant_triton.supports("int4", torch.zeros(1, 256), 64)
+    assert not quant_triton.supports("int4", torch.zeros(1, 96 * 2), 48)  # group not a power of two
+    assert quant_triton.supports("int8", torch.zeros(32, 256, dtype=torch.float16))  # a batch decoding
+    assert not quant_triton.supports("int8", torch.zeros(33, 256, dtype=torch.float16))  # prefill
+    assert not quant_triton.supports("int8", torch.zeros(2, 256))  # fp32 in tl.dot would be tf32
+    assert not quant_triton.supports("int8", torch.zeros(4, 256, dtype=torch.float16)[:, ::2])
 
 
 @pytest.mark.parametrize("cls", ["int8", "int4"])
@@ -195,3 +192,14 @@ def test_a_kernel_that_fails_its_check_is_not_used(interpret: None, monkeypatch:
     assert quant_layers._KERNEL_CHECKED[("int8-triton", "cpu", torch.float32)] is False
     assert layer.decode_weight(torch.float32) is None  # the fast decoder keeps the layer's own forward
     assert _close(got, x @ layer.dequantize(torch.float32).t(), 1e-5)
+
+
+def test_the_decoder_gets_no_packed_weights_where_the_dequantize_kernel_fails(interpret: None,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_a: Any, **_k: Any) -> torch.Tensor:
+        raise RuntimeError("compile failed")
+
+    layer = Int4Linear.from_float(_weights(48, 256, seed=9), None, 64, torch.float32)
+    monkeypatch.setattr(quant_triton, "dequantize", broken)
+    # quant_matmul dequantizes for prefill, so its matmul kernels passing is not enough.
+    assert layer.decode_weight(torch.float32) is None

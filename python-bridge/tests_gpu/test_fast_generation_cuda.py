@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from qwenbook_bridge.engine import GenerationOptions, LoadOptions, generate, load_model
-from qwenbook_bridge.engine.fast_decode import FastDecoder
-from qwenbook_bridge.engine.fast_generation import _decoders, forget
+from qwenbook_bridge.engine.fast_generation import forget
+from test_fast_generation import plain_then_fast
 
 CHAT = [{"role": "user", "content": "Count to five."}]
 
@@ -24,11 +24,7 @@ def test_gpu_chat_uses_the_fast_decoder_with_the_plain_loops_tokens(tiny_model_d
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = load_model(str(tiny_model_dir), LoadOptions(dtype="fp32", device="cuda"))
     greedy = GenerationOptions(max_tokens=48, greedy=True)
-    monkeypatch.setenv("QWENBOOK_FAST_DECODE", "0")
-    plain = generate(loaded, CHAT, greedy)
-    monkeypatch.setenv("QWENBOOK_FAST_DECODE", "auto")
-    fast = generate(loaded, CHAT, greedy)
-    assert isinstance(_decoders.get(loaded.model), FastDecoder)
+    plain, fast = plain_then_fast(loaded, CHAT, greedy, monkeypatch, fast_mode="auto")
     assert fast.token_ids == plain.token_ids and fast.text == plain.text
     again = generate(loaded, CHAT, greedy)  # replays the captured graphs
     assert again.token_ids == plain.token_ids

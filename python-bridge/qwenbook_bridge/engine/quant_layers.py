@@ -48,7 +48,7 @@ def _kernel_ok(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
             ok = True
             for rows in (1, 3) if impl else (3,):
                 x = torch.randn(rows, 256, generator=g).to(device, dtype)
-                if impl and not quant_triton.supports(method, x, 256, 64):
+                if impl and not quant_triton.supports(method, x, 64):
                     continue
                 ref = x.float() @ layer.dequantize(torch.float32).t()
                 got = layer._triton_matmul(x) if impl else layer._raw_kernel(x)
@@ -70,27 +70,29 @@ def _kernel_ok(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _dequant_kernel_ok(method: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Does the one-pass Triton dequantize run here and give torch's result bit for bit? Checked once."""
+    """Does the one-pass Triton dequantize run here and give torch's result bit for bit? Checked once where
+    Triton is available (which an environment switch can change, so that part is asked each time)."""
+    if not quant_triton.available(device):
+        return False
     key = (f"{method}-dequant", device.type, dtype)
     if key not in _KERNEL_CHECKED:
         ok = False
-        if quant_triton.available(device):
-            try:
-                w = torch.randn(40, 384, generator=torch.Generator().manual_seed(0))
-                if method == "int8":
-                    codes, scales = quantize_int8(w, torch.bfloat16)
-                    ref = codes.to(dtype) * scales.to(dtype)[:, None]
-                    got = quant_triton.dequantize("int8", codes.to(device), scales.to(device), dtype)
-                else:
-                    codes, scales = quantize_int4(w, 32, torch.bfloat16)
-                    ref = dequantize_int4(codes, scales, dtype)
-                    got = quant_triton.dequantize("int4", codes.to(device), scales.to(device), dtype, 32)
-                ok = torch.equal(got.cpu(), ref)
-                if not ok:
-                    log.warning("Triton %s dequantize on %s/%s differs from torch's; using torch", method,
-                                device.type, dtype)
-            except Exception as e:  # noqa: BLE001 - a compiler or driver failure: fall back, say why
-                log.info("Triton %s dequantize unavailable on %s/%s (%s)", method, device.type, dtype, e)
+        try:
+            w = torch.randn(40, 384, generator=torch.Generator().manual_seed(0))
+            if method == "int8":
+                codes, scales = quantize_int8(w, torch.bfloat16)
+                ref = codes.to(dtype) * scales.to(dtype)[:, None]
+                got = quant_triton.dequantize("int8", codes.to(device), scales.to(device), dtype)
+            else:
+                codes, scales = quantize_int4(w, 32, torch.bfloat16)
+                ref = dequantize_int4(codes, scales, dtype)
+                got = quant_triton.dequantize("int4", codes.to(device), scales.to(device), dtype, 32)
+            ok = torch.equal(got.cpu(), ref)
+            if not ok:
+                log.warning("Triton %s dequantize on %s/%s differs from torch's; using torch", method,
+                            device.type, dtype)
+        except Exception as e:  # noqa: BLE001 - a compiler or driver failure: fall back, say why
+            log.info("Triton %s dequantize unavailable on %s/%s (%s)", method, device.type, dtype, e)
         _KERNEL_CHECKED[key] = ok
     return _KERNEL_CHECKED[key]
 
@@ -155,7 +157,7 @@ class QuantizedLinear(nn.Linear):
 
     def _inference_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
         if quant_triton.available(x.device) and _kernel_ok(f"{self.method}-triton", x.device, x.dtype):
-            if quant_triton.supports(self.method, x, self.in_features, self._group_size()):
+            if quant_triton.supports(self.method, x, self._group_size()):
                 return self._triton_matmul(x)
             # Many rows: dequantize + matmul. The packed operators would re-lay-out the codes that the Triton
             # kernels read, and back again at the next decode step.
@@ -169,7 +171,8 @@ class QuantizedLinear(nn.Linear):
         """The codes and scales for `quant_triton.quant_matmul`, where its kernels run and pass their check
         for activations in `dtype`; else None (the layer's own forward picks a path per call)."""
         device = self.qweight.device
-        if not (quant_triton.available(device) and _kernel_ok(f"{self.method}-triton", device, dtype)):
+        if not (quant_triton.available(device) and _kernel_ok(f"{self.method}-triton", device, dtype)
+                and _dequant_kernel_ok(self.method, device, dtype)):  # quant_matmul's path for many rows
             return None
         if isinstance(self, Int4Linear):
             self._to_canonical()

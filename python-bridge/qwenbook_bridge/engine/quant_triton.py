@@ -119,7 +119,7 @@ def _launch(method: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
     return y[0] if split == 1 else y.sum(0).to(x.dtype)
 
 
-def supports(method: str, x: torch.Tensor, k: int, group_size: int = 0) -> bool:
+def supports(method: str, x: torch.Tensor, group_size: int = 0) -> bool:
     """Can a kernel here take this input? (rows, dtype, device, and shapes the tiles assume)."""
     if not available(x.device) or x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
         return False
@@ -128,7 +128,7 @@ def supports(method: str, x: torch.Tensor, k: int, group_size: int = 0) -> bool:
     if x.dtype == torch.float32 and x.shape[0] > 1:
         return False  # tl.dot would round fp32 inputs to tf32
     if method == "int4":
-        return group_size >= 16 and group_size & (group_size - 1) == 0 and k % group_size == 0
+        return group_size >= 16 and group_size & (group_size - 1) == 0 and x.shape[1] % group_size == 0
     return True
 
 
@@ -172,8 +172,7 @@ def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, gro
     elementwise work around it and leaves the matmul to these kernels."""
     method = "int4" if group_size else "int8"
     x = x.contiguous()
-    k = x.shape[1]
-    if supports(method, x, k, group_size):
+    if supports(method, x, group_size):
         if method == "int8":
             return int8_matmul(x, codes, scales)
         return int4_matmul(x, codes, scales, group_size)

@@ -59,6 +59,17 @@ MAGIC = tl.constexpr(0x4B000000)
 
 
 @triton.jit
+def load_words(w_ptr, rn, n_ok, K, k0, stop, rw, PER_WORD: tl.constexpr):
+    """The codes of rows `rn` from input k0 on as 32-bit words (PER_WORD codes each), the first input of each
+    word, and which words lie before `stop`."""
+    kw = k0 + PER_WORD * rw
+    w_ok = kw < stop
+    words = tl.load(w_ptr + rn[:, None] * (K // PER_WORD) + (k0 // PER_WORD + rw)[None, :],
+                    mask=n_ok[:, None] & w_ok[None, :], other=0)
+    return kw, w_ok, words
+
+
+@triton.jit
 def gemv_int4_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     # The codes read as 32-bit words: word w of a row holds inputs 8w..8w+7, nibble j = input 8w + j
@@ -71,10 +82,7 @@ def gemv_int4_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
     n_groups = K // GROUP
     acc = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
     for k0 in range(start, stop, BLOCK_K):
-        kw = k0 + 8 * rw  # first input of each word
-        w_ok = kw < stop
-        words = tl.load(w_ptr + rn[:, None] * (K // 8) + (k0 // 8 + rw)[None, :],
-                        mask=n_ok[:, None] & w_ok[None, :], other=0)
+        kw, w_ok, words = load_words(w_ptr, rn, n_ok, K, k0, stop, rw, 8)
         part = tl.full((BLOCK_N, WORDS), 0.0, dtype=tl.float32)
         for j in tl.static_range(8):
             xj = tl.load(x_ptr + kw + j, mask=w_ok, other=0.0).to(tl.float32)
@@ -97,10 +105,7 @@ def gemv_int8_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
     rw = tl.arange(0, WORDS)
     acc = tl.full((BLOCK_N, WORDS), 0.0, dtype=tl.float32)
     for k0 in range(start, stop, BLOCK_K):
-        kw = k0 + 4 * rw
-        w_ok = kw < stop
-        words = tl.load(w_ptr + rn[:, None] * (K // 4) + (k0 // 4 + rw)[None, :],
-                        mask=n_ok[:, None] & w_ok[None, :], other=0)
+        kw, w_ok, words = load_words(w_ptr, rn, n_ok, K, k0, stop, rw, 4)
         for j in tl.static_range(4):
             xj = tl.load(x_ptr + kw + j, mask=w_ok, other=0.0).to(tl.float32)
             c = ((((words >> (8 * j)) & 255) ^ 128) | MAGIC).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
