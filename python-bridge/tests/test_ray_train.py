@@ -150,7 +150,10 @@ def test_cancel_stops_every_worker_at_one_step_with_a_checkpoint(cluster: Cluste
     del run["events"]
     cancel, on_event = cancel_after(2)
     # Through Ray Client this time: the queue and the stop flag are actors, so events and cancel cross it too.
-    result = launch(run, 2, 0, cluster.client, tmp_path / "launch", on_event=on_event, cancel=cancel)
+    # The client server starts a process for this connection; on a loaded 2-core CI host that took over the 15 s
+    # default once, so allow what a slow head needs (the test is about cancel, not the connect bound).
+    result = launch(run, 2, 0, cluster.client, tmp_path / "launch", on_event=on_event, cancel=cancel,
+                    connect_timeout_s=120)
     assert result["status"] == "cancelled" and 2 <= result["step"] < 400
     last = ckpt.list_checkpoints(tmp_path / "ddp")[-1]
     assert ckpt.read_trainer_state(last)["step"] == result["step"]
