@@ -8,7 +8,7 @@ import { ChatRequest, type ChatIO, type ChatSettings } from "./chat";
 import { Conversation, type ConversationOptions, type MessageRunner } from "./conversation";
 import { checkAdapters } from "./export";
 import { MergeRequest } from "./merge";
-import { toGenerateRequest, type Model } from "./model";
+import { checkMessages, toGenerateRequest, type Model } from "./model";
 import { Reply } from "./reply";
 import type { ModelTarget } from "./train";
 import { TrainResult } from "./train-result";
@@ -139,6 +139,7 @@ export class AdapterModel implements MessageRunner {
   }
 
   async generate(messages: ChatMessage[], settings: Readonly<ChatSettings>, io: ChatIO = {}): Promise<Reply> {
+    checkMessages("generate(messages)", messages); // before the adapter is loaded
     const { client, modelId } = await this.#target.connect();
     const name = await this.#ensure(client, modelId);
     io.onStart?.({ model: this.id, messages });

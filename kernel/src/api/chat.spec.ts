@@ -2,6 +2,8 @@ import { inspect } from "node:util";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { DISPLAY_SINK_KEY, registerSink, type DisplaySink } from "../display/sink";
 import { ChatRequest, type ChatIO, type ChatSettings, type ChatTarget } from "./chat";
+import type { ModelInfo } from "../bridge/protocol.gen";
+import { Model, type ModelHost } from "./model";
 import { Reply } from "./reply";
 
 function reply(text: string, finishReason: Reply["finishReason"] = "stop"): Reply {
@@ -136,5 +138,45 @@ describe("ChatRequest.stream()", () => {
     const s = new ChatRequest(fakeTarget(["a"]).target, "hi").stream();
     for await (const _ of s) void _;
     expect(() => s[Symbol.asyncIterator]()).toThrow(/iterated once/);
+  });
+});
+
+describe("empty prompts", () => {
+  /** A model whose host records whether anything tried to reach the worker. */
+  function offlineModel() {
+    const reached: string[] = [];
+    const host: ModelHost = {
+      connection: async () => (reached.push("connection"), Promise.reject(new Error("no worker in this test"))),
+      loadOn: async () => (reached.push("load"), Promise.reject(new Error("no worker in this test"))),
+      sink: () => ({ text: () => undefined, display: () => undefined }),
+    };
+    const info = {
+      model_id: "tiny:fp32:cpu", source: "tiny", path: "/m", architecture: "Qwen2ForCausalLM", parameters: 1, dtype: "fp32",
+      device: "cpu", context_length: 32, vocab_size: 10, has_chat_template: true,
+    } as ModelInfo;
+    return { model: new Model(host, info, { model: "/m" }, 1), reached };
+  }
+
+  it("m.chat, talk.say and their builders refuse an empty or whitespace-only prompt, naming the fix", () => {
+    const { model, reached } = offlineModel();
+    expect(() => model.chat("")).toThrow(new RangeError('chat(prompt) got an empty string; pass the text to send, e.g. m.chat("What is LoRA?")'));
+    expect(() => model.chat(" \n\t")).toThrow(/chat\(prompt\) got only whitespace \(" \\n\\t"\); pass the text to send/);
+    const talk = model.conversation();
+    expect(() => talk.say("  ")).toThrow(/^say\(text\) got only whitespace .*talk\.say\("And in French\?"\)/);
+    expect(() => new ChatRequest(fakeTarget([]).target, "").stream()).toThrow(RangeError);
+    expect(reached).toEqual([]);
+  });
+
+  it("generate(messages) refuses an empty list and a blank user message before connecting", async () => {
+    const { model, reached } = offlineModel();
+    await expect(model.generate([], {})).rejects.toThrow(/generate\(messages\) got an empty list; send at least one message/);
+    await expect(model.generate([{ role: "system", content: "Be brief." }, { role: "user", content: " " }], {})).rejects.toThrow(
+      /generate\(messages\)\[1\]\.content got only whitespace/,
+    );
+    await expect(model.generate([{ role: "narrator" as "user", content: "x" }], {})).rejects.toThrow(/generate\(messages\)\[0\]\.role must be one of/);
+    expect(reached).toEqual([]);
+    // An empty assistant or system turn is allowed, as in the OpenAI API; this one gets as far as connecting.
+    await expect(model.generate([{ role: "system", content: "" }, { role: "user", content: "hi" }], {})).rejects.toThrow("no worker in this test");
+    expect(reached).toEqual(["connection"]);
   });
 });

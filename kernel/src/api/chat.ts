@@ -3,7 +3,7 @@ import { startChatDisplay, type ChatDisplay, type ChatOpening } from "../display
 import { errorInfo } from "../display/error-info";
 import { currentSink, type DisplaySink } from "../display/sink";
 import type { Reply } from "./reply";
-import { expectBoolean, expectInteger, expectNumber, expectString } from "./validate";
+import { expectBoolean, expectInteger, expectNumber, expectPrompt, expectString } from "./validate";
 
 /** Generation settings a chat builder collects; unset ones take the worker's defaults. */
 export interface ChatSettings {
@@ -34,6 +34,8 @@ export interface ChatTarget {
   readonly label: string;
   /** Where an awaited reply streams; default: the kernel's output, else stdout. */
   readonly sink?: () => DisplaySink;
+  /** How the call that takes the prompt is named in errors; default "chat(prompt)". */
+  readonly promptName?: string;
   run(prompt: string, settings: Readonly<ChatSettings>, io: ChatIO): Promise<Reply>;
 }
 
@@ -53,7 +55,9 @@ export class ChatRequest implements PromiseLike<Reply> {
 
   constructor(target: ChatTarget, prompt: string, settings: Readonly<ChatSettings> = {}) {
     this.#target = target;
-    this.#prompt = expectString("chat(prompt)", prompt);
+    const name = target.promptName ?? "chat(prompt)";
+    const example = name.startsWith("say(") ? 'talk.say("And in French?")' : 'm.chat("What is LoRA?")';
+    this.#prompt = expectPrompt(name, prompt, example);
     this.#settings = settings;
   }
 

@@ -46,6 +46,7 @@ export class Conversation {
     const target: ChatTarget = {
       label: `${this.#model.id}, turn ${this.#turns.length / 2 + 1}`,
       sink: this.#model.sink,
+      promptName: "say(text)",
       run: (prompt, settings, io) => this.#turn(prompt, settings, io),
     };
     return new ChatRequest(target, text);

@@ -14,7 +14,7 @@ import { GpuGauge } from "./gpu";
 import { TrainRun, type ModelTarget } from "./train";
 import type { LoraOptions } from "./train-config";
 import type { ChatMessage, ModelInfo } from "./types";
-import { expectKnownKeys, expectString } from "./validate";
+import { expectKnownKeys, expectOneOf, expectPrompt, expectString } from "./validate";
 
 /** What a model needs from the `qwen` object that loaded it. */
 export interface ModelHost {
@@ -176,6 +176,7 @@ export class Model {
 
   /** Runs a generation on an explicit message list (what chat and conversation build). */
   async generate(messages: ChatMessage[], settings: Readonly<ChatSettings>, io: ChatIO = {}): Promise<Reply> {
+    checkMessages("generate(messages)", messages); // before a restarted worker is made to reload
     const client = await this.#ready();
     const request = toGenerateRequest(this.id, messages, settings);
     io.onStart?.({ model: this.id, messages });
@@ -204,7 +205,29 @@ function chatMessages(prompt: string, system: string | undefined): ChatMessage[]
   return out;
 }
 
+/**
+ * Checks a message list before it is sent: at least one message, each a known role with string
+ * content, and no blank user message (the model would answer the bare template, which is never
+ * what was meant). Assistant and system text may be empty, as in the OpenAI API.
+ */
+export function checkMessages(name: string, messages: unknown): ChatMessage[] {
+  if (!Array.isArray(messages)) throw new TypeError(`${name} expects a list of { role, content } messages, got ${messages === null ? "null" : typeof messages}`);
+  if (messages.length === 0) {
+    throw new RangeError(`${name} got an empty list; send at least one message, e.g. [{ role: "user", content: "What is LoRA?" }]`);
+  }
+  messages.forEach((m: unknown, i: number) => {
+    const where = `${name}[${i}]`;
+    if (typeof m !== "object" || m === null || Array.isArray(m)) throw new TypeError(`${where} must be an object { role, content }`);
+    const { role, content } = m as Record<string, unknown>;
+    expectOneOf(`${where}.role`, role, ["system", "user", "assistant"] as const);
+    expectString(`${where}.content`, content);
+    if (role === "user") expectPrompt(`${where}.content`, content, '{ role: "user", content: "What is LoRA?" }');
+  });
+  return messages as ChatMessage[];
+}
+
 export function toGenerateRequest(modelId: string, messages: ChatMessage[], s: Readonly<ChatSettings>): GenerateRequest {
+  checkMessages("generate(messages)", messages);
   const req: GenerateRequest = { model_id: modelId, messages, stream: true };
   if (s.maxTokens !== undefined) req.max_tokens = s.maxTokens;
   if (s.temperature !== undefined) req.temperature = s.temperature;

@@ -15,6 +15,19 @@ export function expectString(name: string, value: unknown, { nonEmpty = false } 
   return value;
 }
 
+/**
+ * A prompt to send: a string with something in it besides whitespace. An empty prompt would still
+ * be answered (the model continues from the bare chat template), so it is refused here instead.
+ */
+export function expectPrompt(name: string, value: unknown, example: string): string {
+  const text = expectString(name, value);
+  if (text.trim() === "") {
+    const got = text === "" ? "an empty string" : `only whitespace (${JSON.stringify(text.length > 20 ? text.slice(0, 20) + "…" : text)})`;
+    throw new RangeError(`${name} got ${got}; pass the text to send, e.g. ${example}`);
+  }
+  return text;
+}
+
 export function expectBoolean(name: string, value: unknown): boolean {
   if (typeof value !== "boolean") throw new TypeError(`${name} expects true or false, got ${describe(value)}`);
   return value;
