@@ -2,6 +2,7 @@ import { existsSync, statSync } from "node:fs";
 import { basename, isAbsolute } from "node:path";
 import { inspect } from "node:util";
 import type { DatasetSource } from "../bridge/protocol.gen";
+import { checkRows, firstRows } from "./dataset-rows";
 import { resolvePath } from "./paths";
 import { expectInteger, expectKnownKeys, expectOneOf, expectString } from "./validate";
 
@@ -144,6 +145,8 @@ export function datasetEntry(source: unknown, options: unknown, cwd: string = pr
       throw new Error(`Dataset file not found: ${path}${from}; pass a .json or .jsonl file of rows`);
     }
     if (!statSync(path).isFile()) throw new Error(`${path} is a folder; pass a .json or .jsonl file of rows`);
+    // The first rows, against the format given (or the one "auto" picks), as the worker will read them.
+    checkRows(path, extra.format ?? "auto", firstRows(path));
     return { wire: { path, ...extra }, label: suffix(extra.name ?? basename(path)) };
   }
   if (Array.isArray(source)) {
@@ -154,6 +157,7 @@ export function datasetEntry(source: unknown, options: unknown, cwd: string = pr
       }
     });
     const rows = JSON.parse(JSON.stringify(source)) as Array<Record<string, unknown>>; // a snapshot: later edits to the array do not change the run
+    checkRows(extra.name ?? "dataset(rows)", extra.format ?? "auto", rows.map((row, i) => [i + 1, row] as const));
     return { wire: { rows, ...extra }, label: suffix(extra.name ?? `${rows.length} rows`) };
   }
   throw new TypeError(

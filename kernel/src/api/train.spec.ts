@@ -19,7 +19,7 @@ import { clock } from "../display/train-display";
 
 const dir = mkdtempSync(join(tmpdir(), "qwenbook-train-spec-"));
 mkdirSync(join(dir, "data"));
-writeFileSync(join(dir, "data", "huanhuan.json"), "[]");
+writeFileSync(join(dir, "data", "huanhuan.json"), JSON.stringify([{ instruction: "你是谁？", input: "", output: "臣妾甄嬛。" }]));
 const DATA = join(dir, "data", "huanhuan.json");
 const ROWS = [{ instruction: "你是谁？", input: "", output: "我是甄嬛。" }];
 
