@@ -5,7 +5,7 @@ export type ChatState = "generating" | "done" | "cancelled" | "error";
 export type TrainState = "running" | "done" | "cancelled" | "failed";
 
 /**
- * A chat transcript. While generating, the last message is the assistant reply so far.
+ * A chat transcript. While generating, the last message is the assistant reply so far. In a conversation, messages is the new turn and earlier the turns before it.
  */
 export interface ChatBundle {
   version: 1;
@@ -15,6 +15,10 @@ export interface ChatBundle {
    */
   model?: string;
   messages: ChatMessage[];
+  /**
+   * A conversation's messages from before this turn (its system prompt included), oldest first. Drawn collapsed behind an "N earlier turns" marker, N being the user messages here; messages holds only the new turn.
+   */
+  earlier?: ChatMessage[];
   stats?: ChatStats;
   error?: ErrorInfo;
 }

@@ -146,6 +146,72 @@ describe("chat renderer", () => {
     expect(w.node.querySelectorAll(".qwenbook-msg")).toHaveLength(3);
   });
 
+  describe("a conversation's later turn", () => {
+    const earlier = [
+      { role: "user" as const, content: "My name is Lin." },
+      { role: "assistant" as const, content: "Hello Lin!" },
+      { role: "user" as const, content: "What is two plus two?" },
+      { role: "assistant" as const, content: "Four." },
+    ];
+    const turn3 = (overrides: Parameters<typeof chat>[0] = {}) =>
+      chat({
+        messages: [
+          { role: "user", content: "What is my name?" },
+          { role: "assistant", content: "Lin." },
+        ],
+        earlier,
+        ...overrides,
+      });
+    const visibleUsers = (w: ChatWidget) =>
+      [...w.node.querySelectorAll(".qwenbook-msg-user")].filter((el) => !el.closest("details:not([open])")).map((el) => text(el.querySelector(".qwenbook-msg-body")));
+
+    it("shows the new turn with the earlier turns folded behind a marker", async () => {
+      const w = await show(turn3());
+      const fold = w.node.querySelector("details.qwenbook-chat-earlier") as HTMLDetailsElement;
+      expect(fold.hidden).toBe(false);
+      expect(fold.open).toBe(false);
+      expect(text(fold.querySelector(":scope > summary"))).toBe("2 earlier turns");
+      expect(visibleUsers(w)).toEqual(["What is my name?"]);
+      // The marker comes before the new turn, so the transcript still reads oldest first when opened.
+      const list = w.node.querySelector(".qwenbook-chat > .qwenbook-chat-messages")!;
+      expect(fold.compareDocumentPosition(list) & Node.DOCUMENT_POSITION_FOLLOWING).toBeTruthy();
+    });
+
+    it("opens in place to show each earlier message once, oldest first", async () => {
+      const w = await show(turn3());
+      const fold = w.node.querySelector("details.qwenbook-chat-earlier") as HTMLDetailsElement;
+      (fold.querySelector("summary") as HTMLElement).click();
+      expect(fold.open).toBe(true);
+      expect(visibleUsers(w)).toEqual(["My name is Lin.", "What is two plus two?", "What is my name?"]);
+      expect([...fold.querySelectorAll(".qwenbook-msg-body")].map(text)).toEqual(earlier.map((m) => m.content));
+    });
+
+    it("stays open, with the same nodes, while the reply streams", async () => {
+      const w = await show(turn3({ state: "generating", messages: [{ role: "user", content: "What is my name?" }, { role: "assistant", content: "L" }] }));
+      const fold = w.node.querySelector("details.qwenbook-chat-earlier") as HTMLDetailsElement;
+      (fold.querySelector("summary") as HTMLElement).click();
+      const firstBubble = fold.querySelector(".qwenbook-msg");
+      await w.renderModel({ trusted: false, metadata: {}, setData: () => undefined, data: { [CHAT_MIME]: turn3() as never } });
+      expect(fold.open).toBe(true);
+      expect(fold.querySelector(".qwenbook-msg")).toBe(firstBubble);
+      expect(text(w.node.querySelector(".qwenbook-chat > .qwenbook-chat-messages .qwenbook-msg-assistant .qwenbook-msg-body"))).toBe("Lin.");
+    });
+
+    it("says 1 earlier turn for one, and shows no marker without earlier turns", async () => {
+      const one = await show(turn3({ earlier: earlier.slice(0, 2) }));
+      expect(text(one.node.querySelector(".qwenbook-chat-earlier > summary"))).toBe("1 earlier turn");
+      const none = await show(chat());
+      expect((none.node.querySelector(".qwenbook-chat-earlier") as HTMLElement).hidden).toBe(true);
+      expect(none.node.querySelectorAll(".qwenbook-msg")).toHaveLength(3);
+    });
+
+    it("counts turns by question, a folded system prompt included in the list but not the count", async () => {
+      const w = await show(turn3({ earlier: [{ role: "system", content: "Be kind." }, ...earlier] }));
+      expect(text(w.node.querySelector(".qwenbook-chat-earlier > summary"))).toBe("2 earlier turns");
+      expect(w.node.querySelectorAll(".qwenbook-chat-earlier .qwenbook-msg")).toHaveLength(5);
+    });
+  });
+
   it("notes a reply cut off at maxTokens", async () => {
     const w = await show(chat({ stats: { completionTokens: 16, finishReason: "length" } }));
     expect(text(w.node.querySelector(".qwenbook-chat-note"))).toBe("stopped at the maxTokens limit");

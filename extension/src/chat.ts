@@ -22,20 +22,25 @@ interface RenderedMessage {
 export class ChatWidget extends BundleWidget<typeof CHAT_MIME> {
   private readonly root = h("div", { class: "qwenbook-chat" });
   private readonly header = h("div", { class: "qwenbook-chat-header" });
+  /** A conversation's earlier turns, folded by default: each cell of a conversation shows its own turn. */
+  private readonly earlier = h("details", { class: "qwenbook-chat-earlier", hidden: true });
   private readonly list = h("div", { class: "qwenbook-chat-messages" });
   private readonly problem = h("div", { class: "qwenbook-chat-problem" });
   private readonly footer = h("div", { class: "qwenbook-chat-footer" });
   private rendered: RenderedMessage[] = [];
+  /** The earlier messages drawn, as JSON: streaming updates repeat them, and redrawing would close the fold. */
+  private earlierDrawn = "[]";
 
   constructor() {
     super(CHAT_MIME);
-    this.root.append(this.header, this.list, this.problem, this.footer);
+    this.root.append(this.header, this.earlier, this.list, this.problem, this.footer);
     this.body.append(this.root);
   }
 
   protected draw(bundle: ChatBundle): void {
     this.root.dataset.state = bundle.state;
     this.drawHeader(bundle);
+    this.drawEarlier(bundle.earlier ?? []);
     this.drawMessages(bundle.messages);
     this.drawCaret(bundle);
     replaceChildren(
@@ -64,6 +69,19 @@ export class ChatWidget extends BundleWidget<typeof CHAT_MIME> {
     this.header.hidden = !bundle.model && !badge;
   }
 
+  private drawEarlier(messages: ChatMessage[]): void {
+    const key = JSON.stringify(messages.map((m) => [m.role, m.content]));
+    if (key === this.earlierDrawn) return;
+    this.earlierDrawn = key;
+    // <details> keeps the open state across updates and opens with Enter or Space on its summary.
+    replaceChildren(
+      this.earlier,
+      h("summary", { class: "qwenbook-chat-earlier-label" }, earlierLabel(messages)),
+      h("div", { class: "qwenbook-chat-messages" }, ...messages.map((m) => renderMessage(m).el)),
+    );
+    this.earlier.hidden = messages.length === 0;
+  }
+
   private drawMessages(messages: ChatMessage[]): void {
     messages.forEach((message, i) => {
       const old = this.rendered[i];
@@ -90,6 +108,13 @@ export class ChatWidget extends BundleWidget<typeof CHAT_MIME> {
     replaceChildren(this.footer, ...parts);
     this.footer.hidden = parts.length === 0;
   }
+}
+
+/** "2 earlier turns", a turn being a user message and its reply (a system prompt alone: "1 earlier message"). */
+export function earlierLabel(messages: readonly ChatMessage[]): string {
+  const turns = messages.filter((m) => m.role === "user").length;
+  if (turns > 0) return `${turns} earlier ${turns === 1 ? "turn" : "turns"}`;
+  return `${messages.length} earlier ${messages.length === 1 ? "message" : "messages"}`;
 }
 
 function renderMessage(message: ChatMessage): RenderedMessage {

@@ -163,7 +163,7 @@ describe("a chat awaited in a notebook", () => {
     expect(chatOf(sink.displays[sink.displays.length - 1])).toMatchObject({ state: "done", messages: [{}, { content: "ok" }] });
   });
 
-  it("draws a conversation's turn with the history and system prompt it sent", async () => {
+  it("draws a conversation's turn as the new messages, with the history it sent folded into earlier", async () => {
     let n = 0;
     const { runner } = model([], { end: () => reply(`answer ${++n}`, 2) });
     const talk = new Conversation(runner, { system: "Be kind." });
@@ -172,14 +172,16 @@ describe("a chat awaited in a notebook", () => {
     await talk.say("two");
     const turn2 = sink.displays.slice(before);
     expect(chatOf(turn2[0]).messages).toEqual([
-      { role: "system", content: "Be kind." },
-      { role: "user", content: "one" },
-      { role: "assistant", content: "answer 1" },
       { role: "user", content: "two" },
       { role: "assistant", content: "" },
     ]);
+    expect(chatOf(turn2[0]).earlier).toEqual([
+      { role: "system", content: "Be kind." },
+      { role: "user", content: "one" },
+      { role: "assistant", content: "answer 1" },
+    ]);
     expect(chatOf(turn2[turn2.length - 1])).toMatchObject({ state: "done" });
-    expect(chatOf(turn2[turn2.length - 1]).messages[4]).toEqual({ role: "assistant", content: "answer 2" });
+    expect(chatOf(turn2[turn2.length - 1]).messages[1]).toEqual({ role: "assistant", content: "answer 2" });
     expect(new Set(turn2.map((d) => d.id)).size).toBe(1);
     expect(turn2[0].id).not.toBe(sink.displays[0].id);
   });

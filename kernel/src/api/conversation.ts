@@ -69,14 +69,33 @@ export class Conversation {
     this.#busy = true;
     try {
       // A .system() on this say() replaces the conversation's system prompt for this turn only.
-      const messages = this.#messagesWith(settings.system ?? this.system);
+      const system = settings.system ?? this.system;
+      const messages = this.#messagesWith(system);
       messages.push({ role: "user", content: prompt });
-      const reply = await this.#model.generate(messages, settings, io);
+      const reply = await this.#model.generate(messages, settings, this.#showingNewTurn(io, prompt, system, settings.system !== undefined));
       this.#turns.push({ role: "user", content: prompt }, { role: "assistant", content: reply.text });
       return reply;
     } finally {
       this.#busy = false;
     }
+  }
+
+  /**
+   * The widget draws this turn alone, with the history sent before it folded away as `earlier`:
+   * every cell of a conversation would otherwise draw all the turns before it again. The system
+   * prompt shows with the first turn, and with a turn whose say() set its own; otherwise it was
+   * shown before and folds away with the earlier turns.
+   */
+  #showingNewTurn(io: ChatIO, prompt: string, system: string | undefined, ownSystem: boolean): ChatIO {
+    const onStart = io.onStart;
+    if (!onStart) return io;
+    const earlier = this.#turns.map((m) => ({ ...m }));
+    const current: ChatMessage[] = [{ role: "user", content: prompt }];
+    if (system !== undefined) {
+      const systemIsNew = earlier.length === 0 || (ownSystem && system !== this.system);
+      (systemIsNew ? current : earlier).unshift({ role: "system", content: system });
+    }
+    return { ...io, onStart: (opening) => onStart({ ...opening, messages: current, earlier }) };
   }
 
   toString(): string {

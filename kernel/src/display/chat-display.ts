@@ -11,7 +11,10 @@ export type ChatStatsView = NonNullable<ChatBundle["stats"]>;
 /** What the widget opens with: the messages sent, and the model answering them. */
 export interface ChatOpening {
   model?: string;
+  /** The messages of this turn, drawn in full; the reply follows them. */
   messages: readonly ChatMessageView[];
+  /** A conversation's messages from before this turn, drawn folded behind an "N earlier turns" marker. */
+  earlier?: readonly ChatMessageView[];
 }
 
 export interface ChatDisplay {
@@ -29,7 +32,11 @@ export interface ChatDisplay {
 export function startChatDisplay(sink: DisplaySink, opening: ChatOpening, options: ThrottleOptions = {}): ChatDisplay {
   const id = randomUUID();
   const head = opening.messages.map((m) => ({ role: m.role, content: m.content }));
-  const base = opening.model === undefined ? {} : { model: opening.model };
+  const earlier = (opening.earlier ?? []).map((m) => ({ role: m.role, content: m.content }));
+  const base = {
+    ...(opening.model === undefined ? {} : { model: opening.model }),
+    ...(earlier.length === 0 ? {} : { earlier }),
+  };
   const view = (state: ChatView["state"], text: string, stats: ChatStatsView, error?: ErrorInfo): ChatView => ({
     ...base,
     state,

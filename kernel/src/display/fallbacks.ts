@@ -8,6 +8,9 @@ const ROLE_COLOR = { system: "#888", user: "#1976d2", assistant: "#388e3c" } as 
 
 export function chatText(b: ChatBundle): string {
   const lines = b.messages.map((m) => `${m.role}: ${m.content}`);
+  // A conversation's earlier turns were shown by the cells that ran them; only their count repeats.
+  const earlier = earlierTurns(b);
+  if (earlier) lines.unshift(`(${earlier})`);
   const status = chatStatus(b);
   if (status) lines.push(`(${status})`);
   if (b.state === "error" && b.error) lines.push(`${b.error.name}: ${b.error.message}`);
@@ -20,12 +23,20 @@ export function chatHtml(b: ChatBundle): string {
       `<div style="margin:2px 0"><b style="color:${ROLE_COLOR[m.role]}">${m.role}</b> ` +
       `<span style="white-space:pre-wrap">${escapeHtml(m.content)}</span></div>`,
   );
+  const earlier = earlierTurns(b);
+  if (earlier) rows.unshift(`<div style="opacity:.7;font-size:smaller">${escapeHtml(earlier)}</div>`);
   const status = chatStatus(b);
   if (status) rows.push(`<div style="opacity:.7;font-size:smaller">${escapeHtml(status)}</div>`);
   if (b.state === "error" && b.error) {
     rows.push(`<div style="color:#d32f2f">${escapeHtml(`${b.error.name}: ${b.error.message}`)}</div>`);
   }
   return `<div>${rows.join("")}</div>`;
+}
+
+/** "2 earlier turns" for a conversation's later turn, else "". */
+function earlierTurns(b: ChatBundle): string {
+  const n = (b.earlier ?? []).filter((m) => m.role === "user").length;
+  return n === 0 ? "" : `${n} earlier ${n === 1 ? "turn" : "turns"}`;
 }
 
 function chatStatus(b: ChatBundle): string {
