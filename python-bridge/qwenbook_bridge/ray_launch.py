@@ -13,6 +13,7 @@ every rank reads a checkpoint to resume.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -26,7 +27,10 @@ from . import dist_train
 from .dist_launch import DistributedRunError, EventSink
 from .engine.errors import DeviceUnavailableError, EngineError, InvalidOptionError
 
+log = logging.getLogger("qwenbook.worker")
+
 _CPUS_PER_WORKER = 1
+_CLIENT_START_TRIES = 3  # fresh Ray Client connections when the head's per-connection server dies starting
 _POLL_S = 0.2
 
 
@@ -136,10 +140,22 @@ def _connect(ray: Any, address: str, timeout_s: float) -> None:
     failure: list[BaseException] = []
 
     def init() -> None:
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
-        except BaseException as e:  # noqa: BLE001 - reported by the caller's thread
-            failure.append(e)
+        # Ray Client's head starts one server process per connection; on a loaded head that process can die
+        # while starting ("Initialization failure from server"), and a new connection starts a fresh one. So
+        # that failure is retried within the caller's time bound; any other failure is final at once.
+        for attempt in range(1, _CLIENT_START_TRIES + 1):
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+                return
+            except ConnectionAbortedError as e:
+                if attempt == _CLIENT_START_TRIES or not _is_client_start_failure(e):
+                    failure.append(e)
+                    return
+                log.warning("the Ray Client server at %s failed to start a server for this connection "
+                            "(try %d of %d): %s", address, attempt, _CLIENT_START_TRIES, e)
+            except BaseException as e:  # noqa: BLE001 - reported by the caller's thread
+                failure.append(e)
+                return
 
     # ray.init can wait a long time on a port that accepts but never answers; the thread is left behind then.
     thread = threading.Thread(target=init, daemon=True, name="ray-init")
@@ -150,6 +166,13 @@ def _connect(ray: Any, address: str, timeout_s: float) -> None:
     if failure:
         raise RayClusterError(f"cannot connect to the Ray cluster at {address}: {failure[0]}; {advice}") \
             from failure[0]
+
+
+def _is_client_start_failure(e: BaseException) -> bool:
+    """Ray Client's proxy could not start (or reach) the per-connection server: worth a fresh connection."""
+    said = str(e)
+    return "Initialization failure from server" in said and (
+        "Starting Ray client server failed" in said or "Proxy failed to Connect to backend" in said)
 
 
 def _check_resources(ray: Any, address: str, workers: int, gpus_per_worker: float) -> None:

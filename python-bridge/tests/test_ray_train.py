@@ -27,6 +27,7 @@ import pytest
 from qwenbook_bridge.dist_launch import DistributedRunError
 from qwenbook_bridge.engine import checkpoints as ckpt
 from qwenbook_bridge.engine.errors import DeviceUnavailableError, InvalidOptionError
+from qwenbook_bridge import ray_launch
 from qwenbook_bridge.ray_launch import RayClusterError, launch
 
 from test_dist_train import assert_two_ranks_match_one_process, cancel_after, settings, write_run
@@ -64,6 +65,34 @@ class Cluster:
     client: str  # Ray Client, ray://host:port
 
 
+def _client_server_logs(temp: str) -> str:
+    """The tails of the head's Ray Client server logs, where a failed per-connection server says why."""
+    tails = []
+    for log in sorted(Path(temp).glob("session_*/logs/ray_client_server*.err")):
+        text = log.read_text(encoding="utf-8", errors="replace").strip()
+        if text:
+            tails.append(f"--- {log.name}\n{text[-2000:]}")
+    return "\n".join(tails) or "(no Ray Client server log)"
+
+
+def _wait_until_client_answers(cluster: Cluster, temp: str, env: dict[str, str]) -> None:
+    """`ray start` returns once the head is up, but the Ray Client server answers a connection only when it can
+    start a server process for it, which a loaded host delays. Connect once from a separate process (a driver
+    connected here would stay connected) and wait for that, bounded, so tests start on a head that answers."""
+    probe = ("import ray; ray.init(address=%r, logging_level='WARNING'); "
+             "assert ray.cluster_resources().get('CPU') == 2; ray.shutdown()") % cluster.client
+    deadline = time.monotonic() + 300
+    said = ""
+    while time.monotonic() < deadline:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                              timeout=max(1.0, deadline - time.monotonic()))
+        if done.returncode == 0:
+            return
+        said = done.stderr[-2000:]
+    raise AssertionError(f"the Ray Client server at {cluster.client} did not answer within 300 s:\n{said}\n"
+                         f"{_client_server_logs(temp)}")
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """A head node with 2 CPUs for this module."""
@@ -79,7 +108,9 @@ def cluster() -> Iterator[Cluster]:
              f"--dashboard-agent-listen-port={_free_port()}"],
             capture_output=True, text=True, env=env, timeout=180)
         assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
-        yield Cluster(f"127.0.0.1:{port}", f"ray://127.0.0.1:{client_port}")
+        cluster = Cluster(f"127.0.0.1:{port}", f"ray://127.0.0.1:{client_port}")
+        _wait_until_client_answers(cluster, temp, env)
+        yield cluster
     finally:
         _stop_node(temp)
         shutil.rmtree(temp, ignore_errors=True)
@@ -103,6 +134,47 @@ def test_a_cluster_that_does_not_answer_is_named_quickly(tmp_path: Path, tiny_mo
     with pytest.raises(RayClusterError, match=f"cannot reach the Ray cluster at {address}"):
         launch(run, 2, 0, address, tmp_path / "launch", connect_timeout_s=5)
     assert time.monotonic() - start < 5
+
+
+class _FlakyRay:
+    """ray.init that fails the way a loaded Ray Client head does, `failures` times, then connects."""
+
+    def __init__(self, failures: int, said: str) -> None:
+        self.failures, self.said, self.calls = failures, said, 0
+
+    def init(self, **_: object) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionAbortedError(f"Initialization failure from server:\n{self.said}")
+
+
+@pytest.fixture
+def listening() -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield f"ray://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_a_client_server_that_dies_starting_is_retried_with_a_fresh_connection(listening: str) -> None:
+    ray = _FlakyRay(2, "Traceback ...\nRuntimeError: Starting Ray client server failed. See "
+                       "ray_client_server_23001.err for detailed logs.")
+    ray_launch._connect(ray, listening, timeout_s=30)
+    assert ray.calls == 3
+
+
+def test_a_client_server_that_keeps_dying_is_reported_with_its_words(listening: str) -> None:
+    ray = _FlakyRay(10, "RuntimeError: Starting Ray client server failed. See ray_client_server_23001.err")
+    with pytest.raises(RayClusterError, match=r"(?s)cannot connect to .* Starting Ray client server failed.*23001\.err"):
+        ray_launch._connect(ray, listening, timeout_s=30)
+    assert ray.calls == ray_launch._CLIENT_START_TRIES
+
+
+def test_other_connection_failures_are_not_retried(listening: str) -> None:
+    ray = _FlakyRay(1, "ray client version mismatch: client 2.40, server 2.51")
+    with pytest.raises(RayClusterError, match="version mismatch"):
+        ray_launch._connect(ray, listening, timeout_s=30)
+    assert ray.calls == 1
 
 
 def test_no_address_says_how_to_give_one(tmp_path: Path, tiny_model_dir: Path,
