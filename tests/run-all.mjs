@@ -2,9 +2,9 @@
 // Runs every suite (pytest, vitest unit+integration, extension, notebooks, browser), each writing a
 // machine-readable report, and ends with the one line CI reads: "N passed, N failed".
 // A skipped test counts as failed: nothing may be skipped silently.
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { availableParallelism, tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -13,7 +13,13 @@ const reports = join(repo, ".qwenbook", "reports");
 rmSync(reports, { recursive: true, force: true });
 mkdirSync(reports, { recursive: true });
 const venvBin = join(repo, ".venv", "bin");
-const only = process.argv.slice(2);
+const flags = process.argv.slice(2).filter((a) => a.startsWith("--"));
+const only = process.argv.slice(2).filter((a) => !a.startsWith("--"));
+const unknown = flags.filter((f) => f !== "--stress");
+if (unknown.length > 0) {
+  console.error(`unknown option ${unknown.join(" ")}; usage: npm test [-- [--stress] [suite ...]]`);
+  process.exit(2);
+}
 
 const baseEnv = {
   ...process.env,
@@ -60,12 +66,29 @@ const suites = [
   vitest("extension/vitest.config.ts", "extension"),
   vitest("tests/notebooks/vitest.config.ts", "notebooks"),
   vitest("tests/browser/vitest.config.ts", "browser"),
-].filter((s) => only.length === 0 || only.includes(s.name));
+];
+const unknownSuites = only.filter((name) => !suites.some((s) => s.name === name));
+if (unknownSuites.length > 0) {
+  console.error(`no suite named ${unknownSuites.join(", ")}; the suites are ${suites.map((s) => s.name).join(", ")}`);
+  process.exit(2);
+}
+const chosen = suites.filter((s) => only.length === 0 || only.includes(s.name));
+
+// --stress keeps every core busy with a spinning process for the whole run, to prove the suites wait for
+// readiness rather than for time (a CI host is often busy). Only for that check; the hogs end with the run.
+const hogs = flags.includes("--stress")
+  ? Array.from({ length: availableParallelism() }, () => spawn(process.execPath, ["-e", "for (;;) {}"], { stdio: "ignore" }))
+  : [];
+const endHogs = () => hogs.forEach((h) => h.kill("SIGKILL"));
+process.on("exit", endHogs);
+for (const sig of ["SIGINT", "SIGTERM"]) process.on(sig, () => process.exit(130));
+if (hogs.length > 0) console.log(`[stress] ${hogs.length} spinning processes keep every core busy during the run`);
+const started = Date.now();
 
 let passed = 0;
 let failed = 0;
 const summary = [];
-for (const s of suites) {
+for (const s of chosen) {
   if (!existsSync(join(repo, s.config))) {
     summary.push(`${s.name}: missing (${s.config})`);
     failed += 1;
@@ -91,5 +114,6 @@ for (const s of suites) {
   summary.push(`${s.name}: ${counts.passed} passed, ${counts.failed} failed, ${counts.skipped} skipped (${secs} s)`);
 }
 console.log("\n" + summary.join("\n"));
+console.log(`all suites: ${((Date.now() - started) / 1000).toFixed(0)} s${hogs.length ? ` with ${hogs.length} cores kept busy` : ""}`);
 console.log(`${passed} passed, ${failed} failed`);
 process.exit(failed === 0 ? 0 : 1);
