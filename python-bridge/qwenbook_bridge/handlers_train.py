@@ -91,6 +91,20 @@ def _adapter_dict(info: Any) -> dict[str, Any]:
     return json_clean(d)
 
 
+def resume_recipe(loaded: LoadedModel, content: dict[str, Any], options: dict[str, Any],
+                  datasets: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a client needs to continue the run after the worker is gone: how to load the model again and the
+    train request with its paths resolved (the run index keeps it; the client adds resume_from)."""
+    info = loaded.info
+    load = {"model": loaded.source, "dtype": info.get("dtype", "auto"), "device": info.get("device", "auto")}
+    # Without resume_from and overwrite: the client names the checkpoint, and overwrite would delete it.
+    config = {k: v for k, v in options.items() if k not in ("resume_from", "overwrite")}
+    train: dict[str, Any] = {"config": config, "datasets": datasets}
+    if content.get("distributed") is not None:
+        train["distributed"] = content["distributed"]
+    return {"load": load, "train": json_clean(train)}
+
+
 class TrainHandlers:
     def __init__(self, registry: ModelRegistry, exclusive: Exclusive = _no_exclusive, root: Path | None = None) -> None:
         self.registry = registry
@@ -192,7 +206,9 @@ class TrainHandlers:
 
         distributed = content.get("distributed")
         launch = None if distributed is None else distributed_launcher(distributed, loaded, config, datasets, specs)
-        run = self.runs.begin(job.request.msg_id, loaded.model_id, str(config.output_dir), job.request.session)
+        run = self.runs.begin(job.request.msg_id, loaded.model_id, str(config.output_dir), job.request.session,
+                              resume=resume_recipe(loaded, content, options, datasets),
+                              continues=options.get("resume_from") is not None)
 
         def on_event(kind: str, event: dict[str, Any]) -> None:
             event = json_clean(event)

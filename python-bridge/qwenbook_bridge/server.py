@@ -19,6 +19,8 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any, Callable
 
 import zmq
@@ -39,6 +41,12 @@ _STOP_GRACE_S = 10.0  # how long a running job gets to notice cancellation at sh
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # per message, all frames together (protocol.json says so)
 MAX_MESSAGE_ENV = "QWENBOOK_MAX_MESSAGE_BYTES"
 REPLAY_WINDOW = 65536  # msg_ids remembered; a signed message whose msg_id is among them is a replay
+# A signed message is only accepted while its header date is this recent: its msg_id is remembered at least that
+# long (unless the window fills up first, see _date_problem), so a capture replayed later is refused by date.
+REPLAY_MAX_AGE_S = 300.0
+# Client and worker share a clock (same machine), so this only absorbs rounding and a slow send queue.
+CLOCK_SKEW_S = 30.0
+UNIX_SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes on Linux (104 on macOS) with the terminating NUL
 
 
 def max_message_bytes(value: int | None = None) -> int:
@@ -59,6 +67,26 @@ def dispatch_gaps(handled: set[str]) -> tuple[list[str], list[str]]:
     return sorted(set(REQUESTS) - handled), sorted(handled - set(REQUESTS))
 
 
+def ipc_endpoint(folder: Path, name: str) -> str:
+    """`ipc://folder/name`, refused when the path is too long for a Unix socket (which would bind to a cut name)."""
+    path = str(folder / name)
+    limit = 103 if os.uname().sysname == "Darwin" else UNIX_SOCKET_PATH_MAX
+    if len(os.fsencode(path)) > limit:
+        raise ValueError(f"the socket path {path} is {len(os.fsencode(path))} bytes, over the {limit}-byte limit of "
+                         "Unix domain sockets; use a shorter runtime folder (QWENBOOK_RUNTIME_DIR) or TCP "
+                         "(--transport tcp / QWENBOOK_TRANSPORT=tcp)")
+    return f"ipc://{path}"
+
+
+def header_time(date: str) -> float | None:
+    """The header's date as a Unix time, or None when it is not an ISO 8601 time with a zone."""
+    try:
+        parsed = datetime.fromisoformat(date)
+    except ValueError:
+        return None
+    return parsed.timestamp() if parsed.tzinfo is not None else None
+
+
 @dataclass
 class InFlight:
     request: Message
@@ -68,12 +96,14 @@ class InFlight:
 
 class WorkerServer:
     def __init__(self, key: str, ip: str = "127.0.0.1", handlers: Handlers | None = None,
-                 max_message: int | None = None) -> None:
+                 max_message: int | None = None, ipc_dir: Path | None = None, ipc_name: str = "qwenbook-worker") -> None:
+        """Binds on TCP `ip` (random ports), or, with `ipc_dir`, on Unix sockets `<ipc_dir>/<ipc_name>-router`
+        and `-pub`: the folder's permissions then decide who may connect (worker.py makes it user-only)."""
         self.signer = Signer(key)
         self.session = str(uuid.uuid4())
         self.handlers = handlers or Handlers()
         self.max_message = max_message_bytes(max_message)
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen: OrderedDict[str, float] = OrderedDict()  # msg_id -> when it arrived (Unix time)
         self._ctx = zmq.Context()
         self.router = self._ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 1000)
@@ -83,10 +113,24 @@ class WorkerServer:
         # A ROUTER silently drops what exceeds the high-water mark; a reader that falls behind must get every
         # token late rather than a reply with holes. (Telemetry on the PUB may drop: the next one replaces it.)
         self.router.setsockopt(zmq.SNDHWM, 0)
-        self.router_port = self.router.bind_to_random_port(f"tcp://{ip}")
         self.pub = self._ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 1000)
-        self.pub_port = self.pub.bind_to_random_port(f"tcp://{ip}")
+        self.router_port: int | None = None
+        self.pub_port: int | None = None
+        self._socket_files: list[Path] = []
+        if ipc_dir is None:
+            self.transport = "tcp"
+            self.router_port = self.router.bind_to_random_port(f"tcp://{ip}")
+            self.pub_port = self.pub.bind_to_random_port(f"tcp://{ip}")
+            self.router_endpoint = f"tcp://{ip}:{self.router_port}"
+            self.pub_endpoint = f"tcp://{ip}:{self.pub_port}"
+        else:
+            self.transport = "ipc"
+            self.router_endpoint = ipc_endpoint(ipc_dir, f"{ipc_name}-router")
+            self.pub_endpoint = ipc_endpoint(ipc_dir, f"{ipc_name}-pub")
+            for sock, where in ((self.router, self.router_endpoint), (self.pub, self.pub_endpoint)):
+                sock.bind(where)  # libzmq replaces a socket file a dead worker left behind
+                self._socket_files.append(Path(where.removeprefix("ipc://")))
         self._jobs_endpoint = f"inproc://qwenbook-jobs-{self.session}"
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.bind(self._jobs_endpoint)
@@ -148,7 +192,7 @@ class WorkerServer:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
-        log.info("serving: router port %d, pub port %d", self.router_port, self.pub_port)
+        log.info("serving: router %s, pub %s", self.router_endpoint, self.pub_endpoint)
         while self._stop_reason is None:
             timeout = None
             if self._busy:
@@ -183,6 +227,8 @@ class WorkerServer:
             log.error("a job did not stop within %.0f s of being cancelled; exiting without it", _STOP_GRACE_S)
         for sock in (self.router, self.pub):
             sock.close()
+        for path in self._socket_files:
+            path.unlink(missing_ok=True)
         self._wake_r.close()
         self._wake_w.close()
         if finished:
@@ -241,14 +287,24 @@ class WorkerServer:
             log.warning("dropped a message with an invalid header: %s", e)
             return
         kind = msg.msg_type
+        problem = self._date_problem(msg.header["date"])
+        if problem is not None:
+            # A capture replayed after its msg_id left the window would otherwise pass as new.
+            log.warning("dropped a %s %s (session %s): its date %s %s", kind[:64], msg.msg_id[:64],
+                        str(msg.session)[:64], str(msg.header["date"])[:64], problem)
+            return
         if msg.msg_id in self._seen:
             # Only a key holder can sign, so this is a captured message sent again (or a client bug): running
             # it twice could repeat a shutdown or a write, and answering it would tell the sender it worked.
             log.warning("dropped a replayed %s %s (session %s): this msg_id was seen among the last %d messages",
                         kind[:64], msg.msg_id[:64], str(msg.session)[:64], REPLAY_WINDOW)
             return
-        self._seen[msg.msg_id] = None
+        arrived = time.time()
+        self._seen[msg.msg_id] = arrived
         if len(self._seen) > REPLAY_WINDOW:
+            self._seen.popitem(last=False)
+        # Ids older than the date limit cannot pass the date check again, so they need no remembering.
+        while self._seen and next(iter(self._seen.values())) < arrived - REPLAY_MAX_AGE_S - CLOCK_SKEW_S:
             self._seen.popitem(last=False)
         log.info("%s %s from session %s", kind, msg.msg_id, msg.session)
         if kind not in REQUESTS:
@@ -285,6 +341,24 @@ class WorkerServer:
         self._running[msg.msg_id] = item
         self._queue.put(item)
         self._set_busy()
+
+    def _date_problem(self, date: str) -> str | None:
+        """Why a header date is outside the replay window, or None when it is inside."""
+        sent = header_time(date)
+        if sent is None:
+            return "is not an ISO 8601 time with a time zone"
+        now = time.time()
+        if sent > now + CLOCK_SKEW_S:
+            return f"is {sent - now:.0f} s in the future (more than the {CLOCK_SKEW_S:.0f} s allowed)"
+        if sent < now - REPLAY_MAX_AGE_S:
+            return f"is {now - sent:.0f} s old, beyond the {REPLAY_MAX_AGE_S:.0f} s replay window"
+        if len(self._seen) >= REPLAY_WINDOW:
+            # The window is full, so ids that arrived before its oldest one have been forgotten: a message made
+            # before then could be one of them sent again.
+            oldest = next(iter(self._seen.values()))
+            if sent < oldest - CLOCK_SKEW_S:
+                return "is older than the oldest message the replay window still remembers"
+        return None
 
     def _running_list(self) -> list[dict[str, Any]]:
         return [{"msg_id": i.request.msg_id, "msg_type": i.request.msg_type, "session": i.request.session,

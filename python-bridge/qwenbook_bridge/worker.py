@@ -1,7 +1,12 @@
 """The worker process: `python -m qwenbook_bridge.worker`.
 
-It binds its sockets, then writes a user-only runtime file with the ports, pid and HMAC key (clients find
+It binds its sockets, then writes a user-only runtime file with the endpoints, pid and HMAC key (clients find
 the worker through it), serves until `shutdown` or SIGTERM/SIGINT, and removes the file on a clean exit.
+
+On Linux and macOS the sockets are Unix domain sockets (ZeroMQ ipc://) in a user-only folder beside the runtime
+file, so other local users cannot even connect; TCP on 127.0.0.1 only when asked (--transport tcp or
+$QWENBOOK_TRANSPORT=tcp), and on Windows. Training runs are also recorded in a run index in that folder
+(run_registry.py), so a worker started after a crash lists the runs it cut short as interrupted.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import stat
 import sys
 from pathlib import Path
@@ -21,6 +27,9 @@ from .protocol import now_iso
 
 RUNTIME_FILE_NAME = "qwenbook-worker.json"
 LOG_FILE_NAME = "qwenbook-worker.log"
+TRANSPORT_ENV = "QWENBOOK_TRANSPORT"
+IPC_DIR_NAME = "qwenbook-ipc"  # the sockets' folder, beside the runtime file
+RUNS_DIR_NAME = "qwenbook-runs"  # the run index, beside the runtime file
 log = logging.getLogger("qwenbook.worker")
 
 
@@ -29,6 +38,48 @@ def default_runtime_file() -> Path:
         if os.environ.get(var):
             return Path(os.environ[var]).expanduser() / RUNTIME_FILE_NAME
     return Path.home() / ".local" / "share" / "jupyter" / "runtime" / RUNTIME_FILE_NAME
+
+
+def default_transport() -> str:
+    """$QWENBOOK_TRANSPORT if set, else ipc where Unix domain sockets exist (Linux, macOS), else tcp."""
+    chosen = os.environ.get(TRANSPORT_ENV, "").strip().lower()
+    if chosen:
+        if chosen not in ("ipc", "tcp"):
+            raise ValueError(f"{TRANSPORT_ENV}={os.environ[TRANSPORT_ENV]!r} is not a transport: use ipc or tcp")
+        return chosen
+    return "tcp" if sys.platform == "win32" else "ipc"
+
+
+def user_only_dir(folder: Path) -> Path:
+    """`folder` created 0700 and checked to be ours and private: what it holds (sockets, run records) is
+    reachable by whoever can enter it."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = folder.lstat()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{folder} is not a folder (a link or a file); remove it and start again")
+    if st.st_uid != os.getuid():
+        raise ValueError(f"{folder} belongs to another user (uid {st.st_uid}); remove it or use another runtime "
+                         "folder (QWENBOOK_RUNTIME_DIR)")
+    if st.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+    return folder
+
+
+def ipc_folder(runtime_dir: Path, name: str) -> Path:
+    """The sockets' folder: beside the runtime file, or, where that path is too long for a Unix socket
+    (about 107 bytes), a fresh private folder from tempfile (0700) with a short path."""
+    from .server import ipc_endpoint
+
+    folder = runtime_dir / IPC_DIR_NAME
+    try:
+        ipc_endpoint(folder, f"{name}-router")
+    except ValueError as e:
+        import tempfile
+
+        short = Path(tempfile.mkdtemp(prefix="qwenbook-"))
+        log.warning("%s; binding in %s instead", e, short)
+        return short
+    return user_only_dir(folder)
 
 
 def ensure_private_dir(folder: Path) -> None:
@@ -133,7 +184,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"where to write the connection file (default: $QWENBOOK_RUNTIME_DIR, $JUPYTER_RUNTIME_DIR or "
                         f"~/.local/share/jupyter/runtime, file {RUNTIME_FILE_NAME})")
     p.add_argument("--device", default="auto", help="default device for loads that say 'auto': auto, cpu, cuda, cuda:N")
-    p.add_argument("--ip", default="127.0.0.1", help="address to bind (default 127.0.0.1; only this machine)")
+    p.add_argument("--transport", choices=("ipc", "tcp"), default=None,
+                   help=f"ipc: Unix domain sockets in a user-only folder beside the runtime file (default on Linux and "
+                        f"macOS); tcp: ports on --ip, which any local user can connect to (default: ${TRANSPORT_ENV}, "
+                        "else ipc, else tcp on Windows)")
+    p.add_argument("--ip", default="127.0.0.1", help="address to bind with --transport tcp (default 127.0.0.1; only "
+                                                     "this machine)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 is often fastest for small models on a busy machine)")
     p.add_argument("--root", type=Path, default=None,
@@ -183,20 +239,33 @@ def main(argv: list[str] | None = None) -> int:
 
     from .paths import worker_root
 
+    from .run_registry import RunIndex
+
     key = secrets.token_hex(32)
+    ipc_dir: Path | None = None
     try:
+        transport = args.transport or default_transport()
+        if transport == "ipc":
+            ipc_dir = ipc_folder(runtime_file.parent, runtime_file.stem)
         root = worker_root(args.root)
-        server = WorkerServer(key, ip=args.ip, handlers=Handlers(default_device=args.device, root=root),
-                              max_message=args.max_message_bytes)
-    except ValueError as e:
+        handlers = Handlers(default_device=args.device, root=root)
+        index = RunIndex(user_only_dir(runtime_file.parent / RUNS_DIR_NAME))
+        recovered = handlers.train.runs.open_index(index)
+        server = WorkerServer(key, ip=args.ip, handlers=handlers, max_message=args.max_message_bytes,
+                              ipc_dir=ipc_dir, ipc_name=runtime_file.stem)
+    except (ValueError, OSError) as e:
         log.error("%s", e)
         print(f"qwenbook worker: {e}", file=sys.stderr)
         return 2
+    for run in recovered:
+        log.info("run %s (%s) was cut short by a worker that is gone: interrupted at step %d, checkpoint %s",
+                 run.run_id, run.output_dir, run.step, run.checkpoint or "none")
+    endpoints: dict[str, Any] = {"router_endpoint": server.router_endpoint, "pub_endpoint": server.pub_endpoint}
+    if transport == "tcp":
+        endpoints = {"ip": args.ip, "router_port": server.router_port, "pub_port": server.pub_port, **endpoints}
     info = {
-        "transport": "tcp",
-        "ip": args.ip,
-        "router_port": server.router_port,
-        "pub_port": server.pub_port,
+        "transport": transport,
+        **endpoints,
         "key": key,
         "signature_scheme": "hmac-sha256",
         "pid": os.getpid(),
@@ -214,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         clean = server.serve_forever()
     finally:
         remove_runtime_file(runtime_file, os.getpid())
+        if ipc_dir is not None and ipc_dir.name != IPC_DIR_NAME:
+            shutil.rmtree(ipc_dir, ignore_errors=True)  # the short fallback folder was made for this worker only
     log.info("worker pid %d stopped%s", os.getpid(), "" if clean else " (a job was still running)")
     return 0
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from qwenbook_bridge import PROTOCOL_VERSION
-from qwenbook_bridge.protocol import (DELIMITER, Signer, make_message, pack, parse, serialize,
+from qwenbook_bridge.protocol import (DELIMITER, Signer, make_message, now_iso, pack, parse, serialize,
                                       validate_message)
+from qwenbook_bridge.server import CLOCK_SKEW_S, REPLAY_MAX_AGE_S
 from wire import Client, WorkerProcess
 
 LIMIT = 1024 * 1024  # a small --max-message-bytes so that oversized messages stay cheap to send
@@ -88,11 +91,60 @@ def test_a_replayed_message_is_dropped_and_logged(worker, client):
     assert worker.log().count(f"dropped a replayed status {first.parent_header['msg_id']}") == 2
 
 
+def _iso(offset_s: float) -> str:
+    return (datetime.now(timezone.utc) + timedelta(seconds=offset_s)).isoformat(timespec="milliseconds")
+
+
+@pytest.mark.parametrize("date,why", [
+    (_iso(-REPLAY_MAX_AGE_S - 60), "s old, beyond the"),  # a capture replayed after its id left the window
+    (_iso(CLOCK_SKEW_S + 120), "s in the future"),
+    ("yesterday", "is not an ISO 8601 time"),
+    ("2026-12-02T00:00:00", "is not an ISO 8601 time with a time zone"),  # no zone: whose clock?
+], ids=["too old", "in the future", "not a date", "no time zone"])
+def test_a_signed_message_with_a_new_id_but_a_date_outside_the_window_is_dropped(worker, client, date, why):
+    frames = frames_for(client, "status", {}, date=date)
+    msg_id = json.loads(frames[2])["msg_id"]
+    client.dealer.send_multipart(frames)
+    next_reply_is_hello(client)
+    line = next(line for line in worker.log().splitlines() if msg_id in line)
+    assert f"dropped a status {msg_id} (session {client.session}): its date {date} is" in line and why in line
+
+
+def test_a_recent_date_within_the_window_is_accepted(client):
+    frames = frames_for(client, "status", {}, date=_iso(-REPLAY_MAX_AGE_S / 2))
+    client.dealer.send_multipart(frames)
+    reply = client.recv()
+    assert reply.parent_header["msg_id"] == json.loads(frames[2])["msg_id"] and reply.content["status"] == "ok"
+
+
+def test_a_full_window_refuses_dates_before_its_oldest_remembered_id(monkeypatch):
+    # Ids that arrived before the oldest one still remembered have been forgotten, so a message dated before
+    # then could be one of them sent again, even though its date is within the age limit.
+    from qwenbook_bridge import server as server_module
+
+    monkeypatch.setattr(server_module, "REPLAY_WINDOW", 3)
+    srv = server_module.WorkerServer("0" * 64)
+    try:
+        now = time.time()
+        for i, age in enumerate((100, 90, 80)):
+            srv._seen[f"id{i}"] = now - age
+        assert srv._date_problem(_iso(-60)) is None  # after the oldest remembered arrival
+        assert "older than the oldest message the replay window still remembers" in srv._date_problem(
+            _iso(-100 - CLOCK_SKEW_S - 5))
+        srv._seen.popitem(last=False)  # not full: every id of the last REPLAY_MAX_AGE_S is still there
+        assert srv._date_problem(_iso(-100 - CLOCK_SKEW_S - 5)) is None
+    finally:
+        srv.router.close(0)
+        srv.pub.close(0)
+        srv._pull.close(0)
+        srv._ctx.term()
+
+
 @pytest.mark.parametrize("broken", ["missing frames", "no delimiter", "bad json", "bad utf-8", "json too deep",
                                     "header without msg_id", "header breaking the schema", "content not an object"])
 def test_truncated_and_malformed_messages_are_dropped(worker, client, broken):
     parts = [pack({"msg_id": str(uuid.uuid4()), "msg_type": "status", "session": client.session,
-                   "date": "2026-01-01T00:00:00.000Z", "version": PROTOCOL_VERSION}), b"{}", b"{}", b"{}"]
+                   "date": now_iso(), "version": PROTOCOL_VERSION}), b"{}", b"{}", b"{}"]
     if broken == "missing frames":
         frames = signed(client, parts)[:4]
     elif broken == "no delimiter":
@@ -179,7 +231,7 @@ def _mutate(rng: random.Random, client: Client, base: list[bytes]) -> list[bytes
         frames.insert(rng.randrange(len(frames) + 1), rng.choice([DELIMITER, b"", b"{}", rng.randbytes(20)]))
     else:  # re-signed mutated JSON: reaches parsing, the replay window and validation
         header = {"msg_id": str(uuid.uuid4()), "msg_type": rng.choice(_FUZZ_TYPES), "session": client.session,
-                  "date": "2026-01-01T00:00:00.000Z", "version": PROTOCOL_VERSION}
+                  "date": now_iso(), "version": PROTOCOL_VERSION}
         if rng.random() < 0.2:
             header[rng.choice(list(header))] = rng.choice([None, 5, [], "", "x" * 200])
         parts = [json.dumps(header).encode(), b"{}", b"{}", json.dumps(_mutated_content(rng)).encode()]

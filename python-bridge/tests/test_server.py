@@ -44,9 +44,12 @@ def test_every_request_in_the_schema_has_a_handler():
 
 def test_runtime_file_is_private_and_names_the_endpoint(worker):
     info = worker.info
-    assert set(info) == {"transport", "ip", "router_port", "pub_port", "key", "signature_scheme", "pid",
+    assert set(info) == {"transport", "router_endpoint", "pub_endpoint", "key", "signature_scheme", "pid",
                          "protocol_version", "worker_version", "started", "python", "log"}
-    assert (info["transport"], info["ip"], info["signature_scheme"]) == ("tcp", "127.0.0.1", "hmac-sha256")
+    assert (info["transport"], info["signature_scheme"]) == ("ipc", "hmac-sha256")  # ipc unless TCP is asked for
+    sockets = worker.runtime_file.parent / "qwenbook-ipc"
+    assert info["router_endpoint"] == f"ipc://{sockets}/qwenbook-worker-router"
+    assert info["pub_endpoint"] == f"ipc://{sockets}/qwenbook-worker-pub"
     assert info["pid"] == worker.proc.pid and info["protocol_version"] == PROTOCOL_VERSION
     assert len(info["key"]) == 64 and int(info["key"], 16) >= 0
     assert info["log"] == str(worker.log_file) and Path(info["python"]).resolve() == Path(sys.executable).resolve()

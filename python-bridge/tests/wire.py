@@ -64,11 +64,11 @@ class Client:
         self.ctx = zmq.Context()
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
-        self.dealer.connect(f"tcp://{info['ip']}:{info['router_port']}")
+        self.dealer.connect(info["router_endpoint"])
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.subscribe(b"")
-        self.sub.connect(f"tcp://{info['ip']}:{info['pub_port']}")
+        self.sub.connect(info["pub_endpoint"])
 
     def send(self, msg_type: str, content: dict[str, Any], signer: Signer | None = None) -> Message:
         msg = make_message(msg_type, content, self.session)

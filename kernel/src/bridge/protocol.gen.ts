@@ -944,7 +944,7 @@ export interface AdapterListReply {
   adapters: Array<AdapterInfo>;
 }
 
-/** A training run this worker started; run_id is the msg_id of the train request that started it */
+/** A training run this worker (or an earlier one, through the on-disk run index) started; run_id is the msg_id of the train request that started it */
 export interface RunInfo {
   run_id: string;
   model_id: string;
@@ -952,11 +952,29 @@ export interface RunInfo {
   /** The session of the client that started the run */
   session: string;
   started: string;
-  state: "running" | "completed" | "cancelled" | "failed";
+  /** When it ended (or, interrupted, when a new worker found it cut short) */
+  ended?: string;
+  /** interrupted: its worker died mid-run (resume it from checkpoint); resumed: an interrupted run another run (resumed_by) continues */
+  state: "running" | "completed" | "cancelled" | "failed" | "interrupted" | "resumed";
   step: number;
   total_steps?: number;
   /** Why a failed run failed */
   error?: string;
+  /** The newest complete checkpoint-<step> folder */
+  checkpoint?: string;
+  resume?: RunResume;
+  /** run_id of the run that continued this interrupted one */
+  resumed_by?: string;
+}
+
+/** What continuing a run takes: loading its model again, then this train request with resume_from set to a checkpoint */
+export interface RunResume {
+  load: LoadRequest;
+  train: {
+    config: TrainOptions;
+    datasets: Array<DatasetSource>;
+    distributed?: DistributedOptions;
+  };
 }
 
 export type RunsRequest = Record<string, never>;
