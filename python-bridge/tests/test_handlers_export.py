@@ -277,12 +277,12 @@ def test_a_cancel_between_tensors_leaves_nothing_behind(handlers, tmp_path, kind
 
 
 def test_not_enough_disk_space_is_refused_before_writing(handlers, tmp_path, monkeypatch):
-    import qwenbook_bridge.engine.save as save_mod
+    import qwenbook_bridge.engine.atomic_write as atomic_write
 
     class Usage:
         total, used, free = 10**12, 10**12 - 10**6, 10**6
 
-    monkeypatch.setattr(save_mod.shutil, "disk_usage", lambda _p: Usage)
+    monkeypatch.setattr(atomic_write.shutil, "disk_usage", lambda _p: Usage)
     for kind, content in (("save", {"target": str(tmp_path / "merged")}),
                           ("export", {"target": str(tmp_path / "m.gguf"), "format": "gguf"})):
         err, _ = run_job(handlers, kind, {"model_id": handlers[1], **content})

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qwenbook_bridge.engine import atomic_write
 from qwenbook_bridge.engine import save as save_mod
 from qwenbook_bridge.engine.merge import NoAdapterError, has_lora, merge_lora, model_tensor_sources, save_merged
 from qwenbook_bridge.engine.save import (InsufficientDiskSpaceError, SaveConfig, TargetExistsError, parse_size)
@@ -146,7 +147,7 @@ def test_not_enough_disk_space_is_refused_before_writing(base, tmp_path: Path, m
     class Usage:
         total, used, free = 10**12, 10**12 - 10**6, 10**6
 
-    monkeypatch.setattr(save_mod.shutil, "disk_usage", lambda _p: Usage)
+    monkeypatch.setattr(atomic_write.shutil, "disk_usage", lambda _p: Usage)
     with pytest.raises(InsufficientDiskSpaceError, match=r"needs about .* MB .* only 1.00 MB is free"):
         save_merged(pm, tok, tmp_path / "merged")
     assert list(tmp_path.iterdir()) == []

@@ -5,8 +5,10 @@ transformers model folder for full fine-tuning), so it can be loaded as it is, p
   training_state.pt   optimizer, scheduler, grad-scaler and RNG states (torch.save, loadable weights_only)
   trainer_state.json  step, data position, eval results, the loss history so far
   train_config.json   the options of the run that wrote it
-It is written into a hidden temporary folder that is renamed into place only when complete, so a folder
-named checkpoint-<step> is never half written.
+It is written into a hidden sibling folder (atomic_write.AtomicTarget: `.checkpoint-<step>.partial-<pid>-XXXX`)
+that is fsync'd and renamed into place only when complete, so a folder named checkpoint-<step> is never half
+written; a full disk removes the partial folder and raises InsufficientDiskSpaceError, leaving the earlier
+checkpoints as they were.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic_write import AtomicTarget, is_temporary, remove_leftovers, tree_bytes
 from .errors import EngineError
 
 TRAINER_STATE = "trainer_state.json"
@@ -30,7 +32,8 @@ TRAINING_STATE = "training_state.pt"
 TRAIN_CONFIG = "train_config.json"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-_TMP_PREFIX = ".tmp-checkpoint-"
+# What earlier versions named the folder being written; still cleared when a run starts.
+_LEGACY_TMP_PREFIX = ".tmp-checkpoint-"
 
 
 class CheckpointError(EngineError):
@@ -51,39 +54,50 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _state_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_state_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_state_bytes(v) for v in value)
+    return 0
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(value, indent=2, ensure_ascii=False))
+
+
 def write_checkpoint(output_dir: Path, step: int, write_weights: Callable[[Path], None],
                      training_state: dict[str, Any], trainer_state: dict[str, Any], config: dict[str, Any]) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=output_dir))
-    try:
+    # For the disk-full message: the newest checkpoint is the best guess at this one's size (optimizer state
+    # alone is the guess for the first).
+    previous = list_checkpoints(output_dir)
+    needed = tree_bytes(previous[-1]) if previous else _state_bytes(training_state)
+    # A same-step checkpoint from an earlier attempt is replaced; until the new one is complete it stays.
+    with AtomicTarget(final, overwrite=True, is_dir=True, needed=needed) as tmp:
         write_weights(tmp)
-        torch.save(training_state, tmp / TRAINING_STATE)
-        (tmp / TRAIN_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-        state = {"format_version": FORMAT_VERSION, **trainer_state}
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
-        if final.exists():
-            # Replace a same-step checkpoint from an earlier attempt: move it aside first so that at every
-            # moment checkpoint-<step> is either the old complete one or the new complete one.
-            old = output_dir / f"{_TMP_PREFIX}{step}-old"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # Through a file object rather than a path: torch then writes with Python file calls, into a file this
+        # code opened (and AtomicTarget fsyncs before the rename).
+        with open(tmp / TRAINING_STATE, "wb") as f:
+            torch.save(training_state, f)
+        _write_json(tmp / TRAIN_CONFIG, config)
+        _write_json(tmp / TRAINER_STATE, {"format_version": FORMAT_VERSION, **trainer_state})
     return final
 
 
 def remove_stale_temporaries(output_dir: Path) -> None:
-    """Delete leftovers of checkpoints that were interrupted while being written."""
-    if output_dir.is_dir():
-        for p in output_dir.iterdir():
-            if p.is_dir() and p.name.startswith(_TMP_PREFIX):
-                shutil.rmtree(p, ignore_errors=True)
+    """Delete leftovers of checkpoints whose writer was killed (their process is gone)."""
+    if not output_dir.is_dir():
+        return
+    for p in list(output_dir.iterdir()):
+        if p.is_dir() and p.name.startswith(_LEGACY_TMP_PREFIX):
+            shutil.rmtree(p, ignore_errors=True)
+        elif is_temporary(p.name) and p.name.startswith(".checkpoint-"):
+            remove_leftovers(output_dir / p.name[1:].split(".", 1)[0])
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -58,3 +58,8 @@ def first_sentences(e: BaseException, limit: int = 240) -> str:
     """The start of an allocator's message: CUDA's goes on for several sentences of allocator statistics."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return ". ".join(text.split(". ")[:2]).rstrip(".")[:limit]
+
+
+class InsufficientDiskSpaceError(EngineError, OSError):
+    """The target's filesystem has no room for the output (found before writing, or as ENOSPC / EDQUOT while
+    writing); the message names the target, what it needed and what is free. Nothing was left under its name."""

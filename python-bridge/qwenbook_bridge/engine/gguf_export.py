@@ -275,7 +275,8 @@ def export_gguf(model: nn.Module, tokenizer: Any, target: str | os.PathLike[str]
         else:
             writer.add_tensor_info(p.gguf_name, p.byte_shape, np.dtype(np.uint8), n, raw_dtype=_qtype(p.qtype_name))
     # Token list and merges add some megabytes of metadata on top of the tensors.
-    check_free_space(atomic.target, tracker.bytes_total + 64 * 2**20)
+    atomic.needed = tracker.bytes_total + 64 * 2**20
+    check_free_space(atomic.target, atomic.needed)
     with atomic as staging, torch.no_grad():
         try:
             writer.write_header_to_file(path=staging)

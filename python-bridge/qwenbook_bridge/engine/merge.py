@@ -257,7 +257,8 @@ def save_model(model: nn.Module, tokenizer: Any, target: str | os.PathLike[str],
                                    require_adapter=require_adapter)
     tracker = Progress(progress, sum(s.nbytes for s in sources))
     tracker.set_stage("prepare")
-    atomic = AtomicTarget(target, overwrite=config.overwrite, is_dir=True)
+    atomic = AtomicTarget(target, overwrite=config.overwrite, is_dir=True,
+                          needed=tracker.bytes_total + _SMALL_FILES_ALLOWANCE)
     check_free_space(atomic.target, tracker.bytes_total + _SMALL_FILES_ALLOWANCE)
     root = base_model_of(model)
     with atomic as staging, torch.no_grad():

@@ -171,7 +171,8 @@ def save_quantized(model: nn.Module, tokenizer: Any, target: str | os.PathLike[s
         reference = model
 
     tracker = Progress(scaled(progress, 0.5 if calibrate else 0.0, 1.0, last=True), sum(s.nbytes for s in sources))
-    check_free_space(atomic.target, tracker.bytes_total + _SMALL_FILES_ALLOWANCE)
+    atomic.needed = tracker.bytes_total + _SMALL_FILES_ALLOWANCE
+    check_free_space(atomic.target, atomic.needed)
     root = base_model_of(work)
     main_dtype = _main_dtype(sources)
     manifest = {"format": "qwenbook-weight-only", "format_version": FORMAT_VERSION, "method": quant.method,

@@ -1,10 +1,10 @@
 """Writing model files safely: size strings, disk-space checks, atomic targets and a streaming safetensors writer.
 
-Everything that writes a model (merge, quantized save, GGUF export) goes through `AtomicTarget`: the data is
-written under a hidden sibling name (`.name.partial-XXXX`) and renamed into place only once complete, so a crash
-or a full disk never leaves a folder that looks finished. Tensors are given as `TensorSource`s (shape, dtype and a
-function that produces the tensor) so a shard plan is made before any weight is computed and each weight exists in
-memory only while it is written.
+Everything that writes a model (merge, quantized save, GGUF export, training checkpoints) goes through
+`AtomicTarget` (atomic_write.py): the data is written under a hidden sibling name (`.name.partial-<pid>-XXXX`)
+and renamed into place only once complete, so a crash or a full disk never leaves a folder that looks finished.
+Tensors are given as `TensorSource`s (shape, dtype and a function that produces the tensor) so a shard plan is made
+before any weight is computed and each weight exists in memory only while it is written.
 """
 
 from __future__ import annotations
@@ -13,15 +13,17 @@ import json
 import math
 import os
 import re
-import shutil
 import struct
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# Re-exported: the atomic-write helper is shared with the checkpoint writer, and callers import these from here.
+from .atomic_write import AtomicTarget, TargetExistsError, check_free_space, format_bytes  # noqa: F401
+from .errors import InsufficientDiskSpaceError  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -113,14 +115,6 @@ class SaveConfig:
         parse_dtype(self.dtype)
 
 
-class TargetExistsError(FileExistsError):
-    """The output path exists and holds something; nothing was written."""
-
-
-class InsufficientDiskSpaceError(OSError):
-    """The estimated output does not fit on the target's disk; nothing was written."""
-
-
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -142,100 +136,6 @@ def parse_size(value: str | int) -> int:
     if n < 1:
         raise ValueError(f"size {value!r} is not positive: use something like '2GB'")
     return n
-
-
-def format_bytes(n: int) -> str:
-    for unit, div in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n} B"
-
-
-def check_free_space(target: Path, needed: int) -> None:
-    """Raise `InsufficientDiskSpaceError` unless `needed` bytes (plus a small margin) fit where `target` goes."""
-    probe = target.resolve().parent
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    # Keep a margin so the write does not fill the disk to the last byte (logs, the worker's own files).
-    margin = max(64 * 2**20, needed // 100)
-    if needed + margin > free:
-        raise InsufficientDiskSpaceError(
-            f"not enough disk space for {target}: it needs about {format_bytes(needed + margin)} "
-            f"({format_bytes(needed)} of data plus a safety margin) but only {format_bytes(free)} is free on the disk "
-            f"holding {probe}. Free some space or choose a target on another disk.")
-
-
-def _is_empty_dir(p: Path) -> bool:
-    return p.is_dir() and not any(p.iterdir())
-
-
-class AtomicTarget:
-    """Context manager yielding a hidden staging path that replaces `target` only when the block succeeds.
-
-    A folder target that exists and is not empty is refused unless `overwrite`; with `overwrite` the old folder is
-    moved aside, the new one renamed in, and the old one deleted, so the target is never half-written (for a moment
-    it may be absent). File targets are replaced with one atomic `os.replace`.
-    """
-
-    def __init__(self, target: str | os.PathLike[str], *, overwrite: bool, is_dir: bool) -> None:
-        self.target = Path(target).expanduser().absolute()
-        self.overwrite = overwrite
-        self.is_dir = is_dir
-        self.staging = self.target.parent / f".{self.target.name}.partial-{uuid.uuid4().hex[:8]}"
-        self.check()
-
-    def check(self) -> None:
-        t = self.target
-        if not t.exists():
-            return
-        if self.is_dir and not t.is_dir():
-            raise TargetExistsError(f"{t} is a file, but a model folder goes there: remove it or choose another path")
-        if not self.is_dir and t.is_dir():
-            raise TargetExistsError(f"{t} is a folder, but a single file goes there: choose a file name like model.gguf")
-        if (self.is_dir and _is_empty_dir(t)) or self.overwrite:
-            return
-        what = "folder exists and is not empty" if self.is_dir else "file already exists"
-        raise TargetExistsError(f"{t}: the {what}. Pass overwrite=True to replace it, or choose another path.")
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        if self.is_dir:
-            self.staging.mkdir()
-        return self.staging
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            self._discard()
-            return
-        try:
-            self.check()  # something may have appeared there while we were writing
-            self._commit()
-        except BaseException:
-            self._discard()
-            raise
-
-    def _discard(self) -> None:
-        if self.staging.is_dir():
-            shutil.rmtree(self.staging, ignore_errors=True)
-        elif self.staging.exists():
-            self.staging.unlink()
-
-    def _commit(self) -> None:
-        if not self.is_dir:
-            os.replace(self.staging, self.target)
-            return
-        if not self.target.exists():
-            os.rename(self.staging, self.target)
-            return
-        old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(self.target, old)
-        try:
-            os.rename(self.staging, self.target)
-        except BaseException:
-            os.rename(old, self.target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass

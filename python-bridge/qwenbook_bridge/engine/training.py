@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 
 from . import checkpoints as ckpt
+from .atomic_write import write_text_atomic
 from .train_batches import Batch, DataSchedule, collate, make_units, split_eval
 from .data import DatasetSpec
 from .data_parallel import DataParallel
@@ -327,8 +328,8 @@ class _Run:
             dataset=self.data.stats.to_dict(), history=self.history,
             resumed_from=str(self.resume) if self.resume else None, notes=self.notes)
         if status == "completed" and self.writes:
-            (self.out / "train_result.json").write_text(
-                json.dumps(result.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+            write_text_atomic(self.out / "train_result.json",
+                              json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
         return result
 
     def _train_step(self) -> tuple[float, float, int]:
