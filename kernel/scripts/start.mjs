@@ -15,7 +15,15 @@ if (!env.QWENBOOK_MODEL) {
   console.log(`[start]   ${tiny}`);
   console.log("[start] set QWENBOOK_MODEL=<hub id or folder> to choose a model.");
 }
-const args = ["lab", `--notebook-dir=${join(repo, "notebooks")}`, "--ip=127.0.0.1", ...process.argv.slice(2)];
+// The Qwen kernel is the default (File › New › Notebook, the launcher's first pick, /api/kernelspecs'
+// `default`) instead of the venv's Python kernel; given before the user's arguments, so theirs win.
+const args = [
+  "lab",
+  `--notebook-dir=${join(repo, "notebooks")}`,
+  "--ip=127.0.0.1",
+  "--MappingKernelManager.default_kernel_name=qwen-ts",
+  ...process.argv.slice(2),
+];
 // Jupyter refuses to start as root without this; containers and workshop machines often run as root.
 if (process.getuid?.() === 0 && !args.includes("--allow-root")) args.push("--allow-root");
 if (!existsSync(join(venvBin, "jupyter"))) {

@@ -25,6 +25,7 @@ import torch
 
 from .bench_model import build_random_model, check_prompts, load_model, random_prompts, run_scenario
 from .engine.fast_decode import FastDecoder
+from .needs_gpu import require_cuda
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "eager": dict(cuda_graphs=False, compile=False),
@@ -378,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="also write a kernel-time table per variant to <out>.profile.txt")
     a = p.parse_args(argv)
+    if a.device.startswith("cuda") or not (a.small or a.model):
+        # The default model is Qwen2.5-7B-shaped: in fp32 on a CPU it would not fit, let alone finish.
+        require_cuda("python -m qwenbook_bridge.bench", instead="`--small --device cpu` runs a small model on the CPU")
     device = torch.device(a.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         a.dtype or ("bf16" if device.type == "cuda" else "fp32")]

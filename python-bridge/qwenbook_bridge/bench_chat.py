@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from .needs_gpu import require_cuda
+
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -90,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not a.model and not a.tokenizer:
         p.error("pass --model DIR, or --tokenizer DIR to build the random 7B shape")
+    if not a.model:
+        # The random model is Qwen2.5-7B-shaped: in fp32 on a CPU it would not fit, let alone finish.
+        require_cuda("python -m qwenbook_bridge.bench_chat", instead="`--model DIR` times a small saved model on the CPU")
     with tempfile.TemporaryDirectory(prefix="qwenbook-chat-bench-") as tmp:
         folder = Path(a.model) if a.model else write_random_model(Path(a.tokenizer), Path(tmp))
         rows: list[dict[str, Any]] = []

@@ -38,6 +38,7 @@ import torch
 
 from .bench import hf_generate
 from .bench_model import QWEN25_7B, SMALL
+from .needs_gpu import require_cuda
 
 QWEN25_72B: dict[str, Any] = dict(
     vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
@@ -217,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long-prompt", type=int, default=2040)
     ap.add_argument("--run-timeout", type=float, default=300)
     a = ap.parse_args(argv)
+    if not a.small:
+        # The 7B and 72B shapes train and generate on GPUs only: one rank a GPU, the spread over every card.
+        require_cuda("python -m qwenbook_bridge.bench_dist", gpus=max([1, *_ranks(a.ddp), *_ranks(a.fsdp)]),
+                     instead="`--small` runs the small shape on CPU processes (gloo)")
 
     report: dict[str, Any] = {"meta": {
         "python": platform.python_version(), "torch": torch.__version__,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .engine import quant_triton
 from .engine.quant_layers import Int4Linear
 from .engine.quant_math import dequantize_int4, quantize_int4, quantize_int8
+from .needs_gpu import require_cuda
 
 SHAPES = {"q/o": (3584, 3584), "k/v": (512, 3584), "gate/up": (18944, 3584), "down": (3584, 18944)}
 GROUP = 128
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--out", default="qwenbook-quant-kernels.json")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA device")
+    require_cuda("python -m qwenbook_bridge.bench_quant_kernels",
+                 instead="the CPU checks of these kernels are in python-bridge/tests/test_quant_triton.py")
     results = []
     for rows in (int(r) for r in a.rows.split(",")):
         for name, (n, k) in SHAPES.items():

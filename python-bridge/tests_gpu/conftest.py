@@ -12,3 +12,13 @@ cpu_conftest = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cpu_conftest)
 
 tiny_model_dir = cpu_conftest.tiny_model_dir  # noqa: F401  (a fixture, found by name)
+
+
+def pytest_configure(config: object) -> None:
+    """Ends the run with one line on a machine without CUDA, instead of a collection traceback per file."""
+    import pytest
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.exit("python-bridge/tests_gpu: needs a CUDA GPU (none found); the CPU suite is python-bridge/tests",
+                    returncode=1)

@@ -1,18 +1,21 @@
 #!/usr/bin/env node
 // `npm run bench`: the notebook path (TypeScript -> ZeroMQ -> worker) against the same greedy generation
 // called in-process in Python, in the same run on the same model, and the overhead per token.
+//   npm run bench [-- --quick]   (--quick: fewer tokens, runs and clients; a check of the whole path in a minute or two)
 import { spawnSync } from "node:child_process";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
 
 const repo = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const python = join(repo, ".venv", "bin", "python");
 const model = process.env.QWENBOOK_BENCH_MODEL ?? join(repo, ".qwenbook", "models", "tiny-qwen2");
 const prompt = "Write a short story about a lighthouse keeper.";
-const maxTokens = Number(process.env.QWENBOOK_BENCH_TOKENS ?? 128);
-const runs = Number(process.env.QWENBOOK_BENCH_RUNS ?? 5);
+const { values: opts } = parseArgs({ options: { quick: { type: "boolean", default: false } } });
+const maxTokens = Number(process.env.QWENBOOK_BENCH_TOKENS ?? (opts.quick ? 16 : 128));
+const runs = Number(process.env.QWENBOOK_BENCH_RUNS ?? (opts.quick ? 2 : 5));
 
 process.env.QWENBOOK_RUNTIME_DIR = mkdtempSync(join(tmpdir(), "qwenbook-bench-"));
 process.env.QWENBOOK_PYTHON = python;
@@ -71,4 +74,5 @@ console.log(`overhead: ${overheadPerToken.toFixed(3)} ms per token, throughput r
 // same requests one at a time, in this run.
 const { runServeBench } = await import("./serve.mjs");
 console.log("\nserving: concurrent OpenAI clients vs the same requests one at a time");
-runServeBench({ python, model, threads, maxTokens: Number(process.env.QWENBOOK_BENCH_SERVE_TOKENS ?? 64) });
+runServeBench({ python, model, threads, maxTokens: Number(process.env.QWENBOOK_BENCH_SERVE_TOKENS ?? (opts.quick ? 8 : 64)),
+  concurrency: opts.quick ? "1,4" : "1,8,32" });
