@@ -77,7 +77,14 @@ export interface TrainProgress {
    * Fractional epoch, e.g. 1.25
    */
   epoch?: number;
+  /**
+   * Passes over the data the run makes: totalSteps over the steps per epoch
+   */
   totalEpochs?: number;
+  /**
+   * The epochs the run's options named, sent only when maxSteps set the run's length instead (so totalEpochs differs from it)
+   */
+  epochsOption?: number;
   elapsedS?: number;
   etaS?: number;
   tokensPerSecond?: number;

@@ -68,6 +68,50 @@ export function smoothingWeight(points: number): number {
   return Math.min(0.95, Math.max(0.6, 1 - 10 / Math.max(points, 1)));
 }
 
+export interface AxisTicks {
+  tickvals: number[];
+  ticktext: string[];
+  /** The highest tick: the axis runs from 0 to a little above it. */
+  top: number;
+}
+
+const MAX_LR_INTERVALS = 4;
+
+/**
+ * Round ticks for the learning-rate axis, from 0 up to the first round value at or above `max`:
+ * steps of 1, 2 or 5 times a power of ten, at most four intervals, labelled in the top tick's
+ * exponent ("0", "0.5e-4", "1.0e-4"). Plotly's own ticks for a 1e-4 cosine schedule fall on
+ * values such as 1.9e-5, 5.7e-5 and 9.5e-5, which are hard to read off. Undefined when there is
+ * nothing above zero to scale.
+ */
+export function lrTicks(max: number): AxisTicks | undefined {
+  if (!Number.isFinite(max) || max <= 0) return undefined;
+  let power = 10 ** Math.floor(Math.log10(max / MAX_LR_INTERVALS));
+  let step = power;
+  for (;;) {
+    const found = [1, 2, 5].map((m) => m * power).find((s) => Math.ceil(clean(max / s)) <= MAX_LR_INTERVALS);
+    if (found !== undefined) {
+      step = found;
+      break;
+    }
+    power *= 10;
+  }
+  const intervals = Math.max(1, Math.ceil(clean(max / step)));
+  const tickvals = Array.from({ length: intervals + 1 }, (_, i) => clean(i * step));
+  const top = tickvals[tickvals.length - 1];
+  const exponent = Math.floor(Math.log10(top) + 1e-9);
+  const scale = 10 ** exponent;
+  // As many decimals as the step needs in that exponent: 5e-5 in units of 1e-4 is 0.5, one decimal.
+  const decimals = Math.max(0, -Math.floor(Math.log10(step / scale) + 1e-9));
+  const ticktext = tickvals.map((v) => (v === 0 ? "0" : `${(v / scale).toFixed(decimals)}e${exponent}`));
+  return { tickvals, ticktext, top };
+}
+
+/** Drops floating-point noise such as 1.5000000000000002e-4. */
+function clean(x: number): number {
+  return Number(x.toPrecision(12));
+}
+
 /** The loss chart: raw and smoothed train loss, eval points, and the learning rate on a right-hand axis. */
 export function buildFigure(bundle: TrainBundle, theme: ChartTheme): Figure {
   const { train, eval: evals, progress } = bundle;
@@ -122,6 +166,7 @@ export function buildFigure(bundle: TrainBundle, theme: ChartTheme): Figure {
     });
   }
   const lastStep = train.step.length > 0 ? train.step[train.step.length - 1] : 0;
+  const ticks = lrTicks(Math.max(0, ...(train.lr ?? [])));
   const xMax = Math.max(progress.totalSteps, lastStep, 1);
   const axis = { gridcolor: theme.grid, linecolor: theme.grid, zeroline: false, tickfont: { color: theme.muted } };
   const layout: Partial<Layout> = {
@@ -144,8 +189,10 @@ export function buildFigure(bundle: TrainBundle, theme: ChartTheme): Figure {
       overlaying: "y",
       side: "right",
       showgrid: false,
-      tickformat: ".1e",
-      rangemode: "tozero",
+      ...(ticks
+        ? // A little headroom, so the peak of the schedule does not run along the plot's top edge.
+          { tickmode: "array" as const, tickvals: ticks.tickvals, ticktext: ticks.ticktext, range: [0, ticks.top * 1.05] }
+        : { tickformat: ".1e", rangemode: "tozero" as const }),
     },
   };
   const config: Partial<Config> = {

@@ -3,7 +3,7 @@ import type { TrainBundle } from "../schema/bundles";
 import { TRAIN_MIME } from "./mime";
 import type { PlotBackend } from "./plotly";
 import { render, text, train, words } from "./testutil";
-import { TRACE, smooth, type Figure } from "./train-figure";
+import { TRACE, lrTicks, smooth, type Figure } from "./train-figure";
 import { TrainWidget, trainRendererFactory } from "./train";
 
 /** Records what would have been plotted, since Plotly cannot lay out in a simulated DOM. */
@@ -73,6 +73,53 @@ describe("training dashboard", () => {
       "5,819 tokens/s",
     ]);
     expect(text(w.node.querySelector(".qwenbook-badge-live"))).toBe("training…");
+  });
+
+  it("says when maxSteps set the run's length instead of epochs, beside the true epoch count", async () => {
+    // Tutorial 02's quick run: 7 rows at 16 rows per step make one step an epoch, so maxSteps(8)
+    // runs 8 epochs although the builder says .epochs(3).
+    const quick = { step: 8, totalSteps: 8, epoch: 8, totalEpochs: 8, epochsOption: 3, elapsedS: 56 };
+    const { w } = await show(train({ state: "done", progress: quick }, 8));
+    expect([...w.node.querySelectorAll(".qwenbook-progress-text span")].map((s) => s.textContent)).toEqual([
+      "step 8 / 8 (100%)",
+      "epoch 8.00 / 8",
+      "maxSteps overrides epochs 3",
+      "elapsed 56 s",
+    ]);
+    // The full data set: the step cap ends the run part-way through its second epoch.
+    const capped = { step: 8, totalSteps: 8, epoch: 1.6, totalEpochs: 1.6, epochsOption: 3 };
+    const { w: w2 } = await show(train({ state: "done", progress: capped }, 8));
+    expect([...w2.node.querySelectorAll(".qwenbook-progress-text span")].slice(0, 3).map((s) => s.textContent)).toEqual([
+      "step 8 / 8 (100%)",
+      "epoch 1.60 / 1.6",
+      "maxSteps overrides epochs 3",
+    ]);
+  });
+
+  it("labels the learning-rate axis with round ticks in one exponent", async () => {
+    // A cosine schedule peaking at 1e-4; Plotly's automatic ticks fell on 1.9e-5, 5.7e-5 and 9.5e-5.
+    const { backend } = await show(train());
+    expect(backend.last.layout.yaxis2).toMatchObject({
+      tickmode: "array",
+      tickvals: [0, 5e-5, 1e-4],
+      ticktext: ["0", "0.5e-4", "1.0e-4"],
+    });
+    const range = backend.last.layout.yaxis2?.range as number[];
+    expect(range[0]).toBe(0);
+    expect(range[1]).toBeGreaterThan(1e-4);
+    expect(range[1]).toBeLessThan(1.1e-4);
+    expect(lrTicks(9.5e-5)?.tickvals).toEqual([0, 5e-5, 1e-4]);
+    expect(lrTicks(2e-4)?.ticktext).toEqual(["0", "0.5e-4", "1.0e-4", "1.5e-4", "2.0e-4"]);
+    expect(lrTicks(3e-4)?.ticktext).toEqual(["0", "1e-4", "2e-4", "3e-4"]);
+    expect(lrTicks(2.5e-5)?.ticktext).toEqual(["0", "1e-5", "2e-5", "3e-5"]);
+    expect(lrTicks(1.5e-3)?.ticktext).toEqual(["0", "0.5e-3", "1.0e-3", "1.5e-3"]);
+    expect(lrTicks(0)).toBeUndefined();
+  });
+
+  it("leaves the learning-rate axis to Plotly when every logged rate is zero", async () => {
+    const { backend } = await show(train({ train: { step: [1, 2], loss: [1, 0.9], lr: [0, 0] } }, 2));
+    expect(backend.last.layout.yaxis2).toMatchObject({ tickformat: ".1e", rangemode: "tozero" });
+    expect(backend.last.layout.yaxis2).not.toHaveProperty("tickvals");
   });
 
   it("shows the latest loss, the best eval and the learning rate", async () => {

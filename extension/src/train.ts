@@ -90,10 +90,12 @@ export class TrainWidget extends BundleWidget<typeof TRAIN_MIME> {
   }
 
   private drawProgress(b: TrainBundle): void {
-    const { step, totalSteps, epoch, totalEpochs, etaS, elapsedS, tokensPerSecond } = b.progress;
+    const { step, totalSteps, epoch, totalEpochs, epochsOption, etaS, elapsedS, tokensPerSecond } = b.progress;
     const fraction = totalSteps > 0 ? Math.min(1, step / totalSteps) : b.state === "done" ? 1 : 0;
     const facts: string[] = [`step ${formatInt(step)} / ${formatInt(totalSteps)} (${Math.floor(fraction * 100)}%)`];
     if (epoch !== undefined) facts.push(`epoch ${epoch.toFixed(2)}${totalEpochs !== undefined ? ` / ${formatValue(totalEpochs)}` : ""}`);
+    // The epoch count is the real passes over the data; when maxSteps set the length, say so beside .epochs(n).
+    if (epochsOption !== undefined) facts.push(`maxSteps overrides epochs ${formatValue(epochsOption)}`);
     if (b.state === "running" && etaS !== undefined) facts.push(`ETA ${formatDuration(etaS)}`);
     if (elapsedS !== undefined) facts.push(`elapsed ${formatDuration(elapsedS)}`);
     if (tokensPerSecond !== undefined) facts.push(`${formatRate(tokensPerSecond)} tokens/s`);

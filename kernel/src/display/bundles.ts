@@ -66,6 +66,8 @@ export interface TrainRecorderOptions {
   title?: string;
   totalSteps: number;
   totalEpochs?: number;
+  /** The epochs the options named, when maxSteps set the run's length instead; shown beside the epoch readout. */
+  epochsOption?: number;
   /** The run's options in display order; shown in the dashboard's config table. */
   config?: Readonly<Record<string, ConfigValue>>;
   /**
@@ -99,7 +101,7 @@ export class TrainRecorder {
   constructor(options: TrainRecorderOptions) {
     this.#options = options;
     this.#maxPoints = Math.max(2, Math.floor(options.maxPoints ?? DEFAULT_MAX_POINTS));
-    this.#progress = { step: 0, totalSteps: options.totalSteps, totalEpochs: options.totalEpochs };
+    this.#progress = { step: 0, totalSteps: options.totalSteps, totalEpochs: options.totalEpochs, epochsOption: options.epochsOption };
   }
 
   /** Records a logged step and the progress it reports. */

@@ -72,7 +72,10 @@ export function trainHtml(b: TrainBundle): string {
 function trainFacts(b: TrainBundle): string[] {
   const p = b.progress;
   const facts = [`step ${int(p.step)}/${int(p.totalSteps)}`];
-  if (p.epoch !== undefined) facts.push(`epoch ${p.epoch.toFixed(2)}${p.totalEpochs !== undefined ? `/${p.totalEpochs}` : ""}`);
+  if (p.epoch !== undefined) {
+    const overridden = p.epochsOption !== undefined ? ` (maxSteps overrides epochs ${p.epochsOption})` : "";
+    facts.push(`epoch ${p.epoch.toFixed(2)}${p.totalEpochs !== undefined ? `/${p.totalEpochs}` : ""}${overridden}`);
+  }
   const loss = lastNumber(b.train.loss);
   if (loss !== undefined) facts.push(`loss ${loss.toPrecision(4)}`);
   const evalLoss = lastNumber(b.eval?.loss ?? []);

@@ -54,10 +54,12 @@ export function createTrainDashboard(sink: DisplaySink, options: TrainDisplayOpt
       startedAt = Date.now();
       // Rows cut to fit maxLength and similar facts are worth reading before the curve starts.
       for (const note of e.notes) sink.text(`note: ${note}\n`);
+      const totalEpochs = Math.round((e.total_steps / e.steps_per_epoch) * 100) / 100;
       rec = new TrainRecorder({
         title: options.title,
         totalSteps: e.total_steps,
-        totalEpochs: Math.round((e.total_steps / e.steps_per_epoch) * 100) / 100,
+        totalEpochs,
+        epochsOption: epochsOverridden(e, totalEpochs),
         config: options.config(e),
       });
       updates.push(rec.bundle());
@@ -106,8 +108,10 @@ export function createTrainLog(sink: DisplaySink, title: string): TrainDisplay {
       const epochs = e.total_steps / e.steps_per_epoch;
       const evalPart = e.eval_examples ? ` (+${e.eval_examples} held out for eval)` : "";
       const from = e.start_step ? `, resuming at step ${e.start_step}` : "";
+      const asked = epochsOverridden(e, round(epochs, 2));
+      const override = asked === undefined ? "" : `, maxSteps overrides epochs ${asked}`;
       line(
-        `${title}: ${e.examples} examples${evalPart}, ${e.total_steps} steps (${round(epochs, 2)} epochs, ${e.rows_per_step} rows per step)${from}; ` +
+        `${title}: ${e.examples} examples${evalPart}, ${e.total_steps} steps (${round(epochs, 2)} epochs${override}, ${e.rows_per_step} rows per step)${from}; ` +
           `${count(e.trainable_params)} of ${count(e.total_params)} parameters trained on ${e.device}`,
       );
       for (const note of e.notes) line(`note: ${note}`);
@@ -138,6 +142,17 @@ export function createTrainLog(sink: DisplaySink, title: string): TrainDisplay {
       if (begun) line(`failed: ${error.name}: ${error.message}`);
     },
   };
+}
+
+/**
+ * The epochs the options asked for, when maxSteps replaced them as the run's length. The epoch
+ * readout counts real passes over the data (8 steps of a 7-row set at 16 rows per step are 8
+ * epochs), which reads as wrong next to .epochs(3) unless the dashboard says maxSteps decided.
+ */
+export function epochsOverridden(e: Pick<TrainBeginEvent, "config">, totalEpochs: number): number | undefined {
+  const { epochs, max_steps: maxSteps } = e.config;
+  if (typeof epochs !== "number" || typeof maxSteps !== "number") return undefined;
+  return Math.abs(epochs - totalEpochs) < 0.005 ? undefined : epochs;
 }
 
 function round(x: number, digits: number): number {
