@@ -1,6 +1,7 @@
 import { inspect } from "node:util";
 import { startChatDisplay, type ChatDisplay, type ChatOpening } from "../display/chat-display";
 import { errorInfo } from "../display/error-info";
+import { markShown } from "../display/shown";
 import { currentSink, type DisplaySink } from "../display/sink";
 import type { Reply } from "./reply";
 import { expectBoolean, expectInteger, expectNumber, expectPrompt, expectString } from "./validate";
@@ -179,7 +180,8 @@ export class ChatRequest implements PromiseLike<Reply> {
       });
     } catch (error) {
       live?.fail(errorInfo(error));
-      throw error;
+      // The bubble shows the error; the kernel then does not print it a second time.
+      throw live ? markShown(error) : error;
     }
     open().end(reply.cancelled ? "cancelled" : "done", reply.text, {
       completionTokens: reply.completionTokens,
@@ -189,7 +191,7 @@ export class ChatRequest implements PromiseLike<Reply> {
       tokensPerSecond: reply.tokensPerSecond,
       finishReason: reply.finishReason,
     });
-    return reply;
+    return markShown(reply);
   }
 
   /** In a terminal: the reply's text as it streams, then a newline (and a note when cancelled). */

@@ -20,10 +20,20 @@ export function cancelOnInterrupt(client: WorkerClient): void {
   clients.add(client);
   if (listening) return;
   listening = true;
-  process.on("SIGINT", () => {
-    for (const c of clients) {
-      if (c.closed) clients.delete(c);
-      else void c.cancelAll();
-    }
-  });
+  process.on("SIGINT", cancelInFlight);
+}
+
+/** Cancels every in-flight request of the registered clients (what the interrupt button does). */
+export function cancelInFlight(): void {
+  for (const c of clients) {
+    if (c.closed) clients.delete(c);
+    else void c.cancelAll();
+  }
+}
+
+/** How many requests the registered clients are waiting on; the kernel lets them end on an interrupt. */
+export function requestsInFlight(): number {
+  let n = 0;
+  for (const c of clients) if (!c.closed) n += c.inFlight().length;
+  return n;
 }

@@ -1,14 +1,16 @@
-import { basename, isAbsolute } from "node:path";
+import { randomUUID } from "node:crypto";
+import { basename, dirname, isAbsolute } from "node:path";
 import { inspect } from "node:util";
 import { WorkerClient, type ClientOptions } from "../bridge/client";
 import type { LoadRequest, ModelInfo as WireModelInfo } from "../bridge/protocol.gen";
-import { runtimeFilePath } from "../bridge/runtime";
+import { endpoint, runtimeFilePath } from "../bridge/runtime";
 import { ensureWorker, liveRuntime } from "../bridge/spawn";
 import { stopWorker } from "../bridge/stop";
+import { debugErrors, setDebugErrors } from "../display/error-info";
 import { currentSink, type DisplaySink } from "../display/sink";
 import { Adapters } from "./adapters";
 import { datasets } from "./datasets";
-import { listRuns, type TrainingRun } from "./runs";
+import { listRuns, listRunsOnDisk, type RunHost, type TrainingRun } from "./runs";
 import { checkDevices } from "./devices";
 import { chooseDefaultModel } from "./default-model";
 import { GpuGauge, type GpuOptions } from "./gpu";
@@ -17,6 +19,7 @@ import { formatCount, Model, toModelInfo, type ModelHost } from "./model";
 import { resolveModelSource } from "./model-source";
 import { quantOptions } from "./export";
 import { createLoadReporter } from "./progress";
+import { lastReply, type Reply } from "./reply";
 import { quantSummary, toQuantInfo } from "./report";
 import { DTYPES, type LoadOptions, type WorkerStatus } from "./types";
 import { expectBoolean, expectKnownKeys, expectOneOf, expectString } from "./validate";
@@ -46,6 +49,8 @@ export class Qwen {
   readonly #options: QwenOptions;
   #client: WorkerClient | null = null;
   #connecting: Promise<WorkerClient> | null = null;
+  /** One session for every connection this object makes: the worker counts it as one user of the models it loads. */
+  readonly #session = randomUUID();
   readonly #host: ModelHost;
 
   /** Built-in training data: `qwen.datasets.selfCognition({ name, author })`. */
@@ -106,12 +111,22 @@ export class Qwen {
   }
 
   /**
-   * The worker's training runs, running and finished (also those a previous kernel started);
-   * `await runs[i].watch()` re-opens a run's dashboard. Does not start a worker: none running, none listed.
+   * The worker's training runs, running and finished (also those a previous kernel or a crashed
+   * worker started); `await runs[i].watch()` re-opens a run's dashboard and `await runs[i].resume()`
+   * continues an interrupted one. Does not start a worker: with none running, the runs come from
+   * the worker's on-disk run index.
    */
   async runs(): Promise<TrainingRun[]> {
-    if (!(this.#client && !this.#client.closed) && !liveRuntime(this.runtimeFile)) return [];
-    return listRuns({ connection: () => this.#connection(), sink: () => this.#sink() });
+    const host: RunHost = {
+      connection: () => this.#connection(),
+      sink: () => this.#sink(),
+      load: async (request) => {
+        const client = await this.#connection();
+        return new Model(this.#host, await this.#loadOn(client, request, true), request, client.info.pid);
+      },
+    };
+    if (!(this.#client && !this.#client.closed) && !liveRuntime(this.runtimeFile)) return listRunsOnDisk(host, dirname(this.runtimeFile));
+    return listRuns(host);
   }
 
   /** The running worker's models, requests in flight and memory. Does not start a worker. */
@@ -158,9 +173,27 @@ export class Qwen {
     this.#client = null;
   }
 
+  /**
+   * The reply the worker sent last (in this kernel), also when it was cancelled: after an
+   * interrupt, `const story = await m.chat(...)` is never assigned, and the kept text is here.
+   */
+  lastReply(): Reply | undefined {
+    return lastReply();
+  }
+
+  /**
+   * Full error output: with `qwen.debug(true)` a failed cell prints the JS stack and the Python
+   * traceback instead of one line (both are always on the error: `.stack`, `.traceback`).
+   * Without an argument it only reports the setting. Applies to the whole kernel.
+   */
+  debug(on?: boolean): boolean {
+    if (on !== undefined) setDebugErrors(expectBoolean("debug(on)", on));
+    return debugErrors();
+  }
+
   toString(): string {
     const c = this.#client;
-    return c && !c.closed ? `Qwen(worker pid ${c.info.pid}, ${c.info.ip}:${c.info.router_port})` : "Qwen(not connected)";
+    return c && !c.closed ? `Qwen(worker pid ${c.info.pid}, ${endpoint(c.info, "router")})` : "Qwen(not connected)";
   }
 
   #sink(): DisplaySink {
@@ -181,7 +214,7 @@ export class Qwen {
           timeoutMs: this.#options.startTimeoutMs,
         });
       }
-      const client = await WorkerClient.connect(info, { onMessage: this.#options.onMessage });
+      const client = await WorkerClient.connect(info, { session: this.#session, onMessage: this.#options.onMessage });
       cancelOnInterrupt(client);
       this.#client = client;
       return client;

@@ -33,7 +33,7 @@ export class Reply {
 
   static fromWire(reply: GenerateReply, model: string): Reply {
     const seconds = reply.duration_ms / 1000;
-    return new Reply({
+    return (last = new Reply({
       text: reply.text,
       finishReason: reply.finish_reason,
       promptTokens: reply.prompt_tokens,
@@ -43,7 +43,7 @@ export class Reply {
       tokensPerSecond: reply.tokens_per_s ?? (seconds > 0 ? reply.completion_tokens / seconds : 0),
       tokenIds: reply.token_ids ?? [],
       model,
-    });
+    }));
   }
 
   /** True when an interrupt or cancel stopped it; `text` holds what was generated until then. */
@@ -59,6 +59,16 @@ export class Reply {
     const { text, finishReason, promptTokens, completionTokens, ttftMs, durationMs, tokensPerSecond, model } = this;
     return { text, finishReason, promptTokens, completionTokens, ttftMs, durationMs, tokensPerSecond, model };
   }
+}
+
+let last: Reply | undefined;
+
+/**
+ * The reply the worker sent most recently in this process, finished or cancelled. An interrupted
+ * cell never assigns `const story = await m.chat(...)`; the kept text is here (see qwen.lastReply()).
+ */
+export function lastReply(): Reply | undefined {
+  return last;
 }
 
 // Defined outside the class body so the public .d.ts does not depend on Node's util types.

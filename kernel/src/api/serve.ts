@@ -3,6 +3,7 @@ import { inspect } from "node:util";
 import type { WorkerClient } from "../bridge/client";
 import type { ServeStartRequest, ServerInfo, ServeStats as WireStats } from "../bridge/protocol.gen";
 import { escapeHtml } from "../display/fallbacks";
+import { markShown } from "../display/shown";
 import type { DisplaySink } from "../display/sink";
 import { createThrottle, type Throttle } from "../display/throttle";
 import { expectInteger, expectKnownKeys, expectNumber, expectString } from "./validate";
@@ -18,6 +19,20 @@ export interface ServeOptions {
   name?: string;
   /** Requests decoded together in one batch (default 32); more wait in a queue. */
   maxBatchSize?: number;
+  /**
+   * Requests that may wait for a place in the batch (default 4 per batch row, 128 for 32); one more is
+   * answered 429 with a Retry-After header. 0 accepts only what fits in the batch at once.
+   */
+  maxQueue?: number;
+  /** Largest request body in bytes (default 4 MiB, 4194304); larger ones are answered 413 while they arrive. */
+  maxBody?: number;
+  /** Retry-After of a 429, in seconds (default: estimated from how long recent requests took). */
+  retryAfter?: number;
+  /**
+   * Seconds a client may take to send its headers or body, or leave a stream unread, before it is
+   * disconnected and its generation cancelled (default 30).
+   */
+  clientTimeout?: number;
 }
 
 /** Live counters of a server. */
@@ -30,6 +45,8 @@ export interface ServerStats {
   requestsActive: number;
   /** Requests queued behind a full batch. */
   requestsWaiting: number;
+  /** Requests turned away with 429 because the queue was full (also counted in `errors`). */
+  requestsRejected: number;
   /** Requests answered with an error status (bad key, bad JSON, failed generation...). */
   errors: number;
   tokensGenerated: number;
@@ -55,7 +72,9 @@ const MAX_WATCH_S = 86_400;
 
 /** Checks `m.serve()` options now, before anything is sent; the model id is filled in later. */
 export function serveRequest(options: ServeOptions): Omit<ServeStartRequest, "model_id"> {
-  const o = expectKnownKeys("serve(options)", options, ["port", "host", "apiKey", "name", "maxBatchSize"]);
+  const o = expectKnownKeys("serve(options)", options, [
+    "port", "host", "apiKey", "name", "maxBatchSize", "maxQueue", "maxBody", "retryAfter", "clientTimeout",
+  ]);
   const request: Omit<ServeStartRequest, "model_id"> = {
     port: o.port === undefined ? 8000 : expectInteger("serve option port", o.port, { min: 0, max: 65535, hint: "0 picks a free port" }),
   };
@@ -69,6 +88,16 @@ export function serveRequest(options: ServeOptions): Omit<ServeStartRequest, "mo
     request.name = name;
   }
   if (o.maxBatchSize !== undefined) request.max_batch_size = expectInteger("serve option maxBatchSize", o.maxBatchSize, { min: 1, max: 1024 });
+  if (o.maxQueue !== undefined) {
+    request.max_queue = expectInteger("serve option maxQueue", o.maxQueue, { min: 0, max: 1_000_000, hint: "0 accepts only what fits in the batch" });
+  }
+  if (o.maxBody !== undefined) {
+    request.max_body_bytes = expectInteger("serve option maxBody", o.maxBody, { min: 1024, max: 1024 ** 3, hint: "bytes, e.g. 8 * 1024 ** 2 for 8 MiB" });
+  }
+  if (o.retryAfter !== undefined) request.retry_after_s = expectInteger("serve option retryAfter", o.retryAfter, { min: 1, max: 3600, hint: "seconds" });
+  if (o.clientTimeout !== undefined) {
+    request.client_timeout_s = expectNumber("serve option clientTimeout", o.clientTimeout, { min: 0.1, max: 3600, hint: "seconds" });
+  }
   return request;
 }
 
@@ -207,9 +236,14 @@ export class Server {
       return this.#ended(`the worker it ran in (pid ${this.#workerPid}) has stopped`);
     }
     const [info] = (await client.request("serve_stop", { server_id: this.id })).stopped;
-    if (!info) return this.#ended("stopped elsewhere");
+    if (!info) return this.#shown(this.#ended("stopped elsewhere"));
     this.#note = "stopped";
-    return this.#ended("", toStats(info.stats));
+    return this.#shown(this.#ended("", toStats(info.stats)));
+  }
+
+  /** The server's widget shows these final counters; the kernel need not print them again. */
+  #shown(stats: ServerStats): ServerStats {
+    return this.#draw ? markShown(stats) : stats;
   }
 
   toString(): string {
@@ -300,6 +334,7 @@ function toStats(w: WireStats): ServerStats {
     requestsTotal: w.requests_total,
     requestsActive: w.requests_active,
     requestsWaiting: w.requests_waiting,
+    requestsRejected: w.requests_rejected ?? 0,
     errors: w.errors,
     tokensGenerated: w.tokens_generated,
     tokensPerSecond: w.tokens_per_second,
@@ -310,7 +345,7 @@ function toStats(w: WireStats): ServerStats {
 }
 
 function trafficLine(s: ServerStats): string {
-  const queue = s.requestsWaiting ? `, ${s.requestsWaiting} waiting` : "";
+  const queue = (s.requestsWaiting ? `, ${s.requestsWaiting} waiting` : "") + (s.requestsRejected ? `, ${s.requestsRejected} turned away` : "");
   return (
     `${s.requestsTotal} request${s.requestsTotal === 1 ? "" : "s"} (${s.requestsActive} active${queue}) · ` +
     `${s.tokensPerSecond.toFixed(1)} tokens/s · ${s.errors} error${s.errors === 1 ? "" : "s"}`

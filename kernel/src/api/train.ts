@@ -2,6 +2,7 @@ import { existsSync } from "node:fs";
 import { inspect } from "node:util";
 import type { WorkerClient } from "../bridge/client";
 import { errorInfo } from "../display/error-info";
+import { markShown } from "../display/shown";
 import type { DisplaySink } from "../display/sink";
 import { createTrainDisplay, type TrainDisplay } from "../display/train-display";
 import { datasetEntry, type DatasetInput, type DatasetOptions } from "./datasets";
@@ -263,8 +264,9 @@ export class TrainRun {
       ...(this.#s.seed === undefined ? {} : { seed: this.#s.seed }),
     });
     const preview = new TrainPreview(reply.examples);
-    if (!this.#s.quiet) this.#target.sink().display({ data: { "text/plain": preview.text(), "text/html": preview.html() } });
-    return preview;
+    if (this.#s.quiet) return preview;
+    this.#target.sink().display({ data: { "text/plain": preview.text(), "text/html": preview.html() } });
+    return markShown(preview);
   }
 
   /**
@@ -323,7 +325,7 @@ export class TrainRun {
       });
     } catch (error) {
       display?.fail(errorInfo(error));
-      throw error;
+      throw display ? markShown(error) : error;
     } finally {
       gauge?.stop();
     }

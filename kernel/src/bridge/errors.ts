@@ -24,6 +24,51 @@ export class WorkerError extends Error {
   get pythonTraceback(): string {
     return this.traceback.join("\n");
   }
+
+  /**
+   * The last line of the exception this one was raised from (Python's `raise ... from` or an
+   * exception raised while handling another), e.g. `ConnectError: [Errno -3] Temporary failure in
+   * name resolution`; undefined when the traceback shows no earlier exception.
+   */
+  get pythonCause(): string | undefined {
+    return pythonCause(this.traceback, this.evalue);
+  }
+}
+
+/** Lines Python's traceback module writes between a cause and the exception raised from it. */
+const CHAIN_SEPARATORS = [
+  "The above exception was the direct cause of the following exception:",
+  "During handling of the above exception, another exception occurred:",
+];
+
+/**
+ * The `Type: message` line that ends the section just before the last chain separator, with the
+ * type's module path dropped. `evalue` is the final exception's message: a cause that only
+ * repeats it is left out.
+ */
+export function pythonCause(traceback: readonly string[], evalue = ""): string | undefined {
+  const lines = traceback.flatMap((l) => l.split("\n"));
+  let sep = -1;
+  for (let i = lines.length - 1; i >= 0; i--) {
+    if (CHAIN_SEPARATORS.includes(lines[i].trim())) {
+      sep = i;
+      break;
+    }
+  }
+  if (sep < 0) return undefined;
+  for (let i = sep - 1; i >= 0; i--) {
+    const line = lines[i];
+    if (line.trim() === "") continue;
+    // Frames and source lines are indented; the exception line is not.
+    if (/^\s/.test(line)) return undefined;
+    const m = /^([\w.]+)(: (.*))?$/.exec(line);
+    if (!m) return line;
+    const name = m[1].slice(m[1].lastIndexOf(".") + 1);
+    const message = m[3] ?? "";
+    if (message !== "" && message === evalue) return undefined;
+    return message === "" ? name : `${name}: ${message}`;
+  }
+  return undefined;
 }
 
 /** The worker process went away while requests were waiting for it. */

@@ -1,8 +1,12 @@
 // The "Qwen (TypeScript)" kernel process: tslab, with `qwenbook` importable from any notebook
 // folder, its display sink wired to tslab's display_data, and interrupts cancelling worker requests.
 import { dirname, join } from "node:path";
+import { cancelInFlight, requestsInFlight } from "../api/interrupt";
 import { packageDir } from "../bridge/paths";
 import { registerSink, type DisplayBundle, type DisplayOptions, type DisplaySink } from "../display/sink";
+import { cellConsole, type CellText, type ExecutorConsole } from "./cell-output";
+import { patchExecuteRequests, type TslabJupyterClasses } from "./execute-requests";
+import { addInterruptGrace, type InterruptibleExecutor } from "./interrupt-grace";
 import { forwardTypeScriptSys, hookRequire, type ResolutionSys } from "./resolution";
 import { patchConverter, type TsForAwait } from "./top-level-for-await";
 
@@ -12,10 +16,13 @@ interface TslabBundle {
   transient: { display_id?: string };
 }
 
-interface TslabJupyter {
+interface TslabJupyter extends TslabJupyterClasses {
   /** Set by tslab for the cell being executed; null before the first one. */
   lastWriteDisplayData: ((bundle: TslabBundle, update: boolean) => void) | null;
-  JupyterHandlerImpl: { prototype: { handleExecuteImpl: (...args: unknown[]) => Promise<unknown> } };
+}
+
+interface TslabExecutorModule {
+  createExecutor(rootDir: string, convs: unknown, console: ExecutorConsole): InterruptibleExecutor;
 }
 
 interface TslabMain {
@@ -28,6 +35,8 @@ type WriteDisplay = TslabJupyter["lastWriteDisplayData"];
 /** One execution of a cell; `done` resolves when tslab has finished it, interrupted or not. */
 interface CellRun {
   done: Promise<void>;
+  /** A widget (a rich output through the sink) was drawn in this cell. */
+  widget: boolean;
 }
 
 /**
@@ -35,12 +44,12 @@ interface CellRun {
  * it. tslab runs one execute request at a time through handleExecuteImpl.
  */
 function trackCells(jupyter: TslabJupyter): () => CellRun {
-  let current: CellRun = { done: Promise.resolve() };
+  let current: CellRun = { done: Promise.resolve(), widget: false };
   const proto = jupyter.JupyterHandlerImpl.prototype;
   const execute = proto.handleExecuteImpl;
-  proto.handleExecuteImpl = async function (this: unknown, ...args: unknown[]) {
+  proto.handleExecuteImpl = async function (this: unknown, ...args: Parameters<typeof execute>) {
     let end = (): void => undefined;
-    current = { done: new Promise<void>((resolve) => (end = resolve)) };
+    current = { done: new Promise<void>((resolve) => (end = resolve)), widget: false };
     try {
       return await execute.apply(this, args);
     } finally {
@@ -63,6 +72,7 @@ function cellSink(text: () => WriteText, display: () => WriteDisplay, cell: () =
       text()(chunk);
     },
     display(bundle: DisplayBundle, options: DisplayOptions = {}) {
+      cell().widget = true;
       const write = display();
       if (!write) {
         const plain = bundle.data["text/plain"];
@@ -90,6 +100,23 @@ function cellSink(text: () => WriteText, display: () => WriteDisplay, cell: () =
   };
 }
 
+/**
+ * main.js calls executor.createExecutor at kernel start: the executor it gets prints errors and
+ * last values through cellConsole and lets cancelled worker requests end on an interrupt.
+ */
+function patchExecutor(executorModule: TslabExecutorModule, widgetShown: () => boolean): void {
+  const create = executorModule.createExecutor;
+  const write = (out: CellText): void => {
+    // tslab points process.stdout/stderr.write at the running cell's output.
+    (out.stream === "stdout" ? process.stdout : process.stderr).write(out.text);
+  };
+  executorModule.createExecutor = (rootDir, convs, console) => {
+    const executor = create(rootDir, convs, cellConsole(console, widgetShown, write));
+    addInterruptGrace(executor, { requestsInFlight, cancelInFlight });
+    return executor;
+  };
+}
+
 function parseConfigPath(argv: readonly string[]): string {
   const i = argv.indexOf("--config-path");
   const value = i >= 0 ? argv[i + 1] : argv.find((a) => a.startsWith("--config-path="))?.slice("--config-path=".length);
@@ -113,6 +140,8 @@ function main(): void {
 
   const jupyter = require(join(tslabDir, "dist", "jupyter.js")) as TslabJupyter;
   const cell = trackCells(jupyter);
+  patchExecuteRequests(jupyter);
+  patchExecutor(require(join(tslabDir, "dist", "executor.js")) as TslabExecutorModule, () => cell().widget);
   registerSink(cellSink(() => process.stdout.write.bind(process.stdout), () => jupyter.lastWriteDisplayData, cell));
 
   const { startKernel } = require(join(tslabDir, "dist", "main.js")) as TslabMain;
