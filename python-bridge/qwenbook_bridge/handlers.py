@@ -8,6 +8,7 @@ reply content; an exception becomes an error reply.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -41,6 +42,39 @@ class JobContext:
 
 JobHandler = Callable[[JobContext], dict[str, Any]]
 
+
+class Sessions:
+    """The process behind each client session (from its hello), to tell a running notebook from a gone one.
+
+    A model counts the sessions that loaded it as its users; a kernel that crashed or was restarted never
+    unloads, so its session stops counting once its process is gone rather than pinning the model forever.
+    A session whose process cannot be checked (no pid in its hello, or another host) counts while it lasts.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._processes: dict[str, tuple[int | None, str | None]] = {}
+        self._host = socket.gethostname()
+
+    def hello(self, session: str, pid: int | None, host: str | None) -> None:
+        with self._lock:
+            self._processes[session] = (pid, host)
+
+    def alive(self, session: str) -> bool:
+        with self._lock:
+            pid, host = self._processes.get(session, (None, None))
+        if pid is None or (host is not None and host != self._host):
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with self._lock:
+                self._processes.pop(session, None)
+            return False
+        except PermissionError:  # alive, owned by another user
+            return True
+        return True
+
 # Request fields that map one-to-one onto option dataclasses; absent fields keep the dataclass defaults.
 _LOAD_FIELDS = ("dtype", "device", "devices", "revision", "attn_implementation", "local_files_only", "quant")
 _GENERATE_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "greedy", "stop", "seed")
@@ -53,6 +87,7 @@ def _pick(content: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
 class Handlers:
     def __init__(self, default_device: str = "auto", root: Path | None = None) -> None:
         self.registry = ModelRegistry(default_device)
+        self.sessions = Sessions()
         self.started = time.monotonic()
         self.root = root  # with --root, every client path must resolve inside it (paths.py)
         self.export = ExportHandlers(self.registry, root=root)
@@ -62,7 +97,7 @@ class Handlers:
 
     # ------------------------------------------------------------ control (main thread)
 
-    def hello(self, content: dict[str, Any]) -> dict[str, Any]:
+    def hello(self, content: dict[str, Any], session: str | None = None) -> dict[str, Any]:
         import torch
         import transformers
 
@@ -72,6 +107,8 @@ class Handlers:
                 f"{content.get('client') or 'the client'} speaks protocol {theirs} but this worker (qwenbook_bridge "
                 f"{__version__}, pid {os.getpid()}) speaks {PROTOCOL_VERSION}; stop the old worker "
                 "(npx qwenbook worker stop) so a matching one is started")
+        if session is not None:
+            self.sessions.hello(session, content.get("pid"), content.get("host"))
         return {
             "status": "ok",
             "protocol_version": PROTOCOL_VERSION,
@@ -111,13 +148,24 @@ class Handlers:
                 raise CancelledError(f"loading {content['model']} was cancelled ({p.stage} stage)")
             job.emit("load_progress", p.to_dict())
 
-        loaded, already = self.registry.load(content["model"], options, progress=progress)
+        loaded, already = self.registry.load(content["model"], options, progress=progress, user=job.request.session)
         return {"status": "ok", "model": dict(loaded.info), "already_loaded": already}
 
     def unload(self, job: JobContext) -> dict[str, Any]:
-        self.serve.stop_model(job.request.content["model_id"])  # a server would keep the weights alive
-        self.train.forget(job.request.content["model_id"])  # so would its adapters
-        return {"status": "ok", "unloaded": self.registry.unload(job.request.content["model_id"])}
+        model_id, me = job.request.content["model_id"], job.request.session
+        others = 0
+        for user in self.registry.users(model_id) - {me}:
+            if self.sessions.alive(user):
+                others += 1
+            else:
+                self.registry.detach(model_id, user)  # a kernel that is gone no longer holds the model
+        if others and not job.request.content.get("force", False):
+            # Another notebook still uses the model: drop only this session's use of it.
+            self.registry.detach(model_id, me)
+            return {"status": "ok", "unloaded": False, "other_users": others}
+        self.serve.stop_model(model_id)  # a server would keep the weights alive
+        self.train.forget(model_id)  # so would its adapters
+        return {"status": "ok", "unloaded": self.registry.unload(model_id), "other_users": others}
 
     def generate(self, job: JobContext) -> dict[str, Any]:
         content = job.request.content

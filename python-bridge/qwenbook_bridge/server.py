@@ -139,7 +139,7 @@ class WorkerServer:
         self._wake_w.setblocking(False)
 
         self._control: dict[str, Callable[[Message], dict[str, Any]]] = {
-            "hello": lambda m: self.handlers.hello(m.content),
+            "hello": lambda m: self.handlers.hello(m.content, m.session),
             "status": lambda m: self.handlers.status(self._running_list()),
             "cancel": self._cancel,
             "shutdown": self._shutdown,

@@ -14,7 +14,7 @@ import { GpuGauge } from "./gpu";
 import { TrainRun, type ModelTarget } from "./train";
 import type { LoraOptions } from "./train-config";
 import type { ChatMessage, ModelInfo } from "./types";
-import { expectKnownKeys, expectOneOf, expectPrompt, expectString } from "./validate";
+import { expectBoolean, expectKnownKeys, expectOneOf, expectPrompt, expectString } from "./validate";
 
 /** What a model needs from the `qwen` object that loaded it. */
 export interface ModelHost {
@@ -84,11 +84,28 @@ export class Model {
     return new Conversation(this, options);
   }
 
-  /** Frees the model's memory in the worker. */
-  async unload(): Promise<boolean> {
+  /**
+   * Frees the model's memory in the worker. While another notebook (another kernel connected to the
+   * same worker) still uses the model, only this notebook's use of it ends and the model stays
+   * loaded for the other one; `{ force: true }` frees it for everyone. A notebook whose kernel has
+   * exited or crashed no longer counts.
+   */
+  async unload(options: { force?: boolean } = {}): Promise<void> {
+    const o = expectKnownKeys("unload(options)", options, ["force"]);
+    const force = o.force === undefined ? false : expectBoolean("unload option force", o.force);
     const client = await this.#host.connection();
-    if (client.info.pid !== this.#workerPid) return false;
-    return (await client.request("unload", { model_id: this.id })).unloaded;
+    if (client.info.pid !== this.#workerPid) return; // the worker was restarted: the model is gone already
+    const reply = await client.request("unload", { model_id: this.id, ...(force ? { force } : {}) });
+    const others = reply.other_users ?? 0;
+    if (others === 0) return;
+    const notebooks = others === 1 ? "1 other notebook" : `${others} other notebooks`;
+    this.#host
+      .sink()
+      .text(
+        reply.unloaded
+          ? `${this.id} unloaded (force), also for the ${notebooks} using it\n`
+          : `${this.id} is still used by ${notebooks}; unloaded from this one (the memory is freed when the last one unloads it, or with m.unload({ force: true }))\n`,
+      );
   }
 
   /**

@@ -1,4 +1,5 @@
 import { spawn } from "node:child_process";
+import { hostname } from "node:os";
 import { afterEach, describe, expect, it } from "vitest";
 import { WorkerClient } from "./client";
 import { WorkerError, WorkerExitedError } from "./errors";
@@ -20,7 +21,8 @@ describe("WorkerClient", () => {
   it("says hello with the protocol version and keeps the worker's answer", async () => {
     worker = await startFakeWorker({ hello: helloHandler() });
     client = await WorkerClient.connect(worker.info, { clientName: "spec" });
-    expect(worker.received[0].content).toEqual({ protocol_version: "1.0", client: "spec" });
+    // The pid and host let the worker tell when this process is gone (models it loaded stop counting it).
+    expect(worker.received[0].content).toEqual({ protocol_version: "1.0", client: "spec", pid: process.pid, host: hostname() });
     expect(worker.received[0].header.session).toBe(client.session);
     expect(client.hello.devices).toEqual(["cpu"]);
   });

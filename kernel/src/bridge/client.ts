@@ -1,4 +1,5 @@
 import { randomUUID } from "node:crypto";
+import { hostname } from "node:os";
 import { Dealer, Subscriber } from "zeromq";
 import { WorkerError, WorkerExitedError } from "./errors";
 import {
@@ -31,7 +32,10 @@ export interface RequestOptions<T extends RequestType> {
 }
 
 export interface ClientOptions {
-  /** Names this client in the worker's status; defaults to a fresh uuid. */
+  /**
+   * Names this client in the worker's status and as a user of the models it loads; defaults to a
+   * fresh uuid. Reconnecting with the same session keeps those models counted as this client's.
+   */
   session?: string;
   /** Sent in hello, shown in the worker's log. */
   clientName?: string;
@@ -115,7 +119,8 @@ export class WorkerClient {
     try {
       const hello = await client.request(
         "hello",
-        { protocol_version: PROTOCOL_VERSION, client: client.options.clientName },
+        // pid and host let the worker tell when this process is gone, so the models it loaded stop counting it as a user.
+        { protocol_version: PROTOCOL_VERSION, client: client.options.clientName, pid: process.pid, host: hostname() },
         { timeoutMs: client.options.helloTimeoutMs },
       );
       if (major(hello.protocol_version) !== major(PROTOCOL_VERSION)) {

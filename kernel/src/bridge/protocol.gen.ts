@@ -75,6 +75,13 @@ export interface DeviceMemory {
 export interface HelloRequest {
   protocol_version: string;
   client: string;
+  /**
+   * The client's process id: models this session loaded stop counting it as a user once that process is gone (a crashed kernel)
+   * minimum 1
+   */
+  pid?: number;
+  /** The client's host name; pid is checked only when it is the worker's own host */
+  host?: string;
 }
 
 export interface HelloReply {
@@ -129,11 +136,22 @@ export interface LoadReply {
 
 export interface UnloadRequest {
   model_id: string;
+  /**
+   * Free the model even while other sessions that loaded it are still running
+   * @default false
+   */
+  force?: boolean;
 }
 
 export interface UnloadReply {
   status: "ok";
+  /** The model was freed; false when it was not loaded, or when other sessions still use it */
   unloaded: boolean;
+  /**
+   * Other live sessions that loaded the model: without force it stays loaded for them and only this session's use is dropped; with force they lose it
+   * minimum 0
+   */
+  other_users?: number;
 }
 
 export interface GenerateRequest {

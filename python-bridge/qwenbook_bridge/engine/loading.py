@@ -323,15 +323,20 @@ class ModelRegistry:
         self.default_device = default_device
         self._lock = threading.Lock()
         self._by_key: dict[tuple[str, str, str, str], LoadedModel] = {}
+        # model_id -> the client sessions that loaded it: one notebook's unload must not take a model from
+        # another notebook still using it (handlers.py decides which of these sessions are still alive).
+        self._users: dict[str, set[str]] = {}
 
     def load(self, source: str, options: LoadOptions | None = None,
-             progress: ProgressCallback | None = None) -> tuple[LoadedModel, bool]:
-        """The model for `source`, and whether it was already loaded."""
+             progress: ProgressCallback | None = None, user: str | None = None) -> tuple[LoadedModel, bool]:
+        """The model for `source`, and whether it was already loaded; `user` (a session) is counted as using it."""
         progress = progress or _no_progress
         plan = plan_load(source, options or LoadOptions(), progress, self.default_device)
         with self._lock:
             existing = self._by_key.get(plan.key)
             taken = {m.model_id for m in self._by_key.values()}
+            if existing is not None and user is not None:
+                self._users.setdefault(existing.model_id, set()).add(user)
         if existing is not None:
             progress(LoadProgress("ready", f"{existing.model_id} is already loaded", 1.0))
             return existing, True
@@ -342,7 +347,19 @@ class ModelRegistry:
         loaded = _load_planned(plan, model_id, progress)
         with self._lock:
             self._by_key[plan.key] = loaded
+            if user is not None:
+                self._users.setdefault(model_id, set()).add(user)
         return loaded, False
+
+    def users(self, model_id: str) -> set[str]:
+        """The sessions that loaded `model_id` and have not unloaded it (empty when it is not loaded)."""
+        with self._lock:
+            return set(self._users.get(model_id, ()))
+
+    def detach(self, model_id: str, user: str) -> None:
+        """`user` no longer uses `model_id`; the model stays loaded."""
+        with self._lock:
+            self._users.get(model_id, set()).discard(user)
 
     def get(self, model_id: str) -> LoadedModel:
         with self._lock:
@@ -357,6 +374,7 @@ class ModelRegistry:
         with self._lock:
             key = next((k for k, m in self._by_key.items() if m.model_id == model_id), None)
             loaded = self._by_key.pop(key) if key is not None else None
+            self._users.pop(model_id, None)
         if loaded is None:
             return False
         loaded.model = None
