@@ -44,6 +44,10 @@ class _Asked:
     api_key: str | None
     name: str
     max_batch_size: int
+    max_queue: int | None = None  # None: ServeConfig's default for the batch size
+    max_body_bytes: int | None = None
+    retry_after_s: int | None = None  # None: estimated
+    client_timeout_s: float | None = None
 
 
 @dataclass
@@ -62,7 +66,9 @@ class _Served:
         stats = {k: v for k, v in s.stats().to_dict().items() if v is not None}
         return {"server_id": self.server_id, "model_id": self.model_id, "name": s.config.model_name, "url": s.url,
                 "host": s.config.host, "port": s.port, "auth": s.config.api_key is not None,
-                "max_batch_size": s.config.max_batch_size, "curl_example": s.curl_example(), "stats": stats}
+                "max_batch_size": s.config.max_batch_size, "max_queue": s.config.queue_limit,
+                "max_body_bytes": s.config.max_body_bytes, "client_timeout_s": s.config.client_timeout_s,
+                "curl_example": s.curl_example(), "stats": stats}
 
 
 def default_name(loaded: LoadedModel) -> str:
@@ -90,7 +96,9 @@ class ServeHandlers:
         loaded = self.registry.get(content["model_id"])
         asked = _Asked(port=content.get("port", 8000), host=content.get("host", "127.0.0.1"),
                        api_key=content.get("api_key"), name=content.get("name") or default_name(loaded),
-                       max_batch_size=content.get("max_batch_size", 32))
+                       max_batch_size=content.get("max_batch_size", 32), max_queue=content.get("max_queue"),
+                       max_body_bytes=content.get("max_body_bytes"), retry_after_s=content.get("retry_after_s"),
+                       client_timeout_s=content.get("client_timeout_s"))
         with self._lock:
             current = next((s for s in self._servers.values() if s.model_id == loaded.model_id), None)
         if current is not None and not current.server.running:  # its HTTP thread died: replace it
@@ -104,8 +112,11 @@ class ServeHandlers:
                 "server first (await server.stop() on the Server that m.serve() returned), then serve it again "
                 "with the new options")
         aliases = tuple(dict.fromkeys(a for a in (loaded.model_id, loaded.source) if a != asked.name))
+        limits = {k: v for k, v in (("max_body_bytes", asked.max_body_bytes),
+                                    ("client_timeout_s", asked.client_timeout_s)) if v is not None}
         config = ServeConfig(port=asked.port, host=asked.host, api_key=asked.api_key, model_name=asked.name,
-                             aliases=aliases, max_batch_size=asked.max_batch_size)
+                             aliases=aliases, max_batch_size=asked.max_batch_size, max_queue=asked.max_queue,
+                             retry_after_s=asked.retry_after_s, **limits)
         server = OpenAIServer.for_loaded(loaded, config)
         server.start()  # PortInUseError names the port
         served = _Served(f"{asked.name}@{_host_port(asked.host, server.port)}", loaded.model_id, asked, server)

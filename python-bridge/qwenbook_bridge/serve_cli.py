@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from .engine.errors import EngineError
@@ -22,6 +24,20 @@ def default_name(source: str, adapter: str | None) -> str:
     if adapter:
         return Path(adapter.rstrip("/")).name
     return source.rstrip("/") if "/" in source and not Path(source).exists() else Path(source.rstrip("/")).name
+
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024 ** 2, "mb": 1000 ** 2, "mib": 1024 ** 2,
+          "g": 1024 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3}
+
+
+def byte_size(text: str) -> int:
+    """'4194304', '4MiB', '512k' or '8 MB' as bytes (k/M/G alone are binary, as in curl and nginx)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with KiB, MiB or GiB "
+                                         "(e.g. 4MiB)")
+    return int(match.group(1)) * _UNITS[unit]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default 32)")
     p.add_argument("--context-length", type=int, default=None,
                    help="tokens per request, prompt included (default: the model's own)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="requests that may wait for a place in the batch; more get 429 (default: 4 per batch row)")
+    p.add_argument("--max-body", type=byte_size, default=None,
+                   help="largest request body, e.g. 4MiB; larger ones get 413 (default 4MiB)")
+    p.add_argument("--retry-after", type=int, default=None,
+                   help="Retry-After seconds on a 429 (default: estimated from recent request times)")
+    p.add_argument("--client-timeout", type=float, default=None,
+                   help="seconds a client may take to send its request or leave a stream unread (default 30)")
     return p
 
 
@@ -52,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{p.stage}] {p.message}", file=sys.stderr, flush=True)
 
     try:
+        limits = {k: v for k, v in (("max_body_bytes", args.max_body), ("client_timeout_s", args.client_timeout))
+                  if v is not None}
+        # Checked before the model loads, so a bad option fails in a second rather than after minutes.
+        options = ServeConfig(port=args.port, host=args.host, api_key=args.api_key,
+                              max_batch_size=args.max_batch_size, context_length=args.context_length,
+                              max_queue=args.max_queue, retry_after_s=args.retry_after, **limits).validate()
         loaded = load_model(args.model, LoadOptions(dtype=args.dtype, device=args.device), progress)
         if args.adapter:
             from .engine.adapters import AdapterManager
@@ -60,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[adapter] {info.name} applied from {info.path}", file=sys.stderr, flush=True)
         name = args.name or default_name(args.model, args.adapter)
         aliases = tuple({args.model, loaded.model_id} - {name})
-        config = ServeConfig(port=args.port, host=args.host, api_key=args.api_key, model_name=name, aliases=aliases,
-                             max_batch_size=args.max_batch_size, context_length=args.context_length)
+        config = replace(options, model_name=name, aliases=aliases)
         server = OpenAIServer.for_loaded(loaded, config)
         server.start()
     except EngineError as exc:

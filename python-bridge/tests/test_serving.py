@@ -19,7 +19,7 @@ import pytest
 
 from qwenbook_bridge.engine.generation import GenerationOptions, generate
 from qwenbook_bridge.engine.openai_schema import OpenAIError
-from qwenbook_bridge.engine.serving import WARNING_HEADER, OpenAIServer, PortInUseError, ServeConfig
+from qwenbook_bridge.engine.serving import OpenAIServer, PortInUseError, ServeConfig
 
 KEY = "sk-test-key"
 NAME = "tiny-chat"
@@ -199,17 +199,29 @@ def test_a_role_the_template_cannot_render_is_a_400(tiny, server):
     assert err.value.status == 400 and "must start with a user message" in err.value.message
 
 
-def test_oversized_max_tokens_is_clamped_with_a_note(tiny, server):
+def test_prompt_plus_max_tokens_beyond_the_context_is_a_400_naming_both(tiny, server):
     context = server.scheduler.context_length
     prompt = [tiny.tokenizer.convert_tokens_to_ids("hello")] * (context - 4)
-    status, headers, body = post(server, "/completions", {"model": NAME, "prompt": prompt, "max_tokens": 500,
-                                                          "temperature": 0})
-    assert status == 200
-    assert body["usage"]["completion_tokens"] == 4 and body["choices"][0]["finish_reason"] == "length"
-    note = {k.lower(): v for k, v in headers.items()}[WARNING_HEADER]
-    assert "reduced to 4" in note and body["warning"] == note
+    status, _, body = post(server, "/completions", {"model": NAME, "prompt": prompt, "max_tokens": 500,
+                                                    "temperature": 0})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    message = assert_openai_error(body, "prompt")
+    assert (f"maximum context length is {context} tokens" in message
+            and f"you requested {context - 4 + 500} tokens ({context - 4} in the prompt, 500 in the completion)"
+            in message), message
+    # What fits is served whole: the last 4 places of the context.
+    status, _, body = post(server, "/completions", {"model": NAME, "prompt": prompt, "max_tokens": 4,
+                                                    "temperature": 0})
+    assert status == 200 and body["usage"]["completion_tokens"] == 4 and "warning" not in body
     status, _, body = post(server, "/completions", {"model": NAME, "prompt": prompt * 2, "max_tokens": 5})
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert f"resulted in {2 * (context - 4)} tokens" in body["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0).chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=context)
+    chat_message = err.value.body["message"]
+    assert f"maximum context length is {context} tokens" in chat_message and "in the messages" in chat_message
+    assert f"{context} in the completion" in chat_message
 
 
 def test_32_concurrent_streams_each_match_their_solo_reply(tiny, server):

@@ -151,6 +151,19 @@ describe("serve options", () => {
     expect(() => serveRequest({ maxBatchSize: 5000 })).toThrow("serve option maxBatchSize must be at most 1024, got 5000");
     expect(() => serveRequest({ apikey: "x" } as never)).toThrow('serve(options) has no option "apikey"');
   });
+
+  it("carry the overload limits: queue, body size, Retry-After and the slow-client timeout", () => {
+    expect(serveRequest({ maxQueue: 0, maxBody: 8 * 1024 ** 2, retryAfter: 5, clientTimeout: 2.5 })).toEqual({
+      port: 8000, max_queue: 0, max_body_bytes: 8 * 1024 ** 2, retry_after_s: 5, client_timeout_s: 2.5,
+    });
+    expect(() => serveRequest({ maxQueue: -1 })).toThrow("serve option maxQueue must be at least 0, got -1 (0 accepts only what fits in the batch)");
+    expect(() => serveRequest({ maxQueue: 2.5 })).toThrow("serve option maxQueue must be a whole number, got 2.5");
+    expect(() => serveRequest({ maxBody: 100 })).toThrow("serve option maxBody must be at least 1024, got 100 (bytes, e.g. 8 * 1024 ** 2 for 8 MiB)");
+    expect(() => serveRequest({ maxBody: "4MiB" as never })).toThrow('serve option maxBody expects a number, got the string "4MiB"');
+    expect(() => serveRequest({ retryAfter: 0 })).toThrow("serve option retryAfter must be at least 1, got 0 (seconds)");
+    expect(() => serveRequest({ clientTimeout: 0 })).toThrow("serve option clientTimeout must be at least 0.1, got 0 (seconds)");
+    expect(() => serveRequest({ maxqueue: 3 } as never)).toThrow('serve(options) has no option "maxqueue"');
+  });
 });
 
 describe("qwenbook serve command line", () => {
@@ -158,6 +171,18 @@ describe("qwenbook serve command line", () => {
     expect(serveArgs(["Qwen/Qwen2.5-7B-Instruct", "--port", "8000", "--api-key", "sk-local", "--host", "0.0.0.0", "--name", "qwen"])).toEqual([
       "-m", "qwenbook_bridge.serve_cli", "Qwen/Qwen2.5-7B-Instruct", "--port", "8000", "--host", "0.0.0.0", "--api-key", "sk-local", "--name", "qwen",
     ]);
+  });
+
+  it("passes the overload limits on, sizes in bytes", () => {
+    const args = serveArgs(["m", "--max-queue", "64", "--max-body", "8MiB", "--retry-after", "3", "--client-timeout", "2.5"]);
+    expect(args.slice(3)).toEqual(["--max-queue", "64", "--max-body", String(8 * 1024 ** 2), "--retry-after", "3", "--client-timeout", "2.5"]);
+    expect(serveArgs(["m", "--max-body", "4194304"]).slice(3)).toEqual(["--max-body", "4194304"]);
+    expect(serveArgs(["m", "--max-body", "512k"]).slice(3)).toEqual(["--max-body", String(512 * 1024)]);
+    expect(() => serveArgs(["m", "--max-queue=-1"])).toThrow('--max-queue must be a whole number from 0 to 1000000, got "-1"');
+    expect(() => serveArgs(["m", "--max-body", "4 parsecs"])).toThrow('--max-body must be a size in bytes or with KiB, MiB or GiB (e.g. 8MiB), got "4 parsecs"');
+    expect(() => serveArgs(["m", "--max-body", "10"])).toThrow('--max-body must be from 1KiB to 1GiB, got "10"');
+    expect(() => serveArgs(["m", "--retry-after", "0"])).toThrow('--retry-after must be a whole number from 1 to 3600, got "0"');
+    expect(() => serveArgs(["m", "--client-timeout", "soon"])).toThrow('--client-timeout must be a number of seconds from 0.1 to 3600, got "soon"');
   });
 
   it("refuses a wrong command line before anything starts", () => {

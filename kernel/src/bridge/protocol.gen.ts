@@ -428,6 +428,28 @@ export interface ServeStartRequest {
    * @default 32
    */
   max_batch_size?: number;
+  /**
+   * Requests that may wait for a place in the batch; one more is answered 429 with Retry-After. Default: 4 per batch row
+   * minimum 0; maximum 1000000
+   */
+  max_queue?: number;
+  /**
+   * Larger request bodies are answered 413 while they arrive
+   * minimum 1024; maximum 1073741824
+   * @default 4194304
+   */
+  max_body_bytes?: number;
+  /**
+   * Retry-After of a 429, in seconds; default: estimated from how long recent requests took
+   * minimum 1; maximum 3600
+   */
+  retry_after_s?: number;
+  /**
+   * Seconds a client may take to send its headers or body (408), or leave a stream unread, before it is disconnected
+   * minimum 0.1; maximum 3600
+   * @default 30
+   */
+  client_timeout_s?: number;
 }
 
 export interface ServeStats {
@@ -441,6 +463,8 @@ export interface ServeStats {
   requests_active: number;
   /** Queued behind a full batch */
   requests_waiting: number;
+  /** Turned away with 429 because the queue was full */
+  requests_rejected?: number;
   /** Requests answered with an error status */
   errors: number;
   tokens_generated: number;
@@ -468,6 +492,10 @@ export interface ServerInfo {
   /** Whether an API key is required */
   auth: boolean;
   max_batch_size: number;
+  /** Requests that may wait for a place in the batch */
+  max_queue?: number;
+  max_body_bytes?: number;
+  client_timeout_s?: number;
   /** A curl command that sends one chat request to this server */
   curl_example: string;
   stats: ServeStats;

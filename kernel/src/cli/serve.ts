@@ -20,6 +20,13 @@ export const SERVE_USAGE = `usage: qwenbook serve <model> [options]
   --dtype T               auto, bf16, fp16 or fp32 (default auto)
   --max-batch-size N      requests decoded together (default 32)
   --context-length N      tokens per request, prompt included (default: the model's own)
+  --max-queue N           requests that may wait for a place in the batch; more get 429 with Retry-After
+                          (default: 4 per batch row)
+  --max-body SIZE         largest request body, in bytes or with KiB/MiB/GiB, e.g. 8MiB; larger ones get 413
+                          (default 4MiB)
+  --retry-after S         Retry-After seconds on a 429 (default: estimated from recent request times)
+  --client-timeout S      seconds a client may take to send its request or leave a stream unread before it is
+                          disconnected (default 30)
 
 Serves until Ctrl-C or SIGTERM, then frees the port and exits 0.`;
 
@@ -43,6 +50,10 @@ export function serveArgs(argv: string[]): string[] {
         dtype: { type: "string" },
         "max-batch-size": { type: "string" },
         "context-length": { type: "string" },
+        "max-queue": { type: "string" },
+        "max-body": { type: "string" },
+        "retry-after": { type: "string" },
+        "client-timeout": { type: "string" },
       },
     });
   } catch (e) {
@@ -70,7 +81,39 @@ export function serveArgs(argv: string[]): string[] {
   }
   if (v["max-batch-size"] !== undefined) out.push("--max-batch-size", String(integer("--max-batch-size", v["max-batch-size"], 1, 1024)));
   if (v["context-length"] !== undefined) out.push("--context-length", String(integer("--context-length", v["context-length"], 2, 10_000_000)));
+  if (v["max-queue"] !== undefined) out.push("--max-queue", String(integer("--max-queue", v["max-queue"], 0, 1_000_000)));
+  if (v["max-body"] !== undefined) out.push("--max-body", String(byteSize("--max-body", v["max-body"])));
+  if (v["retry-after"] !== undefined) out.push("--retry-after", String(integer("--retry-after", v["retry-after"], 1, 3600)));
+  if (v["client-timeout"] !== undefined) out.push("--client-timeout", String(seconds("--client-timeout", v["client-timeout"], 0.1, 3600)));
   return out;
+}
+
+const SIZE_UNITS: Record<string, number> = {
+  "": 1, b: 1, k: 1024, kb: 1000, kib: 1024, m: 1024 ** 2, mb: 1000 ** 2, mib: 1024 ** 2, g: 1024 ** 3, gb: 1000 ** 3, gib: 1024 ** 3,
+};
+const MIN_BODY = 1024;
+const MAX_BODY = 1024 ** 3;
+
+/** "4194304", "4MiB", "512k" or "8 MB" as bytes (k/M/G alone are binary, as in curl and nginx). */
+function byteSize(flag: string, text: string): number {
+  const m = /^\s*(\d+)\s*([a-zA-Z]*)\s*$/.exec(text);
+  const unit = m ? SIZE_UNITS[m[2]!.toLowerCase()] : undefined;
+  if (!m || unit === undefined) {
+    throw new ServeUsageError(`${flag} must be a size in bytes or with KiB, MiB or GiB (e.g. 8MiB), got ${JSON.stringify(text)}`);
+  }
+  const n = Number(m[1]) * unit;
+  if (!Number.isSafeInteger(n) || n < MIN_BODY || n > MAX_BODY) {
+    throw new ServeUsageError(`${flag} must be from 1KiB to 1GiB, got ${JSON.stringify(text)}`);
+  }
+  return n;
+}
+
+function seconds(flag: string, text: string, min: number, max: number): number {
+  const n = /^\d+(\.\d+)?$/.test(text) ? Number(text) : NaN;
+  if (!Number.isFinite(n) || n < min || n > max) {
+    throw new ServeUsageError(`${flag} must be a number of seconds from ${min} to ${max}, got ${JSON.stringify(text)}`);
+  }
+  return n;
 }
 
 function integer(flag: string, text: string, min: number, max: number): number {

@@ -21,9 +21,10 @@ class OpenAIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}  # e.g. Retry-After on a 429, Connection: close on a 408
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -31,6 +32,21 @@ class OpenAIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, param=param, code=code)
+
+
+def context_too_long(context: int, prompt_tokens: int, max_tokens: int | None, chat: bool) -> OpenAIError:
+    """vLLM's wording, which clients and proxies already recognise, with OpenAI's code for it."""
+    where = "messages" if chat else "prompt"
+    if max_tokens is None:
+        message = (f"This model's maximum context length is {context} tokens. However, your {where} resulted in "
+                   f"{prompt_tokens} tokens, which leaves no room for a reply. Please reduce the length of the "
+                   f"{where}.")
+    else:
+        message = (f"This model's maximum context length is {context} tokens. However, you requested "
+                   f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {where}, {max_tokens} in the "
+                   f"completion). Please reduce the length of the {where} or completion (max_tokens at most "
+                   f"{max(context - prompt_tokens, 0)} for this {where}).")
+    return OpenAIError(400, message, param=where, code="context_length_exceeded")
 
 
 @dataclass
@@ -250,16 +266,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_completion(rid: str, model: str, text: str, finish_reason: str, use: dict[str, int],
-                    warning: str | None = None) -> dict[str, Any]:
+def chat_completion(rid: str, model: str, text: str, finish_reason: str, use: dict[str, int]) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                      "logprobs": None, "finish_reason": finish_reason}],
         "usage": use, "system_fingerprint": None,
     }
-    if warning:
-        body["warning"] = warning
     return body
 
 
@@ -275,15 +288,12 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish
     return chunk
 
 
-def text_completion(rid: str, model: str, text: str, finish_reason: str, use: dict[str, int],
-                    warning: str | None = None) -> dict[str, Any]:
+def text_completion(rid: str, model: str, text: str, finish_reason: str, use: dict[str, int]) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
         "usage": use, "system_fingerprint": None,
     }
-    if warning:
-        body["warning"] = warning
     return body
 
 

@@ -8,10 +8,17 @@
 uvicorn runs on its own thread with its own event loop; the model is used only by the `BatchScheduler`
 thread, which shares the weights in memory (no second copy). Pass a scheduler of your own to share it
 with the notebook's chat (see continuous_batching's hooks).
+
+Under overload the server answers rather than piles up (ServeConfig's limits): 413 for bodies over
+max_body_bytes, 429 with Retry-After once max_queue requests wait, 400 for prompt + max_tokens beyond the
+context. Slow clients are cut off by `_GuardedH11Protocol` after client_timeout_s: headers that trickle,
+a body that trickles (408, in serving_app), and a stream whose reader stopped reading (its row is cancelled
+so that it stops taking a place in the batch).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
@@ -21,13 +28,25 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from .continuous_batching import BatchConfig, BatchScheduler
 from .errors import EngineError, InvalidOptionError
-from .serving_app import WARNING_HEADER, OpenAIApi, build_app
+from .serving_app import MiB, ApiLimits, OpenAIApi, build_app
 
 log = logging.getLogger("qwenbook.serve")
 
-__all__ = ["OpenAIServer", "PortInUseError", "ServeConfig", "ServeStats", "WARNING_HEADER"]
+__all__ = ["OpenAIServer", "PortInUseError", "ServeConfig", "ServeStats"]
+
+# Largest request line plus headers h11 accepts (its own default, stated here because slow-client
+# protection relies on it): a client cannot make the server hold more than this while headers arrive.
+MAX_HEADER_BYTES = 16 * 1024
+# Requests that may wait per batch slot when max_queue is not given: at 32 rows, 128 waiting requests are
+# about four batches' worth, so a queued request starts within a few replies' time instead of minutes.
+QUEUE_PER_BATCH_SLOT = 4
+# Kernel send buffer per connection. Left to autotuning it grows to megabytes, which a client that stopped
+# reading fills silently (a whole long reply) before the server notices; token streams need far less.
+SEND_BUFFER_BYTES = 128 * 1024
 
 
 class PortInUseError(EngineError):
@@ -46,6 +65,21 @@ class ServeConfig:
     context_length: int | None = None  # None: the model config's max_position_embeddings
     # How long stop() lets open connections finish before closing them (streams are cancelled first).
     shutdown_timeout_s: float = 5.0
+    # Requests that may wait for a place in the batch; one more gets 429. None: 4 per batch row.
+    max_queue: int | None = None
+    max_body_bytes: int = 4 * MiB  # larger request bodies get 413 (serving_app.ApiLimits says why 4 MiB)
+    retry_after_s: int | None = None  # Retry-After on a 429; None: estimated from recent request times
+    # Seconds a client may take to send its headers or its body, or leave a stream unread, before it is
+    # disconnected (a stream's generation is then cancelled).
+    client_timeout_s: float = 30.0
+
+    @property
+    def queue_limit(self) -> int:
+        return self.max_queue if self.max_queue is not None else QUEUE_PER_BATCH_SLOT * self.max_batch_size
+
+    def limits(self) -> ApiLimits:
+        return ApiLimits(max_body_bytes=self.max_body_bytes, max_queue=self.queue_limit,
+                         retry_after_s=self.retry_after_s, client_timeout_s=self.client_timeout_s)
 
     def validate(self) -> ServeConfig:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -60,6 +94,13 @@ class ServeConfig:
         if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int) \
                 or self.max_batch_size < 1:
             raise InvalidOptionError(f"maxBatchSize must be a positive integer, got {self.max_batch_size!r}")
+        _check_int("maxQueue", self.max_queue, 0, 1_000_000, optional=True,
+                   hint="0 turns away every request that cannot join the batch at once")
+        _check_int("maxBody", self.max_body_bytes, 1024, 1024 * MiB, hint="bytes, e.g. 4194304 for 4 MiB")
+        _check_int("retryAfter", self.retry_after_s, 1, 3600, optional=True, hint="seconds")
+        t = self.client_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.1 <= t <= 3600:
+            raise InvalidOptionError(f"clientTimeout must be a number of seconds from 0.1 to 3600, got {t!r}")
         return self
 
 
@@ -73,6 +114,7 @@ class ServeStats:
     requests_total: int
     requests_active: int
     requests_waiting: int  # queued behind a full batch
+    requests_rejected: int  # turned away with 429: the queue was full
     errors: int
     tokens_generated: int
     tokens_per_second: float  # over the last few seconds
@@ -96,7 +138,7 @@ class OpenAIServer:
         self.scheduler = scheduler or BatchScheduler(
             model, tokenizer, BatchConfig(self.config.max_batch_size, self.config.context_length), eos_token_ids)
         self.api = OpenAIApi(self.scheduler, tokenizer, getattr(model, "generation_config", None),
-                             self.config.model_name, self.config.aliases, self.config.api_key)
+                             self.config.model_name, self.config.aliases, self.config.api_key, self.config.limits())
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
@@ -141,8 +183,11 @@ class OpenAIServer:
         self.api.state.stopping = False
         if self._owns_scheduler:
             self.scheduler.start()
+        protocol = type("GuardedH11Protocol", (_GuardedH11Protocol,),
+                        {"client_timeout_s": float(self.config.client_timeout_s)})
         config = uvicorn.Config(build_app(self.api), log_config=None, log_level="warning", access_log=False,
-                                lifespan="off", http="h11", loop="asyncio",
+                                lifespan="off", http=protocol, loop="asyncio", timeout_keep_alive=5,
+                                h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                                 timeout_graceful_shutdown=int(max(1, self.config.shutdown_timeout_s)))
         self._server = uvicorn.Server(config)
         self._socket = sock
@@ -196,7 +241,7 @@ class OpenAIServer:
         return ServeStats(
             running=self.running, url=self.url, host=self.config.host, port=self._port,
             model_name=self.config.model_name, requests_total=s.requests_total, requests_active=self.api.active,
-            requests_waiting=b.waiting, errors=s.errors, tokens_generated=b.tokens_generated,
+            requests_waiting=b.waiting, requests_rejected=s.rejected, errors=s.errors, tokens_generated=b.tokens_generated,
             tokens_per_second=b.tokens_per_second, last_error=last_error, last_error_at=last_at,
             started_at=self._started_at, uptime_s=round(time.time() - self._started_at, 3) if self._started_at else 0.0)
 
@@ -206,6 +251,82 @@ class OpenAIServer:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+class _GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with two deadlines it lacks, so that a slow client cannot hold a
+    connection (and, when streaming, a place in the batch) forever:
+
+    - headers: from connect, and from the end of each response, the next request's headers must be
+      complete within `client_timeout_s` (uvicorn's keep-alive timeout starts only after a response and
+      stops at the first byte, so a client sending one header byte at a time was never cut off);
+    - a stalled reader: once the socket's write buffer is full (the client stopped reading), the client
+      has `client_timeout_s` to start reading again. Otherwise the connection is aborted, which the
+      stream sees as a disconnect and answers by cancelling its row; until then at most one write is
+      blocked and the tokens waiting for it are bounded by that time.
+    """
+
+    client_timeout_s: float = 30.0
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self._header_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self._header_timer = self._stall_timer = None
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_timer()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(self.client_timeout_s, self._stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.client_timeout_s, self._headers_late)
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        # No request in progress: the client is still sending headers, or (after a 413) a body nobody reads.
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            log.info("closing a connection from %s: no complete request within %g s", self.client,
+                     self.client_timeout_s)
+            self.transport.abort()
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if not self.transport.is_closing():
+            log.info("closing a connection from %s: it read nothing for %g s", self.client, self.client_timeout_s)
+            # abort, not close: close would wait for the unread data to drain, which is what never happens.
+            self.transport.abort()
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int, optional: bool = False, hint: str = "") -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidOptionError(f"{name} must be an integer from {lo} to {hi}{f' ({hint})' if hint else ''}, "
+                                 f"got {value!r}")
 
 
 def _bind(host: str, port: int) -> socket.socket:

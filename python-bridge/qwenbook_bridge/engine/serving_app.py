@@ -3,6 +3,11 @@
 Each request is rendered to token ids here and decoded by the shared `BatchScheduler`; events come back
 from the scheduler thread into the request's asyncio queue. Streams are written by a small ASGI response
 that also watches for the client going away, so a disconnect cancels that request's generation.
+
+Overload is answered, not absorbed (`ApiLimits`): a body over the size limit gets 413 while it is being
+read, a body that does not finish arriving in time gets 408, and a request that would have to wait behind
+a full queue gets 429 with Retry-After. Slow clients at the socket level (headers, stalled readers) are
+the HTTP protocol's job, in serving.py.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import collections
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +26,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -32,7 +38,24 @@ from .continuous_batching import BatchScheduler
 from .errors import EngineError
 
 log = logging.getLogger("qwenbook.serve")
-WARNING_HEADER = "x-qwenbook-warning"
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """What one request may ask of the server (ServeConfig fills these in)."""
+
+    # Request bodies larger than this get 413. 4 MiB holds the longest prompt a Qwen context takes (128k tokens
+    # as token ids or as JSON-escaped CJK text is 1-2 MiB) with room to spare, while 256 clients sending a
+    # full body each still stay near 1 GiB of memory.
+    max_body_bytes: int = 4 * MiB
+    # Requests allowed to wait for a place in the batch; one more gets 429.
+    max_queue: int = 128
+    # Retry-After on a 429, in seconds; None: estimated from how long recent requests took.
+    retry_after_s: int | None = None
+    # Seconds a client may take to send its request body (and, in serving.py, its headers or to read a stream).
+    client_timeout_s: float = 30.0
 
 
 @dataclass
@@ -44,6 +67,7 @@ class ApiState:
     last_error: str | None = None
     last_error_at: float | None = None
     stopping: bool = False
+    rejected: int = 0  # requests turned away with 429 because the queue was full
 
     def error(self, status: int, message: str) -> None:
         self.errors += 1
@@ -54,7 +78,7 @@ class OpenAIApi:
     """Turns OpenAI requests into scheduler submissions and scheduler events into OpenAI responses."""
 
     def __init__(self, scheduler: BatchScheduler, tokenizer: Any, generation_config: Any, model_name: str,
-                 aliases: tuple[str, ...] = (), api_key: str | None = None) -> None:
+                 aliases: tuple[str, ...] = (), api_key: str | None = None, limits: ApiLimits | None = None) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -67,6 +91,9 @@ class OpenAIApi:
         self._handles_lock = threading.Lock()
         self._mailbox: _Mailbox | None = None
         self.defaults = _sampling_defaults(generation_config)
+        self.limits = limits or ApiLimits()
+        # Moving average of how long a request took from submission to its last token, for Retry-After.
+        self._duration_s: float | None = None
 
     # ---- request preparation ---------------------------------------------------------------------
 
@@ -81,6 +108,37 @@ class OpenAIApi:
         if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise oa.OpenAIError(401, "Incorrect API key provided. Use the key the server was started with.",
                                  code="invalid_api_key")
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        """The request body as a JSON object, read with a size limit and a deadline.
+
+        The limit is enforced while reading, so a huge or endless body costs at most `max_body_bytes` of
+        memory whatever its Content-Length says (missing, or smaller than what is sent). After a 413 the
+        HTTP protocol reads and drops the rest of the body, so an ordinary client that sends everything
+        before reading still gets the 413 instead of a reset; the protocol's client timeout ends that too."""
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise self._too_large(f"{int(declared)} bytes")
+        body = bytearray()
+        try:
+            async with asyncio.timeout(self.limits.client_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise self._too_large(f"more than {limit} bytes")
+        except TimeoutError:
+            raise oa.OpenAIError(
+                408, f"The request body did not arrive within {self.limits.client_timeout_s:g} s "
+                f"({len(body)} bytes came). Send the whole body at once, with a correct Content-Length.",
+                code="request_timeout", headers={"connection": "close"}) from None
+        return oa.parse_json(bytes(body))
+
+    def _too_large(self, size: str) -> oa.OpenAIError:
+        limit = self.limits.max_body_bytes
+        return oa.OpenAIError(413, f"The request body is too large: {size}, and this server accepts at most "
+                              f"{limit} bytes ({limit / MiB:g} MiB). Shorten the request, or start the server with "
+                              "a larger maxBody (--max-body).", code="request_too_large")
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.names:
@@ -108,19 +166,17 @@ class OpenAIApi:
             return prompt
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def sampling(self, req: oa.GenerationOptions, prompt_len: int) -> tuple[SamplingParams, str | None]:
-        """Fill unset options from the model's generation config and clamp max_tokens to the context."""
+    def sampling(self, req: oa.GenerationOptions, prompt_len: int, chat: bool) -> SamplingParams:
+        """Fill unset options from the model's generation config. A prompt plus max_tokens beyond the context
+        is a 400, as in vLLM and OpenAI: trimming max_tokens quietly would return a reply cut short of what
+        the client asked for. Without max_tokens the reply may use the rest of the context."""
         ctx = self.scheduler.context_length
         room = ctx - prompt_len
         if room < 1:
-            raise oa.bad_request(f"This model's maximum context length is {ctx} tokens, but the prompt has "
-                                 f"{prompt_len} tokens. Shorten the prompt.", "messages", "context_length_exceeded")
-        warning = None
+            raise oa.context_too_long(ctx, prompt_len, None, chat)
+        if req.max_tokens is not None and req.max_tokens > room:
+            raise oa.context_too_long(ctx, prompt_len, req.max_tokens, chat)
         max_tokens = req.max_tokens or room
-        if max_tokens > room:
-            warning = (f"max_tokens={max_tokens} was reduced to {room}: the model's context holds {ctx} tokens "
-                       f"and the prompt uses {prompt_len}.")
-            max_tokens = room
         chosen = {k: default if getattr(req, k) is None else getattr(req, k) for k, default in self.defaults.items()}
         try:
             params = SamplingParams(
@@ -129,23 +185,37 @@ class OpenAIApi:
                 stop=req.stop, ignore_eos=req.ignore_eos, seed=req.seed)
         except EngineError as exc:
             raise oa.bad_request(str(exc)) from None
-        return params, warning
+        return params
 
     def submit(self, ids: list[int], params: SamplingParams) -> tuple[RequestHandle, asyncio.Queue[GenerationEvent]]:
         if self.state.stopping:
             raise oa.OpenAIError(503, "The server is shutting down.", type="server_error")
+        # Requests beyond the batch's rows wait; rows in use and requests already queued both count, since a
+        # queued request is admitted only at the next step. Only this event loop submits HTTP requests, so the
+        # count cannot grow between the check and the submit.
+        b = self.scheduler.stats()
+        waiting = max(0, b.active + b.waiting - self.scheduler.config.max_batch_size)
+        if b.active + b.waiting >= self.scheduler.config.max_batch_size + self.limits.max_queue:
+            self.state.rejected += 1
+            after = self.retry_after()
+            # OpenAI's own rate-limit answer: type "requests", code "rate_limit_exceeded", with Retry-After.
+            raise oa.OpenAIError(
+                429, f"The server is busy: {waiting} requests are already waiting for a place in the batch (at most "
+                f"{self.limits.max_queue} may wait). Please retry after {after} s.", type="requests",
+                code="rate_limit_exceeded", headers={"retry-after": str(after)})
         loop = asyncio.get_running_loop()
         if self._mailbox is None or self._mailbox.loop is not loop:
             self._mailbox = _Mailbox(loop)
         mailbox = self._mailbox
         q: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         holder: list[RequestHandle] = []
+        submitted = time.monotonic()
 
         def deliver(ev: GenerationEvent) -> None:
             # Runs on the event loop, after submit() has returned, so holder is filled.
             q.put_nowait(ev)
             if isinstance(ev, Finished):
-                self._finished(holder[0], ev)
+                self._finished(holder[0], ev, time.monotonic() - submitted)
 
         try:
             handle = self.scheduler.submit(ids, params, lambda ev: mailbox.post(deliver, ev))
@@ -162,11 +232,22 @@ class OpenAIApi:
         """Requests still generating (a stream whose client left counts until its cancel lands)."""
         return len(self._handles)
 
-    def _finished(self, handle: RequestHandle, ev: Finished) -> None:
+    def _finished(self, handle: RequestHandle, ev: Finished, duration_s: float) -> None:
         with self._handles_lock:
             self._handles.discard(handle)
         if ev.finish_reason == "error":
             self.state.error(500, ev.error or "generation failed")
+        elif ev.finish_reason != "cancelled":
+            last = self._duration_s
+            self._duration_s = duration_s if last is None else 0.8 * last + 0.2 * duration_s
+
+    def retry_after(self) -> int:
+        """Seconds a turned-away client should wait: the configured value, or else how long recent requests
+        took from arrival to their last token, which is about when the batch has turned over and the queue
+        has room again (1 s when nothing has finished yet, 60 s at most)."""
+        if self.limits.retry_after_s is not None:
+            return self.limits.retry_after_s
+        return int(min(60, max(1, math.ceil(self._duration_s or 1.0))))
 
     def cancel_all(self) -> None:
         with self._handles_lock:
@@ -179,13 +260,16 @@ def build_app(api: OpenAIApi) -> Starlette:
     """Plain Starlette rather than FastAPI: validation is hand-written, and without pydantic the server runs
     on hosts that only have starlette, uvicorn and their pure-Python dependencies."""
 
-    def fail(status: int, body: dict[str, Any]) -> JSONResponse:
+    def fail(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
         api.state.error(status, body["error"]["message"])
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     async def openai_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, oa.OpenAIError)
-        return fail(exc.status, exc.body())
+        return fail(exc.status, exc.body(), exc.headers)
+
+    async def client_left(_: Request, __: Exception) -> Response:
+        return Response(status_code=499)  # the client left while sending its body: nobody reads this
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
@@ -210,13 +294,13 @@ def build_app(api: OpenAIApi) -> Starlette:
 
     async def chat(request: Request) -> Response:
         api.check_auth(request)
-        req = oa.parse_chat_request(oa.parse_json(await request.body()))
+        req = oa.parse_chat_request(await api.read_json(request))
         api.check_model(req.model)
         return await _generate(api, request, req, api.chat_prompt(req.messages), chat=True)
 
     async def completions(request: Request) -> Response:
         api.check_auth(request)
-        req = oa.parse_completion_request(oa.parse_json(await request.body()))
+        req = oa.parse_completion_request(await api.read_json(request))
         api.check_model(req.model)
         return await _generate(api, request, req, api.completion_prompt(req.prompt), chat=False)
 
@@ -225,14 +309,13 @@ def build_app(api: OpenAIApi) -> Starlette:
               Route("/v1/chat/completions", chat, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={oa.OpenAIError: openai_error, HTTPException: http_error,
-                                                        Exception: internal_error})
+                                                        ClientDisconnect: client_left, Exception: internal_error})
 
 
 async def _generate(api: OpenAIApi, request: Request, req: oa.GenerationOptions, ids: list[int],
                     chat: bool) -> Response:
-    params, warning = api.sampling(req, len(ids))
+    params = api.sampling(req, len(ids), chat)
     handle, q = api.submit(ids, params)
-    headers = {WARNING_HEADER: warning} if warning else {}
     name = api.model_name
     rid = oa.new_id("chatcmpl" if chat else "cmpl")
     prefix = ""
@@ -270,8 +353,8 @@ async def _generate(api: OpenAIApi, request: Request, req: oa.GenerationOptions,
             return Response(status_code=499)  # the client left: nobody reads this, and it is not a server error
         use = oa.usage(end.prompt_tokens, end.completion_tokens)
         text = prefix + "".join(parts)
-        body = (oa.chat_completion if chat else oa.text_completion)(rid, name, text, end.finish_reason, use, warning)
-        return JSONResponse(body, headers=headers)
+        body = (oa.chat_completion if chat else oa.text_completion)(rid, name, text, end.finish_reason, use)
+        return JSONResponse(body)
 
     created = int(time.time())
     include_usage = req.include_usage
@@ -283,8 +366,6 @@ async def _generate(api: OpenAIApi, request: Request, req: oa.GenerationOptions,
             body = oa.chat_chunk(rid, name, created, delta, finish, include_usage)
         else:
             body = oa.completion_chunk(rid, name, created, text or "", finish, include_usage)
-        if first and warning:
-            body["warning"] = warning
         return body
 
     def encode(ev: GenerationEvent) -> bytes:
@@ -304,14 +385,14 @@ async def _generate(api: OpenAIApi, request: Request, req: oa.GenerationOptions,
         return out + b"data: [DONE]\n\n"
 
     async def sse() -> AsyncIterator[bytes]:
-        if chat or prefix or warning:
+        if chat or prefix:
             yield _sse(chunk(prefix if not chat else None, None, first=chat))
         async for evs in batches():
             data = b"".join(encode(ev) for ev in evs)
             if data:
                 yield data
 
-    return _EventStream(sse(), handle, headers)
+    return _EventStream(sse(), handle)
 
 
 class _Mailbox:
@@ -362,11 +443,11 @@ class _EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncIterator[bytes], handle: RequestHandle, headers: dict[str, str]) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], handle: RequestHandle) -> None:
         # Not Response.__init__: it would declare a Content-Length for an empty body.
         self.status_code = 200
         self.background = None
-        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
         self.chunks, self.handle = chunks, handle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
