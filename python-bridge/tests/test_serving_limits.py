@@ -275,3 +275,47 @@ def test_bad_limits_are_refused_with_a_clear_message(field, value, words):
 def test_the_queue_defaults_to_four_requests_per_batch_row():
     assert ServeConfig(max_batch_size=8).queue_limit == 32
     assert ServeConfig(max_batch_size=8, max_queue=0).queue_limit == 0
+
+
+# ---- qwenbook serve ------------------------------------------------------------------------------------------
+
+def test_serve_cli_sizes_read_like_nginx():
+    from qwenbook_bridge.serve_cli import byte_size
+
+    assert [byte_size(t) for t in ("4194304", "4MiB", "4m", "512 KiB", "1MB")] == [4 * 2**20] * 3 + [2**19, 10**6]
+    with pytest.raises(Exception, match="is not a size"):
+        byte_size("4 parsecs")
+
+
+def test_serve_cli_refuses_bad_limits_before_loading_the_model(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "qwenbook_bridge.serve_cli", str(tmp_path / "no-model"),
+                          "--max-queue", "-1"], capture_output=True, text=True, timeout=DEADLINE_S)
+    assert out.returncode == 2
+    assert "maxQueue must be an integer from 0" in out.stderr and "[" not in out.stderr.split("error:")[0], out.stderr
+
+
+def test_serve_cli_applies_its_limits(tiny_model_dir):
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "qwenbook_bridge.serve_cli", str(tiny_model_dir), "--port", "0",
+                             "--device", "cpu", "--name", NAME, "--max-body", "2KiB", "--max-queue", "0",
+                             "--client-timeout", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"Serving {NAME} at http://127.0.0.1:" in line, line + proc.stderr.read()
+        url = line.split(" at ")[1].split()[0]
+        big = chat_body(messages=[{"role": "user", "content": "x" * 4096}])
+        r = httpx.post(url + "/chat/completions", json=big, timeout=DEADLINE_S)
+        assert r.status_code == 413 and "at most 2048 bytes" in openai_error(r.json(), "request_too_large")
+        assert httpx.post(url + "/chat/completions", json=chat_body(), timeout=DEADLINE_S).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
