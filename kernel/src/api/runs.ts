@@ -1,13 +1,18 @@
 // Training runs as the worker keeps them, for a kernel that restarted while a run went on:
 // `await qwen.runs()` lists them and `run.watch()` redraws the dashboard from the run's history,
-// then follows it live until it ends.
+// then follows it live until it ends. The worker also records each run on disk, so a run whose
+// worker crashed is listed as "interrupted" at its last complete checkpoint, and `run.resume()`
+// continues it.
 import { inspect } from "node:util";
 import type { WorkerClient } from "../bridge/client";
-import type { RunInfo } from "../bridge/protocol.gen";
+import type { LoadRequest, RunInfo, RunResume, TrainRequest } from "../bridge/protocol.gen";
+import { readRunIndex } from "../bridge/run-index";
 import { errorInfo } from "../display/error-info";
 import type { DisplaySink } from "../display/sink";
 import { createTrainDisplay } from "../display/train-display";
+import type { Model } from "./model";
 import { dashboardConfig, shortPath } from "./train-config";
+import { TrainResult } from "./train-result";
 import { expectBoolean, expectKnownKeys } from "./validate";
 
 export type RunState = RunInfo["state"];
@@ -15,6 +20,15 @@ export type RunState = RunInfo["state"];
 export interface RunHost {
   connection(): Promise<WorkerClient>;
   sink(): DisplaySink;
+  /** Loads (or finds loaded) the model a run trained, in the current worker; what resume() continues on. */
+  load(request: LoadRequest): Promise<Model>;
+}
+
+export interface ResumeOptions {
+  /** Aborting cancels the continued run (it writes a checkpoint and resolves "cancelled"). */
+  signal?: AbortSignal;
+  /** Train without the dashboard or progress lines. */
+  quiet?: boolean;
 }
 
 export interface WatchOptions {
@@ -38,6 +52,13 @@ export class TrainingRun {
   readonly totalSteps: number | undefined;
   /** Why a failed run failed. */
   readonly error: string | undefined;
+  /** The newest complete checkpoint folder: where `resume()` continues from. */
+  readonly checkpoint: string | undefined;
+  /** When it ended; for an interrupted run, when a new worker found it cut short. */
+  readonly ended: Date | undefined;
+  /** For a "resumed" run: the id of the run that continued it. */
+  readonly resumedBy: string | undefined;
+  readonly #resume: RunResume | undefined;
   readonly #host: RunHost;
 
   constructor(info: RunInfo, host: RunHost) {
@@ -50,7 +71,84 @@ export class TrainingRun {
     this.step = info.step;
     this.totalSteps = info.total_steps;
     this.error = info.error;
+    this.checkpoint = info.checkpoint;
+    this.ended = info.ended === undefined ? undefined : new Date(info.ended);
+    this.resumedBy = info.resumed_by;
+    this.#resume = info.resume;
     this.#host = host;
+  }
+
+  /**
+   * Continues an interrupted (or cancelled) run from its last complete checkpoint: loads its model
+   * into the current worker if needed, trains on with the same options and data into the same
+   * folder, and resolves with the result, as `.resume(checkpoint)` on the original builder would.
+   */
+  async resume(options: ResumeOptions = {}): Promise<TrainResult> {
+    const o = expectKnownKeys("resume(options)", options, ["signal", "quiet"]);
+    if (o.signal !== undefined && !(o.signal instanceof AbortSignal)) throw new TypeError("resume option signal expects an AbortSignal");
+    const quiet = o.quiet === undefined ? false : expectBoolean("resume option quiet", o.quiet);
+    const id = this.runId.slice(0, 8);
+    let client = await this.#host.connection();
+    // This object is a snapshot: ask the worker how the run stands now, so a run is not resumed twice.
+    const now = (await client.request("runs", {})).runs.find((r) => r.run_id === this.runId);
+    const state = now?.state ?? this.state;
+    const checkpoint = now ? now.checkpoint : this.checkpoint;
+    const recipe = now ? now.resume : this.#resume;
+    if (state !== "interrupted" && state !== "cancelled") {
+      const why = state === "resumed" ? `it was already resumed as run ${now?.resumed_by?.slice(0, 8)}` : `it is ${state}`;
+      throw new Error(`Run ${id} cannot be resumed: ${why}; only interrupted or cancelled runs can (list them again with qwen.runs())`);
+    }
+    if (checkpoint === undefined) {
+      throw new Error(`Run ${id} has no complete checkpoint in ${this.outputDir} to resume from; train it again (use .saveEvery(n) to keep checkpoints)`);
+    }
+    if (recipe === undefined) {
+      throw new Error(`Run ${id} was recorded without its options; continue it with .resume(${JSON.stringify(checkpoint)}) on a train builder`);
+    }
+    const model = await this.#host.load(recipe.load);
+    client = await this.#host.connection();
+    const { train } = recipe;
+    const request: TrainRequest = {
+      model_id: model.id,
+      config: { ...train.config, resume_from: checkpoint },
+      datasets: train.datasets,
+      ...(train.distributed === undefined ? {} : { distributed: train.distributed }),
+    };
+    const base = this.#host.sink();
+    const sink = base.pin?.() ?? base;
+    const cwd = process.cwd();
+    const title = `${model.id.split(":")[0]} · resuming run ${id} from ${shortPath(checkpoint, cwd)}`;
+    const display = quiet ? undefined : createTrainDisplay(sink, { title, config: (e) => dashboardConfig(e, this.outputDir, cwd) });
+    let reply;
+    try {
+      reply = await client.request("train", request, {
+        signal: o.signal as AbortSignal | undefined,
+        onEvent: (event) => {
+          switch (event.type) {
+            case "train_begin":
+              return display?.begin(event.content);
+            case "train_progress":
+              return display?.progress(event.content);
+            case "eval":
+              return display?.evaluate(event.content);
+            case "checkpoint":
+              return display?.checkpoint({ ...event.content, path: shortPath(event.content.path, cwd) });
+          }
+        },
+      });
+    } catch (error) {
+      display?.fail(errorInfo(error));
+      throw error;
+    }
+    const result = new TrainResult(reply, model);
+    const saved = result.adapter ?? result.modelPath;
+    display?.finish({
+      status: result.status,
+      step: result.step,
+      totalSteps: result.totalSteps,
+      output: saved === undefined ? undefined : shortPath(saved, cwd),
+      elapsedS: result.elapsedSeconds,
+    });
+    return result;
   }
 
   /**
@@ -114,7 +212,8 @@ export class TrainingRun {
 
   toString(): string {
     const of = this.totalSteps === undefined ? "" : `/${this.totalSteps}`;
-    return `TrainingRun(${this.runId.slice(0, 8)}, ${this.state}, step ${this.step}${of}, ${this.outputDir})`;
+    const from = this.state === "interrupted" && this.checkpoint !== undefined ? `, checkpoint ${this.checkpoint}` : "";
+    return `TrainingRun(${this.runId.slice(0, 8)}, ${this.state}, step ${this.step}${of}, ${this.outputDir}${from})`;
   }
 }
 
@@ -123,6 +222,14 @@ Object.defineProperty(TrainingRun.prototype, inspect.custom, {
     return this.toString();
   },
 });
+
+/**
+ * The runs in the on-disk index of `runtimeDir`, for when no worker is running: runs its worker left
+ * running are listed as interrupted. `resume()` and `watch()` start a worker.
+ */
+export function listRunsOnDisk(host: RunHost, runtimeDir: string): TrainingRun[] {
+  return readRunIndex(runtimeDir).map((info) => new TrainingRun(info, host));
+}
 
 /** The worker's training runs, running and finished, oldest first. */
 export async function listRuns(host: RunHost): Promise<TrainingRun[]> {

@@ -1,5 +1,7 @@
 import { spawn } from "node:child_process";
-import { hostname } from "node:os";
+import { mkdtempSync, rmSync } from "node:fs";
+import { hostname, tmpdir } from "node:os";
+import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { WorkerClient } from "./client";
 import { WorkerError, WorkerExitedError } from "./errors";
@@ -158,5 +160,28 @@ describe("WorkerClient", () => {
     await worker.publish("gpu", { devices: [], time: 0 });
     stop();
     expect(new Set(states)).toEqual(new Set(["busy"]));
+  });
+
+  it("connects over Unix sockets when the runtime file says ipc: requests and broadcasts", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "qwenbook-ipc-spec-"));
+    try {
+      worker = await startFakeWorker({ hello: helloHandler(), generate: async (_m, r) => r.reply(okGenerate("over ipc")) }, process.pid, dir);
+      expect(worker.info.transport).toBe("ipc");
+      client = await WorkerClient.connect(worker.info);
+      const reply = await client.request("generate", { model_id: "m", prompt: "hi" });
+      expect(reply.text).toBe("over ipc");
+      const states: string[] = [];
+      client.subscribe("worker_status", (c) => states.push(c.state));
+      while (states.length === 0) {
+        await worker.publish("worker_status", { state: "idle", running: 0 });
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      expect(states[0]).toBe("idle");
+    } finally {
+      client?.close();
+      worker?.close();
+      client = worker = undefined;
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

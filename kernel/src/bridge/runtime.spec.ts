@@ -3,7 +3,7 @@ import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
 import { homedir, tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, expect, it } from "vitest";
-import { isPidAlive, readRuntimeFile, removeStaleRuntimeFile, runtimeDir, tailOfFile } from "./runtime";
+import { endpoint, isPidAlive, readRuntimeFile, removeStaleRuntimeFile, runtimeDir, tailOfFile } from "./runtime";
 
 const dir = mkdtempSync(join(tmpdir(), "qwenbook-runtime-spec-"));
 const good = {
@@ -32,8 +32,25 @@ describe("readRuntimeFile", () => {
     const p = join(dir, "bad.json");
     writeFileSync(p, "{not json");
     expect(() => readRuntimeFile(p)).toThrow(/is not JSON/);
-    writeFileSync(p, JSON.stringify({ ...good, transport: "ipc", router_port: "x", key: "" }));
-    expect(() => readRuntimeFile(p)).toThrow(/transport "ipc" is not supported.*router_port is not a positive integer.*key is missing/);
+    writeFileSync(p, JSON.stringify({ ...good, transport: "udp", key: "" }));
+    expect(() => readRuntimeFile(p)).toThrow(/transport "udp" is not supported \(ipc or tcp\).*key is missing/);
+    writeFileSync(p, JSON.stringify({ ...good, router_port: "x" }));
+    expect(() => readRuntimeFile(p)).toThrow(/router_port is not a positive integer/);
+    const { ip: _ip, router_port: _r, pub_port: _p, ...common } = good;
+    writeFileSync(p, JSON.stringify({ ...common, transport: "ipc", router_endpoint: "tcp://127.0.0.1:1" }));
+    expect(() => readRuntimeFile(p)).toThrow(/router_endpoint is not an ipc:\/\/ endpoint; pub_endpoint is not an ipc:\/\/ endpoint/);
+  });
+
+  it("reads an ipc runtime file and gives its endpoints; a tcp one without endpoints gets them from its ports", () => {
+    const { ip: _ip, router_port: _r, pub_port: _p, ...common } = good;
+    const ipc = { ...common, transport: "ipc", router_endpoint: "ipc:///run/q/qwenbook-worker-router", pub_endpoint: "ipc:///run/q/qwenbook-worker-pub" };
+    const p = join(dir, "ipc.json");
+    writeFileSync(p, JSON.stringify(ipc));
+    const info = readRuntimeFile(p)!;
+    expect([endpoint(info, "router"), endpoint(info, "pub")]).toEqual([ipc.router_endpoint, ipc.pub_endpoint]);
+    writeFileSync(p, JSON.stringify(good));
+    const tcp = readRuntimeFile(p)!;
+    expect([endpoint(tcp, "router"), endpoint(tcp, "pub")]).toEqual(["tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556"]);
   });
 
   it("removes a stale file only while it still names the dead pid", () => {

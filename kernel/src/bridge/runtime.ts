@@ -2,12 +2,11 @@ import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync, rmS
 import { homedir } from "node:os";
 import { join } from "node:path";
 
-/** What a running worker writes about itself, once its sockets are bound. */
-export interface RuntimeInfo {
-  transport: "tcp";
-  ip: string;
-  router_port: number;
-  pub_port: number;
+/** What every runtime file holds, whichever transport the worker listens on. */
+interface RuntimeInfoCommon {
+  /** Where requests go and where broadcasts come from (tcp://… or ipc://…); a worker before 0.2 wrote only ports. */
+  router_endpoint?: string;
+  pub_endpoint?: string;
   /** 64 hex characters; signs every message. */
   key: string;
   signature_scheme: "hmac-sha256";
@@ -19,6 +18,27 @@ export interface RuntimeInfo {
   /** Where the worker logs; quoted in errors when it dies. */
   log: string;
 }
+
+/** Unix domain sockets in a user-only folder: the default on Linux and macOS. */
+export interface IpcRuntimeInfo extends RuntimeInfoCommon {
+  transport: "ipc";
+  router_endpoint: string;
+  pub_endpoint: string;
+}
+
+/** TCP ports on `ip`: only when asked for (`--transport tcp`, QWENBOOK_TRANSPORT=tcp), and on Windows. */
+export interface TcpRuntimeInfo extends RuntimeInfoCommon {
+  transport: "tcp";
+  ip: string;
+  router_port: number;
+  pub_port: number;
+}
+
+/** What a running worker writes about itself, once its sockets are bound. */
+export type RuntimeInfo = IpcRuntimeInfo | TcpRuntimeInfo;
+
+/** How the worker is asked to listen: `transport` in spawn options, `--transport`, or $QWENBOOK_TRANSPORT. */
+export type Transport = RuntimeInfo["transport"];
 
 export const RUNTIME_FILE_NAME = "qwenbook-worker.json";
 
@@ -61,13 +81,19 @@ function runtimeProblems(raw: unknown): string[] {
   if (typeof raw !== "object" || raw === null) return ["not an object"];
   const r = raw as Record<string, unknown>;
   const out: string[] = [];
-  if (r.transport !== "tcp") out.push(`transport ${JSON.stringify(r.transport)} is not supported (only tcp)`);
+  if (r.transport !== "tcp" && r.transport !== "ipc") out.push(`transport ${JSON.stringify(r.transport)} is not supported (ipc or tcp)`);
   if (r.signature_scheme !== "hmac-sha256") out.push(`signature_scheme ${JSON.stringify(r.signature_scheme)} is not hmac-sha256`);
-  for (const k of ["router_port", "pub_port", "pid"]) {
+  const positive = r.transport === "tcp" ? ["router_port", "pub_port", "pid"] : ["pid"];
+  for (const k of positive) {
     if (!Number.isInteger(r[k]) || (r[k] as number) <= 0) out.push(`${k} is not a positive integer`);
   }
-  for (const k of ["ip", "key", "protocol_version"]) {
+  for (const k of r.transport === "tcp" ? ["ip", "key", "protocol_version"] : ["key", "protocol_version"]) {
     if (typeof r[k] !== "string" || r[k] === "") out.push(`${k} is missing`);
+  }
+  if (r.transport === "ipc") {
+    for (const k of ["router_endpoint", "pub_endpoint"]) {
+      if (typeof r[k] !== "string" || !(r[k] as string).startsWith("ipc://")) out.push(`${k} is not an ipc:// endpoint`);
+    }
   }
   return out;
 }
@@ -82,7 +108,11 @@ export function removeStaleRuntimeFile(path: string, pid: number): void {
   }
 }
 
+/** The ZeroMQ address of the worker's request (router) or broadcast (pub) socket, by its transport. */
 export function endpoint(info: RuntimeInfo, socket: "router" | "pub"): string {
+  const recorded = socket === "router" ? info.router_endpoint : info.pub_endpoint;
+  if (recorded !== undefined) return recorded;
+  if (info.transport === "ipc") throw new Error(`the runtime file names no ${socket} endpoint`); // refused when read
   return `tcp://${info.ip}:${socket === "router" ? info.router_port : info.pub_port}`;
 }
 

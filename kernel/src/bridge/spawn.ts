@@ -2,7 +2,7 @@ import { spawn } from "node:child_process";
 import { closeSync, mkdirSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { resolvePython } from "./paths";
-import { isPidAlive, readRuntimeFile, removeStaleRuntimeFile, tailOfFile, type RuntimeInfo } from "./runtime";
+import { isPidAlive, readRuntimeFile, removeStaleRuntimeFile, tailOfFile, type RuntimeInfo, type Transport } from "./runtime";
 
 export interface SpawnOptions {
   /** Where the worker must write its runtime file. */
@@ -11,6 +11,11 @@ export interface SpawnOptions {
   python?: string;
   /** auto, cpu, cuda or cuda:N. */
   device?: string;
+  /**
+   * ipc (Unix domain sockets in a user-only folder; the worker's default on Linux and macOS) or tcp
+   * (127.0.0.1 ports any local user can connect to). Default: the worker's choice, which follows $QWENBOOK_TRANSPORT.
+   */
+  transport?: Transport;
   /** Worker log; defaults to qwenbook-worker.log beside the runtime file. */
   logFile?: string;
   /** How long the worker may take to import torch and bind its sockets. */
@@ -106,6 +111,7 @@ export async function spawnWorker(options: SpawnOptions): Promise<RuntimeInfo> {
   const log = options.logFile ?? join(runtimeDir, "qwenbook-worker.log");
   const args = ["-m", "qwenbook_bridge.worker", "--runtime-file", options.runtimeFile, "--log", log];
   if (options.device) args.push("--device", options.device);
+  if (options.transport) args.push("--transport", options.transport);
   const fd = openSync(log, "a", 0o600);
   writeSync(fd, `\n--- ${new Date().toISOString()} starting: ${python} ${args.join(" ")}\n`);
   const timeoutMs = options.timeoutMs ?? 120_000;

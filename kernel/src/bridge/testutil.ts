@@ -4,7 +4,7 @@ import { randomBytes } from "node:crypto";
 import { join } from "node:path";
 import { Publisher, Router } from "zeromq";
 import type { Header } from "./protocol.gen";
-import type { RuntimeInfo } from "./runtime";
+import type { IpcRuntimeInfo, RuntimeInfo, TcpRuntimeInfo } from "./runtime";
 import { createSigner, decodeMessage, encodeMessage, makeHeader, type Message } from "./wire";
 
 /** Lets a handler stream events and then reply (or reply with an error). */
@@ -25,19 +25,21 @@ export interface FakeWorker {
   close(): void;
 }
 
-export async function startFakeWorker(handlers: Record<string, Handler>, pid: number = process.pid): Promise<FakeWorker> {
+/** `ipcDir`: listen on Unix sockets in that folder, as the real worker does by default, instead of TCP. */
+export async function startFakeWorker(handlers: Record<string, Handler>, pid: number = process.pid, ipcDir?: string): Promise<FakeWorker> {
   const key = randomBytes(32).toString("hex");
   const signer = createSigner(key);
   const router = new Router({ linger: 0 });
-  await router.bind("tcp://127.0.0.1:*");
+  await router.bind(ipcDir === undefined ? "tcp://127.0.0.1:*" : `ipc://${join(ipcDir, "fake-router")}`);
   const pub = new Publisher({ linger: 0 });
-  await pub.bind("tcp://127.0.0.1:*");
+  await pub.bind(ipcDir === undefined ? "tcp://127.0.0.1:*" : `ipc://${join(ipcDir, "fake-pub")}`);
   const port = (ep: string | null): number => Number(ep?.split(":").pop());
+  const where: Pick<TcpRuntimeInfo, "transport" | "ip" | "router_port" | "pub_port"> | Pick<IpcRuntimeInfo, "transport" | "router_endpoint" | "pub_endpoint"> =
+    ipcDir === undefined
+      ? { transport: "tcp", ip: "127.0.0.1", router_port: port(router.lastEndpoint), pub_port: port(pub.lastEndpoint) }
+      : { transport: "ipc", router_endpoint: router.lastEndpoint!, pub_endpoint: pub.lastEndpoint! };
   const info: RuntimeInfo = {
-    transport: "tcp",
-    ip: "127.0.0.1",
-    router_port: port(router.lastEndpoint),
-    pub_port: port(pub.lastEndpoint),
+    ...where,
     key,
     signature_scheme: "hmac-sha256",
     pid,

@@ -1,8 +1,10 @@
 #!/usr/bin/env node
 import { spawnSync } from "node:child_process";
-import { resolve } from "node:path";
+import { dirname, resolve } from "node:path";
 import { WorkerClient } from "../bridge/client";
 import { resolvePython, tokenizerModelsDir } from "../bridge/paths";
+import type { RunInfo } from "../bridge/protocol.gen";
+import { readRunIndex, runIndexDir } from "../bridge/run-index";
 import { endpoint, runtimeFilePath } from "../bridge/runtime";
 import { ensureWorker, liveRuntime } from "../bridge/spawn";
 import { stopWorker } from "../bridge/stop";
@@ -12,8 +14,9 @@ import { serveCommand } from "./serve";
 
 const USAGE = `usage: qwenbook <command>
 
-  worker start [--device auto|cpu|cuda|cuda:N]   start the worker (or report the one running)
-  worker status                                  show the running worker's models and memory
+  worker start [--device auto|cpu|cuda|cuda:N] [--transport ipc|tcp]
+                                                 start the worker (or report the one running)
+  worker status                                  show the worker's models, training runs and servers
   worker stop                                    stop the worker and unload its models
   serve <model> [--port N] [--api-key K] ...     serve a model as an OpenAI-compatible API (serve --help)
   tiny-model <dir>                               write the tiny Qwen2 test model into <dir>
@@ -21,6 +24,8 @@ const USAGE = `usage: qwenbook <command>
 
 The worker's runtime file: $QWENBOOK_RUNTIME_DIR, else $JUPYTER_RUNTIME_DIR, else
 ~/.local/share/jupyter/runtime. Its python: $QWENBOOK_PYTHON, else the checkout's .venv, else python3.
+It listens on Unix sockets in a user-only folder there; on TCP 127.0.0.1 with --transport tcp or
+QWENBOOK_TRANSPORT=tcp.
 Exit codes: 0 done, 1 failed (or, for worker status, no worker running), 2 wrong command line.`;
 
 /** A wrong command line: printed with the usage, exit code 2. */
@@ -42,18 +47,23 @@ function noMoreArgs(args: string[]): void {
 
 async function workerStart(args: string[]): Promise<number> {
   const device = takeOption(args, "--device");
+  const transport = takeOption(args, "--transport");
   noMoreArgs(args);
   if (device !== undefined && !/^(auto|cpu|cuda|cuda:\d+)$/.test(device)) {
     throw new UsageError(`--device must be auto, cpu, cuda or cuda:N, got ${JSON.stringify(device)}`);
+  }
+  if (transport !== undefined && transport !== "ipc" && transport !== "tcp") {
+    throw new UsageError(`--transport must be ipc (Unix sockets, the default) or tcp, got ${JSON.stringify(transport)}`);
   }
   const runtimeFile = runtimeFilePath();
   const running = liveRuntime(runtimeFile);
   if (running) {
     console.log(`A worker is already running: pid ${running.pid} at ${endpoint(running, "router")} (log ${running.log})`);
     if (device) console.log(`(--device ${device} not applied; stop it first to start one on another device)`);
+    if (transport && transport !== running.transport) console.log(`(--transport ${transport} not applied; stop it first to start one that listens on ${transport})`);
     return 0;
   }
-  const info = await ensureWorker({ runtimeFile, device });
+  const info = await ensureWorker({ runtimeFile, device, transport });
   console.log(`Started the worker: pid ${info.pid} at ${endpoint(info, "router")}\n  runtime file ${runtimeFile}\n  log ${info.log}`);
   return 0;
 }
@@ -64,6 +74,9 @@ async function workerStatus(args: string[]): Promise<number> {
   const info = liveRuntime(runtimeFile);
   if (!info) {
     console.log(`No worker is running (runtime file ${runtimeFile}). Start one with: qwenbook worker start`);
+    const runs = readRunIndex(dirname(runtimeFile));
+    if (runs.length) console.log(`training runs (from the run index in ${runIndexDir(dirname(runtimeFile))}):`);
+    for (const r of runs) console.log(runLine(r));
     return 1;
   }
   const client = await WorkerClient.connect(info, { clientName: "qwenbook status" });
@@ -79,6 +92,12 @@ async function workerStatus(args: string[]): Promise<number> {
       console.log(`memory ${mem.device}: ${formatBytes(mem.used)} used of ${formatBytes(mem.total)}`);
     }
     if (s.running.length) console.log(`running: ${s.running.map((r) => `${r.msg_type} since ${r.started}`).join("; ")}`);
+    const { runs } = await client.request("runs", {});
+    console.log(runs.length ? "training runs:" : "training runs: none");
+    for (const r of runs) console.log(runLine(r));
+    const { servers } = await client.request("serve_status", {});
+    console.log(servers.length ? "OpenAI servers:" : "OpenAI servers: none");
+    for (const v of servers) console.log(`  ${v.url}  port ${v.port}  model ${v.model_id} (as "${v.name}")${v.auth ? "  API key required" : ""}`);
     return 0;
   } finally {
     client.close();
@@ -139,6 +158,13 @@ async function run(argv: string[]): Promise<number> {
   if (command === "tiny-model") return tinyModel(args);
   if (command === "kernelspec") return kernelspec(args);
   throw new UsageError(`unknown command ${JSON.stringify(command)}`);
+}
+
+/** One run of `worker status`: id, state, step, output folder and the checkpoint a resume would continue from. */
+function runLine(r: RunInfo): string {
+  const of = r.total_steps === undefined ? "" : `/${r.total_steps}`;
+  const checkpoint = r.checkpoint === undefined ? "" : `  checkpoint ${r.checkpoint}`;
+  return `  ${r.run_id.slice(0, 8)}  ${r.state.padEnd(11)}  step ${r.step}${of}  ${r.model_id}  ${r.output_dir}${checkpoint}`;
 }
 
 function formatSeconds(s: number): string {
