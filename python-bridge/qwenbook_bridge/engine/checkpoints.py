@@ -146,11 +146,9 @@ def read_training_state(checkpoint: Path, device: torch.device) -> dict[str, Any
 def publish(checkpoint: Path, output_dir: Path, names: list[str]) -> None:
     """Make the checkpoint's weight files the run's final output: hard links (no extra disk), else copies."""
     for name in names:
-        src, dst = checkpoint / name, output_dir / name
-        tmp = output_dir / f".{name}.tmp"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copy2(src, tmp)
-        os.replace(tmp, dst)
+        src = checkpoint / name
+        with AtomicTarget(output_dir / name, overwrite=True, is_dir=False, needed=src.stat().st_size) as tmp:
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copy2(src, tmp)
