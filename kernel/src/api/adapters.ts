@@ -124,13 +124,15 @@ export class AdapterModel implements MessageRunner {
     return this.info!;
   }
 
-  /** Takes the adapter off the model in the worker; the base is untouched. False if it was not loaded. */
-  async unload(): Promise<boolean> {
-    if (!this.#info) return false;
+  /**
+   * Takes the adapter off the model in the worker; the base is untouched. Resolves to nothing (a
+   * notebook cell ending in it shows no value); `qwen.adapters.list(model)` says what is left.
+   */
+  async unload(): Promise<void> {
+    if (!this.#info) return;
     const { client, modelId } = await this.#target.connect();
-    const reply = await client.request("adapter_unload", { model_id: modelId, name: this.#info.name });
+    await client.request("adapter_unload", { model_id: modelId, name: this.#info.name });
     this.#info = undefined;
-    return reply.unloaded;
   }
 
   /** The base with this adapter folded in; call `.save(path)` or `.export(file.gguf)` on it. */
