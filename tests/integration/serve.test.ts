@@ -246,6 +246,30 @@ describe("m.serve() through a real worker", () => {
       await close(taken);
     }
   });
+
+  it("passes the overload limits on: a body over maxBody is a 413, a request past maxQueue a 429 with Retry-After", async () => {
+    const limited = await model.serve({ port: 0, maxBatchSize: 1, maxQueue: 0, maxBody: 2048, retryAfter: 7, clientTimeout: 10 });
+    const post = (body: unknown, signal?: AbortSignal) =>
+      fetch(`${limited.url}/chat/completions`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body), signal });
+    const stop = new AbortController();
+    try {
+      const big = await post({ messages: [{ role: "user", content: "x".repeat(4096) }], max_tokens: 4 });
+      expect(big.status).toBe(413);
+      expect(expectOpenAIError((await big.json()) as { error?: Record<string, unknown> }).message).toContain("at most 2048 bytes");
+      // One batch row and no queue: while a long stream holds the row, the next request is turned away.
+      const long = await post({ messages: [{ role: "user", content: "go on" }], max_tokens: 2000, ignore_eos: true, stream: true }, stop.signal);
+      expect(long.status).toBe(200);
+      await long.body!.getReader().read();
+      const busy = await post({ messages: [{ role: "user", content: "hi" }], max_tokens: 4 });
+      expect(busy.status).toBe(429);
+      expect(busy.headers.get("retry-after")).toBe("7");
+      expect(expectOpenAIError((await busy.json()) as { error?: Record<string, unknown> }).code).toBe("rate_limit_exceeded");
+      expect((await limited.stats()).requestsRejected).toBe(1);
+    } finally {
+      stop.abort();
+      await limited.stop();
+    }
+  });
 });
 
 describe("qwenbook serve (headless CLI)", () => {

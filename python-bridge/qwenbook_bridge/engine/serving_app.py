@@ -190,12 +190,13 @@ class OpenAIApi:
     def submit(self, ids: list[int], params: SamplingParams) -> tuple[RequestHandle, asyncio.Queue[GenerationEvent]]:
         if self.state.stopping:
             raise oa.OpenAIError(503, "The server is shutting down.", type="server_error")
-        # Requests beyond the batch's rows wait; rows in use and requests already queued both count, since a
-        # queued request is admitted only at the next step. Only this event loop submits HTTP requests, so the
-        # count cannot grow between the check and the submit.
-        b = self.scheduler.stats()
-        waiting = max(0, b.active + b.waiting - self.scheduler.config.max_batch_size)
-        if b.active + b.waiting >= self.scheduler.config.max_batch_size + self.limits.max_queue:
+        # Requests beyond the batch's rows wait. Counted here, from submission to Finished, rather than from the
+        # scheduler's rows and queue: a request being prefilled is in neither. Only this event loop submits
+        # and retires HTTP requests, so the count cannot change between the check and the submit.
+        rows = self.scheduler.config.max_batch_size
+        in_flight = len(self._handles)
+        waiting = max(0, in_flight - rows)
+        if in_flight >= rows + self.limits.max_queue:
             self.state.rejected += 1
             after = self.retry_after()
             # OpenAI's own rate-limit answer: type "requests", code "rate_limit_exceeded", with Retry-After.
