@@ -14,13 +14,22 @@ export interface CellResult {
   stream: string;
   errors: { ename: string; evalue: string }[];
   displays: Display[];
+  /** For a batch: each request's result, in the order sent. */
+  batch?: CellResult[];
+  /** For a batch: [request index, execution_state] of every status message, in arrival order. */
+  statuses?: [number, string][];
 }
 
-export interface CellCode {
-  code: string;
-  /** Press the interrupt button once the cell has sent its first output. */
-  interrupt_after_output?: boolean;
-}
+export type CellCode =
+  | {
+      code: string;
+      /** Press the interrupt button once the cell has sent its first output. */
+      interrupt_after_output?: boolean;
+      /** Send it as soon as the previous (failed) cell has its reply, not half a second later. */
+      right_after_error?: boolean;
+    }
+  /** Requests sent together, as Run All sends them. */
+  | { batch: string[] };
 
 /** Runs the cells in one kernel started from the kernelspec under `prefix`, with `notebookDir` as its folder. */
 export function drive(prefix: string, notebookDir: string, code: CellCode[]): Promise<CellResult[]> {

@@ -2,10 +2,15 @@
 a given folder, runs cells in order and prints, as one JSON line, what each cell sent back.
 
 usage: python kernel_driver.py KERNEL_NAME CWD CELLS_JSON
-  CELLS_JSON: [{"code": "...", "interrupt_after_output": false}, ...]
+  CELLS_JSON: [{"code": "...", "interrupt_after_output": false, "right_after_error": false}, ...]
+              or, for requests queued together, {"batch": ["code", "code", ...]}
   Each result: {"status", "stream", "errors": [{ename, evalue}], "displays": [{msg_type, data, display_id}]}
+  A batch's result: {"status": "batch", "batch": [results], "statuses": [[index, state], ...]}, the
+  status messages of its requests in the order they arrived.
 A cell with interrupt_after_output gets the kernel's interrupt once its first text has arrived: a
 stream, or the first update of a widget (its first display shows the request before any token).
+After a failed cell the next one is sent half a second later, as a person would, unless it has
+right_after_error: then it is sent as soon as the failed cell's reply and idle status are in.
 """
 
 from __future__ import annotations
@@ -62,17 +67,54 @@ def run_cell(km, kc, cell, earlier):
     return out
 
 
+def run_batch(kc, codes, earlier):
+    """Sends every request at once (as Run All does), then collects each one's output and reply."""
+    ids = [kc.execute(code) for code in codes]
+    outs = {i: {"status": None, "stream": "", "errors": [], "displays": []} for i in ids}
+    statuses, idle = [], set()
+    deadline = time.monotonic() + CELL_TIMEOUT_S * len(ids)
+    while len(idle) < len(ids):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"batch did not finish within {CELL_TIMEOUT_S * len(ids)} s")
+        msg = kc.get_iopub_msg(timeout=CELL_TIMEOUT_S)
+        parent = msg["parent_header"].get("msg_id")
+        kind, content = msg["msg_type"], msg["content"]
+        if parent in earlier:
+            record(earlier[parent], kind, content)
+            continue
+        if parent not in outs:
+            continue
+        record(outs[parent], kind, content)
+        if kind == "status":
+            statuses.append([ids.index(parent), content["execution_state"]])
+            if content["execution_state"] == "idle":
+                idle.add(parent)
+    replies = 0
+    while replies < len(ids):
+        reply = kc.get_shell_msg(timeout=CELL_TIMEOUT_S)
+        parent = reply["parent_header"].get("msg_id")
+        if parent in outs and reply["msg_type"] == "execute_reply":
+            outs[parent]["status"] = reply["content"]["status"]
+            replies += 1
+    for i in ids:
+        earlier[i] = outs[i]
+    return {"status": "batch", "stream": "", "errors": [], "displays": [],
+            "batch": [outs[i] for i in ids], "statuses": statuses}
+
+
 def main() -> None:
     kernel_name, cwd, cells = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     km, kc = start_new_kernel(kernel_name=kernel_name, cwd=cwd, startup_timeout=120)
     try:
         results, earlier = [], {}
         for cell in cells:
-            results.append(run_cell(km, kc, cell, earlier))
-            if results[-1]["status"] != "ok":
-                # tslab aborts every execute request that arrives within 200 ms of a failed cell (as
-                # ipykernel's stop-on-error does); a person never re-runs that fast, so wait as they would.
+            if results and results[-1]["status"] not in ("ok", "batch") and not cell.get("right_after_error"):
+                # A person does not re-run the instant a cell failed; most cells are sent as they would be.
                 time.sleep(0.5)
+            if "batch" in cell:
+                results.append(run_batch(kc, cell["batch"], earlier))
+            else:
+                results.append(run_cell(km, kc, cell, earlier))
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
