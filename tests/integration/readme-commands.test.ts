@@ -1,0 +1,451 @@
+// Every command the README shows, run the way a user types it after `npm start`: each line of the README's
+// ```sh blocks goes through `sh -c` in the repository root, with a PATH that has neither .venv/bin nor any
+// node_modules/.bin (a plain shell, not npm's), and is checked for what the README says it does. A command
+// added to the README without a check here fails, and so does one that stopped working as written.
+// The only rewrites: placeholders (<model>, <dir>, <adapter dir>) become real paths, and `--port 8000`
+// becomes a free port, so a busy 8000 on a shared machine cannot fail the run.
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join, sep } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { isPidAlive } from "../../kernel/src/bridge/runtime";
+import { python, repo, tinyModel } from "./helpers";
+
+/** The commands in the README's shell code blocks, in order, without trailing `# comments`. */
+export function readmeCommands(markdown: string): string[] {
+  const commands: string[] = [];
+  for (const block of markdown.matchAll(/^```(?:sh|bash|shell)[ \t]*\n([\s\S]*?)^```/gm)) {
+    for (const raw of block[1].split("\n")) {
+      const line = raw.replace(/\s+#\s.*$/, "").trim();
+      if (line !== "" && !line.startsWith("#")) commands.push(line);
+    }
+  }
+  return commands;
+}
+
+/** Inline code in the README's prose that reads as a command (`npm …`, `npx …`, `python …`, `.venv/bin/…`). */
+export function inlineCommands(markdown: string): string[] {
+  const prose = markdown.replace(/^```[\s\S]*?^```/gm, "");
+  return [...prose.matchAll(/`((?:npm|npx|node|python3?|\.venv\/bin\/\S+|cd) [^`]+)`/g)].map((m) => m[1].trim());
+}
+
+// Shown in prose, not run here: each is a longer form of a command that is run below.
+const NOT_RUN: Record<string, string> = {
+  "npm run soak": "three minutes; `npm run soak -- --seconds 20` runs the same script",
+  "npm run bench": "several minutes; `npm run bench -- --quick` runs the same script",
+};
+
+const readme = readFileSync(join(repo, "README.md"), "utf8");
+const scratch = mkdtempSync(join(tmpdir(), "qwenbook-readme-"));
+const runtimeDir = join(scratch, "runtime");
+
+/** PATH as a user's shell has it: none of the checkout's .venv/bin or node_modules/.bin that npm and vitest add. */
+const userPath = (process.env.PATH ?? "")
+  .split(":")
+  .filter((p) => p !== "" && !p.endsWith(`${sep}.venv${sep}bin`) && !p.includes(`${sep}node_modules${sep}`) && !p.endsWith(`${sep}node_modules`))
+  .join(":");
+
+function userEnv(): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [k, v] of Object.entries(process.env)) {
+    // What npm, vitest and the test runner set for their children; a user's shell has none of it.
+    if (/^(npm_|VITEST|QWENBOOK_|VIRTUAL_ENV$|NODE_ENV$|INIT_CWD$)/i.test(k)) continue;
+    env[k] = v;
+  }
+  return {
+    ...env,
+    PATH: userPath,
+    QWENBOOK_RUNTIME_DIR: runtimeDir, // a worker of this file's own, never another suite's or the user's
+    JUPYTER_RUNTIME_DIR: join(scratch, "jupyter-runtime"),
+    HF_HUB_OFFLINE: "1",
+    // Were the checkout's bin ever missing, npx would fetch whatever the registry has under that name and run
+    // it; refusing to install makes that a plain failure of the check instead.
+    npm_config_yes: "false",
+  };
+}
+
+interface Finished {
+  status: number | null;
+  out: string; // stdout and stderr together, as a terminal shows them
+  stdout: string;
+}
+
+/** Runs the command to its end; past `timeoutMs` its whole process group is killed and the check fails. */
+function typed(command: string, timeoutMs: number): Promise<Finished> {
+  return new Promise((resolve, reject) => {
+    const child = spawn("sh", ["-c", command], { cwd: repo, env: userEnv(), detached: true, stdio: ["ignore", "pipe", "pipe"] });
+    let out = "";
+    let stdout = "";
+    child.stdout.on("data", (d: Buffer) => ((out += d.toString()), (stdout += d.toString())));
+    child.stderr.on("data", (d: Buffer) => (out += d.toString()));
+    const timer = setTimeout(() => {
+      if (child.pid) process.kill(-child.pid, "SIGKILL");
+      reject(new Error(`${command} did not finish in ${timeoutMs / 1000} s:\n${out}`));
+    }, timeoutMs);
+    child.on("error", (e) => (clearTimeout(timer), reject(e)));
+    child.on("close", (status) => (clearTimeout(timer), resolve({ status, out, stdout })));
+  });
+}
+
+/** A long-lived command (a server): started in its own process group, so stopping it stops all it started. */
+class Running {
+  readonly child: ChildProcess;
+  out = "";
+  exited: Promise<number | null>;
+  constructor(readonly command: string) {
+    this.child = spawn("sh", ["-c", command], { cwd: repo, env: userEnv(), detached: true, stdio: ["ignore", "pipe", "pipe"] });
+    this.child.stdout?.on("data", (d: Buffer) => (this.out += d.toString()));
+    this.child.stderr?.on("data", (d: Buffer) => (this.out += d.toString()));
+    this.exited = new Promise((done) => this.child.on("exit", (code, signal) => done(code ?? (signal ? 128 : null))));
+  }
+  get alive(): boolean {
+    return this.child.exitCode === null && this.child.signalCode === null;
+  }
+  /** Polls `ready` until it returns a value; fails at once if the command exits first. */
+  async waitFor<T>(what: string, ready: () => Promise<T | undefined>): Promise<T> {
+    for (;;) {
+      if (!this.alive) throw new Error(`${this.command} exited (${this.child.exitCode}) before ${what}:\n${this.out}`);
+      const value = await ready().catch(() => undefined);
+      if (value !== undefined) return value;
+      await new Promise((r) => setTimeout(r, 250));
+    }
+  }
+  async stop(): Promise<number | null> {
+    if (this.alive && this.child.pid) process.kill(-this.child.pid, "SIGINT");
+    return this.exited;
+  }
+  /** The last resort for afterAll: nothing of this command outlives the file. */
+  kill(): void {
+    if (this.alive && this.child.pid) {
+      try {
+        process.kill(-this.child.pid, "SIGKILL");
+      } catch {
+        // already gone
+      }
+    }
+  }
+}
+
+const running: Running[] = [];
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const address = s.address();
+      const port = typeof address === "object" && address ? address.port : 0;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+async function getJson(url: string, headers: Record<string, string> = {}): Promise<unknown> {
+  const r = await fetch(url, { headers });
+  if (!r.ok) return undefined;
+  return r.json();
+}
+
+/** Polls until `url` stops answering (connection refused): the server let go of its port. */
+async function portReleased(url: string): Promise<boolean> {
+  for (;;) {
+    try {
+      await fetch(url);
+    } catch {
+      return true;
+    }
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+// ---------------------------------------------------------------- what each command must do
+
+/** The venv's python on a script, without blocking the test process (vitest's own messages keep flowing). */
+function runPython(args: string[]): Promise<{ status: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(python, args, { stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+    child.on("error", reject);
+    child.on("close", (status) => resolve({ status, stdout, stderr }));
+  });
+}
+
+let cudaDevices: number | undefined;
+async function cudaCount(): Promise<number> {
+  if (cudaDevices === undefined) {
+    const r = await runPython(["-c", "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"]);
+    const n = Number(r.stdout.trim());
+    if (r.status !== 0 || !Number.isInteger(n)) throw new Error(`could not ask torch for CUDA devices: ${r.stderr}`);
+    cudaDevices = n;
+  }
+  return cudaDevices;
+}
+
+let adapterDir: string | undefined;
+/** A LoRA adapter for the tiny model, written with plain peft (random non-zero weights), for `--adapter`. */
+async function adapter(): Promise<string> {
+  if (adapterDir) return adapterDir;
+  const dir = join(scratch, "readme-adapter");
+  const script = [
+    "import sys, torch",
+    "from peft import LoraConfig, get_peft_model",
+    "from transformers import AutoModelForCausalLM",
+    "torch.manual_seed(0)",
+    "m = AutoModelForCausalLM.from_pretrained(sys.argv[1])",
+    "cfg = LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], init_lora_weights=False)",
+    "get_peft_model(m, cfg).save_pretrained(sys.argv[2])",
+  ].join("\n");
+  const r = await runPython(["-c", script, tinyModel(), dir]);
+  if (r.status !== 0) throw new Error(`could not write a test adapter: ${r.stderr}`);
+  adapterDir = dir;
+  return dir;
+}
+
+/** The command with its placeholders filled in; a placeholder not known here is an error. */
+async function filled(command: string): Promise<string> {
+  let out = command.replace(/--port 8000\b/, `--port ${await freePort()}`);
+  out = out.replace(/<model>/g, tinyModel());
+  out = out.replace(/<dir>/g, join(mkdtempSync(join(scratch, "dir-")), "out"));
+  if (out.includes("<adapter dir>")) out = out.replace(/<adapter dir>/g, await adapter());
+  const unknown = out.match(/<[a-z][^>]*>/i);
+  if (unknown) throw new Error(`README command ${JSON.stringify(command)} has a placeholder ${unknown[0]} this test cannot fill`);
+  return out;
+}
+
+async function workerRunning(): Promise<number | undefined> {
+  const r = await typed("npx qwenbook worker status", 60_000);
+  const m = r.stdout.match(/^worker pid (\d+)/m);
+  return r.status === 0 && m ? Number(m[1]) : undefined;
+}
+
+async function checkGpuOnly(command: string): Promise<void> {
+  const cleanup = ["qwenbook-bench.json", "qwenbook-quant-kernels.json", "qwenbook-chat-bench.json", "bench-dist.json"].filter(
+    (f) => !existsSync(join(repo, f)),
+  );
+  try {
+    const gpus = await cudaCount();
+    const r = await typed(command, gpus > 0 ? 3_600_000 : 180_000);
+    const refusal = r.out.match(/: needs (?:a CUDA GPU|(\d+) CUDA GPUs) \((?:none|\d+) found\)/);
+    if (gpus === 0) {
+      // No GPU: one clear line and status 1, not a traceback or a 7B model built on the CPU.
+      expect(r.out.trim().split("\n"), r.out).toHaveLength(1);
+      expect(refusal, r.out).not.toBeNull();
+      expect(r.status).toBe(1);
+    } else if (refusal) {
+      expect(Number(refusal[1] ?? 1), `refused with ${gpus} GPUs:\n${r.out}`).toBeGreaterThan(gpus);
+    } else {
+      expect(r.status, r.out).toBe(0);
+    }
+  } finally {
+    for (const f of cleanup) rmSync(join(repo, f), { force: true });
+  }
+}
+
+interface Check {
+  pattern: RegExp;
+  timeoutMs: number;
+  run(command: string): Promise<void>;
+}
+
+const CHECKS: Check[] = [
+  {
+    // `npm start` opens JupyterLab; run as a user does without a browser, on a free port, with the Qwen kernel
+    // as the default that File › New › Notebook and the launcher pick.
+    pattern: /^npm start$/,
+    timeoutMs: 400_000,
+    async run(command) {
+      const port = await freePort();
+      const lab = new Running(`${command} -- --no-browser --port ${port}`);
+      running.push(lab);
+      const token = await lab.waitFor("JupyterLab printed its URL", async () => lab.out.match(new RegExp(`127\\.0\\.0\\.1:${port}/lab\\?token=(\\w+)`))?.[1]);
+      const specs = (await lab.waitFor("/api/kernelspecs answered", () =>
+        getJson(`http://127.0.0.1:${port}/api/kernelspecs`, { Authorization: `token ${token}` }),
+      )) as { default: string; kernelspecs: Record<string, { spec: { display_name: string } }> };
+      expect(specs.default).toBe("qwen-ts");
+      expect(specs.kernelspecs["qwen-ts"]?.spec.display_name).toBe("Qwen (TypeScript)");
+      await lab.stop();
+      expect(await portReleased(`http://127.0.0.1:${port}/api/status`)).toBe(true);
+    },
+  },
+  {
+    // `npm test` runs this very file; running it here would recurse. What can be checked is that it is wired
+    // to the runner that includes this suite.
+    pattern: /^npm test$/,
+    timeoutMs: 10_000,
+    async run() {
+      const pkg = JSON.parse(readFileSync(join(repo, "package.json"), "utf8")) as { scripts: Record<string, string> };
+      expect(pkg.scripts.test).toMatch(/node tests\/run-all\.mjs/);
+      expect(readFileSync(join(repo, "tests", "run-all.mjs"), "utf8")).toContain('vitest("tests/vitest.config.ts"');
+      expect(readFileSync(join(repo, "tests", "vitest.config.ts"), "utf8")).toContain('"tests/integration/**/*.test.ts"');
+    },
+  },
+  {
+    pattern: /^npx qwenbook (--help|-h|help)$/,
+    timeoutMs: 60_000,
+    async run(command) {
+      const r = await typed(command, 60_000);
+      expect(r.status, r.out).toBe(0);
+      expect(r.stdout).toMatch(/^usage: qwenbook <command>/);
+      expect(r.stdout).toContain("worker start");
+    },
+  },
+  {
+    pattern: /^npx qwenbook worker start$/,
+    timeoutMs: 180_000,
+    async run(command) {
+      const r = await typed(command, 170_000);
+      expect(r.status, r.out).toBe(0);
+      const pid = Number(r.stdout.match(/(?:Started the worker|A worker is already running): pid (\d+)/)?.[1]);
+      expect(isPidAlive(pid), r.out).toBe(true);
+      expect(readdirSync(runtimeDir).length, "the runtime file is in QWENBOOK_RUNTIME_DIR").toBeGreaterThan(0);
+    },
+  },
+  {
+    pattern: /^npx qwenbook worker status$/,
+    timeoutMs: 240_000,
+    async run(command) {
+      if ((await workerRunning()) === undefined) expect((await typed("npx qwenbook worker start", 170_000)).status).toBe(0);
+      const r = await typed(command, 60_000);
+      expect(r.status, r.out).toBe(0);
+      expect(r.stdout).toMatch(/^worker pid \d+, up /m);
+      expect(r.stdout).toMatch(/^models: none loaded$|^models:$/m);
+    },
+  },
+  {
+    pattern: /^npx qwenbook worker stop$/,
+    timeoutMs: 240_000,
+    async run(command) {
+      if ((await workerRunning()) === undefined) expect((await typed("npx qwenbook worker start", 170_000)).status).toBe(0);
+      const pid = await workerRunning();
+      expect(pid).toBeDefined();
+      const r = await typed(command, 60_000);
+      expect(r.status, r.out).toBe(0);
+      expect(r.stdout).toContain(`Stopped the worker (pid ${pid})`);
+      expect(isPidAlive(pid as number)).toBe(false);
+      const after = await typed("npx qwenbook worker status", 60_000);
+      expect(after.status).toBe(1);
+      expect(after.stdout).toMatch(/^No worker is running/);
+    },
+  },
+  {
+    pattern: /^npx qwenbook tiny-model <dir>$/,
+    timeoutMs: 180_000,
+    async run(command) {
+      const line = await filled(command);
+      const dir = line.split(" ").pop() as string;
+      const r = await typed(line, 170_000);
+      expect(r.status, r.out).toBe(0);
+      // Loadable as a user would load it: transformers' Auto classes, then one forward pass.
+      const load = [
+        "import sys, torch",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1]); m = AutoModelForCausalLM.from_pretrained(sys.argv[1])",
+        "ids = tok('你好', return_tensors='pt')['input_ids']",
+        "print('vocab', m(input_ids=ids).logits.shape[-1], m.config.model_type)",
+      ].join("\n");
+      const check = await runPython(["-c", load, dir]);
+      expect(check.status, check.stderr).toBe(0);
+      expect(check.stdout).toMatch(/^vocab \d+ qwen2$/m);
+    },
+  },
+  {
+    pattern: /^npx qwenbook serve --help$/,
+    timeoutMs: 60_000,
+    async run(command) {
+      const r = await typed(command, 60_000);
+      expect(r.status, r.out).toBe(0);
+      expect(r.stdout).toMatch(/^usage: qwenbook serve <model>/);
+    },
+  },
+  {
+    // Serves until stopped: wait until /v1/models answers on the port, check the model's id, then stop it.
+    pattern: /^npx qwenbook serve <model> --port 8000( --adapter <adapter dir>)?$/,
+    timeoutMs: 300_000,
+    async run(command) {
+      const line = await filled(command);
+      const port = Number(line.match(/--port (\d+)/)?.[1]);
+      const server = new Running(line);
+      running.push(server);
+      const models = (await server.waitFor(`/v1/models answered on port ${port}`, () =>
+        getJson(`http://127.0.0.1:${port}/v1/models`),
+      )) as { data: { id: string }[] };
+      const ids = models.data.map((m) => m.id);
+      // The id clients use: the adapter's folder name when one is applied, else the model folder's.
+      expect(ids).toContain(command.includes("--adapter") ? "readme-adapter" : "tiny-qwen2");
+      // Stopped as a terminal's Ctrl-C would stop the group; the port must be free again.
+      await server.stop();
+      expect(await portReleased(`http://127.0.0.1:${port}/v1/models`)).toBe(true);
+    },
+  },
+  {
+    pattern: /^npm run soak -- --seconds \d+$/,
+    timeoutMs: 600_000,
+    async run(command) {
+      const r = await typed(command, 590_000);
+      expect(r.out).toMatch(/^soak: ok$/m);
+      expect(r.status, r.out).toBe(0);
+    },
+  },
+  {
+    pattern: /^npm run bench -- --quick$/,
+    timeoutMs: 600_000,
+    async run(command) {
+      const r = await typed(command, 590_000);
+      expect(r.status, r.out).toBe(0);
+      expect(r.stdout).toMatch(/^overhead: -?[\d.]+ ms per token/m);
+      expect(r.stdout).toMatch(/^\s+4 concurrent .* 4\/4$/m); // the served replies matched their one-at-a-time twins
+    },
+  },
+  {
+    // GPU-only commands: without a GPU, a one-line refusal; with enough GPUs, a run to the end.
+    pattern: /^\.venv\/bin\/python -m (qwenbook_bridge\.bench(_dist|_chat|_quant_kernels)?\b|pytest python-bridge\/tests_gpu$)/,
+    timeoutMs: 3_700_000,
+    run: checkGpuOnly,
+  },
+];
+
+function checkFor(command: string): Check | undefined {
+  return CHECKS.find((c) => c.pattern.test(command));
+}
+
+const commands = readmeCommands(readme);
+
+describe("README commands, as typed in a shell after npm start", () => {
+  beforeAll(() => {
+    // The premise of the whole file: the shell these commands get is not one with the venv or npm's bins on PATH.
+    const which = spawnSync("sh", ["-c", "command -v jupyter; command -v qwenbook; true"], { env: userEnv(), encoding: "utf8" });
+    expect(which.stdout).not.toContain(join(repo, ".venv"));
+    expect(which.stdout).not.toContain("node_modules");
+  });
+
+  afterAll(() => {
+    for (const r of running) r.kill();
+    const stop = spawnSync(process.execPath, [join(repo, "kernel", "bin", "qwenbook.js"), "worker", "stop"], { env: userEnv() });
+    if (stop.status !== 0) console.error(`worker stop after the README commands: ${stop.stderr}`);
+    rmSync(scratch, { recursive: true, force: true });
+  });
+
+  it("finds the README's commands, and each has a check here", () => {
+    expect(commands.length).toBeGreaterThan(10);
+    expect(commands.filter((c) => !checkFor(c)), "README commands with no check in readme-commands.test.ts").toEqual([]);
+  });
+
+  it("shows no command in prose that is neither run here nor a longer form of one that is", () => {
+    const untested = inlineCommands(readme).filter((c) => !commands.includes(c) && !checkFor(c) && !(c in NOT_RUN));
+    expect(untested).toEqual([]);
+    for (const c of Object.keys(NOT_RUN)) expect(commands.some((run) => run.startsWith(`${c} -- `)), c).toBe(true);
+  });
+
+  for (const command of new Set([...commands, ...inlineCommands(readme).filter((c) => !(c in NOT_RUN) && !commands.includes(c))])) {
+    const check = checkFor(command);
+    it(command, () => {
+      if (!check) throw new Error(`no check for README command ${JSON.stringify(command)}: add one to CHECKS`);
+      return check.run(command);
+    }, check?.timeoutMs);
+  }
+});
