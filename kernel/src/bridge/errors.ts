@@ -42,9 +42,9 @@ const CHAIN_SEPARATORS = [
 ];
 
 /**
- * The `Type: message` line that ends the section just before the last chain separator, with the
- * type's module path dropped. `evalue` is the final exception's message: a cause that only
- * repeats it is left out.
+ * The exception that ends the section just before the last chain separator, as `Type: message`
+ * on one line (a message over several lines is joined), with the type's module path dropped.
+ * `evalue` is the final exception's message: a cause that only repeats it is left out.
  */
 export function pythonCause(traceback: readonly string[], evalue = ""): string | undefined {
   const lines = traceback.flatMap((l) => l.split("\n"));
@@ -56,19 +56,20 @@ export function pythonCause(traceback: readonly string[], evalue = ""): string |
     }
   }
   if (sep < 0) return undefined;
+  // The exception's lines follow the last frame: they are the unindented ones above the separator.
+  const text: string[] = [];
   for (let i = sep - 1; i >= 0; i--) {
     const line = lines[i];
-    if (line.trim() === "") continue;
-    // Frames and source lines are indented; the exception line is not.
-    if (/^\s/.test(line)) return undefined;
-    const m = /^([\w.]+)(: (.*))?$/.exec(line);
-    if (!m) return line;
-    const name = m[1].slice(m[1].lastIndexOf(".") + 1);
-    const message = m[3] ?? "";
-    if (message !== "" && message === evalue) return undefined;
-    return message === "" ? name : `${name}: ${message}`;
+    if (/^\s/.test(line) || line.startsWith("Traceback (most recent call last)") || CHAIN_SEPARATORS.includes(line.trim())) break;
+    if (line.trim() !== "") text.unshift(line.trim());
   }
-  return undefined;
+  if (text.length === 0) return undefined;
+  const m = /^([\w.]+)(?:: ([\s\S]*))?$/.exec(text.join(" "));
+  if (!m) return text.join(" ");
+  const name = m[1].slice(m[1].lastIndexOf(".") + 1);
+  const message = m[2] ?? "";
+  if (message !== "" && message === evalue.replace(/\s*\n\s*/g, " ")) return undefined;
+  return message === "" ? name : `${name}: ${message}`;
 }
 
 /** The worker process went away while requests were waiting for it. */
