@@ -240,7 +240,19 @@ def test_retry_after_can_be_fixed(server, tiny):
 
 # ---- a stream nobody reads -------------------------------------------------------------------------------
 
-def test_a_stream_whose_reader_stalls_is_cancelled_and_does_not_hold_the_batch(tiny, server):
+@pytest.fixture
+def long_server(tiny):
+    """A context long enough that a reply could not finish within the stall timeout even on a fast machine:
+    the reply that fills every buffer on the way is a small part of it."""
+    srv = OpenAIServer.for_loaded(tiny, ServeConfig(port=0, model_name=NAME, context_length=16384,
+                                                    client_timeout_s=CLIENT_TIMEOUT_S))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_a_stream_whose_reader_stalls_is_cancelled_and_does_not_hold_the_batch(long_server):
+    server = long_server
     budget = server.scheduler.context_length - 64
     before = server.scheduler.stats().tokens_generated
     body = json.dumps(chat_body(budget, stream=True, ignore_eos=True)).encode()
