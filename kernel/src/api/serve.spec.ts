@@ -67,6 +67,14 @@ describe("Server", () => {
     expect(String(s)).toBe(shown);
   });
 
+  it("counts the requests a full queue turned away", () => {
+    const host = { connection: async () => fakeClient().client, sink: () => recordingSink({ rich: false }) };
+    const s = new Server(host, info(stats({ requests_waiting: 2, requests_rejected: 3 })), 7, "sk-local");
+    expect(inspect(s)).toContain("0 requests (0 active, 2 waiting, 3 turned away)");
+    expect(s.lastStats.requestsRejected).toBe(3);
+    expect(server(recordingSink({ rich: false }), fakeClient().client).lastStats.requestsRejected).toBe(0);
+  });
+
   it("prints one line in a terminal and draws no rich output", () => {
     const sink = recordingSink({ rich: false });
     server(sink, fakeClient().client);
