@@ -5,7 +5,7 @@
 // The only rewrites: placeholders (<model>, <dir>, <adapter dir>) become real paths, and `--port 8000`
 // becomes a free port, so a busy 8000 on a shared machine cannot fail the run.
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, sep } from "node:path";
@@ -448,4 +448,30 @@ describe("README commands, as typed in a shell after npm start", () => {
       return check.run(command);
     }, check?.timeoutMs);
   }
+});
+
+describe("the qwenbook command from a packed tarball", () => {
+  // Outside the checkout the bin must come with the package: the launcher is in the tarball, npm links it
+  // at install time, and it runs the built CLI shipped beside it.
+  it("npm install <tarball> links qwenbook, and npx qwenbook runs it", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "qwenbook-pack-"));
+    try {
+      const pack = await typed(`npm pack -w kernel --pack-destination ${dir} --json`, 120_000);
+      expect(pack.status, pack.out).toBe(0);
+      const [{ filename, files }] = JSON.parse(pack.stdout.slice(pack.stdout.indexOf("["))) as { filename: string; files: { path: string }[] }[];
+      const bin = (JSON.parse(readFileSync(join(repo, "kernel", "package.json"), "utf8")) as { bin: Record<string, string> }).bin.qwenbook;
+      expect(files.map((f) => f.path)).toContain(bin);
+      const project = join(dir, "project");
+      mkdirSync(project);
+      writeFileSync(join(project, "package.json"), JSON.stringify({ name: "uses-qwenbook", version: "1.0.0", private: true }));
+      // --offline: the dependencies come from the cache `npm ci` filled, so the check needs no network.
+      const install = await typed(`cd ${project} && npm install --offline --no-audit --no-fund ${join(dir, filename)}`, 240_000);
+      expect(install.status, install.out).toBe(0);
+      const help = await typed(`cd ${project} && npx qwenbook --help`, 60_000);
+      expect(help.status, help.out).toBe(0);
+      expect(help.stdout).toMatch(/^usage: qwenbook <command>/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 420_000);
 });
