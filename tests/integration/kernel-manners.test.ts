@@ -41,13 +41,14 @@ beforeAll(async () => {
         "const kept = qwen.lastReply()!;\n" +
         "JSON.stringify({ cancelled: kept.cancelled, text: kept.text, same: kept === story, storyCancelled: story.cancelled })",
     },
-    /* 8 */ { code: 'await m.chat("hi").greedy().maxTokens(4);' },
+    /* 8 */ { code: 'const hi = await m.chat("hi").greedy().maxTokens(4);\nhi' },
     /* 9 */ { code: 'await m.lora().dataset("data/rows.json", { format: "alpaca" }).preview(2);' },
     /* 10 */ { code: "const server = await m.serve({ port: 0 });" },
     /* 11 */ { code: "await server.stop();" },
     /* 12 */ { code: 'qwen.debug(true);\nawait qwen.load("qwenbook-tests/no-such-model-anywhere", { quiet: true });' },
     /* 13 */ { code: "qwen.debug(false);\nawait m.unload();" },
     /* 14 */ { code: 'await m.chat("hi").maxTokens(2);' },
+    /* 15 */ { code: "hi" },
   ]);
 });
 
@@ -113,6 +114,11 @@ describe("the kernel's manners", () => {
     expect(cells[10].status, cells[10].stream).toBe("ok");
     expect(cells[11].status, cells[11].stream).toBe("ok");
     expect(cells[11].stream).toBe("");
+  });
+
+  it("prints a shown value named in a later cell, where no widget shows it", () => {
+    expect(cells[15].status).toBe("ok");
+    expect(cells[15].stream.trim()).toMatch(/^Reply\(4 tokens, length, [\d.]+ tok\/s\)$/);
   });
 
   it("prints the JS stack and the Python traceback with qwen.debug(true)", () => {

@@ -1,6 +1,6 @@
 import { inspect } from "node:util";
 import { describe, expect, it } from "vitest";
-import { isShown, markShown, SHOWN } from "./shown";
+import { beginCell, isShown, markShown, SHOWN } from "./shown";
 
 describe("markShown", () => {
   it("marks an object under the well-known symbol without changing how it prints or serialises", () => {
@@ -21,6 +21,16 @@ describe("markShown", () => {
     const frozen = Object.freeze({ a: 1 });
     expect(markShown(frozen)).toBe(frozen);
     expect(isShown(frozen)).toBe(false);
+  });
+
+  it("counts only in the cell that drew it: named in a later cell, the value prints again", () => {
+    beginCell();
+    const reply = markShown({ text: "hi" });
+    expect(isShown(reply)).toBe(true);
+    beginCell();
+    expect(isShown(reply)).toBe(false);
+    markShown(reply);
+    expect(isShown(reply)).toBe(true);
   });
 
   it("marks errors, which keep their message and stack", () => {

@@ -3,6 +3,7 @@
 import { dirname, join } from "node:path";
 import { cancelInFlight, requestsInFlight } from "../api/interrupt";
 import { packageDir } from "../bridge/paths";
+import { beginCell } from "../display/shown";
 import { registerSink, type DisplayBundle, type DisplayOptions, type DisplaySink } from "../display/sink";
 import { cellConsole, type CellText, type ExecutorConsole } from "./cell-output";
 import { patchExecuteRequests, type TslabJupyterClasses } from "./execute-requests";
@@ -50,6 +51,7 @@ function trackCells(jupyter: TslabJupyter): () => CellRun {
   proto.handleExecuteImpl = async function (this: unknown, ...args: Parameters<typeof execute>) {
     let end = (): void => undefined;
     current = { done: new Promise<void>((resolve) => (end = resolve)), widget: false };
+    beginCell();
     try {
       return await execute.apply(this, args);
     } finally {
