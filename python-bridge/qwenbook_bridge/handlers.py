@@ -182,8 +182,19 @@ class Handlers:
     def jobs(self) -> dict[str, JobHandler]:
         """Requests that run on the job thread; new GPU capabilities (train, export, serve) register here."""
         exports = {name: self.train.bare(handler) for name, handler in self.export.jobs().items()}
+        train = self.train.jobs()
+        train["adapter_load"] = self._attaching(train["adapter_load"])
         return {"load": self.load, "unload": self.unload, "generate": self.generate, **exports,
-                **self.serve.jobs(), **self.train.jobs()}
+                **self.serve.jobs(), **train}
+
+    def _attaching(self, handler: JobHandler) -> JobHandler:
+        """A session that puts an adapter on a model (qwen.adapters.load in a notebook that did not load the
+        model) uses that model too: another notebook's unload must not take it away."""
+        def run(job: JobContext) -> dict[str, Any]:
+            reply = handler(job)
+            self.registry.attach(job.request.content["model_id"], job.request.session)
+            return reply
+        return run
 
     def controls(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
         """Requests beyond hello/status/cancel/shutdown answered at once on the main thread (content -> reply)."""

@@ -116,3 +116,22 @@ def test_a_new_hello_from_a_session_updates_its_process(clients, tiny_model_dir)
         for p in (old, new):
             p.kill()
             p.wait(TIMEOUT_S)
+
+
+def test_a_session_that_put_an_adapter_on_the_model_uses_it_too(clients, tiny_model_dir, tmp_path):
+    a, c = clients(), clients()
+    hello(a, None)
+    hello(c, None)
+    model_id = load(a, str(tiny_model_dir))
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(4)]
+    config = {"output_dir": str(tmp_path / "run"), "max_length": 32, "batch_size": 2, "grad_accum": 1, "max_steps": 1,
+              "lora": {"r": 4}}
+    trained, _ = a.call("train", {"model_id": model_id, "config": config, "datasets": [{"rows": rows}]})
+    assert trained.content["status"] == "ok", trained.content
+    # c never loaded the model: it found it in the worker and put the adapter on it (qwen.adapters.load).
+    put, _ = c.call("adapter_load", {"model_id": model_id, "path": trained.content["adapter_path"]})
+    assert put.content["status"] == "ok", put.content
+    reply, _ = a.call("unload", {"model_id": model_id})
+    assert reply.content == {"status": "ok", "unloaded": False, "other_users": 1}
+    reply, _ = c.call("unload", {"model_id": model_id})
+    assert reply.content == {"status": "ok", "unloaded": True, "other_users": 0}

@@ -356,6 +356,12 @@ class ModelRegistry:
         with self._lock:
             return set(self._users.get(model_id, ()))
 
+    def attach(self, model_id: str, user: str) -> None:
+        """`user` uses `model_id` without having loaded it (an adapter put on it); ignored when it is not loaded."""
+        with self._lock:
+            if any(m.model_id == model_id for m in self._by_key.values()):
+                self._users.setdefault(model_id, set()).add(user)
+
     def detach(self, model_id: str, user: str) -> None:
         """`user` no longer uses `model_id`; the model stays loaded."""
         with self._lock:
