@@ -295,13 +295,17 @@ const CHECKS: Check[] = [
     },
   },
   {
-    pattern: /^npx qwenbook worker start$/,
-    timeoutMs: 180_000,
+    pattern: /^npx qwenbook worker start( --transport (tcp|ipc))?$/,
+    timeoutMs: 240_000,
     async run(command) {
+      // From no worker, so that the command itself starts one (and with the transport it names).
+      expect((await typed("npx qwenbook worker stop", 60_000)).status).toBe(0);
       const r = await typed(command, 170_000);
       expect(r.status, r.out).toBe(0);
-      const pid = Number(r.stdout.match(/(?:Started the worker|A worker is already running): pid (\d+)/)?.[1]);
-      expect(isPidAlive(pid), r.out).toBe(true);
+      const started = r.stdout.match(/^Started the worker: pid (\d+) at (\w+):\/\//m);
+      expect(started, r.out).not.toBeNull();
+      expect(isPidAlive(Number(started?.[1])), r.out).toBe(true);
+      expect(started?.[2]).toBe(command.match(/--transport (\w+)/)?.[1] ?? "ipc");
       expect(readdirSync(runtimeDir).length, "the runtime file is in QWENBOOK_RUNTIME_DIR").toBeGreaterThan(0);
     },
   },
@@ -314,6 +318,8 @@ const CHECKS: Check[] = [
       expect(r.status, r.out).toBe(0);
       expect(r.stdout).toMatch(/^worker pid \d+, up /m);
       expect(r.stdout).toMatch(/^models: none loaded$|^models:$/m);
+      expect(r.stdout).toMatch(/^training runs(: none|:)$/m);
+      expect(r.stdout).toMatch(/^OpenAI servers(: none|:)$/m);
     },
   },
   {
