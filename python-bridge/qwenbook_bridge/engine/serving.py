@@ -241,8 +241,8 @@ class OpenAIServer:
         return ServeStats(
             running=self.running, url=self.url, host=self.config.host, port=self._port,
             model_name=self.config.model_name, requests_total=s.requests_total, requests_active=self.api.active,
-            requests_waiting=b.waiting, requests_rejected=s.rejected, errors=s.errors, tokens_generated=b.tokens_generated,
-            tokens_per_second=b.tokens_per_second, last_error=last_error, last_error_at=last_at,
+            requests_waiting=b.waiting, requests_rejected=s.rejected, errors=s.errors,
+            tokens_generated=b.tokens_generated, tokens_per_second=b.tokens_per_second, last_error=last_error, last_error_at=last_at,
             started_at=self._started_at, uptime_s=round(time.time() - self._started_at, 3) if self._started_at else 0.0)
 
     def __enter__(self) -> OpenAIServer:
