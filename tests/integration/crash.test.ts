@@ -27,9 +27,8 @@ const sink: DisplaySink = {
   display: () => undefined,
 };
 
-let runtimeDir = "";
 beforeAll(async () => {
-  runtimeDir = privateRuntimeDir("crash");
+  privateRuntimeDir("crash");
   qwen = new Qwen({ sink });
   model = await qwen.load(tinyModel(), { dtype: "fp32", device: "cpu", quiet: true });
 });
@@ -100,6 +99,13 @@ function workerStatus(): { code: number | null; out: string } {
 }
 
 describe("a run whose worker crashed, from the run index", () => {
+  let killer: Qwen | undefined;
+  let after: Qwen | undefined;
+  afterAll(async () => {
+    killer?.disconnect();
+    await after?.shutdown(); // the worker started after the crash
+  });
+
   it("is listed interrupted at its last complete checkpoint, and resume() finishes it with an uninterrupted run's losses", async () => {
     const run = model.lora({ r: 4, dropout: 0.1 }).dataset(ROWS).maxLength(32).batchSize(2).maxSteps(RESUME_STEPS).logEvery(1).saveEvery(2).seed(5);
     const reference = await run.output(join(tmp, "uninterrupted")).quiet().train();
@@ -109,7 +115,7 @@ describe("a run whose worker crashed, from the run index", () => {
     const out = join(tmp, "crashed");
     let checkpointSeen = -1;
     // A second client on the same worker, to act on the first checkpoint event as it arrives.
-    const killer = new Qwen({
+    killer = new Qwen({
       sink,
       onMessage: (m) => {
         if (m.type === "checkpoint" && checkpointSeen < 0) {
@@ -127,7 +133,7 @@ describe("a run whose worker crashed, from the run index", () => {
     console.log(`$ kill -9 ${pid}   # at the first checkpoint event; newest complete checkpoint on disk: checkpoint-${newest}`);
 
     // No worker now: the run index on disk still knows the run.
-    const after = new Qwen({ sink });
+    after = new Qwen({ sink });
     const [offline] = (await after.runs()).filter((r) => r.outputDir === out);
     console.log(`> (await qwen.runs())  # no worker running\n${String(offline)}`);
     expect(offline.state).toBe("interrupted");
@@ -174,7 +180,5 @@ describe("a run whose worker crashed, from the run index", () => {
     expect(up.code).toBe(0);
     expect(up.out).toMatch(new RegExp(`${listed.runId.slice(0, 8)}  resumed +step ${newest}/${RESUME_STEPS}`));
     expect(up.out).toMatch(/OpenAI servers: none/);
-    killer.disconnect();
-    after.disconnect();
   }, 600_000); // three training runs and a worker start: minutes on a loaded 2-core machine
 });

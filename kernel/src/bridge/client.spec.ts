@@ -168,7 +168,7 @@ describe("WorkerClient", () => {
       worker = await startFakeWorker({ hello: helloHandler(), generate: async (_m, r) => r.reply(okGenerate("over ipc")) }, process.pid, dir);
       expect(worker.info.transport).toBe("ipc");
       client = await WorkerClient.connect(worker.info);
-      const reply = await client.request("generate", { model_id: "m", prompt: "hi" });
+      const reply = await client.request("generate", { model_id: "m", messages: [{ role: "user", content: "hi" }] });
       expect(reply.text).toBe("over ipc");
       const states: string[] = [];
       client.subscribe("worker_status", (c) => states.push(c.state));
