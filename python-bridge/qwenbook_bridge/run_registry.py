@@ -30,6 +30,9 @@ from typing import Any
 HISTORY_CAP = 2000  # events kept per run beyond train_begin (about 0.5 MB at most)
 FINISHED_KEPT = 32  # finished runs listed (and kept in the index); older ones are forgotten
 RECORD_VERSION = 1
+# A run's resume recipe holds its datasets, rows included when they were sent inline; past this size the record
+# keeps no recipe (the run is still listed, and resumes from its checkpoint through the train builder).
+RESUME_RECIPE_MAX_BYTES = 1024 * 1024
 _RECORD_SUFFIX = ".json"
 _WAKE_S = 0.25  # how often a watcher with nothing to send checks its cancel flag
 
@@ -209,6 +212,13 @@ class RunRegistry:
     def begin(self, run_id: str, model_id: str, output_dir: str, session: str,
               resume: dict[str, Any] | None = None, continues: bool = False) -> Run:
         """A run starts; `resume` is what continuing it takes, `continues` says it resumes from a checkpoint."""
+        if resume is not None and len(json.dumps(resume, ensure_ascii=False)) > RESUME_RECIPE_MAX_BYTES:
+            import logging
+
+            logging.getLogger("qwenbook.worker").info(
+                "run %s: its train request is over %d bytes (inline rows), so the run index records it without "
+                "a resume recipe", run_id, RESUME_RECIPE_MAX_BYTES)
+            resume = None
         run = Run(run_id, model_id, output_dir, session, _now(), resume=resume)
         with self._lock:
             previous = self._runs.pop(run_id, None)

@@ -222,3 +222,19 @@ def test_run_ids_cannot_name_files_outside_the_index(tmp_path) -> None:
     index = RunIndex(tmp_path / "runs")
     assert index.path("../../etc/passwd").parent == index.folder
     assert index.path("..").parent == index.folder
+
+
+def test_a_train_request_with_huge_inline_rows_is_recorded_without_its_recipe(tmp_path) -> None:
+    from qwenbook_bridge.run_registry import RESUME_RECIPE_MAX_BYTES
+
+    index = RunIndex(tmp_path / "runs")
+    index.folder.mkdir()
+    reg = RunRegistry()
+    reg.open_index(index)
+    rows = [{"instruction": "q" * 1000, "output": "a"}] * (RESUME_RECIPE_MAX_BYTES // 1000 + 1)
+    big = {**RECIPE, "train": {**RECIPE["train"], "datasets": [{"rows": rows}]}}
+    reg.begin("r1", "m", "/out", "s", resume=big)
+    record = index.path("r1").read_text()
+    assert len(record) < 4096 and "resume" not in json.loads(record)  # the index stays small
+    reg.begin("r2", "m", "/out", "s", resume=RECIPE)
+    assert json.loads(index.path("r2").read_text())["resume"] == RECIPE
