@@ -49,6 +49,8 @@ beforeAll(async () => {
     /* 13 */ { code: "qwen.debug(false);\nawait m.unload();" },
     /* 14 */ { code: 'await m.chat("hi").maxTokens(2);' },
     /* 15 */ { code: "hi" },
+    /* 16 */ { code: 'void Promise.reject(new RangeError("nobody waits for this"));\n"sent"' },
+    /* 17 */ { code: '"next"' },
   ]);
 });
 
@@ -114,6 +116,13 @@ describe("the kernel's manners", () => {
     expect(cells[10].status, cells[10].stream).toBe("ok");
     expect(cells[11].status, cells[11].stream).toBe("ok");
     expect(cells[11].stream).toBe("");
+  });
+
+  it("prints an unhandled rejection as one line too", () => {
+    expect(cells[16].status).toBe("ok");
+    expect(cells[16].stream).toContain("Unhandled rejection: RangeError: nobody waits for this\n");
+    expect(cells[16].stream).not.toMatch(/\n {4}at /);
+    expect(cells[17].stream.trim()).toBe("next");
   });
 
   it("prints a shown value named in a later cell, where no widget shows it", () => {

@@ -3,9 +3,10 @@
 import { dirname, join } from "node:path";
 import { cancelInFlight, requestsInFlight } from "../api/interrupt";
 import { packageDir } from "../bridge/paths";
+import { debugErrors } from "../display/error-info";
 import { beginCell } from "../display/shown";
 import { registerSink, type DisplayBundle, type DisplayOptions, type DisplaySink } from "../display/sink";
-import { cellConsole, type CellText, type ExecutorConsole } from "./cell-output";
+import { cellConsole, cellErrorOutput, type CellText, type ExecutorConsole } from "./cell-output";
 import { patchExecuteRequests, type TslabJupyterClasses } from "./execute-requests";
 import { addInterruptGrace, type InterruptibleExecutor } from "./interrupt-grace";
 import { forwardTypeScriptSys, hookRequire, type ResolutionSys } from "./resolution";
@@ -147,7 +148,30 @@ function main(): void {
   registerSink(cellSink(() => process.stdout.write.bind(process.stdout), () => jupyter.lastWriteDisplayData, cell));
 
   const { startKernel } = require(join(tslabDir, "dist", "main.js")) as TslabMain;
-  startKernel({ configPath, enableFindLocal: false });
+  const widget = () => cell().widget;
+  replaceProcessErrorPrinters(() => startKernel({ configPath, enableFindLocal: false }), widget);
+}
+
+/**
+ * tslab prints an unhandled rejection or uncaught exception with console.error(label, error): the
+ * whole inspected object, as cells did. These print the same one line a failed cell does.
+ */
+function replaceProcessErrorPrinters(start: () => void, widgetShown: () => boolean): void {
+  const emitter: NodeJS.EventEmitter = process;
+  const events = ["unhandledRejection", "uncaughtException"];
+  const before = new Map(events.map((e) => [e, new Set(emitter.listeners(e))]));
+  start();
+  for (const event of events) {
+    for (const listener of emitter.listeners(event)) {
+      if (!before.get(event)!.has(listener)) emitter.off(event, listener as (...args: unknown[]) => void);
+    }
+  }
+  const print = (label: string) => (error: unknown) => {
+    const out = cellErrorOutput(error, { debug: debugErrors(), widgetShown: widgetShown() });
+    if (out) (out.stream === "stdout" ? process.stdout : process.stderr).write(`${label}: ${out.text}`);
+  };
+  process.on("unhandledRejection", print("Unhandled rejection"));
+  process.on("uncaughtException", print("Uncaught exception"));
 }
 
 main();
