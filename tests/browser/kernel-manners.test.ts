@@ -98,6 +98,8 @@ describe("the kernel's manners in a live notebook", () => {
           ["lora", "m.lora({ r: 0 });"],
           ["worker", 'await qwen.load("qwenbook-tests/no-such-model-anywhere", { quiet: true });'],
           ["long", 'await m.chat("Tell me a very long story.").greedy().maxTokens(3000);'],
+          ["unload", "await m.unload();"],
+          ["gone", 'await m.chat("hi").maxTokens(2);'],
         ]),
       );
       panel = await openNotebook(page, lab, "manners.ipynb");
@@ -112,10 +114,10 @@ describe("the kernel's manners in a live notebook", () => {
       const out = outputWith(cell, ".qwenbook-chat[data-state='done']");
       await waitForOutput(page, cell, out, 180_000, "manners-chat");
       await waitForCount(cell);
+      await snapshot(cell.locator(".jp-OutputArea"), "manners-chat");
       const texts = await cell.locator(".jp-OutputArea-output").allInnerTexts();
       expect(texts.filter((t) => t.includes("Reply("))).toEqual([]);
       await expect(cell.locator(STDOUT).count()).resolves.toBe(0);
-      await snapshot(cell.locator(".jp-OutputArea"), "manners-chat");
     });
 
     it("prints a bad argument as one line: its name and message, no stack or source snippet", async () => {
@@ -154,6 +156,17 @@ describe("the kernel's manners in a live notebook", () => {
       await expect(cell.locator(STDERR).count()).resolves.toBe(0);
       const texts = (await cell.locator(".jp-OutputArea-output").allInnerTexts()).join("\n");
       expect(texts).not.toContain("Interrupted asynchronously");
+    });
+
+    it("shows a chat's error in its bubble only, not again as text under it", async () => {
+      await waitForCount(await runCell(panel, 5));
+      const cell = await runCell(panel, 6);
+      const out = outputWith(cell, ".qwenbook-chat[data-state='error']");
+      await waitForOutput(page, cell, out, 60_000, "manners-error-bubble");
+      await waitForCount(cell);
+      await snapshot(cell.locator(".jp-OutputArea"), "manners-error-bubble");
+      await expect(cell.locator(STDERR).count()).resolves.toBe(0);
+      await expect(out.textContent()).resolves.toContain("ModelNotLoadedError");
     });
   });
 
