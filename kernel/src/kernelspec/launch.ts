@@ -1,5 +1,7 @@
 // The "Qwen (TypeScript)" kernel process: tslab, with `qwenbook` importable from any notebook
-// folder, its display sink wired to tslab's display_data, and interrupts cancelling worker requests.
+// folder, its display sink wired to tslab's display_data, interrupts cancelling worker requests
+// (whose cancelled replies still reach the cell), errors printed as one line, values a widget
+// has drawn not printed again, and busy/idle reported around each execute request as it runs.
 import { dirname, join } from "node:path";
 import { cancelInFlight, requestsInFlight } from "../api/interrupt";
 import { packageDir } from "../bridge/paths";
@@ -143,12 +145,12 @@ function main(): void {
 
   const jupyter = require(join(tslabDir, "dist", "jupyter.js")) as TslabJupyter;
   const cell = trackCells(jupyter);
+  const widget = (): boolean => cell().widget;
   patchExecuteRequests(jupyter);
-  patchExecutor(require(join(tslabDir, "dist", "executor.js")) as TslabExecutorModule, () => cell().widget);
+  patchExecutor(require(join(tslabDir, "dist", "executor.js")) as TslabExecutorModule, widget);
   registerSink(cellSink(() => process.stdout.write.bind(process.stdout), () => jupyter.lastWriteDisplayData, cell));
 
   const { startKernel } = require(join(tslabDir, "dist", "main.js")) as TslabMain;
-  const widget = () => cell().widget;
   replaceProcessErrorPrinters(() => startKernel({ configPath, enableFindLocal: false }), widget);
 }
 
