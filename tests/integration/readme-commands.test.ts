@@ -2,8 +2,9 @@
 // ```sh blocks goes through `sh -c` in the repository root, with a PATH that has neither .venv/bin nor any
 // node_modules/.bin (a plain shell, not npm's), and is checked for what the README says it does. A command
 // added to the README without a check here fails, and so does one that stopped working as written.
-// The only rewrites: placeholders (<model>, <dir>, <adapter dir>) become real paths, and `--port 8000`
-// becomes a free port, so a busy 8000 on a shared machine cannot fail the run.
+// The only rewrites: placeholders (<model>, <dir>, <adapter dir>) become real paths, `--port 8000` becomes a
+// free port, so a busy 8000 on a shared machine cannot fail the run, and `npm start` gets
+// `-- --no-browser --port <free>` (no browser to open here; the kernel default is read from the server instead).
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
@@ -14,7 +15,7 @@ import { isPidAlive } from "../../kernel/src/bridge/runtime";
 import { python, repo, tinyModel } from "./helpers";
 
 /** The commands in the README's shell code blocks, in order, without trailing `# comments`. */
-export function readmeCommands(markdown: string): string[] {
+function readmeCommands(markdown: string): string[] {
   const commands: string[] = [];
   for (const block of markdown.matchAll(/^```(?:sh|bash|shell)[ \t]*\n([\s\S]*?)^```/gm)) {
     for (const raw of block[1].split("\n")) {
@@ -26,7 +27,7 @@ export function readmeCommands(markdown: string): string[] {
 }
 
 /** Inline code in the README's prose that reads as a command (`npm …`, `npx …`, `python …`, `.venv/bin/…`). */
-export function inlineCommands(markdown: string): string[] {
+function inlineCommands(markdown: string): string[] {
   const prose = markdown.replace(/^```[\s\S]*?^```/gm, "");
   return [...prose.matchAll(/`((?:npm|npx|node|python3?|\.venv\/bin\/\S+|cd) [^`]+)`/g)].map((m) => m[1].trim());
 }
