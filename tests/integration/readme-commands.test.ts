@@ -6,7 +6,7 @@
 // free port, so a busy 8000 on a shared machine cannot fail the run, and `npm start` gets
 // `-- --no-browser --port <free>` (no browser to open here; the kernel default is read from the server instead).
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, sep } from "node:path";
@@ -455,6 +455,24 @@ describe("README commands, as typed in a shell after npm start", () => {
       return check.run(command);
     }, check?.timeoutMs);
   }
+});
+
+describe("the qwenbook launcher", () => {
+  // In a fresh clone `npm ci` links the bin before anything is built: until `npm start` has run, the command
+  // must say so rather than fail with a module-not-found stack.
+  it("without a build, says to run npm start", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "qwenbook-unbuilt-"));
+    try {
+      mkdirSync(join(dir, "bin"));
+      copyFileSync(join(repo, "kernel", "bin", "qwenbook.js"), join(dir, "bin", "qwenbook.js"));
+      const r = await typed(`node ${join(dir, "bin", "qwenbook.js")} --help`, 60_000);
+      expect(r.status).toBe(1);
+      expect(r.out.trim().split("\n")).toHaveLength(1);
+      expect(r.out).toMatch(/^qwenbook: the command is not built yet .*run `npm start`/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
 
 describe("the qwenbook command from a packed tarball", () => {
