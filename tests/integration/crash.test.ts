@@ -89,7 +89,7 @@ describe("worker killed mid-training", () => {
     expect(existsSync(half)).toBe(false); // the run cleared the leftover
     rmSync(partial, { recursive: true });
     expect(steps(out)).toContain(STEPS);
-  });
+  }, 600_000); // a worker restart and a 40-step run: over a minute on a loaded 2-core machine
 });
 
 /** `npx qwenbook worker status`, as a user would run it (exit code and what it printed). */

@@ -97,7 +97,7 @@ describe("re-attaching to a training run after a kernel restart", () => {
     expect(done.runId).toBe(listed.runId);
     await expect(done.watch({ quiet: true })).resolves.toMatchObject({ state: "completed", step: STEPS });
     expect(await done.cancel()).toBe(false);
-  });
+  }, 600_000); // 300 training steps, watched twice: minutes on a loaded 2-core machine
 
   it("cancels a run another client started, into a checkpoint", async () => {
     const starter = new Qwen({ sink: stepSink() });
@@ -116,5 +116,5 @@ describe("re-attaching to a training run after a kernel restart", () => {
     expect((await after!.runs()).find((r) => r.runId === running.runId)?.state).toBe("cancelled");
     starter.disconnect();
     starterWithSink.disconnect();
-  });
+  }, 300_000); // a second model load before the run starts
 });
