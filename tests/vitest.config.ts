@@ -9,7 +9,9 @@ export default defineConfig({
     // Integration files each start a worker (torch import, model load); on a small machine running
     // them side by side only makes each slower.
     fileParallelism: false,
-    testTimeout: 60_000,
-    hookTimeout: 180_000,
+    // Limits only against a hang: tests wait for readiness, and a CI host with every core busy can make a
+    // worker start plus a short training run take minutes (seen: 146 s for one that takes 20 s idle).
+    testTimeout: 600_000,
+    hookTimeout: 600_000,
   },
 });

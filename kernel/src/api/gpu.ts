@@ -3,6 +3,7 @@ import { inspect } from "node:util";
 import type { WorkerClient } from "../bridge/client";
 import type { DeviceMemory, RankMemory } from "../bridge/protocol.gen";
 import { GpuHistory } from "../display/bundles";
+import { markShown } from "../display/shown";
 import type { DisplaySink } from "../display/sink";
 import { createThrottle } from "../display/throttle";
 import { expectKnownKeys, expectNumber } from "./validate";
@@ -57,6 +58,8 @@ export class GpuGauge implements PromiseLike<void> {
       // Takes the gauge's place in the cell now, above whatever the cell shows next.
       this.#sink.display({ data: { "text/plain": "GPU memory: asking the worker…" } }, { id: this.#id });
       this.#shown = true;
+      // The gauge is its own output: `qwen.gpu();` as a cell's last line must not print GpuGauge(…) under it.
+      markShown(this);
     }
     this.#done = this.#run(host);
     this.#done.catch((error: unknown) => {

@@ -338,7 +338,8 @@ export class TrainRun {
       output: saved === undefined ? undefined : shortPath(saved, this.#cwd),
       elapsedS: result.elapsedSeconds,
     });
-    return result;
+    // The dashboard's last line says how the run ended; the cell need not print TrainResult(…) under it.
+    return display ? markShown(result) : result;
   }
 
   #title(): string {
