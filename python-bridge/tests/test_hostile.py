@@ -95,13 +95,16 @@ def _iso(offset_s: float) -> str:
     return (datetime.now(timezone.utc) + timedelta(seconds=offset_s)).isoformat(timespec="milliseconds")
 
 
+# Dates relative to now are made when the test runs, not when pytest collects it: the whole suite can take
+# longer than the clock skew allowed, which would turn "150 s in the future" into the past.
 @pytest.mark.parametrize("date,why", [
-    (_iso(-REPLAY_MAX_AGE_S - 60), "s old, beyond the"),  # a capture replayed after its id left the window
-    (_iso(CLOCK_SKEW_S + 120), "s in the future"),
-    ("yesterday", "is not an ISO 8601 time"),
-    ("2026-12-02T00:00:00", "is not an ISO 8601 time with a time zone"),  # no zone: whose clock?
+    (lambda: _iso(-REPLAY_MAX_AGE_S - 60), "s old, beyond the"),  # a capture replayed after its id left the window
+    (lambda: _iso(CLOCK_SKEW_S + 120), "s in the future"),
+    (lambda: "yesterday", "is not an ISO 8601 time"),
+    (lambda: "2026-12-02T00:00:00", "is not an ISO 8601 time with a time zone"),  # no zone: whose clock?
 ], ids=["too old", "in the future", "not a date", "no time zone"])
 def test_a_signed_message_with_a_new_id_but_a_date_outside_the_window_is_dropped(worker, client, date, why):
+    date = date()
     frames = frames_for(client, "status", {}, date=date)
     msg_id = json.loads(frames[2])["msg_id"]
     client.dealer.send_multipart(frames)

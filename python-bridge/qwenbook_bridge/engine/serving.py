@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .continuous_batching import BatchConfig, BatchScheduler
@@ -47,6 +48,7 @@ QUEUE_PER_BATCH_SLOT = 4
 # Kernel send buffer per connection. Left to autotuning it grows to megabytes, which a client that stopped
 # reading fills silently (a whole long reply) before the server notices; token streams need far less.
 SEND_BUFFER_BYTES = 128 * 1024
+LINGER_S = 2.0  # how long a connection closed mid-body keeps draining the client's bytes (see lingering_close)
 
 
 class PortInUseError(EngineError):
@@ -271,11 +273,34 @@ class _GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         self._header_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
+        self._lingering = False
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         super().connection_made(transport)
         self._arm_header_timer()
+        # uvicorn closes the transport right after a Connection: close response. If the client is still sending
+        # a body (a 408 for a trickling one), its unread bytes make the kernel answer the close with a reset,
+        # which can discard the response before the client reads it. So such a close is a lingering one: send
+        # the response and a FIN, keep reading and dropping what comes, and close once the client has closed or
+        # LINGER_S has passed (what HTTP servers have long done for the same reason).
+        close = transport.close
+
+        def lingering_close() -> None:
+            if self._lingering or transport.is_closing() or not transport.can_write_eof() or \
+                    self.conn.their_state is not h11.SEND_BODY:
+                return close()
+            self._lingering = True
+            transport.write_eof()
+            if self.flow is not None:
+                self.flow.resume_reading()
+            self.loop.call_later(LINGER_S, close)
+
+        transport.close = lingering_close
+
+    def data_received(self, data: bytes) -> None:
+        if not self._lingering:  # a lingering connection's answer is sent: what still arrives is dropped
+            super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         for timer in (self._header_timer, self._stall_timer):
