@@ -166,7 +166,7 @@ describe("the kernel's manners in a live notebook", () => {
       await waitForCount(cell);
       await snapshot(cell.locator(".jp-OutputArea"), "manners-error-bubble");
       await expect(cell.locator(STDERR).count()).resolves.toBe(0);
-      await expect(out.textContent()).resolves.toContain("ModelNotLoadedError");
+      await expect(out.textContent()).resolves.toContain("was unloaded in this notebook (m.unload())");
     });
   });
 

@@ -44,7 +44,7 @@ describe("qwenbook CLI and Node entry points", () => {
   it("starts a worker, and says so when one is already running", () => {
     const start = runCli("worker", "start", "--device", "cpu");
     expect(start.status, start.stderr).toBe(0);
-    expect(start.stdout).toMatch(/^Started the worker: pid \d+ at tcp:\/\/127\.0\.0\.1:\d+/);
+    expect(start.stdout).toMatch(/^Started the worker: pid \d+ at ipc:\/\/\/\S+\/qwenbook-ipc\/qwenbook-worker-router\n/); // a Unix socket by default
     expect(runCli("worker", "start").stdout).toMatch(/already running: pid \d+/);
   });
 

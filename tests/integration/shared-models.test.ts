@@ -39,6 +39,8 @@ describe("a model loaded by two notebooks", () => {
     );
     expect(await loadedIds()).toEqual([a.id]);
     expect((await a.chat("hi").greedy().maxTokens(2).quiet()).completionTokens).toBeGreaterThan(0);
+    // The notebook that unloaded it cannot use its handle any more, though the weights stay for the other.
+    await expect(b.chat("hi").maxTokens(2).quiet()).rejects.toThrow(`${b.id} was unloaded in this notebook (m.unload()); load it again with qwen.load(`);
 
     firstSink.out.length = 0;
     expect(await a.unload()).toBeUndefined();

@@ -39,10 +39,11 @@ describe("notebooks/00-hello.ipynb", () => {
 
   it("kept the conversation history and streamed pieces in code", () => {
     expect(jsonOf<{ turns: number }>(cellWith(nb, "talk.history.length")).turns).toBe(5);
-    // One widget per turn; the second shows the first turn as history.
+    // One widget per turn; the second shows its own turn, with the first folded behind it as history.
     const turns = chatOutputs(cellWith(nb, "talk.history.length")).map((w) => w.chat);
     expect(turns.map((t) => t.state)).toEqual(["done", "done"]);
-    expect(turns[1].messages.slice(0, 3)).toEqual(turns[0].messages);
+    expect(turns[1].earlier).toEqual(turns[0].messages);
+    expect(turns[1].messages.map((m) => m.role)).toEqual(["user", "assistant"]);
     expect(jsonOf<{ pieces: number }>(cellWith(nb, "pieces += 1")).pieces).toBeGreaterThan(0);
   });
 });

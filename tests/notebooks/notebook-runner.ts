@@ -67,6 +67,8 @@ export interface ChatOutput {
   chat: {
     state: string;
     messages: { role: string; content: string }[];
+    /** A conversation's turns before this one (folded behind "N earlier turns"). */
+    earlier?: { role: string; content: string }[];
     stats?: { completionTokens: number; finishReason?: string };
   };
   /** The text/plain form saved beside it for front ends without the extension. */

@@ -46,6 +46,8 @@ export function toModelInfo(m: WireModelInfo): ModelInfo {
 /** A model resident in the worker. Cheap to hold: the weights live in the worker, not here. */
 export class Model {
   readonly #host: ModelHost;
+  /** Set by unload(): the handle refuses further work (another notebook may still hold the weights). */
+  #unloaded = false;
   readonly #load: LoadRequest;
   #info: ModelInfo;
   #workerPid: number;
@@ -94,6 +96,8 @@ export class Model {
     const o = expectKnownKeys("unload(options)", options, ["force"]);
     const force = o.force === undefined ? false : expectBoolean("unload option force", o.force);
     const client = await this.#host.connection();
+    // From here on this handle is done in this notebook, even where another notebook keeps the weights loaded.
+    this.#unloaded = true;
     if (client.info.pid !== this.#workerPid) return; // the worker was restarted: the model is gone already
     const reply = await client.request("unload", { model_id: this.id, ...(force ? { force } : {}) });
     const others = reply.other_users ?? 0;
@@ -181,6 +185,9 @@ export class Model {
 
   /** The connection, with this model loaded in its worker. */
   async #ready(): Promise<WorkerClient> {
+    if (this.#unloaded) {
+      throw new Error(`${this.id} was unloaded in this notebook (m.unload()); load it again with qwen.load(${JSON.stringify(this.#load.model)}) to use it`);
+    }
     const client = await this.#host.connection();
     if (client.info.pid !== this.#workerPid) {
       // The worker was restarted (crash, `worker stop`): its models are gone, so load this one again.
@@ -194,9 +201,11 @@ export class Model {
   /** Runs a generation on an explicit message list (what chat and conversation build). */
   async generate(messages: ChatMessage[], settings: Readonly<ChatSettings>, io: ChatIO = {}): Promise<Reply> {
     checkMessages("generate(messages)", messages); // before a restarted worker is made to reload
-    const client = await this.#ready();
     const request = toGenerateRequest(this.id, messages, settings);
+    // The chat is shown before the worker is asked, so a model that cannot answer (unloaded here, a worker
+    // that will not reload it) fails inside its bubble.
     io.onStart?.({ model: this.id, messages });
+    const client = await this.#ready();
     const reply = await client.request("generate", request, {
       onEvent: (event) => io.onText?.(event.content.text, event.content.index + event.content.token_ids.length),
       signal: io.signal,
