@@ -2,8 +2,8 @@
 // Runs every suite (pytest, vitest unit+integration, extension, notebooks, browser), each writing a
 // machine-readable report, and ends with the one line CI reads: "N passed, N failed".
 // A skipped test counts as failed: nothing may be skipped silently.
-import { spawn, spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { spawn } from "node:child_process";
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
 import { availableParallelism, tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -85,34 +85,55 @@ for (const sig of ["SIGINT", "SIGTERM"]) process.on(sig, () => process.exit(130)
 if (hogs.length > 0) console.log(`[stress] ${hogs.length} spinning processes keep every core busy during the run`);
 const started = Date.now();
 
-let passed = 0;
-let failed = 0;
-const summary = [];
-for (const s of chosen) {
-  if (!existsSync(join(repo, s.config))) {
-    summary.push(`${s.name}: missing (${s.config})`);
-    failed += 1;
-    continue;
-  }
-  console.log(`\n=== ${s.name} ===`);
+/** Runs one suite with its output in a log file, printed whole when it ends (two run at once). */
+function runSuite(s) {
+  if (!existsSync(join(repo, s.config))) return Promise.resolve({ line: `${s.name}: missing (${s.config})`, passed: 0, failed: 1 });
+  console.log(`[${s.name}] started`);
   const runtime = mkdtempSync(join(tmpdir(), `qwenbook-${s.name}-`));
+  const logFile = join(reports, `${s.name}.log`);
+  const log = openSync(logFile, "w");
   const t0 = Date.now();
-  const r = spawnSync(s.cmd, s.args, { cwd: repo, stdio: "inherit", env: { ...baseEnv, QWENBOOK_RUNTIME_DIR: runtime } });
-  const secs = ((Date.now() - t0) / 1000).toFixed(0);
-  rmSync(runtime, { recursive: true, force: true });
-  let counts;
-  try {
-    counts = s.parse();
-  } catch (e) {
-    counts = { passed: 0, failed: 1, skipped: 0 };
-    console.error(`${s.name}: no report (${e.message})`);
-  }
-  if (r.status !== 0 && counts.failed === 0) counts.failed = 1; // a crash outside any test still fails the run
-  if (counts.passed + counts.failed + counts.skipped === 0) counts.failed = 1; // a suite that ran nothing is broken
-  passed += counts.passed;
-  failed += counts.failed + counts.skipped;
-  summary.push(`${s.name}: ${counts.passed} passed, ${counts.failed} failed, ${counts.skipped} skipped (${secs} s)`);
+  const child = spawn(s.cmd, s.args, { cwd: repo, stdio: ["ignore", log, log], env: { ...baseEnv, QWENBOOK_RUNTIME_DIR: runtime } });
+  return new Promise((resolve) => {
+    const done = (status, error) => {
+      closeSync(log);
+      const secs = ((Date.now() - t0) / 1000).toFixed(0);
+      rmSync(runtime, { recursive: true, force: true });
+      console.log(`\n=== ${s.name} (${secs} s) ===\n${readFileSync(logFile, "utf8")}`);
+      if (error) console.error(`${s.name} could not start: ${error.message}`);
+      let counts;
+      try {
+        counts = s.parse();
+      } catch (e) {
+        counts = { passed: 0, failed: 1, skipped: 0 };
+        console.error(`${s.name}: no report (${e.message})`);
+      }
+      if (status !== 0 && counts.failed === 0) counts.failed = 1; // a crash outside any test still fails the run
+      if (counts.passed + counts.failed + counts.skipped === 0) counts.failed = 1; // a suite that ran nothing is broken
+      resolve({
+        line: `${s.name}: ${counts.passed} passed, ${counts.failed} failed, ${counts.skipped} skipped (${secs} s)`,
+        passed: counts.passed,
+        failed: counts.failed + counts.skipped,
+      });
+    };
+    child.on("error", (e) => done(1, e));
+    child.on("exit", (code) => done(code ?? 1));
+  });
 }
+
+// Two lanes at once: the Python suite beside the Node suites, which run one after another (the notebook
+// and browser suites start JupyterLab and kernels of their own). On two cores this takes the suite from
+// about 25 to about 17 minutes, since much of each lane is process start-up and waiting on sockets; every
+// test already waits for readiness, as it must on a busy CI host.
+const lanes = [chosen.filter((s) => s.name === "pytest"), chosen.filter((s) => s.name !== "pytest")];
+const results = (await Promise.all(lanes.map(async (lane) => {
+  const out = [];
+  for (const s of lane) out.push(await runSuite(s));
+  return out;
+}))).flat();
+const summary = results.map((r) => r.line);
+const passed = results.reduce((n, r) => n + r.passed, 0);
+const failed = results.reduce((n, r) => n + r.failed, 0);
 console.log("\n" + summary.join("\n"));
 console.log(`all suites: ${((Date.now() - started) / 1000).toFixed(0)} s${hogs.length ? ` with ${hogs.length} cores kept busy` : ""}`);
 console.log(`${passed} passed, ${failed} failed`);
