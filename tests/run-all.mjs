@@ -30,6 +30,9 @@ const baseEnv = {
   HF_HUB_OFFLINE: "1",
   TOKENIZERS_PARALLELISM: "false",
   PYTHONUNBUFFERED: "1",
+  // One compute thread per process: the two lanes (and a busy CI host) already keep both cores busy, and
+  // PyTorch's OpenMP threads spin-wait for each other when oversubscribed (a 16 s run took 240 s that way).
+  OMP_NUM_THREADS: process.env.OMP_NUM_THREADS ?? "1",
 };
 
 function vitest(config, name) {

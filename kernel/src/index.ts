@@ -40,5 +40,5 @@ export type {
   RunningRequest,
   WorkerStatus,
 } from "./api/types";
-export { WorkerError, WorkerExitedError } from "./bridge/errors";
+export { ModelNotLoadedError, WorkerError, WorkerExitedError } from "./bridge/errors";
 export { DISPLAY_SINK_KEY, type DisplayBundle, type DisplayOptions, type DisplaySink } from "./display/sink";

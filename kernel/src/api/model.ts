@@ -1,5 +1,6 @@
 import { inspect } from "node:util";
 import type { WorkerClient } from "../bridge/client";
+import { ModelNotLoadedError } from "../bridge/errors";
 import type { GenerateRequest, LoadRequest, ModelInfo as WireModelInfo } from "../bridge/protocol.gen";
 import type { DisplaySink } from "../display/sink";
 import { AdapterModel, type AdapterSource } from "./adapters";
@@ -186,7 +187,7 @@ export class Model {
   /** The connection, with this model loaded in its worker. */
   async #ready(): Promise<WorkerClient> {
     if (this.#unloaded) {
-      throw new Error(`${this.id} was unloaded in this notebook (m.unload()); load it again with qwen.load(${JSON.stringify(this.#load.model)}) to use it`);
+      throw new ModelNotLoadedError(`${this.id} was unloaded in this notebook (m.unload()); load it again with qwen.load(${JSON.stringify(this.#load.model)}) to use it`);
     }
     const client = await this.#host.connection();
     if (client.info.pid !== this.#workerPid) {

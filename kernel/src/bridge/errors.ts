@@ -84,3 +84,11 @@ export class WorkerExitedError extends Error {
     this.log = log;
   }
 }
+
+/**
+ * A model handle used after `unload()` in its notebook. Named as the worker names the same condition
+ * (a handle it does not hold), so a notebook sees one error for both.
+ */
+export class ModelNotLoadedError extends Error {
+  override name = "ModelNotLoadedError";
+}
