@@ -12,6 +12,7 @@ import type { DisplaySink } from "../display/sink";
 import { createTrainDisplay } from "../display/train-display";
 import type { Model } from "./model";
 import { dashboardConfig, shortPath } from "./train-config";
+import { drawTrainEvents, finishTrainDisplay } from "./train-events";
 import { TrainResult } from "./train-result";
 import { expectBoolean, expectKnownKeys } from "./validate";
 
@@ -122,32 +123,14 @@ export class TrainingRun {
     try {
       reply = await client.request("train", request, {
         signal: o.signal as AbortSignal | undefined,
-        onEvent: (event) => {
-          switch (event.type) {
-            case "train_begin":
-              return display?.begin(event.content);
-            case "train_progress":
-              return display?.progress(event.content);
-            case "eval":
-              return display?.evaluate(event.content);
-            case "checkpoint":
-              return display?.checkpoint({ ...event.content, path: shortPath(event.content.path, cwd) });
-          }
-        },
+        onEvent: drawTrainEvents(display, cwd),
       });
     } catch (error) {
       display?.fail(errorInfo(error));
       throw error;
     }
     const result = new TrainResult(reply, model);
-    const saved = result.adapter ?? result.modelPath;
-    display?.finish({
-      status: result.status,
-      step: result.step,
-      totalSteps: result.totalSteps,
-      output: saved === undefined ? undefined : shortPath(saved, cwd),
-      elapsedS: result.elapsedSeconds,
-    });
+    finishTrainDisplay(display, result, cwd);
     return result;
   }
 
@@ -169,18 +152,7 @@ export class TrainingRun {
     try {
       reply = await client.request("run_watch", { run_id: this.runId }, {
         signal: o.signal as AbortSignal | undefined,
-        onEvent: (event) => {
-          switch (event.type) {
-            case "train_begin":
-              return display?.begin(event.content);
-            case "train_progress":
-              return display?.progress(event.content);
-            case "eval":
-              return display?.evaluate(event.content);
-            case "checkpoint":
-              return display?.checkpoint({ ...event.content, path: shortPath(event.content.path, cwd) });
-          }
-        },
+        onEvent: drawTrainEvents(display, cwd),
       });
     } catch (error) {
       display?.fail(errorInfo(error));

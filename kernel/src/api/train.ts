@@ -5,6 +5,7 @@ import { errorInfo } from "../display/error-info";
 import { markShown } from "../display/shown";
 import type { DisplaySink } from "../display/sink";
 import { createTrainDisplay, type TrainDisplay } from "../display/train-display";
+import { drawTrainEvents, finishTrainDisplay } from "./train-events";
 import { datasetEntry, type DatasetInput, type DatasetOptions } from "./datasets";
 import { resolvePath } from "./paths";
 import type { GpuGauge } from "./gpu";
@@ -18,7 +19,6 @@ import {
   methodLabel,
   SCHEDULES,
   settingRows,
-  shortPath,
   toTrainRequest,
   TRAIN_DTYPES,
   type LoraOptions,
@@ -304,24 +304,11 @@ export class TrainRun {
     try {
       reply = await client.request("train", toTrainRequest(modelId, s, output), {
         signal,
-        onEvent: (event) => {
-          switch (event.type) {
-            case "train_begin":
-              display?.begin(event.content);
-              if (display && sink.rich) gauge = this.#target.gauge(sink);
-              break;
-            case "train_progress":
-              display?.progress(event.content);
-              if (event.content.rank_memory) gauge?.showRanks(event.content.rank_memory);
-              break;
-            case "eval":
-              display?.evaluate(event.content);
-              break;
-            case "checkpoint":
-              display?.checkpoint({ ...event.content, path: shortPath(event.content.path, this.#cwd) });
-              break;
-          }
-        },
+        onEvent: drawTrainEvents(display, this.#cwd, (event) => {
+          // The memory gauge sits under the dashboard, from the run's start; it shows every rank's memory.
+          if (event.type === "train_begin" && display && sink.rich) gauge = this.#target.gauge(sink);
+          if (event.type === "train_progress" && event.content.rank_memory) gauge?.showRanks(event.content.rank_memory);
+        }),
       });
     } catch (error) {
       display?.fail(errorInfo(error));
@@ -330,14 +317,7 @@ export class TrainRun {
       gauge?.stop();
     }
     const result = new TrainResult(reply, this.#target.model);
-    const saved = result.adapter ?? result.modelPath;
-    display?.finish({
-      status: result.status,
-      step: result.step,
-      totalSteps: result.totalSteps,
-      output: saved === undefined ? undefined : shortPath(saved, this.#cwd),
-      elapsedS: result.elapsedSeconds,
-    });
+    finishTrainDisplay(display, result, this.#cwd);
     // The dashboard's last line says how the run ended; the cell need not print TrainResult(…) under it.
     return display ? markShown(result) : result;
   }
