@@ -83,6 +83,19 @@ export async function waitForOutput(page: Page, cell: Locator, target: Locator, 
 }
 
 /** Writes `nb` into the server's root folder as `name`. */
+/** The Qwen (TypeScript) kernelspec as a notebook's metadata names it. */
+export const QWEN_KERNEL = { name: "qwen-ts", display_name: "Qwen (TypeScript)", language: "typescript" };
+
+/** A notebook of code cells, given as [id, source] pairs, for `kernel` (the Qwen kernel unless named). */
+export function codeNotebook(cells: ReadonlyArray<readonly [string, string]>, kernel: object = QWEN_KERNEL): object {
+  return {
+    nbformat: 4,
+    nbformat_minor: 5,
+    metadata: { kernelspec: kernel },
+    cells: cells.map(([id, source]) => ({ cell_type: "code", id, execution_count: null, metadata: {}, source, outputs: [] })),
+  };
+}
+
 export function writeNotebook(lab: LabInfo, name: string, nb: object): void {
   writeFileSync(join(lab.root, name), JSON.stringify(nb, null, 1));
 }

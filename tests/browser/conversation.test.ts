@@ -2,29 +2,19 @@
 // turns sit behind a collapsed "N earlier turns" marker instead of being drawn again in every cell.
 import type { Browser, Locator, Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
-import { launchBrowser, newPage, openNotebook, outputWith, pageErrors, snapshot, waitForIdleKernel, waitForOutput, writeNotebook } from "./browser";
+import { codeNotebook, launchBrowser, newPage, openNotebook, outputWith, pageErrors, snapshot, waitForIdleKernel, waitForOutput, writeNotebook } from "./browser";
 
 const lab = inject("lab");
-const KERNEL = "qwen-ts";
 const PROMPTS = ["My name is Lin.", "What is two plus two?", "What is my name?"];
 let browser: Browser;
 let page: Page;
 let panel: Locator;
 
 function conversationNotebook(): object {
-  const cell = (id: string, source: string) => ({ cell_type: "code", id, execution_count: null, metadata: {}, source, outputs: [] });
-  return {
-    nbformat: 4,
-    nbformat_minor: 5,
-    metadata: { kernelspec: { name: KERNEL, display_name: "Qwen (TypeScript)", language: "typescript" } },
-    cells: [
-      cell(
-        "load",
-        'import { qwen } from "qwenbook";\nconst m = await qwen.load(process.env.QWENBOOK_TINY_MODEL!);\nconst talk = m.conversation();',
-      ),
-      ...PROMPTS.map((p, i) => cell(`say${i + 1}`, `await talk.say(${JSON.stringify(p)}).greedy().maxTokens(8);`)),
-    ],
-  };
+  return codeNotebook([
+    ["load", 'import { qwen } from "qwenbook";\nconst m = await qwen.load(process.env.QWENBOOK_TINY_MODEL!);\nconst talk = m.conversation();'],
+    ...PROMPTS.map((p, i): [string, string] => [`say${i + 1}`, `await talk.say(${JSON.stringify(p)}).greedy().maxTokens(8);`]),
+  ]);
 }
 
 /** Runs cell `index` and waits until its output holds a finished chat widget. */

@@ -5,23 +5,13 @@ import { existsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Browser, Locator, Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
-import { launchBrowser, newPage, openNotebook, outputWith, pageErrors, snapshot, waitForIdleKernel, waitForOutput, writeNotebook } from "./browser";
+import { codeNotebook, launchBrowser, newPage, openNotebook, outputWith, pageErrors, snapshot, waitForIdleKernel, waitForOutput, writeNotebook } from "./browser";
 
 const lab = inject("lab");
-const KERNEL = "qwen-ts";
 const STDERR = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']";
 const STDOUT = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stdout']";
 let browser: Browser;
 let page: Page;
-
-function notebook(cells: Array<[string, string]>): object {
-  return {
-    nbformat: 4,
-    nbformat_minor: 5,
-    metadata: { kernelspec: { name: KERNEL, display_name: "Qwen (TypeScript)", language: "typescript" } },
-    cells: cells.map(([id, source]) => ({ cell_type: "code", id, execution_count: null, metadata: {}, source, outputs: [] })),
-  };
-}
 
 /** Waits until the status bar reads "<kernel> | <state>". */
 async function waitForStatus(state: string, timeout = 30_000): Promise<void> {
@@ -64,7 +54,7 @@ describe("the kernel's manners in a live notebook", () => {
     const hold = (n: number) =>
       'import { existsSync } from "node:fs";\n' +
       `while (!existsSync(${JSON.stringify(release(n))})) await new Promise((r) => setTimeout(r, 100));`;
-    writeNotebook(lab, "run-all.ipynb", notebook([["first", hold(1)], ["second", hold(2)], ["third", '"done"']]));
+    writeNotebook(lab, "run-all.ipynb", codeNotebook([["first", hold(1)], ["second", hold(2)], ["third", '"done"']]));
     const panel = await openNotebook(page, lab, "run-all.ipynb");
     await waitForIdleKernel(panel);
     await page.locator(".lm-MenuBar-itemLabel", { hasText: /^Run$/ }).click();
@@ -92,7 +82,7 @@ describe("the kernel's manners in a live notebook", () => {
       writeNotebook(
         lab,
         "manners.ipynb",
-        notebook([
+        codeNotebook([
           ["load", 'import { qwen } from "qwenbook";\nconst m = await qwen.load(process.env.QWENBOOK_TINY_MODEL!, { quiet: true });'],
           ["chat", 'await m.chat("你好").maxTokens(8);'],
           ["lora", "m.lora({ r: 0 });"],

@@ -2,28 +2,19 @@
 // through the worker, streams a chat reply into the chat widget and shows the memory gauge.
 import type { Browser, Locator, Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
-import { launchBrowser, newPage, openNotebook, outputWith, pageErrors, snapshot, waitForIdleKernel, waitForOutput, writeNotebook } from "./browser";
+import { codeNotebook, launchBrowser, newPage, openNotebook, outputWith, pageErrors, QWEN_KERNEL, snapshot, waitForIdleKernel, waitForOutput, writeNotebook } from "./browser";
 
 const lab = inject("lab");
-const KERNEL = "qwen-ts";
+const KERNEL = QWEN_KERNEL.name;
 let browser: Browser;
 let page: Page;
 let panel: Locator;
 
 function liveNotebook(): object {
-  const cell = (id: string, source: string) => ({ cell_type: "code", id, execution_count: null, metadata: {}, source, outputs: [] });
-  return {
-    nbformat: 4,
-    nbformat_minor: 5,
-    metadata: { kernelspec: { name: KERNEL, display_name: "Qwen (TypeScript)", language: "typescript" } },
-    cells: [
-      cell(
-        "chat",
-        'import { qwen } from "qwenbook";\nconst m = await qwen.load(process.env.QWENBOOK_TINY_MODEL!);\nawait m.chat("你好").maxTokens(16);',
-      ),
-      cell("gpu", "qwen.gpu();"),
-    ],
-  };
+  return codeNotebook([
+    ["chat", 'import { qwen } from "qwenbook";\nconst m = await qwen.load(process.env.QWENBOOK_TINY_MODEL!);\nawait m.chat("你好").maxTokens(16);'],
+    ["gpu", "qwen.gpu();"],
+  ]);
 }
 
 beforeAll(async () => {

@@ -5,7 +5,7 @@ import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Browser, Locator, Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
-import { launchBrowser, newPage, openNotebook, pageErrors, snapshot, waitForIdleKernel, waitForOutput, writeNotebook } from "./browser";
+import { codeNotebook, launchBrowser, newPage, openNotebook, pageErrors, snapshot, waitForIdleKernel, waitForOutput, writeNotebook } from "./browser";
 import { RECORDED_STEPS, chatFrames, playFramesCell, trainFrames } from "./fixtures/notebook";
 
 const lab = inject("lab");
@@ -18,13 +18,17 @@ type Counters = { added: Record<string, number>; states: Record<string, string[]
 beforeAll(async () => {
   writeFileSync(join(lab.root, "chat-frames.json"), JSON.stringify(chatFrames()));
   writeFileSync(join(lab.root, "train-frames.json"), JSON.stringify(trainFrames()));
-  const cell = (id: string, source: string) => ({ cell_type: "code", id, execution_count: null, metadata: {}, source, outputs: [] });
-  writeNotebook(lab, "updates.ipynb", {
-    nbformat: 4,
-    nbformat_minor: 5,
-    metadata: { kernelspec: { name: "python3", display_name: "Python 3", language: "python" } },
-    cells: [cell("chat", playFramesCell("chat-frames.json", 0.03)), cell("train", playFramesCell("train-frames.json", 0.03))],
-  });
+  writeNotebook(
+    lab,
+    "updates.ipynb",
+    codeNotebook(
+      [
+        ["chat", playFramesCell("chat-frames.json", 0.03)],
+        ["train", playFramesCell("train-frames.json", 0.03)],
+      ],
+      { name: "python3", display_name: "Python 3", language: "python" },
+    ),
+  );
   browser = await launchBrowser();
   page = await newPage(browser);
   panel = await openNotebook(page, lab, "updates.ipynb");
