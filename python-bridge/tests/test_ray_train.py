@@ -99,7 +99,9 @@ def cluster() -> Iterator[Cluster]:
     # Ray's socket paths live under the temp dir and must stay short (AF_UNIX paths are capped near 107 bytes).
     temp = tempfile.mkdtemp(prefix="qbray", dir="/tmp")
     port, client_port = _free_port(), _free_port()
-    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+    # Ray starts its workers at niceness 15, so any other busy process on the host starves them and a test
+    # crawls; this head's workers run at the test's own priority instead.
+    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1", "RAY_worker_niceness": "0"}
     try:
         started = subprocess.run(
             [str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
