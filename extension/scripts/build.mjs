@@ -4,6 +4,7 @@
 import { spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
+import { PROTOCOL_PATH, SCHEMA_PATH, TYPES_PATH } from "./bundle-types.mjs";
 import { EXTENSION_DIR, LABEXTENSION_DIR, requireJupyter, venvPrefix } from "./paths.mjs";
 import { treeHash } from "./tree-hash.mjs";
 
@@ -18,13 +19,14 @@ function run(cmd, args, env = process.env) {
 }
 
 const started = Date.now();
-if (olderThan(join(EXTENSION_DIR, "schema", "bundles.d.ts"), ["schema/bundles.json", "scripts/bundle-types.mjs"])) {
+// The types come from the shared schemas (the gauge's device is protocol.json's), made again when either is newer.
+if (olderThan(TYPES_PATH, [SCHEMA_PATH, PROTOCOL_PATH, join(EXTENSION_DIR, "scripts", "bundle-types.mjs")])) {
   run(process.execPath, [join(EXTENSION_DIR, "scripts", "gen-types.mjs")]);
 }
 run(process.execPath, [require_("typescript/bin/tsc"), "-p", "tsconfig.json"]);
 
 const inputs = treeHash(
-  ["lib", "style", "schema", "package.json"].map((p) => join(EXTENSION_DIR, p)),
+  ["lib", "style", "package.json"].map((p) => join(EXTENSION_DIR, p)),
   EXTENSION_DIR,
 );
 const built = existsSync(join(LABEXTENSION_DIR, "package.json")) && existsSync(STAMP) && readFileSync(STAMP, "utf8") === inputs;
@@ -47,7 +49,7 @@ console.log(`extension built in ${((Date.now() - started) / 1000).toFixed(1)} s`
 function olderThan(file, sources) {
   if (!existsSync(file)) return true;
   const t = statSync(file).mtimeMs;
-  return sources.some((src) => statSync(join(EXTENSION_DIR, src)).mtimeMs > t);
+  return sources.some((src) => statSync(src).mtimeMs > t);
 }
 
 function require_(spec) {

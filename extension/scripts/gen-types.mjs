@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Regenerates schema/bundles.d.ts; `--check` fails instead of writing when it is stale.
+// Regenerates src/bundles.gen.ts from the shared bundles.json; `--check` fails instead of writing when it is stale.
 import { readFile, writeFile } from "node:fs/promises";
 import { TYPES_PATH, renderBundleTypes } from "./bundle-types.mjs";
 

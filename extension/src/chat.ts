@@ -1,5 +1,5 @@
 import type { IRenderMime } from "@jupyterlab/rendermime-interfaces";
-import type { ChatBundle, ChatMessage, ChatStats } from "../schema/bundles";
+import type { ChatBundle, ChatMessage, ChatStats } from "./bundles.gen";
 import { h, replaceChildren } from "./dom";
 import { errorBox } from "./error-box";
 import { formatInt, formatMs, formatRate } from "./format";

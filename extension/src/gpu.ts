@@ -1,5 +1,5 @@
 import type { IRenderMime } from "@jupyterlab/rendermime-interfaces";
-import type { DeviceGauge, GpuBundle } from "../schema/bundles";
+import type { DeviceGauge, GpuBundle } from "./bundles.gen";
 import { h, replaceChildren } from "./dom";
 import { formatBytes, formatDuration } from "./format";
 import { dial, sparkline } from "./gauge";

@@ -1,6 +1,6 @@
 import type { IRenderMime } from "@jupyterlab/rendermime-interfaces";
 import { Widget } from "@lumino/widgets";
-import type { ChatBundle, GpuBundle, TrainBundle } from "../schema/bundles";
+import type { ChatBundle, GpuBundle, TrainBundle } from "./bundles.gen";
 
 /** A MIME model as JupyterLab hands it to a renderer. */
 export function mimeModel(data: Record<string, unknown>): IRenderMime.IMimeModel {

@@ -1,5 +1,5 @@
 import type { Config, Data, Layout } from "plotly.js-dist-min";
-import type { TrainBundle } from "../schema/bundles";
+import type { TrainBundle } from "./bundles.gen";
 
 /** The colours a chart takes from the JupyterLab theme, so it reads in light and dark themes alike. */
 export interface ChartTheme {

@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it } from "vitest";
-import type { TrainBundle } from "../schema/bundles";
+import type { TrainBundle } from "./bundles.gen";
 import { TRAIN_MIME } from "./mime";
 import type { PlotBackend } from "./plotly";
 import { render, text, train, words } from "./testutil";

@@ -1,6 +1,6 @@
 import type { IRenderMime } from "@jupyterlab/rendermime-interfaces";
 import type { Message } from "@lumino/messaging";
-import type { TrainBundle } from "../schema/bundles";
+import type { TrainBundle } from "./bundles.gen";
 import { h, replaceChildren } from "./dom";
 import { errorBox } from "./error-box";
 import { formatDuration, formatInt, formatLoss, formatLr, formatRate, formatValue } from "./format";

@@ -1,6 +1,5 @@
 import Ajv2020, { type ErrorObject, type ValidateFunction } from "ajv/dist/2020";
-import type { BundleMimeTypes } from "../schema/bundles";
-import schema from "../schema/bundles.json";
+import { BUNDLE_SCHEMA, TRAIN_MIME, type BundleMimeTypes } from "./bundles.gen";
 import { BUNDLE_DEF, BUNDLE_LABEL, BUNDLE_VERSION, type BundleMime } from "./mime";
 
 /** Why a bundle cannot be shown, worded for the person looking at the notebook. */
@@ -21,8 +20,8 @@ function validatorFor(mime: BundleMime): ValidateFunction {
   if (!validators) {
     // strict: false lets the schema carry its x- annotations; allErrors lists every problem at once.
     const ajv = new Ajv2020({ allErrors: true, strict: false });
-    ajv.addSchema(schema);
-    const id = String(schema.$id);
+    ajv.addSchema(BUNDLE_SCHEMA);
+    const id = BUNDLE_SCHEMA.$id;
     validators = new Map(
       (Object.keys(BUNDLE_DEF) as BundleMime[]).map((m) => [m, ajv.getSchema(`${id}#/$defs/${BUNDLE_DEF[m]}`)!]),
     );
@@ -87,7 +86,7 @@ function formatErrors(errors: ErrorObject[]): string {
 
 /** Constraints JSON Schema cannot say: parallel series must line up. */
 function semanticProblem(mime: BundleMime, bundle: BundleMimeTypes[BundleMime]): string | undefined {
-  if (mime !== "application/vnd.qwenbook.train+json" || !("train" in bundle)) return undefined;
+  if (mime !== TRAIN_MIME || !("train" in bundle)) return undefined;
   const { train, eval: evals } = bundle;
   if (train.loss.length !== train.step.length) {
     return `/train/loss has ${train.loss.length} values but /train/step has ${train.step.length}`;

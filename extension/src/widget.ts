@@ -1,6 +1,6 @@
 import type { IRenderMime } from "@jupyterlab/rendermime-interfaces";
 import { Widget } from "@lumino/widgets";
-import type { BundleMimeTypes } from "../schema/bundles";
+import type { BundleMimeTypes } from "./bundles.gen";
 import { h, replaceChildren } from "./dom";
 import { errorBox } from "./error-box";
 import { BUNDLE_LABEL, type BundleMime } from "./mime";

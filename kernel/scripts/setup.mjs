@@ -94,7 +94,9 @@ step("kernel-build", ["kernel/src", "kernel/tsconfig.json", "kernel/package.json
 
 const envWithVenv = { ...process.env, PATH: `${venvBin}:${process.env.PATH}` };
 
-step("extension", ["extension/src", "extension/style", "extension/schema", "extension/package.json", "extension/tsconfig.json", "extension/scripts"], join(venv, "share", "jupyter", "labextensions", "qwenbook-extension"), () => {
+// The extension's types come from the shared schemas (the gauge's device from protocol.json), so both are inputs.
+const sharedSchemas = ["python-bridge/qwenbook_bridge/schema/bundles.json", "python-bridge/qwenbook_bridge/schema/protocol.json"];
+step("extension", ["extension/src", "extension/style", ...sharedSchemas, "extension/package.json", "extension/tsconfig.json", "extension/scripts"], join(venv, "share", "jupyter", "labextensions", "qwenbook-extension"), () => {
   run("npm", ["run", "build", "-w", "extension"], { env: envWithVenv });
   run("node", [join(repo, "extension", "scripts", "install.mjs"), venv], { env: envWithVenv });
 });

@@ -1,9 +1,8 @@
 // What a conversation's say() cells show in a notebook: the new turn, with the turns before it
 // folded away in the bundle's `earlier`, so the third cell does not draw the first exchange again.
-import { readFileSync } from "node:fs";
-import { join } from "node:path";
 import Ajv2020 from "ajv/dist/2020";
 import { beforeEach, describe, expect, it } from "vitest";
+import { resolvedBundlesSchema } from "../../scripts/gen-protocol.mjs";
 import { CHAT_MIME, type ChatBundle } from "../display/bundles";
 import { recordingSink, type RecordedDisplay, type RecordingSink } from "../display/testutil";
 import type { ChatIO, ChatSettings } from "./chat";
@@ -11,7 +10,7 @@ import { Conversation, type MessageRunner } from "./conversation";
 import { Reply } from "./reply";
 import type { ChatMessage } from "./types";
 
-const schema = JSON.parse(readFileSync(join(__dirname, "..", "..", "..", "extension", "schema", "bundles.json"), "utf8"));
+const schema = resolvedBundlesSchema();
 const validChat = new Ajv2020({ strict: false }).addSchema(schema).compile({ $ref: `${schema.$id}#/$defs/ChatBundle` });
 
 let sink: RecordingSink;

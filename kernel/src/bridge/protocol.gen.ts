@@ -62,13 +62,25 @@ export interface DeviceMemory {
   device: string;
   kind: "cuda" | "cpu";
   name?: string;
-  /** bytes: allocated by tensors (cuda) or process RSS (cpu) */
+  /**
+   * bytes: allocated by tensors (cuda) or process RSS (cpu)
+   * minimum 0
+   */
   used: number;
-  /** bytes held by the caching allocator (cuda only) */
+  /**
+   * bytes held by the caching allocator (cuda only)
+   * minimum 0
+   */
   reserved?: number;
-  /** bytes, peak allocated since start or last reset */
+  /**
+   * bytes, peak allocated since start or last reset
+   * minimum 0
+   */
   peak?: number;
-  /** bytes on the device, or machine RAM for cpu */
+  /**
+   * bytes on the device, or machine RAM for cpu
+   * minimum 0
+   */
   total: number;
 }
 
@@ -560,7 +572,7 @@ export interface LoraOptions {
   targets?: "all-linear" | Array<string>;
 }
 
-/** A fine-tuning run's options, as engine/training_config.py TrainConfig names them; the engine checks every value again and lists all that cannot work */
+/** A fine-tuning run's options, as engine/train/config.py TrainConfig names them; the engine checks every value again and lists all that cannot work */
 export interface TrainOptions {
   /**
    * Absolute path of the run folder (checkpoint-<step>/ and the final adapter or weights)

@@ -1,7 +1,14 @@
 import Ajv2020 from "ajv/dist/2020";
 import { readFileSync } from "node:fs";
-import { join } from "node:path";
 import { describe, expect, it } from "vitest";
+import {
+  bundlesOutputPath,
+  bundlesSchemaPath,
+  generateBundles,
+  generateBundlesFromFile,
+  resolvedBundlesSchema,
+  schemaPath,
+} from "../../scripts/gen-protocol.mjs";
 import {
   CHAT_MIME,
   GPU_MIME,
@@ -14,8 +21,8 @@ import {
 } from "./bundles";
 import type { DisplayBundle } from "./sink";
 
-const schemaPath = join(__dirname, "..", "..", "..", "extension", "schema", "bundles.json");
-const schema = JSON.parse(readFileSync(schemaPath, "utf8")) as { $id: string; "x-mime-types": Record<string, string> };
+// The schema as the extension validates with it: protocol.json's DeviceMemory copied in for the gauge.
+const schema = resolvedBundlesSchema();
 const ajv = new Ajv2020({ allErrors: true, strict: false });
 ajv.addSchema(schema);
 
@@ -225,5 +232,36 @@ describe("GpuHistory", () => {
     h.push(sample(GiB));
     h.push({ devices: [{ device: "cpu", kind: "cpu", used: GiB, total: 8 * GiB }], time: 1 });
     expect(h.view(false).devices.map((d) => d.device)).toEqual(["cpu"]);
+  });
+});
+
+describe("bundles.gen.ts", () => {
+  it("is what gen-protocol.mjs makes from the current bundles.json (else run `npm run gen:protocol -w kernel`)", () => {
+    expect(readFileSync(bundlesOutputPath, "utf8")).toBe(generateBundlesFromFile());
+  });
+
+  it("declares each MIME type of the schema once, as the constant the builders write", () => {
+    const mimes = JSON.parse(readFileSync(bundlesSchemaPath, "utf8"))["x-mime-types"] as Record<string, string>;
+    expect(mimes).toEqual({ [CHAT_MIME]: "ChatBundle", [TRAIN_MIME]: "TrainBundle", [GPU_MIME]: "GpuBundle" });
+    expect(Object.keys(chatBundle({ state: "done", messages: [] }).data)).toContain(CHAT_MIME);
+  });
+
+  it("takes a gauge's device from protocol.json's DeviceMemory, for the types and for validation", () => {
+    expect(readFileSync(bundlesOutputPath, "utf8")).toMatch(/export type DeviceGauge = DeviceMemory & \{/);
+    expect(schema.$defs.DeviceMemory).toEqual(JSON.parse(readFileSync(schemaPath, "utf8")).$defs.DeviceMemory);
+    const device = { device: "cuda:0", kind: "cuda", used: 1, total: 2, history: [1] };
+    const validate = ajv.getSchema(`${schema.$id}#/$defs/GpuBundle`)!;
+    expect(validate({ version: 1, devices: [device] })).toBe(true);
+    // Rules that only protocol.json states: bytes are whole, and kind is one of two.
+    expect(validate({ version: 1, devices: [{ ...device, used: 1.5 }] })).toBe(false);
+    expect(validate({ version: 1, devices: [{ ...device, kind: "tpu" }] })).toBe(false);
+  });
+
+  it("refuses a protocol.json reference to a type the protocol does not define", () => {
+    const bundles = {
+      "x-mime-types": { "application/x-a": "ABundle" },
+      $defs: { ABundle: { type: "object", properties: { version: { const: 1 }, d: { $ref: "protocol.json#/$defs/Nope" } } } },
+    };
+    expect(() => generateBundles(bundles, {})).toThrow(/protocol\.json#\/\$defs\/Nope is not in protocol\.json's \$defs/);
   });
 });

@@ -1,24 +1,26 @@
-// Builders for the three rich outputs the JupyterLab extension renders. The bundle shapes live in
-// one place, extension/schema/bundles.json, whose generated declarations both sides import. Nothing
-// here does I/O: callers pass the result to a DisplaySink, usually through a throttle.
+// Builders for the three rich outputs the JupyterLab extension renders. The bundle shapes and MIME
+// types live in one place, python-bridge/qwenbook_bridge/schema/bundles.json, from which both sides
+// generate their types (here bundles.gen.ts). Nothing here does I/O: callers pass the result to a
+// DisplaySink, usually through a throttle.
 import type { DeviceMemory } from "../bridge/protocol.gen";
-import type {
-  BundleMimeTypes,
-  ChatBundle,
-  DeviceGauge,
-  ErrorInfo,
-  GpuBundle,
-  TrainBundle,
-} from "../../../extension/schema/bundles";
+import {
+  BUNDLE_VERSION,
+  CHAT_MIME,
+  GPU_MIME,
+  TRAIN_MIME,
+  type BundleMime,
+  type BundleMimeTypes,
+  type ChatBundle,
+  type DeviceGauge,
+  type ErrorInfo,
+  type GpuBundle,
+  type TrainBundle,
+} from "./bundles.gen";
 import { chatHtml, chatText, gpuHtml, gpuText, trainHtml, trainText } from "./fallbacks";
 
-export type { ChatBundle, DeviceGauge, ErrorInfo, GpuBundle, TrainBundle };
-export type BundleMime = keyof BundleMimeTypes;
-
-export const CHAT_MIME = "application/vnd.qwenbook.chat+json" satisfies BundleMime;
-export const TRAIN_MIME = "application/vnd.qwenbook.train+json" satisfies BundleMime;
-export const GPU_MIME = "application/vnd.qwenbook.gpu+json" satisfies BundleMime;
-const VERSION = 1 satisfies BundleMimeTypes[BundleMime]["version"];
+export type { BundleMime, ChatBundle, DeviceGauge, ErrorInfo, GpuBundle, TrainBundle };
+export { CHAT_MIME, GPU_MIME, TRAIN_MIME };
+const VERSION = BUNDLE_VERSION satisfies BundleMimeTypes[BundleMime]["version"];
 
 /**
  * A display_data payload: the custom type for JupyterLab plus text/plain and text/html so classic

@@ -1,7 +1,7 @@
 // The text/plain and text/html forms of each bundle, for every front end without the Qwenbook
 // extension. HTML here is escaped and styled inline (no classes: there is no stylesheet there), and
 // kept short because it is saved in the notebook next to the JSON.
-import type { ChatBundle, GpuBundle, TrainBundle } from "../../../extension/schema/bundles";
+import type { ChatBundle, GpuBundle, TrainBundle } from "./bundles.gen";
 
 const SPARK_POINTS = 120;
 const ROLE_COLOR = { system: "#888", user: "#1976d2", assistant: "#388e3c" } as const;
