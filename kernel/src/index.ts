@@ -23,7 +23,8 @@ export {
   type SelfCognitionOptions,
   type ShareGptRow,
 } from "./api/datasets";
-export { AdapterModel, Adapters, type AdapterInfo, type AdapterSource } from "./api/adapters";
+export { AdapterModel, type AdapterInfo, type AdapterSource } from "./api/adapters";
+export { Adapters } from "./api/qwen-adapters";
 export type { ExportOptions, GgufType, SaveDtype, SaveOptions, SaveQuant } from "./api/export";
 export type {
   AttentionImplementation,

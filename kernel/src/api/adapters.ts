@@ -1,16 +1,15 @@
-import { existsSync, readFileSync, realpathSync } from "node:fs";
 import { basename } from "node:path";
 import { inspect } from "node:util";
 import type { WorkerClient } from "../bridge/client";
-import type { AdapterInfo as WireAdapterInfo, ModelInfo as WireModelInfo } from "../bridge/protocol.gen";
+import type { AdapterInfo as WireAdapterInfo } from "../bridge/protocol.gen";
 import type { DisplaySink } from "../display/sink";
 import { ChatRequest, type ChatIO, type ChatSettings } from "./chat";
 import { Conversation, type ConversationOptions, type MessageRunner } from "./conversation";
 import { checkAdapters } from "./export";
 import { MergeRequest } from "./merge";
-import { checkMessages, toGenerateRequest, type Model } from "./model";
+import { chatMessages, checkMessages, toGenerateRequest } from "./generate-request";
+import type { ModelHandle, ModelTarget } from "./model-handle";
 import { Reply } from "./reply";
-import type { ModelTarget } from "./train";
 import { TrainResult } from "./train-result";
 import type { ChatMessage } from "./types";
 import { expectKnownKeys, expectString } from "./validate";
@@ -34,7 +33,7 @@ export interface AdapterInfo {
  */
 export type AdapterSource = string | TrainResult | AdapterModel | undefined;
 
-function toAdapterInfo(a: WireAdapterInfo): AdapterInfo {
+export function toAdapterInfo(a: WireAdapterInfo): AdapterInfo {
   return {
     name: a.name,
     path: a.path,
@@ -72,16 +71,16 @@ export function adapterPath(source: unknown, cwd: string = process.cwd()): strin
  * answers without any) costs no reload. The adapter is loaded on first use and reloaded when its
  * folder was written again by a later run.
  */
-export class AdapterModel implements MessageRunner {
-  /** The model the adapter sits on. */
-  readonly base: Model;
+export class AdapterModel<Base extends ModelHandle = ModelHandle> implements MessageRunner {
+  /** The model the adapter sits on: the Model itself for a view from `m.withAdapter` or `qwen.adapters.load`. */
+  readonly base: Base;
   /** The adapter folder (absolute). */
   readonly adapterPath: string;
   readonly #target: ModelTarget;
   readonly #name: string | undefined;
   #info: AdapterInfo | undefined;
 
-  constructor(base: Model, target: ModelTarget, adapter: AdapterSource, options: { name?: string } = {}) {
+  constructor(base: Base, target: ModelTarget, adapter: AdapterSource, options: { name?: string } = {}) {
     this.base = base;
     this.#target = target;
     this.adapterPath = adapterPath(adapter);
@@ -174,67 +173,3 @@ Object.defineProperty(AdapterModel.prototype, inspect.custom, {
     return this.toString();
   },
 });
-
-/** What `qwen.adapters` needs from the `qwen` object. */
-export interface AdaptersHost {
-  connection(): Promise<WorkerClient>;
-  /** The Model object for a model the worker holds. */
-  model(info: WireModelInfo, client: WorkerClient): Model;
-}
-
-/** `qwen.adapters`: LoRA adapters on the models the worker holds. */
-export class Adapters {
-  readonly #host: AdaptersHost;
-
-  constructor(host: AdaptersHost) {
-    this.#host = host;
-  }
-
-  /**
-   * Loads an adapter folder onto its base model and returns the model view that answers with it.
-   * The base is `options.model`, or else the loaded model the adapter was trained on (from its
-   * adapter_config.json).
-   */
-  async load(path: string, options: { model?: Model; name?: string } = {}): Promise<AdapterModel> {
-    const o = expectKnownKeys("adapters.load(path, options)", options, ["model", "name"]);
-    const folder = adapterPath(expectString("adapters.load(path)", path, { nonEmpty: true }));
-    const model = (o.model as Model | undefined) ?? (await this.#baseOf(folder));
-    const view = model.withAdapter(folder, o.name === undefined ? {} : { name: o.name as string });
-    await view.load();
-    return view;
-  }
-
-  /** The adapters loaded on `model` in the worker. */
-  async list(model: Model): Promise<AdapterInfo[]> {
-    const client = await this.#host.connection();
-    const reply = await client.request("adapter_list", { model_id: model.id });
-    return reply.adapters.map(toAdapterInfo);
-  }
-
-  async #baseOf(folder: string): Promise<Model> {
-    const config = JSON.parse(readFileSync(`${folder}/adapter_config.json`, "utf8")) as { base_model_name_or_path?: unknown };
-    const base = typeof config.base_model_name_or_path === "string" ? config.base_model_name_or_path : undefined;
-    const client = await this.#host.connection();
-    const { models } = await client.request("status", {});
-    const wanted = base === undefined ? undefined : existsSync(base) ? realpathSync(base) : base;
-    const matches = models.filter((m) => wanted !== undefined && (m.path === wanted || m.source === wanted));
-    if (matches.length === 1) return this.#host.model(matches[0], client);
-    const loaded = models.map((m) => m.model_id).join(", ") || "none";
-    if (matches.length > 1) {
-      throw new Error(
-        `${folder} fits several loaded models (${matches.map((m) => m.model_id).join(", ")}); pick one: ` +
-          "qwen.adapters.load(path, { model: m }) or m.withAdapter(path)",
-      );
-    }
-    throw new Error(
-      `${folder} was trained on ${base ?? "an unnamed base model"}, which is not loaded in the worker (loaded: ${loaded}). ` +
-        `Load it first (const m = await qwen.load(${JSON.stringify(base ?? "...")})), or pass the base: qwen.adapters.load(path, { model: m })`,
-    );
-  }
-}
-
-function chatMessages(prompt: string, system: string | undefined): ChatMessage[] {
-  const out: ChatMessage[] = system === undefined ? [] : [{ role: "system", content: system }];
-  out.push({ role: "user", content: prompt });
-  return out;
-}

@@ -2,7 +2,7 @@ import { basename } from "node:path";
 import { inspect } from "node:util";
 import type { ExportOptions, SaveOptions } from "./export";
 import { checkAdapters } from "./export";
-import type { Model } from "./model";
+import type { ModelHandle } from "./model-handle";
 import type { ExportReport } from "./report";
 
 /**
@@ -14,11 +14,11 @@ import type { ExportReport } from "./report";
  * e.g. a training result: `new MergeRequest(model, result.adapter)`.
  */
 export class MergeRequest {
-  readonly #model: Model;
+  readonly #model: ModelHandle;
   /** Absolute paths of the adapter folders, in the order they are added up. */
   readonly adapters: readonly string[];
 
-  constructor(model: Model, adapter: string | readonly string[], cwd: string = process.cwd()) {
+  constructor(model: ModelHandle, adapter: string | readonly string[], cwd: string = process.cwd()) {
     this.#model = model;
     this.adapters = Object.freeze(checkAdapters(adapter, "merge({ adapter })", cwd));
   }

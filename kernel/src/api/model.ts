@@ -1,21 +1,23 @@
 import { inspect } from "node:util";
 import type { WorkerClient } from "../bridge/client";
 import { ModelNotLoadedError } from "../bridge/errors";
-import type { GenerateRequest, LoadRequest, ModelInfo as WireModelInfo } from "../bridge/protocol.gen";
+import type { LoadRequest, ModelInfo as WireModelInfo } from "../bridge/protocol.gen";
 import type { DisplaySink } from "../display/sink";
 import { AdapterModel, type AdapterSource } from "./adapters";
 import { ChatRequest, type ChatIO, type ChatSettings } from "./chat";
 import { Conversation, type ConversationOptions } from "./conversation";
+import { chatMessages, checkMessages, toGenerateRequest } from "./generate-request";
 import { exportRequest, runExport, saveRequest, type ExportOptions, type ExportTarget, type SaveOptions } from "./export";
 import { MergeRequest } from "./merge";
+import type { ModelTarget } from "./model-handle";
 import { toQuantInfo, type ExportReport } from "./report";
 import { Reply } from "./reply";
 import { serveRequest, startServer, type ServeOptions, type Server } from "./serve";
 import { GpuGauge } from "./gpu";
-import { TrainRun, type ModelTarget } from "./train";
+import { TrainRun } from "./train";
 import type { LoraOptions } from "./train-config";
 import type { ChatMessage, ModelInfo } from "./types";
-import { expectBoolean, expectKnownKeys, expectOneOf, expectPrompt, expectString } from "./validate";
+import { expectBoolean, expectKnownKeys, expectString } from "./validate";
 
 /** What a model needs from the `qwen` object that loaded it. */
 export interface ModelHost {
@@ -165,7 +167,7 @@ export class Model {
    * This model answering with a LoRA adapter (a folder training wrote, or a TrainResult). The base
    * weights are shared: `m` itself keeps answering without the adapter, and switching costs no reload.
    */
-  withAdapter(adapter: AdapterSource, options: { name?: string } = {}): AdapterModel {
+  withAdapter(adapter: AdapterSource, options: { name?: string } = {}): AdapterModel<Model> {
     return new AdapterModel(this, this.#trainTarget(), adapter, options);
   }
 
@@ -225,46 +227,6 @@ Object.defineProperty(Model.prototype, inspect.custom, {
     return this.toString();
   },
 });
-
-function chatMessages(prompt: string, system: string | undefined): ChatMessage[] {
-  const out: ChatMessage[] = system === undefined ? [] : [{ role: "system", content: system }];
-  out.push({ role: "user", content: prompt });
-  return out;
-}
-
-/**
- * Checks a message list before it is sent: at least one message, each a known role with string
- * content, and no blank user message (the model would answer the bare template, which is never
- * what was meant). Assistant and system text may be empty, as in the OpenAI API.
- */
-export function checkMessages(name: string, messages: unknown): ChatMessage[] {
-  if (!Array.isArray(messages)) throw new TypeError(`${name} expects a list of { role, content } messages, got ${messages === null ? "null" : typeof messages}`);
-  if (messages.length === 0) {
-    throw new RangeError(`${name} got an empty list; send at least one message, e.g. [{ role: "user", content: "What is LoRA?" }]`);
-  }
-  messages.forEach((m: unknown, i: number) => {
-    const where = `${name}[${i}]`;
-    if (typeof m !== "object" || m === null || Array.isArray(m)) throw new TypeError(`${where} must be an object { role, content }`);
-    const { role, content } = m as Record<string, unknown>;
-    expectOneOf(`${where}.role`, role, ["system", "user", "assistant"] as const);
-    expectString(`${where}.content`, content);
-    if (role === "user") expectPrompt(`${where}.content`, content, '{ role: "user", content: "What is LoRA?" }');
-  });
-  return messages as ChatMessage[];
-}
-
-export function toGenerateRequest(modelId: string, messages: ChatMessage[], s: Readonly<ChatSettings>): GenerateRequest {
-  checkMessages("generate(messages)", messages);
-  const req: GenerateRequest = { model_id: modelId, messages, stream: true };
-  if (s.maxTokens !== undefined) req.max_tokens = s.maxTokens;
-  if (s.temperature !== undefined) req.temperature = s.temperature;
-  if (s.topP !== undefined) req.top_p = s.topP;
-  if (s.topK !== undefined) req.top_k = s.topK;
-  if (s.greedy !== undefined) req.greedy = s.greedy;
-  if (s.stop !== undefined) req.stop = [...s.stop];
-  if (s.seed !== undefined) req.seed = s.seed;
-  return req;
-}
 
 export function formatCount(n: number): string {
   if (n >= 1e9) return `${(n / 1e9).toFixed(1)}B`;

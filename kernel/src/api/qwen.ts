@@ -8,7 +8,7 @@ import { ensureWorker, liveRuntime } from "../bridge/spawn";
 import { stopWorker } from "../bridge/stop";
 import { debugErrors, setDebugErrors } from "../display/error-info";
 import { currentSink, type DisplaySink } from "../display/sink";
-import { Adapters } from "./adapters";
+import { Adapters } from "./qwen-adapters";
 import { datasets } from "./datasets";
 import { listRuns, listRunsOnDisk, type RunHost, type TrainingRun } from "./runs";
 import { checkDevices } from "./devices";

@@ -1,7 +1,7 @@
 import { inspect } from "node:util";
 import type { DatasetStats, TrainHistoryEntry, TrainReply } from "../bridge/protocol.gen";
 import { MergeRequest } from "./merge";
-import type { Model } from "./model";
+import type { ModelHandle } from "./model-handle";
 import { shortPath } from "./train-config";
 
 /** What the data became: rows per source, examples kept, tokens, and rows cut to fit maxLength. */
@@ -85,9 +85,9 @@ export class TrainResult {
   readonly resumedFrom: string | undefined;
   /** What the worker noticed: rows truncated, data that changed since a checkpoint, precision caveats. */
   readonly notes: readonly string[];
-  readonly #model: Model;
+  readonly #model: ModelHandle;
 
-  constructor(reply: TrainReply, model: Model) {
+  constructor(reply: TrainReply, model: ModelHandle) {
     this.#model = model;
     this.status = reply.outcome;
     this.method = reply.method;

@@ -12,8 +12,9 @@ import { adapterPath } from "./adapters";
 import { datasetEntry, SelfCognition } from "./datasets";
 import type { GpuGauge } from "./gpu";
 import type { Model } from "./model";
+import type { ModelTarget } from "./model-handle";
 import { TrainPreview } from "./preview";
-import { TrainRun, type ModelTarget } from "./train";
+import { TrainRun } from "./train";
 import { TrainResult } from "./train-result";
 import { clock } from "../display/train-display";
 

@@ -1,15 +1,13 @@
 import { existsSync } from "node:fs";
 import { inspect } from "node:util";
-import type { WorkerClient } from "../bridge/client";
 import { errorInfo } from "../display/error-info";
 import { markShown } from "../display/shown";
-import type { DisplaySink } from "../display/sink";
 import { createTrainDisplay, type TrainDisplay } from "../display/train-display";
 import { drawTrainEvents, finishTrainDisplay } from "./train-events";
 import { datasetEntry, type DatasetInput, type DatasetOptions } from "./datasets";
 import { resolvePath } from "./paths";
 import type { GpuGauge } from "./gpu";
-import type { Model } from "./model";
+import type { ModelTarget } from "./model-handle";
 import { TrainPreview } from "./preview";
 import {
   checkComplete,
@@ -33,16 +31,6 @@ import {
 } from "./train-config";
 import { TrainResult } from "./train-result";
 import { expectBoolean, expectInteger, expectKnownKeys, expectNumber, expectOneOf, expectString } from "./validate";
-
-/** What runs and adapter views need from the model they belong to. */
-export interface ModelTarget {
-  readonly model: Model;
-  sink(): DisplaySink;
-  /** A connection whose worker has the model loaded (loading it again after a worker restart), and its handle there. */
-  connect(): Promise<{ client: WorkerClient; modelId: string }>;
-  /** A live memory gauge drawn into `sink`. */
-  gauge(sink: DisplaySink): GpuGauge;
-}
 
 /**
  * A fine-tuning run being put together: `m.lora({ r: 8 })` or `m.fullFinetune()`, then datasets and
