@@ -15,3 +15,4 @@ export function resolvedBundlesSchema(path?: string, protocolPath?: string): {
   [key: string]: unknown;
 };
 export function regenerate(): string[];
+export function constPrefix(name: string): string;

@@ -143,6 +143,37 @@ export function generate(schema) {
   out += `export const REQUEST_TYPES: readonly RequestType[] = ${list(requests)};\n`;
   out += `export const EVENT_TYPES: readonly EventType[] = ${list(events)};\n`;
   out += `export const BROADCAST_TYPES: readonly BroadcastType[] = ${list(broadcasts)};\n`;
+  for (const name of schema["x-field-constants"] ?? []) out += "\n" + fieldConstants(name, defs[name]);
+  return out;
+}
+
+/** "TrainOptions" -> "TRAIN_OPTIONS". */
+export function constPrefix(name) {
+  return name.replace(/([a-z0-9])([A-Z])/g, "$1_$2").toUpperCase();
+}
+
+/**
+ * An options object's field names, defaults and enums as values, for code that must walk every field
+ * (the notebook API's option names, its wire form, the dashboard's config table): a field added to the
+ * schema reaches them with no list to edit.
+ */
+function fieldConstants(name, def) {
+  if (!def || def.type !== "object" || !def.properties) {
+    throw new Error(`x-field-constants names "${name}", which is not an object with properties in $defs`);
+  }
+  const prefix = constPrefix(name);
+  const props = Object.entries(def.properties);
+  const names = props.map(([field]) => JSON.stringify(field));
+  const lit = (v) => (Array.isArray(v) ? `[${v.map(lit).join(", ")}]` : JSON.stringify(v));
+  const block = (lines) => (lines.length ? `{\n${lines.join("\n")}\n}` : "{}");
+  const defaults = props.filter(([, p]) => "default" in p).map(([field, p]) => `  ${field}: ${lit(p.default)},`);
+  const enums = props.filter(([, p]) => p.enum).map(([field, p]) => `  ${field}: ${lit(p.enum)},`);
+  let out = `/** ${name}'s fields, in schema order. */\n`;
+  out += `export const ${prefix}_FIELDS = [${names.join(", ")}] as const satisfies ReadonlyArray<keyof ${name}>;\n\n`;
+  out += `/** What the worker uses for each ${name} field with a default when it is absent. */\n`;
+  out += `export const ${prefix}_DEFAULTS = ${block(defaults)} as const satisfies { readonly [K in keyof ${name}]?: unknown };\n\n`;
+  out += `/** The values each enum field of ${name} allows. */\n`;
+  out += `export const ${prefix}_ENUMS = ${block(enums)} as const satisfies { readonly [K in keyof ${name}]?: ReadonlyArray<${name}[K]> };\n`;
   return out;
 }
 

@@ -1,20 +1,61 @@
 // A fine-tuning run's settings as the builder collects them (camelCase, only what was set), how they
 // are checked, their wire form (the worker's TrainConfig, snake_case; unset options keep its
 // defaults there), and how they read back in toString and the dashboard's config table.
+// The options themselves (names, enums, defaults) come from protocol.json's TrainOptions through
+// protocol.gen.ts: a field added there reaches the settings, the wire form, toString and the dashboard
+// with no list here to edit (the builder method that sets it lives in train.ts).
 import { basename } from "node:path";
-import type { DistributedOptions, LoraOptions as WireLora, TrainBeginEvent, TrainOptions, TrainRequest } from "../bridge/protocol.gen";
+import {
+  DISTRIBUTED_OPTIONS_ENUMS,
+  LORA_OPTIONS_DEFAULTS,
+  TRAIN_OPTIONS_ENUMS,
+  TRAIN_OPTIONS_FIELDS,
+  type DistributedOptions,
+  type LoraOptions as WireLora,
+  type TrainBeginEvent,
+  type TrainOptions,
+  type TrainRequest,
+} from "../bridge/protocol.gen";
 import type { ConfigValue } from "../display/bundles";
 import type { DatasetEntry } from "./datasets";
 import { resolvePath } from "./paths";
 import { expectInteger, expectKnownKeys, expectNumber, expectString } from "./validate";
 
-export type TrainMethod = "lora" | "full";
-export type Schedule = "cosine" | "linear" | "constant";
-export const SCHEDULES: readonly Schedule[] = ["cosine", "linear", "constant"];
-export type TrainDtype = "auto" | "bf16" | "fp16" | "fp32";
-export const TRAIN_DTYPES: readonly TrainDtype[] = ["auto", "bf16", "fp16", "fp32"];
-export type Optimizer = "adamw";
-export type Truncation = "truncate" | "drop";
+export type TrainMethod = (typeof TRAIN_OPTIONS_ENUMS.method)[number];
+export type Schedule = (typeof TRAIN_OPTIONS_ENUMS.schedule)[number];
+export const SCHEDULES: readonly Schedule[] = TRAIN_OPTIONS_ENUMS.schedule;
+export type TrainDtype = (typeof TRAIN_OPTIONS_ENUMS.dtype)[number];
+export const TRAIN_DTYPES: readonly TrainDtype[] = TRAIN_OPTIONS_ENUMS.dtype;
+export type Optimizer = (typeof TRAIN_OPTIONS_ENUMS.optimizer)[number];
+export type Truncation = (typeof TRAIN_OPTIONS_ENUMS.truncation)[number];
+
+/** A wire option's name in the notebook API: "max_grad_norm" -> "maxGradNorm". */
+type CamelCase<S extends string> = S extends `${infer Head}_${infer Tail}` ? `${Head}${Capitalize<CamelCase<Tail>>}` : S;
+
+/** The two folders read as output(path) and resume(path) in the builder. */
+const RENAMED = { output_dir: "output", resume_from: "resume" } as const;
+type Renamed = keyof typeof RENAMED;
+
+/** Set by how a run is made (m.lora(options) or m.fullFinetune()), not by an option of its own. */
+const STRUCTURAL = ["method", "lora"] as const;
+
+/** A TrainOptions field the builder sets one value at a time. */
+export type TrainOptionField = Exclude<(typeof TRAIN_OPTIONS_FIELDS)[number], (typeof STRUCTURAL)[number]>;
+export type TrainOptionName<K extends TrainOptionField = TrainOptionField> = K extends Renamed ? (typeof RENAMED)[K] : CamelCase<K>;
+
+/** The builder's name for each wire option. */
+export function optionName<K extends TrainOptionField>(field: K): TrainOptionName<K> {
+  const renamed = (RENAMED as Partial<Record<TrainOptionField, string>>)[field];
+  return (renamed ?? field.replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase())) as TrainOptionName<K>;
+}
+
+/** Every wire option with its builder name, in schema order: [wire, builder]. */
+export const TRAIN_OPTIONS: ReadonlyArray<readonly [TrainOptionField, TrainOptionName]> = TRAIN_OPTIONS_FIELDS.filter(
+  (f): f is TrainOptionField => !(STRUCTURAL as readonly string[]).includes(f),
+).map((f) => [f, optionName(f)] as const);
+
+/** The options a builder holds, under their builder names; each is optional: unset keeps the worker's default. */
+export type TrainOptionSettings = { readonly [K in TrainOptionField as TrainOptionName<K>]?: TrainOptions[K] };
 
 export interface LoraOptions {
   /** Rank of the update; 8 is what the Qwen tutorials use. */
@@ -27,8 +68,8 @@ export interface LoraOptions {
   targets?: "all-linear" | readonly string[];
 }
 
-export type Strategy = "ddp" | "fsdp";
-export const STRATEGIES: readonly Strategy[] = ["ddp", "fsdp"];
+export type Strategy = (typeof DISTRIBUTED_OPTIONS_ENUMS.strategy)[number];
+export const STRATEGIES: readonly Strategy[] = DISTRIBUTED_OPTIONS_ENUMS.strategy;
 
 export interface ClusterOptions {
   /** Ray Train workers; each is one rank. */
@@ -46,36 +87,14 @@ export interface DistributedSettings {
   readonly cluster?: Readonly<ClusterOptions & { address?: string }>;
 }
 
-/** What a builder holds. Immutable; each builder method makes a copy with one field changed. */
-export interface TrainSettings {
+/**
+ * What a builder holds. Immutable; each builder method makes a copy with one field changed. `output`
+ * and `resume` are absolute paths (the run folder; the checkpoint or run folder to continue from).
+ */
+export interface TrainSettings extends TrainOptionSettings {
   readonly method: TrainMethod;
   readonly lora?: Readonly<LoraOptions>;
   readonly datasets: readonly DatasetEntry[];
-  readonly maxLength?: number;
-  readonly truncation?: Truncation;
-  readonly batchSize?: number;
-  readonly gradAccum?: number;
-  readonly epochs?: number;
-  readonly maxSteps?: number;
-  readonly lr?: number;
-  readonly schedule?: Schedule;
-  readonly warmup?: number;
-  readonly optimizer?: Optimizer;
-  readonly weightDecay?: number;
-  readonly maxGradNorm?: number;
-  readonly dtype?: TrainDtype;
-  readonly gradientCheckpointing?: boolean;
-  readonly packing?: boolean;
-  readonly evalSplit?: number;
-  readonly evalEvery?: number;
-  readonly saveEvery?: number;
-  readonly logEvery?: number;
-  readonly seed?: number;
-  /** Absolute path of the run folder. */
-  readonly output?: string;
-  /** Absolute path of the checkpoint (or run folder) to continue from. */
-  readonly resume?: string;
-  readonly overwrite?: boolean;
   readonly quiet?: boolean;
   readonly distributed?: DistributedSettings;
 }
@@ -169,31 +188,14 @@ export function toTrainOptions(s: TrainSettings, output: string): TrainOptions {
     if (s.lora.targets !== undefined) lora.targets = s.lora.targets === "all-linear" ? "all-linear" : [...s.lora.targets];
     c.lora = lora;
   }
-  const set = <K extends keyof TrainOptions>(key: K, value: TrainOptions[K] | undefined) => {
-    if (value !== undefined) c[key] = value;
-  };
-  set("max_length", s.maxLength);
-  set("truncation", s.truncation);
-  set("batch_size", s.batchSize);
-  set("grad_accum", s.gradAccum);
-  set("epochs", s.epochs);
-  set("max_steps", s.maxSteps);
-  set("lr", s.lr);
-  set("schedule", s.schedule);
-  set("warmup", s.warmup);
-  set("optimizer", s.optimizer);
-  set("weight_decay", s.weightDecay);
-  set("max_grad_norm", s.maxGradNorm);
-  set("dtype", s.dtype);
-  set("gradient_checkpointing", s.gradientCheckpointing);
-  set("packing", s.packing);
-  set("eval_split", s.evalSplit);
-  set("eval_every", s.evalEvery);
-  set("save_every", s.saveEvery);
-  set("log_every", s.logEvery);
-  set("seed", s.seed);
-  set("resume_from", s.resume);
-  set("overwrite", s.overwrite);
+  for (const [field, name] of TRAIN_OPTIONS) {
+    // The folder is the caller's: the one set, or the default made from the model and the date.
+    if (field === "output_dir") continue;
+    // TrainOptionSettings gives each builder name its wire field's type, so the value is the wire's own
+    // (TypeScript cannot follow a key and its renamed twin through a loop, hence the untyped assign).
+    const value = s[name];
+    if (value !== undefined) Object.assign(c, { [field]: Array.isArray(value) ? [...value] : value });
+  }
   return c;
 }
 
@@ -208,7 +210,7 @@ export function toTrainRequest(modelId: string, s: TrainSettings, output: string
 export function methodLabel(s: TrainSettings): string {
   if (s.method === "full") return "full fine-tune";
   const l = s.lora ?? {};
-  const parts = [`r=${l.r ?? 8}`];
+  const parts = [`r=${l.r ?? LORA_OPTIONS_DEFAULTS.r}`];
   if (l.alpha !== undefined) parts.push(`alpha=${l.alpha}`);
   if (l.dropout) parts.push(`dropout=${l.dropout}`);
   if (l.targets !== undefined && l.targets !== "all-linear") parts.push(`targets=${l.targets.join(",")}`);
@@ -218,28 +220,12 @@ export function methodLabel(s: TrainSettings): string {
 /** The options that were set, in the order people read them, as [name, shown value]. */
 export function settingRows(s: TrainSettings, cwd: string = process.cwd()): Array<[string, string | number | boolean]> {
   const rows: Array<[string, string | number | boolean | undefined]> = [
-    ["maxLength", s.maxLength],
-    ["truncation", s.truncation],
-    ["batchSize", s.batchSize],
-    ["gradAccum", s.gradAccum],
-    ["epochs", s.epochs],
-    ["maxSteps", s.maxSteps],
-    ["lr", s.lr],
-    ["schedule", s.schedule],
-    ["warmup", s.warmup],
-    ["optimizer", s.optimizer],
-    ["weightDecay", s.weightDecay],
-    ["maxGradNorm", s.maxGradNorm],
-    ["dtype", s.dtype],
-    ["gradientCheckpointing", s.gradientCheckpointing],
-    ["packing", s.packing],
-    ["evalSplit", s.evalSplit],
-    ["evalEvery", s.evalEvery],
-    ["saveEvery", s.saveEvery],
-    ["logEvery", s.logEvery],
-    ["seed", s.seed],
-    ["resume", s.resume === undefined ? undefined : shortPath(s.resume, cwd)],
-    ["overwrite", s.overwrite],
+    // The options in schema order; the run folder, shown last, after where the ranks come from.
+    ...TRAIN_OPTIONS.filter(([field]) => field !== "output_dir").map(([field, name]): [string, string | number | boolean | undefined] => {
+      const value = s[name];
+      if (field === "resume_from" && typeof value === "string") return [name, shortPath(value, cwd)];
+      return [name, Array.isArray(value) ? value.join(", ") : value];
+    }),
     ["devices", s.distributed?.devices],
     ["strategy", s.distributed?.strategy],
     ["cluster", s.distributed?.cluster === undefined ? undefined : clusterLabel(s.distributed.cluster)],
@@ -271,18 +257,13 @@ export function dashboardConfig(e: TrainBeginEvent, output: string, cwd: string)
   put("method", c.method);
   if (c.method === "lora") {
     put("r", lora.r);
+    // An absent alpha is 2 * r on the worker (protocol.json's LoraOptions says so; it has no fixed default).
     put("alpha", lora.alpha ?? (typeof lora.r === "number" ? 2 * lora.r : undefined));
     put("dropout", lora.dropout);
     put("targets", Array.isArray(lora.targets) ? lora.targets.join(", ") : lora.targets);
   }
-  const names: Array<[string, string]> = [
-    ["max_length", "maxLength"], ["batch_size", "batchSize"], ["grad_accum", "gradAccum"], ["epochs", "epochs"],
-    ["max_steps", "maxSteps"], ["lr", "lr"], ["schedule", "schedule"], ["warmup", "warmup"], ["optimizer", "optimizer"],
-    ["weight_decay", "weightDecay"], ["max_grad_norm", "maxGradNorm"], ["dtype", "dtype"],
-    ["gradient_checkpointing", "gradientCheckpointing"], ["packing", "packing"], ["eval_split", "evalSplit"],
-    ["eval_every", "evalEvery"], ["save_every", "saveEvery"], ["seed", "seed"],
-  ];
-  for (const [wire, shown] of names) put(shown, c[wire]);
+  // Every option as the worker runs it; the folders show below as output and resumedFrom (when it resumed).
+  for (const [wire, shown] of TRAIN_OPTIONS) if (wire !== "output_dir" && wire !== "resume_from") put(shown, c[wire]);
   put("examples", e.examples);
   if (e.eval_examples) put("evalExamples", e.eval_examples);
   put("trainableParams", e.trainable_params);

@@ -630,9 +630,15 @@ export interface TrainOptions {
    * @default 0
    */
   weight_decay?: number;
-  /** minItems 2; maxItems 2 */
+  /**
+   * minItems 2; maxItems 2
+   * @default [0.9,0.999]
+   */
   adam_betas?: Array<number>;
-  /** exclusiveMinimum 0 */
+  /**
+   * exclusiveMinimum 0
+   * @default 1e-8
+   */
   adam_eps?: number;
   /**
    * Gradient clipping; 0 turns it off
@@ -649,6 +655,11 @@ export interface TrainOptions {
   gradient_checkpointing?: boolean;
   /** @default false */
   packing?: boolean;
+  /**
+   * torch.compile each decoder layer: faster GPU steps after a compile of a minute or so at the start; each new batch shape compiles again, so pair it with packing. On a CPU it rarely pays
+   * @default false
+   */
+  compile?: boolean;
   /**
    * minimum 0; exclusiveMaximum 1
    * @default 0
@@ -1111,3 +1122,69 @@ export type BroadcastType = keyof BroadcastMap;
 export const REQUEST_TYPES: readonly RequestType[] = ["hello", "load", "unload", "generate", "cancel", "status", "shutdown", "save", "export", "serve_start", "serve_stop", "serve_status", "train", "train_preview", "adapter_load", "adapter_unload", "adapter_list", "runs", "run_watch"];
 export const EVENT_TYPES: readonly EventType[] = ["token", "load_progress", "export_progress", "train_begin", "train_progress", "eval", "checkpoint"];
 export const BROADCAST_TYPES: readonly BroadcastType[] = ["gpu", "worker_status"];
+
+/** TrainOptions's fields, in schema order. */
+export const TRAIN_OPTIONS_FIELDS = ["output_dir", "method", "lora", "max_length", "truncation", "batch_size", "grad_accum", "epochs", "max_steps", "lr", "schedule", "warmup", "optimizer", "weight_decay", "adam_betas", "adam_eps", "max_grad_norm", "dtype", "gradient_checkpointing", "packing", "compile", "eval_split", "eval_every", "save_every", "log_every", "seed", "resume_from", "overwrite"] as const satisfies ReadonlyArray<keyof TrainOptions>;
+
+/** What the worker uses for each TrainOptions field with a default when it is absent. */
+export const TRAIN_OPTIONS_DEFAULTS = {
+  method: "lora",
+  max_length: 1024,
+  truncation: "truncate",
+  batch_size: 4,
+  grad_accum: 4,
+  epochs: 3,
+  lr: 0.0001,
+  schedule: "cosine",
+  warmup: 0,
+  optimizer: "adamw",
+  weight_decay: 0,
+  adam_betas: [0.9, 0.999],
+  adam_eps: 1e-8,
+  max_grad_norm: 1,
+  dtype: "auto",
+  gradient_checkpointing: false,
+  packing: false,
+  compile: false,
+  eval_split: 0,
+  eval_every: 0,
+  save_every: 0,
+  log_every: 1,
+  seed: 42,
+  overwrite: false,
+} as const satisfies { readonly [K in keyof TrainOptions]?: unknown };
+
+/** The values each enum field of TrainOptions allows. */
+export const TRAIN_OPTIONS_ENUMS = {
+  method: ["lora", "full"],
+  truncation: ["truncate", "drop"],
+  schedule: ["cosine", "linear", "constant"],
+  optimizer: ["adamw"],
+  dtype: ["auto", "bf16", "fp16", "fp32"],
+} as const satisfies { readonly [K in keyof TrainOptions]?: ReadonlyArray<TrainOptions[K]> };
+
+/** LoraOptions's fields, in schema order. */
+export const LORA_OPTIONS_FIELDS = ["r", "alpha", "dropout", "targets"] as const satisfies ReadonlyArray<keyof LoraOptions>;
+
+/** What the worker uses for each LoraOptions field with a default when it is absent. */
+export const LORA_OPTIONS_DEFAULTS = {
+  r: 8,
+  dropout: 0,
+  targets: "all-linear",
+} as const satisfies { readonly [K in keyof LoraOptions]?: unknown };
+
+/** The values each enum field of LoraOptions allows. */
+export const LORA_OPTIONS_ENUMS = {} as const satisfies { readonly [K in keyof LoraOptions]?: ReadonlyArray<LoraOptions[K]> };
+
+/** DistributedOptions's fields, in schema order. */
+export const DISTRIBUTED_OPTIONS_FIELDS = ["strategy", "devices", "cluster"] as const satisfies ReadonlyArray<keyof DistributedOptions>;
+
+/** What the worker uses for each DistributedOptions field with a default when it is absent. */
+export const DISTRIBUTED_OPTIONS_DEFAULTS = {
+  strategy: "ddp",
+} as const satisfies { readonly [K in keyof DistributedOptions]?: unknown };
+
+/** The values each enum field of DistributedOptions allows. */
+export const DISTRIBUTED_OPTIONS_ENUMS = {
+  strategy: ["ddp", "fsdp"],
+} as const satisfies { readonly [K in keyof DistributedOptions]?: ReadonlyArray<DistributedOptions[K]> };
