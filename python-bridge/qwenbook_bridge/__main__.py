@@ -1,5 +1,5 @@
 """`python -m qwenbook_bridge` starts the worker (same options as `python -m qwenbook_bridge.worker`)."""
 
-from .worker import run
+from qwenbook_bridge.worker.process import run
 
 run()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import traceback as tb
 import uuid
 from dataclasses import dataclass, field
@@ -241,3 +242,20 @@ def validate_message(msg: Message) -> None:
     if msg.parent_header:
         check("Header", msg.parent_header, f"{msg.msg_type} parent_header")
     check(content_def(msg.msg_type, msg.content), msg.content, msg.msg_type)
+
+
+def json_clean(value: Any) -> Any:
+    """Event and reply content as the schema has it: no None fields, tuples as lists, no NaN/Infinity (which
+    JSON cannot carry; a non-finite number is left out like a missing one)."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            v = json_clean(v)
+            if v is not None:
+                out[k] = v
+        return out
+    if isinstance(value, (list, tuple)):
+        return [json_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenbook_bridge.engine.adapters import AdapterError, AdapterManager
-from qwenbook_bridge.engine.data import DatasetSpec
+from qwenbook_bridge.engine.models.adapters import AdapterError, AdapterManager
+from qwenbook_bridge.engine.data.datasets import DatasetSpec
 from qwenbook_bridge.engine.errors import InvalidOptionError
-from qwenbook_bridge.engine.trainable import has_injected_adapters
-from qwenbook_bridge.engine.training import train
-from qwenbook_bridge.engine.training_config import LoraSettings, TrainConfig
+from qwenbook_bridge.engine.model_parts import has_injected_adapters
+from qwenbook_bridge.engine.train.loop import train
+from qwenbook_bridge.engine.train.config import LoraSettings, TrainConfig
 
 ROWS = [{"system": "简短", "instruction": f"问题{i}", "output": f"回答{i}号"} for i in range(8)]
 

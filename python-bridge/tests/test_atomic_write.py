@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenbook_bridge.engine.atomic_write import AtomicTarget, is_disk_full, remove_leftovers, temporaries
+from qwenbook_bridge.engine.files.atomic_write import AtomicTarget, is_disk_full, remove_leftovers, temporaries
 from qwenbook_bridge.engine.errors import InsufficientDiskSpaceError
 
 

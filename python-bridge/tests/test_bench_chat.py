@@ -1,4 +1,4 @@
-"""The chat benchmark (bench_chat.py) on the tiny model: both loops time the same reply, quantized too."""
+"""The chat benchmark (bench/chat.py) on the tiny model: both loops time the same reply, quantized too."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenbook_bridge import bench_chat
+from qwenbook_bridge.bench import chat as bench_chat
 
 
 def test_chat_benchmark_times_both_loops_and_finds_the_same_reply(tiny_model_dir: Path, tmp_path: Path) -> None:

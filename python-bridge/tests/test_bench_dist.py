@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qwenbook_bridge.bench_dist import main
+from qwenbook_bridge.bench.dist import main
 
 
 def test_the_benchmark_compares_rank_counts_on_the_same_global_batch(tmp_path: Path, tiny_model_dir: Path) -> None:

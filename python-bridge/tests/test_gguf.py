@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenbook_bridge.engine.gguf_export import GgufConfig, UnsupportedArchitectureError, export_gguf, gguf_tensor_name
-from qwenbook_bridge.engine.gguf_read import GgufFile
-from qwenbook_bridge.engine.merge import model_tensor_sources
-from qwenbook_bridge.engine.quality import swapped_weights
-from qwenbook_bridge.engine.save import TargetExistsError
+from qwenbook_bridge.engine.export.gguf import GgufConfig, UnsupportedArchitectureError, export_gguf, gguf_tensor_name
+from qwenbook_bridge.engine.export.gguf_read import GgufFile
+from qwenbook_bridge.engine.export.merge import model_tensor_sources
+from qwenbook_bridge.engine.quant.quality import swapped_weights
+from qwenbook_bridge.engine.files.save import TargetExistsError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNNER = REPO_ROOT / "tests" / "gguf" / "run-gguf.mjs"

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from qwenbook_bridge.engine import GenerationOptions, generate
-from qwenbook_bridge.engine.gguf_read import GgufFile
-from qwenbook_bridge.handlers import Handlers, JobContext
+from qwenbook_bridge.engine.export.gguf_read import GgufFile
+from qwenbook_bridge.handlers.dispatch import Handlers
+from qwenbook_bridge.handlers.context import JobContext
 from qwenbook_bridge.protocol import make_message, validate_message
 
 CHAT = [{"role": "user", "content": "你好，你是谁？"}]
@@ -277,7 +278,7 @@ def test_a_cancel_between_tensors_leaves_nothing_behind(handlers, tmp_path, kind
 
 
 def test_not_enough_disk_space_is_refused_before_writing(handlers, tmp_path, monkeypatch):
-    import qwenbook_bridge.engine.atomic_write as atomic_write
+    import qwenbook_bridge.engine.files.atomic_write as atomic_write
 
     class Usage:
         total, used, free = 10**12, 10**12 - 10**6, 10**6

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenbook_bridge.handlers import Handlers, JobContext
+from qwenbook_bridge.handlers.dispatch import Handlers
+from qwenbook_bridge.handlers.context import JobContext
 from qwenbook_bridge.protocol import Message, exception_content, make_message, validate_message
 from wire import Client
 

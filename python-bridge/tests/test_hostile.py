@@ -16,9 +16,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from qwenbook_bridge import PROTOCOL_VERSION
-from qwenbook_bridge.protocol import (DELIMITER, Signer, make_message, now_iso, pack, parse, serialize,
-                                      validate_message)
-from qwenbook_bridge.server import CLOCK_SKEW_S, REPLAY_MAX_AGE_S
+from qwenbook_bridge.protocol import DELIMITER, Signer, make_message, now_iso, pack, parse, serialize, validate_message
+from qwenbook_bridge.worker.server import CLOCK_SKEW_S, REPLAY_MAX_AGE_S
 from wire import Client, WorkerProcess
 
 LIMIT = 1024 * 1024  # a small --max-message-bytes so that oversized messages stay cheap to send
@@ -123,7 +122,7 @@ def test_a_recent_date_within_the_window_is_accepted(client):
 def test_a_full_window_refuses_dates_before_its_oldest_remembered_id(monkeypatch):
     # Ids that arrived before the oldest one still remembered have been forgotten, so a message dated before
     # then could be one of them sent again, even though its date is within the age limit.
-    from qwenbook_bridge import server as server_module
+    from qwenbook_bridge.worker import server as server_module
 
     monkeypatch.setattr(server_module, "REPLAY_WINDOW", 3)
     srv = server_module.WorkerServer("0" * 64)

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from qwenbook_bridge.job_lanes import JobLanes, ModelFree
+from qwenbook_bridge.worker.job_lanes import JobLanes, ModelFree
 
 
 @dataclass

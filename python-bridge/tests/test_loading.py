@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from qwenbook_bridge.engine import (DeviceUnavailableError, InvalidOptionError, LoadOptions, ModelNotFoundError,
-                                    ModelNotLoadedError, ModelRegistry, NotACausalLMError, load_model, memory_snapshot,
-                                    resolve_device)
-from qwenbook_bridge.engine.hub import _progress_bar_class, is_hub_id, looks_like_path, resolve_hub_model
-from qwenbook_bridge.engine.loading import resolve_dtype
+    ModelNotLoadedError, ModelRegistry, NotACausalLMError, load_model, memory_snapshot, resolve_device)
+from qwenbook_bridge.engine.models.hub import _progress_bar_class, is_hub_id, looks_like_path, resolve_hub_model
+from qwenbook_bridge.engine.models.loading import resolve_dtype
 from qwenbook_bridge.protocol import check
 
 
@@ -180,6 +179,6 @@ def test_the_engine_imports_without_pyzmq():
     # GPU hosts may have no pyzmq: block it and import the engine in a fresh interpreter.
     code = ("import sys; sys.modules['zmq'] = None; "
             "from qwenbook_bridge.engine import generation, gpu, hub, loading, streaming; import qwenbook_bridge.engine; "
-            "import qwenbook_bridge.bench_local")
+            "import qwenbook_bridge.bench.local")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

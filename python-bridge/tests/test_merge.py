@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenbook_bridge.engine import atomic_write
-from qwenbook_bridge.engine import save as save_mod
-from qwenbook_bridge.engine.merge import NoAdapterError, has_lora, merge_lora, model_tensor_sources, save_merged
-from qwenbook_bridge.engine.save import (InsufficientDiskSpaceError, SaveConfig, TargetExistsError, parse_size)
+from qwenbook_bridge.engine.files import atomic_write
+from qwenbook_bridge.engine.files import save as save_mod
+from qwenbook_bridge.engine.export.merge import NoAdapterError, merge_lora, model_tensor_sources, save_merged
+from qwenbook_bridge.engine.model_parts import has_lora
+from qwenbook_bridge.engine.files.save import InsufficientDiskSpaceError, SaveConfig, TargetExistsError, parse_size
 
 PROMPTS = ["Hello world, this is a test.", "你好，你是谁？"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwenbook_bridge.engine.openai_schema import OpenAIError, parse_chat_request
+from qwenbook_bridge.openai.schema import OpenAIError, parse_chat_request
 
 
 def test_an_empty_messages_list_is_a_400_saying_what_to_send():

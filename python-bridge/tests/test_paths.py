@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qwenbook_bridge.engine import InvalidOptionError
-from qwenbook_bridge.paths import ROOT_ENV, resolve_user_path, worker_root
+from qwenbook_bridge.handlers.paths import ROOT_ENV, resolve_user_path, worker_root
 from wire import Client, WorkerProcess
 
 

@@ -11,9 +11,8 @@ from jsonschema import Draft202012Validator
 
 from qwenbook_bridge import PROTOCOL_VERSION
 from qwenbook_bridge.protocol import (BROADCASTS, DELIMITER, EVENTS, REQUESTS, SCHEMA, InvalidContentError,
-                                      MalformedMessageError, Message, SignatureError, Signer, content_def, error_content,
-                                      exception_content, make_message, pack, parse, serialize, validate_message,
-                                      validate_request)
+    MalformedMessageError, Message, SignatureError, Signer, content_def, error_content, exception_content,
+    make_message, pack, parse, serialize, validate_message, validate_request)
 
 KEY = "ab" * 32
 

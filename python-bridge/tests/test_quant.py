@@ -10,14 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenbook_bridge.engine.merge import save_merged
-from qwenbook_bridge.engine.quant import (Int4Linear, Int8Linear, QuantBackendMissing, QuantConfig, dequantize_int4,
-                                          quantize_int4, quantize_int8, quantize_model, quantized_layers,
-                                          quantized_weight_bytes)
-from qwenbook_bridge.engine.quant_gptq import gptq_codes
-from qwenbook_bridge.engine.quant_io import load_quantized, save_quantized
-from qwenbook_bridge.engine.quality import DEFAULT_HELDOUT_TEXTS, evaluate_quality
-from qwenbook_bridge.engine.save import SaveConfig
+from qwenbook_bridge.engine.export.merge import save_merged
+from qwenbook_bridge.engine.quant.layers import Int4Linear, Int8Linear
+from qwenbook_bridge.engine.quant.config import QuantBackendMissing, QuantConfig
+from qwenbook_bridge.engine.quant.codes import dequantize_int4, quantize_int4, quantize_int8
+from qwenbook_bridge.engine.quant.quantize import quantize_model, quantized_layers, quantized_weight_bytes
+from qwenbook_bridge.engine.quant.gptq import gptq_codes
+from qwenbook_bridge.engine.quant.folder import load_quantized
+from qwenbook_bridge.engine.export.quantized import save_quantized
+from qwenbook_bridge.engine.quant.quality import DEFAULT_HELDOUT_TEXTS, evaluate_quality
+from qwenbook_bridge.engine.files.save import SaveConfig
 
 TEXT = "The harbour town woke slowly. 你好，你是谁？ def f(x): return x * 2"
 
@@ -220,7 +222,7 @@ def test_gptq_lowers_the_error_it_optimises(base) -> None:
 
 
 def test_calibration_file_formats(tmp_path: Path) -> None:
-    from qwenbook_bridge.engine.quant_gptq import load_calibration_texts
+    from qwenbook_bridge.engine.quant.gptq import load_calibration_texts
 
     (tmp_path / "a.json").write_text(json.dumps(["one", {"text": "two"}]))
     (tmp_path / "b.txt").write_text("first paragraph\n\nsecond paragraph\n")

@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 import torch
 
-from qwenbook_bridge.engine import quant_layers, quant_triton
-from qwenbook_bridge.engine.fast_decode import FastDecoder
-from qwenbook_bridge.engine.quant import QuantConfig, quantize_model
-from qwenbook_bridge.engine.quant_layers import Int4Linear, Int8Linear
-from qwenbook_bridge.engine.quant_math import dequantize_int4, quantize_int4, quantize_int8
+from qwenbook_bridge.engine.quant import layers as quant_layers, triton_ops as quant_triton
+from qwenbook_bridge.engine.generate.fast_decode import FastDecoder
+from qwenbook_bridge.engine.quant.config import QuantConfig
+from qwenbook_bridge.engine.quant.quantize import quantize_model
+from qwenbook_bridge.engine.quant.layers import Int4Linear, Int8Linear
+from qwenbook_bridge.engine.quant.codes import dequantize_int4, quantize_int4, quantize_int8
 from test_fast_decode import _hf_greedy, _prompts, perturbed_lm, tiny_lm  # noqa: F401
 
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from qwenbook_bridge.dist_launch import DistributedRunError
-from qwenbook_bridge.engine import checkpoints as ckpt
+from qwenbook_bridge.distributed.torchrun import DistributedRunError
+from qwenbook_bridge.engine.train import checkpoints as ckpt
 from qwenbook_bridge.engine.errors import DeviceUnavailableError, InvalidOptionError
-from qwenbook_bridge import ray_launch
-from qwenbook_bridge.ray_launch import RayClusterError, launch
+from qwenbook_bridge.distributed import ray_train as ray_launch
+from qwenbook_bridge.distributed.ray_train import RayClusterError, launch
 
 from test_dist_train import assert_two_ranks_match_one_process, cancel_after, settings, write_run
 

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from qwenbook_bridge.run_registry import FINISHED_KEPT, HISTORY_CAP, RunIndex, RunRegistry
+from qwenbook_bridge.handlers.run_registry import FINISHED_KEPT, HISTORY_CAP, RunIndex, RunRegistry
 
 
 def _progress(step: int) -> dict[str, int]:
@@ -83,8 +83,8 @@ def test_unknown_run_and_forgotten_finished_runs() -> None:
 
 
 def _checkpoint(output_dir, step: int, complete: bool = True):
-    """A checkpoint-<step> folder as engine/checkpoints.py writes it (complete: both state files)."""
-    from qwenbook_bridge.engine.checkpoints import TRAINER_STATE, TRAINING_STATE
+    """A checkpoint-<step> folder as engine/train/checkpoints.py writes it (complete: both state files)."""
+    from qwenbook_bridge.engine.train.checkpoints import TRAINER_STATE, TRAINING_STATE
 
     folder = output_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)
@@ -225,7 +225,7 @@ def test_run_ids_cannot_name_files_outside_the_index(tmp_path) -> None:
 
 
 def test_a_train_request_with_huge_inline_rows_is_recorded_without_its_recipe(tmp_path) -> None:
-    from qwenbook_bridge.run_registry import RESUME_RECIPE_MAX_BYTES
+    from qwenbook_bridge.handlers.run_registry import RESUME_RECIPE_MAX_BYTES
 
     index = RunIndex(tmp_path / "runs")
     index.folder.mkdir()

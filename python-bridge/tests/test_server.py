@@ -17,9 +17,9 @@ import pytest
 
 from qwenbook_bridge import PROTOCOL_VERSION
 from qwenbook_bridge.engine import GenerationOptions, generate
-from qwenbook_bridge.handlers import Handlers
+from qwenbook_bridge.handlers.dispatch import Handlers
 from qwenbook_bridge.protocol import Signer
-from qwenbook_bridge.server import CONTROL_REQUESTS, dispatch_gaps
+from qwenbook_bridge.worker.server import CONTROL_REQUESTS, dispatch_gaps
 from wire import TIMEOUT_S, Client, WorkerProcess
 
 CHAT = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "count to five"}]

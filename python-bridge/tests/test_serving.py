@@ -17,9 +17,9 @@ import httpx
 import openai
 import pytest
 
-from qwenbook_bridge.engine.generation import GenerationOptions, generate
-from qwenbook_bridge.engine.openai_schema import OpenAIError
-from qwenbook_bridge.engine.serving import OpenAIServer, PortInUseError, ServeConfig
+from qwenbook_bridge.engine.generate.generation import GenerationOptions, generate
+from qwenbook_bridge.openai.schema import OpenAIError
+from qwenbook_bridge.openai.server import OpenAIServer, PortInUseError, ServeConfig
 
 KEY = "sk-test-key"
 NAME = "tiny-chat"
@@ -187,7 +187,7 @@ def test_bad_requests_get_openai_shaped_errors(server):
 
 
 def test_a_role_the_template_cannot_render_is_a_400(tiny, server):
-    from qwenbook_bridge.engine.serving_app import OpenAIApi
+    from qwenbook_bridge.openai.routes import OpenAIApi
 
     strict = copy.deepcopy(tiny.tokenizer)
     strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.first %}"
@@ -321,7 +321,7 @@ def test_serve_cli_serves_until_interrupted(tiny_model_dir):
     import signal
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "qwenbook_bridge.serve_cli", str(tiny_model_dir), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "qwenbook_bridge.openai.cli", str(tiny_model_dir), "--port", "0",
                              "--device", "cpu", "--name", "cli-model", "--api-key", "k"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from qwenbook_bridge.engine.errors import InvalidOptionError
-from qwenbook_bridge.engine.serving import OpenAIServer, ServeConfig
-from qwenbook_bridge.engine.serving_app import ApiLimits, OpenAIApi
+from qwenbook_bridge.openai.server import OpenAIServer, ServeConfig
+from qwenbook_bridge.openai.routes import ApiLimits, OpenAIApi
 
 NAME = "tiny-limits"
 BODY_LIMIT = 64 * 1024
@@ -292,7 +292,7 @@ def test_the_queue_defaults_to_four_requests_per_batch_row():
 # ---- qwenbook serve ------------------------------------------------------------------------------------------
 
 def test_serve_cli_sizes_read_like_nginx():
-    from qwenbook_bridge.serve_cli import byte_size
+    from qwenbook_bridge.openai.cli import byte_size
 
     assert [byte_size(t) for t in ("4194304", "4MiB", "4m", "512 KiB", "1MB")] == [4 * 2**20] * 3 + [2**19, 10**6]
     with pytest.raises(Exception, match="is not a size"):
@@ -303,7 +303,7 @@ def test_serve_cli_refuses_bad_limits_before_loading_the_model(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "qwenbook_bridge.serve_cli", str(tmp_path / "no-model"),
+    out = subprocess.run([sys.executable, "-m", "qwenbook_bridge.openai.cli", str(tmp_path / "no-model"),
                           "--max-queue", "-1"], capture_output=True, text=True, timeout=DEADLINE_S)
     assert out.returncode == 2
     assert "maxQueue must be an integer from 0" in out.stderr and "[" not in out.stderr.split("error:")[0], out.stderr
@@ -314,7 +314,7 @@ def test_serve_cli_applies_its_limits(tiny_model_dir):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "qwenbook_bridge.serve_cli", str(tiny_model_dir), "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "qwenbook_bridge.openai.cli", str(tiny_model_dir), "--port", "0",
                              "--device", "cpu", "--name", NAME, "--max-body", "2KiB", "--max-queue", "0",
                              "--client-timeout", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -12,11 +12,11 @@ import json
 import pytest
 import torch
 
-from qwenbook_bridge.engine.chat_encoding import build_dataset
-from qwenbook_bridge.engine.data import DatasetSpec
-from qwenbook_bridge.engine.train_batches import DataSchedule, collate, make_units
-from qwenbook_bridge.engine.training import train
-from qwenbook_bridge.engine.training_config import LoraSettings, TrainConfig
+from qwenbook_bridge.engine.data.chat_encoding import build_dataset
+from qwenbook_bridge.engine.data.datasets import DatasetSpec
+from qwenbook_bridge.engine.train.batches import DataSchedule, collate, make_units
+from qwenbook_bridge.engine.train.loop import train
+from qwenbook_bridge.engine.train.config import LoraSettings, TrainConfig
 
 # Answers of different lengths, so batches carry padding and the attention mask matters.
 ROWS = [{"instruction": f"第{i}个问题：今天做什么？", "output": "我们去散步，" * (1 + i % 4) + f"然后回家{i}。"}
@@ -91,7 +91,7 @@ def test_engine_loss_matches_hf_peft_step_by_step(tiny_model_dir, tok, tmp_path,
 
 
 def test_small_training_benchmark_runs_both_paths(tmp_path):
-    from qwenbook_bridge import bench_train
+    from qwenbook_bridge.bench import train as bench_train
 
     out = tmp_path / "bench.json"
     code = bench_train.main(["--small", "--device", "cpu", "--configs", "2x32,1x64", "--warmup", "1", "--steps", "2",

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenbook_bridge.engine import checkpoints as ckpt
-from qwenbook_bridge.engine.train_batches import collate
-from qwenbook_bridge.engine.data import DatasetSpec
-from qwenbook_bridge.engine.chat_encoding import build_dataset
+from qwenbook_bridge.engine.train import checkpoints as ckpt
+from qwenbook_bridge.engine.train.batches import collate
+from qwenbook_bridge.engine.data.datasets import DatasetSpec
+from qwenbook_bridge.engine.data.chat_encoding import build_dataset
 from qwenbook_bridge.engine.errors import InvalidOptionError
-from qwenbook_bridge.engine.train_loss import token_loss_sum
-from qwenbook_bridge.engine.selfcog_data import SelfCognition
-from qwenbook_bridge.engine.trainable import has_injected_adapters
-from qwenbook_bridge.engine.training import TrainingOutOfMemoryError, train
-from qwenbook_bridge.engine.training_config import LoraSettings, TrainConfig
+from qwenbook_bridge.engine.train.loss import token_loss_sum
+from qwenbook_bridge.engine.data.self_cognition import SelfCognition
+from qwenbook_bridge.engine.model_parts import has_injected_adapters
+from qwenbook_bridge.engine.train.loop import TrainingOutOfMemoryError, train
+from qwenbook_bridge.engine.train.config import LoraSettings, TrainConfig
 
 ROWS = [{"system": "简短", "instruction": f"问题{i}", "output": f"回答{i}号"} for i in range(12)]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from qwenbook_bridge.server import ipc_endpoint
-from qwenbook_bridge.worker import IPC_DIR_NAME, ipc_folder
+from qwenbook_bridge.worker.server import ipc_endpoint
+from qwenbook_bridge.worker.process import IPC_DIR_NAME, ipc_folder
 from wire import Client, WorkerProcess
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenbook_bridge.engine import checkpoints as ckpt
+from qwenbook_bridge.engine.train import checkpoints as ckpt
 from test_training import model, run, tok  # noqa: F401 - fixtures and helper shared with the training tests
 
 

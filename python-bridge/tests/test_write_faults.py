@@ -28,18 +28,19 @@ from typing import Any
 import pytest
 import torch
 
-from qwenbook_bridge.engine import atomic_write
-from qwenbook_bridge.engine import checkpoints as ckpt
-from qwenbook_bridge.engine.data import DatasetSpec
+from qwenbook_bridge.engine.files import atomic_write
+from qwenbook_bridge.engine.train import checkpoints as ckpt
+from qwenbook_bridge.engine.data.datasets import DatasetSpec
 from qwenbook_bridge.engine.errors import InsufficientDiskSpaceError
-from qwenbook_bridge.engine.gguf_export import GgufConfig, export_gguf
-from qwenbook_bridge.engine.gguf_read import GgufFile
-from qwenbook_bridge.engine.merge import save_model
-from qwenbook_bridge.engine.quant import QuantConfig
-from qwenbook_bridge.engine.quant_io import load_quantized, save_quantized
-from qwenbook_bridge.engine.save import SaveConfig, read_safetensors_folder
-from qwenbook_bridge.engine.training import train
-from qwenbook_bridge.engine.training_config import LoraSettings, TrainConfig
+from qwenbook_bridge.engine.export.gguf import GgufConfig, export_gguf
+from qwenbook_bridge.engine.export.gguf_read import GgufFile
+from qwenbook_bridge.engine.export.merge import save_model
+from qwenbook_bridge.engine.quant.config import QuantConfig
+from qwenbook_bridge.engine.quant.folder import load_quantized
+from qwenbook_bridge.engine.export.quantized import save_quantized
+from qwenbook_bridge.engine.files.save import SaveConfig, read_safetensors_folder
+from qwenbook_bridge.engine.train.loop import train
+from qwenbook_bridge.engine.train.config import LoraSettings, TrainConfig
 
 HERE = Path(__file__).resolve().parent
 ROWS = [{"instruction": f"问题{i}", "output": f"回答{i}号"} for i in range(8)]

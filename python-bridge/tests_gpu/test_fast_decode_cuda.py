@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from qwenbook_bridge.engine.fast_decode import FastDecoder, SamplingParams
+from qwenbook_bridge.engine.generate.fast_decode import FastDecoder, SamplingParams
 from test_fast_decode import CHECK_TOKENS, _hf_greedy, _prompts, perturbed_lm, tiny_lm  # noqa: F401
 
 if not torch.cuda.is_available():

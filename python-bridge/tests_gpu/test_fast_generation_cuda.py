@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qwenbook_bridge.engine import GenerationOptions, LoadOptions, generate, load_model
-from qwenbook_bridge.engine.fast_generation import forget
+from qwenbook_bridge.engine.generate.decoders import forget
 from test_fast_generation import plain_then_fast
 
 CHAT = [{"role": "user", "content": "Count to five."}]

@@ -50,7 +50,7 @@ async function viaWorker() {
 }
 
 function inProcess() {
-  const r = spawnSync(python, ["-m", "qwenbook_bridge.bench_local", "--model", model, "--prompt", prompt,
+  const r = spawnSync(python, ["-m", "qwenbook_bridge.bench.local", "--model", model, "--prompt", prompt,
     "--max-tokens", String(maxTokens), "--runs", String(runs), "--threads", threads, "--json"], { encoding: "utf8" });
   if (r.status !== 0) throw new Error(`in-process bench failed: ${r.stderr}`);
   const out = JSON.parse(r.stdout.trim().split("\n").pop());

@@ -1,5 +1,5 @@
 // The kernel checks a dataset's first rows at `.dataset()` (kernel/src/api/dataset-rows.ts) so a wrong
-// format fails early; this holds it to the worker's parser (engine/data.py), which reads the rows at
+// format fails early; this holds it to the worker's parser (engine/data/datasets.py), which reads the rows at
 // train(): for each row and format both must accept it, or both refuse it on the same field.
 import { execFileSync } from "node:child_process";
 import { beforeAll, describe, expect, it } from "vitest";
@@ -62,7 +62,7 @@ const FORMATS = ["alpaca", "sharegpt", "auto"] as const;
 function workerOutcomes(): Record<string, Outcome[]> {
   const script = `
 import json, sys
-from qwenbook_bridge.engine.data import DatasetError, DatasetSpec, load_conversations
+from qwenbook_bridge.engine.data.datasets import DatasetError, DatasetSpec, load_conversations
 rows = json.load(sys.stdin)
 out = {}
 for fmt in ${JSON.stringify(FORMATS)}:

@@ -410,7 +410,7 @@ const CHECKS: Check[] = [
   },
   {
     // GPU-only commands: without a GPU, a one-line refusal; with enough GPUs, a run to the end.
-    pattern: /^\.venv\/bin\/python -m (qwenbook_bridge\.bench(_dist|_chat|_quant_kernels)?\b|pytest python-bridge\/tests_gpu$)/,
+    pattern: /^\.venv\/bin\/python -m (qwenbook_bridge\.bench(\.dist|\.chat|\.quant_kernels)?(\s|$)|pytest python-bridge\/tests_gpu$)/,
     timeoutMs: 3_700_000,
     run: checkGpuOnly,
   },

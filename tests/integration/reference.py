@@ -23,7 +23,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from qwenbook_bridge.engine import GenerationOptions, LoadOptions, generate, load_model
-    from qwenbook_bridge.engine.generation import prompt_ids
+    from qwenbook_bridge.engine.generate.generation import prompt_ids
 
     loaded = load_model(path, LoadOptions(dtype="fp32", device="cpu"))
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

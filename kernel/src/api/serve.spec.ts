@@ -177,7 +177,7 @@ describe("serve options", () => {
 describe("qwenbook serve command line", () => {
   it("becomes serve_cli's arguments", () => {
     expect(serveArgs(["Qwen/Qwen2.5-7B-Instruct", "--port", "8000", "--api-key", "sk-local", "--host", "0.0.0.0", "--name", "qwen"])).toEqual([
-      "-m", "qwenbook_bridge.serve_cli", "Qwen/Qwen2.5-7B-Instruct", "--port", "8000", "--host", "0.0.0.0", "--api-key", "sk-local", "--name", "qwen",
+      "-m", "qwenbook_bridge.openai.cli", "Qwen/Qwen2.5-7B-Instruct", "--port", "8000", "--host", "0.0.0.0", "--api-key", "sk-local", "--name", "qwen",
     ]);
   });
 

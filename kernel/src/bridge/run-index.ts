@@ -1,4 +1,4 @@
-// The worker's run index as files on disk (python-bridge/qwenbook_bridge/run_registry.py writes it): one
+// The worker's run index as files on disk (python-bridge/qwenbook_bridge/handlers/run_registry.py writes it): one
 // JSON record per training run in <runtime dir>/qwenbook-runs. Read here when no worker is running, so
 // that `qwen.runs()` and `npx qwenbook worker status` still show the runs a crashed worker left behind.
 import { existsSync, readdirSync, readFileSync } from "node:fs";
@@ -59,7 +59,7 @@ function parseRecord(path: string): RunInfo | null {
   return info;
 }
 
-/** What engine/checkpoints.py counts as complete: checkpoint-<step> holding both state files. */
+/** What engine/train/checkpoints.py counts as complete: checkpoint-<step> holding both state files. */
 export function newestCompleteCheckpoint(outputDir: string): { path: string; step: number } | null {
   let best: { path: string; step: number } | null = null;
   let names: string[];

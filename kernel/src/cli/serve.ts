@@ -1,5 +1,5 @@
 // `qwenbook serve <model>`: an OpenAI-compatible server without a notebook. The Python side
-// (qwenbook_bridge.serve_cli) loads the model and serves; this checks the command line first, so a
+// (qwenbook_bridge.openai.cli) loads the model and serves; this checks the command line first, so a
 // typo fails in a second instead of after the model has loaded, then runs it and passes signals on.
 import { spawn } from "node:child_process";
 import { existsSync, statSync } from "node:fs";
@@ -62,7 +62,7 @@ export function serveArgs(argv: string[]): string[] {
   const { values: v, positionals } = parsed;
   if (positionals.length === 0) throw new ServeUsageError("serve needs the model to serve: a hub id or a model folder");
   if (positionals.length > 1) throw new ServeUsageError(`serve takes one model, got ${positionals.map((p) => JSON.stringify(p)).join(", ")}`);
-  const out = ["-m", "qwenbook_bridge.serve_cli", positionals[0]];
+  const out = ["-m", "qwenbook_bridge.openai.cli", positionals[0]];
   if (v.port !== undefined) out.push("--port", String(integer("--port", v.port, 0, 65535)));
   if (v.host !== undefined) out.push("--host", word("--host", v.host));
   if (v["api-key"] !== undefined) out.push("--api-key", word("--api-key", v["api-key"]));

@@ -13,7 +13,7 @@ const CHAINED = [
   "The above exception was the direct cause of the following exception:",
   "",
   "Traceback (most recent call last):",
-  '  File "/repo/python-bridge/qwenbook_bridge/engine/hub.py", line 170, in resolve_hub_model',
+  '  File "/repo/python-bridge/qwenbook_bridge/engine/models/hub.py", line 170, in resolve_hub_model',
   "    raise ModelNotFoundError(",
   "qwenbook_bridge.engine.errors.ModelNotFoundError: Qwen/Qwen2.5-0.5B-Instruct could not be fetched",
 ];

@@ -1,10 +1,14 @@
-"""The model engine: loading, generation and device memory. Runs without pyzmq (GPU hosts may lack it)."""
+"""The model engine: everything torch, transformers and peft do for Qwenbook, with no sockets and no pyzmq (GPU
+hosts may lack it). models/ loads and holds models and their adapters, generate/ decodes, data/ reads training
+data, train/ fine-tunes, quant/ quantizes, export/ writes models out, files/ writes files atomically; errors.py
+names what can go wrong and model_parts.py what a model is made of under its wrappers. The names below are the
+ones a caller needs most; the subpackages' own faces list the rest."""
 
-from .errors import (CancelledError, DeviceUnavailableError, EngineError, InvalidOptionError, ModelNotFoundError,
-                     ModelNotLoadedError, NoChatTemplateError, NotACausalLMError)
-from .generation import GenerationOptions, GenerationResult, TokenDelta, generate
-from .gpu import available_devices, memory_snapshot, resolve_device
-from .loading import LoadedModel, LoadOptions, LoadProgress, ModelRegistry, load_model
+from qwenbook_bridge.engine.errors import (CancelledError, DeviceUnavailableError, EngineError, InvalidOptionError,
+    ModelNotFoundError, ModelNotLoadedError, NoChatTemplateError, NotACausalLMError)
+from qwenbook_bridge.engine.generate.generation import GenerationOptions, GenerationResult, TokenDelta, generate
+from qwenbook_bridge.engine.models.devices import available_devices, memory_snapshot, resolve_device
+from qwenbook_bridge.engine.models.loading import LoadedModel, LoadOptions, LoadProgress, ModelRegistry, load_model
 
 __all__ = [
     "CancelledError", "DeviceUnavailableError", "EngineError", "InvalidOptionError", "ModelNotFoundError",
@@ -12,4 +16,6 @@ __all__ = [
     "GenerationOptions", "GenerationResult", "TokenDelta", "generate",
     "available_devices", "memory_snapshot", "resolve_device",
     "LoadedModel", "LoadOptions", "LoadProgress", "ModelRegistry", "load_model",
+    # modules and subpackages other packages may import
+    "errors", "model_parts", "data", "export", "files", "generate", "models", "quant", "train",
 ]

@@ -156,7 +156,7 @@ def load(a: argparse.Namespace):
     """(model, tokenizer, eos ids, label, device, dtype) from a folder or hub id, random weights if asked."""
     import torch
 
-    from qwenbook_bridge.engine.loading import DTYPES, LoadOptions, load_model, resolve_dtype
+    from qwenbook_bridge.engine.models.loading import DTYPES, LoadOptions, load_model, resolve_dtype
 
     source = a.model or default_model()
     if not a.random_weights:
@@ -164,7 +164,7 @@ def load(a: argparse.Namespace):
         return loaded.model, loaded.tokenizer, loaded.eos_token_ids, loaded.model_id, loaded.device, loaded.dtype
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from qwenbook_bridge.engine.gpu import resolve_device
+    from qwenbook_bridge.engine.models.devices import resolve_device
 
     device = resolve_device(a.device)
     dtype = DTYPES[resolve_dtype(a.dtype, device)]
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from qwenbook_bridge.engine.serving import OpenAIServer, ServeConfig
+    from qwenbook_bridge.openai.server import OpenAIServer, ServeConfig
 
     levels = [int(x) for x in a.concurrency.split(",")]
     extra = {} if a.repetition_penalty is None else {"repetition_penalty": a.repetition_penalty}

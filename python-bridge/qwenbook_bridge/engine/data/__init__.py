@@ -1,0 +1,6 @@
+"""Training data: datasets.py reads alpaca/sharegpt/messages rows from files and mixes sources,
+self_cognition.py writes the "who are you" set, chat_encoding.py renders rows through the chat template and masks
+what is not trained on."""
+
+# The modules other packages may import; the rest are this package's own (tests/test_architecture.py).
+__all__ = ["chat_encoding", "datasets"]

@@ -1,0 +1,337 @@
+"""Exporting Qwen2-architecture models (Qwen2, Qwen2.5) to one GGUF file that llama.cpp, Ollama and LM Studio run.
+
+Tensor names, metadata keys and the tokenizer encoding follow llama.cpp's own converter for Qwen2: the
+tokenizer is stored as GPT-2-style byte-level BPE ("gpt2") with the "qwen2" pre-tokenizer, padding ids
+beyond the tokenizer marked unused, special added tokens as control tokens. 1-D tensors (norms, biases) stay
+f32, as llama.cpp expects. For q4_0 the token embedding (which is also the output layer when tied) is stored
+as q8_0: llama.cpp's own quantizer likewise keeps the output layer at higher precision (Q6_K, which gguf-py
+cannot write). A LoRA adapter is merged and int8/int4 layers dequantized on the way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qwenbook_bridge.engine.model_parts import base_model_of, has_lora
+from qwenbook_bridge.engine.export.merge import model_tensor_sources
+from qwenbook_bridge.engine.export.gguf_read import GgufFile
+from qwenbook_bridge.engine.quant.quality import (ExportReport, QualityReport, compare, model_logits, size_report,
+    swapped_weights, token_windows)
+from qwenbook_bridge.engine.quant.quantize import quantized_layers
+from qwenbook_bridge.engine.files.save import AtomicTarget, Progress, ProgressFn, TensorSource, check_free_space
+
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+SUPPORTED = {"Qwen2ForCausalLM": "qwen2"}
+# The pre-tokenizer split of Qwen2/2.5 (tokenizer.json); llama.cpp's "qwen2" pre-tokenizer implements this regex.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model is not one this exporter knows how to write."""
+
+
+@dataclass
+class GgufConfig:
+    # Tensor type of the 2-D weights: f32, f16, bf16, q8_0 or q4_0.
+    type: str = "f16"
+    # Type of the token embedding / output layer; None: the same as `type`, but q8_0 when `type` is q4_0.
+    output_type: str | None = None
+    # Written as general.name; None uses the model's folder or hub name.
+    name: str | None = None
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        for t in (self.type, self.output_type):
+            if t is not None and t not in TYPES:
+                raise ValueError(f"unknown GGUF type {t!r}: use one of {', '.join(TYPES)}")
+
+
+def _gguf() -> Any:
+    import gguf
+
+    return gguf
+
+
+def _qtype(name: str) -> Any:
+    q = _gguf().GGMLQuantizationType
+    return {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0, "q4_0": q.Q4_0}[name]
+
+
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+               "q4_0": "MOSTLY_Q4_0"}
+_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                 "lm_head.weight": "output.weight"}
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.o_proj.bias": "attn_output.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    if hf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[hf_name]
+    m = _LAYER_RE.match(hf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    raise UnsupportedArchitectureError(f"tensor {hf_name} has no place in a qwen2 GGUF file")
+
+
+def check_supported(root: nn.Module) -> str:
+    arch = type(root).__name__
+    if arch not in SUPPORTED:
+        raise UnsupportedArchitectureError(
+            f"GGUF export supports {', '.join(SUPPORTED)} (Qwen2 / Qwen2.5 models); this model is {arch}")
+    cfg = root.config
+    if getattr(cfg, "use_sliding_window", False):
+        raise UnsupportedArchitectureError("this Qwen2 model uses sliding-window attention, which llama.cpp's "
+                                           "qwen2 architecture does not implement")
+    return SUPPORTED[arch]
+
+
+def _rope(cfg: Any) -> tuple[float, dict[str, Any] | None]:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    scaling = getattr(cfg, "rope_scaling", None) or params
+    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    return float(theta), scaling
+
+
+def _add_hparams(w: Any, root: nn.Module, name: str, file_type: str) -> None:
+    gguf = _gguf()
+    cfg = root.config
+    w.add_name(name)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    theta, scaling = _rope(cfg)
+    w.add_rope_freq_base(theta)
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(scaling["factor"])
+            w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        elif kind == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(scaling["factor"])
+        else:
+            raise UnsupportedArchitectureError(f"rope scaling {kind!r} has no GGUF equivalent here")
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[file_type]))
+    if file_type in ("q8_0", "q4_0"):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _looks_special(text: str) -> bool:
+    return (text.startswith("<|") and text.endswith("|>")) or text in ("<pad>", "<mask>")
+
+
+def _split_patterns(node: Any) -> list[str]:
+    if isinstance(node, list):
+        return [p for item in node for p in _split_patterns(item)]
+    if not isinstance(node, dict):
+        return []
+    found = [node["pattern"]["Regex"]] if node.get("type") == "Split" and "Regex" in node.get("pattern", {}) else []
+    return found + [p for v in node.values() if isinstance(v, (list, dict)) for p in _split_patterns(v)]
+
+
+def _add_tokenizer(w: Any, tokenizer: Any, root: nn.Module) -> None:
+    gguf = _gguf()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UnsupportedArchitectureError("GGUF export needs a fast (tokenizers) tokenizer with a tokenizer.json")
+    tj = json.loads(backend.to_str())
+    model = tj["model"]
+    if model.get("type") != "BPE" or QWEN2_SPLIT not in _split_patterns(tj.get("pre_tokenizer")):
+        raise UnsupportedArchitectureError("the tokenizer is not Qwen2's byte-level BPE, so llama.cpp would split "
+                                           "text differently from transformers")
+    vocab_size = root.config.vocab_size
+    tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    types = dict.fromkeys(tokens, gguf.TokenType.NORMAL)
+    for added in tj.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        special = added.get("special") or _looks_special(added["content"])
+        types[added["id"]] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+    if max(tokens) >= vocab_size:
+        raise UnsupportedArchitectureError(f"the tokenizer has ids up to {max(tokens)} but the model's vocabulary "
+                                           f"has {vocab_size} rows")
+    token_list, type_list = [], []
+    for i in range(vocab_size):
+        token_list.append(tokens.get(i, f"[PAD{i}]"))
+        type_list.append(types.get(i, gguf.TokenType.UNUSED))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(token_list)
+    w.add_token_types(type_list)
+    w.add_token_merges(merges)
+    cfg = root.config
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(cfg, "bos_token_id", None)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else getattr(cfg, "eos_token_id", None)
+    if isinstance(eos, list):
+        eos = eos[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
+    for value, add in ((bos, w.add_bos_token_id), (eos, w.add_eos_token_id), (pad, w.add_pad_token_id)):
+        if value is not None:
+            add(int(value))
+    # Qwen's tokenizer adds no BOS; llama.cpp would otherwise prepend one and change every result.
+    w.add_add_bos_token(False)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    if template:
+        w.add_chat_template(template)
+
+
+@dataclass
+class _Planned:
+    source: TensorSource
+    gguf_name: str
+    qtype_name: str
+    byte_shape: tuple[int, ...]
+
+
+def _plan(sources: Sequence[TensorSource], cfg: GgufConfig) -> tuple[list[_Planned], list[str]]:
+    gguf = _gguf()
+    out_type = cfg.output_type or ("q8_0" if cfg.type == "q4_0" else cfg.type)
+    planned, kept_f16 = [], []
+    for s in sources:
+        name = gguf_tensor_name(s.name)
+        if len(s.shape) <= 1:
+            t = "f32"
+        else:
+            t = out_type if name in ("token_embd.weight", "output.weight") else cfg.type
+            block = gguf.GGML_QUANT_SIZES[_qtype(t)][0]
+            if s.shape[-1] % block:
+                kept_f16.append(name)  # a row that does not split into whole blocks: f16, as llama.cpp does
+                t = "f16"
+        if t == "bf16" or t in ("q8_0", "q4_0"):
+            byte_shape = tuple(gguf.quant_shape_to_byte_shape(s.shape, _qtype(t)))
+        else:
+            byte_shape = s.shape
+        planned.append(_Planned(s, name, t, byte_shape))
+    return planned, kept_f16
+
+
+def _encode(t: torch.Tensor, qtype_name: str) -> np.ndarray:
+    gguf = _gguf()
+    arr = t.detach().to("cpu", torch.float32).contiguous().numpy()
+    if qtype_name == "f32":
+        return arr
+    if qtype_name == "f16":
+        return arr.astype(np.float16)
+    return gguf.quants.quantize(arr, _qtype(qtype_name))
+
+
+def export_gguf(model: nn.Module, tokenizer: Any, target: str | os.PathLike[str], config: GgufConfig | None = None,
+                *, progress: ProgressFn | None = None, evaluate: bool = True,
+                heldout_texts: Sequence[str] | None = None) -> ExportReport:
+    """Write `model` (Qwen2 architecture; LoRA merged, int8/int4 dequantized) as one GGUF file.
+
+    With `evaluate`, the written tensors are read back and run in PyTorch in place of the model's own weights
+    (one layer at a time) to report perplexity, mean KL and top-1 agreement against the unexported model: the
+    cost of the weight rounding. llama.cpp also rounds activations in its quantized matmuls, not measured here.
+    """
+    gguf = _gguf()
+    config = config or GgufConfig()
+    config.validate()
+    root = base_model_of(model)
+    arch = check_supported(root)
+    atomic = AtomicTarget(target, overwrite=config.overwrite, is_dir=False)
+    sources = model_tensor_sources(model)
+    planned, kept_f16 = _plan(sources, config)
+    elem = {"f32": 4, "f16": 2}
+    nbytes = [math.prod(p.byte_shape) * elem.get(p.qtype_name, 1) for p in planned]
+    tracker = Progress(progress, sum(nbytes))
+    tracker.set_stage("prepare")
+    name = config.name or Path(str(getattr(root.config, "name_or_path", "") or "qwen2")).name or "qwen2"
+    writer = gguf.GGUFWriter(None, arch)
+    _add_hparams(writer, root, name, config.type)
+    _add_tokenizer(writer, tokenizer, root)
+    np_dtypes = {"f32": np.float32, "f16": np.float16}
+    for p, n in zip(planned, nbytes):
+        if p.qtype_name in np_dtypes:
+            writer.add_tensor_info(p.gguf_name, p.source.shape, np.dtype(np_dtypes[p.qtype_name]), n)
+        else:
+            writer.add_tensor_info(p.gguf_name, p.byte_shape, np.dtype(np.uint8), n, raw_dtype=_qtype(p.qtype_name))
+    # Token list and merges add some megabytes of metadata on top of the tensors.
+    atomic.needed = tracker.bytes_total + 64 * 2**20
+    check_free_space(atomic.target, atomic.needed)
+    with atomic as staging, torch.no_grad():
+        try:
+            writer.write_header_to_file(path=staging)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            tracker.set_stage("write")
+            for p, n in zip(planned, nbytes):
+                data = _encode(p.source.load(), p.qtype_name)
+                writer.write_tensor_data(data)
+                tracker.advance(n)
+        finally:
+            writer.close()
+    report = ExportReport(str(atomic.target), f"gguf-{config.type}", size_report(atomic.target),
+                          details={"tensors": len(planned), "kept_f16": kept_f16,
+                                   "types": sorted({p.qtype_name for p in planned})})
+    if evaluate and not quantized_layers(root):
+        tracker.set_stage("evaluate")
+        report.quality = gguf_weight_quality(model, tokenizer, atomic.target, heldout_texts)
+    tracker.finish()
+    return report
+
+
+def gguf_weight_quality(model: nn.Module, tokenizer: Any, gguf_path: str | os.PathLike[str],
+                        texts: Sequence[str] | None = None, max_length: int = 512) -> QualityReport:
+    """Run `model` with its weights replaced by the GGUF file's (dequantized) ones and compare with the model."""
+    root = base_model_of(model)
+    windows = token_windows(tokenizer, texts, max_length)
+    label = "built-in held-out text" if texts is None else f"{len(texts)} held-out text(s)"
+    with GgufFile(gguf_path) as gf:
+        tied = "output.weight" not in gf.tensors
+
+        def provider(hf_name: str) -> torch.Tensor | None:
+            hf_name = hf_name.replace(".base_layer.", ".")
+            if hf_name == "lm_head.weight" and tied:
+                hf_name = "model.embed_tokens.weight"
+            try:
+                name = gguf_tensor_name(hf_name)
+            except UnsupportedArchitectureError:
+                return None
+            return gf.dequantize(name) if name in gf.tensors else None
+
+        plain = model_logits(model)
+
+        def candidate(ids: torch.Tensor) -> torch.Tensor:
+            with swapped_weights(root, provider):
+                if has_lora(model) and hasattr(model, "disable_adapter"):
+                    with model.disable_adapter():  # the file has the adapter merged in already
+                        return plain(ids)
+                return plain(ids)
+
+        was_training = model.training
+        model.eval()
+        try:
+            return compare(candidate, windows, plain, label)
+        finally:
+            model.train(was_training)

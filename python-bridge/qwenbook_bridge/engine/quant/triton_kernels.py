@@ -1,0 +1,189 @@
+"""The Triton kernels behind engine/quant/triton_ops.py (imported only when a kernel is about to run).
+
+Layouts: int8 codes [N, K] with one scale per row; int4 codes two to a byte (low nibble = even input index)
+[N, K/2] with scales [N, K/GROUP]. Outputs go to y[pid_k] so split-K partial sums can be added afterwards.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+
+# Only Triton builtins and this module's own functions are called from the kernels: triton.language's jit-written
+# helpers (cdiv, zeros, sum) are bound to whether TRITON_INTERPRET was set when triton was first imported, so in
+# a process that imported it before (torch.compile does) the interpreter could not run them. A reduction with
+# the standard sum combiner is what tl.sum compiles to, and the interpreter recognises it and sums in numpy.
+@triton.jit
+def total(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def k_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    steps = (K + BLOCK_K - 1) // BLOCK_K
+    per = (steps + SPLIT_K - 1) // SPLIT_K
+    start = pid_k * per * BLOCK_K
+    stop = tl.minimum(start + per * BLOCK_K, K)
+    return start, stop
+
+
+@triton.jit
+def out_rows(N, BLOCK_N: tl.constexpr):
+    """This program's output rows (axis 0 of the grid) and which of them exist."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rn, rn < N
+
+
+@triton.jit
+def gemv_int8(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_k = tl.program_id(1)
+    rn, n_ok = out_rows(N, BLOCK_N)
+    start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    acc = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
+    for k0 in range(start, stop, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < stop
+        x = tl.load(x_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        acc += total(w.to(tl.float32) * x[None, :], axis=1)
+    acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + pid_k * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+# Integer-to-float conversions run at a quarter of the FP32 rate, which would cap a one-row product below the
+# memory speed. The word kernels build the floats from bits instead: a code c in 0..255 ORed into the mantissa
+# of 2^23 (0x4B000000) is the float 2^23 + c exactly, so one subtraction gives the code minus its offset.
+MAGIC = tl.constexpr(0x4B000000)
+
+
+@triton.jit
+def load_words(w_ptr, rn, n_ok, K, k0, stop, rw, PER_WORD: tl.constexpr):
+    """The codes of rows `rn` from input k0 on as 32-bit words (PER_WORD codes each), the first input of each
+    word, and which words lie before `stop`."""
+    kw = k0 + PER_WORD * rw
+    w_ok = kw < stop
+    words = tl.load(w_ptr + rn[:, None] * (K // PER_WORD) + (k0 // PER_WORD + rw)[None, :],
+                    mask=n_ok[:, None] & w_ok[None, :], other=0)
+    return kw, w_ok, words
+
+
+@triton.jit
+def gemv_int4_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # The codes read as 32-bit words: word w of a row holds inputs 8w..8w+7, nibble j = input 8w + j
+    # (little-endian bytes, low nibble first). Scales are applied per word.
+    WORDS: tl.constexpr = BLOCK_K // 8
+    pid_k = tl.program_id(1)
+    rn, n_ok = out_rows(N, BLOCK_N)
+    start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    rw = tl.arange(0, WORDS)
+    n_groups = K // GROUP
+    acc = tl.full((BLOCK_N,), 0.0, dtype=tl.float32)
+    for k0 in range(start, stop, BLOCK_K):
+        kw, w_ok, words = load_words(w_ptr, rn, n_ok, K, k0, stop, rw, 8)
+        part = tl.full((BLOCK_N, WORDS), 0.0, dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptr + kw + j, mask=w_ok, other=0.0).to(tl.float32)
+            c = (((words >> (4 * j)) & 15) | MAGIC).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+            part += c * xj[None, :]
+        s = tl.load(s_ptr + rn[:, None] * n_groups + (kw // GROUP)[None, :], mask=n_ok[:, None] & w_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc += total(part * s, axis=1)
+    tl.store(y_ptr + pid_k * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def gemv_int8_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # Word w of a row holds inputs 4w..4w+3, byte j = input 4w + j. XOR 128 maps the signed byte to 0..255.
+    WORDS: tl.constexpr = BLOCK_K // 4
+    pid_k = tl.program_id(1)
+    rn, n_ok = out_rows(N, BLOCK_N)
+    start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    rw = tl.arange(0, WORDS)
+    acc = tl.full((BLOCK_N, WORDS), 0.0, dtype=tl.float32)
+    for k0 in range(start, stop, BLOCK_K):
+        kw, w_ok, words = load_words(w_ptr, rn, n_ok, K, k0, stop, rw, 4)
+        for j in tl.static_range(4):
+            xj = tl.load(x_ptr + kw + j, mask=w_ok, other=0.0).to(tl.float32)
+            c = ((((words >> (8 * j)) & 255) ^ 128) | MAGIC).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
+            acc += c * xj[None, :]
+    out = total(acc, axis=1) * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + pid_k * N + rn, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def mm_int8(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn, n_ok = out_rows(N, BLOCK_N)
+    m_ok = rm < M
+    start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for k0 in range(start, stop, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < stop
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))  # int8 codes are exact in 16-bit floats
+    acc *= tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = y_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def mm_int4(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, GROUP: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # BLOCK_K == GROUP: one scale per row per iteration.
+    HALF: tl.constexpr = BLOCK_K // 2
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn, n_ok = out_rows(N, BLOCK_N)
+    rb = tl.arange(0, HALF)
+    m_ok = rm < M
+    start, stop = k_range(pid_k, K, BLOCK_K, SPLIT_K)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for k0 in range(start, stop, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None], other=0.0)
+        p = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + rb)[None, :], mask=n_ok[:, None], other=0)
+        lo = (p & 15).to(tl.float32) - 8.0
+        hi = (p >> 4).to(tl.float32) - 8.0
+        codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # interleaves back to input order
+        s = tl.load(s_ptr + rn * (K // GROUP) + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)
+        w = (codes * s[:, None]).to(x.dtype)
+        acc += tl.dot(x, tl.trans(w))
+    out = y_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+@triton.jit
+def dequant_int8(w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn, n_ok = out_rows(N, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = n_ok[:, None] & (rk < K)[None, :]
+    q = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=ok, other=0).to(tl.float32)
+    s = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
+    # The same rounding as torch's codes.to(dtype) * scales.to(dtype): a float product rounded once.
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def dequant_int4(w_ptr, s_ptr, out_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    HALF: tl.constexpr = BLOCK_K // 2
+    rn, n_ok = out_rows(N, BLOCK_N)
+    rb = tl.program_id(1) * HALF + tl.arange(0, HALF)
+    p = tl.load(w_ptr + rn[:, None] * (K // 2) + rb[None, :], mask=n_ok[:, None] & (rb < K // 2)[None, :], other=0)
+    codes = tl.reshape(tl.join((p & 15).to(tl.float32) - 8.0, (p >> 4).to(tl.float32) - 8.0), (BLOCK_N, BLOCK_K))
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = n_ok[:, None] & (rk < K)[None, :]
+    s = tl.load(s_ptr + rn[:, None] * (K // GROUP) + (rk // GROUP)[None, :], mask=ok, other=0.0)
+    w = codes * s.to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# What quant_triton.kernels() compares with the environment to know whether to reload this module.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

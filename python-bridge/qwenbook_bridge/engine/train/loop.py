@@ -1,0 +1,447 @@
+"""Supervised fine-tuning (LoRA or full) of a loaded causal LM, in process.
+
+    result = train(model, tokenizer, [DatasetSpec("data.json")], TrainConfig(output_dir="runs/a"),
+                   on_event=lambda kind, content: print(kind, content), cancel=threading.Event())
+
+The loop reads top to bottom in `_Run.run`: each optimizer step takes its micro-batches from a seeded
+schedule, accumulates the gradient of the mean token loss over the whole step, clips, steps AdamW and the
+learning-rate schedule, then logs, evaluates and checkpoints when due. Events go to `on_event(kind, content)`
+with kind one of EVENT_KINDS; content is plain JSON data. The caller's model comes back unchanged whatever
+happens (see trainable.py); the trained adapter or weights are on disk under `config.output_dir`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from qwenbook_bridge.engine.train import checkpoints as ckpt
+from qwenbook_bridge.engine.files.atomic_write import write_text_atomic
+from qwenbook_bridge.engine.train.batches import Batch, DataSchedule, collate, make_units, split_eval
+from qwenbook_bridge.engine.data.datasets import DatasetSpec
+from qwenbook_bridge.engine.train.data_parallel import DataParallel
+from qwenbook_bridge.engine.data.chat_encoding import TokenizedDataset, build_dataset
+from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError, is_out_of_memory
+from qwenbook_bridge.engine.train.fsdp import restore_optimizer
+from qwenbook_bridge.engine.train.step import StepRunner, build_optimizer
+from qwenbook_bridge.engine.model_parts import has_injected_adapters
+from qwenbook_bridge.engine.train.trainable import Trainable, precision_plan, resolve_targets
+from qwenbook_bridge.engine.train.config import TrainConfig
+
+EventSink = Callable[[str, dict[str, Any]], None]
+EVENT_KINDS = ("train_begin", "train_progress", "eval", "checkpoint")
+
+
+class TrainingError(EngineError):
+    """Training stopped on a problem it cannot continue past (non-finite loss, ...)."""
+
+
+class TrainingOutOfMemoryError(TrainingError):
+    """The device ran out of memory during training; the message says what to change."""
+
+
+@dataclass
+class TrainResult:
+    status: Literal["completed", "cancelled"]
+    method: str
+    output_dir: str
+    # LoRA: a peft adapter folder (PeftModel.from_pretrained loads it). Full: a transformers model folder.
+    adapter_path: str | None
+    model_path: str | None
+    step: int
+    total_steps: int
+    epoch: float
+    final_loss: float | None
+    best_eval_loss: float | None
+    final_eval_loss: float | None
+    tokens: int
+    tokens_per_s: float
+    elapsed_s: float
+    checkpoints: list[str]
+    dataset: dict[str, Any]
+    history: list[dict[str, Any]]
+    resumed_from: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train(model: Any, tokenizer: Any, datasets: Sequence[DatasetSpec], config: TrainConfig, *,
+          on_event: EventSink | None = None, cancel: threading.Event | None = None,
+          parallel: DataParallel | None = None) -> TrainResult:
+    """Fine-tune `model` on `datasets`. Bad options raise InvalidOptionError before the model is touched; a
+    cancelled run writes a checkpoint and returns status "cancelled"; out of memory raises
+    TrainingOutOfMemoryError after freeing what the run allocated.
+
+    With `parallel` (one rank of several, see data_parallel.py) `config.grad_accum` is the GLOBAL count of
+    micro-batches per step; only rank 0 writes checkpoints and results."""
+    config.validate()
+    run = _Run(model, tokenizer, datasets, config, on_event or (lambda kind, content: None), cancel, parallel)
+    failure: Exception | None = None
+    try:
+        return run.run()
+    except Exception as e:
+        if not _is_out_of_memory(e):
+            raise
+        # Built here but raised after the handler exits, so the traceback holding the step's activations is
+        # dropped before memory is released.
+        failure = TrainingOutOfMemoryError(run.oom_message(e))
+    finally:
+        run.release()
+    raise failure
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    return is_out_of_memory(e)
+
+
+@dataclass
+class _Meter:
+    """Throughput and loss since the last progress event, and totals for this session of the run."""
+
+    start_step: int
+    started: float = field(default_factory=time.perf_counter)
+    train_time: float = 0.0
+    tokens: int = 0
+    window_loss: float = 0.0
+    window_steps: int = 0
+    window_tokens: int = 0
+    window_time: float = 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.train_time += seconds
+        self.tokens += tokens
+        self.window_loss += loss
+        self.window_steps += 1
+        self.window_tokens += tokens
+        self.window_time += seconds
+
+    def report(self, run: _Run, lr: float, grad_norm: float) -> dict[str, Any]:
+        steps_done = run.step - self.start_step
+        event = {"step": run.step, "total_steps": run.total_steps,
+                 "epoch": round(run.step / run.schedule.steps_per_epoch, 4),
+                 "loss": self.window_loss / self.window_steps, "lr": lr, "grad_norm": grad_norm,
+                 "tokens_per_s": self.window_tokens / self.window_time if self.window_time > 0 else 0.0,
+                 "eta_s": self.train_time / steps_done * (run.total_steps - run.step)}
+        self.window_loss, self.window_steps, self.window_tokens, self.window_time = 0.0, 0, 0, 0.0
+        return event
+
+
+class _Run:
+    def __init__(self, model: Any, tokenizer: Any, datasets: Sequence[DatasetSpec], config: TrainConfig,
+                 emit: EventSink, cancel: threading.Event | None, parallel: DataParallel | None = None) -> None:
+        self.model, self.tokenizer, self.datasets, self.cfg = model, tokenizer, datasets, config
+        self.emit, self.cancel, self.parallel = emit, cancel, parallel
+        self.writes = parallel is None or parallel.is_main
+        self.device = next(model.parameters()).device
+        self.out = Path(config.output_dir)
+        self.trainable: Trainable | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.runner: StepRunner | None = None
+        self.step = 0
+
+    # -- setup: everything that can fail on bad input happens before the model is touched -----------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if has_injected_adapters(self.model):
+            raise InvalidOptionError("the model has adapters loaded; unload them (or train inside "
+                                     "AdapterManager.suspended()) before training a new one")
+        self.autocast, use_scaler, self.notes = precision_plan(cfg, self.model, self.device)
+        self.resume = ckpt.resolve_checkpoint(cfg.resume_from) if cfg.resume_from else None
+        previous_run = self._previous_run()
+        self.data: TokenizedDataset = build_dataset(self.datasets, self.tokenizer, cfg.max_length,
+                                                    truncation=cfg.truncation, seed=cfg.seed)
+        self.notes += self.data.stats.notes
+        self.train_set, self.eval_set = split_eval(self.data.examples, cfg.eval_split, cfg.seed)
+        if not self.train_set:
+            raise InvalidOptionError(f"eval_split {cfg.eval_split} leaves no rows to train on "
+                                     f"({len(self.data.examples)} examples); lower it or add data")
+        self.units = make_units(self.train_set, cfg.max_length, cfg.packing, cfg.seed)
+        self.schedule = DataSchedule(len(self.units), cfg.batch_size, cfg.grad_accum, cfg.seed)
+        self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * self.schedule.steps_per_epoch)
+        self.warmup = min(cfg.warmup_steps(self.total_steps), self.total_steps)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        resume_state = ckpt.read_trainer_state(self.resume) if self.resume else None
+        if resume_state and resume_state["step"] >= self.total_steps:
+            raise InvalidOptionError(f"{self.resume} is already at step {resume_state['step']} of "
+                                     f"{self.total_steps}; raise epochs or max_steps to train further")
+        trainable = Trainable(self.model, cfg, self.tokenizer, keep_original=self.parallel is None)
+        if self.resume:
+            trainable.check_resumable(self.resume)
+        elif cfg.method == "lora":
+            resolve_targets(self.model, cfg.lora.targets)
+        if self.writes:
+            ckpt.remove_stale_temporaries(self.out)
+            if previous_run:
+                self._clear_previous_run(previous_run)
+
+        # From here on the model is changed; release() puts it back.
+        torch.manual_seed(cfg.seed)  # the same LoRA initialization for the same seed
+        self.trainable = trainable
+        trainable.prepare()
+        if self.resume:  # into the whole model, before a sharded run splits it over the ranks
+            trainable.load(self.resume)
+        loss_module = self.parallel.wrap(self.model) if self.parallel is not None else None
+        self.optimizer = build_optimizer(self.trainable.parameters(), cfg, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        self.runner = StepRunner(trainable, self.optimizer, device=self.device, max_grad_norm=cfg.max_grad_norm,
+                                 autocast=self.autocast, scheduler=self.scheduler, scaler=self.scaler,
+                                 parallel=self.parallel, loss_module=loss_module)
+        if self.parallel is not None:
+            self.parallel.broadcast_parameters(self.trainable.parameters())
+        self.best_eval: float | None = None
+        self.last_eval: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.saved: dict[int, Path] = {}
+        if self.resume:
+            self._restore(self.resume, resume_state or {})
+
+    def _previous_run(self) -> list[Path]:
+        """Checkpoints of an earlier run in output_dir that this (fresh) run would mix with."""
+        existing = ckpt.list_checkpoints(self.out)
+        if not existing or self.resume:
+            return []
+        if not self.cfg.overwrite:
+            raise InvalidOptionError(f"{self.out} already holds checkpoints of another run ({existing[-1].name}); "
+                                     "resume it (resume_from), pass overwrite=True to replace it, or choose "
+                                     "another output_dir")
+        return existing
+
+    def _clear_previous_run(self, existing: list[Path]) -> None:
+        for p in existing:
+            shutil.rmtree(p)
+        for pattern in ("*.safetensors", "*.safetensors.index.json", "adapter_config.json", "train_result.json"):
+            for f in self.out.glob(pattern):
+                f.unlink()
+
+    def _lr_factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.cfg.schedule == "constant":
+            return 1.0
+        progress = (step - self.warmup) / max(1, self.total_steps - self.warmup)
+        if self.cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    def _restore(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """Everything but the weights (loaded in _setup) from `checkpoint`."""
+        assert self.trainable is not None and self.optimizer is not None
+        training = ckpt.read_training_state(checkpoint, self.device)
+        restore_optimizer(self.model, self.optimizer, training, self.parallel, checkpoint)
+        self.scheduler.load_state_dict(training["scheduler"])
+        if self.scaler is not None and training.get("scaler"):
+            self.scaler.load_state_dict(training["scaler"])
+        ckpt.set_rng_state(training["rng"])
+        self.step = int(state["step"])
+        self.best_eval, self.last_eval = state.get("best_eval_loss"), state.get("last_eval_loss")
+        self.history = list(state.get("log_history", []))
+        if state.get("data_fingerprint") != self.data.fingerprint():
+            self.notes.append(f"the data differs from what {checkpoint.name} was trained on; training continues "
+                              "on the new data")
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        self._setup()
+        self._begin()
+        status: Literal["completed", "cancelled"] = "completed"
+        while self.step < self.total_steps:
+            cancelled = self.cancel is not None and self.cancel.is_set()
+            if self.parallel is not None:  # every rank stops at the same step, or one waits for the others forever
+                cancelled = self.parallel.any_(cancelled)
+            if cancelled:
+                status = "cancelled"
+                break
+            lr = self.scheduler.get_last_lr()[0]
+            t0 = time.perf_counter()
+            try:
+                loss, grad_norm, tokens = self._train_step()
+            except Exception as e:
+                if self.parallel is not None and self.parallel.is_peer_failure(e):
+                    self._save_after_lost_rank()
+                raise
+            self.meter.add(loss, tokens, time.perf_counter() - t0)
+            self.step += 1
+
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                report = self.meter.report(self, lr, grad_norm)
+                if self.parallel is not None:  # a collective: every rank logs at the same steps
+                    report["rank_memory"] = self.parallel.memory()
+                self._event("train_progress", report)
+            if self.eval_set and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                self._evaluate()
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total_steps:
+                self._checkpoint("periodic")
+        return self._finish(status)
+
+    def _begin(self) -> None:
+        assert self.trainable is not None
+        cfg = self.cfg
+        trainable_params, total_params = self.trainable.count()
+        self.meter = _Meter(start_step=self.step)
+        self.emit("train_begin", {
+            "total_steps": self.total_steps, "steps_per_epoch": self.schedule.steps_per_epoch,
+            "start_step": self.step, "resumed_from": str(self.resume) if self.resume else None,
+            "examples": len(self.train_set), "eval_examples": len(self.eval_set),
+            "rows_per_step": cfg.batch_size * cfg.grad_accum, "trainable_params": trainable_params,
+            "total_params": total_params, "device": str(self.device), "dataset": self.data.stats.to_dict(),
+            "notes": list(self.notes), "config": cfg.to_dict()})
+
+    def _finish(self, status: Literal["completed", "cancelled"]) -> TrainResult:
+        """Final eval and checkpoint; a completed run also publishes its weights as the run folder's output."""
+        assert self.trainable is not None
+        if status == "completed" and self.eval_set and self._last_eval_step() != self.step:
+            self._evaluate()
+        final = self.saved.get(self.step) or self._checkpoint("cancel" if status == "cancelled" else "final")
+        result_path = final
+        if status == "completed" and self.writes:
+            ckpt.publish(final, self.out, self.trainable.weight_files(final))
+            result_path = self.out
+        losses = [h["loss"] for h in self.history if h.get("kind") == "train_progress"]
+        m = self.meter
+        result = TrainResult(
+            status=status, method=self.cfg.method, output_dir=str(self.out),
+            adapter_path=str(result_path) if self.cfg.method == "lora" else None,
+            model_path=str(result_path) if self.cfg.method == "full" else None,
+            step=self.step, total_steps=self.total_steps,
+            epoch=round(self.step / self.schedule.steps_per_epoch, 4),
+            final_loss=losses[-1] if losses else None, best_eval_loss=self.best_eval,
+            final_eval_loss=self.last_eval, tokens=m.tokens,
+            tokens_per_s=m.tokens / m.train_time if m.train_time > 0 else 0.0,
+            elapsed_s=time.perf_counter() - m.started,
+            checkpoints=[str(p) for p in ckpt.list_checkpoints(self.out)],
+            dataset=self.data.stats.to_dict(), history=self.history,
+            resumed_from=str(self.resume) if self.resume else None, notes=self.notes)
+        if status == "completed" and self.writes:
+            write_text_atomic(self.out / "train_result.json",
+                              json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        return result
+
+    def _train_step(self) -> tuple[float, float, int]:
+        """One optimizer step over its micro-batches: (mean token loss, gradient norm, tokens seen)."""
+        assert self.runner is not None
+        micro = self.schedule.step_units(self.step)
+        if self.parallel is not None:
+            micro, fillers = self.parallel.shard(micro)
+        else:
+            fillers = 0
+        batches = [collate(self.train_set, self.units, ids, self.pad_id, self.cfg.packing) for ids in micro]
+        stats = self.runner(batches, fillers)
+        # The one wait for the device per step: the progress events report these values.
+        step_loss, grad_norm = float(stats.loss), float(stats.grad_norm)
+        if not math.isfinite(step_loss):
+            raise TrainingError(f"the loss became {step_loss} at step {self.step + 1}; lower lr (now {self.cfg.lr}) "
+                                "or use dtype 'fp32' / 'bf16' instead of 'fp16'")
+        return step_loss, grad_norm, stats.tokens
+
+    def _loss_sum(self, batch: Batch) -> torch.Tensor:
+        assert self.runner is not None
+        return self.runner.loss_sum(batch)
+
+    def _save_after_lost_rank(self) -> None:
+        """A step of a several-rank run failed (most often a collective, because another rank died). Every
+        collective comes before the optimizer step, so this rank still holds the last completed step intact:
+        keep it, so the run resumes from there (on one process too) rather than from an older checkpoint."""
+        if self.parallel is None or not self.writes or self.step == 0 or self.step in self.saved:
+            return
+        if self.parallel.sharded:  # the weights are spread over the ranks, one of which is gone
+            return
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        self._checkpoint("cancel")
+
+    def _evaluate(self) -> None:
+        assert self.trainable is not None
+        self.model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(self.eval_set), self.cfg.batch_size):
+                ids = list(range(start, min(start + self.cfg.batch_size, len(self.eval_set))))
+                batch = collate(self.eval_set, [[i] for i in range(len(self.eval_set))], ids, self.pad_id, False)
+                total += float(self._loss_sum(batch.to(self.device)))
+                count += batch.targets
+        self.model.train()
+        self.last_eval = total / count
+        if self.best_eval is None or self.last_eval < self.best_eval:
+            self.best_eval = self.last_eval
+        self._event("eval", {"step": self.step, "eval_loss": self.last_eval, "best_eval_loss": self.best_eval,
+                             "eval_tokens": count})
+
+    def _last_eval_step(self) -> int | None:
+        evals = [h["step"] for h in self.history if h.get("kind") == "eval"]
+        return evals[-1] if evals else None
+
+    def _checkpoint(self, reason: str) -> Path:
+        assert self.trainable is not None and self.optimizer is not None
+        trainable = self.trainable
+        write_weights = trainable.save
+        if self.parallel is not None and self.parallel.sharded:
+            # Gathering whole weights and optimizer state takes every rank; rank 0 then writes them.
+            whole = self.parallel.full_model_state(self.model)
+            optimizer_state: dict[str, Any] = {**self.parallel.full_optimizer_state(self.model, self.optimizer),
+                                               "keys": "names"}
+            write_weights = lambda folder: trainable.save(folder, whole)  # noqa: E731
+        else:
+            optimizer_state = self.optimizer.state_dict()
+        training_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
+                          "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                          "rng": ckpt.rng_state()}
+        trainer_state = {"step": self.step, "total_steps": self.total_steps, "method": self.cfg.method,
+                         "steps_per_epoch": self.schedule.steps_per_epoch,
+                         "data_position": self.schedule.position(self.step),
+                         "data_fingerprint": self.data.fingerprint(), "best_eval_loss": self.best_eval,
+                         "last_eval_loss": self.last_eval, "log_history": self.history}
+        if self.writes:
+            path = ckpt.write_checkpoint(self.out, self.step, write_weights, training_state, trainer_state,
+                                         self.cfg.to_dict())
+        else:
+            path = self.out / f"checkpoint-{self.step}"
+        self.saved[self.step] = path
+        self._event("checkpoint", {"step": self.step, "path": str(path), "reason": reason})
+        return path
+
+    def _event(self, kind: str, content: dict[str, Any]) -> None:
+        if kind != "checkpoint":
+            self.history.append({"kind": kind, **content})
+        self.emit(kind, content)
+
+    # -- teardown ------------------------------------------------------------------------------------------
+    def oom_message(self, e: BaseException) -> str:
+        cfg = self.cfg
+        # CUDA's message goes on for several sentences of allocator statistics; the first two say what failed.
+        cause = ". ".join(str(e).strip().splitlines()[0].split(". ")[:2]).rstrip(".")
+        return (f"out of memory on {self.device} at step {self.step + 1} ({cause}). "
+                f"Try a smaller batch_size (now {cfg.batch_size}) with a larger grad_accum (now {cfg.grad_accum}) "
+                f"to keep the effective batch, gradient_checkpointing=True"
+                f"{'' if not cfg.gradient_checkpointing else ' (already on)'}, or a shorter max_length (now "
+                f"{cfg.max_length}). The base model is still loaded and usable.")
+
+    def release(self) -> None:
+        # The scheduler and scaler hold the optimizer, whose state (Adam moments) may be GBs on the GPU; a
+        # raised error keeps this object alive through its traceback, so drop the references here.
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer = self.scheduler = self.scaler = None
+        self.runner = None
+        if self.trainable is not None:
+            self.trainable.restore()
+            self.trainable = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

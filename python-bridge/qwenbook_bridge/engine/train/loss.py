@@ -1,0 +1,57 @@
+"""Summed next-token cross-entropy over the trained positions only.
+
+Only answer tokens need logits, and with a 150k-token vocabulary the logits are most of the memory, so the
+output head runs on the selected hidden states alone, in chunks that are recomputed in the backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from qwenbook_bridge.engine.train.batches import Batch
+from qwenbook_bridge.engine.data.chat_encoding import IGNORE_INDEX
+
+# 1,024 rows x 152k vocabulary x 4 bytes is ~620 MB of fp32 logits per chunk.
+CHUNK_ROWS = 1024
+
+
+def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def token_loss_sum(causal_lm: Any, batch: Batch) -> torch.Tensor:
+    """Sum of the per-token losses of `batch` (divide by the step's target count to get the mean).
+
+    `causal_lm` is the transformers CausalLM model (with any LoRA layers injected into it)."""
+    decoder = causal_lm.get_decoder()
+    head = causal_lm.get_output_embeddings()
+    if batch.plain_causal:
+        # No mask and no position ids: transformers then uses the causal kernel directly instead of checking
+        # on the device whether the mask or the positions hold anything unusual (a host sync per forward).
+        out = decoder(input_ids=batch.input_ids, use_cache=False)
+    else:
+        out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, use_cache=False)
+    states = out.last_hidden_state
+    if batch.target_index is not None and batch.target_ids is not None:
+        # Indices worked out on the host: selecting with a boolean mask would wait for the device to count.
+        hidden = states.reshape(-1, states.shape[-1]).index_select(0, batch.target_index)
+        targets = batch.target_ids
+    else:
+        labels = batch.labels[:, 1:]
+        selected = labels != IGNORE_INDEX
+        hidden, targets = states[:, :-1][selected], labels[selected]
+    rows = targets.shape[0]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows, CHUNK_ROWS):
+        h, t = hidden[start:start + CHUNK_ROWS], targets[start:start + CHUNK_ROWS]
+        if torch.is_grad_enabled() and rows > CHUNK_ROWS:
+            total = total + checkpoint(_head_loss, head, h, t, use_reentrant=False)
+        else:
+            total = total + _head_loss(head, h, t)
+    return total

@@ -1,0 +1,159 @@
+"""What each request does, apart from sockets and framing (the server does those).
+
+Control handlers take a request's content and return its reply content at once. Job handlers take a
+`JobContext` (the request, a cancel flag and a way to emit events), run on the job thread, and return the
+reply content; an exception becomes an error reply.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qwenbook_bridge import PROTOCOL_VERSION, __version__
+from qwenbook_bridge.engine import (CancelledError, GenerationOptions, LoadOptions, LoadProgress, ModelRegistry,
+    available_devices, generate, memory_snapshot)
+from qwenbook_bridge.engine.models.adapter_registry import AdapterRegistry
+from qwenbook_bridge.handlers.adapters import AdapterHandlers
+from qwenbook_bridge.handlers.context import JobContext, JobHandler, ProtocolVersionMismatch, Sessions
+from qwenbook_bridge.handlers.export import ExportHandlers
+from qwenbook_bridge.handlers.serve import ServeHandlers
+from qwenbook_bridge.handlers.train import BACKGROUND, TrainHandlers
+from qwenbook_bridge.handlers.paths import model_source, with_calibration_path
+from qwenbook_bridge.protocol import major
+
+# Request fields that map one-to-one onto option dataclasses; absent fields keep the dataclass defaults.
+_LOAD_FIELDS = ("dtype", "device", "devices", "revision", "attn_implementation", "local_files_only", "quant")
+_GENERATE_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "greedy", "stop", "seed")
+
+
+def _pick(content: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {k: content[k] for k in names if k in content}
+
+
+class Handlers:
+    def __init__(self, default_device: str = "auto", root: Path | None = None) -> None:
+        self.registry = ModelRegistry(default_device)
+        self.sessions = Sessions()
+        self.started = time.monotonic()
+        self.root = root  # with --root, every client path must resolve inside it (handlers/paths.py)
+        self.export = ExportHandlers(self.registry, root=root)
+        self.serve = ServeHandlers(self.registry)
+        # Chat, export and training all see a model's adapters through this one registry.
+        self.adapters = AdapterRegistry()
+        self.adapter_jobs = AdapterHandlers(self.registry, self.adapters, exclusive=self.serve.exclusive, root=root)
+        self.train = TrainHandlers(self.registry, self.adapters, exclusive=self.serve.exclusive, root=root)
+        self.background = BACKGROUND  # request types the server runs on a thread of their own
+
+    # ------------------------------------------------------------ control (main thread)
+
+    def hello(self, content: dict[str, Any], session: str | None = None) -> dict[str, Any]:
+        import torch
+        import transformers
+
+        theirs = content["protocol_version"]
+        if major(theirs) != major(PROTOCOL_VERSION):
+            raise ProtocolVersionMismatch(
+                f"{content.get('client') or 'the client'} speaks protocol {theirs} but this worker (qwenbook_bridge "
+                f"{__version__}, pid {os.getpid()}) speaks {PROTOCOL_VERSION}; stop the old worker "
+                "(npx qwenbook worker stop) so a matching one is started")
+        if session is not None:
+            self.sessions.hello(session, content.get("pid"), content.get("host"))
+        return {
+            "status": "ok",
+            "protocol_version": PROTOCOL_VERSION,
+            "worker_version": __version__,
+            "pid": os.getpid(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "devices": available_devices(),
+        }
+
+    def status(self, running: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "models": self.registry.infos(),
+            "running": running,
+            "memory": memory_snapshot(),
+            "devices": available_devices(),
+        }
+
+    # ------------------------------------------------------------ jobs (job thread)
+
+    def load(self, job: JobContext) -> dict[str, Any]:
+        if job.cancel.is_set():
+            raise CancelledError("the load was cancelled before it started")
+        content = dict(job.request.content)
+        content["model"] = model_source(content["model"], self.root)
+        if "quant" in content:
+            content["quant"] = with_calibration_path(content["quant"], self.root)
+        options = LoadOptions(**_pick(content, _LOAD_FIELDS))
+
+        def progress(p: LoadProgress) -> None:
+            # Stop between stages (and between download chunks); a model that finished loading is kept.
+            if job.cancel.is_set() and p.stage != "ready":
+                raise CancelledError(f"loading {content['model']} was cancelled ({p.stage} stage)")
+            job.emit("load_progress", p.to_dict())
+
+        loaded, already = self.registry.load(content["model"], options, progress=progress, user=job.request.session)
+        return {"status": "ok", "model": dict(loaded.info), "already_loaded": already}
+
+    def unload(self, job: JobContext) -> dict[str, Any]:
+        model_id, me = job.request.content["model_id"], job.request.session
+        others = 0
+        for user in self.registry.users(model_id) - {me}:
+            if self.sessions.alive(user):
+                others += 1
+            else:
+                self.registry.detach(model_id, user)  # a kernel that is gone no longer holds the model
+        if others and not job.request.content.get("force", False):
+            # Another notebook still uses the model: drop only this session's use of it.
+            self.registry.detach(model_id, me)
+            return {"status": "ok", "unloaded": False, "other_users": others}
+        self.serve.stop_model(model_id)  # a server would keep the weights alive
+        self.adapters.forget(model_id)  # so would its adapters
+        return {"status": "ok", "unloaded": self.registry.unload(model_id), "other_users": others}
+
+    def generate(self, job: JobContext) -> dict[str, Any]:
+        content = job.request.content
+        loaded = self.registry.get(content["model_id"])
+        options = GenerationOptions(**_pick(content, _GENERATE_FIELDS))
+        on_token = None
+        if content.get("stream", True):
+            def on_token(delta: Any) -> None:
+                job.emit("token", {"text": delta.text, "token_ids": delta.token_ids, "index": delta.index})
+        with self.serve.exclusive(loaded.model_id), self.adapters.adapter_scope(loaded, content.get("adapter")):
+            result = generate(loaded, content["messages"], options, on_token=on_token, cancel=job.cancel)
+        return {"status": "ok", **result.to_dict()}
+
+    def jobs(self) -> dict[str, JobHandler]:
+        """Requests that run on the job thread; new GPU capabilities (train, export, serve) register here."""
+        exports = {name: self.adapter_jobs.bare(handler) for name, handler in self.export.jobs().items()}
+        adapters = self.adapter_jobs.jobs()
+        adapters["adapter_load"] = self._attaching(adapters["adapter_load"])
+        return {"load": self.load, "unload": self.unload, "generate": self.generate, **exports,
+                **self.serve.jobs(), **adapters, **self.train.jobs()}
+
+    def _attaching(self, handler: JobHandler) -> JobHandler:
+        """A session that puts an adapter on a model (qwen.adapters.load in a notebook that did not load the
+        model) uses that model too: another notebook's unload must not take it away."""
+        def run(job: JobContext) -> dict[str, Any]:
+            reply = handler(job)
+            self.registry.attach(job.request.content["model_id"], job.request.session)
+            return reply
+        return run
+
+    def controls(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        """Requests beyond hello/status/cancel/shutdown answered at once on the main thread (content -> reply)."""
+        return {**self.serve.controls(), **self.train.controls()}
+
+    def close(self) -> None:
+        """The worker is stopping: close what outlives requests (HTTP servers)."""
+        self.serve.close()

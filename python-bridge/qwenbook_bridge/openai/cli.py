@@ -1,0 +1,113 @@
+"""Serve a model as an OpenAI-compatible API without a notebook.
+
+    python -m qwenbook_bridge.openai.cli Qwen/Qwen2.5-7B-Instruct --port 8000 [--adapter PATH] [--api-key K]
+
+Loads the model once, serves until Ctrl-C (or SIGTERM), then closes the port and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+from qwenbook_bridge.engine.errors import EngineError
+
+
+def default_name(source: str, adapter: str | None) -> str:
+    """The id clients pass as `model`: the adapter's folder name when one is applied, else the model's."""
+    if adapter:
+        return Path(adapter.rstrip("/")).name
+    return source.rstrip("/") if "/" in source and not Path(source).exists() else Path(source.rstrip("/")).name
+
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024 ** 2, "mb": 1000 ** 2, "mib": 1024 ** 2,
+          "g": 1024 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3}
+
+
+def byte_size(text: str) -> int:
+    """'4194304', '4MiB', '512k' or '8 MB' as bytes (k/M/G alone are binary, as in curl and nginx)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with KiB, MiB or GiB "
+                                         "(e.g. 4MiB)")
+    return int(match.group(1)) * _UNITS[unit]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m qwenbook_bridge.openai.cli", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="hub id (e.g. Qwen/Qwen2.5-7B-Instruct) or local model folder")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    p.add_argument("--name", default=None, help="model id clients use (default: the model's or adapter's name)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder to apply on top of the model")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default auto)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default 32)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="tokens per request, prompt included (default: the model's own)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="requests that may wait for a place in the batch; more get 429 (default: 4 per batch row)")
+    p.add_argument("--max-body", type=byte_size, default=None,
+                   help="largest request body, e.g. 4MiB; larger ones get 413 (default 4MiB)")
+    p.add_argument("--retry-after", type=int, default=None,
+                   help="Retry-After seconds on a 429 (default: estimated from recent request times)")
+    p.add_argument("--client-timeout", type=float, default=None,
+                   help="seconds a client may take to send its request or leave a stream unread (default 30)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from qwenbook_bridge.engine.models.loading import LoadOptions, LoadProgress, load_model
+    from qwenbook_bridge.openai.server import OpenAIServer, ServeConfig
+
+    def progress(p: LoadProgress) -> None:
+        print(f"[{p.stage}] {p.message}", file=sys.stderr, flush=True)
+
+    try:
+        limits = {k: v for k, v in (("max_body_bytes", args.max_body), ("client_timeout_s", args.client_timeout))
+                  if v is not None}
+        # Checked before the model loads, so a bad option fails in a second rather than after minutes.
+        options = ServeConfig(port=args.port, host=args.host, api_key=args.api_key,
+                              max_batch_size=args.max_batch_size, context_length=args.context_length,
+                              max_queue=args.max_queue, retry_after_s=args.retry_after, **limits).validate()
+        loaded = load_model(args.model, LoadOptions(dtype=args.dtype, device=args.device), progress)
+        if args.adapter:
+            from qwenbook_bridge.engine.models.adapters import AdapterManager
+
+            info = AdapterManager(loaded.model).load(args.adapter)
+            print(f"[adapter] {info.name} applied from {info.path}", file=sys.stderr, flush=True)
+        name = args.name or default_name(args.model, args.adapter)
+        aliases = tuple({args.model, loaded.model_id} - {name})
+        config = replace(options, model_name=name, aliases=aliases)
+        server = OpenAIServer.for_loaded(loaded, config)
+        server.start()
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"Serving {name} at {server.url}  (Ctrl-C stops)", flush=True)
+    print(f"  {server.curl_example()}", flush=True)
+    while not done.wait(0.5):  # a timed wait lets the signal handler run promptly
+        pass
+    print("stopping…", file=sys.stderr, flush=True)
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
