@@ -27,6 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from qwenbook_bridge.engine.files.atomic_write import write_private_json
+
 HISTORY_CAP = 2000  # events kept per run beyond train_begin (about 0.5 MB at most)
 FINISHED_KEPT = 32  # finished runs listed (and kept in the index); older ones are forgotten
 RECORD_VERSION = 1
@@ -129,18 +131,7 @@ class RunIndex:
         return self.folder / f"{safe}{_RECORD_SUFFIX}"
 
     def write(self, run: Run) -> None:
-        target = self.path(run.run_id)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(run.record(), f, ensure_ascii=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_private_json(self.path(run.run_id), run.record())
 
     def remove(self, run_id: str) -> None:
         self.path(run_id).unlink(missing_ok=True)

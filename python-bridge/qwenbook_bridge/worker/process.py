@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenbook_bridge import PROTOCOL_VERSION, __version__
+from qwenbook_bridge.engine.files.atomic_write import write_private_json
 from qwenbook_bridge.protocol import now_iso
 
 RUNTIME_FILE_NAME = "qwenbook-worker.json"
@@ -91,19 +92,8 @@ def ensure_private_dir(folder: Path) -> None:
 
 
 def write_runtime_file(path: Path, info: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename) so a reader never sees half a file, with mode 0600 from the start."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """The runtime file holds the HMAC key: user-only from creation, and never seen half written."""
+    write_private_json(path, info, indent=2)
 
 
 def read_runtime_file(path: Path) -> dict[str, Any] | None:

@@ -18,10 +18,12 @@ Running out of space in the middle (ENOSPC, EDQUOT) removes the partial output a
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 from qwenbook_bridge.engine.errors import InsufficientDiskSpaceError
 
@@ -184,6 +186,23 @@ def write_text_atomic(target: Path, text: str) -> None:
     with AtomicTarget(target, overwrite=True, is_dir=False) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
+
+def write_private_json(target: Path, data: Any, *, indent: int | None = None) -> None:
+    """A small JSON file that only its owner may read (the worker's runtime file, a run's index record): created
+    with mode 0600, so it is never readable by others even for a moment, and replaced whole, so a reader never
+    sees half of it."""
+    tmp = target.with_name(f".{target.name}{PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=indent, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class AtomicTarget:
