@@ -1,12 +1,5 @@
-"""Saving int8/int4 models to a folder that engine/quant/folder.py loads back into the same quantized layers.
-
-Folder layout: config.json (with a `quantization_config` naming this format), generation_config.json, the
-tokenizer files, `qwenbook-quant.json` (method, per-layer group sizes, the on-disk layout), and the weights as
-`quantized.safetensors` (or `quantized-0000i-of-0000n.safetensors` + `quantized.safetensors.index.json`). The
-weights file is deliberately not called model.safetensors: plain `from_pretrained` would otherwise load the
-folder with the quantized layers missing and silently fill them with random numbers; this way it stops with
-"no file named model.safetensors".
-"""
+"""Saving int8/int4 models as a folder that engine/quant/folder.py loads back into the same quantized layers (the
+folder's layout is described there): quantized while writing, or written as they are when already quantized."""
 
 from __future__ import annotations
 
