@@ -34,8 +34,8 @@ export function importGraph(root: string): ImportGraph {
       const target = resolveImport(join(abs, dirname(file)), spec);
       if (target === undefined) unresolved.push(`${file}: ${spec}`);
       else if (scanned.has(toRel(abs, target))) targets.add(toRel(abs, target));
-      // Anything else is no node of this graph: a file outside root (kernel → extension/schema, which its own
-      // tree's spec scans), a declaration file, a stylesheet.
+      // Anything else is no node of this graph: a file outside root (the extension's specs import kernel code on
+      // purpose), a declaration file, a stylesheet.
     }
     edges.set(file, [...targets].sort());
   }

@@ -135,6 +135,30 @@ export class TrainRun {
     return this.#with({ weightDecay: expectNumber("weightDecay(x)", x, { min: 0 }) });
   }
 
+  /** AdamW's two decay rates, each in [0, 1) (default [0.9, 0.999]). */
+  adamBetas(betas: readonly [number, number]): TrainRun {
+    if (!Array.isArray(betas) || betas.length !== 2) {
+      throw new TypeError(`adamBetas(betas) expects two numbers, like [0.9, 0.999], got ${JSON.stringify(betas)}`);
+    }
+    const hint = "each in [0, 1), like [0.9, 0.999]";
+    const checked = betas.map((b, i) => expectNumber(`adamBetas(betas)[${i}]`, b, { min: 0, hint }));
+    for (const [i, b] of checked.entries()) {
+      if (b >= 1) throw new RangeError(`adamBetas(betas)[${i}] must be below 1, got ${b} (${hint})`);
+    }
+    return this.#with({ adamBetas: [checked[0]!, checked[1]!] });
+  }
+
+  /** AdamW's epsilon, added to the denominator (default 1e-8). */
+  adamEps(x: number): TrainRun {
+    return this.#with({ adamEps: expectNumber("adamEps(x)", x, { above: 0, hint: "like 1e-8" }) });
+  }
+
+  /** torch.compile each decoder layer: faster GPU steps after a compile of a minute or so at the start; each new
+   * batch shape compiles again, so pair it with packing(). On a CPU it rarely pays. */
+  compile(on = true): TrainRun {
+    return this.#with({ compile: expectBoolean("compile(on)", on) });
+  }
+
   /** Clip the gradient norm to this (default 1); 0 turns clipping off. */
   maxGradNorm(x: number): TrainRun {
     return this.#with({ maxGradNorm: expectNumber("maxGradNorm(x)", x, { min: 0 }) });
