@@ -1,129 +1,311 @@
-"""Serving benchmark: throughput and latency for 1, 8 and 32 concurrent streaming clients, against the same
-requests sent one at a time, in the same run and on the same in-process server.
+"""Serving benchmark: the OpenAI-compatible server over real HTTP under 1 to 128 concurrent streaming clients,
+beside the project's static-batch decoder (FastDecoder) on the same prompts, in the same run and process.
 
-    python tests/bench/serve_bench.py [--model DIR_OR_HUB_ID] [--device cpu|cuda] [--max-tokens 64]
-                                      [--concurrency 1,8,32] [--json out.json]
+    python tests/bench/serve_bench.py --random-weights --device cuda --json serve.json     # Qwen2.5-7B shape
+    python tests/bench/serve_bench.py --smoke                                                 # tiny model, CPU, seconds
 
-Without --model it uses $QWENBOOK_TINY_MODEL, else .qwenbook/models/tiny-qwen2, else builds the tiny model.
-The clients run in a separate process, as real clients would. Every request asks for exactly --max-tokens
-tokens (greedy, end-of-sequence ignored) so rows compare fairly.
-Time to first token is measured to the first non-empty content delta, as a streaming user sees it.
---random-weights builds the model from the folder's config.json with random weights (no weight files needed),
-for timing large shapes; its replies are noise, but every concurrent reply is still checked against the same
-request's sequential reply.
+Options: --model DIR_OR_HUB_ID, --random-weights (random weights; without --model the Qwen2.5-7B shape of
+qwenbook_bridge.bench.model with the tiny model's tokenizer, with --model that folder's config.json),
+--concurrency 1,8,32,64,128, --max-tokens 128, --device, --dtype, --static-variant, --no-static,
+--adapters 4, --json out.json.
+
+What is measured, per concurrency level (every client a streaming chat request of its own, through httpx, in
+client processes apart from the server's): each request has its own prompt of 40-160 words and asks for
+exactly --max-tokens tokens (greedy, end-of-sequence ignored). Aggregate tokens/s is all requests' tokens over
+the level's wall time (first request sent to last reply ended). First token is the time to the first
+non-empty content delta, as a streaming user sees it; inter-token is the time between consecutive content
+deltas of one client, pooled over the level's clients. Errors are failed requests and replies shorter than
+asked. The server's own counters are sampled while each level runs: rows decoded together (peak), and, when
+the engine reports them, KV blocks used and the prefix-cache hit rate. Each level is warmed up first at the
+same concurrency, so one-off costs (kernel selection, CUDA graph capture per batch size) are not timed.
+
+Beside it, before the server starts (so that the server's cache is not yet allocated), FastDecoder decodes
+the same prompts as one static batch of each level's size, where it fits in memory: its end-to-end tokens/s
+(prefill included, as the server's figure includes it) and its decode-only rate.
+
+Adapter scenarios (chat through one LoRA adapter vs the base model, and 32 clients spread over 4 adapters vs
+32 on the base) run only when the server serves adapters by model name: the benchmark writes random LoRA
+adapters, hands them to the server if its ServeConfig has an `adapters` field or the server an
+`add_adapter` method, and runs the scenarios if /v1/models then lists them; otherwise it says in one line why
+they were not run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import json
+import math
 import multiprocessing
 import os
+import platform
+import queue
+import random
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[3]
+BASE_NAME = "bench"
+WORDS = ("river moon autumn garden lantern harbour train station mountain valley letter window morning evening "
+         "market bridge library teacher student poem story music painting kitchen bread orchard rain snow wind "
+         "island ferry lighthouse compass map journey city village festival tea 秋天 桂花 牡丹 洛阳 长江 月亮 "
+         "诗人 书法 茶馆 灯笼").split()
 TOPICS = ["rivers", "the moon", "秋天的桂花", "prime numbers", "a lost cat", "洛阳的牡丹", "trains", "the sea"]
+CLIENTS_PER_PROCESS = 16  # client threads per load-generator process: parsing SSE must not be the bottleneck
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def prompt_text(i: int) -> str:
+    """Request i's user message: 40 to 160 words, different for every i (deterministic)."""
+    words = 40 + (i * 53) % 121
+    rng = random.Random(i)
+    head = f"Request {i}: tell me about {TOPICS[i % len(TOPICS)]}, and weave in these words:".split()
+    return " ".join(head + [rng.choice(WORDS) for _ in range(words - len(head))])
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+# ---------------------------------------------------------------- client side (runs in client processes)
 
 
 @dataclass
 class Sample:
+    prompt: int
+    model: str
     ttft_s: float
     total_s: float
     tokens: int
+    gaps_s: list[float]  # time between consecutive content deltas
     text: str
+    finish_reason: str | None
+    error: str | None
+    start_wall: float  # time.time() when sent
+    end_wall: float
 
 
-@dataclass
-class Row:
-    concurrency: int
-    mode: str  # sequential | concurrent
-    requests: int
-    same_as_sequential: int | None  # concurrent replies equal to the same request's sequential reply
-    wall_s: float
-    tokens: int
-    tokens_per_s: float
-    ttft_p50_ms: float
-    ttft_p95_ms: float
-    total_p50_ms: float
-    total_p95_ms: float
+def one_request(url: str, i: int, model: str, max_tokens: int, client: httpx.Client, extra: dict[str, Any]) -> Sample:
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}, **extra,
+            "messages": [{"role": "user", "content": prompt_text(i)}]}
+    start_wall, started = time.time(), time.perf_counter()
+    first: float | None = None
+    last: float | None = None
+    gaps: list[float] = []
+    tokens = 0
+    parts: list[str] = []
+    finish: str | None = None
+    error: str | None = None
+    try:
+        with client.stream("POST", url + "/chat/completions", json=body, timeout=600) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"HTTP {resp.status_code}: {resp.read().decode(errors='replace')[:300]}")
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"].get("message", str(chunk["error"])))
+                if chunk.get("choices"):
+                    choice = chunk["choices"][0]
+                    content = choice.get("delta", {}).get("content")
+                    if content:
+                        now = time.perf_counter()
+                        if last is not None:
+                            gaps.append(now - last)
+                        first = first or now
+                        last = now
+                        parts.append(content)
+                    finish = choice.get("finish_reason") or finish
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        if tokens != max_tokens:
+            error = f"produced {tokens} of {max_tokens} tokens (finish_reason {finish})"
+    except Exception as exc:  # noqa: BLE001 - a failed request is a figure of the benchmark, not its end
+        error = f"{type(exc).__name__}: {exc}"
+    ended = time.perf_counter()
+    return Sample(i, model, (first or ended) - started, ended - started, tokens, gaps, "".join(parts), finish,
+                  error, start_wall, time.time())
 
 
-def percentile(values: list[float], q: float) -> float:
+def client_process(url: str, jobs: list[tuple[int, str]], max_tokens: int, extra: dict[str, Any],
+                   barrier: Any, results: Any) -> None:
+    """One load-generator process: a thread and a connection per job; all processes start together."""
+    go = threading.Event()
+    ready = threading.Barrier(len(jobs) + 1)
+    out: list[Sample | None] = [None] * len(jobs)
+
+    def run(k: int) -> None:
+        prompt, model = jobs[k]
+        with httpx.Client(limits=httpx.Limits(max_connections=1)) as c:
+            ready.wait()
+            go.wait()
+            out[k] = one_request(url, prompt, model, max_tokens, c, extra)
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    ready.wait()
+    barrier.wait(timeout=300)  # every process's threads are up: start the level at once
+    go.set()
+    for t in threads:
+        t.join()
+    results.put([asdict(s) for s in out if s is not None])
+
+
+def run_round(url: str, jobs: list[tuple[int, str]], max_tokens: int, extra: dict[str, Any],
+              per_process: int = CLIENTS_PER_PROCESS) -> list[Sample]:
+    """All `jobs` (prompt index, model name) at once, as concurrent streaming requests from fresh client
+    processes (spawned, so they share nothing with the server process)."""
+    ctx = multiprocessing.get_context("spawn")
+    chunks = [jobs[k:k + per_process] for k in range(0, len(jobs), per_process)]
+    barrier = ctx.Barrier(len(chunks))
+    results = ctx.Queue()
+    procs = [ctx.Process(target=client_process, args=(url, c, max_tokens, extra, barrier, results), daemon=True)
+             for c in chunks]
+    for p in procs:
+        p.start()
+    samples: list[Sample] = []
+    got = 0
+    while got < len(procs):
+        try:
+            samples += [Sample(**s) for s in results.get(timeout=1)]
+            got += 1
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"a client process failed (exit code {dead[0]}); its error is above") from None
+    for p in procs:
+        p.join()
+    return sorted(samples, key=lambda s: s.prompt)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
     ordered = sorted(values)
     if len(ordered) == 1:
         return ordered[0]
     return statistics.quantiles(ordered, n=100, method="inclusive")[int(q) - 1]
 
 
-def one_request(url: str, i: int, max_tokens: int, client: httpx.Client, extra: dict) -> Sample:
-    body = {"model": "bench", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}, **extra,
-            "messages": [{"role": "user", "content": f"Request {i}: tell me about {TOPICS[i % len(TOPICS)]}."}]}
-    started = time.perf_counter()
-    first = None
-    tokens = 0
-    parts: list[str] = []
-    with client.stream("POST", url + "/chat/completions", json=body, timeout=600) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {resp.read().decode(errors='replace')}")
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            content = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
-            if content:
-                first = first or time.perf_counter()
-                parts.append(content)
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    ended = time.perf_counter()
-    return Sample((first or ended) - started, ended - started, tokens, "".join(parts))
+def ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 2)
 
 
-def run_clients(url: str, concurrency: int, max_tokens: int, concurrent: bool,
-                extra: dict) -> tuple[float, list[Sample]]:
-    """The load generator; runs in its own process so client threads do not share the server's GIL."""
-    ids = list(range(concurrency))
-    started = time.perf_counter()
-    if concurrent:
-        barrier = threading.Barrier(concurrency)
-
-        def run(i: int) -> Sample:
-            with httpx.Client() as c:
-                barrier.wait()
-                return one_request(url, i, max_tokens, c, extra)
-
-        with ThreadPoolExecutor(concurrency) as pool:
-            started = time.perf_counter()
-            samples = list(pool.map(run, ids))
-    else:
-        with httpx.Client() as c:
-            samples = [one_request(url, i, max_tokens, c, extra) for i in ids]
-    return time.perf_counter() - started, samples
+@dataclass
+class Level:
+    concurrency: int
+    requests: int
+    errors: int
+    wall_s: float
+    tokens: int
+    tokens_per_s: float
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    itl_p50_ms: float | None  # inter-token: between content deltas, per client, pooled
+    itl_p99_ms: float | None
+    prompt_words: tuple[int, int]  # shortest, longest
+    same_as_previous_level: str | None = None  # replies equal to the same prompt's at the previous level
+    server: dict[str, Any] = field(default_factory=dict)  # the server's own counters, sampled during the level
+    static: dict[str, Any] | None = None  # FastDecoder on a static batch of the same prompts
+    error_examples: list[str] = field(default_factory=list)
 
 
-def measure(clients: ProcessPoolExecutor, url: str, concurrency: int, max_tokens: int, concurrent: bool,
-            extra: dict, reference: list[Sample] | None = None) -> tuple[Row, list[Sample]]:
-    wall, samples = clients.submit(run_clients, url, concurrency, max_tokens, concurrent, extra).result()
+def summarize(concurrency: int, samples: list[Sample]) -> Level:
+    good = [s for s in samples if s.error is None]
+    wall = max(s.end_wall for s in samples) - min(s.start_wall for s in samples)
     tokens = sum(s.tokens for s in samples)
-    ttft = [s.ttft_s * 1000 for s in samples]
-    total = [s.total_s * 1000 for s in samples]
-    same = None if reference is None else sum(a.text == b.text for a, b in zip(samples, reference))
-    row = Row(concurrency, "concurrent" if concurrent else "sequential", len(samples), same, round(wall, 3), tokens,
-              round(tokens / wall, 1), round(percentile(ttft, 50), 1), round(percentile(ttft, 95), 1),
-              round(percentile(total, 50), 1), round(percentile(total, 95), 1))
-    return row, samples
+    gaps = [g for s in good for g in s.gaps_s]
+    words = [word_count(prompt_text(s.prompt)) for s in samples]
+    return Level(concurrency, len(samples), len(samples) - len(good), round(wall, 3), tokens,
+                 round(tokens / wall, 1) if wall > 0 else 0.0,
+                 ms(percentile([s.ttft_s for s in good], 50)), ms(percentile([s.ttft_s for s in good], 99)),
+                 ms(percentile(gaps, 50)), ms(percentile(gaps, 99)), (min(words), max(words)),
+                 error_examples=sorted({s.error for s in samples if s.error})[:3])
+
+
+def fields_of(obj: Any) -> dict[str, Any]:
+    if obj is None:
+        return {}
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    return dict(getattr(obj, "__dict__", {}))
+
+
+class ServerSampler:
+    """Samples the serving engine's stats() while a level runs, whatever engine the server runs: rows decoded
+    together, and where the engine reports them, KV blocks used, the prefix-cache hit rate and preemptions."""
+
+    def __init__(self, server: Any, every_s: float = 0.01) -> None:
+        self.engine = getattr(server, "scheduler", None) or getattr(server, "engine", None)
+        self.every_s = every_s
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._before: dict[str, Any] = {}
+
+    def read(self) -> dict[str, Any]:
+        return fields_of(self.engine.stats()) if self.engine is not None and hasattr(self.engine, "stats") else {}
+
+    def __enter__(self) -> ServerSampler:
+        self._before = self.read()
+
+        def loop() -> None:
+            while not self._stop.wait(self.every_s):
+                self.samples.append(self.read())
+
+        self._thread = threading.Thread(target=loop, name="bench-stats", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        after = self.read()
+        self.samples.append(after)
+
+    def summary(self) -> dict[str, Any]:
+        after = self.samples[-1] if self.samples else {}
+        out: dict[str, Any] = {}
+
+        def peak(key: str) -> int | None:
+            seen = [s[key] for s in self.samples if isinstance(s.get(key), (int, float))]
+            return max(seen) if seen else None
+
+        out["batch_peak"] = peak("active")
+        if "peak_batch_size" in after:
+            out["peak_batch_size_so_far"] = after["peak_batch_size"]
+        out["waiting_peak"] = peak("waiting")
+        if "blocks_used" in after:
+            out["blocks_used_peak"] = peak("blocks_used")
+            out["blocks_total"] = after.get("blocks_total")
+        if "prefix_hit_rate" in after:
+            out["prefix_hit_rate"] = after["prefix_hit_rate"]  # since the server started
+        if "preemptions" in after:
+            out["preemptions"] = after["preemptions"] - self._before.get("preemptions", 0)
+        return {k: v for k, v in out.items() if v is not None}
+
+
+# ---------------------------------------------------------------- model, static decoder, adapters
 
 
 def default_model() -> str:
@@ -139,28 +321,15 @@ def default_model() -> str:
     return str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny-qwen2", tokenizer))
 
 
-def table(rows: list[Row]) -> str:
-    head = (f"{'clients':>7} {'mode':<10} {'wall s':>8} {'tok/s':>8} {'speedup':>7} {'TTFT p50':>9} {'TTFT p95':>9} "
-            f"{'total p50':>10} {'total p95':>10}  (ms)  same text")
-    lines = [head, "-" * len(head)]
-    base = {r.concurrency: r.tokens_per_s for r in rows if r.mode == "sequential"}
-    for r in rows:
-        speedup = r.tokens_per_s / base[r.concurrency] if base.get(r.concurrency) else float("nan")
-        lines.append(f"{r.concurrency:>7} {r.mode:<10} {r.wall_s:>8.2f} {r.tokens_per_s:>8.1f} {speedup:>6.2f}x "
-                     f"{r.ttft_p50_ms:>9.1f} {r.ttft_p95_ms:>9.1f} {r.total_p50_ms:>10.1f} {r.total_p95_ms:>10.1f}"
-                     + ("" if r.same_as_sequential is None else f"        {r.same_as_sequential}/{r.requests}"))
-    return "\n".join(lines)
-
-
-def load(a: argparse.Namespace):
-    """(model, tokenizer, eos ids, label, device, dtype) from a folder or hub id, random weights if asked."""
+def load(a: argparse.Namespace) -> tuple[Any, Any, Any, str, Any, Any]:
+    """(model, tokenizer, eos ids, label, device, dtype) from a folder or hub id; with --random-weights random
+    weights in that folder's shape, or without --model in the Qwen2.5-7B shape (tokenizer: the tiny model's)."""
     import torch
 
     from qwenbook_bridge.engine.models.loading import DTYPES, LoadOptions, load_model, resolve_dtype
 
-    source = a.model or default_model()
     if not a.random_weights:
-        loaded = load_model(source, LoadOptions(dtype=a.dtype, device=a.device))
+        loaded = load_model(a.model or default_model(), LoadOptions(dtype=a.dtype, device=a.device))
         return loaded.model, loaded.tokenizer, loaded.eos_token_ids, loaded.model_id, loaded.device, loaded.dtype
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -168,67 +337,336 @@ def load(a: argparse.Namespace):
 
     device = resolve_device(a.device)
     dtype = DTYPES[resolve_dtype(a.dtype, device)]
-    config = AutoConfig.from_pretrained(source)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
-    if (Path(source) / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(source)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    return model, tokenizer, None, f"{Path(source).name} (random weights)", device, dtype
+    if a.model is None:
+        from qwenbook_bridge.bench.model import build_random_model
+
+        source = default_model()
+        model = build_random_model("7b", device, dtype)
+        label = "Qwen2.5-7B shape (random weights)"
+    else:
+        source = a.model
+        config = AutoConfig.from_pretrained(source)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+        if (Path(source) / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(source)
+        label = f"{Path(source).name} (random weights)"
+    return model, AutoTokenizer.from_pretrained(source), None, label, device, dtype
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def chat_ids(tokenizer: Any, i: int) -> list[int]:
+    """Request i's prompt tokens, rendered as the server renders a chat request."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt_text(i)}], tokenize=False,
+                                        add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def static_batch(model: Any, tokenizer: Any, batch: int, max_tokens: int, variant: str, repeats: int) -> dict[str, Any]:
+    """FastDecoder on one static batch of prompts 0..batch-1: end-to-end tokens/s (prefill included) and the
+    decode-only rate, (N-1) steps over t(N tokens) - t(1 token), as qwenbook_bridge.bench.decode measures it."""
+    import gc
+
+    import torch
+
+    from qwenbook_bridge.bench.decode import VARIANTS
+    from qwenbook_bridge.engine.generate.fast_decode import FastDecoder
+
+    prompts = [chat_ids(tokenizer, i) for i in range(batch)]
+    device = next(model.parameters()).device
+    dec = FastDecoder(model, max_seq_len=max(map(len, prompts)) + max_tokens, batch_size=batch, **VARIANTS[variant])
+    try:
+        def timed(n: int) -> float:
+            sync(device)
+            start = time.perf_counter()
+            out = dec.generate(prompts, n)
+            sync(device)
+            assert all(len(r) == n for r in out), "the static decoder stopped early"
+            return time.perf_counter() - start
+
+        with torch.no_grad():
+            timed(max_tokens)  # warm-up: kernel selection, graph capture
+            full = statistics.median(timed(max_tokens) for _ in range(repeats))
+            first = statistics.median(timed(1) for _ in range(repeats))
+        return {"batch": batch, "variant": variant, "tokens_per_s": round(batch * max_tokens / full, 1),
+                "decode_tokens_per_s": round(batch * (max_tokens - 1) / max(full - first, 1e-9), 1),
+                "wall_s": round(full, 3)}
+    finally:
+        del dec
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_random_lora(folder: Path, config: Any, rank: int, seed: int, dtype: Any) -> Path:
+    """A LoRA adapter with random A and B (B non-zero, so it changes the output) on all seven projections of
+    every layer, saved as peft saves one (adapter_config.json + adapter_model.safetensors): no training and
+    no change to the served model needed."""
+    import torch
+    from safetensors.torch import save_file
+
+    hidden, inter = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    dims = {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+            "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for name, (n_in, n_out) in dims.items():
+            part = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{part}.{name}"
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, n_in, generator=gen) / math.sqrt(n_in)).to(dtype)
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(n_out, rank, generator=gen) * 0.02).to(dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "target_modules": list(LORA_TARGETS), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": False, "modules_to_save": None, "base_model_name_or_path": None, "inference_mode": True,
+    }, indent=2), encoding="utf-8")
+    return folder
+
+
+def models_listed(url: str) -> list[str]:
+    resp = httpx.get(url + "/models", timeout=30)
+    resp.raise_for_status()
+    return [m["id"] for m in resp.json().get("data", [])]
+
+
+# ---------------------------------------------------------------- table
+
+
+def fmt(value: Any, width: int, digits: int = 1) -> str:
+    if value is None:
+        return f"{'-':>{width}}"
+    if isinstance(value, float):
+        return f"{value:>{width}.{digits}f}"
+    return f"{value!s:>{width}}"
+
+
+def table(meta: dict[str, Any], levels: list[Level], adapters: dict[str, Any]) -> str:
+    lines = [f"{meta['card']} · {meta['date']} · {meta['model']} · {meta['dtype']} · {meta['max_tokens']} new tokens, "
+             f"greedy, ignore_eos, streaming over HTTP · prompts {meta['prompt_words'][0]}-{meta['prompt_words'][1]} "
+             f"words · static decoder: {meta['static_variant'] or 'not run'}"]
+    head = (f"{'clients':>7} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'err':>4} "
+            f"{'batch':>5} {'blocks':>7} {'prefix':>6} {'static tok/s':>12} {'decode':>9} {'serve/static':>12}")
+    lines += [head + "   (times in ms)", "-" * len(head)]
+    for lv in levels:
+        s = lv.server
+        blocks = f"{s['blocks_used_peak']}" if "blocks_used_peak" in s else None
+        hit = f"{100 * s['prefix_hit_rate']:.0f}%" if isinstance(s.get("prefix_hit_rate"), (int, float)) else None
+        st = lv.static or {}
+        ratio = (f"{lv.tokens_per_s / st['tokens_per_s']:.2f}x" if st.get("tokens_per_s") else
+                 ("did not fit" if st.get("error") else None))
+        lines.append(f"{lv.concurrency:>7} {fmt(lv.tokens_per_s, 9)} {fmt(lv.ttft_p50_ms, 9)} {fmt(lv.ttft_p99_ms, 9)} "
+                     f"{fmt(lv.itl_p50_ms, 8)} {fmt(lv.itl_p99_ms, 8)} {lv.errors:>4} {fmt(s.get('batch_peak'), 5)} "
+                     f"{fmt(blocks, 7)} {fmt(hit, 6)} {fmt(st.get('tokens_per_s'), 12)} "
+                     f"{fmt(st.get('decode_tokens_per_s'), 9)} {fmt(ratio, 12)}")
+    if adapters.get("run"):
+        one, spread = adapters["single"], adapters["spread"]
+        lines.append(f"adapter chat, 1 client: {one['adapter_tokens_per_s']:.1f} tok/s vs base "
+                     f"{one['base_tokens_per_s']:.1f} ({one['ratio']:.2f}x)")
+        lines.append(f"{spread['clients']} clients over {spread['adapters']} adapters: "
+                     f"{spread['adapters_tokens_per_s']:.1f} tok/s vs {spread['base_tokens_per_s']:.1f} on the base "
+                     f"({spread['ratio']:.2f}x), errors {spread['errors']}")
+    else:
+        lines.append(f"adapter scenarios not run: {adapters.get('reason')}")
+    for lv in levels:
+        for e in lv.error_examples:
+            lines.append(f"error at {lv.concurrency} clients: {e}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder or hub id (default: the tiny model)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights: without --model the Qwen2.5-7B shape, with it that folder's config.json")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (default 128)")
+    p.add_argument("--concurrency", default="1,8,32,64,128", help="comma list of client counts")
+    p.add_argument("--warmup-tokens", type=int, default=None,
+                   help="tokens per request of each level's warm-up round (default --max-tokens; 0: none)")
+    p.add_argument("--static-variant", default=None,
+                   help="FastDecoder variant for the static batches (eager, graph, compiled; default graph on "
+                        "CUDA, eager on the CPU)")
+    p.add_argument("--static-repeats", type=int, default=2, help="timed runs per static batch (median)")
+    p.add_argument("--no-static", action="store_true", help="skip the static-batch decoder")
+    p.add_argument("--adapters", type=int, default=4, help="adapters for the adapter scenarios (0: skip them)")
+    p.add_argument("--adapter-clients", type=int, default=32, help="clients of the spread-over-adapters scenario")
+    p.add_argument("--adapter-rank", type=int, default=16)
+    p.add_argument("--memory-utilization", type=float, default=None,
+                   help="share of device memory for the server's KV cache, where the server takes this option")
+    p.add_argument("--clients-per-process", type=int, default=CLIENTS_PER_PROCESS)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
+    p.add_argument("--smoke", action="store_true",
+                   help="the tiny model on the CPU in fp32: 1 and 4 clients, 8 tokens, 2 adapters (a check that "
+                        "everything runs, in seconds; its figures mean nothing)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.device, a.dtype, a.model, a.random_weights = "cpu", "fp32", a.model, False
+        a.concurrency, a.max_tokens, a.static_repeats, a.adapters, a.adapter_clients = "1,4", 8, 1, 2, 4
+        a.threads = a.threads or 1
+    try:
+        a.levels = [int(x) for x in a.concurrency.split(",")]
+    except ValueError:
+        p.error(f"--concurrency must be a comma list of client counts such as 1,8,32, got {a.concurrency!r}")
+    if not a.levels or min(a.levels) < 1:
+        p.error(f"--concurrency needs client counts of at least 1, got {a.concurrency!r}")
+    if a.max_tokens < 2:
+        p.error(f"--max-tokens must be at least 2 (inter-token times need two tokens), got {a.max_tokens}")
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--random-weights", action="store_true", help="random weights from the folder's config.json")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="sent with every request (default: the model's generation_config)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
-    p.add_argument("--json", default=None, help="also write the results here")
-    a = p.parse_args(argv)
+    a = parse(argv)
     import torch
 
     if a.threads:
         torch.set_num_threads(a.threads)
     from qwenbook_bridge.openai.server import OpenAIServer, ServeConfig
 
-    levels = [int(x) for x in a.concurrency.split(",")]
-    extra = {} if a.repetition_penalty is None else {"repetition_penalty": a.repetition_penalty}
     model, tokenizer, eos, label, device, dtype = load(a)
-    server = OpenAIServer(model, tokenizer, ServeConfig(port=0, model_name="bench", max_batch_size=max(levels)),
-                          eos_token_ids=eos)
+    model.eval()
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    variant = a.static_variant or ("graph" if device.type == "cuda" else "eager")
+    meta: dict[str, Any] = {
+        "card": card, "device": str(device), "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M UTC"), "model": label, "dtype": str(dtype).removeprefix("torch."),
+        "max_tokens": a.max_tokens, "levels": a.levels, "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "static_variant": None if a.no_static else variant,
+        "prompt_words": (min(word_count(prompt_text(i)) for i in range(max(a.levels))),
+                         max(word_count(prompt_text(i)) for i in range(max(a.levels))))}
+    # The static batches first: the server's engine may take most of the free device memory for its cache.
+    statics: dict[int, dict[str, Any]] = {}
+    for c in ([] if a.no_static else a.levels):
+        try:
+            statics[c] = static_batch(model, tokenizer, c, a.max_tokens, variant, a.static_repeats)
+        except Exception as exc:  # noqa: BLE001 - "where it fits": out of memory is a result, recorded
+            statics[c] = {"batch": c, "variant": variant, "error": f"{type(exc).__name__}: {exc}"}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(f"... static batch {c}: {statics[c]}", file=sys.stderr, flush=True)
+
+    kwargs: dict[str, Any] = dict(port=0, model_name=BASE_NAME, max_batch_size=max(max(a.levels), a.adapter_clients))
+    config_fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    if a.memory_utilization is not None:
+        if "memory_utilization" not in config_fields:
+            print("... --memory-utilization ignored: this server's ServeConfig has no memory_utilization",
+                  file=sys.stderr)
+        else:
+            kwargs["memory_utilization"] = a.memory_utilization
+    adapters: dict[str, Any] = {"run": False}
+    adapter_dirs: dict[str, str] = {}
+    given = None
+    if a.adapters > 0:
+        can = "adapters" in config_fields or hasattr(OpenAIServer, "add_adapter")
+        if not can:
+            adapters["reason"] = ("this OpenAI server takes no adapters (ServeConfig has no `adapters` field and "
+                                  "OpenAIServer no add_adapter), so it cannot serve them by model name")
+        else:
+            root = Path(tempfile.mkdtemp(prefix="serve-bench-adapters-"))
+            for k in range(a.adapters):
+                adapter_dirs[f"lora{k}"] = str(write_random_lora(root / f"lora{k}", model.config, a.adapter_rank,
+                                                                 seed=100 + k, dtype=dtype))
+            # Through ServeConfig where it has the field, else the server's own method once it exists.
+            given = "config" if "adapters" in config_fields else "method"
+            if given == "config":
+                kwargs["adapters"] = adapter_dirs
+    else:
+        adapters["reason"] = "--adapters 0"
+
+    server = OpenAIServer(model, tokenizer, ServeConfig(**kwargs), eos_token_ids=eos)
+    if given == "method":
+        for name, folder in adapter_dirs.items():
+            server.add_adapter(name, folder)
     server.start()
-    clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    extra: dict[str, Any] = {}
+    levels: list[Level] = []
     try:
-        # Warm-up at full length, alone and batched: first-call allocations, kernel selection, clock ramp-up.
-        measure(clients, server.url, 1, a.max_tokens, False, extra)
-        measure(clients, server.url, min(8, max(levels)), a.max_tokens, True, extra)
-        rows: list[Row] = []
-        for c in levels:
-            row, solo = measure(clients, server.url, c, a.max_tokens, False, extra)
-            rows.append(row)
-            rows.append(measure(clients, server.url, c, a.max_tokens, True, extra, reference=solo)[0])
-            print(f"... {c} client(s) done", file=sys.stderr, flush=True)
-        peak = server.scheduler.stats().peak_batch_size
+        previous: dict[int, str] = {}
+        for c in a.levels:
+            jobs = [(i, BASE_NAME) for i in range(c)]
+            warm = a.max_tokens if a.warmup_tokens is None else a.warmup_tokens
+            if warm > 0:
+                run_round(server.url, jobs, max(warm, 2), extra, a.clients_per_process)
+            with ServerSampler(server) as sampler:
+                samples = run_round(server.url, jobs, a.max_tokens, extra, a.clients_per_process)
+            lv = summarize(c, samples)
+            lv.static, lv.server = statics.get(c), sampler.summary()
+            levels.append(lv)
+            both = [s for s in samples if s.prompt in previous and s.error is None]
+            if both:
+                lv.same_as_previous_level = f"{sum(previous[s.prompt] == s.text for s in both)}/{len(both)}"
+            previous = {s.prompt: s.text for s in samples if s.error is None}
+            print(f"... {lv.concurrency} client(s): {lv.tokens_per_s} tok/s, {lv.errors} error(s)", file=sys.stderr,
+                  flush=True)
+        if a.adapters > 0 and given is not None:
+            adapters = adapter_scenarios(server.url, list(adapter_dirs), a, extra)
     finally:
-        clients.shutdown()
         server.stop()
-    shown = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    meta = {"model": label, "device": shown, "dtype": str(dtype), "max_tokens": a.max_tokens,
-            "torch_threads": torch.get_num_threads(), "peak_batch_size": peak, **extra}
-    print(f"model {label} on {shown}, {dtype}, {a.max_tokens} tokens per request, greedy, streaming"
-          + (f", repetition_penalty {a.repetition_penalty}" if extra else ""))
-    print(table(rows))
-    result = {"meta": meta, "rows": [asdict(r) for r in rows]}
+
+    result = {"meta": meta, "levels": [asdict(lv) for lv in levels], "adapters": adapters}
+    print(table(meta, levels, adapters))
     print(json.dumps(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0
+
+
+def adapter_scenarios(url: str, names: list[str], a: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    """Chat with one adapter vs the base model (1 client), and N clients spread over the adapters vs N on the
+    base, if the server lists the adapters in /v1/models (otherwise it was given them but does not serve them)."""
+    listed = models_listed(url)
+    missing = [n for n in names if n not in listed]
+    if missing:
+        return {"run": False, "reason": f"the server was given adapters {names} but /v1/models lists only {listed}"}
+
+    def rate(jobs: list[tuple[int, str]]) -> Level:
+        run_round(url, jobs, a.max_tokens, extra, a.clients_per_process)  # warm-up
+        return summarize(len(jobs), run_round(url, jobs, a.max_tokens, extra, a.clients_per_process))
+
+    base1, one = rate([(0, BASE_NAME)]), rate([(0, names[0])])
+    n = a.adapter_clients
+    spread = rate([(i, names[i % len(names)]) for i in range(n)])
+    base_n = rate([(i, BASE_NAME) for i in range(n)])
+    return {"run": True,
+            "single": {"adapter": names[0], "adapter_tokens_per_s": one.tokens_per_s,
+                       "base_tokens_per_s": base1.tokens_per_s,
+                       "ratio": round(one.tokens_per_s / base1.tokens_per_s, 3) if base1.tokens_per_s else None,
+                       "adapter_ttft_ms": one.ttft_p50_ms, "base_ttft_ms": base1.ttft_p50_ms,
+                       "errors": one.errors + base1.errors},
+            "spread": {"clients": n, "adapters": len(names), "adapters_tokens_per_s": spread.tokens_per_s,
+                       "base_tokens_per_s": base_n.tokens_per_s,
+                       "ratio": round(spread.tokens_per_s / base_n.tokens_per_s, 3) if base_n.tokens_per_s else None,
+                       "adapters_ttft_p50_ms": spread.ttft_p50_ms, "base_ttft_p50_ms": base_n.ttft_p50_ms,
+                       "errors": spread.errors + base_n.errors}}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""The serving benchmark (tests/bench/serve_bench.py) on the tiny model on the CPU: every level reports its
+columns, from real HTTP streams in client processes, beside the static-batch decoder; and its random LoRA
+adapters are what peft loads. No timing is asserted: only that the figures exist and are sane."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "bench" / "serve_bench.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("serve_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["serve_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_reports_every_column_per_level(tmp_path: Path, tiny_model_dir: Path) -> None:
+    out = tmp_path / "serve.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--model", str(tiny_model_dir), "--json", str(out)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == result
+    meta = result["meta"]
+    assert meta["card"].startswith("CPU") and meta["date"] and meta["max_tokens"] == 8
+    assert 40 <= meta["prompt_words"][0] <= meta["prompt_words"][1] <= 160
+    levels = {lv["concurrency"]: lv for lv in result["levels"]}
+    assert set(levels) == {1, 4}
+    for c, lv in levels.items():
+        assert lv["errors"] == 0, lv["error_examples"]
+        assert lv["requests"] == c and lv["tokens"] == 8 * c  # ignore_eos: every reply has exactly 8 tokens
+        assert lv["tokens_per_s"] > 0 and lv["wall_s"] > 0
+        assert 0 < lv["ttft_p50_ms"] <= lv["ttft_p99_ms"]
+        assert 0 < lv["itl_p50_ms"] <= lv["itl_p99_ms"]
+        assert 1 <= lv["server"]["batch_peak"] <= c  # sampled from the server's own stats while the level ran
+        static = lv["static"]
+        assert static["batch"] == c and static["tokens_per_s"] > 0 and static["decode_tokens_per_s"] > 0
+    assert levels[4]["prompt_words"][0] < levels[4]["prompt_words"][1]  # the clients' prompts differ in length
+    assert levels[4]["same_as_previous_level"] is not None
+    adapters = result["adapters"]
+    if adapters["run"]:
+        assert adapters["single"]["ratio"] > 0 and adapters["spread"]["clients"] == 4
+        assert adapters["spread"]["errors"] == 0
+    else:
+        assert adapters["reason"]  # says why, in the table too
+        assert f"adapter scenarios not run: {adapters['reason']}" in run.stdout
+    header = next(line for line in run.stdout.splitlines() if line.lstrip().startswith("clients"))
+    for column in ("tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "err", "batch", "static tok/s"):
+        assert column in header
+
+
+def test_random_adapter_is_a_peft_lora_that_changes_the_output(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    bench = load_script()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        before = model(ids).logits
+    folder = bench.write_random_lora(tmp_path / "lora", model.config, rank=4, seed=1, dtype=torch.float32)
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    assert len(saved) == 2 * 7 * model.config.num_hidden_layers  # A and B of seven projections per layer
+    peft_model = PeftModel.from_pretrained(model, str(folder)).eval()
+    layer = peft_model.base_model.model.model.layers[1].mlp.down_proj
+    assert torch.equal(layer.lora_B["default"].weight,
+                       saved["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"])
+    with torch.no_grad():
+        after = peft_model(ids).logits
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+@pytest.mark.parametrize("levels, message", [("1,x", "comma list"), ("0,4", "at least 1")])
+def test_bad_concurrency_is_refused_with_a_clear_message(levels: str, message: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_script()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse(["--concurrency", levels])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
