@@ -70,9 +70,9 @@ console.log(`TS -> ZeroMQ -> worker  ${worker.ttft_ms.toFixed(2).padStart(8)} ${
 console.log(`overhead: ${overheadPerToken.toFixed(3)} ms per token, throughput ratio worker/in-process ${(workerTps / localTps).toFixed(3)}`);
 
 // ---------------------------------------------------------------- serving (tests/bench/serve.mjs)
-// The OpenAI-compatible server on the same model: 1, 8 and 32 concurrent streaming clients versus the
-// same requests one at a time, in this run.
+// The OpenAI-compatible server on the same model: 1, 8 and 32 concurrent streaming clients, beside the
+// static-batch decoder on the same prompts, in this run.
 const { runServeBench } = await import("./serve.mjs");
-console.log("\nserving: concurrent OpenAI clients vs the same requests one at a time");
+console.log("\nserving: concurrent streaming OpenAI clients, beside the static-batch decoder");
 runServeBench({ python, model, threads, maxTokens: Number(process.env.QWENBOOK_BENCH_SERVE_TOKENS ?? (opts.quick ? 8 : 64)),
   concurrency: opts.quick ? "1,4" : "1,8,32" });

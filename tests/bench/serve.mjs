@@ -1,14 +1,15 @@
-// The serving part of `npm run bench`: an OpenAI-compatible server on the same model, with 1, 8 and 32
-// concurrent streaming clients against the same requests sent one at a time, in one run
-// (python-bridge/tests/bench/serve_bench.py does the measuring and checks every concurrent reply against
-// its one-at-a-time twin).
+// The serving part of `npm run bench`: the OpenAI-compatible server on the same model under 1, 8 and 32
+// concurrent streaming clients over HTTP (aggregate tokens/s, first-token and inter-token p50/p99, errors, the
+// server's batch size), beside the static-batch decoder on the same prompts, in one run.
+// python-bridge/tests/bench/serve_bench.py does the measuring; on a GPU run it directly for issue 19's figures:
+//   .venv/bin/python python-bridge/tests/bench/serve_bench.py --random-weights --device cuda --json serve.json
 import { spawnSync } from "node:child_process";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
 const repo = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 
-/** Runs the serving benchmark and prints its table; returns its JSON result. */
+/** Runs the serving benchmark on the CPU and prints its table; returns its JSON result. */
 export function runServeBench({ python, model, threads, maxTokens = 64, concurrency = "1,8,32" }) {
   const script = join(repo, "python-bridge", "tests", "bench", "serve_bench.py");
   const args = [script, "--model", model, "--device", "cpu", "--dtype", "fp32", "--max-tokens", String(maxTokens),
