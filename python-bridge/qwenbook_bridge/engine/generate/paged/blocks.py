@@ -30,8 +30,8 @@ from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError
 GiB = 1 << 30
 
 # On the CPU the cache shares RAM with the notebook, Jupyter and the OS, and decoding there is compute-bound:
-# 8 GiB holds about 146k tokens of a Qwen2.5-7B cache (bf16), more than a CPU can keep busy.
-CPU_CACHE_CAP_BYTES = 8 * GiB
+# 4 GiB holds about 75k tokens of a Qwen2.5-7B cache (bf16), more than a CPU decodes in minutes.
+CPU_CACHE_CAP_BYTES = 4 * GiB
 
 # Where a container's memory limit is read: cgroup v2, then v1 (limit, usage, stats, the stat of reclaimable
 # page cache that usage includes).
