@@ -79,7 +79,9 @@ def test_requests_joining_a_running_batch_match_their_solo_output(tiny, schedule
 def test_padding_is_invisible_to_every_row(tiny, solo, monkeypatch):
     """Fill the pad columns of the cache with large noise instead of zeros: if the mask or the positions
     let any row see them, its greedy reply changes. (Zeros alone would hide a missing mask on this model.)"""
-    import qwenbook_bridge.engine.generate.batching.cache as cb
+    # A from-import: engine/__init__ binds `engine.generate` to the generate() function, which hides the
+    # subpackage from a dotted `import ... as` chain.
+    from qwenbook_bridge.engine.generate.batching import cache as cb
 
     real_pad = cb._pad_left
     noise = torch.Generator().manual_seed(0)
