@@ -11,7 +11,7 @@ from qwenbook_bridge.engine.generate.batching.requests import Finished, TokenDel
 from qwenbook_bridge.engine.generate.sampling import SamplingParams, apply_penalties
 from qwenbook_bridge.engine.generate.batching.scheduler import BatchConfig, BatchScheduler
 from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError
-from qwenbook_bridge.engine.generate.generation import GenerationOptions, generate, prompt_ids
+from qwenbook_bridge.engine.generate.generation import generate, prompt_ids
 
 QUESTIONS = ["你好", "Who are you?", "写一首关于秋天的诗，要有月亮和桂花。", "1+1=?",
              "Tell me a long story about a cat " * 6, "x", "继续",
@@ -37,7 +37,7 @@ def solo(tiny):
 
     def get(q: str, n: int):
         if (q, n) not in cache:
-            cache[(q, n)] = generate(tiny, chat(q), GenerationOptions(max_tokens=n, greedy=True))
+            cache[(q, n)] = generate(tiny, chat(q), SamplingParams(max_tokens=n, greedy=True))
         return cache[(q, n)]
 
     return get
@@ -161,7 +161,7 @@ def test_cancelling_one_request_leaves_the_others_running(tiny, scheduler, solo)
 
 def test_seeded_sampling_matches_the_notebook_chat(tiny, scheduler):
     opts = dict(temperature=0.9, top_p=0.9, top_k=40, seed=1234)
-    ref = generate(tiny, chat(QUESTIONS[0]), GenerationOptions(max_tokens=25, **opts))
+    ref = generate(tiny, chat(QUESTIONS[0]), SamplingParams(max_tokens=25, **opts))
     ids = prompt_ids(tiny, chat(QUESTIONS[0]))
     busy = scheduler.submit(prompt_ids(tiny, chat(QUESTIONS[1])), greedy(60))  # a neighbour must not matter
     got = scheduler.submit(ids, SamplingParams(max_tokens=25, **opts)).result(60)
@@ -199,7 +199,7 @@ def test_exclusive_parks_the_scheduler_between_steps(tiny, scheduler, solo):
     with scheduler.exclusive():
         parked_at = scheduler.stats().steps
         # The notebook may use the model here; the served request does not advance meanwhile.
-        own = generate(tiny, chat(QUESTIONS[6]), GenerationOptions(max_tokens=10, greedy=True))
+        own = generate(tiny, chat(QUESTIONS[6]), SamplingParams(max_tokens=10, greedy=True))
         assert scheduler.stats().steps == parked_at
     assert own.text == solo(QUESTIONS[6], 10).text
     rest = [ev for ev in events]
@@ -248,7 +248,7 @@ def test_bad_submissions_are_refused_clearly(tiny, scheduler):
     with pytest.raises(InvalidOptionError, match="empty"):
         scheduler.submit([], greedy(5))
     with pytest.raises(InvalidOptionError, match="temperature"):
-        SamplingParams(max_tokens=5, temperature=3.0)
+        SamplingParams(max_tokens=5, temperature=-1.0)
     stopped = BatchScheduler(tiny.model, tiny.tokenizer)
     with pytest.raises(EngineError, match="start"):
         stopped.submit([1, 2], greedy(5))
@@ -262,5 +262,5 @@ def test_stop_cancels_everything_and_keeps_the_model(tiny, solo):
     s.stop()
     tail = [ev for ev in running.events(timeout=30)]
     assert isinstance(tail[-1], Finished) and tail[-1].finish_reason == "cancelled"
-    after = generate(tiny, chat(QUESTIONS[0]), GenerationOptions(max_tokens=8, greedy=True))
+    after = generate(tiny, chat(QUESTIONS[0]), SamplingParams(max_tokens=8, greedy=True))
     assert after.text == solo(QUESTIONS[0], 8).text

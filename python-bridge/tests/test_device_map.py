@@ -9,7 +9,7 @@ import torch
 
 from qwenbook_bridge.engine import DeviceUnavailableError, InvalidOptionError, LoadOptions, generate, load_model
 from qwenbook_bridge.engine.models.device_map import parse_size, resolve_placement
-from qwenbook_bridge.engine.generate.generation import GenerationOptions
+from qwenbook_bridge.engine.generate.sampling import SamplingParams
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU-only worker says")
 
@@ -62,7 +62,7 @@ def test_device_map_load_reports_its_devices_and_generates(tiny_model_dir: Path)
     assert loaded.info["devices"] == ["cpu"]
     assert loaded.model_id.endswith(":fp32:cpu")
     plain = load_model(str(tiny_model_dir), LoadOptions(device="cpu"))
-    opts = GenerationOptions(max_tokens=6, greedy=True)
+    opts = SamplingParams(max_tokens=6, greedy=True)
     msgs = [{"role": "user", "content": "hello"}]
     assert generate(loaded, msgs, opts).token_ids == generate(plain, msgs, opts).token_ids
 

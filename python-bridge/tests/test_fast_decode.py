@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from qwenbook_bridge.engine.generate.fast_decode import FastDecoder, SamplingParams
-from qwenbook_bridge.engine.generate.fast_ops import grouped_decode_attention, sample_tokens, sdpa_decode_attention
+from qwenbook_bridge.engine.generate.fast_decode import FastDecoder
+from qwenbook_bridge.engine.generate.fast_ops import grouped_decode_attention, sdpa_decode_attention
+from qwenbook_bridge.engine.generate.sampling import SamplingParams, sample_tokens
 
 CHECK_TOKENS = 64
 
@@ -149,11 +150,11 @@ def test_sampling_is_seeded_and_degenerates_to_greedy(perturbed_lm: Any) -> None
     decoder = FastDecoder(perturbed_lm, max_seq_len=64)
     prompt = _prompts(perturbed_lm.config.vocab_size, (8,), seed=9)
     greedy = decoder.generate(prompt, 24)
-    warm = SamplingParams(temperature=1.5, seed=11)
+    warm = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, seed=11)
     assert decoder.generate(prompt, 24, warm) == decoder.generate(prompt, 24, warm)
     assert decoder.generate(prompt, 24, warm) != greedy
-    assert decoder.generate(prompt, 24, SamplingParams(temperature=1.5, top_k=1, seed=1)) == greedy
-    assert decoder.generate(prompt, 24, SamplingParams(temperature=1.5, top_p=1e-6, seed=1)) == greedy
+    assert decoder.generate(prompt, 24, SamplingParams(temperature=1.5, top_k=1, top_p=1.0, seed=1)) == greedy
+    assert decoder.generate(prompt, 24, SamplingParams(temperature=1.5, top_k=0, top_p=1e-6, seed=1)) == greedy
 
 
 def test_sample_tokens_follows_the_distribution_and_the_cuts() -> None:
@@ -185,7 +186,7 @@ def test_bad_requests_say_what_to_change(perturbed_lm: Any) -> None:
         decoder.generate([[1] * 12], 8)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 151936\)"):
         decoder.generate([[151936]], 2)
-    with pytest.raises(ValueError, match="top_p"):
+    with pytest.raises(ValueError, match="topP"):
         SamplingParams(temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1.0)

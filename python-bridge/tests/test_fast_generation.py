@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwenbook_bridge.engine import GenerationOptions, generate
+from qwenbook_bridge.engine import SamplingParams, generate
 from qwenbook_bridge.engine.generate.fast_decode import FastDecoder
 from qwenbook_bridge.engine.generate.decoders import _decoders, decoder_for, forget
 
@@ -21,12 +21,12 @@ def fresh(tiny, monkeypatch):
 
 
 def test_chat_runs_on_one_decoder_per_model_that_grows_for_longer_requests(tiny):
-    first = generate(tiny, CHAT, GenerationOptions(max_tokens=8, greedy=True))
+    first = generate(tiny, CHAT, SamplingParams(max_tokens=8, greedy=True))
     decoder = _decoders.get(tiny.model)
     assert isinstance(decoder, FastDecoder) and decoder.max_seq_len >= 2048
-    generate(tiny, CHAT, GenerationOptions(max_tokens=8, greedy=True))
+    generate(tiny, CHAT, SamplingParams(max_tokens=8, greedy=True))
     assert _decoders.get(tiny.model) is decoder  # kept: no new cache, no new graphs
-    longer = generate(tiny, CHAT, GenerationOptions(max_tokens=decoder.max_seq_len, greedy=True))
+    longer = generate(tiny, CHAT, SamplingParams(max_tokens=decoder.max_seq_len, greedy=True))
     grown = _decoders.get(tiny.model)
     assert grown is not decoder and grown.max_seq_len >= longer.prompt_tokens + longer.completion_tokens
     assert longer.token_ids[:8] == first.token_ids
@@ -45,15 +45,15 @@ def test_the_mode_switch_and_the_cpu_default(tiny, monkeypatch):
 def test_a_model_with_adapter_layers_decodes_on_the_plain_loop_with_its_adapter(tiny, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    plain = generate(tiny, CHAT, GenerationOptions(max_tokens=12, greedy=True))
+    plain = generate(tiny, CHAT, SamplingParams(max_tokens=12, greedy=True))
     peft_model = get_peft_model(tiny.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     try:
         assert decoder_for(tiny.model, tiny.device, 64, 32768) is None
-        with_adapter = generate(tiny, CHAT, GenerationOptions(max_tokens=12, greedy=True))
+        with_adapter = generate(tiny, CHAT, SamplingParams(max_tokens=12, greedy=True))
         assert with_adapter.token_ids != plain.token_ids  # the adapter's random B changes the reply
     finally:
         peft_model.unload()
-    assert generate(tiny, CHAT, GenerationOptions(max_tokens=12, greedy=True)).token_ids == plain.token_ids
+    assert generate(tiny, CHAT, SamplingParams(max_tokens=12, greedy=True)).token_ids == plain.token_ids
 
 
 def plain_then_fast(loaded, messages, options, monkeypatch, fast_mode="1"):
@@ -72,5 +72,5 @@ def test_a_quantized_model_chats_on_the_fast_decoder_with_the_plain_loops_tokens
 
     loaded = load_model(str(tiny_model_dir), LoadOptions(dtype="fp32", device="cpu",
                                                           quant={"method": method, "group_size": 32}))
-    plain, fast = plain_then_fast(loaded, CHAT, GenerationOptions(max_tokens=24, greedy=True), monkeypatch)
+    plain, fast = plain_then_fast(loaded, CHAT, SamplingParams(max_tokens=24, greedy=True), monkeypatch)
     assert fast.token_ids == plain.token_ids

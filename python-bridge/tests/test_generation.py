@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qwenbook_bridge.engine import GenerationOptions, InvalidOptionError, NoChatTemplateError, generate
+from qwenbook_bridge.engine import SamplingParams, InvalidOptionError, NoChatTemplateError, generate
 from qwenbook_bridge.engine.generate.generation import prompt_ids
 from qwenbook_bridge.engine.generate.streaming import IncrementalDetokenizer, StopStringFilter
 
@@ -17,7 +17,7 @@ PROMPTS = [
     [{"role": "user", "content": "My name is Lin."}, {"role": "assistant", "content": "Nice to meet you, Lin."},
      {"role": "user", "content": "What is my name?"}],
 ]
-GREEDY = GenerationOptions(max_tokens=64, greedy=True)
+GREEDY = SamplingParams(max_tokens=64, greedy=True)
 
 
 @pytest.fixture(autouse=True, params=["plain", "fast"])
@@ -70,7 +70,7 @@ def test_streamed_deltas_join_to_the_reply_and_carry_every_token(tiny):
 
 @pytest.mark.parametrize("prompt", ["请用中文写一首关于春天的诗。", "你好，你是谁？"])
 def test_a_chinese_reply_never_streams_a_broken_character(tiny, prompt):
-    result, deltas = run(tiny, [{"role": "user", "content": prompt}], GenerationOptions(max_tokens=64, greedy=True))
+    result, deltas = run(tiny, [{"role": "user", "content": prompt}], SamplingParams(max_tokens=64, greedy=True))
     whole = tiny.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     assert any("\u4e00" <= ch <= "\u9fff" for ch in whole)
     # A split character would surface as U+FFFD at the end of a delta and make the joined text differ from the
@@ -170,7 +170,7 @@ def test_cancel_before_start_produces_nothing(tiny):
 
 def test_sampling_is_reproducible_with_a_seed_and_degenerates_to_greedy(tiny):
     greedy, _ = run(tiny, PROMPTS[1], dataclasses.replace(GREEDY, max_tokens=16))
-    sampled = GenerationOptions(max_tokens=16, temperature=1.5, top_p=1.0, top_k=0, seed=123)
+    sampled = SamplingParams(max_tokens=16, temperature=1.5, top_p=1.0, top_k=0, seed=123)
     first, _ = run(tiny, PROMPTS[1], sampled)
     second, _ = run(tiny, PROMPTS[1], sampled)
     assert first.token_ids == second.token_ids
@@ -180,15 +180,16 @@ def test_sampling_is_reproducible_with_a_seed_and_degenerates_to_greedy(tiny):
 
 
 @pytest.mark.parametrize("opts, words", [
-    (GenerationOptions(max_tokens=0), "maxTokens must be at least 1, got 0"),
-    (GenerationOptions(temperature=-1), "temperature must be a number >= 0"),
-    (GenerationOptions(top_p=1.5), "topP must be in (0, 1]"),
-    (GenerationOptions(top_k=-2), "topK must be an integer >= 0"),
-    (GenerationOptions(stop=[""]), "stop must be a list of non-empty strings"),
+    (dict(max_tokens=0), "maxTokens must be at least 1, got 0"),
+    (dict(temperature=-1), "temperature must be a number >= 0"),
+    (dict(top_p=1.5), "topP must be in (0, 1]"),
+    (dict(top_k=-2), "topK must be an integer >= 0"),
+    (dict(stop=[""]), "stop must be a list of non-empty strings"),
 ])
-def test_bad_options_are_refused_with_the_option_name(tiny, opts, words):
+def test_bad_options_are_refused_with_the_option_name(opts, words):
+    # Options check themselves when made, so a bad one never reaches a decode loop.
     with pytest.raises(InvalidOptionError) as info:
-        generate(tiny, PROMPTS[0], opts)
+        SamplingParams(**opts)
     assert words in str(info.value)
 
 

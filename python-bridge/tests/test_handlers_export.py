@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenbook_bridge.engine import GenerationOptions, generate
+from qwenbook_bridge.engine import SamplingParams, generate
 from qwenbook_bridge.engine.export.gguf_read import GgufFile
 from qwenbook_bridge.handlers.dispatch import Handlers
 from qwenbook_bridge.handlers.context import JobContext
@@ -81,7 +81,7 @@ def test_save_writes_shards_and_index_that_plain_transformers_reloads(client, mo
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert torch.equal(logits(saved, tok), logits(hf_base, tok))
     reply, _ = client.call("generate", {"model_id": model_id, "messages": CHAT, "max_tokens": 12, "greedy": True})
-    assert reply.content["token_ids"] == generate(tiny, CHAT, GenerationOptions(max_tokens=12, greedy=True)).token_ids
+    assert reply.content["token_ids"] == generate(tiny, CHAT, SamplingParams(max_tokens=12, greedy=True)).token_ids
     assert leftovers(tmp_path) == ["out"]
 
 
@@ -114,7 +114,7 @@ def test_merging_adapter_folders_equals_base_plus_adapters_and_leaves_the_model_
 
     # The resident model answers as before: the adapters were attached for the save only.
     reply, _ = client.call("generate", {"model_id": model_id, "messages": CHAT, "max_tokens": 12, "greedy": True})
-    assert reply.content["token_ids"] == generate(tiny, CHAT, GenerationOptions(max_tokens=12, greedy=True)).token_ids
+    assert reply.content["token_ids"] == generate(tiny, CHAT, SamplingParams(max_tokens=12, greedy=True)).token_ids
 
 
 def test_export_gguf_reports_size_and_weight_rounding(client, model_id, hf_base, tmp_path):

@@ -247,3 +247,44 @@ def test_adapters_runner_refuses_variants_it_does_not_compute(perturbed_lm: Any,
     with pytest.raises(AdapterError, match="rank 16, above this engine's max_rank=8"):
         runner.load_adapter(0, big)
     assert runner.loaded_adapters() == {}
+
+
+def test_adapter_over_int8_layers_adds_its_delta_to_the_quantized_projection(
+        perturbed_lm: Any, adapters: tuple[Path, Path]) -> None:
+    """peft does not wrap the engine's int8 layers, so the reference is transformers' forward on the int8 model
+    with each targeted layer's output plus scale * B(A(x)) added by a hook."""
+    from safetensors.torch import load_file
+
+    from qwenbook_bridge.engine.quant.layers import QuantizedLinear
+
+    _, folder = adapters
+    model = copy.deepcopy(perturbed_lm)
+    quantize_model(model, QuantConfig(method="int8", group_size=32))
+    prompts = _prompts(model.config.vocab_size, (9, 5), seed=9)
+    runner = PagedRunner(model, num_blocks=16, block_size=4, max_adapters=1, max_rank=8)
+    runner.load_adapter(0, folder)
+    tables = contiguous_tables([len(p) + NEW_TOKENS for p in prompts], 4)
+    seqs = [Seq(prompts[0], NEW_TOKENS, tables[0], adapter=0), Seq(prompts[1], NEW_TOKENS, tables[1])]
+    drive(runner, seqs, chunk=4)
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    hooks = []
+    for name, module in model.named_modules():
+        a = tensors.get(f"base_model.model.{name}.lora_A.weight")
+        if a is None:
+            continue
+        assert isinstance(module, QuantizedLinear)
+        b, scale = tensors[f"base_model.model.{name}.lora_B.weight"], cfg["lora_alpha"] / a.shape[0] ** 0.5
+
+        def add_lora(_: Any, inputs: tuple[torch.Tensor, ...], out: torch.Tensor, a: torch.Tensor = a,
+                     b: torch.Tensor = b, scale: float = scale) -> torch.Tensor:
+            return out + torch.nn.functional.linear(torch.nn.functional.linear(inputs[0], a), b) * scale
+
+        hooks.append(module.register_forward_hook(add_lora))
+    assert len(hooks) == 4 * model.config.num_hidden_layers
+    with_adapter = _hf_greedy(model, prompts[0], NEW_TOKENS)
+    for h in hooks:
+        h.remove()
+    assert [s.out for s in seqs] == [with_adapter, _hf_greedy(model, prompts[1], NEW_TOKENS)]
+    assert with_adapter != _hf_greedy(model, prompts[0], NEW_TOKENS)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qwenbook_bridge import PROTOCOL_VERSION
-from qwenbook_bridge.engine import GenerationOptions, generate
+from qwenbook_bridge.engine import SamplingParams, generate
 from qwenbook_bridge.handlers.dispatch import Handlers
 from qwenbook_bridge.protocol import Signer
 from qwenbook_bridge.worker.server import CONTROL_REQUESTS, dispatch_gaps
@@ -102,7 +102,7 @@ def test_generate_streams_tokens_that_join_to_the_in_process_reply(client, model
     assert {e.msg_type for e in events} == {"token"}
     assert "".join(e.content["text"] for e in events) == content["text"]
     assert [t for e in events for t in e.content["token_ids"]] == content["token_ids"]
-    local = generate(tiny, CHAT, GenerationOptions(max_tokens=48, greedy=True))
+    local = generate(tiny, CHAT, SamplingParams(max_tokens=48, greedy=True))
     assert content["token_ids"] == local.token_ids and content["text"] == local.text
 
 

@@ -17,7 +17,8 @@ import httpx
 import openai
 import pytest
 
-from qwenbook_bridge.engine.generate.generation import GenerationOptions, generate
+from qwenbook_bridge.engine.generate.generation import generate
+from qwenbook_bridge.engine.generate.sampling import SamplingParams
 from qwenbook_bridge.openai.schema import OpenAIError
 from qwenbook_bridge.openai.server import OpenAIServer, PortInUseError, ServeConfig
 
@@ -39,7 +40,7 @@ def client(server):
 
 
 def solo(tiny, text: str, n: int, **kw) -> str:
-    return generate(tiny, [{"role": "user", "content": text}], GenerationOptions(max_tokens=n, greedy=True, **kw)).text
+    return generate(tiny, [{"role": "user", "content": text}], SamplingParams(max_tokens=n, greedy=True, **kw)).text
 
 
 def post(server, path: str, body: bytes | dict, key: str | None = KEY) -> tuple[int, dict, dict]:
@@ -138,7 +139,7 @@ def test_raw_http_and_curl_non_streaming(tiny, server):
                                         {"role": "user", "content": "hello"}], "max_tokens": 10, "temperature": 0}
     status, _, reply = post(server, "/chat/completions", body)
     assert status == 200
-    ref = generate(tiny, body["messages"], GenerationOptions(max_tokens=10, greedy=True)).text
+    ref = generate(tiny, body["messages"], SamplingParams(max_tokens=10, greedy=True)).text
     assert reply["choices"][0]["message"]["content"] == ref
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from qwenbook_bridge.engine.generate.fast_decode import FastDecoder, SamplingParams
+from qwenbook_bridge.engine.generate.fast_decode import FastDecoder
+from qwenbook_bridge.engine.generate.sampling import SamplingParams
 from test_fast_decode import CHECK_TOKENS, _hf_greedy, _prompts, perturbed_lm, tiny_lm  # noqa: F401
 
 if not torch.cuda.is_available():
@@ -29,5 +30,5 @@ def test_cuda_graph_path_matches_eager_and_transformers(perturbed_lm: Any, compi
     assert graphed.generate(prompts, CHECK_TOKENS) == expected
     assert graphed.generate(prompts, CHECK_TOKENS) == expected
     assert expected[2] == _hf_greedy(model, prompts[2], CHECK_TOKENS)
-    warm = SamplingParams(temperature=1.0, top_p=0.9, seed=5)
+    warm = SamplingParams(temperature=1.0, top_k=0, top_p=0.9, seed=5)
     assert graphed.generate(prompts, 32, warm) == graphed.generate(prompts, 32, warm)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenbook_bridge.engine import GenerationOptions, LoadOptions, generate, load_model
+from qwenbook_bridge.engine import LoadOptions, SamplingParams, generate, load_model
 from qwenbook_bridge.engine.generate.decoders import forget
 from test_fast_generation import plain_then_fast
 
@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 def test_gpu_chat_uses_the_fast_decoder_with_the_plain_loops_tokens(tiny_model_dir: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = load_model(str(tiny_model_dir), LoadOptions(dtype="fp32", device="cuda"))
-    greedy = GenerationOptions(max_tokens=48, greedy=True)
+    greedy = SamplingParams(max_tokens=48, greedy=True)
     plain, fast = plain_then_fast(loaded, CHAT, greedy, monkeypatch, fast_mode="auto")
     assert fast.token_ids == plain.token_ids and fast.text == plain.text
     again = generate(loaded, CHAT, greedy)  # replays the captured graphs

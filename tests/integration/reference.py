@@ -22,14 +22,14 @@ def main() -> None:
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
 
-    from qwenbook_bridge.engine import GenerationOptions, LoadOptions, generate, load_model
+    from qwenbook_bridge.engine import LoadOptions, SamplingParams, generate, load_model
     from qwenbook_bridge.engine.generate.generation import prompt_ids
 
     loaded = load_model(path, LoadOptions(dtype="fp32", device="cpu"))
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     def greedy(messages, max_tokens):
-        return generate(loaded, messages, GenerationOptions(max_tokens=max_tokens, greedy=True))
+        return generate(loaded, messages, SamplingParams(max_tokens=max_tokens, greedy=True))
 
     def hf_greedy(messages, max_tokens):
         text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -45,14 +45,14 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 def time_loops(folder: Path, quant: str | None, max_tokens: int, runs: int) -> list[dict[str, Any]]:
-    from qwenbook_bridge.engine import GenerationOptions, LoadOptions, generate, load_model
+    from qwenbook_bridge.engine import LoadOptions, SamplingParams, generate, load_model
     from qwenbook_bridge.engine.generate.decoders import forget
 
     cuda = torch.cuda.is_available()
     loaded = load_model(str(folder), LoadOptions(dtype="bf16" if cuda else "fp32", device="cuda" if cuda else "cpu",
                                                  quant={"method": quant, "group_size": 128} if quant else None))
     messages = [{"role": "user", "content": PROMPT}]
-    opts = GenerationOptions(max_tokens=max_tokens, greedy=True)
+    opts = SamplingParams(max_tokens=max_tokens, greedy=True)
     rows, tokens = [], {}
     saved = os.environ.get("QWENBOOK_FAST_DECODE")
     for loop, flag in (("plain", "0"), ("fast", "1")):

@@ -149,7 +149,8 @@ def _timed(fn: Callable[[], Any]) -> float:
 def spread_generation(shape: str, tokenizer_dir: Path, new_tokens: int, long_prompt: int) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from qwenbook_bridge.engine.generate.generation import GenerationOptions, generate, prompt_ids
+    from qwenbook_bridge.engine.generate.generation import generate, prompt_ids
+    from qwenbook_bridge.engine.generate.sampling import SamplingParams
     from qwenbook_bridge.engine.models.devices import memory_snapshot
     from qwenbook_bridge.engine.models.loading import LoadedModel
     from qwenbook_bridge.engine.models.device_map import devices_used, first_device
@@ -164,14 +165,14 @@ def spread_generation(shape: str, tokenizer_dir: Path, new_tokens: int, long_pro
     loaded = LoadedModel(model_id=f"qwen2.5-{shape}-shape:{str(dtype).removeprefix('torch.')}:auto",
                          source=f"random {shape}", path=Path("-"), model=model, tokenizer=tokenizer,
                          info={"context_length": model.config.max_position_embeddings}, device=device, dtype=dtype)
-    greedy = GenerationOptions(max_tokens=new_tokens, greedy=True)
+    greedy = SamplingParams(max_tokens=new_tokens, greedy=True)
     short = [{"role": "user", "content": "Tell me about the four cards this model is spread over."}]
     long = [{"role": "user", "content": " hello" * long_prompt}]
     # A whole run of each path first: the first pass over four cards pays for allocator growth and kernel
     # selection on every card (measured: 4.9 tok/s on a first 32-token run, 14.4 on the second).
     generate(loaded, short, greedy)
     ours = generate(loaded, short, greedy)
-    ours_long = min((generate(loaded, long, GenerationOptions(max_tokens=1, greedy=True)) for _ in range(2)),
+    ours_long = min((generate(loaded, long, SamplingParams(max_tokens=1, greedy=True)) for _ in range(2)),
                     key=lambda r: r.ttft_ms)
 
     ids = torch.tensor([prompt_ids(loaded, short)], device=device)

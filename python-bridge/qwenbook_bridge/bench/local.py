@@ -17,11 +17,11 @@ from typing import Any
 
 def bench(model: str, prompt: str, max_tokens: int, runs: int, device: str = "auto", dtype: str = "auto",
           system: str | None = None) -> dict[str, Any]:
-    from qwenbook_bridge.engine import GenerationOptions, LoadOptions, generate, load_model
+    from qwenbook_bridge.engine import LoadOptions, SamplingParams, generate, load_model
 
     loaded = load_model(model, LoadOptions(dtype=dtype, device=device))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    opts = GenerationOptions(max_tokens=max_tokens, greedy=True)
+    opts = SamplingParams(max_tokens=max_tokens, greedy=True)
 
     def stream(_delta: Any) -> None:
         pass  # the worker streams every delta; do the same work here

@@ -6,14 +6,15 @@ ones a caller needs most; the subpackages' own faces list the rest."""
 
 from qwenbook_bridge.engine.errors import (CancelledError, DeviceUnavailableError, EngineError, InvalidOptionError,
     ModelNotFoundError, ModelNotLoadedError, NoChatTemplateError, NotACausalLMError)
-from qwenbook_bridge.engine.generate.generation import GenerationOptions, GenerationResult, TokenDelta, generate
+from qwenbook_bridge.engine.generate.generation import GenerationResult, TokenDelta, generate
+from qwenbook_bridge.engine.generate.sampling import SamplingParams
 from qwenbook_bridge.engine.models.devices import available_devices, memory_snapshot, resolve_device
 from qwenbook_bridge.engine.models.loading import LoadedModel, LoadOptions, LoadProgress, ModelRegistry, load_model
 
 __all__ = [
     "CancelledError", "DeviceUnavailableError", "EngineError", "InvalidOptionError", "ModelNotFoundError",
     "ModelNotLoadedError", "NoChatTemplateError", "NotACausalLMError",
-    "GenerationOptions", "GenerationResult", "TokenDelta", "generate",
+    "GenerationResult", "SamplingParams", "TokenDelta", "generate",
     "available_devices", "memory_snapshot", "resolve_device",
     "LoadedModel", "LoadOptions", "LoadProgress", "ModelRegistry", "load_model",
     # modules and subpackages other packages may import

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenbook_bridge import PROTOCOL_VERSION, __version__
-from qwenbook_bridge.engine import (CancelledError, GenerationOptions, LoadOptions, LoadProgress, ModelRegistry,
+from qwenbook_bridge.engine import (CancelledError, LoadOptions, LoadProgress, ModelRegistry, SamplingParams,
     available_devices, generate, memory_snapshot)
 from qwenbook_bridge.engine.models.adapter_registry import AdapterRegistry
 from qwenbook_bridge.handlers.adapters import AdapterHandlers
@@ -124,7 +124,8 @@ class Handlers:
     def generate(self, job: JobContext) -> dict[str, Any]:
         content = job.request.content
         loaded = self.registry.get(content["model_id"])
-        options = GenerationOptions(**_pick(content, _GENERATE_FIELDS))
+        # A bad field is refused here, before the model is touched, under the notebook API's name for it.
+        options = SamplingParams(**_pick(content, _GENERATE_FIELDS))
         on_token = None
         if content.get("stream", True):
             def on_token(delta: Any) -> None:

@@ -35,7 +35,7 @@ from qwenbook_bridge.openai import schema as oa
 from qwenbook_bridge.engine.generate.batching.requests import Finished, GenerationEvent, RequestHandle
 from qwenbook_bridge.engine.generate.sampling import SamplingParams
 from qwenbook_bridge.engine.generate.batching.scheduler import BatchScheduler
-from qwenbook_bridge.engine.errors import EngineError
+from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError
 
 log = logging.getLogger("qwenbook.serve")
 
@@ -166,7 +166,7 @@ class OpenAIApi:
             return prompt
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def sampling(self, req: oa.GenerationOptions, prompt_len: int, chat: bool) -> SamplingParams:
+    def sampling(self, req: oa.CommonRequest, prompt_len: int, chat: bool) -> SamplingParams:
         """Fill unset options from the model's generation config. A prompt plus max_tokens beyond the context
         is a 400, as in vLLM and OpenAI: trimming max_tokens quietly would return a reply cut short of what
         the client asked for. Without max_tokens the reply may use the rest of the context."""
@@ -179,7 +179,9 @@ class OpenAIApi:
         max_tokens = req.max_tokens or room
         chosen = {k: default if getattr(req, k) is None else getattr(req, k) for k, default in self.defaults.items()}
         try:
-            params = SamplingParams(
+            # The body's ranges were checked above with OpenAI's wording; what is left (a seed beyond 64 bits) is
+            # refused by SamplingParams under the API's own names.
+            params = SamplingParams.from_openai(
                 max_tokens=max_tokens, **chosen,
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                 stop=req.stop, ignore_eos=req.ignore_eos, seed=req.seed)
@@ -220,6 +222,8 @@ class OpenAIApi:
 
         try:
             handle = self.scheduler.submit(ids, params, lambda ev: mailbox.post(deliver, ev))
+        except InvalidOptionError as exc:  # this request can never run here, e.g. it outgrows the whole cache
+            raise oa.bad_request(str(exc)) from None
         except EngineError as exc:
             raise oa.OpenAIError(503, f"The model is not accepting requests: {exc}", type="server_error") from None
         holder.append(handle)
@@ -313,7 +317,7 @@ def build_app(api: OpenAIApi) -> Starlette:
                                                         ClientDisconnect: client_left, Exception: internal_error})
 
 
-async def _generate(api: OpenAIApi, request: Request, req: oa.GenerationOptions, ids: list[int],
+async def _generate(api: OpenAIApi, request: Request, req: oa.CommonRequest, ids: list[int],
                     chat: bool) -> Response:
     params = api.sampling(req, len(ids), chat)
     handle, q = api.submit(ids, params)

@@ -50,8 +50,9 @@ def context_too_long(context: int, prompt_tokens: int, max_tokens: int | None, c
 
 
 @dataclass
-class GenerationOptions:
-    """Options shared by both endpoints; None means 'the model's default'."""
+class CommonRequest:
+    """What both endpoints' bodies share, as the client sent it; None means 'the model's default'. The server
+    turns the sampling fields into the engine's SamplingParams once the prompt's length is known (routes.py)."""
 
     model: str | None = None
     max_tokens: int | None = None
@@ -69,12 +70,12 @@ class GenerationOptions:
 
 
 @dataclass
-class ChatRequest(GenerationOptions):
+class ChatRequest(CommonRequest):
     messages: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
-class CompletionRequest(GenerationOptions):
+class CompletionRequest(CommonRequest):
     prompt: str | list[int] = ""
     echo: bool = False
 
@@ -144,7 +145,7 @@ def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
     return req
 
 
-def _parse_common(body: dict[str, Any], req: GenerationOptions) -> None:
+def _parse_common(body: dict[str, Any], req: CommonRequest) -> None:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request(f"Invalid type for 'model': expected a string, but got {_json_type(model)} instead.", "model")

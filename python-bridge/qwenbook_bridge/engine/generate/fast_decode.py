@@ -14,16 +14,14 @@ tokens, slower.
 
     decoder = FastDecoder(model, max_seq_len=4096)             # batch_size=1
     tokens = decoder.generate([prompt_ids], max_new_tokens=256)[0]
-    for step in decoder.stream([prompt_ids], 256, SamplingParams(temperature=0.7, top_p=0.9)):
+    for step in decoder.stream([prompt_ids], 256, SamplingParams(temperature=0.7, top_p=0.9, seed=1)):
         ...  # step[0] is the next token id (None once that row has finished)
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,9 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qwenbook_bridge.engine.generate.fast_ops import (attn_in, attn_out, decode_layer, extract_weights, final_logits,
-    rope_tables, sample_tokens, sdpa_decode_attention)
-
-MAX_EOS_IDS = 8
+    rope_tables, sdpa_decode_attention)
+from qwenbook_bridge.engine.generate.sampling import MAX_EOS_IDS, SamplingParams, request_generator, sample_tokens
 # Cache slots are allocated, and attention spans are rounded, in multiples of this (a multiple of the compiled
 # attention's 64-slot chunk), so a step at position 600 attends over 768 slots, not the whole cache.
 SPAN_STEP = 256
@@ -42,30 +39,9 @@ SPAN_STEP = 256
 SPLIT_K_MAX_PAIRS = 32
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """temperature 0 means greedy (argmax); top_k 0 means no top-k cut; top_p 1.0 means no nucleus cut.
-    A seed reseeds torch's global generators (like transformers' set_seed) before the first token."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = no cut), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-GREEDY = SamplingParams()
+# The options the fast decoder looks at are temperature, top_k, top_p, greedy and seed (sampling.py); it takes
+# the number of new tokens and the stop ids as arguments of its own.
+GREEDY = SamplingParams(greedy=True)
 
 
 def _allow_recompiles() -> None:
@@ -163,6 +139,9 @@ class FastDecoder:
         self.temperature = torch.zeros(b, dtype=torch.float32, device=dev)
         self.top_k = torch.zeros(b, dtype=torch.long, device=dev)
         self.top_p = torch.ones(b, dtype=torch.float32, device=dev)
+        # The request's random generator. A captured graph replays the draws of the device's default generator
+        # (whose offset the graph advances on each replay), so with graphs the request seeds that one instead.
+        self._generator: torch.Generator | None = None
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self._pool: Any = None
         self._ring: list[Tensor] | None = None
@@ -205,7 +184,8 @@ class FastDecoder:
             out = sdpa_decode_attention(q, kv[0, :, :, :attend_len], kv[1, :, :, :attend_len], visible)
             x = attn_out(x, out, s.rms_eps, *w.layers[i].attn_out_args())
         logits = self._final(x, w.final_norm, w.lm_head, s.rms_eps)
-        nxt = sample_tokens(logits, self.temperature, self.top_k, self.top_p) if sample else logits.argmax(-1)
+        nxt = sample_tokens(logits, self.temperature, self.top_k, self.top_p, self._generator) if sample \
+            else logits.argmax(-1)
         self._accept(nxt)
         self.positions += 1
         self.history[self.rows, self.positions] = self.tokens
@@ -292,16 +272,21 @@ class FastDecoder:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(eos_token_ids) > MAX_EOS_IDS:
             raise ValueError(f"at most {MAX_EOS_IDS} stop token ids are supported, got {len(eos_token_ids)}")
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
+        if self.use_graphs:
+            self._generator = None
+            if sampling.seed is not None:
+                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                torch.cuda.default_generators[index].manual_seed(sampling.seed)
+        else:
+            self._generator = request_generator(sampling, self.device)
         dev, b = self.device, self.batch_size
         self._refresh_fused()
         self.eos_ids.fill_(-1)
         if eos_token_ids:
             self.eos_ids[:len(eos_token_ids)] = torch.tensor(list(eos_token_ids), dtype=torch.long, device=dev)
         self.pad_id.fill_(pad_token_id)
-        self.temperature.fill_(sampling.temperature)
-        self.top_k.fill_(sampling.top_k)
+        self.temperature.fill_(0.0 if sampling.is_greedy else sampling.temperature)
+        self.top_k.fill_(min(sampling.top_k, 2**31))
         self.top_p.fill_(sampling.top_p)
         logits = torch.zeros(b, vocab, dtype=torch.float32, device=dev)
         lengths = torch.zeros(b, dtype=torch.long)
@@ -313,8 +298,8 @@ class FastDecoder:
             lengths[i] = len(r)
         self.positions.copy_(lengths.to(dev))
         self.finished.copy_(self.rows >= len(rows))
-        first = sample_tokens(logits, self.temperature, self.top_k, self.top_p) if not sampling.greedy \
-            else logits.argmax(-1)
+        first = logits.argmax(-1) if sampling.is_greedy \
+            else sample_tokens(logits, self.temperature, self.top_k, self.top_p, self._generator)
         self._accept(first)
         self.history[self.rows, self.positions] = self.tokens
         self._host_position = longest
@@ -359,7 +344,7 @@ class FastDecoder:
         issue(0)
         for k in range(1, max_new_tokens):
             # Queue step k before reading step k-1's tokens, so the device is busy while Python streams.
-            self._run_step(sample=not sampling.greedy)
+            self._run_step(sample=not sampling.is_greedy)
             self._host_position += 1
             issue(k)
             step = collect(k - 1)

@@ -4,7 +4,7 @@
 objects, no mask builders, no Python-side bookkeeping), so a whole decode step can be captured in one
 CUDA graph and each piece can go through `torch.compile` once and serve every layer. The numerics follow
 transformers' Qwen2 code (RMSNorm in fp32, RoPE tables computed in fp32 then cast, SwiGLU) so greedy
-tokens match `model.generate`.
+tokens match `model.generate`. Its token choice is sampling.py's `sample_tokens`, the sampler of every decode loop.
 """
 
 from __future__ import annotations
@@ -278,25 +278,3 @@ def attn_out(x: Tensor, attn: Tensor, eps: float, o_w: Weight, post_norm: Tensor
 
 def final_logits(x: Tensor, norm: Tensor, lm_head: Weight, eps: float) -> Tensor:
     return lin(rms_norm(x, norm, eps), lm_head).float()
-
-
-def sample_tokens(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-    """One token per row of fp32 logits [B, V], all on the device (no host sync, CUDA-graph safe).
-
-    Rows with temperature 0 take the argmax. The others keep the top_k most likely tokens (0 = all) and the
-    smallest set whose probability reaches top_p, then draw by the exponential race: argmax(p / E) with
-    E ~ Exp(1) picks index i with probability p_i / sum(p), with no normalisation or multinomial call.
-    """
-    greedy = logits.argmax(-1)
-    scaled = logits / temperature.clamp_min(1e-5)[:, None]
-    sorted_logits, order = scaled.sort(-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    rank = torch.arange(probs.shape[-1], device=probs.device)[None]
-    beyond_k = (top_k[:, None] > 0) & (rank >= top_k[:, None])
-    # Drop a token when the tokens ranked above it already reach top_p; the first token always stays.
-    beyond_p = (probs.cumsum(-1) - probs) >= top_p[:, None]
-    probs = probs.masked_fill(beyond_k | beyond_p, 0.0)
-    # The clamp keeps a zero draw from turning a masked 0/0 into NaN, which argmax would pick.
-    race = probs / torch.empty_like(probs).exponential_().clamp_min_(1e-20)
-    sampled = order.gather(-1, race.argmax(-1, keepdim=True)).squeeze(-1)
-    return torch.where(temperature > 0, sampled, greedy)

@@ -8,12 +8,10 @@ token for token; the tests hold it to that.
 from __future__ import annotations
 
 import inspect
-import math
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -21,47 +19,10 @@ import torch
 from qwenbook_bridge.engine.errors import (GenerationOutOfMemoryError, InvalidOptionError, ModelNotLoadedError,
     NoChatTemplateError, first_sentences, is_out_of_memory)
 from qwenbook_bridge.engine.models.loading import LoadedModel, free_memory
+from qwenbook_bridge.engine.generate.sampling import MAX_EOS_IDS, SamplingParams, apply_penalties, make_sampler
 from qwenbook_bridge.engine.generate.streaming import IncrementalDetokenizer, StopStringFilter
 
 ROLES = ("system", "user", "assistant")
-MAX_STOP_STRINGS = 16
-MAX_EOS_IDS = 8  # the fast decoder's stop-id slots
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass
-class GenerationOptions:
-    max_tokens: int = 512
-    temperature: float = 0.7  # Qwen2.5-Instruct's recommended sampling settings
-    top_p: float = 0.8
-    top_k: int = 20  # 0 turns top-k off
-    greedy: bool = False  # argmax; sampling settings and seed are ignored
-    stop: list[str] = field(default_factory=list)  # cut the reply before the first of these
-    seed: int | None = None  # fixes sampling for this request only
-
-    def validate(self) -> GenerationOptions:
-        """Raise InvalidOptionError naming the option (as the notebook API spells it) and the bad value."""
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise InvalidOptionError(f"maxTokens must be at least 1, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
-                or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidOptionError(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
-            raise InvalidOptionError(f"topP must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise InvalidOptionError(f"topK must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
-        if not isinstance(self.greedy, bool):
-            raise InvalidOptionError(f"greedy must be true or false, got {self.greedy!r}")
-        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidOptionError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if len(self.stop) > MAX_STOP_STRINGS:
-            raise InvalidOptionError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
-        if self.seed is not None and (not _is_int(self.seed) or not -2**63 <= self.seed < 2**64):
-            raise InvalidOptionError(f"seed must be an integer that fits in 64 bits, got {self.seed!r}")
-        return self
 
 
 @dataclass
@@ -111,75 +72,51 @@ def prompt_ids(loaded: LoadedModel, messages: Sequence[dict[str, str]]) -> list[
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _sampler(opts: GenerationOptions, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    if opts.greedy or opts.temperature == 0:
-        return lambda logits: logits.argmax(-1)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(opts.seed if opts.seed is not None else secrets.randbits(63))
-    inv_temperature = 1.0 / opts.temperature
-
-    def sample(logits: torch.Tensor) -> torch.Tensor:
-        scaled = logits.float() * inv_temperature
-        if 0 < opts.top_k < scaled.shape[-1]:
-            values, indices = torch.topk(scaled, opts.top_k)
-        elif opts.top_p < 1:
-            values, indices = torch.sort(scaled, descending=True)
-        else:
-            probs = torch.softmax(scaled, -1)
-            return torch.multinomial(probs, 1, generator=generator)
-        probs = torch.softmax(values, -1)
-        if opts.top_p < 1:
-            # Keep the smallest prefix whose mass reaches top_p; the first token always survives.
-            outside = (probs.cumsum(-1) - probs) > opts.top_p
-            probs = probs.masked_fill(outside, 0.0)
-        return indices[torch.multinomial(probs, 1, generator=generator)]
-
-    return sample
-
-
-def _token_stream(loaded: LoadedModel, prompt: list[int], budget: int, context: int,
-                  opts: GenerationOptions) -> Iterator[int]:
+def _token_stream(loaded: LoadedModel, prompt: list[int], budget: int, context: int, opts: SamplingParams,
+                  stop_ids: set[int]) -> Iterator[int]:
     """The reply's tokens, one at a time, from the fast decoder where it applies (engine/generate/decoders.py), else
     from transformers' forward with a dynamic cache. Closing the iterator stops decoding."""
     from qwenbook_bridge.engine.generate.decoders import decoder_for
 
     model = loaded.model
-    decoder = decoder_for(model, loaded.device, len(prompt) + budget, context)
+    # Penalties look at the tokens so far, which the fast decoder's captured step does not; they take the plain loop.
+    decoder = None if opts.penalized else decoder_for(model, loaded.device, len(prompt) + budget, context)
     # A decoder serves one request at a time; a second request for the same model meanwhile takes the plain loop.
     if decoder is not None and decoder.busy.acquire(blocking=False):
         try:
-            yield from _fast_stream(decoder, loaded, prompt, budget, opts)
+            yield from _fast_stream(decoder, prompt, budget, opts, stop_ids)
         finally:
             decoder.busy.release()
         return
     yield from _plain_stream(model, loaded.device, prompt, opts)
 
 
-def _fast_stream(decoder: Any, loaded: LoadedModel, prompt: list[int], budget: int,
-                 opts: GenerationOptions) -> Iterator[int]:
-    from qwenbook_bridge.engine.generate.fast_decode import SamplingParams
-
-    greedy = opts.greedy or opts.temperature == 0
-    sampling = SamplingParams() if greedy else SamplingParams(
-        temperature=float(opts.temperature), top_k=int(opts.top_k), top_p=float(opts.top_p), seed=opts.seed)
-    stop_ids = sorted(loaded.eos_token_ids)[:MAX_EOS_IDS]
-    for step in decoder.stream([prompt], budget, sampling, eos_token_ids=stop_ids):
+def _fast_stream(decoder: Any, prompt: list[int], budget: int, opts: SamplingParams,
+                 stop_ids: set[int]) -> Iterator[int]:
+    # The device-side end check has MAX_EOS_IDS slots; the caller checks every stop id on the host anyway.
+    device_stops = sorted(stop_ids)[:MAX_EOS_IDS]
+    for step in decoder.stream([prompt], budget, opts, eos_token_ids=device_stops):
         if step[0] is None:
             return
         yield step[0]
 
 
-def _plain_stream(model: Any, device: torch.device, prompt: list[int], opts: GenerationOptions) -> Iterator[int]:
+def _plain_stream(model: Any, device: torch.device, prompt: list[int], opts: SamplingParams) -> Iterator[int]:
     from transformers import DynamicCache
 
-    sample = _sampler(opts, device)
+    sample = make_sampler(opts, device)
     cache = DynamicCache(config=model.config)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     ids = torch.tensor([prompt], device=device)
+    prompt_t = ids[0]
+    output: list[int] = []
     logits = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra).logits[0, -1]
     while True:
+        if opts.penalized:
+            logits = apply_penalties(logits.float().clone(), opts, prompt_t, output)
         next_id = sample(logits)
-        yield int(next_id)
+        output.append(int(next_id))
+        yield output[-1]
         logits = model(input_ids=next_id.view(1, 1), past_key_values=cache, use_cache=True).logits[0, -1]
 
 
@@ -190,13 +127,13 @@ def _accepts(model: Any, name: str) -> bool:
         return False
 
 
-def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: GenerationOptions | None = None,
+def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: SamplingParams | None = None,
              on_token: Callable[[TokenDelta], None] | None = None,
              cancel: threading.Event | None = None) -> GenerationResult:
     """Generate a chat reply. `on_token` gets text deltas as they become safe to show; `cancel` stops the
     loop before the next token and the result keeps the partial reply."""
     started = time.perf_counter()
-    opts = (opts or GenerationOptions()).validate()
+    opts = opts or SamplingParams()
     model = loaded.model
     if model is None:
         raise ModelNotLoadedError(f"model {loaded.model_id!r} was unloaded; load it again")
@@ -212,7 +149,7 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Gene
 
     detok = IncrementalDetokenizer(loaded.tokenizer)
     stops = StopStringFilter(opts.stop)
-    eos = loaded.eos_token_ids
+    eos = set(opts.stop_token_ids) | (set() if opts.ignore_eos else set(loaded.eos_token_ids))
     pieces: list[str] = []
     token_ids: list[int] = []
     pending: list[int] = []  # ids whose text has not been delivered yet
@@ -236,7 +173,7 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Gene
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
             else:
-                tokens = _token_stream(loaded, prompt, budget, context, opts)
+                tokens = _token_stream(loaded, prompt, budget, context, opts, eos)
                 for token in tokens:
                     t_last = time.perf_counter()
                     if t_first is None:

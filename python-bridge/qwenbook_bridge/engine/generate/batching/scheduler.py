@@ -275,7 +275,7 @@ class BatchScheduler:
         picked = torch.argmax(logits, dim=-1)
         for i, r in enumerate(rows):
             params = r.handle.params
-            if params.greedy and not params.penalized:
+            if params.is_greedy and not params.penalized:
                 continue
             row_logits = logits[i].float()
             if params.penalized:
