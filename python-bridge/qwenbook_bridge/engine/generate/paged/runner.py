@@ -231,7 +231,8 @@ class PagedRunner:
                              f"block_table has {len(c.block_table)}")
         bad = [b for b in c.block_table[:needed] if not 0 <= b < self.num_blocks]
         if bad:
-            raise ValueError(f"chunk {i}'s block_table holds {bad}, outside the cache's blocks 0..{self.num_blocks - 1}")
+            raise ValueError(f"chunk {i}'s block_table holds {bad}, outside the cache's blocks "
+                             f"0..{self.num_blocks - 1}")
         if c.adapter >= 0 and (c.adapter >= self.max_adapters or self._adapter_names[c.adapter] is None):
             raise ValueError(f"chunk {i} asks for adapter slot {c.adapter}, which holds no adapter "
                              f"(loaded: {self.loaded_adapters()}); call load_adapter first")
