@@ -172,15 +172,11 @@ class PagedEngine:
                            num_kv_heads=int(getattr(mcfg, "num_key_value_heads", None) or heads),
                            head_dim=int(getattr(mcfg, "head_dim", None) or mcfg.hidden_size // heads),
                            dtype=next(self.model.parameters()).dtype, block_size=bs)
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        budget = cache_budget_bytes(self.device, float(self.config.memory_utilization), weights)
+        # The weights are loaded already, so what they take is out of the free memory the budget starts from.
+        budget = cache_budget_bytes(self.device, float(self.config.memory_utilization),
+                                    minimum=shape.bytes_per_block())
         useful = self.config.max_batch_size * math.ceil(self.context_length / bs)
-        blocks = min(budget // shape.bytes_per_block(), useful)
-        if blocks < 1:
-            raise EngineError(f"no memory is left for the key/value cache ({budget} bytes at memory_utilization "
-                              f"{self.config.memory_utilization}; one block of {bs} tokens takes "
-                              f"{shape.bytes_per_block()}): raise memory_utilization or free memory")
-        return int(blocks)
+        return int(min(budget // shape.bytes_per_block(), useful))
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
