@@ -47,8 +47,8 @@ def test_smoke_run_reports_every_column_per_level(tmp_path: Path, tiny_model_dir
         assert 1 <= lv["server"]["batch_peak"] <= c  # sampled from the server's own stats while the level ran
         static = lv["static"]
         assert static["batch"] == c and static["tokens_per_s"] > 0 and static["decode_tokens_per_s"] > 0
+        assert 0 < static["first_tokens_ms"] < 1000 * static["wall_s"]
     assert levels[4]["prompt_words"][0] < levels[4]["prompt_words"][1]  # the clients' prompts differ in length
-    assert levels[4]["same_as_previous_level"] is not None
     adapters = result["adapters"]
     if adapters["run"]:
         assert adapters["single"]["ratio"] > 0 and adapters["spread"]["clients"] == 4

@@ -66,11 +66,13 @@ CLIENTS_PER_PROCESS = 16  # client threads per load-generator process: parsing S
 # ---------------------------------------------------------------- prompts
 
 
-def prompt_text(i: int) -> str:
-    """Request i's user message: 40 to 160 words, different for every i (deterministic)."""
+def prompt_text(i: int, tag: str) -> str:
+    """Request i's user message: 40 to 160 words (the count set by i alone), its text different for every
+    (tag, i). Each round of requests has its own tag, so that no round finds its prompts in the server's prefix
+    cache from an earlier one (only the chat template's system prompt is shared, as in real traffic)."""
     words = 40 + (i * 53) % 121
-    rng = random.Random(i)
-    head = f"Request {i}: tell me about {TOPICS[i % len(TOPICS)]}, and weave in these words:".split()
+    rng = random.Random(f"{tag}-{i}")
+    head = f"Request {tag}-{i}: tell me about {TOPICS[i % len(TOPICS)]}, and weave in these words:".split()
     return " ".join(head + [rng.choice(WORDS) for _ in range(words - len(head))])
 
 
@@ -84,6 +86,7 @@ def word_count(text: str) -> int:
 @dataclass
 class Sample:
     prompt: int
+    tag: str
     model: str
     ttft_s: float
     total_s: float
@@ -96,10 +99,11 @@ class Sample:
     end_wall: float
 
 
-def one_request(url: str, i: int, model: str, max_tokens: int, client: httpx.Client, extra: dict[str, Any]) -> Sample:
+def one_request(url: str, i: int, tag: str, model: str, max_tokens: int, client: httpx.Client,
+                extra: dict[str, Any]) -> Sample:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}, **extra,
-            "messages": [{"role": "user", "content": prompt_text(i)}]}
+            "messages": [{"role": "user", "content": prompt_text(i, tag)}]}
     start_wall, started = time.time(), time.perf_counter()
     first: float | None = None
     last: float | None = None
@@ -136,11 +140,11 @@ def one_request(url: str, i: int, model: str, max_tokens: int, client: httpx.Cli
     except Exception as exc:  # noqa: BLE001 - a failed request is a figure of the benchmark, not its end
         error = f"{type(exc).__name__}: {exc}"
     ended = time.perf_counter()
-    return Sample(i, model, (first or ended) - started, ended - started, tokens, gaps, "".join(parts), finish,
+    return Sample(i, tag, model, (first or ended) - started, ended - started, tokens, gaps, "".join(parts), finish,
                   error, start_wall, time.time())
 
 
-def client_process(url: str, jobs: list[tuple[int, str]], max_tokens: int, extra: dict[str, Any],
+def client_process(url: str, jobs: list[tuple[int, str, str]], max_tokens: int, extra: dict[str, Any],
                    barrier: Any, results: Any) -> None:
     """One load-generator process: a thread and a connection per job; all processes start together."""
     go = threading.Event()
@@ -148,11 +152,11 @@ def client_process(url: str, jobs: list[tuple[int, str]], max_tokens: int, extra
     out: list[Sample | None] = [None] * len(jobs)
 
     def run(k: int) -> None:
-        prompt, model = jobs[k]
+        prompt, tag, model = jobs[k]
         with httpx.Client(limits=httpx.Limits(max_connections=1)) as c:
             ready.wait()
             go.wait()
-            out[k] = one_request(url, prompt, model, max_tokens, c, extra)
+            out[k] = one_request(url, prompt, tag, model, max_tokens, c, extra)
 
     threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(len(jobs))]
     for t in threads:
@@ -165,9 +169,9 @@ def client_process(url: str, jobs: list[tuple[int, str]], max_tokens: int, extra
     results.put([asdict(s) for s in out if s is not None])
 
 
-def run_round(url: str, jobs: list[tuple[int, str]], max_tokens: int, extra: dict[str, Any],
+def run_round(url: str, jobs: list[tuple[int, str, str]], max_tokens: int, extra: dict[str, Any],
               per_process: int = CLIENTS_PER_PROCESS) -> list[Sample]:
-    """All `jobs` (prompt index, model name) at once, as concurrent streaming requests from fresh client
+    """All `jobs` (prompt index, prompt tag, model name) at once, as concurrent streaming requests from fresh client
     processes (spawned, so they share nothing with the server process)."""
     ctx = multiprocessing.get_context("spawn")
     chunks = [jobs[k:k + per_process] for k in range(0, len(jobs), per_process)]
@@ -223,7 +227,6 @@ class Level:
     itl_p50_ms: float | None  # inter-token: between content deltas, per client, pooled
     itl_p99_ms: float | None
     prompt_words: tuple[int, int]  # shortest, longest
-    same_as_previous_level: str | None = None  # replies equal to the same prompt's at the previous level
     server: dict[str, Any] = field(default_factory=dict)  # the server's own counters, sampled during the level
     static: dict[str, Any] | None = None  # FastDecoder on a static batch of the same prompts
     error_examples: list[str] = field(default_factory=list)
@@ -234,7 +237,7 @@ def summarize(concurrency: int, samples: list[Sample]) -> Level:
     wall = max(s.end_wall for s in samples) - min(s.start_wall for s in samples)
     tokens = sum(s.tokens for s in samples)
     gaps = [g for s in good for g in s.gaps_s]
-    words = [word_count(prompt_text(s.prompt)) for s in samples]
+    words = [word_count(prompt_text(s.prompt, s.tag)) for s in samples]
     return Level(concurrency, len(samples), len(samples) - len(good), round(wall, 3), tokens,
                  round(tokens / wall, 1) if wall > 0 else 0.0,
                  ms(percentile([s.ttft_s for s in good], 50)), ms(percentile([s.ttft_s for s in good], 99)),
@@ -365,9 +368,9 @@ def cpu_name() -> str:
     return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def chat_ids(tokenizer: Any, i: int) -> list[int]:
+def chat_ids(tokenizer: Any, i: int, tag: str) -> list[int]:
     """Request i's prompt tokens, rendered as the server renders a chat request."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt_text(i)}], tokenize=False,
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt_text(i, tag)}], tokenize=False,
                                         add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -380,8 +383,9 @@ def sync(device: Any) -> None:
 
 
 def static_batch(model: Any, tokenizer: Any, batch: int, max_tokens: int, variant: str, repeats: int) -> dict[str, Any]:
-    """FastDecoder on one static batch of prompts 0..batch-1: end-to-end tokens/s (prefill included) and the
-    decode-only rate, (N-1) steps over t(N tokens) - t(1 token), as qwenbook_bridge.bench.decode measures it."""
+    """FastDecoder on one static batch of `batch` prompts (the same lengths as a level's clients): end-to-end
+    tokens/s (prefill included, as the server's figure includes it), the time to the batch's first tokens, and
+    the decode-only rate over the steps after them, all read within each run (median of `repeats` runs)."""
     import gc
 
     import torch
@@ -389,24 +393,33 @@ def static_batch(model: Any, tokenizer: Any, batch: int, max_tokens: int, varian
     from qwenbook_bridge.bench.decode import VARIANTS
     from qwenbook_bridge.engine.generate.fast_decode import FastDecoder
 
-    prompts = [chat_ids(tokenizer, i) for i in range(batch)]
+    prompts = [chat_ids(tokenizer, i, f"s{batch}") for i in range(batch)]
     device = next(model.parameters()).device
     dec = FastDecoder(model, max_seq_len=max(map(len, prompts)) + max_tokens, batch_size=batch, **VARIANTS[variant])
     try:
-        def timed(n: int) -> float:
+        def timed() -> tuple[float, float]:
+            """(seconds to the end, seconds to the first step's tokens) of one run."""
             sync(device)
             start = time.perf_counter()
-            out = dec.generate(prompts, n)
+            first, steps = None, 0
+            # stream() hands over step k's tokens once step k+1 is queued, so the time between the first
+            # hand-over and the end covers max_tokens - 1 decode steps.
+            for row in dec.stream(prompts, max_tokens):
+                first = first or time.perf_counter()
+                steps += 1
+                assert all(t is not None for t in row), "the static decoder stopped early"
             sync(device)
-            assert all(len(r) == n for r in out), "the static decoder stopped early"
-            return time.perf_counter() - start
+            assert steps == max_tokens, f"the static decoder made {steps} of {max_tokens} steps"
+            return time.perf_counter() - start, (first or start) - start
 
         with torch.no_grad():
-            timed(max_tokens)  # warm-up: kernel selection, graph capture
-            full = statistics.median(timed(max_tokens) for _ in range(repeats))
-            first = statistics.median(timed(1) for _ in range(repeats))
+            timed()  # warm-up: kernel selection, graph capture
+            runs = [timed() for _ in range(repeats)]
+        full = statistics.median(r[0] for r in runs)
+        decode = statistics.median(r[0] - r[1] for r in runs)
         return {"batch": batch, "variant": variant, "tokens_per_s": round(batch * max_tokens / full, 1),
-                "decode_tokens_per_s": round(batch * (max_tokens - 1) / max(full - first, 1e-9), 1),
+                "first_tokens_ms": round(1000 * statistics.median(r[1] for r in runs), 2),
+                "decode_tokens_per_s": round(batch * (max_tokens - 1) / max(decode, 1e-9), 1),
                 "wall_s": round(full, 3)}
     finally:
         del dec
@@ -561,8 +574,8 @@ def main(argv: list[str] | None = None) -> int:
             "%Y-%m-%d %H:%M UTC"), "model": label, "dtype": str(dtype).removeprefix("torch."),
         "max_tokens": a.max_tokens, "levels": a.levels, "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "static_variant": None if a.no_static else variant,
-        "prompt_words": (min(word_count(prompt_text(i)) for i in range(max(a.levels))),
-                         max(word_count(prompt_text(i)) for i in range(max(a.levels))))}
+        "prompt_words": (min(word_count(prompt_text(i, "")) for i in range(max(a.levels))),
+                         max(word_count(prompt_text(i, "")) for i in range(max(a.levels))))}
     # The static batches first: the server's engine may take most of the free device memory for its cache.
     statics: dict[int, dict[str, Any]] = {}
     for c in ([] if a.no_static else a.levels):
@@ -610,21 +623,17 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict[str, Any] = {}
     levels: list[Level] = []
     try:
-        previous: dict[int, str] = {}
         for c in a.levels:
-            jobs = [(i, BASE_NAME) for i in range(c)]
             warm = a.max_tokens if a.warmup_tokens is None else a.warmup_tokens
             if warm > 0:
-                run_round(server.url, jobs, max(warm, 2), extra, a.clients_per_process)
+                run_round(server.url, [(i, f"w{c}", BASE_NAME) for i in range(c)], max(warm, 2), extra,
+                          a.clients_per_process)
             with ServerSampler(server) as sampler:
-                samples = run_round(server.url, jobs, a.max_tokens, extra, a.clients_per_process)
+                samples = run_round(server.url, [(i, f"c{c}", BASE_NAME) for i in range(c)], a.max_tokens, extra,
+                                    a.clients_per_process)
             lv = summarize(c, samples)
             lv.static, lv.server = statics.get(c), sampler.summary()
             levels.append(lv)
-            both = [s for s in samples if s.prompt in previous and s.error is None]
-            if both:
-                lv.same_as_previous_level = f"{sum(previous[s.prompt] == s.text for s in both)}/{len(both)}"
-            previous = {s.prompt: s.text for s in samples if s.error is None}
             print(f"... {lv.concurrency} client(s): {lv.tokens_per_s} tok/s, {lv.errors} error(s)", file=sys.stderr,
                   flush=True)
         if a.adapters > 0 and given is not None:
@@ -648,14 +657,16 @@ def adapter_scenarios(url: str, names: list[str], a: argparse.Namespace, extra: 
     if missing:
         return {"run": False, "reason": f"the server was given adapters {names} but /v1/models lists only {listed}"}
 
-    def rate(jobs: list[tuple[int, str]]) -> Level:
-        run_round(url, jobs, a.max_tokens, extra, a.clients_per_process)  # warm-up
+    def rate(tag: str, models: list[str]) -> Level:
+        run_round(url, [(i, "w" + tag, m) for i, m in enumerate(models)], a.max_tokens, extra,
+                  a.clients_per_process)  # warm-up, on prompts of its own
+        jobs = [(i, tag, m) for i, m in enumerate(models)]
         return summarize(len(jobs), run_round(url, jobs, a.max_tokens, extra, a.clients_per_process))
 
-    base1, one = rate([(0, BASE_NAME)]), rate([(0, names[0])])
+    base1, one = rate("base1", [BASE_NAME]), rate("lora1", [names[0]])
     n = a.adapter_clients
-    spread = rate([(i, names[i % len(names)]) for i in range(n)])
-    base_n = rate([(i, BASE_NAME) for i in range(n)])
+    spread = rate("loras", [names[i % len(names)] for i in range(n)])
+    base_n = rate("basen", [BASE_NAME] * n)
     return {"run": True,
             "single": {"adapter": names[0], "adapter_tokens_per_s": one.tokens_per_s,
                        "base_tokens_per_s": base1.tokens_per_s,
