@@ -211,6 +211,23 @@ def test_namespaces_keep_adapters_apart_and_forget_drops_one() -> None:
     assert hits == [] and pool.match_prefix(A + [9], namespace="huanhuan") == again[:2]
 
 
+def test_a_block_allocated_before_a_forget_is_never_cached_under_the_new_weights() -> None:
+    pool = BlockPool(num_blocks=8, block_size=BS)
+    early = pool.allocate(2)  # a prompt being prefilled when its adapter is replaced
+    pool.forget("x")
+    pool.commit(early[0], A[:4], None, namespace="x")
+    pool.commit(early[1], A[4:], early[0], namespace="x")
+    assert pool.match_prefix(A + [9], namespace="x") == [], "part of it may hold the old adapter's keys"
+    pool.release(early)
+    assert pool.stats().cached_blocks == 0
+    fresh, _ = run(pool, A, namespace="x")
+    assert pool.match_prefix(A + [9], namespace="x") == fresh
+    other = pool.allocate(1)
+    pool.forget("y")  # another namespace's forget leaves this one alone
+    pool.commit(other[0], B[:4], None, namespace="x")
+    assert pool.match_prefix(B[:4] + [9], namespace="x") == other
+
+
 def test_without_prefix_caching_nothing_is_kept() -> None:
     pool = BlockPool(num_blocks=4, block_size=BS, prefix_caching=False)
     a, hits = run(pool, A)
@@ -281,3 +298,70 @@ def test_the_cuda_budget_leaves_room_for_what_is_in_use(monkeypatch: pytest.Monk
     assert cache_budget_bytes("cuda:0", 0.9, weights_bytes=2**30) == int(0.9 * total) - 36 * 2**30
     with pytest.raises(InvalidOptionError, match=r"cuda:0 has 100.0 GiB with 35.0 GiB in use"):
         cache_budget_bytes("cuda:0", 0.3)
+
+
+def test_random_traffic_keeps_every_block_in_one_state_and_every_hit_exact() -> None:
+    """Sequences start (with prefixes drawn from a few shared ones), grow, finish and are preempted at random,
+    and adapters are forgotten, against a record of what each block was filled with: every block is held,
+    cached or free and never two of these, and every block match_prefix returns holds exactly the tokens asked
+    for, computed under the namespace asked for and not forgotten since."""
+    import random
+
+    rng = random.Random(19)
+    # A weak hash, so that different contents often share one (the exact comparison must tell them apart).
+    pool = BlockPool(num_blocks=24, block_size=BS, block_hash=lambda parent, tokens: (parent + sum(tokens)) % 7)
+    filled: dict[int, tuple[object, int, tuple[int, ...]]] = {}  # block -> (namespace, its forget count, tokens)
+    forgets = {None: 0, "x": 0}
+    stems = [[rng.randrange(6) for _ in range(n)] for n in (1, 3, 6, 12)]  # short ones start in a partial block
+    running: list[dict] = []
+
+    def commit_full(s: dict) -> None:
+        while (s["committed"] + 1) * BS <= len(s["tokens"]):
+            i = s["committed"]
+            chunk = s["tokens"][i * BS:(i + 1) * BS]
+            pool.commit(s["blocks"][i], chunk, s["blocks"][i - 1] if i else None, namespace=s["ns"])
+            if s["blocks"][i] not in s["matched"]:
+                filled[s["blocks"][i]] = (s["ns"], s["forgets"], tuple(chunk))
+            s["committed"] += 1
+
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.35 or not running:
+            ns = rng.choice([None, "x"])
+            tokens = rng.choice(stems) + [rng.randrange(2) for _ in range(rng.randrange(1, 6))]
+            hits = pool.match_prefix(tokens, namespace=ns)
+            for i, b in enumerate(hits):
+                assert filled[b] == (ns, forgets[ns], tuple(tokens[i * BS:(i + 1) * BS])), "a hit of other content"
+            assert len(hits) <= (len(tokens) - 1) // BS
+            need = -(-len(tokens) // BS) - len(hits)
+            while not pool.can_allocate(need) and running:
+                pool.release(running.pop(rng.randrange(len(running)))["blocks"])  # preempt
+            if not pool.can_allocate(need):
+                pool.release(hits)
+                continue
+            s = {"ns": ns, "forgets": forgets[ns], "tokens": tokens, "blocks": hits + pool.allocate(need),
+                 "committed": len(hits), "matched": set(hits)}
+            commit_full(s)
+            running.append(s)
+        elif op < 0.75:
+            s = rng.choice(running)  # decode one token, taking a block when the last one is full
+            if len(s["tokens"]) == len(s["blocks"]) * BS:
+                if not pool.can_allocate(1):
+                    running.remove(s)
+                    pool.release(s["blocks"])
+                    continue
+                s["blocks"] += pool.allocate(1)
+            s["tokens"].append(rng.randrange(2))
+            commit_full(s)
+        elif op < 0.94:
+            pool.release(running.pop(rng.randrange(len(running)))["blocks"])
+        else:
+            ns = rng.choice([None, "x"])
+            pool.forget(ns)
+            forgets[ns] += 1
+        held = {b for s in running for b in s["blocks"]}
+        assert pool.used_count == len(held) and pool.free_count == pool.num_blocks - len(held)
+        evictable, free = set(pool._evictable), set(pool._free)
+        assert len(free) == len(pool._free) and not (held & evictable or held & free or evictable & free)
+        assert held | evictable | free == set(range(pool.num_blocks))
+    assert pool.stats().evictions > 0 and pool.stats().hit_tokens > 0

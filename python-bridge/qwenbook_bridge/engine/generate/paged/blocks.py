@@ -212,6 +212,12 @@ class BlockPool:
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # oldest release first
         self._index: dict[int, list[_Content]] = {}
         self._generations: dict[Hashable, int] = {}
+        # forget() calls so far, the count when each namespace was last forgotten, and the count when each block
+        # was last allocated: a block allocated before its namespace was forgotten may hold keys and values of
+        # the old weights, even if it is committed after.
+        self._forgets = 0
+        self._forgotten_at: dict[Hashable, int] = {}
+        self._allocated_at = [0] * num_blocks
         self._used = 0
         self._cached = 0
         self._queries = self._query_tokens = self._hit_tokens = self._evictions = 0
@@ -270,6 +276,7 @@ class BlockPool:
                 self._detach(b)
                 self._evictions += 1
             self._refs[b] = 1
+            self._allocated_at[b] = self._forgets
             out.append(b)
         self._used += n
         return out
@@ -295,7 +302,12 @@ class BlockPool:
                                  f"block held by a sequence; commit a sequence's blocks in order while it holds them")
         if not self.prefix_caching:
             return
-        root = self._root(namespace) if parent_content is None else parent_content.root
+        if parent_content is not None:
+            root = parent_content.root
+        elif self._allocated_at[block_id] < self._forgotten_at.get(namespace, 0):
+            root = (namespace, -1)  # filled (maybe in part) before a forget: never found, freed when released
+        else:
+            root = self._root(namespace)
         current = self._content[block_id]
         if current is not None:
             if current.parent is parent_content and current.tokens == key and current.root == root:
@@ -336,8 +348,11 @@ class BlockPool:
 
     def forget(self, namespace: Hashable = None) -> None:
         """Forget every prefix cached under `namespace` (its adapter was replaced or removed): cached blocks
-        become free now, and held ones when released."""
+        become free now, and held ones when released. Blocks already allocated then are never cached under
+        `namespace` later either, since part of them may have been computed before."""
         self._generations[namespace] = self._generations.get(namespace, 0) + 1
+        self._forgets += 1
+        self._forgotten_at[namespace] = self._forgets
         for b in list(self._evictable):
             content = self._content[b]
             if content is not None and content.root[0] == namespace:
