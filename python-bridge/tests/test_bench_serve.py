@@ -35,6 +35,7 @@ def test_smoke_run_reports_every_column_per_level(tmp_path: Path, tiny_model_dir
     assert json.loads(run.stdout.strip().splitlines()[-1]) == result
     meta = result["meta"]
     assert meta["card"].startswith("CPU") and meta["date"] and meta["max_tokens"] == 8
+    assert meta["engine"]  # which engine the server ran is on record
     assert 40 <= meta["prompt_words"][0] <= meta["prompt_words"][1] <= 160
     levels = {lv["concurrency"]: lv for lv in result["levels"]}
     assert set(levels) == {1, 4}

@@ -479,7 +479,8 @@ def fmt(value: Any, width: int, digits: int = 1) -> str:
 
 
 def table(meta: dict[str, Any], levels: list[Level], adapters: dict[str, Any]) -> str:
-    lines = [f"{meta['card']} · {meta['date']} · {meta['model']} · {meta['dtype']} · {meta['max_tokens']} new tokens, "
+    lines = [f"{meta['card']} · {meta['date']} · {meta['model']} · {meta['dtype']} · server engine {meta['engine']} · "
+             f"{meta['max_tokens']} new tokens, "
              f"greedy, ignore_eos, streaming over HTTP · prompts {meta['prompt_words'][0]}-{meta['prompt_words'][1]} "
              f"words · static decoder: {meta['static_variant'] or 'not run'}"]
     head = (f"{'clients':>7} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'err':>4} "
@@ -616,6 +617,10 @@ def main(argv: list[str] | None = None) -> int:
         adapters["reason"] = "--adapters 0"
 
     server = OpenAIServer(model, tokenizer, ServeConfig(**kwargs), eos_token_ids=eos)
+    engine = getattr(server, "scheduler", None) or getattr(server, "engine", None)
+    meta["engine"] = type(engine).__name__
+    if a.adapters > 0 and given is None and hasattr(engine, "add_adapter"):
+        adapters["reason"] += f" (its engine, {type(engine).__name__}, does take adapters)"
     if given == "method":
         for name, folder in adapter_dirs.items():
             server.add_adapter(name, folder)
