@@ -253,3 +253,40 @@ def test_stop_strings_and_stop_token_ids_end_the_reply(tiny, reference):
         cut = e.submit(prompt, greedy(24, stop_token_ids=[ids[5]])).result(timeout=120)
     assert cut.finish_reason == "stop"
     assert list(cut.token_ids) == ids[:ids.index(ids[5])]
+
+
+def test_the_openai_server_serves_with_the_paged_engine_and_falls_back_for_injected_lora(tiny, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qwenbook_bridge.engine.generate.batching.scheduler import BatchScheduler
+    from qwenbook_bridge.openai.server import OpenAIServer, ServeConfig
+
+    server = OpenAIServer.for_loaded(tiny, ServeConfig(port=0, memory_utilization=0.5))
+    assert isinstance(server.scheduler, PagedEngine)
+    assert server.scheduler.config.memory_utilization == 0.5
+    # LoRA layers injected into the model (a worker's loaded adapter): the paged runner cannot read them, the
+    # padded scheduler runs the model's own forward.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    assert isinstance(OpenAIServer(model, tiny.tokenizer, ServeConfig(port=0)).scheduler, BatchScheduler)
+    with pytest.raises(InvalidOptionError, match="memoryUtilization"):
+        ServeConfig(memory_utilization=1.5).validate()
+
+
+def test_a_completion_larger_than_the_served_cache_is_a_400_that_says_so(tiny, reference):
+    import httpx
+
+    from qwenbook_bridge.openai.server import OpenAIServer, ServeConfig
+
+    with engine(tiny, num_blocks=6, block_size=4) as e:  # 24 tokens
+        with OpenAIServer(tiny.model, tiny.tokenizer, ServeConfig(port=0, model_name="tiny"), scheduler=e) as server:
+            prompt = tokens(10, 100)
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 20, "temperature": 0}
+            r = httpx.post(f"{server.url}/completions", json=body, timeout=120)
+            assert r.status_code == 400, r.text
+            assert "whole cache holds 6 blocks" in r.json()["error"]["message"]
+            r = httpx.post(f"{server.url}/completions", json={**body, "max_tokens": 8}, timeout=120)
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            assert choice["text"] == tiny.tokenizer.decode(reference(prompt, 8), skip_special_tokens=True)

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default 32)")
     p.add_argument("--context-length", type=int, default=None,
                    help="tokens per request, prompt included (default: the model's own)")
+    p.add_argument("--memory-utilization", type=float, default=0.9,
+                   help="share of the device's memory the model and its key/value cache may use (default 0.9)")
     p.add_argument("--max-queue", type=int, default=None,
                    help="requests that may wait for a place in the batch; more get 429 (default: 4 per batch row)")
     p.add_argument("--max-body", type=byte_size, default=None,
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         # Checked before the model loads, so a bad option fails in a second rather than after minutes.
         options = ServeConfig(port=args.port, host=args.host, api_key=args.api_key,
                               max_batch_size=args.max_batch_size, context_length=args.context_length,
+                              memory_utilization=args.memory_utilization,
                               max_queue=args.max_queue, retry_after_s=args.retry_after, **limits).validate()
         loaded = load_model(args.model, LoadOptions(dtype=args.dtype, device=args.device), progress)
         if args.adapter:

@@ -5,9 +5,11 @@
     server.stats()            # live counters for the notebook (ServeStats)
     server.stop()             # frees the port; the model stays loaded
 
-uvicorn runs on its own thread with its own event loop; the model is used only by the `BatchScheduler`
-thread, which shares the weights in memory (no second copy). Pass a scheduler of your own to share it
-with the notebook's chat (see continuous_batching's hooks).
+uvicorn runs on its own thread with its own event loop; the model is used only by the engine's thread: the
+paged engine (`PagedEngine`: a block-paged key/value cache sized by ServeConfig.memory_utilization, prefix
+caching, chunked prefill), or, for a model it cannot read (another architecture, LoRA layers injected into
+the model), the padded `BatchScheduler`. Either shares the weights in memory (no second copy). Pass an engine
+of your own to share it with the notebook's chat (see their exclusive() and call_between_steps() hooks).
 
 Under overload the server answers rather than piles up (ServeConfig's limits): 413 for bodies over
 max_body_bytes, 429 with Retry-After once max_queue requests wait, 400 for prompt + max_tokens beyond the
@@ -32,6 +34,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from qwenbook_bridge.engine.generate.batching.scheduler import BatchConfig, BatchScheduler
+from qwenbook_bridge.engine.generate.paged.scheduler import EngineConfig, PagedEngine
 from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError
 from qwenbook_bridge.openai.routes import MiB, ApiLimits, OpenAIApi, build_app
 
@@ -65,6 +68,9 @@ class ServeConfig:
     aliases: tuple[str, ...] = ()  # other ids accepted as `model` (e.g. the hub id or folder path)
     max_batch_size: int = 32  # requests decoded together; more wait in a queue
     context_length: int | None = None  # None: the model config's max_position_embeddings
+    # Share of the device's memory the model and its key/value cache may use (vLLM's gpu_memory_utilization;
+    # on the CPU, of the free RAM); the cache gets what the weights leave of it.
+    memory_utilization: float = 0.9
     # How long stop() lets open connections finish before closing them (streams are cancelled first).
     shutdown_timeout_s: float = 5.0
     # Requests that may wait for a place in the batch; one more gets 429. None: 4 per batch row.
@@ -100,6 +106,9 @@ class ServeConfig:
                    hint="0 turns away every request that cannot join the batch at once")
         _check_int("maxBody", self.max_body_bytes, 1024, 1024 * MiB, hint="bytes, e.g. 4194304 for 4 MiB")
         _check_int("retryAfter", self.retry_after_s, 1, 3600, optional=True, hint="seconds")
+        u = self.memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise InvalidOptionError(f"memoryUtilization must be a fraction in (0, 1], e.g. 0.9, got {u!r}")
         t = self.client_timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.1 <= t <= 3600:
             raise InvalidOptionError(f"clientTimeout must be a number of seconds from 0.1 to 3600, got {t!r}")
@@ -133,12 +142,12 @@ class OpenAIServer:
     """An OpenAI-compatible HTTP server over one loaded model, with start/stop and live stats."""
 
     def __init__(self, model: Any, tokenizer: Any, config: ServeConfig | None = None,
-                 scheduler: BatchScheduler | None = None, eos_token_ids: frozenset[int] | None = None) -> None:
+                 scheduler: PagedEngine | BatchScheduler | None = None,
+                 eos_token_ids: frozenset[int] | None = None) -> None:
         self.config = (config or ServeConfig()).validate()
         self.model = model
         self._owns_scheduler = scheduler is None
-        self.scheduler = scheduler or BatchScheduler(
-            model, tokenizer, BatchConfig(self.config.max_batch_size, self.config.context_length), eos_token_ids)
+        self.scheduler = scheduler or _engine_for(model, tokenizer, self.config, eos_token_ids)
         self.api = OpenAIApi(self.scheduler, tokenizer, getattr(model, "generation_config", None),
                              self.config.model_name, self.config.aliases, self.config.api_key, self.config.limits())
         self._server: Any = None
@@ -150,7 +159,7 @@ class OpenAIServer:
 
     @classmethod
     def for_loaded(cls, loaded: Any, config: ServeConfig | None = None,
-                   scheduler: BatchScheduler | None = None) -> OpenAIServer:
+                   scheduler: PagedEngine | BatchScheduler | None = None) -> OpenAIServer:
         """Serve a `loading.LoadedModel` (its end-of-sequence ids included)."""
         return cls(loaded.model, loaded.tokenizer, config, scheduler, loaded.eos_token_ids)
 
@@ -344,6 +353,23 @@ class _GuardedH11Protocol(H11Protocol):
             log.info("closing a connection from %s: it read nothing for %g s", self.client, self.client_timeout_s)
             # abort, not close: close would wait for the unread data to drain, which is what never happens.
             self.transport.abort()
+
+
+def _engine_for(model: Any, tokenizer: Any, config: ServeConfig,
+                eos_token_ids: frozenset[int] | None) -> PagedEngine | BatchScheduler:
+    """The paged engine when it can read the model's weights; otherwise the padded batch scheduler, which
+    runs the model's own forward (any architecture transformers knows, LoRA layers injected by peft)."""
+    try:
+        return PagedEngine(model, tokenizer, EngineConfig(max_batch_size=config.max_batch_size,
+                                                          context_length=config.context_length,
+                                                          memory_utilization=config.memory_utilization),
+                           eos_token_ids)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, EngineError):  # a bad option or too little memory: the caller must hear of it
+            raise
+        log.info("serving with the padded batch scheduler, since the paged engine cannot run this model: %s", exc)
+        return BatchScheduler(model, tokenizer, BatchConfig(config.max_batch_size, config.context_length),
+                              eos_token_ids)
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int, optional: bool = False, hint: str = "") -> None:
