@@ -3,6 +3,7 @@ adapter row), however the requests share the batch, the cache blocks and the ste
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import pytest
@@ -185,6 +186,27 @@ def test_cancelling_one_row_frees_it_while_the_others_go_on(tiny, reference):
         got = kept.result(timeout=120)
         assert (list(got.token_ids), got.finish_reason) == (reference(keep, 20), "length")
         assert e.stats().blocks_used == 0
+
+
+def test_exclusive_parks_the_engine_and_forgets_cached_prefixes(tiny, reference):
+    system = tokens(24, 75)
+    a, b = system + tokens(3, 76), system + tokens(4, 77)
+    with engine(tiny, num_blocks=64, block_size=8) as e:
+        assert run(e, a, 4) == reference(a, 4)
+        with e.exclusive():
+            waiting = e.submit(b, greedy(4))
+            # Parked: the request queues and nothing runs it until the block ends.
+            assert e.stats().waiting == 1 and not waiting.done.is_set()
+            before = e.stats().steps
+        # The block may have changed the weights, so the prefix `a` cached is not reused for `b`.
+        assert list(waiting.result(timeout=120).token_ids) == reference(b, 4)
+        assert e.stats().steps > before
+        assert e.stats().prefix_hit_tokens == 0
+        assert e.call_between_steps(lambda: threading.current_thread().name).result(timeout=60) == \
+            "qwenbook-paged-engine"
+        # Without a park in between, the same prompt finds its prefix again.
+        assert run(e, b, 4) == reference(b, 4)
+        assert e.stats().prefix_hit_tokens == 24
 
 
 @pytest.fixture(scope="module")

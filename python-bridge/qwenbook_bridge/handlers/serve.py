@@ -1,9 +1,9 @@
 """serve_start / serve_stop / serve_status: OpenAI-compatible HTTP servers that live in the worker process.
 
-A server shares the loaded model's weights (no second copy); one `BatchScheduler` thread decodes every
-HTTP request of that model in one batch. The worker's own `generate` on a served model runs inside
-`exclusive(model_id)`, which parks the scheduler between two decode steps for the length of the call, so
-the notebook waits at most one step and never decodes into the batch's cache.
+A server shares the loaded model's weights (no second copy); one engine thread (`PagedEngine`, see
+openai/server.py) decodes every HTTP request of that model in one batch. The worker's own `generate` on a
+served model runs inside `exclusive(model_id)`, which parks the engine between two steps for the length of
+the call, so the notebook waits at most one step and never decodes into the batch's cache.
 
 serve_start runs on the job thread (it must not change a model a training or export job is using);
 serve_stop and serve_status are control requests answered on the main thread at once.

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP routes: /v1/models, /v1/chat/completions and /v1/completions.
 
-Each request is rendered to token ids here and decoded by the shared `BatchScheduler`; events come back
-from the scheduler thread into the request's asyncio queue. Streams are written by a small ASGI response
-that also watches for the client going away, so a disconnect cancels that request's generation.
+Each request is rendered to token ids here and decoded by the server's engine (`PagedEngine`, or the
+`BatchScheduler` for a model the paged runner cannot read); events come back from the engine's thread into
+the request's asyncio queue. Streams are written by a small ASGI response that also watches for the client
+going away, so a disconnect cancels that request's generation.
 
 Overload is answered, not absorbed (`ApiLimits`): a body over the size limit gets 413 while it is being
 read, a body that does not finish arriving in time gets 408, and a request that would have to wait behind
@@ -35,6 +36,7 @@ from qwenbook_bridge.openai import schema as oa
 from qwenbook_bridge.engine.generate.batching.requests import Finished, GenerationEvent, RequestHandle
 from qwenbook_bridge.engine.generate.sampling import SamplingParams
 from qwenbook_bridge.engine.generate.batching.scheduler import BatchScheduler
+from qwenbook_bridge.engine.generate.paged.scheduler import PagedEngine
 from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError
 
 log = logging.getLogger("qwenbook.serve")
@@ -77,8 +79,9 @@ class ApiState:
 class OpenAIApi:
     """Turns OpenAI requests into scheduler submissions and scheduler events into OpenAI responses."""
 
-    def __init__(self, scheduler: BatchScheduler, tokenizer: Any, generation_config: Any, model_name: str,
-                 aliases: tuple[str, ...] = (), api_key: str | None = None, limits: ApiLimits | None = None) -> None:
+    def __init__(self, scheduler: PagedEngine | BatchScheduler, tokenizer: Any, generation_config: Any,
+                 model_name: str, aliases: tuple[str, ...] = (), api_key: str | None = None,
+                 limits: ApiLimits | None = None) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.model_name = model_name
