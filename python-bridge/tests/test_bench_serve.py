@@ -92,3 +92,31 @@ def test_bad_concurrency_is_refused_with_a_clear_message(levels: str, message: s
         bench.parse(["--concurrency", levels])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_url_mode_measures_a_server_in_another_process(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """--url: the headless server (`qwenbook serve`'s Python side) in its own process, with an API key; the
+    benchmark reads the base model's name from /v1/models and says that it serves no adapters."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "qwenbook_bridge.openai.cli", str(tiny_model_dir), "--port", "0",
+                               "--device", "cpu", "--dtype", "fp32", "--api-key", "sk-bench"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = ""
+        while "Serving" not in line:  # the server prints its URL once it accepts requests
+            line = server.stdout.readline()
+            assert line or server.poll() is None, "the server exited before serving"
+        url = line.split(" at ")[1].split()[0]
+        out = tmp_path / "url.json"
+        run = subprocess.run([sys.executable, str(SCRIPT), "--url", url, "--api-key", "sk-bench", "--concurrency",
+                              "1,2", "--max-tokens", "4", "--json", str(out)],
+                             capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    result = json.loads(out.read_text(encoding="utf-8"))
+    for lv in result["levels"]:
+        assert lv["errors"] == 0, lv["error_examples"]
+        assert lv["tokens"] == 4 * lv["concurrency"] and lv["itl_p50_ms"] > 0 and lv["static"] is None
+    assert not result["adapters"]["run"] and "/v1/models lists only" in result["adapters"]["reason"]

@@ -4,10 +4,14 @@ beside the project's static-batch decoder (FastDecoder) on the same prompts, in 
     python tests/bench/serve_bench.py --random-weights --device cuda --json serve.json     # Qwen2.5-7B shape
     python tests/bench/serve_bench.py --smoke                                                 # tiny model, CPU, seconds
 
+    python tests/bench/serve_bench.py --url http://127.0.0.1:8000/v1 [--api-key K]           # a running server
+
 Options: --model DIR_OR_HUB_ID, --random-weights (random weights; without --model the Qwen2.5-7B shape of
 qwenbook_bridge.bench.model with the tiny model's tokenizer, with --model that folder's config.json),
 --concurrency 1,8,32,64,128, --max-tokens 128, --device, --dtype, --static-variant, --no-static,
---adapters 4, --json out.json.
+--adapters 4, --memory-utilization, --json out.json. Without --url the server runs in this process on the
+loaded model (its counters are read directly); with --url the benchmark measures that server over HTTP, its
+base model being the first id /v1/models lists and its adapters the others.
 
 What is measured, per concurrency level (every client a streaming chat request of its own, through httpx, in
 client processes apart from the server's): each request has its own prompt of 40-160 words and asks for
@@ -145,7 +149,7 @@ def one_request(url: str, i: int, tag: str, model: str, max_tokens: int, client:
 
 
 def client_process(url: str, jobs: list[tuple[int, str, str]], max_tokens: int, extra: dict[str, Any],
-                   barrier: Any, results: Any) -> None:
+                   headers: dict[str, str], barrier: Any, results: Any) -> None:
     """One load-generator process: a thread and a connection per job; all processes start together."""
     go = threading.Event()
     ready = threading.Barrier(len(jobs) + 1)
@@ -153,7 +157,7 @@ def client_process(url: str, jobs: list[tuple[int, str, str]], max_tokens: int, 
 
     def run(k: int) -> None:
         prompt, tag, model = jobs[k]
-        with httpx.Client(limits=httpx.Limits(max_connections=1)) as c:
+        with httpx.Client(limits=httpx.Limits(max_connections=1), headers=headers) as c:
             ready.wait()
             go.wait()
             out[k] = one_request(url, prompt, tag, model, max_tokens, c, extra)
@@ -170,14 +174,14 @@ def client_process(url: str, jobs: list[tuple[int, str, str]], max_tokens: int, 
 
 
 def run_round(url: str, jobs: list[tuple[int, str, str]], max_tokens: int, extra: dict[str, Any],
-              per_process: int = CLIENTS_PER_PROCESS) -> list[Sample]:
+              per_process: int = CLIENTS_PER_PROCESS, headers: dict[str, str] | None = None) -> list[Sample]:
     """All `jobs` (prompt index, prompt tag, model name) at once, as concurrent streaming requests from fresh client
     processes (spawned, so they share nothing with the server process)."""
     ctx = multiprocessing.get_context("spawn")
     chunks = [jobs[k:k + per_process] for k in range(0, len(jobs), per_process)]
     barrier = ctx.Barrier(len(chunks))
     results = ctx.Queue()
-    procs = [ctx.Process(target=client_process, args=(url, c, max_tokens, extra, barrier, results), daemon=True)
+    procs = [ctx.Process(target=client_process, args=(url, c, max_tokens, extra, headers or {}, barrier, results), daemon=True)
              for c in chunks]
     for p in procs:
         p.start()
@@ -461,8 +465,8 @@ def write_random_lora(folder: Path, config: Any, rank: int, seed: int, dtype: An
     return folder
 
 
-def models_listed(url: str) -> list[str]:
-    resp = httpx.get(url + "/models", timeout=30)
+def models_listed(url: str, headers: dict[str, str] | None = None) -> list[str]:
+    resp = httpx.get(url + "/models", timeout=30, headers=headers)
     resp.raise_for_status()
     return [m["id"] for m in resp.json().get("data", [])]
 
@@ -518,6 +522,12 @@ def table(meta: dict[str, Any], levels: list[Level], adapters: dict[str, Any]) -
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder or hub id (default: the tiny model)")
+    p.add_argument("--url", default=None,
+                   help="benchmark a server already running elsewhere (e.g. `qwenbook serve`), base URL such as "
+                        "http://127.0.0.1:8000/v1: its /v1/models lists the base model first and its adapters after; "
+                        "the static decoder then runs only with --model or --random-weights, and the server's own "
+                        "counters are not read")
+    p.add_argument("--api-key", default=None, help="with --url: the server's API key")
     p.add_argument("--random-weights", action="store_true",
                    help="random weights: without --model the Qwen2.5-7B shape, with it that folder's config.json")
     p.add_argument("--device", default="auto")
@@ -566,85 +576,72 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     from qwenbook_bridge.openai.server import OpenAIServer, ServeConfig
 
-    model, tokenizer, eos, label, device, dtype = load(a)
-    model.eval()
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    variant = a.static_variant or ("graph" if device.type == "cuda" else "eager")
+    # With --url the model is loaded only for the static decoder, and only when one is named.
+    local = a.url is None or a.model is not None or a.random_weights
+    model = tokenizer = eos = device = dtype = None
+    label = ""
+    if local:
+        model, tokenizer, eos, label, device, dtype = load(a)
+        model.eval()
     meta: dict[str, Any] = {
-        "card": card, "device": str(device), "date": datetime.datetime.now(datetime.timezone.utc).strftime(
-            "%Y-%m-%d %H:%M UTC"), "model": label, "dtype": str(dtype).removeprefix("torch."),
-        "max_tokens": a.max_tokens, "levels": a.levels, "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "static_variant": None if a.no_static else variant,
+        "card": ("unknown (a server elsewhere)" if a.url else
+                 torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": label if local else a.url, "dtype": str(dtype).removeprefix("torch.") if local else "-",
+        "device": str(device) if local else None, "max_tokens": a.max_tokens, "levels": a.levels,
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "static_variant": None,
         "prompt_words": (min(word_count(prompt_text(i, "")) for i in range(max(a.levels))),
                          max(word_count(prompt_text(i, "")) for i in range(max(a.levels))))}
     # The static batches first: the server's engine may take most of the free device memory for its cache.
     statics: dict[int, dict[str, Any]] = {}
-    for c in ([] if a.no_static else a.levels):
-        try:
-            statics[c] = static_batch(model, tokenizer, c, a.max_tokens, variant, a.static_repeats)
-        except Exception as exc:  # noqa: BLE001 - "where it fits": out of memory is a result, recorded
-            statics[c] = {"batch": c, "variant": variant, "error": f"{type(exc).__name__}: {exc}"}
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        print(f"... static batch {c}: {statics[c]}", file=sys.stderr, flush=True)
+    if local and not a.no_static:
+        variant = meta["static_variant"] = a.static_variant or ("graph" if device.type == "cuda" else "eager")
+        for c in a.levels:
+            try:
+                statics[c] = static_batch(model, tokenizer, c, a.max_tokens, variant, a.static_repeats)
+            except Exception as exc:  # noqa: BLE001 - "where it fits": out of memory is a result, recorded
+                statics[c] = {"batch": c, "variant": variant, "error": f"{type(exc).__name__}: {exc}"}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            print(f"... static batch {c}: {statics[c]}", file=sys.stderr, flush=True)
 
-    kwargs: dict[str, Any] = dict(port=0, model_name=BASE_NAME, max_batch_size=max(max(a.levels), a.adapter_clients))
-    config_fields = {f.name for f in dataclasses.fields(ServeConfig)}
-    if a.memory_utilization is not None:
-        if "memory_utilization" not in config_fields:
-            print("... --memory-utilization ignored: this server's ServeConfig has no memory_utilization",
-                  file=sys.stderr)
-        else:
-            kwargs["memory_utilization"] = a.memory_utilization
+    headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
     adapters: dict[str, Any] = {"run": False}
-    adapter_dirs: dict[str, str] = {}
-    given = None
-    if a.adapters > 0:
-        can = "adapters" in config_fields or hasattr(OpenAIServer, "add_adapter")
-        if not can:
-            adapters["reason"] = ("this OpenAI server takes no adapters (ServeConfig has no `adapters` field and "
-                                  "OpenAIServer no add_adapter), so it cannot serve them by model name")
-        else:
-            root = Path(tempfile.mkdtemp(prefix="serve-bench-adapters-"))
-            for k in range(a.adapters):
-                adapter_dirs[f"lora{k}"] = str(write_random_lora(root / f"lora{k}", model.config, a.adapter_rank,
-                                                                 seed=100 + k, dtype=dtype))
-            # Through ServeConfig where it has the field, else the server's own method once it exists.
-            given = "config" if "adapters" in config_fields else "method"
-            if given == "config":
-                kwargs["adapters"] = adapter_dirs
+    server = None
+    if a.url:
+        url = a.url.rstrip("/")
+        listed = models_listed(url, headers)
+        base, adapter_names = listed[0], listed[1:a.adapters + 1]
+        meta["engine"] = "unknown (a server elsewhere)"
+        if a.adapters == 0:
+            adapters["reason"] = "--adapters 0"
+        elif not adapter_names:
+            adapters["reason"] = f"/v1/models lists only {listed}: the server serves no adapters"
     else:
-        adapters["reason"] = "--adapters 0"
-
-    server = OpenAIServer(model, tokenizer, ServeConfig(**kwargs), eos_token_ids=eos)
-    engine = getattr(server, "scheduler", None) or getattr(server, "engine", None)
-    meta["engine"] = type(engine).__name__
-    if a.adapters > 0 and given is None and hasattr(engine, "add_adapter"):
-        adapters["reason"] += f" (its engine, {type(engine).__name__}, does take adapters)"
-    if given == "method":
-        for name, folder in adapter_dirs.items():
-            server.add_adapter(name, folder)
-    server.start()
+        server, base, adapter_names = start_server(a, model, tokenizer, eos, dtype, OpenAIServer, ServeConfig,
+                                                   adapters, meta)
+        url = server.url
     extra: dict[str, Any] = {}
     levels: list[Level] = []
     try:
         for c in a.levels:
             warm = a.max_tokens if a.warmup_tokens is None else a.warmup_tokens
             if warm > 0:
-                run_round(server.url, [(i, f"w{c}", BASE_NAME) for i in range(c)], max(warm, 2), extra,
-                          a.clients_per_process)
+                run_round(url, [(i, f"w{c}", base) for i in range(c)], max(warm, 2), extra, a.clients_per_process,
+                          headers)
             with ServerSampler(server) as sampler:
-                samples = run_round(server.url, [(i, f"c{c}", BASE_NAME) for i in range(c)], a.max_tokens, extra,
-                                    a.clients_per_process)
+                samples = run_round(url, [(i, f"c{c}", base) for i in range(c)], a.max_tokens, extra,
+                                    a.clients_per_process, headers)
             lv = summarize(c, samples)
             lv.static, lv.server = statics.get(c), sampler.summary()
             levels.append(lv)
             print(f"... {lv.concurrency} client(s): {lv.tokens_per_s} tok/s, {lv.errors} error(s)", file=sys.stderr,
                   flush=True)
-        if a.adapters > 0 and given is not None:
-            adapters = adapter_scenarios(server.url, list(adapter_dirs), a, extra)
+        if adapter_names:
+            adapters = adapter_scenarios(url, base, adapter_names, a, extra, headers)
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
 
     result = {"meta": meta, "levels": [asdict(lv) for lv in levels], "adapters": adapters}
     print(table(meta, levels, adapters))
@@ -654,24 +651,67 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def adapter_scenarios(url: str, names: list[str], a: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
-    """Chat with one adapter vs the base model (1 client), and N clients spread over the adapters vs N on the
-    base, if the server lists the adapters in /v1/models (otherwise it was given them but does not serve them)."""
-    listed = models_listed(url)
-    missing = [n for n in names if n not in listed]
+def start_server(a: argparse.Namespace, model: Any, tokenizer: Any, eos: Any, dtype: Any, server_cls: Any,
+                 config_cls: Any, adapters: dict[str, Any], meta: dict[str, Any]) -> tuple[Any, str, list[str]]:
+    """The OpenAI server in this process on the loaded model, given random LoRA adapters if it takes them
+    (ServeConfig's `adapters` field or the server's add_adapter); returns it, the base model's name and the
+    adapter names it lists in /v1/models. Where it serves none, adapters["reason"] says why."""
+    kwargs: dict[str, Any] = dict(port=0, model_name=BASE_NAME, max_batch_size=max(max(a.levels), a.adapter_clients))
+    config_fields = {f.name for f in dataclasses.fields(config_cls)}
+    if a.memory_utilization is not None:
+        if "memory_utilization" not in config_fields:
+            print("... --memory-utilization ignored: this server's ServeConfig has no memory_utilization",
+                  file=sys.stderr)
+        else:
+            kwargs["memory_utilization"] = a.memory_utilization
+    adapter_dirs: dict[str, str] = {}
+    takes = "config" if "adapters" in config_fields else "method" if hasattr(server_cls, "add_adapter") else None
+    if a.adapters == 0:
+        adapters["reason"] = "--adapters 0"
+    elif takes is None:
+        adapters["reason"] = ("this OpenAI server takes no adapters (ServeConfig has no `adapters` field and "
+                              "OpenAIServer no add_adapter), so it cannot serve them by model name")
+    else:
+        root = Path(tempfile.mkdtemp(prefix="serve-bench-adapters-"))
+        for k in range(a.adapters):
+            adapter_dirs[f"lora{k}"] = str(write_random_lora(root / f"lora{k}", model.config, a.adapter_rank,
+                                                             seed=100 + k, dtype=dtype))
+        if takes == "config":
+            kwargs["adapters"] = adapter_dirs
+    server = server_cls(model, tokenizer, config_cls(**kwargs), eos_token_ids=eos)
+    engine = getattr(server, "scheduler", None) or getattr(server, "engine", None)
+    meta["engine"] = type(engine).__name__
+    if a.adapters > 0 and takes is None and hasattr(engine, "add_adapter"):
+        adapters["reason"] += f" (its engine, {type(engine).__name__}, does take adapters)"
+    if takes == "method":
+        for name, folder in adapter_dirs.items():
+            server.add_adapter(name, folder)
+    server.start()
+    if not adapter_dirs:
+        return server, BASE_NAME, []
+    listed = models_listed(server.url)
+    missing = [n for n in adapter_dirs if n not in listed]
     if missing:
-        return {"run": False, "reason": f"the server was given adapters {names} but /v1/models lists only {listed}"}
+        adapters["reason"] = f"the server was given adapters {list(adapter_dirs)} but /v1/models lists only {listed}"
+        return server, BASE_NAME, []
+    return server, BASE_NAME, list(adapter_dirs)
+
+
+def adapter_scenarios(url: str, base: str, names: list[str], a: argparse.Namespace, extra: dict[str, Any],
+                      headers: dict[str, str]) -> dict[str, Any]:
+    """Chat through one adapter vs the base model (1 client), and N clients spread over the adapters vs N on
+    the base model."""
 
     def rate(tag: str, models: list[str]) -> Level:
         run_round(url, [(i, "w" + tag, m) for i, m in enumerate(models)], a.max_tokens, extra,
-                  a.clients_per_process)  # warm-up, on prompts of its own
+                  a.clients_per_process, headers)  # warm-up, on prompts of its own
         jobs = [(i, tag, m) for i, m in enumerate(models)]
-        return summarize(len(jobs), run_round(url, jobs, a.max_tokens, extra, a.clients_per_process))
+        return summarize(len(jobs), run_round(url, jobs, a.max_tokens, extra, a.clients_per_process, headers))
 
-    base1, one = rate("base1", [BASE_NAME]), rate("lora1", [names[0]])
+    base1, one = rate("base1", [base]), rate("lora1", [names[0]])
     n = a.adapter_clients
     spread = rate("loras", [names[i % len(names)] for i in range(n)])
-    base_n = rate("basen", [BASE_NAME] * n)
+    base_n = rate("basen", [base] * n)
     return {"run": True,
             "single": {"adapter": names[0], "adapter_tokens_per_s": one.tokens_per_s,
                        "base_tokens_per_s": base1.tokens_per_s,
