@@ -312,3 +312,23 @@ def test_a_completion_larger_than_the_served_cache_is_a_400_that_says_so(tiny, r
             assert r.status_code == 200, r.text
             choice = r.json()["choices"][0]
             assert choice["text"] == tiny.tokenizer.decode(reference(prompt, 8), skip_special_tokens=True)
+
+
+def test_end_tokens_ignore_eos_and_the_context_length_end_a_reply(tiny, reference):
+    prompt = tokens(10, 110)
+    ids = reference(prompt, 12)
+    assert len(ids) == 12 and ids[4] not in ids[:4]
+    # The reply's fifth token stands in for the model's end-of-sequence token.
+    e = PagedEngine(tiny.model, tiny.tokenizer, EngineConfig(num_blocks=32, block_size=4, context_length=16),
+                    frozenset({ids[4]}))
+    e.start()
+    try:
+        ended = e.submit(prompt, greedy(12)).result(timeout=120)
+        assert (list(ended.token_ids), ended.finish_reason, ended.completion_tokens) == (ids[:4], "stop", 5)
+        # ignore_eos runs on; the context of 16 tokens leaves room for 6 after the 10-token prompt.
+        on = e.submit(prompt, greedy(12, ignore_eos=True)).result(timeout=120)
+        assert (list(on.token_ids), on.finish_reason) == (ids[:6], "length")
+        with pytest.raises(InvalidOptionError, match="context holds 16"):
+            e.submit(tokens(16, 111), greedy(1))
+    finally:
+        e.stop()
