@@ -230,3 +230,20 @@ def test_a_request_sampler_is_seeded_and_greedy_is_the_argmax():
     assert first == second and len(set(first)) > 1
     argmax = make_sampler(SamplingParams(greedy=True, seed=11), torch.device("cpu"))
     assert {int(argmax(logits)) for _ in range(16)} == {0}
+
+
+@pytest.mark.parametrize("options", [dict(), dict(top_k=0, top_p=1.0), dict(top_k=0, top_p=0.9),
+                                     dict(top_k=50, top_p=0.95, temperature=1.2), dict(top_k=200_000)],
+                         ids=["defaults", "no-cut", "top-p-only", "both", "top-k-beyond-vocab"])
+def test_a_request_sampler_draws_what_the_cuda_graph_form_draws(options):
+    # A request's sampler ranks only the tokens its settings can keep; the CUDA-graph form sorts the whole
+    # vocabulary for per-row settings. Same seed, same logits: the same tokens.
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
+    params = SamplingParams(seed=5, **options)
+    sampler = make_sampler(params, torch.device("cpu"))
+    shortlisted = [int(sampler(logits)) for _ in range(200)]
+    generator = torch.Generator().manual_seed(5)
+    rows = [torch.full((1,), v, dtype=d) for v, d in ((params.temperature, torch.float32),
+                                                       (params.top_k, torch.long), (params.top_p, torch.float32))]
+    whole = [int(sample_tokens(logits[None], *rows, generator)) for _ in range(200)]
+    assert shortlisted == whole and len(set(whole)) > 1

@@ -124,34 +124,55 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
-def filtered_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor]:
-    """The distribution each row samples from, over its tokens sorted most likely first: (probs, token ids),
-    both [B, V]. Logits [B, V] are divided by the row's temperature; top-k keeps the k most likely tokens (0 =
-    all); top-p then keeps, of those, the smallest prefix whose renormalised probability reaches top_p (the
-    first token always stays). What top-p cuts is zeroed, the rest not renormalised again (the draw does not need
-    it). No host sync and no data-dependent shapes, so it runs inside a CUDA graph."""
+# `shortlist` values: every row cuts nothing (top_k 0, top_p 1), so no token needs ranking.
+NO_CUT = 0
+
+
+def filtered_probs(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                   shortlist: int | None = None) -> tuple[Tensor, Tensor]:
+    """The distribution each row samples from: (probs, token ids), both [B, N], the tokens most likely first.
+    Logits [B, V] are divided by the row's temperature; top-k keeps the k most likely tokens (0 = all); top-p
+    then keeps, of those, the smallest prefix whose renormalised probability reaches top_p (the first token
+    always stays). What top-p cuts is zeroed, the rest not renormalised again (the draw does not need it).
+
+    With `shortlist` None every row's tokens are sorted (N = V): no host sync and no data-dependent shapes, so
+    it runs inside a CUDA graph with per-row settings. A caller that knows its settings on the host may pass
+    its top_k as `shortlist` (every row's top_k at most that): then only those N tokens are ranked, which the
+    cuts would leave anyway; or NO_CUT when no row cuts anything, and the tokens stay in id order (N = V).
+    Sorting a 150k vocabulary for each token costs a CPU tens of milliseconds; the rules do not change."""
     scaled = logits.float() / temperature.clamp_min(1e-5)[:, None]
-    sorted_logits, order = scaled.sort(-1, descending=True)
-    rank = torch.arange(sorted_logits.shape[-1], device=logits.device)[None]
+    vocab = scaled.shape[-1]
+    if shortlist == NO_CUT:
+        values, ids = scaled, torch.arange(vocab, device=scaled.device).expand_as(scaled)
+    elif shortlist is not None and shortlist < vocab:
+        values, ids = scaled.topk(shortlist, -1)
+    else:
+        values, ids = scaled.sort(-1, descending=True)
+    rank = torch.arange(values.shape[-1], device=logits.device)[None]
     beyond_k = (top_k[:, None] > 0) & (rank >= top_k[:, None])
-    probs = sorted_logits.masked_fill(beyond_k, -math.inf).softmax(-1)
+    probs = values.masked_fill(beyond_k, -math.inf).softmax(-1)
     # Drop a token once the tokens ranked above it already reach top_p. top_p 1 cuts nothing: a float32
     # cumulative sum may reach 1.0 before the last tokens with any probability.
     beyond_p = ((probs.cumsum(-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
-    return probs.masked_fill(beyond_p, 0.0), order
+    return probs.masked_fill(beyond_p, 0.0), ids
 
 
 def sample_tokens(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
-                  generator: torch.Generator | None = None) -> Tensor:
-    """One token per row of logits [B, V], all on the device (CUDA-graph safe). Rows with temperature 0 take
-    the argmax; the others draw from `filtered_probs` by the exponential race: argmax(p / E) with E ~ Exp(1)
-    picks index i with probability p_i / sum(p), with no normalisation or multinomial call. The draw takes
-    its random numbers from `generator` (torch's default generator of the device if None)."""
+                  generator: torch.Generator | None = None, shortlist: int | None = None) -> Tensor:
+    """One token per row of logits [B, V], all on the device (CUDA-graph safe with `shortlist` None). Rows with
+    temperature 0 take the argmax; the others draw from `filtered_probs` by the exponential race: argmax(p / E)
+    with E ~ Exp(1) picks token i with probability p_i / sum(p), with no normalisation or multinomial call.
+    Each row draws one U per vocabulary token, by token id, from `generator` (torch's default generator of the
+    device if None): so a shortlist changes which tokens are looked at, never the token drawn."""
     greedy = logits.argmax(-1)
-    probs, order = filtered_probs(logits, temperature, top_k, top_p)
-    # The clamp keeps a zero draw from turning a masked 0/0 into NaN, which argmax would pick.
-    race = probs / torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
-    sampled = order.gather(-1, race.argmax(-1, keepdim=True)).squeeze(-1)
+    probs, ids = filtered_probs(logits, temperature, top_k, top_p, shortlist)
+    # E = -log(U) for the looked-at tokens only: a uniform draw is several times cheaper than an exponential
+    # one on a CPU, and the logarithm is then taken of N values, not V.
+    uniform = torch.empty_like(logits, dtype=torch.float32).uniform_(generator=generator)
+    picked = uniform if shortlist == NO_CUT else uniform.gather(-1, ids)
+    # The clamp keeps U = 1 (E = 0) from turning a masked 0/0 into NaN, which argmax would pick.
+    race = probs / picked.log().neg_().clamp_min_(1e-20)
+    sampled = ids.gather(-1, race.argmax(-1, keepdim=True)).squeeze(-1)
     return torch.where(temperature > 0, sampled, greedy)
 
 
@@ -179,9 +200,10 @@ def make_sampler(params: SamplingParams, device: torch.device) -> Callable[[Tens
         return lambda logits: logits.argmax(-1, keepdim=True)
     generator = request_generator(params, device)
     temperature, top_k, top_p = sampling_tensors(params, 1, device)
+    shortlist = params.top_k if params.top_k > 0 else NO_CUT if params.top_p >= 1 else None
 
     def sample(logits: Tensor) -> Tensor:
-        return sample_tokens(logits.reshape(1, -1), temperature, top_k, top_p, generator)
+        return sample_tokens(logits.reshape(1, -1), temperature, top_k, top_p, generator, shortlist)
 
     return sample
 
