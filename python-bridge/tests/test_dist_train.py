@@ -124,7 +124,7 @@ def cancel_after(step: int) -> tuple[threading.Event, Callable[[str, dict], None
 def _rank_process(parent: psutil.Process, rank: str) -> psutil.Process | None:
     for child in parent.children(recursive=True):
         try:
-            if child.environ().get("RANK") == rank and "dist_train" in " ".join(child.cmdline()):
+            if child.environ().get("RANK") == rank and "qwenbook_bridge.distributed.rank" in " ".join(child.cmdline()):
                 return child
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

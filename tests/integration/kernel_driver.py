@@ -34,48 +34,21 @@ def record(out, kind, content):
                                 "display_id": content.get("transient", {}).get("display_id")})
 
 
-def run_cell(km, kc, cell, earlier):
-    """Runs one cell; output that arrives late for an earlier cell (by parent msg_id) goes to that cell."""
-    msg_id = kc.execute(cell["code"])
-    out = {"status": None, "stream": "", "errors": [], "displays": []}
-    interrupted = not cell.get("interrupt_after_output")
-    deadline = time.monotonic() + CELL_TIMEOUT_S
-    idle = False
-    while not idle:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"cell did not finish within {CELL_TIMEOUT_S} s: {cell['code'][:80]!r}")
-        msg = kc.get_iopub_msg(timeout=CELL_TIMEOUT_S)
-        parent = msg["parent_header"].get("msg_id")
-        kind, content = msg["msg_type"], msg["content"]
-        if parent in earlier:
-            record(earlier[parent], kind, content)
-            continue
-        if parent != msg_id:
-            continue
-        record(out, kind, content)
-        if kind == "status" and content["execution_state"] == "idle":
-            idle = True
-        if not interrupted and kind in ("stream", "update_display_data"):
-            km.interrupt_kernel()
-            interrupted = True
-    while True:
-        reply = kc.get_shell_msg(timeout=CELL_TIMEOUT_S)
-        if reply["parent_header"].get("msg_id") == msg_id and reply["msg_type"] == "execute_reply":
-            break
-    out["status"] = reply["content"]["status"]
-    earlier[msg_id] = out
-    return out
+def new_output():
+    return {"status": None, "stream": "", "errors": [], "displays": []}
 
 
-def run_batch(kc, codes, earlier):
-    """Sends every request at once (as Run All does), then collects each one's output and reply."""
-    ids = [kc.execute(code) for code in codes]
-    outs = {i: {"status": None, "stream": "", "errors": [], "displays": []} for i in ids}
+def collect(km, kc, ids, earlier, interrupt_on_output=False):
+    """Follows the requests `ids` until each is idle and has its execute_reply; output that arrives late for an
+    earlier cell (by parent msg_id) goes to that cell. With interrupt_on_output the kernel is interrupted once
+    the first text arrives. Returns each request's output and the status messages in the order they came."""
+    outs = {i: new_output() for i in ids}
     statuses, idle = [], set()
-    deadline = time.monotonic() + CELL_TIMEOUT_S * len(ids)
+    limit = CELL_TIMEOUT_S * len(ids)
+    deadline = time.monotonic() + limit
     while len(idle) < len(ids):
         if time.monotonic() > deadline:
-            raise SystemExit(f"batch did not finish within {CELL_TIMEOUT_S * len(ids)} s")
+            raise SystemExit(f"{len(ids)} request(s) did not finish within {limit} s")
         msg = kc.get_iopub_msg(timeout=CELL_TIMEOUT_S)
         parent = msg["parent_header"].get("msg_id")
         kind, content = msg["msg_type"], msg["content"]
@@ -89,6 +62,9 @@ def run_batch(kc, codes, earlier):
             statuses.append([ids.index(parent), content["execution_state"]])
             if content["execution_state"] == "idle":
                 idle.add(parent)
+        if interrupt_on_output and kind in ("stream", "update_display_data"):
+            km.interrupt_kernel()
+            interrupt_on_output = False
     replies = 0
     while replies < len(ids):
         reply = kc.get_shell_msg(timeout=CELL_TIMEOUT_S)
@@ -96,10 +72,19 @@ def run_batch(kc, codes, earlier):
         if parent in outs and reply["msg_type"] == "execute_reply":
             outs[parent]["status"] = reply["content"]["status"]
             replies += 1
-    for i in ids:
-        earlier[i] = outs[i]
-    return {"status": "batch", "stream": "", "errors": [], "displays": [],
-            "batch": [outs[i] for i in ids], "statuses": statuses}
+    earlier.update(outs)
+    return [outs[i] for i in ids], statuses
+
+
+def run_cell(km, kc, cell, earlier):
+    (out,), _ = collect(km, kc, [kc.execute(cell["code"])], earlier, bool(cell.get("interrupt_after_output")))
+    return out
+
+
+def run_batch(km, kc, codes, earlier):
+    """Sends every request at once (as Run All does), then collects each one's output and reply."""
+    outs, statuses = collect(km, kc, [kc.execute(code) for code in codes], earlier)
+    return {**new_output(), "status": "batch", "batch": outs, "statuses": statuses}
 
 
 def main() -> None:
@@ -112,7 +97,7 @@ def main() -> None:
                 # A person does not re-run the instant a cell failed; most cells are sent as they would be.
                 time.sleep(0.5)
             if "batch" in cell:
-                results.append(run_batch(kc, cell["batch"], earlier))
+                results.append(run_batch(km, kc, cell["batch"], earlier))
             else:
                 results.append(run_cell(km, kc, cell, earlier))
     finally:
