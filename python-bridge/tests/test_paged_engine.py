@@ -332,3 +332,24 @@ def test_end_tokens_ignore_eos_and_the_context_length_end_a_reply(tiny, referenc
             e.submit(tokens(16, 111), greedy(1))
     finally:
         e.stop()
+
+
+def test_each_row_samples_with_its_own_options_and_seed(tiny, reference):
+    from qwenbook_bridge.engine.generate.generation import generate, prompt_ids
+
+    chats = [[{"role": "user", "content": q}] for q in ("写一首关于秋天的诗", "Tell me about cats")]
+    options = [SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7),
+               # Below 1 the repetition penalty favours tokens already seen (this tiny model never repeats one
+               # by itself, so a penalty above 1 would change nothing here).
+               SamplingParams(max_tokens=16, greedy=True, repetition_penalty=0.2)]
+    # The single-request decoder draws with the same per-request generator, so a seeded reply is the same there.
+    solo = [generate(tiny, c, p).token_ids for c, p in zip(chats, options)]
+    unpenalized = generate(tiny, chats[1], SamplingParams(max_tokens=16, greedy=True)).token_ids
+    assert list(unpenalized) != list(solo[1])  # the penalties change this reply
+    greedy_prompt = tokens(9, 120)
+    with engine(tiny, num_blocks=64, block_size=4) as e:
+        handles = [e.submit(prompt_ids(tiny, c), p) for c, p in zip(chats, options)]
+        beside = e.submit(greedy_prompt, greedy(12))
+        got = [list(h.result(timeout=120).token_ids) for h in handles]
+        assert list(beside.result(timeout=120).token_ids) == reference(greedy_prompt, 12)
+    assert got == [list(ids) for ids in solo]
