@@ -210,3 +210,20 @@ def test_gpu_host_layers_never_import_pyzmq(modules: dict[str, Path]) -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             wrong += [f"{name} line {node.lineno}" for n in named if n == "zmq" or n.startswith("zmq.")]
     assert not wrong, "pyzmq imported where GPU hosts run without it: " + ", ".join(wrong)
+
+
+def test_no_name_in_a_face_hides_a_submodule(modules: dict[str, Path]) -> None:
+    """`import pkg.sub.mod as m` walks attributes: a face that binds `sub` to something else (say a function of the
+    same name) makes that import fail though `from pkg.sub import mod` works."""
+    hidden = []
+    for name, path in modules.items():
+        if path.name != "__init__.py":
+            continue
+        package = importlib.import_module(name)
+        for child in modules:
+            if child.rpartition(".")[0] == name and not child.endswith(".__main__"):
+                importlib.import_module(child)
+                attribute = getattr(package, child.rpartition(".")[2])
+                if getattr(attribute, "__name__", None) != child:
+                    hidden.append(f"{name}.{child.rpartition('.')[2]} is {attribute!r}, not the module {child}")
+    assert not hidden, "\n".join(hidden)

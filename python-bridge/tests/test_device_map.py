@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenbook_bridge.engine import DeviceUnavailableError, InvalidOptionError, LoadOptions, generate, load_model
+from qwenbook_bridge.engine import DeviceUnavailableError, InvalidOptionError, LoadOptions, load_model
+from qwenbook_bridge.engine.generate.generation import generate
 from qwenbook_bridge.engine.models.device_map import parse_size, resolve_placement
 from qwenbook_bridge.engine.generate.sampling import SamplingParams
 

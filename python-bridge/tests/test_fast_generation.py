@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from qwenbook_bridge.engine import SamplingParams, generate
+from qwenbook_bridge.engine import SamplingParams
+from qwenbook_bridge.engine.generate.generation import generate
 from qwenbook_bridge.engine.generate.fast_decode import FastDecoder
 from qwenbook_bridge.engine.generate.decoders import _decoders, decoder_for, forget
 

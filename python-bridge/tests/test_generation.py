@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qwenbook_bridge.engine import SamplingParams, InvalidOptionError, NoChatTemplateError, generate
+from qwenbook_bridge.engine import SamplingParams, InvalidOptionError, NoChatTemplateError
+from qwenbook_bridge.engine.generate.generation import generate
 from qwenbook_bridge.engine.generate.generation import prompt_ids
 from qwenbook_bridge.engine.generate.streaming import IncrementalDetokenizer, StopStringFilter
 

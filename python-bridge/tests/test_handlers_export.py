@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenbook_bridge.engine import SamplingParams, generate
+from qwenbook_bridge.engine import SamplingParams
+from qwenbook_bridge.engine.generate.generation import generate
 from qwenbook_bridge.engine.export.gguf_read import GgufFile
 from qwenbook_bridge.handlers.dispatch import Handlers
 from qwenbook_bridge.handlers.context import JobContext

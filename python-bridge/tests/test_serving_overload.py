@@ -22,7 +22,6 @@ import time
 
 import httpx
 import psutil
-import pytest
 
 from wire import TIMEOUT_S, Client
 

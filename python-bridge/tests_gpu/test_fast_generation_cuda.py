@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenbook_bridge.engine import LoadOptions, SamplingParams, generate, load_model
+from qwenbook_bridge.engine import LoadOptions, SamplingParams, load_model
+from qwenbook_bridge.engine.generate.generation import generate
 from qwenbook_bridge.engine.generate.decoders import forget
 from test_fast_generation import plain_then_fast
 

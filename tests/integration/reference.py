@@ -22,7 +22,8 @@ def main() -> None:
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
 
-    from qwenbook_bridge.engine import LoadOptions, SamplingParams, generate, load_model
+    from qwenbook_bridge.engine import LoadOptions, SamplingParams, load_model
+    from qwenbook_bridge.engine.generate.generation import generate
     from qwenbook_bridge.engine.generate.generation import prompt_ids
 
     loaded = load_model(path, LoadOptions(dtype="fp32", device="cpu"))

@@ -45,7 +45,8 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 def time_loops(folder: Path, quant: str | None, max_tokens: int, runs: int) -> list[dict[str, Any]]:
-    from qwenbook_bridge.engine import LoadOptions, SamplingParams, generate, load_model
+    from qwenbook_bridge.engine import LoadOptions, SamplingParams, load_model
+    from qwenbook_bridge.engine.generate.generation import generate
     from qwenbook_bridge.engine.generate.decoders import forget
 
     cuda = torch.cuda.is_available()

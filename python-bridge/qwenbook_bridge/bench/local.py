@@ -17,7 +17,8 @@ from typing import Any
 
 def bench(model: str, prompt: str, max_tokens: int, runs: int, device: str = "auto", dtype: str = "auto",
           system: str | None = None) -> dict[str, Any]:
-    from qwenbook_bridge.engine import LoadOptions, SamplingParams, generate, load_model
+    from qwenbook_bridge.engine import LoadOptions, SamplingParams, load_model
+    from qwenbook_bridge.engine.generate.generation import generate
 
     loaded = load_model(model, LoadOptions(dtype=dtype, device=device))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

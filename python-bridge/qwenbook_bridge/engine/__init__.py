@@ -2,11 +2,12 @@
 hosts may lack it). models/ loads and holds models and their adapters, generate/ decodes, data/ reads training
 data, train/ fine-tunes, quant/ quantizes, export/ writes models out, files/ writes files atomically; errors.py
 names what can go wrong and model_parts.py what a model is made of under its wrappers. The names below are the
-ones a caller needs most; the subpackages' own faces list the rest."""
+ones a caller needs most; the subpackages' own faces list the rest. (`generate` is the subpackage: the function
+that answers a chat is engine.generate.generation.generate.)"""
 
 from qwenbook_bridge.engine.errors import (CancelledError, DeviceUnavailableError, EngineError, InvalidOptionError,
     ModelNotFoundError, ModelNotLoadedError, NoChatTemplateError, NotACausalLMError)
-from qwenbook_bridge.engine.generate.generation import GenerationResult, TokenDelta, generate
+from qwenbook_bridge.engine.generate.generation import GenerationResult, TokenDelta
 from qwenbook_bridge.engine.generate.sampling import SamplingParams
 from qwenbook_bridge.engine.models.devices import available_devices, memory_snapshot, resolve_device
 from qwenbook_bridge.engine.models.loading import LoadedModel, LoadOptions, LoadProgress, ModelRegistry, load_model
@@ -14,7 +15,7 @@ from qwenbook_bridge.engine.models.loading import LoadedModel, LoadOptions, Load
 __all__ = [
     "CancelledError", "DeviceUnavailableError", "EngineError", "InvalidOptionError", "ModelNotFoundError",
     "ModelNotLoadedError", "NoChatTemplateError", "NotACausalLMError",
-    "GenerationResult", "SamplingParams", "TokenDelta", "generate",
+    "GenerationResult", "SamplingParams", "TokenDelta",
     "available_devices", "memory_snapshot", "resolve_device",
     "LoadedModel", "LoadOptions", "LoadProgress", "ModelRegistry", "load_model",
     # modules and subpackages other packages may import

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from qwenbook_bridge import PROTOCOL_VERSION, __version__
-from qwenbook_bridge.engine import (CancelledError, LoadOptions, LoadProgress, ModelRegistry, SamplingParams,
-    available_devices, generate, memory_snapshot)
+from qwenbook_bridge.engine import (CancelledError, LoadOptions, LoadProgress,
+    ModelRegistry, SamplingParams, available_devices, memory_snapshot)
+from qwenbook_bridge.engine.generate.generation import generate
 from qwenbook_bridge.engine.models.adapter_registry import AdapterRegistry
 from qwenbook_bridge.handlers.adapters import AdapterHandlers
 from qwenbook_bridge.handlers.context import JobContext, JobHandler, ProtocolVersionMismatch, Sessions
