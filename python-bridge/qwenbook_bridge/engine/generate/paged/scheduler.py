@@ -1,8 +1,9 @@
 """The paged engine: one thread owns the model and decodes every submitted request over a shared paged cache.
 
 A drop-in for `batching.scheduler.BatchScheduler` (same start/stop/submit/call_between_steps/exclusive/stats,
-same `RequestHandle` events), built on `blocks.BlockPool` (which cache blocks a sequence holds, and the prefix
-cache) and `runner.PagedRunner` (the model math over the blocks). Each step:
+same `RequestHandle` events, the same thread: both subclass `batching.engine_thread.EngineThread`), built on
+`blocks.BlockPool` (which cache blocks a sequence holds, and the prefix cache) and `runner.PagedRunner` (the
+model math over the blocks). Each step:
 
 1. admits waiting requests while blocks allow: the longest cached prefix of the prompt is reused
    (`BlockPool.match_prefix`), blocks for the rest are allocated;
@@ -23,14 +24,8 @@ prefixes cached under the weights concerned.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import math
-import threading
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +33,12 @@ from typing import Any
 import torch
 
 from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError
-from qwenbook_bridge.engine.generate.batching.requests import (EventSink, Finished, FinishReason, RequestHandle,
-                                                               TokenDelta)
+from qwenbook_bridge.engine.generate.batching.engine_thread import EngineThread, Row
+from qwenbook_bridge.engine.generate.batching.requests import EventSink, RequestHandle
+from qwenbook_bridge.engine.generate.batching.scheduler import BatchStats
 from qwenbook_bridge.engine.generate.paged.blocks import BlockPool, CacheShape, NoFreeBlocks, cache_budget_bytes
 from qwenbook_bridge.engine.generate.paged.runner import PagedRunner, SeqChunk
-from qwenbook_bridge.engine.generate.sampling import SamplingParams, apply_penalties, make_sampler
+from qwenbook_bridge.engine.generate.sampling import SamplingParams, make_sampler
 from qwenbook_bridge.engine.generate.streaming import IncrementalDetokenizer, StopStringFilter
 
 
@@ -83,17 +79,8 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class EngineStats:
-    # BatchStats' fields, so callers of either engine read the same names.
-    running: bool
-    active: int
-    waiting: int
-    steps: int
-    peak_batch_size: int  # most rows decoded together so far
-    tokens_generated: int
-    tokens_per_second: float
-    last_error: str | None
-    # The paged cache.
+class EngineStats(BatchStats):
+    # BatchStats' fields first, so callers of either engine read the same names; then the paged cache.
     blocks_total: int
     blocks_used: int  # blocks held by running rows (cached prefixes nobody holds are free to reuse)
     block_size: int
@@ -104,64 +91,35 @@ class EngineStats:
 
 
 @dataclass(eq=False)
-class _Seq:
+class _Seq(Row):
     """A request and its sequence: `tokens` is the prompt and the reply so far; the first `computed` of them
     have their keys and values in `blocks`, and the first `committed` blocks are in the prefix cache."""
 
-    handle: RequestHandle
-    detok: IncrementalDetokenizer
-    stops: StopStringFilter
-    sampler: Callable[[torch.Tensor], torch.Tensor]
-    prompt: torch.Tensor  # for the repetition penalty
     adapter: int  # the runner's adapter slot, -1 for the base model
-    limit: int  # tokens this reply may have
     tokens: list[int]
-    output: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     computed: int = 0
     committed: int = 0
     order: int = 0  # admission order: the largest is the newest row, the first preempted
-    finished: bool = False
 
 
-class PagedEngine:
+class PagedEngine(EngineThread[_Seq, _Seq]):
     """Owns the model on one thread and decodes every submitted request over one paged key/value cache."""
+
+    _thread_name = "qwenbook-paged-engine"
+    config: EngineConfig
 
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None,
                  eos_token_ids: frozenset[int] | None = None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.config = (config or EngineConfig()).validate()
-        mcfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-        kinds = set(getattr(mcfg, "layer_types", None) or ["full_attention"])
-        if kinds != {"full_attention"}:
-            raise EngineError("the paged engine supports full-attention models only; this model has "
-                              f"{', '.join(sorted(kinds))} layers")
-        self.context_length = int(self.config.context_length or getattr(mcfg, "max_position_embeddings", 0) or 32768)
-        self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer)
-        self.device = next(model.parameters()).device
+        super().__init__(model, tokenizer, (config or EngineConfig()).validate(), eos_token_ids, "the paged engine")
         bs = self.config.block_size
-        num_blocks = self.config.num_blocks or self._blocks_from_memory(mcfg)
+        num_blocks = self.config.num_blocks or self._blocks_from_memory(self._text_config)
         self.runner = PagedRunner(model, num_blocks, bs, max_adapters=self.config.max_adapters,
                                   max_rank=self.config.max_lora_rank)
         self.pool = BlockPool(num_blocks, bs, prefix_caching=self.config.prefix_caching)
         self._adapters: dict[str, int] = {}
-        self._waiting: collections.deque[_Seq] = collections.deque()
-        self._rows: list[_Seq] = []
-        self._calls: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
-        self._wake = threading.Condition()
-        self._pause_requests = 0
-        self._parked = threading.Event()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self._order = itertools.count()
-        self._steps = 0
-        self._peak = 0
-        self._tokens = 0
         self._preemptions = 0
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
-        self._started = time.monotonic()
-        self._last_error: str | None = None
 
     def _blocks_from_memory(self, mcfg: Any) -> int:
         """Blocks in `memory_utilization` of the device, capped at what the batch can use: every row at
@@ -178,29 +136,6 @@ class PagedEngine:
         useful = self.config.max_batch_size * math.ceil(self.context_length / bs)
         return int(min(budget // shape.bytes_per_block(), useful))
 
-    # ---- lifecycle -------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self.running:
-            return
-        self._stopping = False
-        self._started = time.monotonic()
-        self._thread = threading.Thread(target=self._loop, name="qwenbook-paged-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = 30.0) -> None:
-        """Cancel every request (running or waiting) and end the thread; the model and the cache stay."""
-        with self._wake:
-            self._stopping = True
-            self._wake.notify_all()
-        if self._thread:
-            self._thread.join(timeout)
-        self._thread = None
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     # ---- public API ------------------------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: EventSink | None = None,
@@ -208,13 +143,8 @@ class PagedEngine:
         """Queue a request; it joins the batch when blocks allow. `sink` is called on the engine thread, so it
         must be quick and must not block (e.g. `loop.call_soon_threadsafe(q.put_nowait, ev)`). `adapter` names
         one added with `add_adapter`; None decodes with the base model."""
-        if not prompt_ids:
-            raise InvalidOptionError("the prompt is empty: give at least one token")
+        self._check_prompt(prompt_ids)
         n = len(prompt_ids)
-        if n >= self.context_length:
-            raise InvalidOptionError(
-                f"the prompt has {n} tokens but the model's context holds {self.context_length}: "
-                "shorten it so that at least one token can be generated")
         slot = -1
         if adapter is not None:
             if adapter not in self._adapters:
@@ -237,7 +167,7 @@ class PagedEngine:
         handle = RequestHandle(list(prompt_ids), params, sink)
         seq = _Seq(handle, IncrementalDetokenizer(self.tokenizer), StopStringFilter(params.stop),
                    make_sampler(params, self.device), torch.tensor(handle.prompt_ids, dtype=torch.long),
-                   slot, limit, list(handle.prompt_ids))
+                   limit, adapter=slot, tokens=list(handle.prompt_ids))
         with self._wake:
             self._waiting.append(seq)
             self._wake.notify_all()
@@ -287,49 +217,12 @@ class PagedEngine:
     def adapters(self) -> list[str]:
         return sorted(self._adapters)
 
-    def call_between_steps(self, fn: Callable[[], Any]) -> Future[Any]:
-        """Run `fn()` on the engine thread between two steps; the Future holds its result.
-        With the engine stopped, or called from the engine thread, `fn` runs at once."""
-        fut: Future[Any] = Future()
-        if not self.running or threading.current_thread() is self._thread:
-            _run_into(fn, fut)
-            return fut
-        with self._wake:
-            self._calls.append((fn, fut))
-            self._wake.notify_all()
-        return fut
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Park the engine between two steps for the duration of the block, so the caller may use the model
-        (or change it: load an adapter, train) without racing the batch. Waits at most one step. Cached
-        prefixes are dropped afterwards, since the block may have changed what the model computes."""
-        if not self.running or threading.current_thread() is self._thread:
-            yield
-            return
-        with self._wake:
-            self._pause_requests += 1
-            self._wake.notify_all()
-        try:
-            while not self._parked.wait(0.05):
-                if not self.running:
-                    break
-            yield
-        finally:
-            with self._wake:
-                self._pause_requests -= 1
-                self._wake.notify_all()
-
     def stats(self) -> EngineStats:
-        now = time.monotonic()
-        window = [n for t, n in list(self._recent) if now - t <= self.config.rate_window_s]
-        # Right after start the window is not full yet; dividing by all of it would understate the rate.
-        span = max(min(self.config.rate_window_s, now - self._started), 1e-3)
         prefix = self.pool.stats()
         bs = self.pool.block_size
         return EngineStats(
             self.running, len(self._rows), len(self._waiting), self._steps, self._peak, self._tokens,
-            round(sum(window) / span, 1), self._last_error,
+            self._rate(), self._last_error,
             blocks_total=self.pool.num_blocks, blocks_used=self.pool.used_count,
             block_size=bs, cache_bytes=self.runner.shape.bytes_per_block() * self.pool.num_blocks,
             prefix_hit_rate=round(prefix.hit_rate, 4),
@@ -337,41 +230,15 @@ class PagedEngine:
 
     # ---- the engine thread -----------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._wake:
-                    while not (self._stopping or self._rows or self._waiting or self._calls or self._pause_requests):
-                        self._wake.wait()
-                    if self._stopping:
-                        break
-                    calls = list(self._calls)
-                    self._calls.clear()
-                for fn, fut in calls:
-                    _run_into(fn, fut)
-                self._park_if_asked()
-                if self._stopping:  # stop() ended a park: the block that parked us may still be using the model
-                    break
-                try:
-                    self._step()
-                except Exception as exc:  # a failed step ends its rows, not the server
-                    self._fail_all(exc)
-            self._shutdown()
-
-    def _park_if_asked(self) -> None:
-        parked = False
-        with self._wake:
-            while self._pause_requests and not self._stopping:
-                parked = True
-                self._parked.set()
-                self._wake.wait()
-            self._parked.clear()
+    def _park_if_asked(self) -> bool:
+        parked = super()._park_if_asked()
         if parked and not self._stopping:
             # The parked block may have changed the weights (a merge, a quantization), so every cached prefix
             # may be stale. Rows decoding across the park keep their own cache, as under BatchScheduler; their
             # blocks are not cached once they let go.
             for namespace in [None, *self._adapters.values()]:
                 self.pool.forget(namespace)
+        return parked
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -490,52 +357,12 @@ class PagedEngine:
                              namespace=self._namespace(s))
             s.committed += 1
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Seq]) -> list[int]:
-        # One argmax over the batch covers the greedy rows; only sampled or penalized rows go one by one.
-        picked = torch.argmax(logits, dim=-1)
-        for i, s in enumerate(rows):
-            params = s.handle.params
-            if params.is_greedy and not params.penalized:
-                continue
-            row_logits = logits[i].float()
-            if params.penalized:
-                row_logits = apply_penalties(row_logits.clone(), params, s.prompt, s.output)
-            picked[i] = s.sampler(row_logits).reshape(())
-        return picked.tolist()
-
-    def _advance(self, s: _Seq, token: int) -> None:
-        """Record a sampled token, emit its text, and finish the row when the token ends it."""
-        h, params = s.handle, s.handle.params
-        s.output.append(token)
-        s.tokens.append(token)
-        if h.cancelled:
-            return self._finish(s, "cancelled")
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            return self._finish(s, "stop", self._tail(s))
-        text = s.stops.push(s.detok.push(token))
-        if s.stops.hit is not None:
-            return self._finish(s, "stop", text, token)
-        if len(s.output) >= s.limit:
-            text += self._tail(s)
-            return self._finish(s, "stop" if s.stops.hit is not None else "length", text, token)
-        h._emit(TokenDelta(text, (token,)))
-
-    @staticmethod
-    def _tail(s: _Seq) -> str:
-        """Text still held back when a row ends without a stop string: the detokenizer's and the stop filter's."""
-        text = s.stops.push(s.detok.flush())
-        return text if s.stops.hit is not None else text + s.stops.flush()
-
-    def _finish(self, s: _Seq, reason: FinishReason, text: str = "", token: int | None = None) -> None:
-        if text or token is not None:
-            s.handle._emit(TokenDelta(text, () if token is None else (token,)))
-        s.finished = True
-        s.handle._emit(Finished(reason, len(s.handle.prompt_ids), len(s.output)))
+    def _advance(self, s: _Seq, token: int) -> bool:
+        s.tokens.append(token)  # the next step feeds it to the model (or a recompute after preemption does)
+        return super()._advance(s, token)
 
     def _drop_cancelled(self) -> None:
-        for s in self._rows:
-            if not s.finished and s.handle.cancelled:
-                self._finish(s, "cancelled")
+        self._finish_cancelled_rows()
         self._drop_finished()
         with self._wake:
             gone = [s for s in self._waiting if s.handle.cancelled]
@@ -551,55 +378,8 @@ class PagedEngine:
                 s.blocks = []
         self._rows = [s for s in self._rows if not s.finished]
 
-    def _fail_all(self, exc: Exception) -> None:
-        self._record_error(exc)
-        message = f"{type(exc).__name__}: {exc}"
-        for s in self._rows:
-            if not s.finished:
-                s.finished = True
-                s.handle._emit(Finished("error", len(s.handle.prompt_ids), len(s.output), message))
+    def _clear_rows(self) -> None:
         self._drop_finished()
 
-    def _shutdown(self) -> None:
-        for s in self._rows:
-            if not s.finished:
-                self._finish(s, "cancelled")
-        self._drop_finished()
-        with self._wake:
-            waiting, self._waiting = list(self._waiting), collections.deque()
-            calls = list(self._calls)
-            self._calls.clear()
-        for s in waiting:
-            self._finish(s, "cancelled")
-        for fn, fut in calls:
-            _run_into(fn, fut)
-
-    def _record_error(self, exc: Exception) -> None:
-        self._last_error = f"{type(exc).__name__}: {exc}"
-
-    def _count_tokens(self, n: int) -> None:
-        now = time.monotonic()
-        self._tokens += n
-        self._recent.append((now, n))
-        while self._recent and now - self._recent[0][0] > self.config.rate_window_s:
-            self._recent.popleft()
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                  getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return frozenset(ids)
-
-
-def _run_into(fn: Callable[[], Any], fut: Future[Any]) -> None:
-    if not fut.set_running_or_notify_cancel():
-        return
-    try:
-        fut.set_result(fn())
-    except BaseException as exc:  # handed to the caller through the Future
-        fut.set_exception(exc)
+    def _cancel_waiting(self, item: _Seq) -> None:
+        self._finish(item, "cancelled")
