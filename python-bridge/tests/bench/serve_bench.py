@@ -572,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     import torch
 
+    if a.device.startswith("cuda") and a.url is None:
+        from qwenbook_bridge.bench.needs_gpu import require_cuda
+
+        require_cuda("serve_bench.py --device cuda", instead="--smoke runs the tiny model on the CPU")
     if a.threads:
         torch.set_num_threads(a.threads)
     from qwenbook_bridge.openai.server import OpenAIServer, ServeConfig

@@ -55,7 +55,9 @@ def kernels() -> ModuleType:
     global _kernels
     if _kernels is None:
         _kernels = importlib.import_module(f"{__package__}.triton_kernels")
-    elif getattr(_kernels, "INTERPRETED", False) != _interpreting():
+    # Also when first taken: whoever imported the module before (a test walking every module, say) may have
+    # done so under the other setting.
+    if getattr(_kernels, "INTERPRETED", False) != _interpreting():
         _kernels = importlib.reload(_kernels)
     return _kernels
 
