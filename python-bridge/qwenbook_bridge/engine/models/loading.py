@@ -212,7 +212,8 @@ def plan_load(source: str, options: LoadOptions, progress: ProgressCallback, def
                  placement)
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends a reply: the generation config's end token(s) and the tokenizer's."""
     ids: set[int] = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in (gen_eos, getattr(tokenizer, "eos_token_id", None)):
@@ -296,7 +297,7 @@ def _finish_load(plan: _Plan, model_id: str, model: Any, tokenizer: Any, attn: s
     device = first_device(model, plan.device) if plan.placement is not None else plan.device
     info["device"] = str(device)
     return LoadedModel(model_id, plan.source, plan.path, model, tokenizer, info, device,
-                       DTYPES[plan.dtype_name], _eos_ids(model, tokenizer))
+                       DTYPES[plan.dtype_name], eos_token_ids(model, tokenizer))
 
 
 def _no_progress(_: LoadProgress) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
+from qwenbook_bridge.engine.models.loading import eos_token_ids as model_eos_ids
 from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError
 from qwenbook_bridge.engine.generate.batching.requests import Finished, FinishReason, RequestHandle, TokenDelta
 from qwenbook_bridge.engine.generate.sampling import apply_penalties
@@ -71,7 +72,7 @@ class EngineThread(Generic[RowT, WaitT]):
                               f"{', '.join(sorted(kinds))} layers")
         self._text_config = mcfg
         self.context_length = int(config.context_length or getattr(mcfg, "max_position_embeddings", 0) or 32768)
-        self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer)
+        self.eos_token_ids = eos_token_ids if eos_token_ids is not None else model_eos_ids(model, tokenizer)
         self.device = next(model.parameters()).device
         self._waiting: collections.deque[WaitT] = collections.deque()
         self._rows: list[RowT] = []
@@ -291,17 +292,6 @@ class EngineThread(Generic[RowT, WaitT]):
         self._recent.append((now, n))
         while self._recent and now - self._recent[0][0] > self.config.rate_window_s:
             self._recent.popleft()
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                  getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return frozenset(ids)
 
 
 def _run_into(fn: Callable[[], Any], fut: Future[Any]) -> None:
