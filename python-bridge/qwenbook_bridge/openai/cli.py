@@ -1,8 +1,15 @@
 """Serve a model as an OpenAI-compatible API without a notebook.
 
-    python -m qwenbook_bridge.openai.cli Qwen/Qwen2.5-7B-Instruct --port 8000 [--adapter PATH] [--api-key K]
+    python -m qwenbook_bridge.openai.cli Qwen/Qwen2.5-7B-Instruct --port 8000 [--adapter NAME=DIR ...] [--api-key K]
 
 Loads the model once, serves until Ctrl-C (or SIGTERM), then closes the port and exits 0.
+
+LoRA adapters are served by name beside the base model, as vLLM's --lora-modules: `--adapter NAME=DIR`
+(repeatable) makes a request whose "model" is NAME decode through the adapter in DIR; every other request
+(the base model's name, its hub id or folder, or no model) gets the base model. `--adapter DIR` without a
+name serves the adapter as the folder's name. --name names the base model. With exactly one adapter the
+"Serving NAME at URL" line names the adapter, so a client that asks for the printed name gets the adapter's
+output (as when the adapter was applied on top of the model); with several it names the base model.
 """
 
 from __future__ import annotations
@@ -19,11 +26,34 @@ from pathlib import Path
 from qwenbook_bridge.engine.errors import EngineError
 
 
-def default_name(source: str, adapter: str | None) -> str:
-    """The id clients pass as `model`: the adapter's folder name when one is applied, else the model's."""
-    if adapter:
-        return Path(adapter.rstrip("/")).name
+def default_name(source: str) -> str:
+    """The id clients pass as `model` for the base: the hub id as written, else the model folder's name."""
     return source.rstrip("/") if "/" in source and not Path(source).exists() else Path(source.rstrip("/")).name
+
+
+def adapter_option(text: str) -> tuple[str, str]:
+    """`--adapter NAME=DIR` or `--adapter DIR` as (name, folder). A value that is an existing folder is a DIR
+    even if it holds '=' (a folder named a=b); otherwise the text before the first '=' is the name."""
+    name, sep, folder = text.partition("=")
+    if not sep or Path(text).expanduser().is_dir():
+        folder = text
+        name = Path(text.rstrip("/")).name
+    if not name.strip() or name != name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} has no adapter name: write NAME=DIR, e.g. huanhuan=./out/adapter")
+    if not folder:
+        raise argparse.ArgumentTypeError(f"{text!r} has no adapter folder: write NAME=DIR, e.g. {name}=./out/adapter")
+    return name, folder
+
+
+def adapters_from(options: list[tuple[str, str]] | None) -> dict[str, str]:
+    """The --adapter options as name -> folder, refusing one name given twice."""
+    adapters: dict[str, str] = {}
+    for name, folder in options or []:
+        if name in adapters:
+            raise EngineError(f"--adapter names {name!r} twice ({adapters[name]} and {folder}): give each adapter "
+                              "its own name with NAME=DIR")
+        adapters[name] = str(Path(folder).expanduser().absolute())
+    return adapters
 
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024 ** 2, "mb": 1000 ** 2, "mib": 1024 ** 2,
@@ -48,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
-    p.add_argument("--name", default=None, help="model id clients use (default: the model's or adapter's name)")
-    p.add_argument("--adapter", default=None, help="LoRA adapter folder to apply on top of the model")
+    p.add_argument("--name", default=None,
+                   help="model id clients use for the base model (default: the hub id or the model folder's name)")
+    p.add_argument("--adapter", type=adapter_option, action="append", default=None, metavar="NAME=DIR",
+                   help="serve the LoRA adapter in DIR as model NAME beside the base model; repeatable. DIR alone "
+                        "serves it as the folder's name")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default auto)")
     p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default 32)")
@@ -80,31 +113,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         limits = {k: v for k, v in (("max_body_bytes", args.max_body), ("client_timeout_s", args.client_timeout))
                   if v is not None}
-        # Checked before the model loads, so a bad option fails in a second rather than after minutes.
-        options = ServeConfig(port=args.port, host=args.host, api_key=args.api_key,
+        name = args.name or default_name(args.model)
+        adapters = adapters_from(args.adapter)
+        # Checked before the model loads (the adapter folders too), so a bad option fails in a second rather than
+        # after minutes.
+        options = ServeConfig(port=args.port, host=args.host, api_key=args.api_key, model_name=name,
                               max_batch_size=args.max_batch_size, context_length=args.context_length,
-                              memory_utilization=args.memory_utilization,
+                              memory_utilization=args.memory_utilization, adapters=adapters,
                               max_queue=args.max_queue, retry_after_s=args.retry_after, **limits).validate()
         loaded = load_model(args.model, LoadOptions(dtype=args.dtype, device=args.device), progress)
-        if args.adapter:
-            from qwenbook_bridge.engine.models.adapters import AdapterManager
-
-            info = AdapterManager(loaded.model).load(args.adapter)
-            print(f"[adapter] {info.name} applied from {info.path}", file=sys.stderr, flush=True)
-        name = args.name or default_name(args.model, args.adapter)
-        aliases = tuple({args.model, loaded.model_id} - {name})
-        config = replace(options, model_name=name, aliases=aliases)
-        server = OpenAIServer.for_loaded(loaded, config)
+        # An adapter's name wins over an alias that happens to equal it (a model folder named like the adapter).
+        aliases = tuple({args.model, loaded.model_id} - {name, *adapters})
+        server = OpenAIServer.for_loaded(loaded, replace(options, aliases=aliases))
         server.start()
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    shown = next(iter(adapters)) if len(adapters) == 1 else name
+    for adapter, folder in adapters.items():
+        print(f"[adapter] {adapter} served from {folder}", file=sys.stderr, flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    print(f"Serving {name} at {server.url}  (Ctrl-C stops)", flush=True)
-    print(f"  {server.curl_example()}", flush=True)
+    print(f"Serving {shown} at {server.url}  (Ctrl-C stops)", flush=True)
+    if adapters:
+        print(f"  models: {name} (base){''.join(f', {a} (adapter)' for a in adapters)}", flush=True)
+    print(f"  {server.curl_example(shown)}", flush=True)
     while not done.wait(0.5):  # a timed wait lets the signal handler run promptly
         pass
     print("stopping…", file=sys.stderr, flush=True)

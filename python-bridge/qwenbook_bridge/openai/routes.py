@@ -81,11 +81,13 @@ class OpenAIApi:
 
     def __init__(self, scheduler: PagedEngine | BatchScheduler, tokenizer: Any, generation_config: Any,
                  model_name: str, aliases: tuple[str, ...] = (), api_key: str | None = None,
-                 limits: ApiLimits | None = None) -> None:
+                 limits: ApiLimits | None = None, adapters: dict[str, str] | None = None) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.names = (model_name, *[a for a in aliases if a != model_name])
+        # Adapter name -> its folder (listed as the card's "root"); the engine holds each under that name.
+        self.adapters = dict(adapters or {})
         self.api_key = api_key
         self.created = int(time.time())
         self.state = ApiState()
@@ -143,10 +145,27 @@ class OpenAIApi:
                               f"{limit} bytes ({limit / MiB:g} MiB). Shorten the request, or start the server with "
                               "a larger maxBody (--max-body).", code="request_too_large")
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name not in self.names:
-            raise oa.OpenAIError(404, f"The model `{name}` does not exist. This server serves "
-                                 f"`{self.model_name}` (see GET /v1/models).", param="model", code="model_not_found")
+    def check_model(self, name: str | None) -> str | None:
+        """The adapter a request's "model" asks for; None for the base model (its name, an alias, or no name).
+        An id this server does not serve is OpenAI's 404, listing the ids that it does."""
+        if name is None or name in self.names:
+            return None
+        if name in self.adapters:
+            return name
+        served = ", ".join(f"`{n}`" for n in self.served_ids())
+        raise oa.OpenAIError(404, f"The model `{name}` does not exist. This server serves {served} "
+                             "(see GET /v1/models).", param="model", code="model_not_found")
+
+    def served_ids(self) -> list[str]:
+        """What /v1/models lists: the base model, then each adapter. Aliases are accepted but not listed:
+        clients pick the first id they see."""
+        return [self.model_name, *self.adapters]
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        base = oa.model_card(self.model_name, self.created)
+        # vLLM's LoRA cards: the adapter's folder as "root" and the base model as "parent".
+        return [base, *({**oa.model_card(name, self.created), "root": folder, "parent": self.model_name}
+                        for name, folder in self.adapters.items())]
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -192,7 +211,8 @@ class OpenAIApi:
             raise oa.bad_request(str(exc)) from None
         return params
 
-    def submit(self, ids: list[int], params: SamplingParams) -> tuple[RequestHandle, asyncio.Queue[GenerationEvent]]:
+    def submit(self, ids: list[int], params: SamplingParams,
+               adapter: str | None = None) -> tuple[RequestHandle, asyncio.Queue[GenerationEvent]]:
         if self.state.stopping:
             raise oa.OpenAIError(503, "The server is shutting down.", type="server_error")
         # Requests beyond the batch's rows wait. Counted here, from submission to Finished, rather than from the
@@ -224,7 +244,10 @@ class OpenAIApi:
                 self._finished(holder[0], ev, time.monotonic() - submitted)
 
         try:
-            handle = self.scheduler.submit(ids, params, lambda ev: mailbox.post(deliver, ev))
+            sink = lambda ev: mailbox.post(deliver, ev)  # noqa: E731
+            # Only the paged engine takes adapters; check_model never picks one for a server without them.
+            handle = (self.scheduler.submit(ids, params, sink) if adapter is None else
+                      self.scheduler.submit(ids, params, sink, adapter=adapter))  # type: ignore[call-arg]
         except InvalidOptionError as exc:  # this request can never run here, e.g. it outgrows the whole cache
             raise oa.bad_request(str(exc)) from None
         except EngineError as exc:
@@ -292,25 +315,25 @@ def build_app(api: OpenAIApi) -> Starlette:
 
     async def list_models(request: Request) -> Response:
         api.check_auth(request)
-        # Aliases are accepted as `model` but not listed: clients pick the first id they see.
-        return JSONResponse(oa.models_list([api.model_name], api.created))
+        return JSONResponse({"object": "list", "data": api.model_cards()})
 
     async def get_model(request: Request) -> Response:
         api.check_auth(request)
-        api.check_model(request.path_params["name"])
-        return JSONResponse(oa.model_card(api.model_name, api.created))
+        adapter = api.check_model(request.path_params["name"])
+        cards = api.model_cards()
+        return JSONResponse(cards[api.served_ids().index(adapter)] if adapter else cards[0])
 
     async def chat(request: Request) -> Response:
         api.check_auth(request)
         req = oa.parse_chat_request(await api.read_json(request))
-        api.check_model(req.model)
-        return await _generate(api, request, req, api.chat_prompt(req.messages), chat=True)
+        adapter = api.check_model(req.model)
+        return await _generate(api, request, req, api.chat_prompt(req.messages), adapter, chat=True)
 
     async def completions(request: Request) -> Response:
         api.check_auth(request)
         req = oa.parse_completion_request(await api.read_json(request))
-        api.check_model(req.model)
-        return await _generate(api, request, req, api.completion_prompt(req.prompt), chat=False)
+        adapter = api.check_model(req.model)
+        return await _generate(api, request, req, api.completion_prompt(req.prompt), adapter, chat=False)
 
     routes = [Route("/v1/models", list_models, methods=["GET"]),
               Route("/v1/models/{name:path}", get_model, methods=["GET"]),
@@ -320,11 +343,12 @@ def build_app(api: OpenAIApi) -> Starlette:
                                                         ClientDisconnect: client_left, Exception: internal_error})
 
 
-async def _generate(api: OpenAIApi, request: Request, req: oa.CommonRequest, ids: list[int],
+async def _generate(api: OpenAIApi, request: Request, req: oa.CommonRequest, ids: list[int], adapter: str | None,
                     chat: bool) -> Response:
     params = api.sampling(req, len(ids), chat)
-    handle, q = api.submit(ids, params)
-    name = api.model_name
+    handle, q = api.submit(ids, params, adapter)
+    # The reply names the model as asked (an alias included), as vLLM does; the base model's name when none was.
+    name = req.model or api.model_name
     rid = oa.new_id("chatcmpl" if chat else "cmpl")
     prefix = ""
     if isinstance(req, oa.CompletionRequest) and req.echo:

@@ -11,6 +11,11 @@ caching, chunked prefill), or, for a model it cannot read (another architecture,
 the model), the padded `BatchScheduler`. Either shares the weights in memory (no second copy). Pass an engine
 of your own to share it with the notebook's chat (see their exclusive() and call_between_steps() hooks).
 
+LoRA adapters are served by name, as vLLM's --lora-modules: ServeConfig.adapters maps a name to a peft folder,
+each goes into one of the paged engine's adapter slots, and a request's "model" picks the base (its name or an
+alias) or an adapter. Rows of different adapters decode in the same step; /v1/models lists the base and each
+adapter (with "parent" and "root", as vLLM does).
+
 Under overload the server answers rather than piles up (ServeConfig's limits): 413 for bodies over
 max_body_bytes, 429 with Retry-After once max_queue requests wait, 400 for prompt + max_tokens beyond the
 context. Slow clients are cut off by `_GuardedH11Protocol` after client_timeout_s: headers that trickle,
@@ -27,7 +32,9 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -36,6 +43,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from qwenbook_bridge.engine.generate.batching.scheduler import BatchConfig, BatchScheduler
 from qwenbook_bridge.engine.generate.paged.scheduler import EngineConfig, PagedEngine
 from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError
+from qwenbook_bridge.engine.models.adapters import AdapterError, read_adapter_config
 from qwenbook_bridge.openai.routes import MiB, ApiLimits, OpenAIApi, build_app
 
 log = logging.getLogger("qwenbook.serve")
@@ -52,6 +60,9 @@ QUEUE_PER_BATCH_SLOT = 4
 # reading fills silently (a whole long reply) before the server notices; token streams need far less.
 SEND_BUFFER_BYTES = 128 * 1024
 LINGER_S = 2.0  # how long a connection closed mid-body keeps draining the client's bytes (see lingering_close)
+# The engine's adapter slots are sized for the largest rank served, rounded up to this: one slot layout then fits
+# the usual ranks (8, 16, 32, 64) without a rank-4 adapter making the tables any smaller than rank 8's.
+LORA_RANK_MULTIPLE = 8
 
 
 class PortInUseError(EngineError):
@@ -80,6 +91,9 @@ class ServeConfig:
     # Seconds a client may take to send its headers or its body, or leave a stream unread, before it is
     # disconnected (a stream's generation is then cancelled).
     client_timeout_s: float = 30.0
+    # LoRA adapters served beside the base model: name -> peft folder (adapter_config.json +
+    # adapter_model.safetensors). A request whose "model" is the name decodes through that adapter.
+    adapters: Mapping[str, str | Path] = field(default_factory=dict)
 
     @property
     def queue_limit(self) -> int:
@@ -112,7 +126,41 @@ class ServeConfig:
         t = self.client_timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.1 <= t <= 3600:
             raise InvalidOptionError(f"clientTimeout must be a number of seconds from 0.1 to 3600, got {t!r}")
+        self.adapter_ranks()
         return self
+
+    def adapter_ranks(self) -> dict[str, int]:
+        """Each adapter's LoRA rank (adapter_config.json `r`), after checking the names and folders: names are
+        non-empty, differ from the base model's name and aliases, and each folder is a peft adapter."""
+        if not isinstance(self.adapters, Mapping):
+            raise InvalidOptionError(f"adapters must map a name to an adapter folder, got {self.adapters!r}")
+        taken = {self.model_name: "the base model's name", **{a: "an alias of the base model" for a in self.aliases}}
+        ranks: dict[str, int] = {}
+        for name, folder in self.adapters.items():
+            if not isinstance(name, str) or not name.strip() or name != name.strip():
+                raise InvalidOptionError(f"an adapter name must be a non-empty string without surrounding spaces, "
+                                         f"got {name!r}")
+            if name in taken:
+                raise InvalidOptionError(f"adapter name {name!r} is already {taken[name]}: clients could not ask for "
+                                         "one or the other; give the adapter another name (name=DIR)")
+            if not isinstance(folder, (str, Path)) or not str(folder):
+                raise InvalidOptionError(f"adapter {name!r} needs a folder path, got {folder!r}")
+            try:
+                config = read_adapter_config(folder)
+            except AdapterError as exc:
+                raise InvalidOptionError(f"adapter {name!r}: {exc}") from None
+            rank = config.get("r")
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise InvalidOptionError(f"adapter {name!r}: {Path(folder) / 'adapter_config.json'} has no LoRA rank "
+                                         f"(a positive integer `r`), got {rank!r}; is it a LoRA adapter?")
+            ranks[name] = rank
+        return ranks
+
+    @property
+    def max_lora_rank(self) -> int:
+        """The engine's slot rank: the largest adapter rank, rounded up to a multiple of LORA_RANK_MULTIPLE."""
+        top = max(self.adapter_ranks().values(), default=1)
+        return -(-top // LORA_RANK_MULTIPLE) * LORA_RANK_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -133,6 +181,14 @@ class ServeStats:
     last_error_at: float | None  # unix time
     started_at: float | None  # unix time
     uptime_s: float
+    adapters: list[str] = field(default_factory=list)  # adapter names served beside the base model
+    memory_utilization: float | None = None  # share of the device the model and its cache may use
+    # The paged engine's key/value cache; None under the padded BatchScheduler, which has no block cache.
+    blocks_total: int | None = None
+    blocks_used: int | None = None  # blocks held by running requests
+    block_size: int | None = None  # tokens per block
+    cache_bytes: int | None = None
+    prefix_hit_rate: float | None = None  # share of looked-up prompt tokens found in the prefix cache
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,8 +204,11 @@ class OpenAIServer:
         self.model = model
         self._owns_scheduler = scheduler is None
         self.scheduler = scheduler or _engine_for(model, tokenizer, self.config, eos_token_ids)
+        adapters = {name: str(folder) for name, folder in self.config.adapters.items()}
+        _load_adapters(self.scheduler, adapters)
         self.api = OpenAIApi(self.scheduler, tokenizer, getattr(model, "generation_config", None),
-                             self.config.model_name, self.config.aliases, self.config.api_key, self.config.limits())
+                             self.config.model_name, self.config.aliases, self.config.api_key, self.config.limits(),
+                             adapters)
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
@@ -178,9 +237,11 @@ class OpenAIServer:
                                                             (f"[{host}]" if ":" in host else host))
         return f"http://{shown}:{self._port}/v1"
 
-    def curl_example(self) -> str:
+    def curl_example(self, model: str | None = None) -> str:
+        """A curl command that sends one chat request, to the base model or to `model` (e.g. an adapter)."""
         auth = f' -H "Authorization: Bearer {self.config.api_key}"' if self.config.api_key else ""
-        body = json.dumps({"model": self.config.model_name, "messages": [{"role": "user", "content": "Hello"}]})
+        body = json.dumps({"model": model or self.config.model_name,
+                           "messages": [{"role": "user", "content": "Hello"}]})
         return f"curl {self.url}/chat/completions -H \"Content-Type: application/json\"{auth} -d '{body}'"
 
     def start(self, timeout: float = 30.0) -> None:
@@ -249,7 +310,10 @@ class OpenAIServer:
         last_error, last_at = s.last_error, s.last_error_at
         if b.last_error and not last_error:
             last_error = b.last_error
-        return ServeStats(
+        cache = {k: getattr(b, k, None) for k in ("blocks_total", "blocks_used", "block_size", "cache_bytes",
+                                                    "prefix_hit_rate")}
+        return ServeStats(**cache, adapters=list(self.api.adapters),
+                          memory_utilization=getattr(self.scheduler.config, "memory_utilization", None),
             running=self.running, url=self.url, host=self.config.host, port=self._port,
             model_name=self.config.model_name, requests_total=s.requests_total, requests_active=self.api.active,
             requests_waiting=b.waiting, requests_rejected=s.rejected, errors=s.errors,
@@ -358,18 +422,43 @@ class _GuardedH11Protocol(H11Protocol):
 def _engine_for(model: Any, tokenizer: Any, config: ServeConfig,
                 eos_token_ids: frozenset[int] | None) -> PagedEngine | BatchScheduler:
     """The paged engine when it can read the model's weights; otherwise the padded batch scheduler, which
-    runs the model's own forward (any architecture transformers knows, LoRA layers injected by peft)."""
+    runs the model's own forward (any architecture transformers knows, LoRA layers injected by peft).
+    Adapters served by name need the paged engine's slots: without them there is no fallback."""
+    slots = len(config.adapters)
     try:
         return PagedEngine(model, tokenizer, EngineConfig(max_batch_size=config.max_batch_size,
                                                           context_length=config.context_length,
-                                                          memory_utilization=config.memory_utilization),
+                                                          memory_utilization=config.memory_utilization,
+                                                          max_adapters=slots,
+                                                          max_lora_rank=config.max_lora_rank if slots else 64),
                            eos_token_ids)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, EngineError):  # a bad option or too little memory: the caller must hear of it
             raise
+        if slots:
+            raise InvalidOptionError(
+                f"LoRA adapters are served by name only by the paged engine, which cannot run this model ({exc}); "
+                "serve it without adapters, or merge the adapter into the model and serve that") from None
         log.info("serving with the padded batch scheduler, since the paged engine cannot run this model: %s", exc)
         return BatchScheduler(model, tokenizer, BatchConfig(config.max_batch_size, config.context_length),
                               eos_token_ids)
+
+
+def _load_adapters(scheduler: PagedEngine | BatchScheduler, adapters: dict[str, str]) -> None:
+    """Put each adapter into a slot of the engine (before it starts, so the first request finds them all).
+    A shared engine may hold some already: those keep their slot."""
+    if not adapters:
+        return
+    if not isinstance(scheduler, PagedEngine):
+        raise InvalidOptionError(f"LoRA adapters are served by name only by the paged engine, not by "
+                                 f"{type(scheduler).__name__}: serve this model without adapters")
+    have = set(scheduler.adapters())
+    for name, folder in adapters.items():
+        if name not in have:
+            try:
+                scheduler.add_adapter(name, folder)
+            except AdapterError as exc:  # e.g. a DoRA adapter or other modules: say which one
+                raise InvalidOptionError(f"adapter {name!r} cannot be served: {exc}") from None
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int, optional: bool = False, hint: str = "") -> None:
