@@ -63,16 +63,19 @@ def test_reference_equals_sdpa_over_the_gathered_positions(heads: int, kv_heads:
     torch.testing.assert_close(got, _sdpa_over_gathered(q, k, v, tables, lens, 4, 0.3), rtol=1e-5, atol=1e-5)
 
 
-SPLIT_3 = PagedAttentionConfig(tile_tokens=16, num_splits=3)  # partitions of 32 positions: rows span up to 2
-SPLIT_16 = PagedAttentionConfig(tile_tokens=16, num_splits=16)  # capped at one tile each: most idle for short rows
+# The table holds 64 positions: 2 partitions of 2 tiles of 16 (rows 40 and 63 span both), or as many as
+# there are tiles (16 asked, 4 made), most of them idle for the short rows.
+SPLIT_2 = PagedAttentionConfig(tile_tokens=16, num_splits=2)
+SPLIT_16 = PagedAttentionConfig(tile_tokens=16, num_splits=16)
 
 
-@pytest.mark.parametrize("heads,kv_heads,config", [
-    (4, 2, None),  # the default plan: one partition over these short rows, the output written directly
-    (4, 2, SPLIT_3), (8, 2, SPLIT_16), (2, 2, SPLIT_3)])
+@pytest.mark.parametrize("heads,kv_heads,config,splits", [
+    (4, 2, None, 1),  # the default plan: one partition over these short rows, the output written directly
+    (4, 2, SPLIT_2, 2), (8, 2, SPLIT_16, 4), (2, 2, SPLIT_2, 2)])
 def test_kernel_equals_reference_in_fp32(interpret: None, heads: int, kv_heads: int,
-                                         config: PagedAttentionConfig | None) -> None:
+                                         config: PagedAttentionConfig | None, splits: int) -> None:
     q, k, v, tables, lens = _case(LENS, heads, kv_heads)
+    assert plan_splits(len(LENS), kv_heads, 16, 4, q.device, config or PagedAttentionConfig()).num_splits == splits
     want = paged_decode_attention_reference(q, k, v, tables, lens, 4, 0.25)
     got = paged_decode_attention(q, k, v, tables, lens, 4, 0.25, config=config)
     assert got.shape == q.shape and got.dtype == q.dtype
