@@ -462,6 +462,14 @@ export interface ServeStartRequest {
    * @default 30
    */
   client_timeout_s?: number;
+  /** LoRA adapters served beside the base model, name -> absolute peft adapter folder: a request whose `model` is the name decodes through that adapter (vLLM's --lora-modules). Names must differ from `name` */
+  adapters?: Record<string, string>;
+  /**
+   * Share of the device's memory the model and its key/value cache may use (vLLM's gpu_memory_utilization; on the CPU, of the free RAM)
+   * maximum 1; exclusiveMinimum 0
+   * @default 0.9
+   */
+  memory_utilization?: number;
 }
 
 export interface ServeStats {
@@ -489,6 +497,20 @@ export interface ServeStats {
   /** Unix time; absent once stopped */
   started_at?: number;
   uptime_s: number;
+  /** Names of the LoRA adapters served beside the base model */
+  adapters?: Array<string>;
+  /** Share of the device's memory the model and its cache may use; absent for an engine without a block cache */
+  memory_utilization?: number;
+  /** Key/value cache blocks (absent for an engine without a block cache, as are the fields below) */
+  blocks_total?: number;
+  /** Cache blocks held by running requests */
+  blocks_used?: number;
+  /** Tokens per cache block */
+  block_size?: number;
+  /** Memory the key/value cache takes */
+  cache_bytes?: number;
+  /** Of the prompt tokens looked up in the prefix cache, the share found there (0 to 1) */
+  prefix_hit_rate?: number;
 }
 
 export interface ServerInfo {
@@ -508,6 +530,8 @@ export interface ServerInfo {
   max_queue?: number;
   max_body_bytes?: number;
   client_timeout_s?: number;
+  /** LoRA adapters served beside the base model: name (a `model` clients may ask for) -> folder */
+  adapters?: Record<string, string>;
   /** A curl command that sends one chat request to this server */
   curl_example: string;
   stats: ServeStats;

@@ -43,7 +43,7 @@ class Handlers:
         self.started = time.monotonic()
         self.root = root  # with --root, every client path must resolve inside it (handlers/paths.py)
         self.export = ExportHandlers(self.registry, root=root)
-        self.serve = ServeHandlers(self.registry)
+        self.serve = ServeHandlers(self.registry, root=root)
         # Chat, export and training all see a model's adapters through this one registry.
         self.adapters = AdapterRegistry()
         self.adapter_jobs = AdapterHandlers(self.registry, self.adapters, exclusive=self.serve.exclusive, root=root)

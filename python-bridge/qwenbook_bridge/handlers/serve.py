@@ -5,6 +5,10 @@ openai/server.py) decodes every HTTP request of that model in one batch. The wor
 served model runs inside `exclusive(model_id)`, which parks the engine between two steps for the length of
 the call, so the notebook waits at most one step and never decodes into the batch's cache.
 
+LoRA adapters are served by name beside the base model (`adapters`: name -> folder, as vLLM's --lora-modules):
+each folder is a client path, checked by handlers/paths.py like every other (inside --root when one is set),
+and goes into a slot of the server's paged engine; a request's `model` picks the base or an adapter.
+
 serve_start runs on the job thread (it must not change a model a training or export job is using);
 serve_stop and serve_status are control requests answered on the main thread at once.
 """
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError
+from qwenbook_bridge.handlers.paths import resolve_user_path
 
 if TYPE_CHECKING:
     from qwenbook_bridge.engine.models.loading import LoadedModel, ModelRegistry
@@ -48,6 +53,8 @@ class _Asked:
     max_body_bytes: int | None = None
     retry_after_s: int | None = None  # None: estimated
     client_timeout_s: float | None = None
+    adapters: tuple[tuple[str, str], ...] = ()  # (name, folder) pairs, in the order asked
+    memory_utilization: float | None = None  # None: ServeConfig's default
 
 
 @dataclass
@@ -68,6 +75,7 @@ class _Served:
                 "host": s.config.host, "port": s.port, "auth": s.config.api_key is not None,
                 "max_batch_size": s.config.max_batch_size, "max_queue": s.config.queue_limit,
                 "max_body_bytes": s.config.max_body_bytes, "client_timeout_s": s.config.client_timeout_s,
+                "adapters": {name: str(folder) for name, folder in s.config.adapters.items()},
                 "curl_example": s.curl_example(), "stats": stats}
 
 
@@ -80,8 +88,9 @@ def default_name(loaded: LoadedModel) -> str:
 
 
 class ServeHandlers:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, root: Path | None = None) -> None:
         self.registry = registry
+        self.root = root  # adapter folders must resolve inside it (handlers/paths.py); None: anywhere
         # serve_start (job thread), serve_stop/serve_status (main thread) and generate (job thread) all read
         # this; the lock is held only to look up or change the table, never while a server starts or stops.
         self._lock = threading.Lock()
@@ -98,7 +107,8 @@ class ServeHandlers:
                        api_key=content.get("api_key"), name=content.get("name") or default_name(loaded),
                        max_batch_size=content.get("max_batch_size", 32), max_queue=content.get("max_queue"),
                        max_body_bytes=content.get("max_body_bytes"), retry_after_s=content.get("retry_after_s"),
-                       client_timeout_s=content.get("client_timeout_s"))
+                       client_timeout_s=content.get("client_timeout_s"), adapters=self._adapters(content),
+                       memory_utilization=content.get("memory_utilization"))
         with self._lock:
             current = next((s for s in self._servers.values() if s.model_id == loaded.model_id), None)
         if current is not None and not current.server.running:  # its HTTP thread died: replace it
@@ -111,12 +121,15 @@ class ServeHandlers:
                 f"{loaded.model_id} is already served at {current.server.url} as {current.asked.name!r}; stop that "
                 "server first (await server.stop() on the Server that m.serve() returned), then serve it again "
                 "with the new options")
-        aliases = tuple(dict.fromkeys(a for a in (loaded.model_id, loaded.source) if a != asked.name))
+        # An adapter's name wins over an alias that happens to equal it (a model folder named like the adapter).
+        taken = {asked.name, *(name for name, _ in asked.adapters)}
+        aliases = tuple(dict.fromkeys(a for a in (loaded.model_id, loaded.source) if a not in taken))
         limits = {k: v for k, v in (("max_body_bytes", asked.max_body_bytes),
-                                    ("client_timeout_s", asked.client_timeout_s)) if v is not None}
+                                    ("client_timeout_s", asked.client_timeout_s),
+                                    ("memory_utilization", asked.memory_utilization)) if v is not None}
         config = ServeConfig(port=asked.port, host=asked.host, api_key=asked.api_key, model_name=asked.name,
                              aliases=aliases, max_batch_size=asked.max_batch_size, max_queue=asked.max_queue,
-                             retry_after_s=asked.retry_after_s, **limits)
+                             retry_after_s=asked.retry_after_s, adapters=dict(asked.adapters), **limits)
         server = OpenAIServer.for_loaded(loaded, config)
         server.start()  # PortInUseError names the port
         served = _Served(f"{asked.name}@{_host_port(asked.host, server.port)}", loaded.model_id, asked, server)
@@ -171,6 +184,11 @@ class ServeHandlers:
         return {"serve_stop": self.stop, "serve_status": self.status}
 
     # ------------------------------------------------------------ helpers
+
+    def _adapters(self, content: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        """serve_start's `adapters` with each folder checked as a client path (absolute, inside --root)."""
+        return tuple((name, str(resolve_user_path(folder, self.root, f"adapters.{name}")))
+                     for name, folder in (content.get("adapters") or {}).items())
 
     def _stop(self, match: Callable[[_Served], bool]) -> list[dict[str, Any]]:
         with self._lock:
