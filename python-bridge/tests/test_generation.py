@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from types import SimpleNamespace
 
@@ -21,10 +22,25 @@ PROMPTS = [
 GREEDY = SamplingParams(max_tokens=64, greedy=True)
 
 
-@pytest.fixture(autouse=True, params=["plain", "fast"])
+@pytest.fixture(scope="module")
+def paged_engine(tiny):
+    from qwenbook_bridge.engine.generate.paged.scheduler import EngineConfig, PagedEngine
+
+    engine = PagedEngine(tiny.model, tiny.tokenizer, EngineConfig(max_batch_size=4, num_blocks=1024,
+                                                                  context_length=4096), tiny.eos_token_ids)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(autouse=True, params=["plain", "fast", "engine"])
 def decode_loop(request, monkeypatch):
-    """Every test runs on both decode loops: transformers' forward, and the fast decoder (on the CPU here)."""
+    """Every test runs on each way a reply is decoded: transformers' forward, the fast decoder (on the CPU here),
+    and the chat engine (a running PagedEngine passed to generate)."""
     monkeypatch.setenv("QWENBOOK_FAST_DECODE", "1" if request.param == "fast" else "0")
+    if request.param == "engine":
+        engine = request.getfixturevalue("paged_engine")
+        monkeypatch.setitem(globals(), "generate", functools.partial(generate, engine=engine))
     return request.param
 
 

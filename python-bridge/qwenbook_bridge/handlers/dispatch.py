@@ -7,17 +7,20 @@ reply content; an exception becomes an error reply.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from qwenbook_bridge import PROTOCOL_VERSION, __version__
 from qwenbook_bridge.engine import (CancelledError, LoadOptions, LoadProgress,
     ModelRegistry, SamplingParams, available_devices, memory_snapshot)
-from qwenbook_bridge.engine.generate.generation import generate
+from qwenbook_bridge.engine.generate.chat_engine import ChatEngines
+from qwenbook_bridge.engine.generate.generation import EngineDeclined, generate
 from qwenbook_bridge.engine.models.adapter_registry import AdapterRegistry
 from qwenbook_bridge.handlers.adapters import AdapterHandlers
 from qwenbook_bridge.handlers.context import JobContext, JobHandler, ProtocolVersionMismatch, Sessions
@@ -30,6 +33,8 @@ from qwenbook_bridge.protocol import major
 # Request fields that map one-to-one onto option dataclasses; absent fields keep the dataclass defaults.
 _LOAD_FIELDS = ("dtype", "device", "devices", "revision", "attn_implementation", "local_files_only", "quant")
 _GENERATE_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "greedy", "stop", "seed")
+
+log = logging.getLogger("qwenbook.worker")
 
 
 def _pick(content: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
@@ -46,8 +51,10 @@ class Handlers:
         self.serve = ServeHandlers(self.registry, root=root)
         # Chat, export and training all see a model's adapters through this one registry.
         self.adapters = AdapterRegistry()
-        self.adapter_jobs = AdapterHandlers(self.registry, self.adapters, exclusive=self.serve.exclusive, root=root)
-        self.train = TrainHandlers(self.registry, self.adapters, exclusive=self.serve.exclusive, root=root)
+        # Notebook chat decodes on one paged engine per model (engine/generate/chat_engine.py).
+        self.chat = ChatEngines(self.adapters)
+        self.adapter_jobs = AdapterHandlers(self.registry, self.adapters, exclusive=self.exclusive, root=root)
+        self.train = TrainHandlers(self.registry, self.adapters, exclusive=self.exclusive, root=root)
         self.background = BACKGROUND  # request types the server runs on a thread of their own
 
     # ------------------------------------------------------------ control (main thread)
@@ -119,6 +126,7 @@ class Handlers:
             self.registry.detach(model_id, me)
             return {"status": "ok", "unloaded": False, "other_users": others}
         self.serve.stop_model(model_id)  # a server would keep the weights alive
+        self.chat.forget(model_id)  # so would the chat engine
         self.adapters.forget(model_id)  # so would its adapters
         return {"status": "ok", "unloaded": self.registry.unload(model_id), "other_users": others}
 
@@ -131,9 +139,30 @@ class Handlers:
         if content.get("stream", True):
             def on_token(delta: Any) -> None:
                 job.emit("token", {"text": delta.text, "token_ids": delta.token_ids, "index": delta.index})
-        with self.serve.exclusive(loaded.model_id), self.adapters.adapter_scope(loaded, content.get("adapter")):
+        adapter = content.get("adapter")
+        lease = self.chat.lease(loaded, adapter)
+        if lease is not None:
+            # The chat engine reads the weights and applies the adapter from its own slot, changing nothing in
+            # the model, so an HTTP server of the same model keeps decoding meanwhile.
+            try:
+                with lease:
+                    result = generate(loaded, content["messages"], options, on_token=on_token, cancel=job.cancel,
+                                      engine=lease.engine, adapter=lease.adapter)
+                return {"status": "ok", **result.to_dict()}
+            except EngineDeclined as e:
+                log.info("chat with %s takes the old decode loops: %s", loaded.model_id, e)
+        # The old path switches the adapter on in peft's layers, which would change what a server running the
+        # model's own forward (the padded scheduler) computes: that server is parked meanwhile.
+        with self.serve.exclusive(loaded.model_id), self.adapters.adapter_scope(loaded, adapter):
             result = generate(loaded, content["messages"], options, on_token=on_token, cancel=job.cancel)
         return {"status": "ok", **result.to_dict()}
+
+    @contextmanager
+    def exclusive(self, model_id: str) -> Iterator[None]:
+        """Park every engine decoding with `model_id` (an HTTP server's, the chat engine) while the block changes
+        the model: training, export, adapters going on or off."""
+        with self.serve.exclusive(model_id), self.chat.exclusive(model_id):
+            yield
 
     def jobs(self) -> dict[str, JobHandler]:
         """Requests that run on the job thread; new GPU capabilities (train, export, serve) register here."""
@@ -157,5 +186,6 @@ class Handlers:
         return {**self.serve.controls(), **self.train.controls()}
 
     def close(self) -> None:
-        """The worker is stopping: close what outlives requests (HTTP servers)."""
+        """The worker is stopping: close what outlives requests (HTTP servers, chat engines)."""
         self.serve.close()
+        self.chat.close()

@@ -3,7 +3,7 @@ whole Qwen model on one GPU, the plain transformers forward loop for everything 
 
 `QWENBOOK_FAST_DECODE` chooses: "auto" (the default: on CUDA), "1" (also on the CPU, where it runs the same
 functions eagerly: same tokens, no gain; the tests use it), "0" (never). The plain loop stays in charge of
-models spread over several devices, models with LoRA adapters in their layers and architectures the fast
+models spread over several devices, models with a LoRA adapter switched on in their layers and architectures the fast
 decoder does not implement (int8/int4 layers run their own packed kernels inside it); a decoder that cannot
 be built (out of memory) is not tried again for that model.
 
@@ -41,10 +41,11 @@ def _eligible(model: Any, device: torch.device) -> bool:
         return False
     if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
         return False
-    from qwenbook_bridge.engine.model_parts import has_injected_adapters
+    from qwenbook_bridge.engine.generate.fast_ops import adapters_active
 
-    # Adapter layers wrap the projections; a decoder reading the base weights would ignore them.
-    return not has_injected_adapters(model)
+    # A switched-on adapter layer adds to its projection, which a decoder reading the base weights would ignore;
+    # layers of adapters loaded but not in use compute the base function, which the decoder reads under them.
+    return not adapters_active(model)
 
 
 def decoder_for(model: Any, device: torch.device, slots: int, context: int) -> FastDecoder | None:

@@ -9,7 +9,10 @@ tokens match `model.generate`. Its token choice is sampling.py's `sample_tokens`
 
 from __future__ import annotations
 
+import contextvars
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,14 +93,67 @@ def weight_device(w: Weight) -> torch.device:
     return w.device if isinstance(w, Tensor) else next(t.device for t in w.buffers())
 
 
+# Set by `reading_base_weights()`: a caller that applies adapters itself (the paged engine's adapter slots) reads
+# the base weights under peft's layers whatever they have switched on.
+_BASE_UNDER_ADAPTERS: contextvars.ContextVar[bool] = contextvars.ContextVar("base_under_adapters", default=False)
+
+
+@contextmanager
+def reading_base_weights() -> Iterator[None]:
+    """Within the block, `extract_weights` reads the base projection under a peft layer even while one of its
+    adapters is switched on (a merged adapter is still refused: then the base weights hold it)."""
+    token = _BASE_UNDER_ADAPTERS.set(True)
+    try:
+        yield
+    finally:
+        _BASE_UNDER_ADAPTERS.reset(token)
+
+
+def adapter_layer_active(module: Any) -> bool:
+    """Whether a peft tuner layer adds anything to its base layer's output now: an enabled, present adapter, or
+    one merged into the base weights."""
+    if getattr(module, "merged", False):
+        return True
+    if getattr(module, "disable_adapters", False):
+        return False
+    names = getattr(module, "adapter_layer_names", ())
+    return any(a in getattr(module, n, {}) for a in module.active_adapters for n in names)
+
+
+def adapters_active(model: Any) -> bool:
+    """Whether any peft layer in `model` changes what it computes (see adapter_layer_active)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) and adapter_layer_active(m) for m in model.modules())
+
+
+def _base_of_adapter_layer(module: Any, where: str) -> Any:
+    """The projection a peft layer wraps, when reading it gives the function the caller will compute: the layer
+    adds nothing now (its adapters are off: loaded but not in use), or the caller applies adapters itself."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not isinstance(module, BaseTunerLayer):
+        return module
+    if getattr(module, "merged", False):
+        raise TypeError(f"{where} has a LoRA adapter merged into its weights; the fast decoder reads base weights "
+                        "directly. Unmerge it (or merge_and_unload() for good) first")
+    if adapter_layer_active(module) and not _BASE_UNDER_ADAPTERS.get():
+        raise TypeError(
+            f"{where} is a {type(module).__name__} with an adapter switched on: the fast decoder reads weights "
+            "directly and would ignore it. Merge LoRA adapters first (peft's merge_and_unload()) or use the "
+            "plain generation path for adapters.")
+    return module.get_base_layer()
+
+
 def _plain_linear(module: Any, where: str, dtype: torch.dtype) -> tuple[Weight, Tensor | None]:
     from qwenbook_bridge.engine.quant.layers import QuantizedLinear
 
+    module = _base_of_adapter_layer(module, where)
     if isinstance(module, QuantizedLinear) and type(module).forward is QuantizedLinear.forward:
         packed = module.decode_weight(dtype)
         return (module, None) if packed is None else (packed, module.bias)
-    # A peft-wrapped layer computes more than weight @ x; reading only .weight would silently decode with the
-    # wrong function, so refuse it.
+    # Any other layer computes more than weight @ x; reading only .weight would silently decode with the wrong
+    # function, so refuse it.
     if type(module) is not torch.nn.Linear:
         raise TypeError(
             f"{where} is a {type(module).__name__}, not a plain torch.nn.Linear or an int8/int4 layer: the fast "

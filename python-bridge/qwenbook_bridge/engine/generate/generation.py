@@ -1,26 +1,32 @@
-"""Chat generation with a hand-written decode loop.
+"""Chat generation: a reply's tokens from the chat engine (a `PagedEngine` shared by every chat with the model,
+see chat_engine.py) when the caller passes one, else from a decode loop of our own (the fast decoder or
+transformers' forward, see decoders.py).
 
-Owning the loop (rather than calling `model.generate`) gives a cancel check between any two tokens, a
-streaming callback with no extra thread, and exact timings. Greedy output matches `model.generate(do_sample=False)`
-token for token; the tests hold it to that.
+Either way this module owns the reply: end tokens, stop strings, the budget, cancelling, streaming and timings are
+applied here to the tokens as they come, so every path gives the same result fields. Greedy output matches
+`model.generate(do_sample=False)` token for token; the tests hold it to that.
 """
 
 from __future__ import annotations
 
 import inspect
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qwenbook_bridge.engine.errors import (GenerationOutOfMemoryError, InvalidOptionError, ModelNotLoadedError,
+from qwenbook_bridge.engine.errors import (EngineError, GenerationOutOfMemoryError, InvalidOptionError, ModelNotLoadedError,
     NoChatTemplateError, first_sentences, is_out_of_memory)
 from qwenbook_bridge.engine.models.loading import LoadedModel, free_memory
 from qwenbook_bridge.engine.generate.sampling import MAX_EOS_IDS, SamplingParams, apply_penalties, make_sampler
 from qwenbook_bridge.engine.generate.streaming import IncrementalDetokenizer, StopStringFilter
+
+if TYPE_CHECKING:
+    from qwenbook_bridge.engine.generate.paged.scheduler import PagedEngine
 
 ROLES = ("system", "user", "assistant")
 
@@ -45,6 +51,11 @@ class GenerationResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class EngineDeclined(EngineError):
+    """The chat engine cannot take this request (it outgrows the engine's whole cache); nothing was generated,
+    so the caller runs it on the old path instead."""
 
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
@@ -79,8 +90,10 @@ def _token_stream(loaded: LoadedModel, prompt: list[int], budget: int, context: 
     from qwenbook_bridge.engine.generate.decoders import decoder_for
 
     model = loaded.model
-    # Penalties look at the tokens so far, which the fast decoder's captured step does not; they take the plain loop.
-    decoder = None if opts.penalized else decoder_for(model, loaded.device, len(prompt) + budget, context)
+    # Penalties look at the tokens so far, which the fast decoder's captured step does not; they take the plain loop,
+    # and so does min-p, which its step does not apply.
+    fast = not opts.penalized and opts.min_p == 0
+    decoder = decoder_for(model, loaded.device, len(prompt) + budget, context) if fast else None
     # A decoder serves one request at a time; a second request for the same model meanwhile takes the plain loop.
     if decoder is not None and decoder.busy.acquire(blocking=False):
         try:
@@ -89,6 +102,48 @@ def _token_stream(loaded: LoadedModel, prompt: list[int], budget: int, context: 
             decoder.busy.release()
         return
     yield from _plain_stream(model, loaded.device, prompt, opts)
+
+
+class _EngineTokens:
+    """A request's tokens from the chat engine, one at a time. The engine is asked for plain tokens (no end
+    tokens, no stop strings: generate() applies those, as for the other loops); closing cancels the request.
+    `ended` says the engine ended it early (cancelled, or stopped with the model)."""
+
+    def __init__(self, engine: PagedEngine, prompt: list[int], budget: int, opts: SamplingParams,
+                 adapter: str | None, cancel: threading.Event | None) -> None:
+        blocks = -(-(len(prompt) + budget - 1) // engine.pool.block_size)  # the engine's own count at submit
+        if blocks > engine.pool.num_blocks:
+            raise EngineDeclined(f"the request needs {blocks} cache blocks; the chat engine holds "
+                                 f"{engine.pool.num_blocks}")
+        self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        params = replace(opts, max_tokens=budget, stop=(), stop_token_ids=(), ignore_eos=True)
+        self._handle = engine.submit(prompt, params, self._events.put, adapter=adapter)
+        self._cancel = cancel
+        self.ended = False
+
+    def __iter__(self) -> Iterator[int]:
+        from qwenbook_bridge.engine.generate.batching.requests import Finished
+
+        while True:
+            try:
+                event = self._events.get(timeout=0.05)
+            except queue.Empty:
+                # A queued or parked request sends nothing for a while; cancelling must not wait for it.
+                if self._cancel is not None and self._cancel.is_set():
+                    self.ended = True
+                    return
+                continue
+            if isinstance(event, Finished):
+                if event.finish_reason == "error":
+                    # A RuntimeError, as the failed step raised it, so an allocator failure reads as one.
+                    raise RuntimeError(event.error or "the chat engine failed")
+                self.ended = event.finish_reason == "cancelled"
+                return
+            yield from event.token_ids
+
+    def close(self) -> None:
+        if not self._handle.done.is_set():
+            self._handle.cancel()
 
 
 def _fast_stream(decoder: Any, prompt: list[int], budget: int, opts: SamplingParams,
@@ -129,9 +184,12 @@ def _accepts(model: Any, name: str) -> bool:
 
 def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: SamplingParams | None = None,
              on_token: Callable[[TokenDelta], None] | None = None,
-             cancel: threading.Event | None = None) -> GenerationResult:
+             cancel: threading.Event | None = None, engine: PagedEngine | None = None,
+             adapter: str | None = None) -> GenerationResult:
     """Generate a chat reply. `on_token` gets text deltas as they become safe to show; `cancel` stops the
-    loop before the next token and the result keeps the partial reply."""
+    loop before the next token and the result keeps the partial reply. With `engine` the tokens come from that
+    running PagedEngine, with its adapter `adapter` (a name added there; None: the base model); a request too
+    large for its cache raises EngineDeclined before anything is generated."""
     started = time.perf_counter()
     opts = opts or SamplingParams()
     model = loaded.model
@@ -168,12 +226,14 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Samp
     t_first = t_last = None
     failure: GenerationOutOfMemoryError | None = None
     tokens: Iterator[int] | None = None
+    from_engine = None if engine is None else _EngineTokens(engine, prompt, budget, opts, adapter, cancel)
     try:
         with torch.inference_mode():
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
             else:
-                tokens = _token_stream(loaded, prompt, budget, context, opts, eos)
+                tokens = iter(from_engine) if from_engine is not None else _token_stream(
+                    loaded, prompt, budget, context, opts, eos)
                 for token in tokens:
                     t_last = time.perf_counter()
                     if t_first is None:
@@ -195,6 +255,9 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Samp
                     if cancel is not None and cancel.is_set():
                         finish = "cancelled"
                         break
+                else:  # the engine ended the request before its budget (cancelled, or stopped with the model)
+                    if from_engine is not None and from_engine.ended:
+                        finish = "cancelled"
     except Exception as e:
         if not is_out_of_memory(e):
             raise
@@ -208,6 +271,8 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Samp
     finally:
         if tokens is not None:
             tokens.close()  # the plain loop's KV cache is the bulk of what generation holds
+        if from_engine is not None:
+            from_engine.close()  # the engine's row ends at its next step
     if failure is not None:
         free_memory()
         raise failure
