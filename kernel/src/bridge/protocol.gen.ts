@@ -190,6 +190,12 @@ export interface GenerateRequest {
    * @default 20
    */
   top_k?: number;
+  /**
+   * Drop tokens less likely than min_p times the most likely one (after temperature); 0 turns it off
+   * minimum 0; maximum 1
+   * @default 0
+   */
+  min_p?: number;
   /** @default false */
   greedy?: boolean;
   /** maxItems 16 */

@@ -32,7 +32,7 @@ from qwenbook_bridge.protocol import major
 
 # Request fields that map one-to-one onto option dataclasses; absent fields keep the dataclass defaults.
 _LOAD_FIELDS = ("dtype", "device", "devices", "revision", "attn_implementation", "local_files_only", "quant")
-_GENERATE_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "greedy", "stop", "seed")
+_GENERATE_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "greedy", "stop", "seed")
 
 log = logging.getLogger("qwenbook.worker")
 

@@ -59,6 +59,7 @@ class CommonRequest:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None  # vLLM's extra: drop tokens below min_p times the most likely one
     repetition_penalty: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -159,6 +160,7 @@ def _parse_common(body: dict[str, Any], req: CommonRequest) -> None:
     if body.get("top_k") is not None:
         top_k = _int(body, "top_k", minimum=-1)
         req.top_k = 0 if top_k == -1 else top_k  # vLLM's -1 means off as well
+    req.min_p = _number(body, "min_p", 0.0, 1.0)
     req.repetition_penalty = _number(body, "repetition_penalty", 0.01, 10.0)
     req.presence_penalty = _number(body, "presence_penalty", -2.0, 2.0) or 0.0
     req.frequency_penalty = _number(body, "frequency_penalty", -2.0, 2.0) or 0.0

@@ -22,7 +22,7 @@ import torch
 from qwenbook_bridge.engine.models.loading import eos_token_ids as model_eos_ids
 from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError
 from qwenbook_bridge.engine.generate.batching.requests import Finished, FinishReason, RequestHandle, TokenDelta
-from qwenbook_bridge.engine.generate.sampling import apply_penalties
+from qwenbook_bridge.engine.generate.sampling import RequestSampler, apply_penalties, sample_batch
 from qwenbook_bridge.engine.generate.streaming import IncrementalDetokenizer, StopStringFilter
 
 
@@ -43,7 +43,7 @@ class Row:
     handle: RequestHandle
     detok: IncrementalDetokenizer
     stops: StopStringFilter
-    sampler: Callable[[torch.Tensor], torch.Tensor]
+    sampler: RequestSampler  # its `seed` is what the row draws with
     prompt: torch.Tensor  # for the repetition penalty
     limit: int  # tokens this reply may have
     # Keyword-only, so that an engine's own fields without defaults may follow in its row.
@@ -213,17 +213,17 @@ class EngineThread(Generic[RowT, WaitT]):
         return parked
 
     def _sample(self, logits: torch.Tensor, rows: list[RowT]) -> list[int]:
-        # One argmax over the batch covers the greedy rows; only sampled or penalized rows go one by one.
-        picked = torch.argmax(logits, dim=-1)
-        for i, r in enumerate(rows):
-            params = r.handle.params
-            if params.is_greedy and not params.penalized:
-                continue
-            row_logits = logits[i].float()
-            if params.penalized:
-                row_logits = apply_penalties(row_logits.clone(), params, r.prompt, r.output)
-            picked[i] = r.sampler(row_logits).reshape(())
-        return picked.tolist()
+        # Penalties read each row's own history, so penalized rows are penalized one by one; then one batched
+        # draw covers every row, each at its own seed and step (the reply's length so far), so a row draws the
+        # same tokens as its request would alone.
+        params = [r.handle.params for r in rows]
+        if any(p.penalized for p in params):
+            logits = logits.float().clone()  # written in place: never the model's (or a captured graph's) buffer
+            for row_logits, r, p in zip(logits, rows, params):
+                if p.penalized:
+                    apply_penalties(row_logits, p, r.prompt, r.output)
+        tokens = sample_batch(logits, params, [r.sampler.seed for r in rows], [len(r.output) for r in rows])
+        return tokens.tolist()
 
     def _advance(self, row: RowT, token: int) -> bool:
         """Record a sampled token, emit its text, and say whether the row has finished."""
