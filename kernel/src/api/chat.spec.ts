@@ -2,6 +2,7 @@ import { inspect } from "node:util";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { DISPLAY_SINK_KEY, registerSink, type DisplaySink } from "../display/sink";
 import { ChatRequest, type ChatIO, type ChatSettings, type ChatTarget } from "./chat";
+import { toGenerateRequest } from "./generate-request";
 import type { ModelInfo } from "../bridge/protocol.gen";
 import { Model, type ModelHost } from "./model";
 import { Reply } from "./reply";
@@ -56,6 +57,9 @@ describe("ChatRequest options", () => {
     expect(() => chat.topP(0)).toThrow(/topP\(p\) must be greater than 0/);
     expect(() => chat.topP(1.5)).toThrow(/topP\(p\) must be at most 1/);
     expect(() => chat.topK(-1)).toThrow(RangeError);
+    expect(() => chat.minP(-0.1)).toThrow(new RangeError("minP(p) must be at least 0, got -0.1"));
+    expect(() => chat.minP(1.5)).toThrow(new RangeError("minP(p) must be at most 1, got 1.5"));
+    expect(() => chat.minP("0.1" as unknown as number)).toThrow(TypeError);
     expect(() => chat.greedy("yes" as unknown as boolean)).toThrow(TypeError);
     expect(() => chat.stop("")).toThrow(/stop\(...strings\)\[0\] must not be empty/);
     expect(() => chat.stop("a", 3 as unknown as string)).toThrow(/stop\(...strings\)\[1\] expects a string, got number 3/);
@@ -63,6 +67,14 @@ describe("ChatRequest options", () => {
     expect(() => chat.seed(-1)).toThrow(RangeError);
     expect(() => chat.system(42 as unknown as string)).toThrow(TypeError);
     expect(() => new ChatRequest(fakeTarget([]).target, undefined as unknown as string)).toThrow(/chat\(prompt\) expects a string/);
+  });
+
+  it("send the sampling cuts under the protocol's names", () => {
+    const s = chat.topP(0.9).topK(40).minP(0.05).settings;
+    const req = toGenerateRequest("m", [{ role: "user", content: "hi" }], s);
+    expect(req).toMatchObject({ top_p: 0.9, top_k: 40, min_p: 0.05 });
+    expect(toGenerateRequest("m", [{ role: "user", content: "hi" }], {})).not.toHaveProperty("min_p");
+    expect(String(chat.minP(0.1))).toBe('chat(m, "hi", minP: 0.1)');
   });
 
   it("return new builders, leaving the original as it was", () => {

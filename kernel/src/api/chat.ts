@@ -13,6 +13,7 @@ export interface ChatSettings {
   temperature?: number;
   topP?: number;
   topK?: number;
+  minP?: number;
   greedy?: boolean;
   stop?: readonly string[];
   seed?: number;
@@ -98,6 +99,11 @@ export class ChatRequest implements PromiseLike<Reply> {
   /** Sample among the k most likely tokens; 0 turns the limit off. */
   topK(k: number): ChatRequest {
     return this.#with({ topK: expectInteger("topK(k)", k, { min: 0 }) });
+  }
+
+  /** Min-p sampling: drop tokens less likely than p times the most likely one, 0 <= p <= 1; 0 turns it off. */
+  minP(p: number): ChatRequest {
+    return this.#with({ minP: expectNumber("minP(p)", p, { min: 0, max: 1 }) });
   }
 
   /** Always take the most likely token (deterministic). */

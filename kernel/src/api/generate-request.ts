@@ -41,6 +41,7 @@ export function toGenerateRequest(modelId: string, messages: ChatMessage[], s: R
   if (s.temperature !== undefined) req.temperature = s.temperature;
   if (s.topP !== undefined) req.top_p = s.topP;
   if (s.topK !== undefined) req.top_k = s.topK;
+  if (s.minP !== undefined) req.min_p = s.minP;
   if (s.greedy !== undefined) req.greedy = s.greedy;
   if (s.stop !== undefined) req.stop = [...s.stop];
   if (s.seed !== undefined) req.seed = s.seed;
