@@ -161,6 +161,36 @@ def test_copied_blocks_continue_the_same_sequence(perturbed_lm: Any) -> None:
     assert seq.out == expected
 
 
+def test_decode_only_steps_run_the_bucketed_step_with_padding_rows(perturbed_lm: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Three rows decode in the 4-row bucket (one padding row writing to the scratch block); the tokens must not
+    # change, and no decode-only step may fall back to the mixed-step path.
+    from qwenbook_bridge.engine.generate.paged.decode_step import DecodeStep
+
+    buckets: list[int] = []
+    forward = DecodeStep._forward
+
+    def counting(self: DecodeStep, b: int, lora: bool) -> torch.Tensor:
+        buckets.append(b)
+        return forward(self, b, lora)
+
+    monkeypatch.setattr(DecodeStep, "_forward", counting)
+    prompts = _prompts(perturbed_lm.config.vocab_size, (5, 9, 7), seed=21)
+    runner = PagedRunner(perturbed_lm, num_blocks=40, block_size=4, max_batch=6)
+    assert runner.decode.buckets == [1, 2, 4, 6]
+    tables = contiguous_tables([len(p) + NEW_TOKENS for p in prompts], 4)
+    seqs = [Seq(p, NEW_TOKENS, t) for p, t in zip(prompts, tables)]
+    steps = drive(runner, seqs)
+    decode_only = sum(all(kind == "decode" for kind, _ in step) for step in steps)
+    assert len(buckets) == decode_only and set(buckets) == {4}
+    assert [s.out for s in seqs] == [_hf_greedy(perturbed_lm, p, NEW_TOKENS) for p in prompts]
+    # Nothing was written outside the sequences' blocks but the scratch block after the pool's last one.
+    used = {b for t in tables for b in t}
+    for kv in runner.kv:
+        unused = [b for b in range(runner.num_blocks) if b not in used]
+        assert all(kv[:, b * 4:(b + 1) * 4].abs().sum() == 0 for b in unused)
+
+
 def test_bad_chunks_say_what_is_wrong(perturbed_lm: Any) -> None:
     runner = PagedRunner(perturbed_lm, num_blocks=4, block_size=4)
     with pytest.raises(ValueError, match=r"positions \[0, 6\) = 2 blocks of 4, but its block_table has 1"):
@@ -205,10 +235,13 @@ def adapters(perturbed_lm: Any, tmp_path_factory: pytest.TempPathFactory) -> tup
     return first, second
 
 
-def test_rows_with_different_adapters_equal_peft_in_one_step(perturbed_lm: Any, adapters: tuple[Path, Path]) -> None:
+# fuse_qkv: the GPU's layout (q/k/v in one matrix, their LoRA B matrices block-diagonal), checked here eagerly.
+@pytest.mark.parametrize("fuse_qkv", [False, True])
+def test_rows_with_different_adapters_equal_peft_in_one_step(perturbed_lm: Any, adapters: tuple[Path, Path],
+                                                             fuse_qkv: bool) -> None:
     first, second = adapters
     prompts = _prompts(perturbed_lm.config.vocab_size, (6, 11, 8), seed=8)
-    runner = PagedRunner(perturbed_lm, num_blocks=32, block_size=4, max_adapters=2, max_rank=8)
+    runner = PagedRunner(perturbed_lm, num_blocks=32, block_size=4, max_adapters=2, max_rank=8, fuse_qkv=fuse_qkv)
     runner.load_adapter(0, first)
     runner.load_adapter(1, second)
     tables = contiguous_tables([len(p) + NEW_TOKENS for p in prompts], 4)

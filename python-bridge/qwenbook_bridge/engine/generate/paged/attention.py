@@ -203,15 +203,15 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     kern.decode_partial[(batch, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, m, l, acc, result, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        block_tables.stride(0), result.stride(0), result.stride(1), heads, block_tables.shape[1],
-        GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()), HEAD_DIM=head_dim, HEAD_PAD=head_pad,
-        BLOCK_SIZE=block_size, TILE=plan.tile, PARTITION=plan.partition, NUM_SPLITS=splits,
+        block_tables.stride(0), result.stride(0), result.stride(1), heads, block_tables.shape[1], plan.partition,
+        splits, GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()), HEAD_DIM=head_dim, HEAD_PAD=head_pad,
+        BLOCK_SIZE=block_size, TILE=plan.tile, SPLIT=splits > 1,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no tf32 rounding)
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         splits_pad = 1 << (splits - 1).bit_length()
         kern.decode_reduce[(batch, heads)](
-            m, l, acc, result, result.stride(0), result.stride(1), heads,
-            HEAD_DIM=head_dim, HEAD_PAD=head_pad, NUM_SPLITS=splits, SPLITS_PAD=splits_pad,
+            m, l, acc, result, result.stride(0), result.stride(1), heads, splits,
+            HEAD_DIM=head_dim, HEAD_PAD=head_pad, SPLITS_PAD=splits_pad,
             CHUNK=min(splits_pad, 16), num_warps=4)
     return result

@@ -31,16 +31,17 @@ def row_sum(x, axis: tl.constexpr):
 @triton.jit
 def decode_partial(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, scale,
                    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_tb,
-                   stride_ob, stride_oh, num_heads, max_blocks,
+                   stride_ob, stride_oh, num_heads, max_blocks, partition, num_splits,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PARTITION: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    # partition and num_splits are run-time values: as constants, every new table width or batch size of an
+    # eager step would compile the kernel again (a few hundred milliseconds each on a GPU).
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.minimum(tl.load(lens_ptr + b), max_blocks * BLOCK_SIZE)  # never read past the table
-    lo = split * PARTITION
-    hi = tl.minimum(lo + PARTITION, seq_len)
+    lo = split * partition
+    hi = tl.minimum(lo + partition, seq_len)
     busy = lo < hi  # a partition past the row's length (or a padding row) loads and computes nothing
 
     g = tl.arange(0, GROUP_PAD)
@@ -73,12 +74,12 @@ def decode_partial(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_p
         m = m_new
 
     store_ok = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         out = acc / tl.where(l > 0, l, 1.0)[:, None]  # a row of length 0 gives zeros
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=store_ok)
     else:
-        part = (b * num_heads + heads) * NUM_SPLITS + split  # scratch [rows, heads, splits(, head_dim)]
+        part = (b * num_heads + heads) * num_splits + split  # scratch [rows, heads, splits(, head_dim)]
         tl.store(m_ptr + part, m, mask=g < GROUP)
         tl.store(l_ptr + part, l, mask=g < GROUP)
         # An idle partition writes only its max (-inf): the reduction reads nothing else of it.
@@ -86,24 +87,23 @@ def decode_partial(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_p
 
 
 @triton.jit
-def decode_reduce(m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, stride_oh, num_heads,
-                  HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                  SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr):
+def decode_reduce(m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, stride_oh, num_heads, num_splits,
+                  HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    base = (b * num_heads + h) * NUM_SPLITS
+    base = (b * num_heads + h) * num_splits
     s = tl.arange(0, SPLITS_PAD)
-    m = tl.load(m_ptr + base + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    m = tl.load(m_ptr + base + s, mask=s < num_splits, other=float("-inf"))
     top = row_max(m, 0)
     top = tl.where(top == float("-inf"), 0.0, top)  # all partitions idle (length 0): every weight becomes 0
     d = tl.arange(0, HEAD_PAD)
     acc = tl.full((HEAD_PAD,), 0.0, dtype=tl.float32)
     total = tl.full((), 0.0, dtype=tl.float32)
     # The partitions in chunks, so a long context's many splits do not all sit in registers at once.
-    for c0 in range(0, NUM_SPLITS, CHUNK):
+    for c0 in range(0, num_splits, CHUNK):
         c = c0 + tl.arange(0, CHUNK)
-        m_c = tl.load(m_ptr + base + c, mask=c < NUM_SPLITS, other=float("-inf"))
-        used = (c < NUM_SPLITS) & (m_c > float("-inf"))
+        m_c = tl.load(m_ptr + base + c, mask=c < num_splits, other=float("-inf"))
+        used = (c < num_splits) & (m_c > float("-inf"))
         w = tl.where(used, tl.exp2(m_c - top), 0.0)
         l_c = tl.load(l_ptr + base + c, mask=used, other=0.0)
         total += row_sum(w * l_c, 0)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qwenbook_bridge.engine.generate.fast_ops import (DecoderWeights, Weight, attn_in, attn_out, extract_weights,
-    final_logits, lin, rope_tables, sdpa_decode_attention, weight_device)
+    final_logits, lin, rope_tables, weight_device)
+from qwenbook_bridge.engine.generate.paged.attention import paged_decode_attention
 from qwenbook_bridge.engine.generate.paged.blocks import CacheShape
+from qwenbook_bridge.engine.generate.paged.chunks import SeqChunk
+from qwenbook_bridge.engine.generate.paged.decode_step import DecodeStep
 from qwenbook_bridge.engine.models.adapters import AdapterError, read_adapter_config
 
 # The projections an adapter may target, as peft names them, and where each sits in a decoder layer.
@@ -50,16 +52,6 @@ _UNSUPPORTED_OPTIONS = {
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "use_qalora": "QA-LoRA (use_qalora=true)",
 }
-
-
-@dataclass
-class SeqChunk:
-    token_ids: list[int]  # tokens to run this step: a prefill chunk, or the one token to decode
-    start: int  # how many of this sequence's tokens are already in the cache (= position of token_ids[0])
-    block_table: list[int]  # block ids holding positions [0, start + len(token_ids)), in order
-    adapter: int = -1  # the row's adapter slot in the runner (-1: base model)
-    logits: bool = True  # return logits for the chunk's last token (False for a prefill chunk that is not the
-    # prompt's last)
 
 
 class _LoraTable:
@@ -108,7 +100,8 @@ class PagedRunner:
     """Runs engine steps of a loaded Qwen2/Qwen3 causal LM over a block-paged K/V cache it owns."""
 
     def __init__(self, model: Any, num_blocks: int, block_size: int, max_adapters: int = 0,
-                 max_rank: int = 64) -> None:
+                 max_rank: int = 64, *, max_batch: int = 32, max_seq_len: int | None = None,
+                 cuda_graphs: bool | None = None, fuse_qkv: bool | None = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be at least 1, got {num_blocks} and {block_size}")
         if max_adapters < 0 or max_rank < 1:
@@ -123,10 +116,11 @@ class PagedRunner:
         self.shape = CacheShape(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
                                 dtype=self.dtype, block_size=block_size)
         # K and V of a layer in one tensor [2, slots, kv_heads, head_dim], so one index_copy stores both;
-        # k_cache[i] / v_cache[i] are the per-layer [num_blocks * block_size, kv_heads, head_dim] views.
+        # k_cache[i] / v_cache[i] are the per-layer [(num_blocks + 1) * block_size, kv_heads, head_dim] views.
+        # One block more than the pool hands out: the padding rows of a decode graph write there.
         # Zeros, not empty: a padded attention row multiplies masked slots' values by 0, and 0 * NaN is NaN.
-        self.kv = [torch.zeros(2, self.capacity, s.num_kv_heads, s.head_dim, dtype=self.dtype, device=self.device)
-                   for _ in range(s.num_layers)]
+        self.kv = [torch.zeros(2, self.capacity + block_size, s.num_kv_heads, s.head_dim, dtype=self.dtype,
+                               device=self.device) for _ in range(s.num_layers)]
         self.k_cache = [kv[0] for kv in self.kv]
         self.v_cache = [kv[1] for kv in self.kv]
         self._cos = self._sin = torch.empty(0, device=self.device)
@@ -144,6 +138,17 @@ class PagedRunner:
                     name: _LoraProjection(w, b, _LoraTable(max_adapters, max_rank, *dims[name], self.dtype,
                                                            self.device))
                     for name, (w, b) in base.items()})
+        on_cuda = self.device.type == "cuda"
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {self.device}")
+        # Positions a sequence may reach; RoPE tables cover exactly these (a large cache may hold millions of slots).
+        model_limit = int(getattr(model.config, "max_position_embeddings", 0) or self.capacity)
+        self.max_seq_len = min(max_seq_len or model_limit, self.capacity)
+        # A captured graph indexes the RoPE tables in place, so they cover every position from the start.
+        self._ensure_rope(self.max_seq_len)
+        self.decode = DecodeStep(self, max_batch, -(-self.max_seq_len // block_size), self.capacity,
+                                 cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs,
+                                 fuse_qkv=on_cuda if fuse_qkv is None else fuse_qkv)
 
     # ---- the step -----------------------------------------------------------------------------------------
 
@@ -153,11 +158,14 @@ class PagedRunner:
         [chunks with logits=True, vocab] for each such chunk's last token, in chunk order."""
         if not chunks:
             raise ValueError("step() needs at least one chunk")
+        for i, c in enumerate(chunks):
+            self._check(i, c)
+        if self.decode.fits(chunks):
+            return self.decode.run(chunks)
         s, w, dev = self.weights.shape, self.weights, self.device
         ids: list[int] = []
         positions: list[int] = []
-        for i, c in enumerate(chunks):
-            self._check(i, c)
+        for c in chunks:
             ids += c.token_ids
             positions += range(c.start, c.start + len(c.token_ids))
         self._ensure_rope(max(positions) + 1)
@@ -172,16 +180,15 @@ class PagedRunner:
             offsets.append(offsets[-1] + len(c.token_ids))
         decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
         prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
-        # Decode rows attend together: each row's cached slots gathered into a padded [rows, longest] index with
-        # a mask. (On the GPU a paged-attention kernel reads the blocks in place and replaces this gather.)
+        # Decode rows attend together, reading their blocks in place through their block tables.
         if decode:
-            longest = max(chunks[i].start + 1 for i in decode)
-            gather = torch.zeros(len(decode), longest, dtype=torch.long, device=dev)
+            width = max(chunks[i].start // self.block_size + 1 for i in decode)
+            tables = torch.zeros(len(decode), width, dtype=torch.int32)
             for r, i in enumerate(decode):
-                n = chunks[i].start + 1
-                gather[r, :n] = self._slots(chunks[i], 0, n)
-            lengths = torch.tensor([chunks[i].start + 1 for i in decode], device=dev)
-            visible = torch.arange(longest, device=dev)[None] < lengths[:, None]
+                k = chunks[i].start // self.block_size + 1
+                tables[r, :k] = torch.tensor(chunks[i].block_table[:k], dtype=torch.int32)
+            tables = tables.to(dev)
+            lengths = torch.tensor([chunks[i].start + 1 for i in decode], dtype=torch.int32, device=dev)
             decode_rows = torch.tensor([offsets[i] for i in decode], dtype=torch.long, device=dev)
         # A prefill chunk attends causally over its sequence's positions [0, start + len).
         prefill_plan = []
@@ -200,9 +207,9 @@ class PagedRunner:
             kv.index_copy_(1, slots, new_kv)
             attn = torch.empty(x.shape[0], s.num_heads * s.head_dim, dtype=q.dtype, device=dev)
             if decode:
-                keys = kv[0][gather].transpose(1, 2)  # [rows, kv_heads, longest, head_dim]
-                values = kv[1][gather].transpose(1, 2)
-                attn[decode_rows] = sdpa_decode_attention(q[decode_rows], keys, values, visible)
+                out = paged_decode_attention(q[decode_rows], kv[0], kv[1], tables, lengths, self.block_size,
+                                             s.head_dim ** -0.5)
+                attn[decode_rows] = out.reshape(len(decode), -1)
             for lo, hi, seq_slots, causal in prefill_plan:
                 keys = kv[0][seq_slots].transpose(0, 1)[None]  # [1, kv_heads, len, head_dim]
                 values = kv[1][seq_slots].transpose(0, 1)[None]
@@ -222,8 +229,9 @@ class PagedRunner:
         if c.start < 0:
             raise ValueError(f"chunk {i} has start={c.start}; it must be the number of tokens already cached (>= 0)")
         end = c.start + len(c.token_ids)
-        if end > self.capacity:
-            raise ValueError(f"chunk {i} reaches position {end - 1}, beyond the cache's {self.capacity} slots")
+        if end > self.max_seq_len:
+            raise ValueError(f"chunk {i} reaches position {end - 1}, beyond the {self.max_seq_len} positions this runner "
+                             f"holds per sequence (max_seq_len; the cache has {self.capacity} slots)")
         needed = -(-end // self.block_size)
         if len(c.block_table) < needed:
             raise ValueError(f"chunk {i} covers positions [0, {end}) = {needed} blocks of {self.block_size}, but its "
@@ -243,6 +251,13 @@ class PagedRunner:
         p = torch.arange(lo, hi, device=self.device)
         table = torch.tensor(c.block_table[:-(-hi // self.block_size)], dtype=torch.long, device=self.device)
         return table[p // self.block_size] * self.block_size + p % self.block_size
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return self._cos[positions], self._sin[positions]
+
+    def refresh_weights(self) -> None:
+        """Re-read what the runner copied from the model's weights (after something may have changed them)."""
+        self.decode.refresh_weights()
 
     def _ensure_rope(self, needed: int) -> None:
         # Tables grow on demand (doubling) instead of covering the whole cache, which may hold millions of slots.
@@ -323,6 +338,7 @@ class PagedRunner:
             table.scale[slot] = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
             table.rank[slot] = r
         self._adapter_names[slot] = str(folder)
+        self.decode.adapters_changed()
 
     def unload_adapter(self, slot: int) -> None:
         if not 0 <= slot < self.max_adapters:
@@ -331,6 +347,7 @@ class PagedRunner:
             for proj in layer.values():
                 proj.table.clear(slot)
         self._adapter_names[slot] = None
+        self.decode.adapters_changed()
 
     def _read_lora(self, folder: Path, config: dict[str, Any]) -> dict[tuple[int, str], tuple[Tensor, Tensor, float]]:
         """The adapter's (A, B, alpha) per (layer, projection), after checking it is a plain LoRA this runner
