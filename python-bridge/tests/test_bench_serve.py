@@ -1,6 +1,7 @@
 """The serving benchmark (tests/bench/serve_bench.py) on the tiny model on the CPU: every level reports its
-columns, from real HTTP streams in client processes, beside the static-batch decoder; and its random LoRA
-adapters are what peft loads. No timing is asserted: only that the figures exist and are sane."""
+columns, from real HTTP streams in client processes, beside the static-batch decoder, and again with its clients
+spread over LoRA adapters served by name, with the ratio to the base row; and its random LoRA adapters are what
+peft loads. No timing is asserted: only that the figures exist and are sane."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def load_script():
 def test_smoke_run_reports_every_column_per_level(tmp_path: Path, tiny_model_dir: Path) -> None:
     out = tmp_path / "serve.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--model", str(tiny_model_dir), "--json", str(out)],
+    run = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--adapters", "3", "--model", str(tiny_model_dir),
+                          "--json", str(out)],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text(encoding="utf-8"))
@@ -50,13 +52,23 @@ def test_smoke_run_reports_every_column_per_level(tmp_path: Path, tiny_model_dir
         assert static["batch"] == c and static["tokens_per_s"] > 0 and static["decode_tokens_per_s"] > 0
         assert 0 < static["first_tokens_ms"] < 1000 * static["wall_s"]
     assert levels[4]["prompt_words"][0] < levels[4]["prompt_words"][1]  # the clients' prompts differ in length
-    adapters = result["adapters"]
-    if adapters["run"]:
-        assert adapters["single"]["ratio"] > 0 and adapters["spread"]["clients"] == 4
-        assert adapters["spread"]["errors"] == 0
-    else:
-        assert adapters["reason"]  # says why, in the table too
-        assert f"adapter scenarios not run: {adapters['reason']}" in run.stdout
+    # --adapters 3: three random rank-16 adapters served by name; each level again, its clients round-robin over
+    # them, with the ratio to the base row of the same concurrency (1 client: chat through one adapter).
+    assert result["adapters"] == {"run": True, "names": ["lora0", "lora1", "lora2"], "rank": 16}
+    spread = {lv["concurrency"]: lv for lv in result["adapter_levels"]}
+    assert set(spread) == {1, 4}
+    assert spread[1]["adapters"] == ["lora0"] and spread[4]["adapters"] == ["lora0", "lora1", "lora2"]
+    for c, lv in spread.items():
+        assert lv["model"] == "adapters" and levels[c]["model"] == "base"
+        assert lv["errors"] == 0, lv["error_examples"]
+        assert lv["requests"] == c and lv["tokens"] == 8 * c and lv["static"] is None
+        assert lv["ratio_to_base"] == round(lv["tokens_per_s"] / levels[c]["tokens_per_s"], 3) > 0
+        assert 1 <= lv["server"]["batch_peak"] <= c
+    assert "clients spread round-robin over 3 LoRA adapters (rank 16" in run.stdout
+    adapter_table = run.stdout.split("clients spread round-robin")[1].splitlines()
+    assert "vs base" in adapter_table[1]
+    assert [line.split()[0] for line in adapter_table[3:5]] == ["1", "4"]
+    assert all(line.rstrip().endswith("x") for line in adapter_table[3:5])
     header = next(line for line in run.stdout.splitlines() if line.lstrip().startswith("clients"))
     for column in ("tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "err", "batch", "static tok/s"):
         assert column in header
@@ -120,3 +132,4 @@ def test_url_mode_measures_a_server_in_another_process(tmp_path: Path, tiny_mode
         assert lv["errors"] == 0, lv["error_examples"]
         assert lv["tokens"] == 4 * lv["concurrency"] and lv["itl_p50_ms"] > 0 and lv["static"] is None
     assert not result["adapters"]["run"] and "/v1/models lists only" in result["adapters"]["reason"]
+    assert result["adapter_levels"] == [] and "adapter rows not run: /v1/models lists only" in run.stdout

@@ -370,8 +370,9 @@ const CHECKS: Check[] = [
     },
   },
   {
-    // Serves until stopped: wait until /v1/models answers on the port, check the model's id, then stop it.
-    pattern: /^npx qwenbook serve <model> --port 8000( --adapter <adapter dir>)?$/,
+    // Serves until stopped: wait until /v1/models answers on the port, check the ids it lists and that the id the
+    // "Serving NAME" line prints answers a chat (with one adapter: the adapter's id), then stop it.
+    pattern: /^npx qwenbook serve <model> --port 8000( --adapter <adapter dir>| --adapter huanhuan=<adapter dir> --adapter zhenhuan=<adapter dir>)?$/,
     timeoutMs: 300_000,
     async run(command) {
       const line = await filled(command);
@@ -380,10 +381,21 @@ const CHECKS: Check[] = [
       running.push(server);
       const models = (await server.waitFor(`/v1/models answered on port ${port}`, () =>
         getJson(`http://127.0.0.1:${port}/v1/models`),
-      )) as { data: { id: string }[] };
+      )) as { data: { id: string; parent?: string }[] };
       const ids = models.data.map((m) => m.id);
-      // The id clients use: the adapter's folder name when one is applied, else the model folder's.
-      expect(ids).toContain(command.includes("--adapter") ? "readme-adapter" : "tiny-qwen2");
+      // The base model under its folder's name, then each adapter: named, or after its folder ("readme-adapter").
+      const adapters = command.includes("huanhuan=") ? ["huanhuan", "zhenhuan"] : command.includes("--adapter") ? ["readme-adapter"] : [];
+      expect(ids).toEqual(["tiny-qwen2", ...adapters]);
+      expect(models.data.slice(1).every((m) => m.parent === "tiny-qwen2")).toBe(true);
+      const printed = (await server.waitFor("the Serving line", async () => server.out.match(/^Serving (\S+) at /m)?.[1]))!;
+      expect(printed).toBe(adapters.length === 1 ? adapters[0] : "tiny-qwen2");
+      const reply = await fetch(`http://127.0.0.1:${port}/v1/chat/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ model: printed, messages: [{ role: "user", content: "Hello" }], max_tokens: 4, temperature: 0 }),
+      });
+      expect(reply.status).toBe(200);
+      expect(((await reply.json()) as { model: string }).model).toBe(printed);
       // Stopped as a terminal's Ctrl-C would stop the group; the port must be free again.
       await server.stop();
       expect(await portReleased(`http://127.0.0.1:${port}/v1/models`)).toBe(true);

@@ -1,9 +1,12 @@
+import { mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, relative } from "node:path";
 import { inspect } from "node:util";
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import type { WorkerClient } from "../bridge/client";
 import type { ServerInfo, ServeStats } from "../bridge/protocol.gen";
 import { recordingSink, type RecordingSink } from "../display/testutil";
-import { serveArgs } from "../cli/serve";
+import { SERVE_USAGE, serveArgs } from "../cli/serve";
 import { Server, serveRequest } from "./serve";
 
 const URL_ = "http://127.0.0.1:8000/v1";
@@ -49,6 +52,21 @@ function server(sink: RecordingSink, client: WorkerClient, pid = 7) {
 
 const plain = (sink: RecordingSink, i = -1) => String(sink.displays.at(i)!.data["text/plain"]);
 
+/** Two adapter folders (adapter_config.json is all the kernel looks at), a model folder and an empty one. */
+function folders() {
+  const root = mkdtempSync(join(tmpdir(), "serve-spec-"));
+  const make = (name: string, file?: string) => {
+    const dir = join(root, name);
+    mkdirSync(dir);
+    if (file) writeFileSync(join(dir, file), "{}");
+    return dir;
+  };
+  return {
+    root, huanhuan: make("huanhuan", "adapter_config.json"), odd: make("a=b", "adapter_config.json"),
+    model: make("model", "config.json"), empty: make("empty"),
+  };
+}
+
 beforeEach(() => {
   vi.useFakeTimers();
 });
@@ -65,6 +83,23 @@ describe("Server", () => {
     expect(shown).toContain("0 requests (0 active) · 0.0 tokens/s · 0 errors");
     expect(shown).toContain(`curl     ${CURL}`);
     expect(String(s)).toBe(shown);
+  });
+
+  it("lists its adapters and the engine's cache", () => {
+    const cache = { adapters: ["huanhuan"], memory_utilization: 0.9, blocks_total: 100, blocks_used: 25, block_size: 16, cache_bytes: 3 * 1024 ** 3, prefix_hit_rate: 0.5 };
+    const s = new Server({ connection: async () => fakeClient().client, sink: () => recordingSink({ rich: false }) },
+      { ...info(stats(cache)), adapters: { huanhuan: "/runs/huanhuan" } }, 7, undefined);
+    expect(s.adapters).toEqual({ huanhuan: "/runs/huanhuan" });
+    expect(s.lastStats.adapters).toEqual(["huanhuan"]);
+    expect(s.lastStats.cache).toEqual({ blocksTotal: 100, blocksUsed: 25, blockSize: 16, cacheBytes: 3 * 1024 ** 3, prefixHitRate: 0.5, memoryUtilization: 0.9 });
+    const shown = inspect(s);
+    expect(shown).toContain('adapters "huanhuan" (/runs/huanhuan)');
+    expect(shown).toContain("cache    25/100 blocks of 16 tokens in use (3.0 GiB) · prefix hits 50% · memory utilization 0.9");
+    // An engine without a block cache (the padded scheduler) reports none.
+    const bare = server(recordingSink({ rich: false }), fakeClient().client);
+    expect(bare.lastStats.cache).toBeUndefined();
+    expect(bare.lastStats.adapters).toEqual([]);
+    expect(bare.adapters).toEqual({});
   });
 
   it("counts the requests a full queue turned away", () => {
@@ -172,6 +207,28 @@ describe("serve options", () => {
     expect(() => serveRequest({ clientTimeout: 0 })).toThrow("serve option clientTimeout must be at least 0.1, got 0 (seconds)");
     expect(() => serveRequest({ maxqueue: 3 } as never)).toThrow('serve(options) has no option "maxqueue"');
   });
+
+  it("carry adapters by name, their folders absolute, and the memory utilization", () => {
+    const f = folders();
+    const fromHere = relative(process.cwd(), f.huanhuan);
+    expect(serveRequest({ adapters: { huanhuan: fromHere, other: f.odd }, memoryUtilization: 0.5 })).toEqual({
+      port: 8000, adapters: { huanhuan: f.huanhuan, other: f.odd }, memory_utilization: 0.5,
+    });
+    expect(serveRequest({ adapters: {}, memoryUtilization: 1 })).toEqual({ port: 8000, memory_utilization: 1 });
+    expect(() => serveRequest({ adapters: [f.huanhuan] as never })).toThrow(
+      'serve option adapters must map a name to an adapter folder, e.g. { huanhuan: "runs/huanhuan" }, got an array',
+    );
+    expect(() => serveRequest({ adapters: f.huanhuan as never })).toThrow("serve option adapters must map a name to an adapter folder");
+    expect(() => serveRequest({ adapters: { " x": f.huanhuan } })).toThrow('serve option adapters: a name must be non-empty, without surrounding spaces or line breaks, got " x"');
+    expect(() => serveRequest({ name: "qwen", adapters: { qwen: f.huanhuan } })).toThrow('serve option adapters: "qwen" is already the model\'s name');
+    expect(() => serveRequest({ adapters: { x: 3 as never } })).toThrow("serve option adapters.x expects an adapter folder");
+    expect(() => serveRequest({ adapters: { x: join(f.root, "nothing") } })).toThrow(`No adapter folder at ${join(f.root, "nothing")}`);
+    expect(() => serveRequest({ adapters: { x: f.model } })).toThrow(`${f.model} is not a LoRA adapter folder: it has no adapter_config.json; it is a full model folder`);
+    expect(() => serveRequest({ adapters: { x: f.empty } })).toThrow("is not a LoRA adapter folder");
+    expect(() => serveRequest({ memoryUtilization: 0 })).toThrow("serve option memoryUtilization must be greater than 0, got 0 (a fraction of the device's memory, e.g. 0.9)");
+    expect(() => serveRequest({ memoryUtilization: 1.5 })).toThrow("serve option memoryUtilization must be at most 1, got 1.5");
+    expect(() => serveRequest({ memoryUtilization: "90%" as never })).toThrow('serve option memoryUtilization expects a number, got the string "90%"');
+  });
 });
 
 describe("qwenbook serve command line", () => {
@@ -191,6 +248,21 @@ describe("qwenbook serve command line", () => {
     expect(() => serveArgs(["m", "--max-body", "10"])).toThrow('--max-body must be from 1KiB to 1GiB, got "10"');
     expect(() => serveArgs(["m", "--retry-after", "0"])).toThrow('--retry-after must be a whole number from 1 to 3600, got "0"');
     expect(() => serveArgs(["m", "--client-timeout", "soon"])).toThrow('--client-timeout must be a number of seconds from 0.1 to 3600, got "soon"');
+  });
+
+  it("passes adapters on as NAME=DIR with absolute folders, a bare DIR named after its folder", () => {
+    const f = folders();
+    const args = serveArgs(["m", "--adapter", `hh=${relative(process.cwd(), f.huanhuan)}`, "--adapter", f.huanhuan, "--adapter", f.odd, "--memory-utilization", "0.5"]);
+    expect(args.slice(3)).toEqual(["--adapter", `hh=${f.huanhuan}`, "--adapter", `huanhuan=${f.huanhuan}`, "--adapter", `a=b=${f.odd}`, "--memory-utilization", "0.5"]);
+    expect(() => serveArgs(["m", "--adapter", `x=${f.huanhuan}`, "--adapter", `x=${f.odd}`])).toThrow(`--adapter names "x" twice (${f.huanhuan} and ${f.odd})`);
+    expect(() => serveArgs(["m", "--name", "qwen", "--adapter", `qwen=${f.huanhuan}`])).toThrow('"qwen" is already the base model\'s name (--name)');
+    expect(() => serveArgs(["m", "--adapter", `=${f.huanhuan}`])).toThrow("no adapter name; write NAME=DIR");
+    expect(() => serveArgs(["m", "--adapter", "x="])).toThrow("no adapter folder; write NAME=DIR, e.g. x=./out/adapter");
+    expect(() => serveArgs(["m", "--adapter", `x=${f.model}`])).toThrow("is not a LoRA adapter folder (it has no adapter_config.json)");
+    expect(() => serveArgs(["m", "--adapter", "x=/no/such/folder"])).toThrow("--adapter x=/no/such/folder: no such folder /no/such/folder");
+    expect(() => serveArgs(["m", "--memory-utilization", "0"])).toThrow('--memory-utilization must be a fraction in (0, 1], e.g. 0.9, got "0"');
+    expect(() => serveArgs(["m", "--memory-utilization", "90%"])).toThrow("--memory-utilization must be a fraction");
+    expect(SERVE_USAGE).toContain("--adapter NAME=DIR");
   });
 
   it("refuses a wrong command line before anything starts", () => {

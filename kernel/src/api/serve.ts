@@ -6,6 +6,7 @@ import { escapeHtml } from "../display/fallbacks";
 import { markShown } from "../display/shown";
 import type { DisplaySink } from "../display/sink";
 import { createThrottle, type Throttle } from "../display/throttle";
+import { checkAdapters } from "./export";
 import { expectInteger, expectKnownKeys, expectNumber, expectString } from "./validate";
 
 export interface ServeOptions {
@@ -33,6 +34,33 @@ export interface ServeOptions {
    * disconnected and its generation cancelled (default 30).
    */
   clientTimeout?: number;
+  /**
+   * LoRA adapters served beside the model, by name: `{ huanhuan: "runs/huanhuan" }` makes a request whose
+   * `model` is "huanhuan" answer through that adapter (as vLLM's --lora-modules); every other request
+   * gets the model itself. Folders are resolved against the notebook's folder. Rows of different adapters
+   * decode in the same batch.
+   */
+  adapters?: Record<string, string>;
+  /**
+   * Share of the device's memory the model and its key/value cache may use, in (0, 1] (default 0.9; vLLM's
+   * gpu_memory_utilization). The cache gets what the weights leave of it.
+   */
+  memoryUtilization?: number;
+}
+
+/** The server engine's key/value cache (absent for an engine without a block cache). */
+export interface ServerCache {
+  blocksTotal: number;
+  /** Blocks held by running requests. */
+  blocksUsed: number;
+  /** Tokens per block. */
+  blockSize: number;
+  /** Memory the cache takes, in bytes. */
+  cacheBytes: number;
+  /** Of the prompt tokens looked up in the prefix cache, the share found there (0 to 1). */
+  prefixHitRate: number;
+  /** Share of the device's memory the model and its cache may use. */
+  memoryUtilization?: number;
 }
 
 /** Live counters of a server. */
@@ -56,6 +84,10 @@ export interface ServerStats {
   lastError?: string;
   lastErrorAt?: Date;
   uptimeSeconds: number;
+  /** Names of the LoRA adapters served beside the model (each a `model` clients may ask for). */
+  adapters: string[];
+  /** The engine's key/value cache. */
+  cache?: ServerCache;
 }
 
 /** What a server needs from the model that started it. */
@@ -73,7 +105,8 @@ const MAX_WATCH_S = 86_400;
 /** Checks `m.serve()` options now, before anything is sent; the model id is filled in later. */
 export function serveRequest(options: ServeOptions): Omit<ServeStartRequest, "model_id"> {
   const o = expectKnownKeys("serve(options)", options, [
-    "port", "host", "apiKey", "name", "maxBatchSize", "maxQueue", "maxBody", "retryAfter", "clientTimeout",
+    "port", "host", "apiKey", "name", "maxBatchSize", "maxQueue", "maxBody", "retryAfter", "clientTimeout", "adapters",
+    "memoryUtilization",
   ]);
   const request: Omit<ServeStartRequest, "model_id"> = {
     port: o.port === undefined ? 8000 : expectInteger("serve option port", o.port, { min: 0, max: 65535, hint: "0 picks a free port" }),
@@ -98,7 +131,36 @@ export function serveRequest(options: ServeOptions): Omit<ServeStartRequest, "mo
   if (o.clientTimeout !== undefined) {
     request.client_timeout_s = expectNumber("serve option clientTimeout", o.clientTimeout, { min: 0.1, max: 3600, hint: "seconds" });
   }
+  if (o.adapters !== undefined) {
+    const adapters = serveAdapters(o.adapters, request.name);
+    if (Object.keys(adapters).length > 0) request.adapters = adapters;
+  }
+  if (o.memoryUtilization !== undefined) {
+    request.memory_utilization = expectNumber("serve option memoryUtilization", o.memoryUtilization, {
+      above: 0, max: 1, hint: "a fraction of the device's memory, e.g. 0.9",
+    });
+  }
   return request;
+}
+
+/** `adapters: { name: folder }` with each name checked and each folder an adapter folder, made absolute. */
+function serveAdapters(value: unknown, baseName: string | undefined): Record<string, string> {
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    throw new TypeError(
+      `serve option adapters must map a name to an adapter folder, e.g. { huanhuan: "runs/huanhuan" }, got ${Array.isArray(value) ? "an array" : value === null ? "null" : typeof value}`,
+    );
+  }
+  const out: Record<string, string> = {};
+  for (const [name, folder] of Object.entries(value)) {
+    if (name === "" || name.trim() !== name || /[\r\n]/.test(name)) {
+      throw new RangeError(`serve option adapters: a name must be non-empty, without surrounding spaces or line breaks, got ${JSON.stringify(name)}`);
+    }
+    if (name === baseName) {
+      throw new RangeError(`serve option adapters: ${JSON.stringify(name)} is already the model's name (option name); give the adapter another name`);
+    }
+    out[name] = checkAdapters(folder, `serve option adapters.${name}`)[0]!;
+  }
+  return out;
 }
 
 function noSpaces(name: string, value: unknown, example: string): string {
@@ -137,6 +199,8 @@ export class Server {
   readonly port: number;
   /** A curl command that sends one chat request. */
   readonly curlExample: string;
+  /** LoRA adapters served beside the model: name (a `model` clients may ask for) -> folder. */
+  readonly adapters: Readonly<Record<string, string>>;
   readonly #host: ServeHost;
   readonly #apiKey: string | undefined;
   readonly #workerPid: number;
@@ -160,6 +224,7 @@ export class Server {
     this.host = info.host;
     this.port = info.port;
     this.curlExample = info.curl_example;
+    this.adapters = Object.freeze({ ...(info.adapters ?? {}) });
     this.#apiKey = apiKey;
     this.#workerPid = workerPid;
     this.#last = toStats(info.stats);
@@ -252,8 +317,11 @@ export class Server {
     const lines = [
       `Server(${this.modelName} at ${this.url}, ${state})`,
       `  model    ${this.modelId}, served as "${this.modelName}"${this.#apiKey ? " (API key required)" : ""}`,
-      `  traffic  ${trafficLine(s)}`,
     ];
+    const names = Object.keys(this.adapters);
+    if (names.length) lines.push(`  adapters ${names.map((n) => `"${n}" (${this.adapters[n]})`).join(", ")}`);
+    lines.push(`  traffic  ${trafficLine(s)}`);
+    if (s.cache) lines.push(`  cache    ${cacheLine(s.cache)}`);
     if (s.lastError) lines.push(`  last error  ${s.lastError}`);
     lines.push(`  openai   new OpenAI({ baseURL: "${this.url}", apiKey: "${this.#apiKey ?? "none"}" })`, `  curl     ${this.curlExample}`);
     return lines.join("\n");
@@ -341,7 +409,27 @@ function toStats(w: WireStats): ServerStats {
     ...(w.last_error === undefined ? {} : { lastError: w.last_error }),
     ...(w.last_error_at === undefined ? {} : { lastErrorAt: new Date(w.last_error_at * 1000) }),
     uptimeSeconds: w.uptime_s,
+    adapters: [...(w.adapters ?? [])],
+    ...(w.blocks_total === undefined ? {} : { cache: toCache(w) }),
   };
+}
+
+function toCache(w: WireStats): ServerCache {
+  return {
+    blocksTotal: w.blocks_total ?? 0,
+    blocksUsed: w.blocks_used ?? 0,
+    blockSize: w.block_size ?? 0,
+    cacheBytes: w.cache_bytes ?? 0,
+    prefixHitRate: w.prefix_hit_rate ?? 0,
+    ...(w.memory_utilization === undefined ? {} : { memoryUtilization: w.memory_utilization }),
+  };
+}
+
+function cacheLine(c: ServerCache): string {
+  const gib = c.cacheBytes / 1024 ** 3;
+  const size = gib >= 1 ? `${gib.toFixed(1)} GiB` : `${(c.cacheBytes / 1024 ** 2).toFixed(1)} MiB`;
+  const share = c.memoryUtilization === undefined ? "" : ` · memory utilization ${c.memoryUtilization}`;
+  return `${c.blocksUsed}/${c.blocksTotal} blocks of ${c.blockSize} tokens in use (${size}) · prefix hits ${(100 * c.prefixHitRate).toFixed(0)}%${share}`;
 }
 
 function trafficLine(s: ServerStats): string {
@@ -357,13 +445,18 @@ export function serverBundle(server: Server, s: ServerStats, note = ""): { data:
   const state = s.running ? "serving" : "stopped";
   const head = `${state} ${server.modelName} at ${server.url}${note ? ` (${note})` : ""}`;
   const error = s.lastError ? `last error: ${s.lastError}` : "";
-  const plain = [head, trafficLine(s), error, s.running ? server.curlExample : ""].filter(Boolean).join("\n");
+  const names = Object.keys(server.adapters);
+  const adapters = names.length ? `adapters: ${names.join(", ")} (ask for one as \`model\`)` : "";
+  const cache = s.cache && s.running ? `cache: ${cacheLine(s.cache)}` : "";
+  const plain = [head, adapters, trafficLine(s), cache, error, s.running ? server.curlExample : ""].filter(Boolean).join("\n");
   const color = s.running ? "#388e3c" : "#888";
   const html =
     `<div style="font-family:var(--jp-code-font-family,monospace);font-size:smaller">` +
     `<div><b style="color:${color}">● ${escapeHtml(state)}</b> <b>${escapeHtml(server.modelName)}</b> at ` +
     `<code>${escapeHtml(server.url)}</code>${note ? ` <span style="opacity:.7">(${escapeHtml(note)})</span>` : ""}</div>` +
+    (adapters ? `<div>${escapeHtml(adapters)}</div>` : "") +
     `<div>${escapeHtml(trafficLine(s))}</div>` +
+    (cache ? `<div style="opacity:.8">${escapeHtml(cache)}</div>` : "") +
     (error ? `<div style="color:#d32f2f">${escapeHtml(error)}</div>` : "") +
     (s.running ? `<div style="opacity:.8;white-space:pre-wrap">${escapeHtml(server.curlExample)}</div>` : "") +
     `</div>`;

@@ -4,7 +4,7 @@
 import { spawn } from "node:child_process";
 import { existsSync, statSync } from "node:fs";
 import { constants } from "node:os";
-import { join, resolve } from "node:path";
+import { basename, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { resolvePython } from "../bridge/paths";
 
@@ -14,12 +14,16 @@ export const SERVE_USAGE = `usage: qwenbook serve <model> [options]
   --port N                port to listen on (default 8000; 0 picks a free one)
   --host H                address to bind (default 127.0.0.1, this machine only; 0.0.0.0 every interface)
   --api-key K             require "Authorization: Bearer K" on every request
-  --name N                model id clients use (default: the model's or the adapter's name)
-  --adapter DIR           LoRA adapter folder to apply on top of the model
+  --name N                model id clients use for the base model (default: the hub id or the folder's name)
+  --adapter NAME=DIR      serve the LoRA adapter in DIR as model NAME beside the base model (repeatable:
+                          every adapter decodes in the same batch); DIR alone serves it as the folder's name.
+                          With one adapter, "Serving NAME" names the adapter: ask for that id to get its output
   --device D              auto, cpu, cuda or cuda:N (default auto)
   --dtype T               auto, bf16, fp16 or fp32 (default auto)
   --max-batch-size N      requests decoded together (default 32)
   --context-length N      tokens per request, prompt included (default: the model's own)
+  --memory-utilization F  share of the device's memory the model and its key/value cache may use, in (0, 1]
+                          (default 0.9)
   --max-queue N           requests that may wait for a place in the batch; more get 429 with Retry-After
                           (default: 4 per batch row)
   --max-body SIZE         largest request body, in bytes or with KiB/MiB/GiB, e.g. 8MiB; larger ones get 413
@@ -45,11 +49,12 @@ export function serveArgs(argv: string[]): string[] {
         host: { type: "string" },
         "api-key": { type: "string" },
         name: { type: "string" },
-        adapter: { type: "string" },
+        adapter: { type: "string", multiple: true },
         device: { type: "string" },
         dtype: { type: "string" },
         "max-batch-size": { type: "string" },
         "context-length": { type: "string" },
+        "memory-utilization": { type: "string" },
         "max-queue": { type: "string" },
         "max-body": { type: "string" },
         "retry-after": { type: "string" },
@@ -70,7 +75,15 @@ export function serveArgs(argv: string[]): string[] {
     if (v.name.trim() === "") throw new ServeUsageError("--name must not be empty");
     out.push("--name", v.name);
   }
-  if (v.adapter !== undefined) out.push("--adapter", adapterDir(v.adapter));
+  const adapters = new Map<string, string>();
+  for (const text of v.adapter ?? []) {
+    const [name, dir] = adapterOption(text);
+    const before = adapters.get(name);
+    if (before !== undefined) throw new ServeUsageError(`--adapter names ${JSON.stringify(name)} twice (${before} and ${dir}): give each adapter its own name with NAME=DIR`);
+    if (name === v.name) throw new ServeUsageError(`--adapter ${text}: ${JSON.stringify(name)} is already the base model's name (--name); give the adapter another name`);
+    adapters.set(name, dir);
+    out.push("--adapter", `${name}=${dir}`);
+  }
   if (v.device !== undefined) {
     if (!/^(auto|cpu|cuda|cuda:\d+)$/.test(v.device)) throw new ServeUsageError(`--device must be auto, cpu, cuda or cuda:N, got ${JSON.stringify(v.device)}`);
     out.push("--device", v.device);
@@ -81,6 +94,7 @@ export function serveArgs(argv: string[]): string[] {
   }
   if (v["max-batch-size"] !== undefined) out.push("--max-batch-size", String(integer("--max-batch-size", v["max-batch-size"], 1, 1024)));
   if (v["context-length"] !== undefined) out.push("--context-length", String(integer("--context-length", v["context-length"], 2, 10_000_000)));
+  if (v["memory-utilization"] !== undefined) out.push("--memory-utilization", String(fraction("--memory-utilization", v["memory-utilization"])));
   if (v["max-queue"] !== undefined) out.push("--max-queue", String(integer("--max-queue", v["max-queue"], 0, 1_000_000)));
   if (v["max-body"] !== undefined) out.push("--max-body", String(byteSize("--max-body", v["max-body"])));
   if (v["retry-after"] !== undefined) out.push("--retry-after", String(integer("--retry-after", v["retry-after"], 1, 3600)));
@@ -129,13 +143,33 @@ function word(flag: string, text: string): string {
   return text;
 }
 
-function adapterDir(path: string): string {
+function fraction(flag: string, text: string): number {
+  const n = /^(\d+(\.\d*)?|\.\d+)$/.test(text) ? Number(text) : NaN;
+  if (!(n > 0 && n <= 1)) throw new ServeUsageError(`${flag} must be a fraction in (0, 1], e.g. 0.9, got ${JSON.stringify(text)}`);
+  return n;
+}
+
+/**
+ * `--adapter NAME=DIR` or `--adapter DIR` as [name, absolute folder], the folder checked to be an adapter's.
+ * A value that is an existing folder is a DIR even if it holds "=" (the same rule as the Python side).
+ */
+function adapterOption(text: string): [string, string] {
+  const cut = text.indexOf("=");
+  const bare = cut < 0 || isDir(resolve(text));
+  const name = bare ? basename(resolve(text)) : text.slice(0, cut);
+  const path = bare ? text : text.slice(cut + 1);
+  if (name === "" || name.trim() !== name) throw new ServeUsageError(`--adapter ${text}: no adapter name; write NAME=DIR, e.g. huanhuan=./out/adapter`);
+  if (path === "") throw new ServeUsageError(`--adapter ${text}: no adapter folder; write NAME=DIR, e.g. ${name}=./out/adapter`);
   const dir = resolve(path);
-  if (!existsSync(dir) || !statSync(dir).isDirectory()) throw new ServeUsageError(`--adapter ${path}: no such folder`);
+  if (!isDir(dir)) throw new ServeUsageError(`--adapter ${text}: no such folder ${path}`);
   if (!existsSync(join(dir, "adapter_config.json"))) {
-    throw new ServeUsageError(`--adapter ${path}: not a LoRA adapter folder (it has no adapter_config.json); pass the folder training wrote`);
+    throw new ServeUsageError(`--adapter ${text}: ${path} is not a LoRA adapter folder (it has no adapter_config.json); pass the folder training wrote`);
   }
-  return dir;
+  return [name, dir];
+}
+
+function isDir(path: string): boolean {
+  return existsSync(path) && statSync(path).isDirectory();
 }
 
 /** Runs `qwenbook serve ...`; resolves with the exit code. */

@@ -27,11 +27,14 @@ Beside it, before the server starts (so that the server's cache is not yet alloc
 the same prompts as one static batch of each level's size, where it fits in memory: its end-to-end tokens/s
 (prefill included, as the server's figure includes it) and its decode-only rate.
 
-Adapter scenarios (chat through one LoRA adapter vs the base model, and 32 clients spread over 4 adapters vs
-32 on the base) run only when the server serves adapters by model name: the benchmark writes random LoRA
-adapters, hands them to the server if its ServeConfig has an `adapters` field or the server an
-`add_adapter` method, and runs the scenarios if /v1/models then lists them; otherwise it says in one line why
-they were not run.
+LoRA adapters (--adapters N, default 4; 0 skips them): the benchmark writes N random LoRA adapters of rank
+--adapter-rank (16) on all seven projections of every layer, in peft's layout (adapter_config.json +
+adapter_model.safetensors), and the server serves them by name (ServeConfig.adapters). Every level then also
+runs with its clients spread round-robin over the adapters, right after the base-model row of the same
+concurrency, and reports its ratio to that row: the cost of serving adapters in the same batch. The 1-client
+adapter row is chat through one adapter beside the base model's 1-client row (1 client is run even when
+--concurrency leaves it out). With --url the adapters are the ids /v1/models lists after the base model;
+where the server serves none, the table says why in one line.
 """
 
 from __future__ import annotations
@@ -221,6 +224,7 @@ def ms(value: float | None) -> float | None:
 @dataclass
 class Level:
     concurrency: int
+    model: str  # "base", or "adapters" for clients spread round-robin over the adapters
     requests: int
     errors: int
     wall_s: float
@@ -234,15 +238,17 @@ class Level:
     server: dict[str, Any] = field(default_factory=dict)  # the server's own counters, sampled during the level
     static: dict[str, Any] | None = None  # FastDecoder on a static batch of the same prompts
     error_examples: list[str] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)  # the adapters its clients asked for, round-robin
+    ratio_to_base: float | None = None  # tokens/s over the base-model row of the same concurrency in this run
 
 
-def summarize(concurrency: int, samples: list[Sample]) -> Level:
+def summarize(concurrency: int, samples: list[Sample], model: str = "base") -> Level:
     good = [s for s in samples if s.error is None]
     wall = max(s.end_wall for s in samples) - min(s.start_wall for s in samples)
     tokens = sum(s.tokens for s in samples)
     gaps = [g for s in good for g in s.gaps_s]
     words = [word_count(prompt_text(s.prompt, s.tag)) for s in samples]
-    return Level(concurrency, len(samples), len(samples) - len(good), round(wall, 3), tokens,
+    return Level(concurrency, model, len(samples), len(samples) - len(good), round(wall, 3), tokens,
                  round(tokens / wall, 1) if wall > 0 else 0.0,
                  ms(percentile([s.ttft_s for s in good], 50)), ms(percentile([s.ttft_s for s in good], 99)),
                  ms(percentile(gaps, 50)), ms(percentile(gaps, 99)), (min(words), max(words)),
@@ -482,7 +488,18 @@ def fmt(value: Any, width: int, digits: int = 1) -> str:
     return f"{value!s:>{width}}"
 
 
-def table(meta: dict[str, Any], levels: list[Level], adapters: dict[str, Any]) -> str:
+def row(lv: Level) -> str:
+    """The columns every row has: clients, rates, times, errors and the server's own counters."""
+    s = lv.server
+    blocks = f"{s['blocks_used_peak']}" if "blocks_used_peak" in s else None
+    hit = f"{100 * s['prefix_hit_rate']:.0f}%" if isinstance(s.get("prefix_hit_rate"), (int, float)) else None
+    return (f"{lv.concurrency:>7} {fmt(lv.tokens_per_s, 9)} {fmt(lv.ttft_p50_ms, 9)} {fmt(lv.ttft_p99_ms, 9)} "
+            f"{fmt(lv.itl_p50_ms, 8)} {fmt(lv.itl_p99_ms, 8)} {lv.errors:>4} {fmt(s.get('batch_peak'), 5)} "
+            f"{fmt(blocks, 7)} {fmt(hit, 6)}")
+
+
+def table(meta: dict[str, Any], levels: list[Level], adapters: dict[str, Any],
+          adapter_levels: list[Level] | None = None) -> str:
     lines = [f"{meta['card']} · {meta['date']} · {meta['model']} · {meta['dtype']} · server engine {meta['engine']} · "
              f"{meta['max_tokens']} new tokens, "
              f"greedy, ignore_eos, streaming over HTTP · prompts {meta['prompt_words'][0]}-{meta['prompt_words'][1]} "
@@ -491,28 +508,26 @@ def table(meta: dict[str, Any], levels: list[Level], adapters: dict[str, Any]) -
             f"{'batch':>5} {'blocks':>7} {'prefix':>6} {'static tok/s':>12} {'decode':>9} {'serve/static':>12}")
     lines += [head + "   (times in ms)", "-" * len(head)]
     for lv in levels:
-        s = lv.server
-        blocks = f"{s['blocks_used_peak']}" if "blocks_used_peak" in s else None
-        hit = f"{100 * s['prefix_hit_rate']:.0f}%" if isinstance(s.get("prefix_hit_rate"), (int, float)) else None
         st = lv.static or {}
         ratio = (f"{lv.tokens_per_s / st['tokens_per_s']:.2f}x" if st.get("tokens_per_s") else
                  ("did not fit" if st.get("error") else None))
-        lines.append(f"{lv.concurrency:>7} {fmt(lv.tokens_per_s, 9)} {fmt(lv.ttft_p50_ms, 9)} {fmt(lv.ttft_p99_ms, 9)} "
-                     f"{fmt(lv.itl_p50_ms, 8)} {fmt(lv.itl_p99_ms, 8)} {lv.errors:>4} {fmt(s.get('batch_peak'), 5)} "
-                     f"{fmt(blocks, 7)} {fmt(hit, 6)} {fmt(st.get('tokens_per_s'), 12)} "
-                     f"{fmt(st.get('decode_tokens_per_s'), 9)} {fmt(ratio, 12)}")
+        lines.append(f"{row(lv)} {fmt(st.get('tokens_per_s'), 12)} {fmt(st.get('decode_tokens_per_s'), 9)} "
+                     f"{fmt(ratio, 12)}")
     if adapters.get("run"):
-        one, spread = adapters["single"], adapters["spread"]
-        lines.append(f"adapter chat, 1 client: {one['adapter_tokens_per_s']:.1f} tok/s vs base "
-                     f"{one['base_tokens_per_s']:.1f} ({one['ratio']:.2f}x)")
-        lines.append(f"{spread['clients']} clients over {spread['adapters']} adapters: "
-                     f"{spread['adapters_tokens_per_s']:.1f} tok/s vs {spread['base_tokens_per_s']:.1f} on the base "
-                     f"({spread['ratio']:.2f}x), errors {spread['errors']}")
+        lines.append(f"clients spread round-robin over {len(adapters['names'])} LoRA adapters (rank "
+                     f"{adapters.get('rank', '?')}, served by name); vs base: tokens/s over the base row of the same "
+                     "clients above (1 client: chat with an adapter beside chat with the base model)")
+        head = (f"{'clients':>7} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
+                f"{'err':>4} {'batch':>5} {'blocks':>7} {'prefix':>6} {'vs base':>8}")
+        lines += [head + "   (times in ms)", "-" * len(head)]
+        for lv in adapter_levels or []:
+            ratio = f"{lv.ratio_to_base:.2f}x" if lv.ratio_to_base is not None else None
+            lines.append(f"{row(lv)} {fmt(ratio, 8)}")
     else:
-        lines.append(f"adapter scenarios not run: {adapters.get('reason')}")
-    for lv in levels:
+        lines.append(f"adapter rows not run: {adapters.get('reason')}")
+    for lv in [*levels, *(adapter_levels or [])]:
         for e in lv.error_examples:
-            lines.append(f"error at {lv.concurrency} clients: {e}")
+            lines.append(f"error at {lv.concurrency} clients{' over adapters' if lv.model != 'base' else ''}: {e}")
     return "\n".join(lines)
 
 
@@ -541,22 +556,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "CUDA, eager on the CPU)")
     p.add_argument("--static-repeats", type=int, default=2, help="timed runs per static batch (median)")
     p.add_argument("--no-static", action="store_true", help="skip the static-batch decoder")
-    p.add_argument("--adapters", type=int, default=4, help="adapters for the adapter scenarios (0: skip them)")
-    p.add_argument("--adapter-clients", type=int, default=32, help="clients of the spread-over-adapters scenario")
-    p.add_argument("--adapter-rank", type=int, default=16)
+    p.add_argument("--adapters", type=int, default=4,
+                   help="random LoRA adapters served by name; every level also runs with its clients spread "
+                        "round-robin over them (default 4; 0: base model only)")
+    p.add_argument("--adapter-rank", type=int, default=16, help="rank of the random adapters (default 16)")
     p.add_argument("--memory-utilization", type=float, default=None,
                    help="share of device memory for the server's KV cache, where the server takes this option")
     p.add_argument("--clients-per-process", type=int, default=CLIENTS_PER_PROCESS)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU runs)")
     p.add_argument("--smoke", action="store_true",
-                   help="the tiny model on the CPU in fp32: 1 and 4 clients, 8 tokens, 2 adapters (a check that "
-                        "everything runs, in seconds; its figures mean nothing)")
+                   help="the tiny model on the CPU in fp32: 1 and 4 clients, 8 tokens, 2 adapters unless --adapters "
+                        "says otherwise (a check that everything runs, in seconds; its figures mean nothing)")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
+    explicit_adapters = any(arg == "--adapters" or arg.startswith("--adapters=") for arg in argv or sys.argv[1:])
     if a.smoke:
         a.device, a.dtype, a.model, a.random_weights = "cpu", "fp32", a.model, False
-        a.concurrency, a.max_tokens, a.static_repeats, a.adapters, a.adapter_clients = "1,4", 8, 1, 2, 4
+        a.concurrency, a.max_tokens, a.static_repeats = "1,4", 8, 1
+        a.adapters = a.adapters if explicit_adapters else 2
         a.threads = a.threads or 1
+    if a.adapters < 0 or a.adapter_rank < 1:
+        p.error(f"--adapters must be 0 or more and --adapter-rank at least 1, got {a.adapters} and {a.adapter_rank}")
     try:
         a.levels = [int(x) for x in a.concurrency.split(",")]
     except ValueError:
@@ -627,28 +647,29 @@ def main(argv: list[str] | None = None) -> int:
         url = server.url
     extra: dict[str, Any] = {}
     levels: list[Level] = []
+    adapter_levels: list[Level] = []
+    if adapter_names:
+        adapters = {"run": True, "names": adapter_names, "rank": None if a.url else a.adapter_rank}
+    # With adapters, a 1-client row of each is always run: chat through an adapter beside chat with the base.
+    counts = sorted({*a.levels, 1}) if adapter_names else a.levels
     try:
-        for c in a.levels:
-            warm = a.max_tokens if a.warmup_tokens is None else a.warmup_tokens
-            if warm > 0:
-                run_round(url, [(i, f"w{c}", base) for i in range(c)], max(warm, 2), extra, a.clients_per_process,
-                          headers)
-            with ServerSampler(server) as sampler:
-                samples = run_round(url, [(i, f"c{c}", base) for i in range(c)], a.max_tokens, extra,
-                                    a.clients_per_process, headers)
-            lv = summarize(c, samples)
-            lv.static, lv.server = statics.get(c), sampler.summary()
+        for c in counts:
+            lv = measure(url, c, [base] * c, a, extra, headers, server)
+            lv.static = statics.get(c)
             levels.append(lv)
-            print(f"... {lv.concurrency} client(s): {lv.tokens_per_s} tok/s, {lv.errors} error(s)", file=sys.stderr,
-                  flush=True)
-        if adapter_names:
-            adapters = adapter_scenarios(url, base, adapter_names, a, extra, headers)
+            if adapter_names:
+                spread = [adapter_names[i % len(adapter_names)] for i in range(c)]
+                alv = measure(url, c, spread, a, extra, headers, server, model="adapters")
+                alv.adapters = sorted(set(spread))
+                alv.ratio_to_base = round(alv.tokens_per_s / lv.tokens_per_s, 3) if lv.tokens_per_s else None
+                adapter_levels.append(alv)
     finally:
         if server is not None:
             server.stop()
 
-    result = {"meta": meta, "levels": [asdict(lv) for lv in levels], "adapters": adapters}
-    print(table(meta, levels, adapters))
+    result = {"meta": meta, "levels": [asdict(lv) for lv in levels], "adapters": adapters,
+              "adapter_levels": [asdict(lv) for lv in adapter_levels]}
+    print(table(meta, levels, adapters, adapter_levels))
     print(json.dumps(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
@@ -657,39 +678,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def start_server(a: argparse.Namespace, model: Any, tokenizer: Any, eos: Any, dtype: Any, server_cls: Any,
                  config_cls: Any, adapters: dict[str, Any], meta: dict[str, Any]) -> tuple[Any, str, list[str]]:
-    """The OpenAI server in this process on the loaded model, given random LoRA adapters if it takes them
-    (ServeConfig's `adapters` field or the server's add_adapter); returns it, the base model's name and the
-    adapter names it lists in /v1/models. Where it serves none, adapters["reason"] says why."""
-    kwargs: dict[str, Any] = dict(port=0, model_name=BASE_NAME, max_batch_size=max(max(a.levels), a.adapter_clients))
-    config_fields = {f.name for f in dataclasses.fields(config_cls)}
+    """The OpenAI server in this process on the loaded model, serving --adapters random LoRA adapters by name
+    (ServeConfig.adapters); returns it, the base model's name and the adapter names /v1/models lists. Where it
+    serves none, adapters["reason"] says why."""
+    kwargs: dict[str, Any] = dict(port=0, model_name=BASE_NAME, max_batch_size=max(a.levels))
     if a.memory_utilization is not None:
-        if "memory_utilization" not in config_fields:
-            print("... --memory-utilization ignored: this server's ServeConfig has no memory_utilization",
-                  file=sys.stderr)
-        else:
-            kwargs["memory_utilization"] = a.memory_utilization
+        kwargs["memory_utilization"] = a.memory_utilization
     adapter_dirs: dict[str, str] = {}
-    takes = "config" if "adapters" in config_fields else "method" if hasattr(server_cls, "add_adapter") else None
     if a.adapters == 0:
         adapters["reason"] = "--adapters 0"
-    elif takes is None:
-        adapters["reason"] = ("this OpenAI server takes no adapters (ServeConfig has no `adapters` field and "
-                              "OpenAIServer no add_adapter), so it cannot serve them by model name")
     else:
         root = Path(tempfile.mkdtemp(prefix="serve-bench-adapters-"))
         for k in range(a.adapters):
             adapter_dirs[f"lora{k}"] = str(write_random_lora(root / f"lora{k}", model.config, a.adapter_rank,
                                                              seed=100 + k, dtype=dtype))
-        if takes == "config":
-            kwargs["adapters"] = adapter_dirs
-    server = server_cls(model, tokenizer, config_cls(**kwargs), eos_token_ids=eos)
-    engine = getattr(server, "scheduler", None) or getattr(server, "engine", None)
+    server = server_cls(model, tokenizer, config_cls(**kwargs, adapters=adapter_dirs), eos_token_ids=eos)
+    engine = getattr(server, "scheduler", None)
     meta["engine"] = type(engine).__name__
-    if a.adapters > 0 and takes is None and hasattr(engine, "add_adapter"):
-        adapters["reason"] += f" (its engine, {type(engine).__name__}, does take adapters)"
-    if takes == "method":
-        for name, folder in adapter_dirs.items():
-            server.add_adapter(name, folder)
     server.start()
     if not adapter_dirs:
         return server, BASE_NAME, []
@@ -701,32 +706,23 @@ def start_server(a: argparse.Namespace, model: Any, tokenizer: Any, eos: Any, dt
     return server, BASE_NAME, list(adapter_dirs)
 
 
-def adapter_scenarios(url: str, base: str, names: list[str], a: argparse.Namespace, extra: dict[str, Any],
-                      headers: dict[str, str]) -> dict[str, Any]:
-    """Chat through one adapter vs the base model (1 client), and N clients spread over the adapters vs N on
-    the base model."""
-
-    def rate(tag: str, models: list[str]) -> Level:
-        run_round(url, [(i, "w" + tag, m) for i, m in enumerate(models)], a.max_tokens, extra,
-                  a.clients_per_process, headers)  # warm-up, on prompts of its own
-        jobs = [(i, tag, m) for i, m in enumerate(models)]
-        return summarize(len(jobs), run_round(url, jobs, a.max_tokens, extra, a.clients_per_process, headers))
-
-    base1, one = rate("base1", [base]), rate("lora1", [names[0]])
-    n = a.adapter_clients
-    spread = rate("loras", [names[i % len(names)] for i in range(n)])
-    base_n = rate("basen", [base] * n)
-    return {"run": True,
-            "single": {"adapter": names[0], "adapter_tokens_per_s": one.tokens_per_s,
-                       "base_tokens_per_s": base1.tokens_per_s,
-                       "ratio": round(one.tokens_per_s / base1.tokens_per_s, 3) if base1.tokens_per_s else None,
-                       "adapter_ttft_ms": one.ttft_p50_ms, "base_ttft_ms": base1.ttft_p50_ms,
-                       "errors": one.errors + base1.errors},
-            "spread": {"clients": n, "adapters": len(names), "adapters_tokens_per_s": spread.tokens_per_s,
-                       "base_tokens_per_s": base_n.tokens_per_s,
-                       "ratio": round(spread.tokens_per_s / base_n.tokens_per_s, 3) if base_n.tokens_per_s else None,
-                       "adapters_ttft_p50_ms": spread.ttft_p50_ms, "base_ttft_p50_ms": base_n.ttft_p50_ms,
-                       "errors": spread.errors + base_n.errors}}
+def measure(url: str, clients: int, models: list[str], a: argparse.Namespace, extra: dict[str, Any],
+            headers: dict[str, str], server: Any, model: str = "base") -> Level:
+    """One row: a warm-up round at the same concurrency (prompts of its own), then the timed round, with the
+    server's counters sampled while it runs. `models` is the model each client asks for."""
+    tag = "b" if model == "base" else "a"
+    warm = a.max_tokens if a.warmup_tokens is None else a.warmup_tokens
+    if warm > 0:
+        run_round(url, [(i, f"w{tag}{clients}", m) for i, m in enumerate(models)], max(warm, 2), extra,
+                  a.clients_per_process, headers)
+    with ServerSampler(server) as sampler:
+        samples = run_round(url, [(i, f"c{clients}", m) for i, m in enumerate(models)], a.max_tokens, extra,
+                            a.clients_per_process, headers)
+    lv = summarize(clients, samples, model)
+    lv.server = sampler.summary()
+    print(f"... {clients} client(s){' over adapters' if model != 'base' else ''}: {lv.tokens_per_s} tok/s, "
+          f"{lv.errors} error(s)", file=sys.stderr, flush=True)
+    return lv
 
 
 if __name__ == "__main__":
