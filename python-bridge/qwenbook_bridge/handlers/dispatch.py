@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,6 +57,12 @@ class Handlers:
         self.adapter_jobs = AdapterHandlers(self.registry, self.adapters, exclusive=self.exclusive, root=root)
         self.train = TrainHandlers(self.registry, self.adapters, exclusive=self.exclusive, root=root)
         self.background = BACKGROUND  # request types the server runs on a thread of their own
+        # Request types the server runs on a thread of their own without taking their model from other work:
+        # chats from several notebooks run at once, so the chat engine batches them. Whatever else touches a
+        # model holds its lock (_holding_model), as does a chat on the old path, which switches peft's layers.
+        self.concurrent = frozenset({"generate"})
+        self._model_locks: dict[str, threading.RLock] = {}
+        self._locks_lock = threading.Lock()
 
     # ------------------------------------------------------------ control (main thread)
 
@@ -152,8 +159,10 @@ class Handlers:
             except EngineDeclined as e:
                 log.info("chat with %s takes the old decode loops: %s", loaded.model_id, e)
         # The old path switches the adapter on in peft's layers, which would change what a server running the
-        # model's own forward (the padded scheduler) computes: that server is parked meanwhile.
-        with self.serve.exclusive(loaded.model_id), self.adapters.adapter_scope(loaded, adapter):
+        # model's own forward (the padded scheduler) computes: that server is parked meanwhile, and other work on
+        # the model (another such chat, adapters going on or off, an export) waits for the model's lock.
+        with self._model_lock(loaded.model_id), self.serve.exclusive(loaded.model_id), \
+                self.adapters.adapter_scope(loaded, adapter):
             result = generate(loaded, content["messages"], options, on_token=on_token, cancel=job.cancel)
         return {"status": "ok", **result.to_dict()}
 
@@ -161,16 +170,36 @@ class Handlers:
     def exclusive(self, model_id: str) -> Iterator[None]:
         """Park every engine decoding with `model_id` (an HTTP server's, the chat engine) while the block changes
         the model: training, export, adapters going on or off."""
-        with self.serve.exclusive(model_id), self.chat.exclusive(model_id):
+        with self._model_lock(model_id), self.serve.exclusive(model_id), self.chat.exclusive(model_id):
             yield
+
+    @contextmanager
+    def _model_lock(self, model_id: str) -> Iterator[None]:
+        with self._locks_lock:
+            lock = self._model_locks.setdefault(model_id, threading.RLock())
+        with lock:
+            yield
+
+    def _holding_model(self, handler: JobHandler) -> JobHandler:
+        """`handler` run holding its model's lock: chats run beside other jobs now (`concurrent`), and this keeps
+        a chat on the old path, which switches peft's layers, from meeting a job that changes or reads them."""
+        def run(job: JobContext) -> dict[str, Any]:
+            model_id = job.request.content.get("model_id")
+            if not isinstance(model_id, str):
+                return handler(job)
+            with self._model_lock(model_id):
+                return handler(job)
+        return run
 
     def jobs(self) -> dict[str, JobHandler]:
         """Requests that run on the job thread; new GPU capabilities (train, export, serve) register here."""
         exports = {name: self.adapter_jobs.bare(handler) for name, handler in self.export.jobs().items()}
         adapters = self.adapter_jobs.jobs()
         adapters["adapter_load"] = self._attaching(adapters["adapter_load"])
-        return {"load": self.load, "unload": self.unload, "generate": self.generate, **exports,
-                **self.serve.jobs(), **adapters, **self.train.jobs()}
+        held = {name: self._holding_model(handler) for name, handler in {
+            "load": self.load, "unload": self.unload, **exports, **self.serve.jobs(), **adapters,
+            **self.train.jobs()}.items()}
+        return {**held, "generate": self.generate}  # a chat takes the lock itself, on the old path only
 
     def _attaching(self, handler: JobHandler) -> JobHandler:
         """A session that puts an adapter on a model (qwen.adapters.load in a notebook that did not load the

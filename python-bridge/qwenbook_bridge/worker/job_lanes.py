@@ -4,6 +4,10 @@ A long job must not hold up work on other models, so it gets its own thread. Wor
 (a chat, an export, an unload) would race with it, so such requests wait, in the order they came, and go to the
 job thread once the long job has ended. Everything here runs on the job thread except the long jobs themselves,
 which only report back through the job queue (`ModelFree`), so no locks are needed.
+
+Concurrent jobs (chats, which the model's chat engine batches) also get a thread of their own, but leave their
+model free for other work: they wait only for a long job on it. The handlers keep them apart from other work
+on the same model where it matters.
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ def model_of(job: Job) -> str | None:
 
 class JobLanes:
     def __init__(self, run_job: Callable[[Any, Push], None], open_push: Callable[[], Push],
-                 background: frozenset[str], requeue: Callable[[ModelFree], None]) -> None:
+                 background: frozenset[str], requeue: Callable[[ModelFree], None],
+                 concurrent: frozenset[str] = frozenset()) -> None:
         self._run_job = run_job
         self._open_push = open_push  # each thread needs its own socket
         self._background = background
+        self._concurrent = concurrent
         self._requeue = requeue
         self._busy: dict[str, threading.Thread] = {}
         self._waiting: dict[str, list[Any]] = {}
@@ -55,11 +61,13 @@ class JobLanes:
             self._waiting.setdefault(model, []).append(job)
             return
         kind = job.request.msg_type
-        if kind not in self._background:
+        if kind not in self._background and kind not in self._concurrent:
             self._run_job(job, push)
             return
-        thread = threading.Thread(target=self._run_alone, args=(job, model), name=f"qwenbook-{kind}", daemon=True)
-        if model is not None:
+        long = kind in self._background
+        thread = threading.Thread(target=self._run_alone, args=(job, model if long else None), name=f"qwenbook-{kind}",
+                                  daemon=True)
+        if model is not None and long:
             self._busy[model] = thread
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()

@@ -156,8 +156,9 @@ class WorkerServer:
 
         self._queue: queue.Queue[InFlight | ModelFree | None] = queue.Queue()
         # Training gets a thread of its own; other work for the model it trains waits for it (worker/job_lanes.py).
+        # Chats get one each too, so that several run at once (the chat engine batches them).
         self._lanes = JobLanes(self._run_job, self._open_push, getattr(self.handlers, "background", frozenset()),
-                               self._queue.put)
+                               self._queue.put, getattr(self.handlers, "concurrent", frozenset()))
         self._running: dict[str, InFlight] = {}
         self._busy = False
         self._next_gpu_event = 0.0

@@ -112,6 +112,10 @@ class ChatEngines:
         self.adapters = adapters
         self.config = config or ChatEngineConfig()
         self._lock = threading.RLock()
+        # Signalled when a lease ends or an exclusive block does: exclusive() waits for the leases to end, new
+        # leases wait for exclusive() blocks to end.
+        self._changed = threading.Condition(self._lock)
+        self._blocked: dict[str, int] = {}  # model id -> exclusive() blocks entered (maybe nested)
         self._entries: dict[str, _ModelEngine] = {}
         # Models (by id, with the object to tell a reload apart) the engine cannot run, and adapter folders it
         # cannot compute: asked about once, then the old path without another try.
@@ -129,7 +133,9 @@ class ChatEngines:
         wanted = self._adapter_key(loaded, adapter) if adapter is not None else None
         if adapter is not None and wanted is None:
             return None  # not loaded: the old path's adapter_scope refuses it in its own words
-        with self._lock:
+        with self._changed:
+            while self._blocked.get(loaded.model_id):
+                self._changed.wait()
             if self._refused.get(loaded.model_id) is loaded.model:
                 return None
             if wanted is not None and (wanted[0], wanted[2]) in self._unsupported:
@@ -161,28 +167,39 @@ class ChatEngines:
             return Lease(self, entry, slot)
 
     def _release(self, entry: _ModelEngine, slot: _Slot | None) -> None:
-        with self._lock:
+        # A retired slot is unloaded by the next request that needs a slot, not here: unloading waits for the
+        # engine, which a training run may hold parked, and the reply must not wait for that.
+        with self._changed:
             entry.users -= 1
-            if slot is None:
-                return
-            slot.users -= 1
-            if slot in entry.retired and not slot.users:
-                self._remove(entry, slot)
+            if slot is not None:
+                slot.users -= 1
+            self._changed.notify_all()
 
     # ---- the model's lifetime ----------------------------------------------------------------------------
 
     @contextmanager
     def exclusive(self, model_id: str) -> Iterator[None]:
-        """Park the model's chat engine while the block changes the model (training, export, adapters). The
-        engine forgets its cached prefixes afterwards; adapter slots whose folders changed are read again
-        on their next use."""
-        with self._lock:
-            entry = self._entries.get(model_id)
-        if entry is None or not entry.engine.running:
-            yield
-            return
-        with entry.engine.exclusive():
-            yield
+        """Hold the model's chat while the block changes the model (training, export, adapters): chats already
+        running finish first (as when the worker ran one request at a time), later ones wait for the block to
+        end, and the engine is parked meanwhile. It forgets its cached prefixes afterwards; adapter slots whose
+        folders changed are read again on their next use."""
+        with self._changed:
+            self._blocked[model_id] = self._blocked.get(model_id, 0) + 1
+        try:
+            with self._changed:
+                while (entry := self._entries.get(model_id)) is not None and entry.users:
+                    self._changed.wait()
+            if entry is None or not entry.engine.running:
+                yield
+            else:
+                with entry.engine.exclusive():
+                    yield
+        finally:
+            with self._changed:
+                self._blocked[model_id] -= 1
+                if not self._blocked[model_id]:
+                    del self._blocked[model_id]
+                self._changed.notify_all()
 
     def forget(self, model_id: str) -> None:
         """The model is being unloaded (or replaced): stop its engine, which holds the weights and its cache."""

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qwenbook_bridge.engine.errors import (EngineError, GenerationOutOfMemoryError, InvalidOptionError, ModelNotLoadedError,
-    NoChatTemplateError, first_sentences, is_out_of_memory)
+from qwenbook_bridge.engine.errors import (EngineError, GenerationOutOfMemoryError, InvalidOptionError,
+    ModelNotLoadedError, NoChatTemplateError, first_sentences, is_out_of_memory)
 from qwenbook_bridge.engine.models.loading import LoadedModel, free_memory
 from qwenbook_bridge.engine.generate.sampling import MAX_EOS_IDS, SamplingParams, apply_penalties, make_sampler
 from qwenbook_bridge.engine.generate.streaming import IncrementalDetokenizer, StopStringFilter
