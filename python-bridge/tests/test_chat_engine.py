@@ -311,6 +311,31 @@ def test_a_model_the_engine_cannot_run_chats_on_the_old_loop(tiny_model_dir, mon
         handlers.close()
 
 
+def test_no_room_for_the_cache_now_takes_the_old_loop_and_a_later_chat_tries_again(tiny_model_dir, monkeypatch):
+    from qwenbook_bridge.engine.errors import InvalidOptionError
+
+    real = chat_engine.cache_budget_bytes
+    tries = {"n": 0}
+
+    def full_then_free(*args: Any, **kwargs: Any) -> int:
+        tries["n"] += 1
+        if tries["n"] == 1:
+            raise InvalidOptionError("the cache gets 0 bytes: cuda:0 has 79.1 GiB with 78.0 GiB in use")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chat_engine, "cache_budget_bytes", full_then_free)
+    handlers = Handlers("cpu")
+    load = make_message("load", {"model": str(tiny_model_dir), "dtype": "fp32"}, "s")
+    model_id = handlers.load(JobContext(load, threading.Event(), lambda *_: None))["model"]["model_id"]
+    try:
+        first = chat((handlers, model_id), max_tokens=8)
+        assert handlers.chat.engine(model_id) is None
+        assert chat((handlers, model_id), max_tokens=8)["token_ids"] == first["token_ids"]
+        assert handlers.chat.engine(model_id) is not None and tries["n"] == 2
+    finally:
+        handlers.close()
+
+
 def test_extract_weights_reads_the_base_under_adapter_layers_that_add_nothing(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 

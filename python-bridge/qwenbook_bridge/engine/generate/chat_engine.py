@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwenbook_bridge.engine.errors import EngineError
+from qwenbook_bridge.engine.errors import EngineError, first_sentences
 from qwenbook_bridge.engine.generate.fast_ops import reading_base_weights
 from qwenbook_bridge.engine.generate.paged.blocks import CacheShape, cache_budget_bytes
 from qwenbook_bridge.engine.generate.paged.scheduler import EngineConfig, PagedEngine
 from qwenbook_bridge.engine.models.adapter_registry import AdapterRegistry, Stamp, folder_stamp
 from qwenbook_bridge.engine.models.adapters import AdapterError, read_adapter_config
-from qwenbook_bridge.engine.models.loading import LoadedModel
+from qwenbook_bridge.engine.models.loading import LoadedModel, free_memory
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,8 @@ class ChatEngines:
         cfg = self.config
         max_rank = _rank_bucket(max([rank, cfg.min_lora_rank, *self._loaded_ranks(loaded)]))
         context = int(loaded.info.get("context_length") or 0) or None
+        import torch
+
         try:
             # The engine applies adapters from its slots, so it reads the base weights under peft's layers.
             with reading_base_weights():
@@ -244,10 +246,16 @@ class ChatEngines:
                     num_blocks=self._num_blocks(loaded, context), context_length=context,
                     max_adapters=cfg.max_adapters if with_adapters else 0, max_lora_rank=max_rank),
                     loaded.eos_token_ids)
-        except (TypeError, ValueError, EngineError) as exc:  # a layout the paged runner does not read, no room
-            log.info("chat with %s takes the old decode loops: the chat engine cannot run it (%s)",
-                     loaded.model_id, exc)
-            self._refused[loaded.model_id] = loaded.model
+        except (TypeError, ValueError, EngineError, torch.OutOfMemoryError) as exc:
+            # No room for the cache now (another engine, a training run) may change: a later chat tries again.
+            # A layout the paged runner does not read (another architecture, several devices) will not.
+            lasting = not isinstance(exc, (EngineError, torch.OutOfMemoryError))
+            log.info("chat with %s takes the old decode loops: the chat engine cannot run it%s (%s)",
+                     loaded.model_id, "" if lasting else " now", first_sentences(exc))
+            if lasting:
+                self._refused[loaded.model_id] = loaded.model
+            else:
+                free_memory()
             return None
         engine.start()
         entry = self._entries[loaded.model_id] = _ModelEngine(loaded.model, engine, max_rank)
