@@ -24,6 +24,9 @@ SMALL: dict[str, Any] = dict(
     tie_word_embeddings=True, use_sliding_window=False, initializer_range=0.5)
 
 
+CONTROL_TOKENS_FROM = 151643  # Qwen2.5's <|endoftext|>, the first of its control tokens
+
+
 def build_random_model(shape: str, device: torch.device, dtype: torch.dtype) -> Any:
     """A Qwen2ForCausalLM with random weights, created directly on `device`."""
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -40,6 +43,10 @@ def build_random_model(shape: str, device: torch.device, dtype: torch.dtype) -> 
                 param.copy_(torch.randn(param.shape, generator=gen, device=device, dtype=torch.float32) * 0.5)
             elif name.endswith("norm.weight"):
                 param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen, device=device, dtype=torch.float32))
+        # Ids from the control tokens up (and the padding rows past the tokenizer) have no text. A random model
+        # that keeps choosing one streams nothing for hundreds of tokens, so a streaming benchmark's first-token
+        # and inter-token times would measure the weights' luck; zero logits there leave them to lose the argmax.
+        model.lm_head.weight[CONTROL_TOKENS_FROM:].zero_()
     model.generation_config.eos_token_id = None
     return model.eval()
 
@@ -55,7 +62,7 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype) -> Any:
 def random_prompts(vocab: int, count: int, length: int, seed: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     # Stay below the special-token range so a real tokenizer's control tokens are never drawn.
-    high = min(vocab, 151643)
+    high = min(vocab, CONTROL_TOKENS_FROM)
     return torch.randint(0, high, (count, length), generator=gen).tolist()
 
 

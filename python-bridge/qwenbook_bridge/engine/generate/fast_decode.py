@@ -44,7 +44,7 @@ SPLIT_K_MAX_PAIRS = 32
 GREEDY = SamplingParams(greedy=True)
 
 
-def _allow_recompiles() -> None:
+def allow_recompiles() -> None:
     # Each (batch size, attended-length bucket) pair is a shape the compiled layer may be specialised for;
     # the default limit of 8 would silently drop a long-running worker back to uncompiled layers.
     import torch._dynamo
@@ -110,7 +110,7 @@ class FastDecoder:
         self._layer: Callable[..., Any] = decode_layer
         self._final: Callable[..., Any] = final_logits
         if compile:
-            _allow_recompiles()
+            allow_recompiles()
             self._layer = torch.compile(decode_layer, fullgraph=True)
             self._final = torch.compile(final_logits, fullgraph=True)
         dev, b = self.device, batch_size

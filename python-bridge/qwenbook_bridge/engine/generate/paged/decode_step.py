@@ -75,8 +75,25 @@ class DecodeStep:
 
     # `runner` is the PagedRunner that owns this step (typed loosely: runner.py imports this module).
     def __init__(self, runner: Any, max_batch: int, max_blocks_per_seq: int, scratch_slot: int,
-                 cuda_graphs: bool, fuse_qkv: bool) -> None:
+                 cuda_graphs: bool, fuse_qkv: bool, compile: bool = False) -> None:
         self.runner = runner
+        # torch.compile fuses each layer's small element-wise kernels (norms, RoPE, SwiGLU, residuals) around the
+        # matmuls; with dynamic shapes one compilation serves every bucket. Steps with adapter rows stay eager
+        # inside their graph: the LoRA modules would make the compiler specialise on each layer.
+        self._attn_in: Any = attn_in
+        self._attn_out: Any = attn_out
+        self._final: Any = final_logits
+        layers = runner.weights.layers
+        # int8/int4 layers without their Triton kernels run a Python forward per layer: compiling around them
+        # would specialise on every layer, so they stay eager (as in FastDecoder).
+        modules = any(isinstance(w, torch.nn.Module) for lw in layers for w in (*lw.attn_in_args(), *lw.attn_out_args()))
+        if compile and not modules:
+            from qwenbook_bridge.engine.generate.fast_decode import allow_recompiles
+
+            allow_recompiles()
+            self._attn_in = torch.compile(attn_in, dynamic=True, fullgraph=True)
+            self._attn_out = torch.compile(attn_out, dynamic=True, fullgraph=True)
+            self._final = torch.compile(final_logits, dynamic=True, fullgraph=True)
         self.buckets = buckets_up_to(max_batch)
         self.max_batch = self.buckets[-1]
         self.scratch_slot = scratch_slot
@@ -93,7 +110,6 @@ class DecodeStep:
         # q/k/v stacked into one matrix per layer: one matrix-vector product instead of three (about 6% more
         # weight memory for a 7B model); refreshed from the model's weights after anything may have changed them.
         self._fused: list[tuple[Tensor, Tensor | None]] = []
-        layers = runner.weights.layers
         if fuse_qkv and all(isinstance(w, Tensor) for lw in layers for w in (lw.q_weight, lw.k_weight, lw.v_weight)):
             for lw in layers:
                 rows = lw.q_weight.shape[0] + lw.k_weight.shape[0] + lw.v_weight.shape[0]
@@ -221,13 +237,14 @@ class DecodeStep:
             self._masks["three"] = one.repeat(1, 3)
         args = (s.rms_eps, s.num_heads, s.num_kv_heads, s.head_dim)
         scale = 1.0 / math.sqrt(s.head_dim)
+        layer_in, layer_out = (attn_in, attn_out) if lora else (self._attn_in, self._attn_out)
         for i, kv in enumerate(r.kv):
             in_args, out_args = self._layer_args(i, lora)
-            q, new_kv = attn_in(x, cos, sin, *args, *in_args)
+            q, new_kv = layer_in(x, cos, sin, *args, *in_args)
             kv.index_copy_(1, slot, new_kv)
             attn = paged_decode_attention(q, kv[0], kv[1], tables, lengths, r.block_size, scale)
-            x = attn_out(x, attn.reshape(b, -1), s.rms_eps, *out_args)
-        return final_logits(x, w.final_norm, w.lm_head, s.rms_eps)
+            x = layer_out(x, attn.reshape(b, -1), s.rms_eps, *out_args)
+        return self._final(x, w.final_norm, w.lm_head, s.rms_eps)
 
     def _capture(self, b: int, lora: bool) -> tuple[Any, Tensor]:
         dev = self.runner.device

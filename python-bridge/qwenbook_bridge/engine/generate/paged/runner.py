@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qwenbook_bridge.engine.generate.fast_ops import (DecoderWeights, Weight, attn_in, attn_out, extract_weights,
     final_logits, lin, rope_tables, weight_device)
@@ -33,6 +34,10 @@ from qwenbook_bridge.engine.generate.paged.blocks import CacheShape
 from qwenbook_bridge.engine.generate.paged.chunks import SeqChunk
 from qwenbook_bridge.engine.generate.paged.decode_step import DecodeStep
 from qwenbook_bridge.engine.models.adapters import AdapterError, read_adapter_config
+
+# Attention of prefill chunks. Not cuDNN's: it builds an execution plan for each new pair of query and key
+# lengths, which took 0.1-1.7 s on an H200 for every prompt length not seen before (a server sees them all).
+_PREFILL_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 # The projections an adapter may target, as peft names them, and where each sits in a decoder layer.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -101,7 +106,7 @@ class PagedRunner:
 
     def __init__(self, model: Any, num_blocks: int, block_size: int, max_adapters: int = 0,
                  max_rank: int = 64, *, max_batch: int = 32, max_seq_len: int | None = None,
-                 cuda_graphs: bool | None = None, fuse_qkv: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, fuse_qkv: bool | None = None, compile: bool = False) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be at least 1, got {num_blocks} and {block_size}")
         if max_adapters < 0 or max_rank < 1:
@@ -148,7 +153,7 @@ class PagedRunner:
         self._ensure_rope(self.max_seq_len)
         self.decode = DecodeStep(self, max_batch, -(-self.max_seq_len // block_size), self.capacity,
                                  cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs,
-                                 fuse_qkv=on_cuda if fuse_qkv is None else fuse_qkv)
+                                 fuse_qkv=on_cuda if fuse_qkv is None else fuse_qkv, compile=compile)
 
     # ---- the step -----------------------------------------------------------------------------------------
 
@@ -211,10 +216,14 @@ class PagedRunner:
                                              s.head_dim ** -0.5)
                 attn[decode_rows] = out.reshape(len(decode), -1)
             for lo, hi, seq_slots, causal in prefill_plan:
-                keys = kv[0][seq_slots].transpose(0, 1)[None]  # [1, kv_heads, len, head_dim]
-                values = kv[1][seq_slots].transpose(0, 1)[None]
-                out = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1)[None], keys, values, attn_mask=causal,
-                                                     enable_gqa=True)
+                # Key/value heads repeated for their query groups: the memory-efficient kernel takes any mask but
+                # not grouped heads.
+                group = s.num_heads // s.num_kv_heads
+                keys = kv[0][seq_slots].transpose(0, 1).repeat_interleave(group, 0)[None]  # [1, heads, len, dim]
+                values = kv[1][seq_slots].transpose(0, 1).repeat_interleave(group, 0)[None]
+                with sdpa_kernel(_PREFILL_BACKENDS):
+                    out = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1)[None], keys, values,
+                                                         attn_mask=causal)
                 attn[lo:hi] = out[0].transpose(0, 1).reshape(hi - lo, -1)
             x = attn_out(x, attn, s.rms_eps, *out_args)
         wanted = [offsets[i + 1] - 1 for i, c in enumerate(chunks) if c.logits]
