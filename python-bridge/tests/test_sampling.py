@@ -162,7 +162,8 @@ def test_the_notebook_request_builds_its_options_from_its_fields(handlers_and_mo
     reply = notebook_generate(handlers, {"model_id": model_id, "messages": CHAT, "max_tokens": 4, "top_p": 1.5})
     assert (reply["ename"], reply["evalue"]) == ("InvalidOptionError", "topP must be in (0, 1], got 1.5")
     reply = notebook_generate(handlers, {"model_id": model_id, "messages": CHAT, "max_tokens": 4, "min_p": 1.5})
-    assert (reply["ename"], reply["evalue"]) == ("InvalidOptionError", "minP must be in [0, 1] (0 turns it off), got 1.5")
+    assert (reply["ename"], reply["evalue"]) == ("InvalidOptionError",
+                                                 "minP must be in [0, 1] (0 turns it off), got 1.5")
     fields = {"max_tokens": 12, "temperature": 1.1, "top_p": 0.95, "top_k": 30, "min_p": 0.05, "stop": ["\n\n"],
               "seed": 5}
     reply = notebook_generate(handlers, {"model_id": model_id, "messages": CHAT, **fields})
@@ -395,7 +396,8 @@ def test_an_unseeded_request_gets_its_own_random_seed():
 def test_a_seeded_request_draws_the_same_tokens_alone_and_in_a_paged_batch(tiny):
     from qwenbook_bridge.engine.generate.generation import prompt_ids
 
-    chats = [[{"role": "user", "content": q}] for q in ("Tell me about the moon.", "写一首关于秋天的诗", "Count to ten")]
+    questions = ("Tell me about the moon.", "写一首关于秋天的诗", "Count to ten")
+    chats = [[{"role": "user", "content": q}] for q in questions]
     prompts = [prompt_ids(tiny, c) for c in chats]
     subject = SamplingParams(max_tokens=20, temperature=1.2, top_p=0.95, top_k=40, min_p=0.02, seed=31)
     others = [SamplingParams(max_tokens=16, temperature=1.0, top_k=0, top_p=0.9, seed=8),  # a full-sort group
