@@ -3,6 +3,8 @@ and grown for longer requests, and the plain loop for adapters and layers it can
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from qwenbook_bridge.engine import SamplingParams
@@ -55,6 +57,28 @@ def test_a_model_with_adapter_layers_decodes_on_the_plain_loop_with_its_adapter(
     finally:
         peft_model.unload()
     assert generate(tiny, CHAT, SamplingParams(max_tokens=12, greedy=True)).token_ids == plain.token_ids
+
+
+def test_adapters_loaded_but_switched_off_keep_the_fast_decoder_with_base_tokens(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from qwenbook_bridge.engine.models.adapters import AdapterManager
+
+    plain = generate(tiny, CHAT, SamplingParams(max_tokens=12, greedy=True))
+    folder = tmp_path / "adapter"
+    get_peft_model(copy.deepcopy(tiny.model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False)).save_pretrained(folder)
+    manager = AdapterManager(tiny.model)
+    manager.load(folder, "a", activate=False)  # as the worker keeps its adapters: loaded, none in use
+    try:
+        forget(tiny.model)
+        assert decoder_for(tiny.model, tiny.device, 64, 32768) is not None  # peft's layers add nothing now
+        assert generate(tiny, CHAT, SamplingParams(max_tokens=12, greedy=True)).token_ids == plain.token_ids
+        with manager.using("a"):  # switched on: the plain loop, with the adapter
+            assert decoder_for(tiny.model, tiny.device, 64, 32768) is None
+            assert generate(tiny, CHAT, SamplingParams(max_tokens=12, greedy=True)).token_ids != plain.token_ids
+    finally:
+        manager.unload_all()
 
 
 def plain_then_fast(loaded, messages, options, monkeypatch, fast_mode="1"):

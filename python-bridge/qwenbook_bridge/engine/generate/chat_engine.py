@@ -48,6 +48,9 @@ class ChatEngineConfig:
     max_batch_size: int = 8
     tokens_per_row: int = 8192
     block_size: int = 16
+    # Prompt tokens a step prefills beside the decoding rows: with a few rows, a long conversation's prompt
+    # goes in a few large chunks (its time to first token) rather than many small ones.
+    max_step_tokens: int = 2048
     # Never more than this share of the device (CUDA) or of free RAM (CPU) in all, whatever the rule above gives.
     memory_utilization: float = 0.9
     # Adapter slots: each costs max_lora_rank * (in + out) values per projection per layer (~5 MB per rank for
@@ -242,7 +245,7 @@ class ChatEngines:
             # The engine applies adapters from its slots, so it reads the base weights under peft's layers.
             with reading_base_weights():
                 engine = PagedEngine(loaded.model, loaded.tokenizer, EngineConfig(
-                    max_batch_size=cfg.max_batch_size, block_size=cfg.block_size,
+                    max_batch_size=cfg.max_batch_size, max_step_tokens=cfg.max_step_tokens, block_size=cfg.block_size,
                     num_blocks=self._num_blocks(loaded, context), context_length=context,
                     max_adapters=cfg.max_adapters if with_adapters else 0, max_lora_rank=max_rank),
                     loaded.eos_token_ids)
