@@ -41,9 +41,20 @@ def test_adapter_option_reads_name_equals_dir_or_a_bare_dir(tmp_path):
             adapter_option(bad)
 
 
+def test_vllm_json_form_is_read():
+    assert adapter_option('{"name": "hh", "path": "/data/a=b", "base_model_name": "q"}') == ("hh", "/data/a=b")
+    for bad, message in (("{nope", "not valid JSON"), ('{"name": "hh"}', 'fields "name" and "path"'),
+                         ('{"name": " ", "path": "/x"}', "non-empty name")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            adapter_option(bad)
+
+
 def test_adapter_is_repeatable_and_a_name_given_twice_is_refused():
     args = build_parser().parse_args(["m", "--adapter", "a=/x", "--adapter", "/y/b"])
     assert adapters_from(args.adapter) == {"a": "/x", "b": "/y/b"}
+    # vLLM's --lora-modules takes several at once and adds to the same list.
+    args = build_parser().parse_args(["m", "--lora-modules", "c=/z", "d=/w", "--adapter", "a=/x"])
+    assert adapters_from(args.adapter) == {"c": "/z", "d": "/w", "a": "/x"}
     assert build_parser().parse_args(["m"]).adapter is None
     with pytest.raises(EngineError, match="names 'a' twice"):
         adapters_from([("a", "/x"), ("a", "/y")])

@@ -263,6 +263,15 @@ describe("qwenbook serve command line", () => {
     expect(() => serveArgs(["m", "--memory-utilization", "0"])).toThrow('--memory-utilization must be a fraction in (0, 1], e.g. 0.9, got "0"');
     expect(() => serveArgs(["m", "--memory-utilization", "90%"])).toThrow("--memory-utilization must be a fraction");
     expect(SERVE_USAGE).toContain("--adapter NAME=DIR");
+    // vLLM's spelling: several adapters after one --lora-modules, NAME=DIR or its JSON form.
+    const json = JSON.stringify({ name: "j", path: f.odd, base_model_name: "m" });
+    expect(serveArgs(["m", "--lora-modules", `a=${f.huanhuan}`, json, "--port", "0"]).slice(3)).toEqual([
+      "--port", "0", "--adapter", `a=${f.huanhuan}`, "--adapter", `j=${f.odd}`,
+    ]);
+    expect(serveArgs(["m", `--lora-modules=b=${f.huanhuan}`]).slice(3)).toEqual(["--adapter", `b=${f.huanhuan}`]);
+    expect(() => serveArgs(["m", "--lora-modules", "--port", "0"])).toThrow("--lora-modules needs one or more NAME=DIR after it");
+    expect(() => serveArgs(["m", "--lora-modules", '{"name": "j"}'])).toThrow('needs a non-empty "name" and "path"');
+    expect(() => serveArgs(["m", "--lora-modules", "{oops"])).toThrow("not valid JSON");
   });
 
   it("refuses a wrong command line before anything starts", () => {

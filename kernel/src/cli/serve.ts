@@ -18,6 +18,9 @@ export const SERVE_USAGE = `usage: qwenbook serve <model> [options]
   --adapter NAME=DIR      serve the LoRA adapter in DIR as model NAME beside the base model (repeatable:
                           every adapter decodes in the same batch); DIR alone serves it as the folder's name.
                           With one adapter, "Serving NAME" names the adapter: ask for that id to get its output
+  --lora-modules NAME=DIR ...
+                          vLLM's spelling of --adapter: one or more adapters after one flag; each may also be
+                          vLLM's JSON '{"name": NAME, "path": DIR}'
   --device D              auto, cpu, cuda or cuda:N (default auto)
   --dtype T               auto, bf16, fp16 or fp32 (default auto)
   --max-batch-size N      requests decoded together (default 32)
@@ -41,7 +44,7 @@ export function serveArgs(argv: string[]): string[] {
   let parsed;
   try {
     parsed = parseArgs({
-      args: argv,
+      args: loraModules(argv),
       allowPositionals: true,
       strict: true,
       options: {
@@ -143,6 +146,27 @@ function word(flag: string, text: string): string {
   return text;
 }
 
+/** vLLM's `--lora-modules A B ...` (the values up to the next option) as `--adapter A --adapter B ...`. */
+function loraModules(argv: string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    if (arg.startsWith("--lora-modules=")) {
+      out.push("--adapter", arg.slice("--lora-modules=".length));
+    } else if (arg === "--lora-modules") {
+      let n = 0;
+      while (i + 1 < argv.length && !argv[i + 1]!.startsWith("-")) {
+        out.push("--adapter", argv[++i]!);
+        n++;
+      }
+      if (n === 0) throw new ServeUsageError("--lora-modules needs one or more NAME=DIR after it");
+    } else {
+      out.push(arg);
+    }
+  }
+  return out;
+}
+
 function fraction(flag: string, text: string): number {
   const n = /^(\d+(\.\d*)?|\.\d+)$/.test(text) ? Number(text) : NaN;
   if (!(n > 0 && n <= 1)) throw new ServeUsageError(`${flag} must be a fraction in (0, 1], e.g. 0.9, got ${JSON.stringify(text)}`);
@@ -154,18 +178,39 @@ function fraction(flag: string, text: string): number {
  * A value that is an existing folder is a DIR even if it holds "=" (the same rule as the Python side).
  */
 function adapterOption(text: string): [string, string] {
+  if (text.trimStart().startsWith("{")) return adapterJson(text);
   const cut = text.indexOf("=");
   const bare = cut < 0 || isDir(resolve(text));
   const name = bare ? basename(resolve(text)) : text.slice(0, cut);
   const path = bare ? text : text.slice(cut + 1);
   if (name === "" || name.trim() !== name) throw new ServeUsageError(`--adapter ${text}: no adapter name; write NAME=DIR, e.g. huanhuan=./out/adapter`);
   if (path === "") throw new ServeUsageError(`--adapter ${text}: no adapter folder; write NAME=DIR, e.g. ${name}=./out/adapter`);
+  return [name, adapterDir(text, path)];
+}
+
+/** `path` made absolute, after checking it is an adapter folder; `text` is the option as given, for errors. */
+function adapterDir(text: string, path: string): string {
   const dir = resolve(path);
   if (!isDir(dir)) throw new ServeUsageError(`--adapter ${text}: no such folder ${path}`);
   if (!existsSync(join(dir, "adapter_config.json"))) {
     throw new ServeUsageError(`--adapter ${text}: ${path} is not a LoRA adapter folder (it has no adapter_config.json); pass the folder training wrote`);
   }
-  return [name, dir];
+  return dir;
+}
+
+/** vLLM's JSON form of an adapter, '{"name": NAME, "path": DIR}' (other fields, such as base_model_name, ignored). */
+function adapterJson(text: string): [string, string] {
+  let spec: unknown;
+  try {
+    spec = JSON.parse(text);
+  } catch (e) {
+    throw new ServeUsageError(`--adapter ${text}: not valid JSON (${(e as Error).message}); write NAME=DIR or '{"name": NAME, "path": DIR}'`);
+  }
+  const { name, path } = (spec ?? {}) as { name?: unknown; path?: unknown };
+  if (typeof name !== "string" || typeof path !== "string" || name === "" || name.trim() !== name || path === "") {
+    throw new ServeUsageError(`--adapter ${text}: needs a non-empty "name" and "path", e.g. '{"name": "huanhuan", "path": "./out/adapter"}'`);
+  }
+  return [name, adapterDir(text, path)];
 }
 
 function isDir(path: string): boolean {

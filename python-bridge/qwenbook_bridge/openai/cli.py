@@ -10,11 +10,14 @@ LoRA adapters are served by name beside the base model, as vLLM's --lora-modules
 name serves the adapter as the folder's name. --name names the base model. With exactly one adapter the
 "Serving NAME at URL" line names the adapter, so a client that asks for the printed name gets the adapter's
 output (as when the adapter was applied on top of the model); with several it names the base model.
+vLLM's spelling works too: `--lora-modules NAME=DIR [NAME=DIR ...]`, or a JSON object
+'{"name": NAME, "path": DIR}' in place of NAME=DIR.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import signal
@@ -33,7 +36,22 @@ def default_name(source: str) -> str:
 
 def adapter_option(text: str) -> tuple[str, str]:
     """`--adapter NAME=DIR` or `--adapter DIR` as (name, folder). A value that is an existing folder is a DIR
-    even if it holds '=' (a folder named a=b); otherwise the text before the first '=' is the name."""
+    even if it holds '=' (a folder named a=b); otherwise the text before the first '=' is the name. vLLM's
+    JSON form '{"name": NAME, "path": DIR}' is read too."""
+    if text.lstrip().startswith("{"):
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({exc.msg}): write NAME=DIR or "
+                                             '{"name": NAME, "path": DIR}') from None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("path"), str):
+            raise argparse.ArgumentTypeError(f'{text!r} needs string fields "name" and "path", e.g. '
+                                             '{"name": "huanhuan", "path": "./out/adapter"}')
+        name, folder = spec["name"], spec["path"]
+        if not name.strip() or name != name.strip() or not folder:
+            raise argparse.ArgumentTypeError(f"{text!r} needs a non-empty name without surrounding spaces and a "
+                                             "non-empty path")
+        return name, folder
     name, sep, folder = text.partition("=")
     if not sep or Path(text).expanduser().is_dir():
         folder = text
@@ -83,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", type=adapter_option, action="append", default=None, metavar="NAME=DIR",
                    help="serve the LoRA adapter in DIR as model NAME beside the base model; repeatable. DIR alone "
                         "serves it as the folder's name")
+    p.add_argument("--lora-modules", type=adapter_option, action="extend", nargs="+", dest="adapter",
+                   metavar="NAME=DIR", help="vLLM's spelling of --adapter: one or more NAME=DIR (or JSON "
+                   '{"name": ..., "path": ...})')
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default auto)")
     p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default 32)")
