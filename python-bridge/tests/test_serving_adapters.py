@@ -157,3 +157,24 @@ def test_bad_adapters_are_refused_before_anything_loads(adapters, message, adapt
 def test_a_server_without_adapters_has_no_slots(tiny):
     srv = OpenAIServer.for_loaded(tiny, ServeConfig(port=0, model_name=BASE))
     assert srv.scheduler.config.max_adapters == 0 and srv.stats().adapters == []
+
+
+def test_adapters_need_the_paged_engine_and_say_so(tiny, tiny_model_dir, adapter_dirs):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qwenbook_bridge.engine.generate.batching.scheduler import BatchConfig, BatchScheduler
+
+    config = ServeConfig(port=0, model_name=BASE, adapters={"alpha": str(adapter_dirs["alpha"])})
+    # LoRA layers injected into the model: the paged runner cannot read it, and the padded scheduler has no slots.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(InvalidOptionError, match="served by name only by the paged engine, which cannot run this"):
+        OpenAIServer(model, tiny.tokenizer, config)
+    padded = BatchScheduler(tiny.model, tiny.tokenizer, BatchConfig(4), tiny.eos_token_ids)
+    with pytest.raises(InvalidOptionError, match="only by the paged engine, not by BatchScheduler"):
+        OpenAIServer(tiny.model, tiny.tokenizer, config, scheduler=padded)
+    # Without adapters the padded scheduler serves, and its stats have no block cache to report.
+    stats = OpenAIServer(tiny.model, tiny.tokenizer, ServeConfig(port=0), scheduler=padded).stats()
+    assert stats.blocks_total is None and stats.cache_bytes is None and stats.adapters == []
+    assert {k: v for k, v in stats.to_dict().items() if v is not None}.keys().isdisjoint({"blocks_total", "block_size"})
