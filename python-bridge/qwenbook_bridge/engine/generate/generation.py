@@ -90,10 +90,8 @@ def _token_stream(loaded: LoadedModel, prompt: list[int], budget: int, context: 
     from qwenbook_bridge.engine.generate.decoders import decoder_for
 
     model = loaded.model
-    # Penalties look at the tokens so far, which the fast decoder's captured step does not; they take the plain loop,
-    # and so does min-p, which its step does not apply.
-    fast = not opts.penalized and opts.min_p == 0
-    decoder = decoder_for(model, loaded.device, len(prompt) + budget, context) if fast else None
+    # Penalties look at the tokens so far, which the fast decoder's captured step does not; they take the plain loop.
+    decoder = None if opts.penalized else decoder_for(model, loaded.device, len(prompt) + budget, context)
     # A decoder serves one request at a time; a second request for the same model meanwhile takes the plain loop.
     if decoder is not None and decoder.busy.acquire(blocking=False):
         try:
@@ -226,7 +224,9 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Samp
     t_first = t_last = None
     failure: GenerationOutOfMemoryError | None = None
     tokens: Iterator[int] | None = None
-    from_engine = None if engine is None else _EngineTokens(engine, prompt, budget, opts, adapter, cancel)
+    from_engine = None
+    if engine is not None and not (cancel is not None and cancel.is_set()):
+        from_engine = _EngineTokens(engine, prompt, budget, opts, adapter, cancel)
     try:
         with torch.inference_mode():
             if cancel is not None and cancel.is_set():
