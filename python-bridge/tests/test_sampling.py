@@ -59,7 +59,8 @@ def on_every_path(tiny, scheduler, params: SamplingParams, monkeypatch) -> dict[
     dict(temperature=0.9, top_p=0.9, top_k=40, seed=1234),
     dict(temperature=1.3, top_p=1.0, top_k=0, seed=7),
     dict(seed=99),  # the notebook's defaults: temperature 0.7, top_p 0.8, top_k 20
-], ids=["nucleus-and-top-k", "full-distribution", "defaults"])
+    dict(temperature=1.5, top_p=1.0, top_k=0, min_p=0.1, seed=3),
+], ids=["nucleus-and-top-k", "full-distribution", "defaults", "min-p"])
 def test_a_seeded_request_gives_the_same_tokens_on_every_path(tiny, scheduler, monkeypatch, options):
     params = SamplingParams(max_tokens=24, **options)
     replies = on_every_path(tiny, scheduler, params, monkeypatch)
@@ -415,3 +416,12 @@ def test_a_seeded_request_draws_the_same_tokens_alone_and_in_a_paged_batch(tiny)
     assert alone == generate(tiny, chats[0], subject).token_ids  # the plain loop draws the same
     greedy = generate(tiny, chats[0], SamplingParams(max_tokens=20, greedy=True)).token_ids
     assert alone != greedy
+
+
+def test_the_http_server_samples_with_min_p(server, tiny):
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 12, "temperature": 1.5, "seed": 3}
+    greedy = generate(tiny, CHAT, SamplingParams(max_tokens=12, greedy=True)).token_ids
+    text = lambda b: http_chat(server, b)[1]["choices"][0]["message"]["content"]  # noqa: E731
+    # min_p 1 keeps only the most likely token: the reply is the greedy one, whatever the temperature.
+    assert text({**body, "min_p": 1.0}) == tiny.tokenizer.decode(greedy, skip_special_tokens=True)
+    assert text(body) != text({**body, "min_p": 1.0})

@@ -507,5 +507,6 @@ def _sampling_defaults(generation_config: Any) -> dict[str, Any]:
         "temperature": float(set_keys.get("temperature", 1.0)) if sampled else 1.0,
         "top_p": float(set_keys.get("top_p", 1.0)) if sampled else 1.0,
         "top_k": int(set_keys.get("top_k", 0) or 0) if sampled else 0,
+        "min_p": float(set_keys.get("min_p", 0.0) or 0.0) if sampled else 0.0,
         "repetition_penalty": float(set_keys.get("repetition_penalty", 1.0) or 1.0),
     }

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from qwenbook_bridge.engine.generate.fast_ops import (attn_in, attn_out, decode_layer, extract_weights, final_logits,
     rope_tables, sdpa_decode_attention)
-from qwenbook_bridge.engine.generate.sampling import MAX_EOS_IDS, SamplingParams, request_generator, sample_tokens
+from qwenbook_bridge.engine.generate.sampling import MAX_EOS_IDS, SamplingParams, SeededDraws, sample_tokens
 # Cache slots are allocated, and attention spans are rounded, in multiples of this (a multiple of the compiled
 # attention's 64-slot chunk), so a step at position 600 attends over 768 slots, not the whole cache.
 SPAN_STEP = 256
@@ -139,9 +139,9 @@ class FastDecoder:
         self.temperature = torch.zeros(b, dtype=torch.float32, device=dev)
         self.top_k = torch.zeros(b, dtype=torch.long, device=dev)
         self.top_p = torch.ones(b, dtype=torch.float32, device=dev)
-        # The request's random generator. A captured graph replays the draws of the device's default generator
-        # (whose offset the graph advances on each replay), so with graphs the request seeds that one instead.
-        self._generator: torch.Generator | None = None
+        self.min_p = torch.zeros(b, dtype=torch.float32, device=dev)
+        # The request's seed and draw count: buffers a captured graph reads and advances; reset per request.
+        self._draws = SeededDraws.for_request(GREEDY, dev)
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self._pool: Any = None
         self._ring: list[Tensor] | None = None
@@ -184,8 +184,8 @@ class FastDecoder:
             out = sdpa_decode_attention(q, kv[0, :, :, :attend_len], kv[1, :, :, :attend_len], visible)
             x = attn_out(x, out, s.rms_eps, *w.layers[i].attn_out_args())
         logits = self._final(x, w.final_norm, w.lm_head, s.rms_eps)
-        nxt = sample_tokens(logits, self.temperature, self.top_k, self.top_p, self._generator) if sample \
-            else logits.argmax(-1)
+        nxt = sample_tokens(logits, self.temperature, self.top_k, self.top_p, self._draws, min_p=self.min_p) \
+            if sample else logits.argmax(-1)
         self._accept(nxt)
         self.positions += 1
         self.history[self.rows, self.positions] = self.tokens
@@ -208,16 +208,16 @@ class FastDecoder:
         graph.replay()
 
     def _capture(self, attend_len: int, sample: bool) -> torch.cuda.CUDAGraph:
-        # Warm-up runs compile and pick kernels; they also advance the state and the random generator
-        # (a seeded request must draw the same numbers whether or not it triggered a capture), so put both back.
-        saved = [t.clone() for t in (self.tokens, self.positions, self.finished)]
-        rng = torch.cuda.get_rng_state(self.device)
+        # Warm-up runs compile and pick kernels; they also advance the state and the draw count (a seeded
+        # request must draw the same numbers whether or not it triggered a capture), so put them back.
+        state = (self.tokens, self.positions, self.finished, self._draws.step)
+        saved = [t.clone() for t in state]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
                 self._step(attend_len, sample)
-                for buf, old in zip((self.tokens, self.positions, self.finished), saved):
+                for buf, old in zip(state, saved):
                     buf.copy_(old)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
@@ -225,7 +225,6 @@ class FastDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             self._step(attend_len, sample)
-        torch.cuda.set_rng_state(rng, self.device)
         self._graphs[(attend_len, sample)] = graph
         return graph
 
@@ -272,13 +271,7 @@ class FastDecoder:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(eos_token_ids) > MAX_EOS_IDS:
             raise ValueError(f"at most {MAX_EOS_IDS} stop token ids are supported, got {len(eos_token_ids)}")
-        if self.use_graphs:
-            self._generator = None
-            if sampling.seed is not None:
-                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-                torch.cuda.default_generators[index].manual_seed(sampling.seed)
-        else:
-            self._generator = request_generator(sampling, self.device)
+        self._draws.reset(sampling)
         dev, b = self.device, self.batch_size
         self._refresh_fused()
         self.eos_ids.fill_(-1)
@@ -288,6 +281,7 @@ class FastDecoder:
         self.temperature.fill_(0.0 if sampling.is_greedy else sampling.temperature)
         self.top_k.fill_(min(sampling.top_k, 2**31))
         self.top_p.fill_(sampling.top_p)
+        self.min_p.fill_(sampling.min_p)
         logits = torch.zeros(b, vocab, dtype=torch.float32, device=dev)
         lengths = torch.zeros(b, dtype=torch.long)
         self.history.zero_()
@@ -299,7 +293,7 @@ class FastDecoder:
         self.positions.copy_(lengths.to(dev))
         self.finished.copy_(self.rows >= len(rows))
         first = logits.argmax(-1) if sampling.is_greedy \
-            else sample_tokens(logits, self.temperature, self.top_k, self.top_p, self._generator)
+            else sample_tokens(logits, self.temperature, self.top_k, self.top_p, self._draws, min_p=self.min_p)
         self._accept(first)
         self.history[self.rows, self.positions] = self.tokens
         self._host_position = longest

@@ -247,7 +247,6 @@ def attn_in(x: Tensor, cos: Tensor, sin: Tensor, eps: float, num_heads: int, num
     """Tokens [T, hidden] at their positions' cos/sin [T, head_dim] -> queries [T, heads, head_dim] and the
     new cache entries [2, T, kv_heads, head_dim] (keys rotated, values), one tensor so one write stores both.
     With k_w None, q_w/q_b hold the q, k and v projections stacked (one matrix-vector product instead of three)."""
-    t = x.shape[0]
     h = rms_norm(x, input_norm, eps)
     if k_w is None:
         q, k, v = lin(h, q_w, q_b).split(
@@ -255,14 +254,22 @@ def attn_in(x: Tensor, cos: Tensor, sin: Tensor, eps: float, num_heads: int, num
     else:
         assert v_w is not None
         q, k, v = lin(h, q_w, q_b), lin(h, k_w, k_b), lin(h, v_w, v_b)
+    return heads_with_rope(q, k, v, cos, sin, eps, num_heads, num_kv_heads, head_dim, q_norm, k_norm)
+
+
+def heads_with_rope(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, eps: float, num_heads: int,
+                    num_kv_heads: int, head_dim: int, q_norm: Tensor | None,
+                    k_norm: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Projected q/k/v [T, *] -> attn_in's (queries, new cache entries): heads, Qwen3's q/k norms, RoPE."""
+    t = q.shape[0]
     q = q.reshape(t, num_heads, head_dim)
     k = k.reshape(t, num_kv_heads, head_dim)
     v = v.reshape(t, num_kv_heads, head_dim)
     if q_norm is not None and k_norm is not None:
         q = rms_norm(q, q_norm, eps)
         k = rms_norm(k, k_norm, eps)
-    c = cos.to(x.dtype)[:, None]
-    s = sin.to(x.dtype)[:, None]
+    c = cos.to(q.dtype)[:, None]
+    s = sin.to(q.dtype)[:, None]
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
     return q, torch.stack((k, v))

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qwenbook_bridge.engine.generate.fast_ops import Weight, attn_in, attn_out, final_logits, lin
+from qwenbook_bridge.engine.generate.fast_ops import (Weight, attn_in, attn_out, final_logits, heads_with_rope, lin,
+    rms_norm)
 from qwenbook_bridge.engine.generate.paged.attention import paged_decode_attention
 from qwenbook_bridge.engine.generate.paged.chunks import SeqChunk
 
@@ -42,19 +43,34 @@ def buckets_up_to(max_batch: int) -> list[int]:
     return [b for b in BUCKETS if b < max_batch] + [max_batch]
 
 
-class _StackedLora(torch.nn.Module):
-    """A projection with every loaded adapter's LoRA beside it. fast_ops' `lin` calls a module weight as
-    `w(x)`, so passing this in place of the weight leaves the shared layer math unchanged."""
+def lora_lin(x: Tensor, w: Weight, b: Tensor | None, a: Tensor, bt: Tensor, mask: Tensor) -> Tensor:
+    """A projection plus every row's own adapter: lin(x) + ((x A^T) * mask) Bt, where A [C, in] and Bt [C, out]
+    stack the loaded adapters' matrices and mask [rows, C] keeps each row's adapter's columns."""
+    return torch.addmm(lin(x, w, b), F.linear(x, a) * mask, bt)
 
-    def __init__(self, base: Weight, bias: Tensor | None, a: Tensor, bt: Tensor, masks: dict[str, Tensor],
-                 mask_key: str) -> None:
-        super().__init__()
-        self.base, self.bias_, self.a, self.bt, self.masks, self.mask_key = base, bias, a, bt, masks, mask_key
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = lin(x, self.base, self.bias_)
-        h = F.linear(x, self.a) * self.masks[self.mask_key]
-        return torch.addmm(y, h, self.bt)
+def lora_attn_in(x: Tensor, cos: Tensor, sin: Tensor, eps: float, num_heads: int, num_kv_heads: int, head_dim: int,
+                 input_norm: Tensor, q_norm: Tensor | None, k_norm: Tensor | None, mask: Tensor,
+                 *projections: Any) -> tuple[Tensor, Tensor]:
+    """fast_ops.attn_in with LoRA: `projections` is (w, b, a, bt) for the fused q/k/v matrix (mask then covers its
+    three column groups), or three such groups for q, k and v. Only tensors, so torch.compile traces it once
+    for every layer (modules would make it specialise on each)."""
+    h = rms_norm(x, input_norm, eps)
+    if len(projections) == 4:
+        q, k, v = lora_lin(h, *projections, mask).split(
+            (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim), dim=-1)
+    else:
+        q, k, v = (lora_lin(h, *projections[i:i + 4], mask) for i in (0, 4, 8))
+    return heads_with_rope(q, k, v, cos, sin, eps, num_heads, num_kv_heads, head_dim, q_norm, k_norm)
+
+
+def lora_attn_out(x: Tensor, attn: Tensor, eps: float, post_norm: Tensor, mask: Tensor, *projections: Any) -> Tensor:
+    """fast_ops.attn_out with LoRA; `projections` is (w, a, bt) for o, gate, up and down in that order."""
+    o, gate, up, down = (projections[i:i + 3] for i in (0, 3, 6, 9))
+    x = x + lora_lin(attn, o[0], None, o[1], o[2], mask)
+    h = rms_norm(x, post_norm, eps)
+    inner = F.silu(lora_lin(h, gate[0], None, gate[1], gate[2], mask)) * lora_lin(h, up[0], None, up[1], up[2], mask)
+    return x + lora_lin(inner, down[0], None, down[1], down[2], mask)
 
 
 @dataclass
@@ -77,11 +93,12 @@ class DecodeStep:
     def __init__(self, runner: Any, max_batch: int, max_blocks_per_seq: int, scratch_slot: int,
                  cuda_graphs: bool, fuse_qkv: bool, compile: bool = False) -> None:
         self.runner = runner
-        # torch.compile fuses each layer's small element-wise kernels (norms, RoPE, SwiGLU, residuals) around the
-        # matmuls; with dynamic shapes one compilation serves every bucket. Steps with adapter rows stay eager
-        # inside their graph: the LoRA modules would make the compiler specialise on each layer.
+        # torch.compile fuses each layer's small element-wise kernels (norms, RoPE, SwiGLU, residuals, the LoRA
+        # masks) around the matmuls; with dynamic shapes one compilation serves every bucket and every layer.
         self._attn_in: Any = attn_in
         self._attn_out: Any = attn_out
+        self._lora_in: Any = lora_attn_in
+        self._lora_out: Any = lora_attn_out
         self._final: Any = final_logits
         layers = runner.weights.layers
         # int8/int4 layers without their Triton kernels run a Python forward per layer: compiling around them
@@ -93,6 +110,8 @@ class DecodeStep:
             allow_recompiles()
             self._attn_in = torch.compile(attn_in, dynamic=True, fullgraph=True)
             self._attn_out = torch.compile(attn_out, dynamic=True, fullgraph=True)
+            self._lora_in = torch.compile(lora_attn_in, dynamic=True, fullgraph=True)
+            self._lora_out = torch.compile(lora_attn_out, dynamic=True, fullgraph=True)
             self._final = torch.compile(final_logits, dynamic=True, fullgraph=True)
         self.buckets = buckets_up_to(max_batch)
         self.max_batch = self.buckets[-1]
@@ -104,8 +123,8 @@ class DecodeStep:
         self._host_rows = torch.zeros(5, self.max_batch, dtype=torch.long, pin_memory=dev.type == "cuda")
         self._graphs: dict[tuple[int, bool], tuple[Any, Tensor]] = {}
         self._pool: Any = None
-        self._masks: dict[str, Tensor] = {}
         self._lora: _LoraLayout | None = None
+        # Per layer: (q/k/v projections, o/gate/up/down projections) with their stacked LoRA matrices.
         self._lora_args: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
         # q/k/v stacked into one matrix per layer: one matrix-vector product instead of three (about 6% more
         # weight memory for a 7B model); refreshed from the model's weights after anything may have changed them.
@@ -153,30 +172,24 @@ class DecodeStep:
             return a.contiguous(), b.permute(0, 2, 1).reshape(-1, t.b.shape[1]).contiguous()
 
         for i, lw in enumerate(r.weights.layers):
-            wrap = {}
-            for name, (base, bias) in {"o_proj": (lw.o_weight, None), "gate_proj": (lw.gate_weight, None),
-                                       "up_proj": (lw.up_weight, None), "down_proj": (lw.down_weight, None)}.items():
-                a, bt = stacked(name, i)
-                wrap[name] = _StackedLora(base, bias, a, bt, self._masks, "one")
-            out_args = (wrap["o_proj"], lw.post_norm, wrap["gate_proj"], wrap["up_proj"], wrap["down_proj"])
+            out: list[Any] = []
+            for name, base in (("o_proj", lw.o_weight), ("gate_proj", lw.gate_weight), ("up_proj", lw.up_weight),
+                               ("down_proj", lw.down_weight)):
+                out += [base, *stacked(name, i)]
             if self._fused:
                 parts = [stacked(n, i) for n in ("q_proj", "k_proj", "v_proj")]
-                a = torch.cat([p[0] for p in parts])
-                # Block-diagonal B: q's columns feed only q's outputs, and so on.
-                bt = torch.block_diag(*[p[1] for p in parts])
                 weight, bias = self._fused[i]
-                qkv = _StackedLora(weight, bias, a, bt, self._masks, "three")
-                in_args: tuple[Any, ...] = (lw.input_norm, qkv, None, None, None, None, None, lw.q_norm, lw.k_norm)
+                # Block-diagonal B: q's columns feed only q's outputs, and so on (the mask repeats three times).
+                inp: list[Any] = [weight, bias, torch.cat([p[0] for p in parts]),
+                                  torch.block_diag(*[p[1] for p in parts])]
             else:
-                q, k, v = (_StackedLora(w, b, *stacked(n, i), self._masks, "one")
-                           for n, w, b in (("q_proj", lw.q_weight, lw.q_bias), ("k_proj", lw.k_weight, lw.k_bias),
-                                           ("v_proj", lw.v_weight, lw.v_bias)))
-                in_args = (lw.input_norm, q, None, k, None, v, None, lw.q_norm, lw.k_norm)
-            self._lora_args.append((in_args, out_args))
+                inp = []
+                for n, w, b in (("q_proj", lw.q_weight, lw.q_bias), ("k_proj", lw.k_weight, lw.k_bias),
+                                ("v_proj", lw.v_weight, lw.v_bias)):
+                    inp += [w, b, *stacked(n, i)]
+            self._lora_args.append((tuple(inp), tuple(out)))
 
-    def _layer_args(self, i: int, lora: bool) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        if lora:
-            return self._lora_args[i]
+    def _layer_args(self, i: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         lw = self.runner.weights.layers[i]
         if self._fused:
             weight, bias = self._fused[i]
@@ -230,20 +243,26 @@ class DecodeStep:
         tables = self.tables[:b]
         x = F.embedding(ids, w.embed)
         cos, sin = r.rope(pos)
-        if lora:
-            assert self._lora is not None
-            one = (self.rows[_ADAPTER, :b, None] == self._lora.column_slot[None]).to(x.dtype)
-            self._masks["one"] = one
-            self._masks["three"] = one.repeat(1, 3)
         args = (s.rms_eps, s.num_heads, s.num_kv_heads, s.head_dim)
         scale = 1.0 / math.sqrt(s.head_dim)
-        layer_in, layer_out = (attn_in, attn_out) if lora else (self._attn_in, self._attn_out)
+        if lora:
+            assert self._lora is not None
+            mask = (self.rows[_ADAPTER, :b, None] == self._lora.column_slot[None]).to(x.dtype)
+            in_mask = mask.repeat(1, 3) if self._fused else mask
         for i, kv in enumerate(r.kv):
-            in_args, out_args = self._layer_args(i, lora)
-            q, new_kv = layer_in(x, cos, sin, *args, *in_args)
+            if lora:
+                lw = w.layers[i]
+                lora_in, lora_out = self._lora_args[i]
+                q, new_kv = self._lora_in(x, cos, sin, *args, lw.input_norm, lw.q_norm, lw.k_norm, in_mask, *lora_in)
+            else:
+                in_args, out_args = self._layer_args(i)
+                q, new_kv = self._attn_in(x, cos, sin, *args, *in_args)
             kv.index_copy_(1, slot, new_kv)
-            attn = paged_decode_attention(q, kv[0], kv[1], tables, lengths, r.block_size, scale)
-            x = layer_out(x, attn.reshape(b, -1), s.rms_eps, *out_args)
+            attn = paged_decode_attention(q, kv[0], kv[1], tables, lengths, r.block_size, scale).reshape(b, -1)
+            if lora:
+                x = self._lora_out(x, attn, s.rms_eps, lw.post_norm, mask, *lora_out)
+            else:
+                x = self._attn_out(x, attn, s.rms_eps, *out_args)
         return self._final(x, w.final_norm, w.lm_head, s.rms_eps)
 
     def _capture(self, b: int, lora: bool) -> tuple[Any, Tensor]:
