@@ -237,6 +237,16 @@ def test_a_folder_written_again_is_read_again(bridge, tiny, tiny_model_dir, fold
     assert calls.n == 0
 
 
+def test_a_training_run_gets_the_chat_engines_cache_back_and_the_next_chat_makes_it_again(bridge):
+    handlers, model_id = bridge
+    before = chat(bridge, max_tokens=8)["token_ids"]
+    engine = engine_of(bridge)
+    with handlers.train.exclusive(model_id):  # what a run on this model holds while it trains
+        assert not engine.running and handlers.chat.engine(model_id) is None
+    assert chat(bridge, max_tokens=8)["token_ids"] == before
+    assert engine_of(bridge) is not engine
+
+
 def test_slots_are_evicted_least_recently_used_and_a_larger_rank_rebuilds_the_idle_engine(bridge, tiny,
                                                                                            tiny_model_dir, folders,
                                                                                            tmp_path):

@@ -55,7 +55,7 @@ class Handlers:
         # Notebook chat decodes on one paged engine per model (engine/generate/chat_engine.py).
         self.chat = ChatEngines(self.adapters)
         self.adapter_jobs = AdapterHandlers(self.registry, self.adapters, exclusive=self.exclusive, root=root)
-        self.train = TrainHandlers(self.registry, self.adapters, exclusive=self.exclusive, root=root)
+        self.train = TrainHandlers(self.registry, self.adapters, exclusive=self._exclusive_for_training, root=root)
         self.background = BACKGROUND  # request types the server runs on a thread of their own
         # Request types the server runs on a thread of their own without taking their model from other work:
         # chats from several notebooks run at once, so the chat engine batches them. Whatever else touches a
@@ -171,6 +171,14 @@ class Handlers:
         """Park every engine decoding with `model_id` (an HTTP server's, the chat engine) while the block changes
         the model: training, export, adapters going on or off."""
         with self._model_lock(model_id), self.serve.exclusive(model_id), self.chat.exclusive(model_id):
+            yield
+
+    @contextmanager
+    def _exclusive_for_training(self, model_id: str) -> Iterator[None]:
+        """exclusive(), and the chat engine's cache given back to the run: sized for several chats, it would take
+        memory the run's activations need. The next chat makes the engine again."""
+        with self._model_lock(model_id), self.serve.exclusive(model_id), \
+                self.chat.exclusive(model_id, free_cache=True):
             yield
 
     @contextmanager

@@ -181,18 +181,24 @@ class ChatEngines:
     # ---- the model's lifetime ----------------------------------------------------------------------------
 
     @contextmanager
-    def exclusive(self, model_id: str) -> Iterator[None]:
+    def exclusive(self, model_id: str, free_cache: bool = False) -> Iterator[None]:
         """Hold the model's chat while the block changes the model (training, export, adapters): chats already
         running finish first (as when the worker ran one request at a time), later ones wait for the block to
         end, and the engine is parked meanwhile. It forgets its cached prefixes afterwards; adapter slots whose
-        folders changed are read again on their next use."""
+        folders changed are read again on their next use. With `free_cache` the engine is stopped instead and
+        its cache given back for the block (a training run's activations), to be made again by the next chat."""
         with self._changed:
             self._blocked[model_id] = self._blocked.get(model_id, 0) + 1
         try:
             with self._changed:
                 while (entry := self._entries.get(model_id)) is not None and entry.users:
                     self._changed.wait()
+                if free_cache and entry is not None:
+                    self._drop(model_id)
+                    entry = None
             if entry is None or not entry.engine.running:
+                if free_cache:
+                    free_memory()
                 yield
             else:
                 with entry.engine.exclusive():
