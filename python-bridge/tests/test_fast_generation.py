@@ -76,7 +76,8 @@ def test_adapters_loaded_but_switched_off_keep_the_fast_decoder_with_base_tokens
         assert generate(tiny, CHAT, SamplingParams(max_tokens=12, greedy=True)).token_ids == plain.token_ids
         with manager.using("a"):  # switched on: the plain loop, with the adapter
             assert decoder_for(tiny.model, tiny.device, 64, 32768) is None
-            assert generate(tiny, CHAT, SamplingParams(max_tokens=12, greedy=True)).token_ids != plain.token_ids
+            with_adapter = generate(tiny, CHAT, SamplingParams(max_tokens=12, greedy=True))
+            assert with_adapter.token_ids != plain.token_ids
     finally:
         manager.unload_all()
 
