@@ -228,19 +228,21 @@ class DecodeStep:
         self.tables[:bucket, :width].copy_(tables, non_blocking=True)
         self.rows[:, :bucket].copy_(host[:, :bucket], non_blocking=True)
         if not self.use_graphs:
-            return self._forward(bucket, lora)[:n]
+            # Eagerly, attention needs only the columns in use: the reference kernel reads every column it is
+            # given, and the full width covers the whole context (2048 blocks for a 32k model).
+            return self._forward(bucket, lora, width)[:n]
         entry = self._graphs.get((bucket, lora))
         if entry is None:
             entry = self._capture(bucket, lora)
         entry[0].replay()
         return entry[1][:n]
 
-    def _forward(self, b: int, lora: bool) -> Tensor:
+    def _forward(self, b: int, lora: bool, width: int | None = None) -> Tensor:
         r = self.runner
         s, w = r.weights.shape, r.weights
         ids, pos, slot = self.rows[_IDS, :b], self.rows[_POS, :b], self.rows[_SLOT, :b]
         lengths = self.rows[_LEN, :b].to(torch.int32)
-        tables = self.tables[:b]
+        tables = self.tables[:b, :width]
         x = F.embedding(ids, w.embed)
         cos, sin = r.rope(pos)
         args = (s.rms_eps, s.num_heads, s.num_kv_heads, s.head_dim)
