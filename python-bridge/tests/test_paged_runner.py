@@ -170,9 +170,9 @@ def test_decode_only_steps_run_the_bucketed_step_with_padding_rows(perturbed_lm:
     buckets: list[int] = []
     forward = DecodeStep._forward
 
-    def counting(self: DecodeStep, b: int, lora: bool) -> torch.Tensor:
+    def counting(self: DecodeStep, b: int, lora: bool, width: int | None = None) -> torch.Tensor:
         buckets.append(b)
-        return forward(self, b, lora)
+        return forward(self, b, lora, width)
 
     monkeypatch.setattr(DecodeStep, "_forward", counting)
     prompts = _prompts(perturbed_lm.config.vocab_size, (5, 9, 7), seed=21)
