@@ -148,7 +148,9 @@ def paged_decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor
     slots = block_tables.long().repeat_interleave(block_size, dim=1) * block_size + pos % block_size
     slots = torch.where(visible, slots, 0)  # entries past a row's length may hold anything
     keys = k_cache[slots].float()  # [batch, width, kv_heads, head_dim]
-    values = v_cache[slots].float()
+    # Slots past a row's length may never have been written (an empty CPU cache holds anything, NaN too), and
+    # a zero weight times NaN is NaN: such values are zeroed, not only weighted by 0.
+    values = torch.where(visible[:, :, None, None], v_cache[slots].float(), 0.0)
     grouped = q.float().reshape(batch, kv_heads, heads // kv_heads, head_dim)
     scores = torch.einsum("bkgd,bwkd->bkgw", grouped, keys) * scale
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))

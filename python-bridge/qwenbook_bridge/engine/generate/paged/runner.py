@@ -123,9 +123,13 @@ class PagedRunner:
         # K and V of a layer in one tensor [2, slots, kv_heads, head_dim], so one index_copy stores both;
         # k_cache[i] / v_cache[i] are the per-layer [(num_blocks + 1) * block_size, kv_heads, head_dim] views.
         # One block more than the pool hands out: the padding rows of a decode graph write there.
-        # Zeros, not empty: a padded attention row multiplies masked slots' values by 0, and 0 * NaN is NaN.
-        self.kv = [torch.zeros(2, self.capacity + block_size, s.num_kv_heads, s.head_dim, dtype=self.dtype,
-                               device=self.device) for _ in range(s.num_layers)]
+        # Nothing reads a slot before it is written (attention masks what lies past a row's length, and the
+        # reference zeroes those values), so on the CPU the cache is left unwritten: zero-filling it touched
+        # every page, a gigabyte and a second per server even for a tiny model whose requests use a few MB.
+        # On a GPU zeroing is a fast memset and keeps stray reads finite.
+        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
+        self.kv = [alloc(2, self.capacity + block_size, s.num_kv_heads, s.head_dim, dtype=self.dtype,
+                         device=self.device) for _ in range(s.num_layers)]
         self.k_cache = [kv[0] for kv in self.kv]
         self.v_cache = [kv[1] for kv in self.kv]
         self._cos = self._sin = torch.empty(0, device=self.device)
