@@ -211,9 +211,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no tf32 rounding)
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
-        splits_pad = 1 << (splits - 1).bit_length()
         kern.decode_reduce[(batch, heads)](
             m, l, acc, result, result.stride(0), result.stride(1), heads, splits,
-            HEAD_DIM=head_dim, HEAD_PAD=head_pad, SPLITS_PAD=splits_pad,
-            CHUNK=min(splits_pad, 16), num_warps=4)
+            HEAD_DIM=head_dim, HEAD_PAD=head_pad, CHUNK=16, num_warps=4)
     return result

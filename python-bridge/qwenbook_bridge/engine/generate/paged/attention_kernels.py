@@ -28,7 +28,10 @@ def row_sum(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._sum_combine)
 
 
-@triton.jit
+# Run-time integers are not specialised on (Triton otherwise compiles a variant for each pattern of
+# divisibility by 16 and equality to 1 it sees): an eager step's table width, split count and partition change
+# from step to step, and every new variant cost a compile of some 100 ms in the middle of serving.
+@triton.jit(do_not_specialize=["stride_tb", "max_blocks", "partition", "num_splits"])
 def decode_partial(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, scale,
                    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_tb,
                    stride_ob, stride_oh, num_heads, max_blocks, partition, num_splits,
@@ -86,20 +89,22 @@ def decode_partial(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_p
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=store_ok & busy)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def decode_reduce(m_ptr, l_ptr, acc_ptr, out_ptr, stride_ob, stride_oh, num_heads, num_splits,
-                  HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, CHUNK: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     base = (b * num_heads + h) * num_splits
-    s = tl.arange(0, SPLITS_PAD)
-    m = tl.load(m_ptr + base + s, mask=s < num_splits, other=float("-inf"))
-    top = row_max(m, 0)
+    # Two passes over the partitions in chunks (the largest max first, then the weighted sums), so no constant
+    # depends on the split count and one compiled kernel serves every plan.
+    top = tl.full((), float("-inf"), dtype=tl.float32)
+    for c0 in range(0, num_splits, CHUNK):
+        c = c0 + tl.arange(0, CHUNK)
+        top = tl.maximum(top, row_max(tl.load(m_ptr + base + c, mask=c < num_splits, other=float("-inf")), 0))
     top = tl.where(top == float("-inf"), 0.0, top)  # all partitions idle (length 0): every weight becomes 0
     d = tl.arange(0, HEAD_PAD)
     acc = tl.full((HEAD_PAD,), 0.0, dtype=tl.float32)
     total = tl.full((), 0.0, dtype=tl.float32)
-    # The partitions in chunks, so a long context's many splits do not all sit in registers at once.
     for c0 in range(0, num_splits, CHUNK):
         c = c0 + tl.arange(0, CHUNK)
         m_c = tl.load(m_ptr + base + c, mask=c < num_splits, other=float("-inf"))

@@ -95,8 +95,8 @@ class DecodeStep:
         self.runner = runner
         # torch.compile fuses each layer's small element-wise kernels (norms, RoPE, SwiGLU, residuals, the LoRA
         # masks) around the matmuls; with dynamic shapes one compilation serves every bucket and every layer.
-        self._attn_in: Any = attn_in
-        self._attn_out: Any = attn_out
+        self.attn_in: Any = attn_in
+        self.attn_out: Any = attn_out
         self._lora_in: Any = lora_attn_in
         self._lora_out: Any = lora_attn_out
         self._final: Any = final_logits
@@ -108,8 +108,8 @@ class DecodeStep:
             from qwenbook_bridge.engine.generate.fast_decode import allow_recompiles
 
             allow_recompiles()
-            self._attn_in = torch.compile(attn_in, dynamic=True, fullgraph=True)
-            self._attn_out = torch.compile(attn_out, dynamic=True, fullgraph=True)
+            self.attn_in = torch.compile(attn_in, dynamic=True, fullgraph=True)
+            self.attn_out = torch.compile(attn_out, dynamic=True, fullgraph=True)
             self._lora_in = torch.compile(lora_attn_in, dynamic=True, fullgraph=True)
             self._lora_out = torch.compile(lora_attn_out, dynamic=True, fullgraph=True)
             self._final = torch.compile(final_logits, dynamic=True, fullgraph=True)
@@ -189,7 +189,8 @@ class DecodeStep:
                     inp += [w, b, *stacked(n, i)]
             self._lora_args.append((tuple(inp), tuple(out)))
 
-    def _layer_args(self, i: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    def layer_args(self, i: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """Layer i's base weights as attn_in/attn_out take them (q/k/v fused where they are)."""
         lw = self.runner.weights.layers[i]
         if self._fused:
             weight, bias = self._fused[i]
@@ -207,23 +208,19 @@ class DecodeStep:
         bucket = next(b for b in self.buckets if b >= n)
         lora = self._lora is not None and any(c.adapter >= 0 for c in chunks)
         bs = self.runner.block_size
+        pad = bucket - n
+        starts = [c.start for c in chunks]
+        heads = [c.block_table[: p // bs + 1] for c, p in zip(chunks, starts)]
+        # Python lists into one tensor: element-wise writes into a tensor cost microseconds each, a lot at 64 rows.
+        self._host_rows[:, :bucket] = torch.tensor([
+            [c.token_ids[0] for c in chunks] + [0] * pad,
+            starts + [0] * pad,
+            [t[-1] * bs + p % bs for t, p in zip(heads, starts)] + [self.scratch_slot] * pad,
+            [p + 1 for p in starts] + [0] * pad,
+            [c.adapter for c in chunks] + [-1] * pad])
         host = self._host_rows
-        host[:, :bucket] = 0
-        host[_SLOT, :bucket] = self.scratch_slot
-        host[_ADAPTER, :bucket] = -1
-        width = 1
-        for i, c in enumerate(chunks):
-            p = c.start
-            host[_IDS, i] = c.token_ids[0]
-            host[_POS, i] = p
-            host[_SLOT, i] = c.block_table[p // bs] * bs + p % bs
-            host[_LEN, i] = p + 1
-            host[_ADAPTER, i] = c.adapter
-            width = max(width, p // bs + 1)
-        tables = torch.zeros(bucket, width, dtype=torch.int32)
-        for i, c in enumerate(chunks):
-            k = c.start // bs + 1
-            tables[i, :k] = torch.tensor(c.block_table[:k], dtype=torch.int32)
+        width = max(len(t) for t in heads)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in heads] + [[0] * width] * pad, dtype=torch.int32)
         # Beyond `width` a row's table keeps stale block ids; the kernel reads only blocks below the row's length.
         self.tables[:bucket, :width].copy_(tables, non_blocking=True)
         self.rows[:, :bucket].copy_(host[:, :bucket], non_blocking=True)
@@ -257,14 +254,14 @@ class DecodeStep:
                 lora_in, lora_out = self._lora_args[i]
                 q, new_kv = self._lora_in(x, cos, sin, *args, lw.input_norm, lw.q_norm, lw.k_norm, in_mask, *lora_in)
             else:
-                in_args, out_args = self._layer_args(i)
-                q, new_kv = self._attn_in(x, cos, sin, *args, *in_args)
+                in_args, out_args = self.layer_args(i)
+                q, new_kv = self.attn_in(x, cos, sin, *args, *in_args)
             kv.index_copy_(1, slot, new_kv)
             attn = paged_decode_attention(q, kv[0], kv[1], tables, lengths, r.block_size, scale).reshape(b, -1)
             if lora:
                 x = self._lora_out(x, attn, s.rms_eps, lw.post_norm, mask, *lora_out)
             else:
-                x = self._attn_out(x, attn, s.rms_eps, *out_args)
+                x = self.attn_out(x, attn, s.rms_eps, *out_args)
         return self._final(x, w.final_norm, w.lm_head, s.rms_eps)
 
     def _capture(self, b: int, lora: bool) -> tuple[Any, Tensor]:

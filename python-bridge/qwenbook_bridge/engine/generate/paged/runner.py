@@ -209,10 +209,13 @@ class PagedRunner:
             prefill_plan.append((offsets[i], offsets[i + 1], seq_slots, causal))
 
         groups = self._adapter_groups(chunks, offsets)
+        # Without adapter rows the layers take the decode step's functions (compiled on a GPU, one matrix for
+        # q/k/v there): a prefill step is launch-bound up to thousands of tokens, and fused kernels launch fewer.
+        layer_in, layer_out = (attn_in, attn_out) if groups else (self.decode.attn_in, self.decode.attn_out)
         args = (s.rms_eps, s.num_heads, s.num_kv_heads, s.head_dim)
         for layer, kv in enumerate(self.kv):
             in_args, out_args = self._layer_args(layer, groups)
-            q, new_kv = attn_in(x, cos, sin, *args, *in_args)
+            q, new_kv = layer_in(x, cos, sin, *args, *in_args)
             kv.index_copy_(1, slots, new_kv)
             attn = torch.empty(x.shape[0], s.num_heads * s.head_dim, dtype=q.dtype, device=dev)
             if decode:
@@ -229,7 +232,7 @@ class PagedRunner:
                     out = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1)[None], keys, values,
                                                          attn_mask=causal)
                 attn[lo:hi] = out[0].transpose(0, 1).reshape(hi - lo, -1)
-            x = attn_out(x, attn, s.rms_eps, *out_args)
+            x = layer_out(x, attn, s.rms_eps, *out_args)
         wanted = [offsets[i + 1] - 1 for i, c in enumerate(chunks) if c.logits]
         if not wanted:
             return torch.empty(0, s.vocab_size, dtype=torch.float32, device=dev)
@@ -249,8 +252,9 @@ class PagedRunner:
         if len(c.block_table) < needed:
             raise ValueError(f"chunk {i} covers positions [0, {end}) = {needed} blocks of {self.block_size}, but its "
                              f"block_table has {len(c.block_table)}")
-        bad = [b for b in c.block_table[:needed] if not 0 <= b < self.num_blocks]
-        if bad:
+        table = c.block_table[:needed]
+        if min(table) < 0 or max(table) >= self.num_blocks:  # builtins: this runs for every row of every step
+            bad = [b for b in table if not 0 <= b < self.num_blocks]
             raise ValueError(f"chunk {i}'s block_table holds {bad}, outside the cache's blocks "
                              f"0..{self.num_blocks - 1}")
         if c.adapter >= 0 and (c.adapter >= self.max_adapters or self._adapter_names[c.adapter] is None):
@@ -287,9 +291,9 @@ class PagedRunner:
         return [(slot, torch.tensor(rows, dtype=torch.long, device=self.device)) for slot, rows in by_slot.items()]
 
     def _layer_args(self, layer: int, groups: list[tuple[int, Tensor]]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        lw = self.weights.layers[layer]
         if not groups:
-            return lw.attn_in_args(), lw.attn_out_args()
+            return self.decode.layer_args(layer)
+        lw = self.weights.layers[layer]
         p = self._lora[layer]
         for proj in p.values():
             proj.groups = groups
