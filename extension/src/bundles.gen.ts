@@ -128,6 +128,10 @@ export interface GpuBundle {
   version: 1;
   devices: DeviceGauge[];
   /**
+   * The paged engines' key/value caches in the newest sample (protocol.json's EngineCache), each shown under the device its device field names
+   */
+  engines?: EngineCache[];
+  /**
    * Unix time in seconds of the newest sample
    */
   time?: number;
@@ -163,6 +167,49 @@ export interface DeviceMemory {
    * bytes on the device, or machine RAM for cpu
    */
   total: number;
+}
+/**
+ * A live paged engine's key/value cache, sized when the engine started: a model's notebook chat engine or an OpenAI-compatible server's engine.
+ */
+export interface EngineCache {
+  model_id: string;
+  /**
+   * chat: the engine notebook chats with the model decode on; server: an HTTP server's
+   */
+  role: "chat" | "server";
+  /**
+   * Where the cache lives, named as DeviceMemory.device: cuda:0, or cpu
+   */
+  device: string;
+  blocks_total: number;
+  /**
+   * Blocks held by running requests (cached prefixes nobody holds are free to reuse)
+   */
+  blocks_used: number;
+  /**
+   * Tokens per block
+   */
+  block_size: number;
+  /**
+   * Memory the cache takes
+   */
+  cache_bytes: number;
+  /**
+   * Share of the device the cache was sized with (vLLM's gpu_memory_utilization); absent when the engine was given a fixed block count
+   */
+  memory_utilization?: number;
+  /**
+   * Of the prompt tokens looked up in the prefix cache, the share found there
+   */
+  prefix_hit_rate: number;
+  /**
+   * Requests decoding
+   */
+  running: number;
+  /**
+   * Requests queued behind a full batch
+   */
+  waiting: number;
 }
 
 /** Each custom MIME type and the bundle it carries. */
@@ -491,6 +538,13 @@ export const BUNDLE_SCHEMA: Readonly<Record<string, unknown>> & { readonly $id: 
             "$ref": "#/$defs/DeviceGauge"
           }
         },
+        "engines": {
+          "type": "array",
+          "items": {
+            "$ref": "#/$defs/EngineCache"
+          },
+          "description": "The paged engines' key/value caches in the newest sample (protocol.json's EngineCache), each shown under the device its device field names"
+        },
         "time": {
           "type": "number",
           "description": "Unix time in seconds of the newest sample"
@@ -521,6 +575,79 @@ export const BUNDLE_SCHEMA: Readonly<Record<string, unknown>> & { readonly $id: 
             "type": "number"
           },
           "description": "Recent used bytes, oldest first"
+        }
+      }
+    },
+    "EngineCache": {
+      "type": "object",
+      "description": "A live paged engine's key/value cache, sized when the engine started: a model's notebook chat engine or an OpenAI-compatible server's engine.",
+      "required": [
+        "model_id",
+        "role",
+        "device",
+        "blocks_total",
+        "blocks_used",
+        "block_size",
+        "cache_bytes",
+        "prefix_hit_rate",
+        "running",
+        "waiting"
+      ],
+      "properties": {
+        "model_id": {
+          "type": "string"
+        },
+        "role": {
+          "enum": [
+            "chat",
+            "server"
+          ],
+          "description": "chat: the engine notebook chats with the model decode on; server: an HTTP server's"
+        },
+        "device": {
+          "type": "string",
+          "description": "Where the cache lives, named as DeviceMemory.device: cuda:0, or cpu"
+        },
+        "blocks_total": {
+          "type": "integer",
+          "minimum": 0
+        },
+        "blocks_used": {
+          "type": "integer",
+          "minimum": 0,
+          "description": "Blocks held by running requests (cached prefixes nobody holds are free to reuse)"
+        },
+        "block_size": {
+          "type": "integer",
+          "minimum": 1,
+          "description": "Tokens per block"
+        },
+        "cache_bytes": {
+          "type": "integer",
+          "minimum": 0,
+          "description": "Memory the cache takes"
+        },
+        "memory_utilization": {
+          "type": "number",
+          "exclusiveMinimum": 0,
+          "maximum": 1,
+          "description": "Share of the device the cache was sized with (vLLM's gpu_memory_utilization); absent when the engine was given a fixed block count"
+        },
+        "prefix_hit_rate": {
+          "type": "number",
+          "minimum": 0,
+          "maximum": 1,
+          "description": "Of the prompt tokens looked up in the prefix cache, the share found there"
+        },
+        "running": {
+          "type": "integer",
+          "minimum": 0,
+          "description": "Requests decoding"
+        },
+        "waiting": {
+          "type": "integer",
+          "minimum": 0,
+          "description": "Requests queued behind a full batch"
         }
       }
     },

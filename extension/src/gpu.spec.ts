@@ -80,6 +80,32 @@ describe("GPU gauge", () => {
     expect(text(cards[1].querySelector(".qwenbook-gauge-note"))).toBe("A training rank on the CPU: this shows its process's RAM.");
   });
 
+  it("lists each paged engine's cache under its device, with a bar of the blocks in use", async () => {
+    const chat = {
+      model_id: "tiny-qwen2", role: "chat" as const, device: "cuda:0", blocks_total: 4096, blocks_used: 1024, block_size: 16,
+      cache_bytes: 48 * 1024 ** 2, prefix_hit_rate: 0.35, running: 1, waiting: 0,
+    };
+    const server = { ...chat, role: "server" as const, blocks_used: 0, cache_bytes: 60 * GiB, memory_utilization: 0.9, waiting: 2 };
+    const elsewhere = { ...chat, device: "cuda:3" };
+    const w = await show(gpu({ engines: [chat, server, elsewhere] }));
+    const card = w.node.querySelector(".qwenbook-gauge")!;
+    const rows = [...card.querySelectorAll(".qwenbook-engine")];
+    expect(rows.map((r) => [r.getAttribute("data-role"), r.getAttribute("data-model")])).toEqual([["chat", "tiny-qwen2"], ["server", "tiny-qwen2"]]);
+    expect(text(rows[0].querySelector(".qwenbook-engine-title"))).toBe("KV cache (chat, tiny-qwen2)");
+    expect(text(rows[0].querySelector(".qwenbook-engine-facts"))).toBe("1,024 / 4,096 blocks · 48 MiB · prefix hits 35%");
+    expect(text(rows[1].querySelector(".qwenbook-engine-facts"))).toBe("0 / 4,096 blocks · 60.0 GiB · prefix hits 35% · 2 waiting");
+    expect(rows[0].querySelector(".qwenbook-engine-fill")!.getAttribute("style")).toBe("width: 25.00%");
+    expect(rows[0].querySelector(".qwenbook-engine-track")!.getAttribute("aria-valuenow")).toBe("1024");
+    // A cache on a device the sample does not list still shows, below the cards, naming its device.
+    const outside = w.node.querySelector(".qwenbook-gpu-devices > .qwenbook-gauge-engines")!;
+    expect(text(outside.querySelector(".qwenbook-engine-title"))).toBe("KV cache (chat, tiny-qwen2) on cuda:3");
+  });
+
+  it("draws no engine section without engines", async () => {
+    const w = await show(gpu());
+    expect(w.node.querySelector(".qwenbook-gauge-engines")).toBeNull();
+  });
+
   it("says whether it is live", async () => {
     const w = await show(gpu());
     expect(text(w.node.querySelector(".qwenbook-gpu-footer"))).toMatch(/^live · \d\d:\d\d:\d\d$/);

@@ -1,7 +1,7 @@
 import type { IRenderMime } from "@jupyterlab/rendermime-interfaces";
-import type { DeviceGauge, GpuBundle } from "./bundles.gen";
+import type { DeviceGauge, EngineCache, GpuBundle } from "./bundles.gen";
 import { h, replaceChildren } from "./dom";
-import { formatBytes, formatDuration } from "./format";
+import { formatBytes, formatDuration, formatInt } from "./format";
 import { dial, sparkline } from "./gauge";
 import { GPU_MIME } from "./mime";
 import { BundleWidget } from "./widget";
@@ -10,7 +10,10 @@ import { BundleWidget } from "./widget";
 const HIGH = 0.8;
 const FULL = 0.95;
 
-/** One dial per device; a CPU-only worker gets one dial for its process RAM, labelled as such. */
+/**
+ * One dial per device; a CPU-only worker gets one dial for its process RAM, labelled as such. Under a
+ * device's figures, the key/value cache of each paged engine (chat, server) that lives on it.
+ */
 export class GpuWidget extends BundleWidget<typeof GPU_MIME> {
   private readonly root = h("div", { class: "qwenbook-gpu" });
   private readonly devices = h("div", { class: "qwenbook-gpu-devices" });
@@ -24,11 +27,16 @@ export class GpuWidget extends BundleWidget<typeof GPU_MIME> {
 
   protected draw(bundle: GpuBundle): void {
     this.root.dataset.live = String(bundle.live === true);
+    const engines = bundle.engines ?? [];
+    const listed = new Set(bundle.devices.map((d) => d.device));
+    // A cache on a device the sample does not list (it should not happen) is still shown, below the cards.
+    const elsewhere = engines.filter((e) => !listed.has(e.device));
     replaceChildren(
       this.devices,
       ...(bundle.devices.length > 0
-        ? bundle.devices.map((d) => deviceCard(d, bundle.intervalS))
+        ? bundle.devices.map((d) => deviceCard(d, bundle.intervalS, engines.filter((e) => e.device === d.device)))
         : [h("div", { class: "qwenbook-gpu-empty" }, "The worker reported no devices.")]),
+      elsewhere.length > 0 ? engineList(elsewhere, true) : null,
     );
     const when = bundle.time !== undefined ? clockTime(bundle.time) : undefined;
     replaceChildren(
@@ -39,7 +47,7 @@ export class GpuWidget extends BundleWidget<typeof GPU_MIME> {
   }
 }
 
-function deviceCard(d: DeviceGauge, intervalS: number | undefined): HTMLElement {
+function deviceCard(d: DeviceGauge, intervalS: number | undefined, engines: readonly EngineCache[]): HTMLElement {
   const total = d.total;
   const frac = (v: number | undefined) => (v !== undefined && total > 0 ? v / total : undefined);
   const held = Math.max(d.used, d.reserved ?? 0);
@@ -85,6 +93,7 @@ function deviceCard(d: DeviceGauge, intervalS: number | undefined): HTMLElement 
       stat("total", cpu ? "machine RAM" : "total", total),
     ),
     sparkline(history, `${cpu ? "process RAM" : "used memory"}${span}`),
+    engines.length > 0 ? engineList(engines, false) : null,
     cpu
       ? h(
           "div",
@@ -94,6 +103,41 @@ function deviceCard(d: DeviceGauge, intervalS: number | undefined): HTMLElement 
             : "A training rank on the CPU: this shows its process's RAM.",
         )
       : null,
+  );
+}
+
+/** One row per engine: whose cache, a bar of the blocks in use, and its size and prefix hits. */
+function engineList(engines: readonly EngineCache[], withDevice: boolean): HTMLElement {
+  return h(
+    "div",
+    { class: "qwenbook-gauge-engines" },
+    ...engines.map((e) => {
+      const used = e.blocks_total > 0 ? e.blocks_used / e.blocks_total : 0;
+      const facts = [
+        `${formatInt(e.blocks_used)} / ${formatInt(e.blocks_total)} blocks`,
+        formatBytes(e.cache_bytes),
+        `prefix hits ${Math.round(e.prefix_hit_rate * 100)}%`,
+      ];
+      if (e.waiting > 0) facts.push(`${e.waiting} waiting`);
+      return h(
+        "div",
+        { class: "qwenbook-engine", "data-role": e.role, "data-model": e.model_id, "data-device": e.device },
+        h("div", { class: "qwenbook-engine-title" }, `KV cache (${e.role}, ${e.model_id})${withDevice ? ` on ${e.device}` : ""}`),
+        h(
+          "div",
+          {
+            class: "qwenbook-engine-track",
+            role: "progressbar",
+            "aria-label": "cache blocks in use",
+            "aria-valuemin": 0,
+            "aria-valuemax": e.blocks_total,
+            "aria-valuenow": e.blocks_used,
+          },
+          h("div", { class: "qwenbook-engine-fill", style: `width: ${(used * 100).toFixed(2)}%` }),
+        ),
+        h("div", { class: "qwenbook-engine-facts" }, facts.join(" · ")),
+      );
+    }),
   );
 }
 

@@ -31,6 +31,7 @@ export type {
   ChatMessage,
   DeviceMemory,
   Dtype,
+  EngineCache,
   FinishReason,
   GroupSize,
   LoadOptions,

@@ -1,7 +1,7 @@
 import { inspect } from "node:util";
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import type { WorkerClient } from "../bridge/client";
-import type { DeviceMemory, GpuEvent, WorkerStatusEvent } from "../bridge/protocol.gen";
+import type { DeviceMemory, EngineCache, GpuEvent, WorkerStatusEvent } from "../bridge/protocol.gen";
 import { GPU_MIME, type GpuBundle } from "../display/bundles";
 import { recordingSink, type RecordingSink } from "../display/testutil";
 import { GpuGauge } from "./gpu";
@@ -9,8 +9,8 @@ import { GpuGauge } from "./gpu";
 const GiB = 1024 ** 3;
 const cpu = (used: number): DeviceMemory => ({ device: "cpu", kind: "cpu", name: "process memory (RSS)", used, peak: used, total: 24 * GiB });
 
-/** A stand-in for WorkerClient: status answers with `memory`, broadcasts are sent by the test. */
-function fakeClient(memory: () => DeviceMemory[]) {
+/** A stand-in for WorkerClient: status answers with `memory` and `engines`, broadcasts are sent by the test. */
+function fakeClient(memory: () => DeviceMemory[], engines: () => EngineCache[] = () => []) {
   const listeners: { gpu: Set<(e: GpuEvent) => void>; worker_status: Set<(e: WorkerStatusEvent) => void> } = {
     gpu: new Set(),
     worker_status: new Set(),
@@ -29,14 +29,15 @@ function fakeClient(memory: () => DeviceMemory[]) {
     async request(type: string) {
       if (type !== "status") throw new Error(`unexpected ${type}`);
       state.statusCalls += 1;
-      return { status: "ok", pid: 1, uptime_s: 1, models: [], running: [], memory: memory(), devices: ["cpu"] };
+      return { status: "ok", pid: 1, uptime_s: 1, models: [], running: [], memory: memory(), engines: engines(), devices: ["cpu"] };
     },
   };
   return {
     client: client as unknown as WorkerClient,
     state,
     listeners,
-    broadcast: (devices: DeviceMemory[], time: number) => listeners.gpu.forEach((h) => h({ devices, time })),
+    broadcast: (devices: DeviceMemory[], time: number, engines?: EngineCache[]) =>
+      listeners.gpu.forEach((h) => h(engines ? { devices, engines, time } : { devices, time })),
     workerState: (state: WorkerStatusEvent["state"]) => listeners.worker_status.forEach((h) => h({ state, running: 1 })),
   };
 }
@@ -68,6 +69,9 @@ describe("qwen.gpu() in a notebook", () => {
     expect(sink.displays[1]).toMatchObject({ update: true, id: sink.displays[0].id });
     expect(bundles(sink)[0]).toMatchObject({ live: true, intervalS: 1, devices: [{ device: "cpu", used: GiB, total: 24 * GiB, history: [GiB] }] });
     expect(sink.displays[1].data["text/plain"]).toContain("process RAM 1.0 GiB of 24.0 GiB machine RAM");
+    // No paged engine runs: the gauge has no engines and no cache lines.
+    expect(bundles(sink)[0]).not.toHaveProperty("engines");
+    expect(sink.displays[1].data["text/plain"]).not.toContain("KV cache");
 
     // A request starts: the worker says it is busy and broadcasts once a second.
     fake.workerState("busy");
@@ -103,6 +107,34 @@ describe("qwen.gpu() in a notebook", () => {
     await g;
     expect(fake.state.statusCalls).toBe(2);
     expect(bundles(sink).at(-1)!).toMatchObject({ live: false, devices: [{ used: 3 * GiB, history: [GiB, 3 * GiB] }] });
+  });
+
+  it("shows each paged engine's cache under its device, from the status snapshot and from broadcasts", async () => {
+    let endCell = () => undefined as void;
+    const sink = recordingSink({ cellDone: new Promise<void>((r) => (endCell = r)) });
+    const chat: EngineCache = {
+      model_id: "tiny-qwen2", role: "chat", device: "cpu", blocks_total: 4096, blocks_used: 12, block_size: 16,
+      cache_bytes: 48 * 1024 ** 2, prefix_hit_rate: 0.35, running: 1, waiting: 0,
+    };
+    const fake = fakeClient(() => [cpu(GiB)], () => [chat]);
+    const g = gauge(sink, fake.client);
+    await vi.advanceTimersByTimeAsync(0);
+    expect(bundles(sink)[0].engines).toEqual([chat]);
+    expect(sink.displays[1].data["text/plain"]).toBe(
+      "cpu process RAM 1.0 GiB of 24.0 GiB machine RAM (4%) (no GPU in use)\n" +
+        "  KV cache (chat, tiny-qwen2): 12 / 4,096 blocks · 48 MiB · prefix hits 35%",
+    );
+
+    // A server starts beside the chat engine; the broadcasts carry both.
+    const server: EngineCache = { ...chat, role: "server", blocks_total: 512, blocks_used: 40, cache_bytes: 4 * 1024 ** 2, memory_utilization: 0.9, prefix_hit_rate: 0 };
+    fake.workerState("busy");
+    await vi.advanceTimersByTimeAsync(1000);
+    fake.broadcast([cpu(2 * GiB)], 1002, [{ ...chat, blocks_used: 30 }, server]);
+    await vi.advanceTimersByTimeAsync(300);
+    expect(bundles(sink).at(-1)!.engines?.map((e) => [e.role, e.blocks_used])).toEqual([["chat", 30], ["server", 40]]);
+    expect(sink.displays.at(-1)!.data["text/plain"]).toContain("\n  KV cache (server, tiny-qwen2): 40 / 512 blocks · 4 MiB · prefix hits 0%");
+    endCell();
+    await g;
   });
 
   it("shows a several-rank run's ranks beside the worker's own devices", async () => {

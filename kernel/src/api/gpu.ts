@@ -1,7 +1,7 @@
 import { randomUUID } from "node:crypto";
 import { inspect } from "node:util";
 import type { WorkerClient } from "../bridge/client";
-import type { DeviceMemory, RankMemory } from "../bridge/protocol.gen";
+import type { DeviceMemory, EngineCache, RankMemory } from "../bridge/protocol.gen";
 import { GpuHistory } from "../display/bundles";
 import { markShown } from "../display/shown";
 import type { DisplaySink } from "../display/sink";
@@ -27,7 +27,8 @@ const SAMPLES = 60;
 const MAX_WATCH_S = 86_400;
 
 /**
- * A live memory gauge of the worker's devices (GPU memory, or process RAM on a CPU-only worker).
+ * A live memory gauge of the worker's devices (GPU memory, or process RAM on a CPU-only worker), with
+ * the key/value cache of each paged engine (chat, server) under the device it lives on.
  * It is drawn as soon as `qwen.gpu()` is called, fed by the worker's `gpu` broadcasts, and keeps
  * updating while the cell that made it runs (in a script: while this client has requests in
  * flight), or longer with `.watch(seconds)`. Awaiting it waits until it stops updating.
@@ -141,18 +142,20 @@ export class GpuGauge implements PromiseLike<void> {
       this.#shown = true;
     });
     let workerDevices: readonly DeviceMemory[] = [];
+    let workerEngines: readonly EngineCache[] | undefined;
     let sampleTime = 0;
-    const sample = (devices: readonly DeviceMemory[], time: number) => {
+    const sample = (devices: readonly DeviceMemory[], engines: readonly EngineCache[] | undefined, time: number) => {
       workerDevices = devices;
+      workerEngines = engines;
       sampleTime = time;
-      history.push({ devices: [...devices, ...this.#ranks], time });
+      history.push({ devices: [...devices, ...this.#ranks], engines, time });
       lastSampleAt = Date.now();
       this.#sampled = true;
       if (!this.#stopped) draw.push(true);
     };
     this.#redraw = () => {
       if (!this.#sampled || this.#stopped) return;
-      history.push({ devices: [...workerDevices, ...this.#ranks], time: sampleTime });
+      history.push({ devices: [...workerDevices, ...this.#ranks], engines: workerEngines, time: sampleTime });
       draw.push(true);
     };
     let workerStopping = false;
@@ -160,7 +163,7 @@ export class GpuGauge implements PromiseLike<void> {
     let workerBusy = false;
     const cellDone = this.#cellDone();
     const unsubscribe = [
-      client.subscribe("gpu", (event) => sample(event.devices, event.time)),
+      client.subscribe("gpu", (event) => sample(event.devices, event.engines, event.time)),
       client.subscribe("worker_status", (event) => {
         workerBusy = event.state === "busy";
         workerStopping = event.state === "stopping";
@@ -171,7 +174,7 @@ export class GpuGauge implements PromiseLike<void> {
       const snapshot = async () => {
         const status = await client.request("status", {});
         workerBusy = status.running.length > 0;
-        sample(status.memory, Date.now() / 1000);
+        sample(status.memory, status.engines, Date.now() / 1000);
       };
       // Numbers at once, without waiting for the next broadcast.
       await snapshot();

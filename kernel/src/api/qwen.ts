@@ -15,7 +15,7 @@ import { checkDevices } from "./devices";
 import { chooseDefaultModel } from "./default-model";
 import { GpuGauge, type GpuOptions } from "./gpu";
 import { cancelOnInterrupt } from "./interrupt";
-import { formatCount, Model, toModelInfo, type ModelHost } from "./model";
+import { formatCount, Model, type ModelHost } from "./model";
 import { resolveModelSource } from "./model-source";
 import { quantOptions } from "./export";
 import { createLoadReporter } from "./progress";
@@ -23,6 +23,7 @@ import { lastReply, type Reply } from "./reply";
 import { quantSummary, toQuantInfo } from "./report";
 import { DTYPES, type LoadOptions, type WorkerStatus } from "./types";
 import { expectBoolean, expectKnownKeys, expectOneOf, expectString } from "./validate";
+import { toWorkerStatus } from "./worker-status";
 
 export interface QwenOptions {
   /** Runtime file of the worker to use; default: $QWENBOOK_RUNTIME_DIR, Jupyter's runtime dir. */
@@ -129,20 +130,10 @@ export class Qwen {
     return listRuns(host);
   }
 
-  /** The running worker's models, requests in flight and memory. Does not start a worker. */
+  /** The running worker's models, requests in flight, memory and paged engines' caches. Does not start a worker. */
   async status(): Promise<WorkerStatus> {
     const client = await this.#connection({ start: false });
-    const s = await client.request("status", {});
-    return {
-      pid: s.pid,
-      uptimeSeconds: s.uptime_s,
-      models: s.models.map(toModelInfo),
-      running: s.running.map((r) => ({ msgId: r.msg_id, type: r.msg_type, session: r.session, started: r.started })),
-      memory: s.memory.map((m) => ({ ...m })),
-      devices: [...s.devices],
-      log: client.info.log,
-      runtimeFile: this.runtimeFile,
-    };
+    return toWorkerStatus(await client.request("status", {}), { log: client.info.log, runtimeFile: this.runtimeFile });
   }
 
   /**

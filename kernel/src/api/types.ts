@@ -113,12 +113,41 @@ export interface RunningRequest {
   started: string;
 }
 
+/**
+ * A live paged engine's key/value cache: taken when the engine starts (often most of a GPU), so this
+ * says whose memory it is and how full it is.
+ */
+export interface EngineCache {
+  modelId: string;
+  /** "chat": the engine notebook chats with the model decode on; "server": an OpenAI-compatible server's (`m.serve()`). */
+  role: "chat" | "server";
+  /** Where the cache lives, named as in `memory`: "cuda:0", or "cpu". */
+  device: string;
+  blocksTotal: number;
+  /** Blocks held by running requests (cached prefixes nobody holds are free to reuse). */
+  blocksUsed: number;
+  /** Tokens per block. */
+  blockSize: number;
+  /** Memory the cache takes, in bytes. */
+  cacheBytes: number;
+  /** Share of the device the cache was sized with (vLLM's gpu_memory_utilization); null when it was given a fixed block count. */
+  memoryUtilization: number | null;
+  /** Of the prompt tokens looked up in the prefix cache, the share found there (0 to 1). */
+  prefixHitRate: number;
+  /** Requests decoding. */
+  running: number;
+  /** Requests queued behind a full batch. */
+  waiting: number;
+}
+
 export interface WorkerStatus {
   pid: number;
   uptimeSeconds: number;
   models: ModelInfo[];
   running: RunningRequest[];
   memory: DeviceMemory[];
+  /** The key/value cache of each live paged engine: chat engines first, then servers'. */
+  engines: EngineCache[];
   /** What the worker can put models on: "cpu", then "cuda:0", "cuda:1", ... */
   devices: string[];
   /** Where the worker writes its log. */

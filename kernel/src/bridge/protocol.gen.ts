@@ -84,6 +84,52 @@ export interface DeviceMemory {
   total: number;
 }
 
+/** A live paged engine's key/value cache, sized when the engine started: a model's notebook chat engine or an OpenAI-compatible server's engine. */
+export interface EngineCache {
+  model_id: string;
+  /** chat: the engine notebook chats with the model decode on; server: an HTTP server's */
+  role: "chat" | "server";
+  /** Where the cache lives, named as DeviceMemory.device: cuda:0, or cpu */
+  device: string;
+  /** minimum 0 */
+  blocks_total: number;
+  /**
+   * Blocks held by running requests (cached prefixes nobody holds are free to reuse)
+   * minimum 0
+   */
+  blocks_used: number;
+  /**
+   * Tokens per block
+   * minimum 1
+   */
+  block_size: number;
+  /**
+   * Memory the cache takes
+   * minimum 0
+   */
+  cache_bytes: number;
+  /**
+   * Share of the device the cache was sized with (vLLM's gpu_memory_utilization); absent when the engine was given a fixed block count
+   * maximum 1; exclusiveMinimum 0
+   */
+  memory_utilization?: number;
+  /**
+   * Of the prompt tokens looked up in the prefix cache, the share found there
+   * minimum 0; maximum 1
+   */
+  prefix_hit_rate: number;
+  /**
+   * Requests decoding
+   * minimum 0
+   */
+  running: number;
+  /**
+   * Requests queued behind a full batch
+   * minimum 0
+   */
+  waiting: number;
+}
+
 export interface HelloRequest {
   protocol_version: string;
   client: string;
@@ -257,6 +303,8 @@ export interface StatusReply {
     started: string;
   }>;
   memory: Array<DeviceMemory>;
+  /** The key/value cache of each live paged engine: chat engines first, then servers' */
+  engines: Array<EngineCache>;
 }
 
 export type ShutdownRequest = Record<string, never>;
@@ -1096,6 +1144,8 @@ export interface RunWatchReply {
 
 export interface GpuEvent {
   devices: Array<DeviceMemory>;
+  /** The paged engines' caches, as in StatusReply; absent when they could not be read */
+  engines?: Array<EngineCache>;
   /** Unix time in seconds */
   time: number;
 }

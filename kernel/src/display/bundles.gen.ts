@@ -1,7 +1,7 @@
 // Types of the display bundles the JupyterLab extension renders, made from
 // python-bridge/qwenbook_bridge/schema/bundles.json by kernel/scripts/gen-protocol.mjs.
 // Edit the schema and run `npm run gen:protocol -w kernel`, not this file.
-import type { DeviceMemory } from "../bridge/protocol.gen";
+import type { DeviceMemory, EngineCache } from "../bridge/protocol.gen";
 
 /** The bundle version this kernel writes; the extension refuses a newer one. */
 export const BUNDLE_VERSION = 1;
@@ -118,6 +118,8 @@ export interface EvalSeries {
 export interface GpuBundle {
   version: 1;
   devices: Array<DeviceGauge>;
+  /** The paged engines' key/value caches in the newest sample (protocol.json's EngineCache), each shown under the device its device field names */
+  engines?: Array<EngineCache>;
   /** Unix time in seconds of the newest sample */
   time?: number;
   /**

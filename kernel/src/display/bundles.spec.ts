@@ -227,6 +227,37 @@ describe("GpuHistory", () => {
     expectValid(GPU_MIME, cpu.data[GPU_MIME]);
   });
 
+  it("lists each paged engine's cache under the device it lives on, in text and html, and validates", () => {
+    const MiB = 1024 ** 2;
+    const chat = {
+      model_id: "tiny-qwen2", role: "chat" as const, device: "cuda:0", blocks_total: 4096, blocks_used: 12, block_size: 16,
+      cache_bytes: 48 * MiB, prefix_hit_rate: 0.35, running: 1, waiting: 0,
+    };
+    const server = { ...chat, role: "server" as const, device: "cuda:1", blocks_used: 0, cache_bytes: 3 * GiB, memory_utilization: 0.9, waiting: 2 };
+    const h = new GpuHistory();
+    h.push({ ...sample(32 * GiB), engines: [chat, server] });
+    const bundle = h.bundle(true).data;
+    expect(bundle[GPU_MIME].engines).toEqual([chat, server]);
+    expectValid(GPU_MIME, bundle[GPU_MIME]);
+    expect(bundle["text/plain"]).toBe(
+      [
+        "cuda:0 NVIDIA H100 80GB HBM3: 32.0 GiB used / 33.0 GiB reserved / peak 34.0 GiB / 80.0 GiB total (40%)",
+        "  KV cache (chat, tiny-qwen2): 12 / 4,096 blocks · 48 MiB · prefix hits 35%",
+        // cuda:1 is not in the sample: its cache still shows, saying where it is.
+        "  KV cache (server, tiny-qwen2) on cuda:1: 0 / 4,096 blocks · 3.0 GiB · prefix hits 35% · 2 waiting",
+      ].join("\n"),
+    );
+    expect(bundle["text/html"]).toContain(
+      '<div style="padding-left:1.5em;opacity:.8">KV cache (chat, tiny-qwen2): 12 / 4,096 blocks · 48 MiB · prefix hits 35%</div>',
+    );
+    // A sample without engines (none running, or a worker that did not say) drops them.
+    h.push(sample(GiB));
+    expect(h.view(false)).not.toHaveProperty("engines");
+    expect(h.bundle(false).data["text/plain"]).not.toContain("KV cache");
+    const validate = ajv.getSchema(`${schema.$id}#/$defs/GpuBundle`)!;
+    expect(validate({ version: 1, devices: [], engines: [{ ...chat, role: "trainer" }] })).toBe(false);
+  });
+
   it("drops the history of a device that disappears", () => {
     const h = new GpuHistory();
     h.push(sample(GiB));

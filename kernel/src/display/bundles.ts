@@ -2,7 +2,7 @@
 // types live in one place, python-bridge/qwenbook_bridge/schema/bundles.json, from which both sides
 // generate their types (here bundles.gen.ts). Nothing here does I/O: callers pass the result to a
 // DisplaySink, usually through a throttle.
-import type { DeviceMemory } from "../bridge/protocol.gen";
+import type { DeviceMemory, EngineCache } from "../bridge/protocol.gen";
 import {
   BUNDLE_VERSION,
   CHAT_MIME,
@@ -201,11 +201,12 @@ export interface GpuHistoryOptions {
   intervalS?: number;
 }
 
-/** Keeps recent `gpu` telemetry per device for the gauge's sparklines. */
+/** Keeps recent `gpu` telemetry per device for the gauge's sparklines, and the newest engines' caches. */
 export class GpuHistory {
   readonly #samples: number;
   readonly #intervalS: number;
   #devices: DeviceSample[] = [];
+  #engines: EngineCache[] = [];
   #time: number | undefined;
   readonly #history = new Map<string, number[]>();
 
@@ -214,8 +215,9 @@ export class GpuHistory {
     this.#intervalS = options.intervalS ?? 1;
   }
 
-  push(event: { devices: readonly DeviceSample[]; time?: number }): this {
+  push(event: { devices: readonly DeviceSample[]; engines?: readonly EngineCache[]; time?: number }): this {
     this.#devices = event.devices.map((d) => ({ ...d }));
+    this.#engines = (event.engines ?? []).map((e) => ({ ...e }));
     this.#time = event.time;
     for (const d of event.devices) {
       const h = this.#history.get(d.device) ?? [];
@@ -231,7 +233,9 @@ export class GpuHistory {
     const devices: DeviceGauge[] = this.#devices.map((d) =>
       definedOnly({ ...d, history: [...(this.#history.get(d.device) ?? [])] }),
     );
-    return definedOnly({ devices, time: this.#time, intervalS: this.#intervalS, live });
+    // No engines, no field: a gauge without them saves as it did before engines were reported.
+    const engines = this.#engines.length > 0 ? this.#engines.map((e) => ({ ...e })) : undefined;
+    return definedOnly({ devices, engines, time: this.#time, intervalS: this.#intervalS, live });
   }
 
   bundle(live: boolean): RichBundle<typeof GPU_MIME> {

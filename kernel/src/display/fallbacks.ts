@@ -113,13 +113,35 @@ function lossSparkline(b: TrainBundle): string {
 }
 
 export function gpuText(b: GpuBundle): string {
-  if (b.devices.length === 0) return "GPU memory: no devices reported";
-  return b.devices.map(deviceLine).join("\n");
+  const rows = gpuRows(b);
+  if (rows.length === 0) return "GPU memory: no devices reported";
+  return rows.map((r) => (r.engine ? `  ${r.text}` : r.text)).join("\n");
 }
 
 export function gpuHtml(b: GpuBundle): string {
-  const rows = b.devices.map((d) => `<div>${escapeHtml(deviceLine(d))}</div>`);
+  const rows = gpuRows(b).map((r) =>
+    r.engine ? `<div style="padding-left:1.5em;opacity:.8">${escapeHtml(r.text)}</div>` : `<div>${escapeHtml(r.text)}</div>`,
+  );
   return `<div>${rows.join("") || "GPU memory: no devices reported"}</div>`;
+}
+
+/** Each device's line, then a line for each engine's cache on it; caches on a device not listed come last. */
+function gpuRows(b: GpuBundle): Array<{ text: string; engine: boolean }> {
+  const engines = b.engines ?? [];
+  const listed = new Set(b.devices.map((d) => d.device));
+  const rows = b.devices.flatMap((d) => [
+    { text: deviceLine(d), engine: false },
+    ...engines.filter((e) => e.device === d.device).map((e) => ({ text: engineLine(e), engine: true })),
+  ]);
+  for (const e of engines) if (!listed.has(e.device)) rows.push({ text: engineLine(e, ` on ${e.device}`), engine: true });
+  return rows;
+}
+
+/** "KV cache (chat, qwen2.5-7b): 12 / 4,096 blocks · 48 MiB · prefix hits 35%". */
+function engineLine(e: NonNullable<GpuBundle["engines"]>[number], where = ""): string {
+  const hits = `prefix hits ${Math.round(e.prefix_hit_rate * 100)}%`;
+  const queue = e.waiting > 0 ? ` · ${e.waiting} waiting` : "";
+  return `KV cache (${e.role}, ${e.model_id})${where}: ${int(e.blocks_used)} / ${int(e.blocks_total)} blocks · ${bytes(e.cache_bytes)} · ${hits}${queue}`;
 }
 
 function deviceLine(d: GpuBundle["devices"][number]): string {

@@ -25,6 +25,7 @@ from qwenbook_bridge.engine.generate.generation import EngineDeclined, generate
 from qwenbook_bridge.engine.models.adapter_registry import AdapterRegistry
 from qwenbook_bridge.handlers.adapters import AdapterHandlers
 from qwenbook_bridge.handlers.context import JobContext, JobHandler, ProtocolVersionMismatch, Sessions
+from qwenbook_bridge.handlers.engine_caches import cache_items
 from qwenbook_bridge.handlers.export import ExportHandlers
 from qwenbook_bridge.handlers.serve import ServeHandlers
 from qwenbook_bridge.handlers.train import BACKGROUND, TrainHandlers
@@ -98,7 +99,13 @@ class Handlers:
             "running": running,
             "memory": memory_snapshot(),
             "devices": available_devices(),
+            "engines": self.engine_caches(),
         }
+
+    def engine_caches(self) -> list[dict[str, Any]]:
+        """The key/value cache of each live paged engine (chat engines, then servers'), for status and the
+        worker's `gpu` broadcast."""
+        return cache_items(self.chat.running_engines(), self.serve.paged_engines())
 
     # ------------------------------------------------------------ jobs (job thread)
 

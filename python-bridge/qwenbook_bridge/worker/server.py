@@ -414,7 +414,13 @@ class WorkerServer:
         except Exception as e:  # telemetry must never take the worker down
             log.warning("memory snapshot failed: %s", e)
             return
-        self._broadcast("gpu", {"devices": devices, "time": time.time()})
+        content: dict[str, Any] = {"devices": devices, "time": time.time()}
+        try:
+            # Whose memory it is: the paged engines' caches, often most of a GPU, taken when they start.
+            content["engines"] = self.handlers.engine_caches()
+        except Exception as e:  # the devices' figures still go out
+            log.warning("reading the engines' cache figures failed: %s", e)
+        self._broadcast("gpu", content)
 
     def _broadcast(self, msg_type: str, content: dict[str, Any]) -> None:
         msg = make_message(msg_type, content, self.session)

@@ -227,6 +227,15 @@ class ChatEngines:
             entry = self._entries.get(model_id)
             return entry.engine if entry is not None else None
 
+    def running_engines(self) -> list[tuple[str, PagedEngine]]:
+        """(model id, engine) of each chat engine running now, for status and the memory telemetry.
+
+        Read without the lock: it is held while an engine is built or stopped, which takes seconds on a GPU,
+        and status must answer at once. Copying the table is one step under the GIL; an engine that stops
+        right after is reported once more, with the figures it stopped with."""
+        entries = dict(self._entries)
+        return [(model_id, entry.engine) for model_id, entry in entries.items() if entry.engine.running]
+
     # ---- internals ---------------------------------------------------------------------------------------
 
     def _current(self, loaded: LoadedModel) -> _ModelEngine | None:
