@@ -30,7 +30,6 @@ import errno
 import json
 import logging
 import socket
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -60,10 +59,6 @@ QUEUE_PER_BATCH_SLOT = 4
 # Kernel send buffer per connection. Left to autotuning it grows to megabytes, which a client that stopped
 # reading fills silently (a whole long reply) before the server notices; token streams need far less.
 SEND_BUFFER_BYTES = 128 * 1024
-# The GIL hand-over interval while serving. The engine thread gives up the GIL while the GPU runs a step and
-# asks for it back to sample; with Python's default of 5 ms the HTTP thread, busy encoding the last step's
-# tokens, may keep it that long, which at 32 streams made each step last ~11 ms for a 6.7 ms forward.
-SWITCH_INTERVAL_S = 0.0005
 LINGER_S = 2.0  # how long a connection closed mid-body keeps draining the client's bytes (see lingering_close)
 # The engine's adapter slots are sized for the largest rank served, rounded up to this: one slot layout then fits
 # the usual ranks (8, 16, 32, 64) without a rank-4 adapter making the tables any smaller than rank 8's.
@@ -260,8 +255,6 @@ class OpenAIServer:
         self.api.state.stopping = False
         if self._owns_scheduler:
             self.scheduler.start()
-        # Process-wide, and only ever lowered: a worker serving and chatting at once wants the prompt hand-over.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         protocol = type("GuardedH11Protocol", (_GuardedH11Protocol,),
                         {"client_timeout_s": float(self.config.client_timeout_s)})
         config = uvicorn.Config(build_app(self.api), log_config=None, log_level="warning", access_log=False,
