@@ -75,4 +75,9 @@ describe("qwen.status()", () => {
   it("has an empty engines list when no paged engine runs", () => {
     expect(toWorkerStatus(reply([]), { log: "", runtimeFile: "" }).engines).toEqual([]);
   });
+
+  it("reads a worker older than the engines field (it outlived an upgrade) as having none", () => {
+    const { engines: _omitted, ...old } = reply([chat]);
+    expect(toWorkerStatus(old, { log: "", runtimeFile: "" }).engines).toEqual([]);
+  });
 });

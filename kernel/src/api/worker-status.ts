@@ -16,7 +16,8 @@ export function toWorkerStatus(s: StatusReply, place: WorkerPlace): WorkerStatus
     models: s.models.map(toModelInfo),
     running: s.running.map((r) => ({ msgId: r.msg_id, type: r.msg_type, session: r.session, started: r.started })),
     memory: s.memory.map((m) => ({ ...m })),
-    engines: s.engines.map(toEngineCache),
+    // A worker started before the field existed (it outlives upgrades) sends none.
+    engines: (s.engines ?? []).map(toEngineCache),
     devices: [...s.devices],
     log: place.log,
     runtimeFile: place.runtimeFile,

@@ -303,8 +303,8 @@ export interface StatusReply {
     started: string;
   }>;
   memory: Array<DeviceMemory>;
-  /** The key/value cache of each live paged engine: chat engines first, then servers' */
-  engines: Array<EngineCache>;
+  /** The key/value cache of each live paged engine: chat engines first, then servers'. Absent from a worker older than this field (one that outlived an upgrade) */
+  engines?: Array<EngineCache>;
 }
 
 export type ShutdownRequest = Record<string, never>;
