@@ -21,7 +21,6 @@ replays.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,6 +36,15 @@ from qwenbook_bridge.engine.generate.paged.chunks import SeqChunk
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # Row fields of the step buffer (one int64 tensor, so the host sends them in one copy).
 _IDS, _POS, _SLOT, _LEN, _ADAPTER = range(5)
+
+
+def block_tables(chunks: list[SeqChunk], block_size: int, pad_rows: int = 0) -> Tensor:
+    """The block ids each decode row attends over (its blocks up to its position), one int32 row per chunk and
+    zeros beyond a row's own blocks and in `pad_rows` padding rows; built from Python lists in one tensor
+    (element-wise tensor writes cost microseconds each, a lot at 64 rows)."""
+    heads = [c.block_table[: c.start // block_size + 1] for c in chunks]
+    width = max(len(t) for t in heads)
+    return torch.tensor([t + [0] * (width - len(t)) for t in heads] + [[0] * width] * pad_rows, dtype=torch.int32)
 
 
 def buckets_up_to(max_batch: int) -> list[int]:
@@ -71,19 +79,6 @@ def lora_attn_out(x: Tensor, attn: Tensor, eps: float, post_norm: Tensor, mask: 
     h = rms_norm(x, post_norm, eps)
     inner = F.silu(lora_lin(h, gate[0], None, gate[1], gate[2], mask)) * lora_lin(h, up[0], None, up[1], up[2], mask)
     return x + lora_lin(inner, down[0], None, down[1], down[2], mask)
-
-
-@dataclass
-class _LoraLayout:
-    """Which adapter slots the stacked matrices hold, and each column's slot: column c belongs to slots[c // rank]."""
-
-    slots: list[int]
-    rank: int
-    column_slot: Tensor  # [len(slots) * rank] long: the runner slot of each column
-
-    @property
-    def width(self) -> int:
-        return len(self.slots) * self.rank
 
 
 class DecodeStep:
@@ -123,7 +118,8 @@ class DecodeStep:
         self._host_rows = torch.zeros(5, self.max_batch, dtype=torch.long, pin_memory=dev.type == "cuda")
         self._graphs: dict[tuple[int, bool], tuple[Any, Tensor]] = {}
         self._pool: Any = None
-        self._lora: _LoraLayout | None = None
+        # The runner slot of each stacked LoRA column (None: no adapter loaded); column c is slot slots[c // rank].
+        self._lora_columns: Tensor | None = None
         # Per layer: (q/k/v projections, o/gate/up/down projections) with their stacked LoRA matrices.
         self._lora_args: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
         # q/k/v stacked into one matrix per layer: one matrix-vector product instead of three (about 6% more
@@ -153,15 +149,14 @@ class DecodeStep:
         self._graphs = {key: g for key, g in self._graphs.items() if not key[1]}
         r = self.runner
         loaded = sorted(r.loaded_adapters())
-        self._lora, self._lora_args = None, []
+        self._lora_columns, self._lora_args = None, []
         if not loaded:
             return
         # One rank for every adapter (the largest loaded, rounded up to 8) keeps the stacking a plain reshape.
         top = max(t.table.rank[s] for layer in r._lora for t in layer.values() for s in loaded)
         rank = max(8, -(-top // 8) * 8)
         rank = min(rank, r.max_rank)
-        column_slot = torch.tensor(loaded, dtype=torch.long, device=r.device).repeat_interleave(rank)
-        self._lora = _LoraLayout(loaded, rank, column_slot)
+        self._lora_columns = torch.tensor(loaded, dtype=torch.long, device=r.device).repeat_interleave(rank)
         idx = torch.tensor(loaded, dtype=torch.long, device=r.device)
 
         def stacked(name: str, layer: int) -> tuple[Tensor, Tensor]:
@@ -206,21 +201,20 @@ class DecodeStep:
     def run(self, chunks: list[SeqChunk]) -> Tensor:
         n = len(chunks)
         bucket = next(b for b in self.buckets if b >= n)
-        lora = self._lora is not None and any(c.adapter >= 0 for c in chunks)
+        lora = self._lora_columns is not None and any(c.adapter >= 0 for c in chunks)
         bs = self.runner.block_size
         pad = bucket - n
         starts = [c.start for c in chunks]
-        heads = [c.block_table[: p // bs + 1] for c, p in zip(chunks, starts)]
         # Python lists into one tensor: element-wise writes into a tensor cost microseconds each, a lot at 64 rows.
         self._host_rows[:, :bucket] = torch.tensor([
             [c.token_ids[0] for c in chunks] + [0] * pad,
             starts + [0] * pad,
-            [t[-1] * bs + p % bs for t, p in zip(heads, starts)] + [self.scratch_slot] * pad,
+            [c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, starts)] + [self.scratch_slot] * pad,
             [p + 1 for p in starts] + [0] * pad,
             [c.adapter for c in chunks] + [-1] * pad])
         host = self._host_rows
-        width = max(len(t) for t in heads)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in heads] + [[0] * width] * pad, dtype=torch.int32)
+        tables = block_tables(chunks, bs, pad)
+        width = tables.shape[1]
         # Beyond `width` a row's table keeps stale block ids; the kernel reads only blocks below the row's length.
         self.tables[:bucket, :width].copy_(tables, non_blocking=True)
         self.rows[:, :bucket].copy_(host[:, :bucket], non_blocking=True)
@@ -245,8 +239,8 @@ class DecodeStep:
         args = (s.rms_eps, s.num_heads, s.num_kv_heads, s.head_dim)
         scale = 1.0 / math.sqrt(s.head_dim)
         if lora:
-            assert self._lora is not None
-            mask = (self.rows[_ADAPTER, :b, None] == self._lora.column_slot[None]).to(x.dtype)
+            assert self._lora_columns is not None
+            mask = (self.rows[_ADAPTER, :b, None] == self._lora_columns[None]).to(x.dtype)
             in_mask = mask.repeat(1, 3) if self._fused else mask
         for i, kv in enumerate(r.kv):
             if lora:

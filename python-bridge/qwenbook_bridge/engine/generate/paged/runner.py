@@ -32,7 +32,7 @@ from qwenbook_bridge.engine.generate.fast_ops import (DecoderWeights, Weight, at
 from qwenbook_bridge.engine.generate.paged.attention import paged_decode_attention
 from qwenbook_bridge.engine.generate.paged.blocks import CacheShape
 from qwenbook_bridge.engine.generate.paged.chunks import SeqChunk
-from qwenbook_bridge.engine.generate.paged.decode_step import DecodeStep
+from qwenbook_bridge.engine.generate.paged.decode_step import DecodeStep, block_tables
 from qwenbook_bridge.engine.models.adapters import AdapterError, read_adapter_config
 
 # Attention of prefill chunks. Not cuDNN's: it builds an execution plan for each new pair of query and key
@@ -132,7 +132,6 @@ class PagedRunner:
                          device=self.device) for _ in range(s.num_layers)]
         self.k_cache = [kv[0] for kv in self.kv]
         self.v_cache = [kv[1] for kv in self.kv]
-        self._cos = self._sin = torch.empty(0, device=self.device)
         self.max_adapters, self.max_rank = max_adapters, max_rank
         self._adapter_names: list[str | None] = [None] * max_adapters
         self._lora: list[dict[str, _LoraProjection]] = []
@@ -153,8 +152,8 @@ class PagedRunner:
         # Positions a sequence may reach; RoPE tables cover exactly these (a large cache may hold millions of slots).
         model_limit = int(getattr(model.config, "max_position_embeddings", 0) or self.capacity)
         self.max_seq_len = min(max_seq_len or model_limit, self.capacity)
-        # A captured graph indexes the RoPE tables in place, so they cover every position from the start.
-        self._ensure_rope(self.max_seq_len)
+        # Built once for every position: a captured graph indexes the tables in place.
+        self._cos, self._sin = rope_tables(model, self.max_seq_len, self.device)
         self.decode = DecodeStep(self, max_batch, -(-self.max_seq_len // block_size), self.capacity,
                                  cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs,
                                  fuse_qkv=on_cuda if fuse_qkv is None else fuse_qkv, compile=compile)
@@ -177,10 +176,9 @@ class PagedRunner:
         for c in chunks:
             ids += c.token_ids
             positions += range(c.start, c.start + len(c.token_ids))
-        self._ensure_rope(max(positions) + 1)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         slots = torch.cat([self._slots(c, c.start, c.start + len(c.token_ids)) for c in chunks])
-        cos, sin = self._cos[pos], self._sin[pos]
+        cos, sin = self.rope(pos)
         x = F.embedding(torch.tensor(ids, dtype=torch.long, device=dev), w.embed)
 
         # Where each chunk's tokens sit in the step's [T] rows, and which cache slots it attends over.
@@ -191,12 +189,7 @@ class PagedRunner:
         prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
         # Decode rows attend together, reading their blocks in place through their block tables.
         if decode:
-            width = max(chunks[i].start // self.block_size + 1 for i in decode)
-            tables = torch.zeros(len(decode), width, dtype=torch.int32)
-            for r, i in enumerate(decode):
-                k = chunks[i].start // self.block_size + 1
-                tables[r, :k] = torch.tensor(chunks[i].block_table[:k], dtype=torch.int32)
-            tables = tables.to(dev)
+            tables = block_tables([chunks[i] for i in decode], self.block_size).to(dev)
             lengths = torch.tensor([chunks[i].start + 1 for i in decode], dtype=torch.int32, device=dev)
             decode_rows = torch.tensor([offsets[i] for i in decode], dtype=torch.long, device=dev)
         # A prefill chunk attends causally over its sequence's positions [0, start + len).
@@ -213,6 +206,7 @@ class PagedRunner:
         # q/k/v there): a prefill step is launch-bound up to thousands of tokens, and fused kernels launch fewer.
         layer_in, layer_out = (attn_in, attn_out) if groups else (self.decode.attn_in, self.decode.attn_out)
         args = (s.rms_eps, s.num_heads, s.num_kv_heads, s.head_dim)
+        group = s.num_heads // s.num_kv_heads
         for layer, kv in enumerate(self.kv):
             in_args, out_args = self._layer_args(layer, groups)
             q, new_kv = layer_in(x, cos, sin, *args, *in_args)
@@ -225,7 +219,6 @@ class PagedRunner:
             for lo, hi, seq_slots, causal in prefill_plan:
                 # Key/value heads repeated for their query groups: the memory-efficient kernel takes any mask but
                 # not grouped heads.
-                group = s.num_heads // s.num_kv_heads
                 keys = kv[0][seq_slots].transpose(0, 1).repeat_interleave(group, 0)[None]  # [1, heads, len, dim]
                 values = kv[1][seq_slots].transpose(0, 1).repeat_interleave(group, 0)[None]
                 with sdpa_kernel(_PREFILL_BACKENDS):
@@ -275,13 +268,6 @@ class PagedRunner:
     def refresh_weights(self) -> None:
         """Re-read what the runner copied from the model's weights (after something may have changed them)."""
         self.decode.refresh_weights()
-
-    def _ensure_rope(self, needed: int) -> None:
-        # Tables grow on demand (doubling) instead of covering the whole cache, which may hold millions of slots.
-        if self._cos.shape[0] >= needed:
-            return
-        size = min(max(needed, 2 * self._cos.shape[0], 1024), max(self.capacity, needed))
-        self._cos, self._sin = rope_tables(self.model, size, self.device)
 
     def _adapter_groups(self, chunks: list[SeqChunk], offsets: list[int]) -> list[tuple[int, Tensor]]:
         by_slot: dict[int, list[int]] = {}
