@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qwenbook_bridge.engine.generate.fast_ops import (attn_in, attn_out, decode_layer, extract_weights, final_logits,
-    rope_tables, sdpa_decode_attention)
+from qwenbook_bridge.engine.generate.fast_ops import (FusedQKV, attn_in, attn_out, decode_layer, extract_weights,
+    final_logits, rope_tables, sdpa_decode_attention)
 from qwenbook_bridge.engine.generate.sampling import MAX_EOS_IDS, SamplingParams, SeededDraws, sample_tokens
 # Cache slots are allocated, and attention spans are rounded, in multiples of this (a multiple of the compiled
 # attention's 64-slot chunk), so a step at position 600 attends over 768 slots, not the whole cache.
@@ -85,7 +85,7 @@ class FastDecoder:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.weights = extract_weights(model)
         layers = self.weights.layers
-        plain_qkv = all(isinstance(w, Tensor) for lw in layers for w in (lw.q_weight, lw.k_weight, lw.v_weight))
+        plain_qkv = FusedQKV.applies(self.weights)
         every = [self.weights.lm_head, *(w for lw in layers for w in (*lw.attn_out_args(), lw.q_weight,
                                                                         lw.k_weight, lw.v_weight))]
         if compile and any(isinstance(w, torch.nn.Module) for w in every):
@@ -114,13 +114,7 @@ class FastDecoder:
             self._layer = torch.compile(decode_layer, fullgraph=True)
             self._final = torch.compile(final_logits, fullgraph=True)
         dev, b = self.device, batch_size
-        self._fused: list[tuple[Tensor, Tensor | None]] = []
-        if (on_cuda if fuse_qkv is None else fuse_qkv) and plain_qkv:
-            for lw in self.weights.layers:
-                rows = lw.q_weight.shape[0] + lw.k_weight.shape[0] + lw.v_weight.shape[0]
-                weight = torch.empty(rows, shape.hidden_size, dtype=lw.q_weight.dtype, device=dev)
-                bias = None if lw.q_bias is None else torch.empty(rows, dtype=lw.q_bias.dtype, device=dev)
-                self._fused.append((weight, bias))
+        self._fused = FusedQKV(self.weights) if (on_cuda if fuse_qkv is None else fuse_qkv) and plain_qkv else None
         with torch.no_grad():
             self.cos, self.sin = rope_tables(model, max_seq_len, dev)
             # Zeros, not empty: masked slots still enter the attention product as 0 * value, and 0 * NaN is NaN.
@@ -149,18 +143,11 @@ class FastDecoder:
         self.busy = threading.Lock()  # held by whoever is decoding with it (engine/generate/generation.py)
 
     def _refresh_fused(self) -> None:
-        for lw, (weight, bias) in zip(self.weights.layers, self._fused):
-            torch.cat((lw.q_weight, lw.k_weight, lw.v_weight), out=weight)
-            if bias is not None:
-                assert lw.q_bias is not None and lw.k_bias is not None and lw.v_bias is not None
-                torch.cat((lw.q_bias, lw.k_bias, lw.v_bias), out=bias)
+        if self._fused is not None:
+            self._fused.refresh()
 
     def _in_args(self, i: int) -> tuple[Tensor | None, ...]:
-        lw = self.weights.layers[i]
-        if not self._fused:
-            return lw.attn_in_args()
-        weight, bias = self._fused[i]
-        return (lw.input_norm, weight, bias, None, None, None, None, lw.q_norm, lw.k_norm)
+        return self.weights.layers[i].attn_in_args() if self._fused is None else self._fused.in_args(i)
 
     # ---- the device-side step -------------------------------------------------------------------------
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qwenbook_bridge.engine.generate.fast_ops import (Weight, attn_in, attn_out, final_logits, heads_with_rope, lin,
-    rms_norm)
+from qwenbook_bridge.engine.generate.fast_ops import (FusedQKV, Weight, attn_in, attn_out, final_logits,
+    heads_with_rope, lin, rms_norm)
 from qwenbook_bridge.engine.generate.paged.attention import paged_decode_attention
 from qwenbook_bridge.engine.generate.paged.chunks import SeqChunk
 
@@ -98,7 +98,8 @@ class DecodeStep:
         layers = runner.weights.layers
         # int8/int4 layers without their Triton kernels run a Python forward per layer: compiling around them
         # would specialise on every layer, so they stay eager (as in FastDecoder).
-        modules = any(isinstance(w, torch.nn.Module) for lw in layers for w in (*lw.attn_in_args(), *lw.attn_out_args()))
+        modules = any(isinstance(w, torch.nn.Module)
+                      for lw in layers for w in (*lw.attn_in_args(), *lw.attn_out_args()))
         if compile and not modules:
             from qwenbook_bridge.engine.generate.fast_decode import allow_recompiles
 
@@ -122,26 +123,16 @@ class DecodeStep:
         self._lora_columns: Tensor | None = None
         # Per layer: (q/k/v projections, o/gate/up/down projections) with their stacked LoRA matrices.
         self._lora_args: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
-        # q/k/v stacked into one matrix per layer: one matrix-vector product instead of three (about 6% more
-        # weight memory for a 7B model); refreshed from the model's weights after anything may have changed them.
-        self._fused: list[tuple[Tensor, Tensor | None]] = []
-        if fuse_qkv and all(isinstance(w, Tensor) for lw in layers for w in (lw.q_weight, lw.k_weight, lw.v_weight)):
-            for lw in layers:
-                rows = lw.q_weight.shape[0] + lw.k_weight.shape[0] + lw.v_weight.shape[0]
-                bias = None if lw.q_bias is None else torch.empty(rows, dtype=lw.q_bias.dtype, device=dev)
-                self._fused.append((torch.empty(rows, lw.q_weight.shape[1], dtype=lw.q_weight.dtype, device=dev),
-                                    bias))
-            self.refresh_weights()
+        self._fused = FusedQKV(runner.weights) if fuse_qkv and FusedQKV.applies(runner.weights) else None
+        self.refresh_weights()
 
     # ---- weights and adapters -------------------------------------------------------------------------
 
     @torch.inference_mode()
     def refresh_weights(self) -> None:
         """Copy the model's q/k/v weights into the fused matrices (after a park that may have changed them)."""
-        for lw, (weight, bias) in zip(self.runner.weights.layers, self._fused):
-            torch.cat((lw.q_weight, lw.k_weight, lw.v_weight), out=weight)
-            if bias is not None:
-                torch.cat((lw.q_bias, lw.k_bias, lw.v_bias), out=bias)  # type: ignore[arg-type]
+        if self._fused is not None:
+            self._fused.refresh()
 
     @torch.inference_mode()
     def adapters_changed(self) -> None:
@@ -171,9 +162,9 @@ class DecodeStep:
             for name, base in (("o_proj", lw.o_weight), ("gate_proj", lw.gate_weight), ("up_proj", lw.up_weight),
                                ("down_proj", lw.down_weight)):
                 out += [base, *stacked(name, i)]
-            if self._fused:
+            if self._fused is not None:
                 parts = [stacked(n, i) for n in ("q_proj", "k_proj", "v_proj")]
-                weight, bias = self._fused[i]
+                weight, bias = self._fused.stacked[i]
                 # Block-diagonal B: q's columns feed only q's outputs, and so on (the mask repeats three times).
                 inp: list[Any] = [weight, bias, torch.cat([p[0] for p in parts]),
                                   torch.block_diag(*[p[1] for p in parts])]
@@ -187,10 +178,7 @@ class DecodeStep:
     def layer_args(self, i: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """Layer i's base weights as attn_in/attn_out take them (q/k/v fused where they are)."""
         lw = self.runner.weights.layers[i]
-        if self._fused:
-            weight, bias = self._fused[i]
-            return (lw.input_norm, weight, bias, None, None, None, None, lw.q_norm, lw.k_norm), lw.attn_out_args()
-        return lw.attn_in_args(), lw.attn_out_args()
+        return (lw.attn_in_args() if self._fused is None else self._fused.in_args(i)), lw.attn_out_args()
 
     # ---- the step -------------------------------------------------------------------------------------
 
@@ -241,7 +229,7 @@ class DecodeStep:
         if lora:
             assert self._lora_columns is not None
             mask = (self.rows[_ADAPTER, :b, None] == self._lora_columns[None]).to(x.dtype)
-            in_mask = mask.repeat(1, 3) if self._fused else mask
+            in_mask = mask.repeat(1, 3) if self._fused is not None else mask
         for i, kv in enumerate(r.kv):
             if lora:
                 lw = w.layers[i]

@@ -239,8 +239,8 @@ class PagedRunner:
             raise ValueError(f"chunk {i} has start={c.start}; it must be the number of tokens already cached (>= 0)")
         end = c.start + len(c.token_ids)
         if end > self.max_seq_len:
-            raise ValueError(f"chunk {i} reaches position {end - 1}, beyond the {self.max_seq_len} positions this runner "
-                             f"holds per sequence (max_seq_len; the cache has {self.capacity} slots)")
+            raise ValueError(f"chunk {i} reaches position {end - 1}, beyond the {self.max_seq_len} positions this "
+                             f"runner holds per sequence (max_seq_len; the cache has {self.capacity} slots)")
         needed = -(-end // self.block_size)
         if len(c.block_table) < needed:
             raise ValueError(f"chunk {i} covers positions [0, {end}) = {needed} blocks of {self.block_size}, but its "
