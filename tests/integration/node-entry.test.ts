@@ -85,6 +85,8 @@ describe("qwenbook CLI and Node entry points", () => {
     const status = runCli("worker", "status");
     expect(status.status, status.stderr).toBe(0);
     expect(status.stdout).toMatch(/models:\n {2}tiny-qwen2:\S+ {2}Qwen2ForCausalLM/);
+    // The chat above ran on the model's chat engine, whose cache status lists.
+    expect(status.stdout).toMatch(/key\/value caches:\n {2}tiny-qwen2:\S+ \(chat\) on cpu: \d+\/\d+ blocks of \d+ tokens, [\d.]+ \w+; 0 running, 0 waiting, prefix hits \d+%/);
     const stop = runCli("worker", "stop");
     expect(stop.status).toBe(0);
     expect(stop.stdout).toMatch(/^Stopped the worker \(pid \d+\)\./);

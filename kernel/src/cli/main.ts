@@ -91,6 +91,13 @@ async function workerStatus(args: string[]): Promise<number> {
     for (const mem of s.memory) {
       console.log(`memory ${mem.device}: ${formatBytes(mem.used)} used of ${formatBytes(mem.total)}`);
     }
+    // Each paged engine's key/value cache (a chat engine per chatted-with model, one per server): often most of a GPU.
+    const engines = s.engines ?? [];
+    if (engines.length) console.log("key/value caches:");
+    for (const e of engines) {
+      const share = e.memory_utilization === undefined ? "" : `, ${Math.round(e.memory_utilization * 100)}% of free memory`;
+      console.log(`  ${e.model_id} (${e.role}) on ${e.device}: ${e.blocks_used}/${e.blocks_total} blocks of ${e.block_size} tokens, ${formatBytes(e.cache_bytes)}${share}; ${e.running} running, ${e.waiting} waiting, prefix hits ${Math.round(e.prefix_hit_rate * 100)}%`);
+    }
     if (s.running.length) console.log(`running: ${s.running.map((r) => `${r.msg_type} since ${r.started}`).join("; ")}`);
     const { runs } = await client.request("runs", {});
     console.log(runs.length ? "training runs:" : "training runs: none");
