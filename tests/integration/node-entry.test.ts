@@ -35,6 +35,9 @@ describe("qwenbook CLI and Node entry points", () => {
     expect(bogus.status).toBe(2);
     expect(bogus.stderr).toMatch(/unknown command "frobnicate".*usage: qwenbook/s);
     expect(runCli("tiny-model").status).toBe(2);
+    const arch = runCli("tiny-model", "out", "--arch", "llama");
+    expect(arch.status).toBe(2);
+    expect(arch.stderr).toMatch(/--arch must be one of qwen2, qwen3, qwen3-moe, got "llama"/);
     expect(runCli("worker", "start", "--device", "gpu").stderr).toMatch(/--device must be auto, cpu, cuda or cuda:N/);
     const status = runCli("worker", "status");
     expect(status.status).toBe(1);

@@ -340,11 +340,12 @@ const CHECKS: Check[] = [
     },
   },
   {
-    pattern: /^npx qwenbook tiny-model <dir>$/,
+    pattern: /^npx qwenbook tiny-model <dir>( --arch (qwen3|qwen3-moe))?$/,
     timeoutMs: 180_000,
     async run(command) {
       const line = await filled(command);
-      const dir = line.split(" ").pop() as string;
+      const arch = / --arch (\S+)$/.exec(line)?.[1];
+      const dir = line.replace(/ --arch \S+$/, "").split(" ").pop() as string;
       const r = await typed(line, 170_000);
       expect(r.status, r.out).toBe(0);
       // Loadable as a user would load it: transformers' Auto classes, then one forward pass.
@@ -357,7 +358,8 @@ const CHECKS: Check[] = [
       ].join("\n");
       const check = await runPython(["-c", load, dir]);
       expect(check.status, check.stderr).toBe(0);
-      expect(check.stdout).toMatch(/^vocab \d+ qwen2$/m);
+      const modelType = { qwen3: "qwen3", "qwen3-moe": "qwen3_moe" }[arch ?? ""] ?? "qwen2";
+      expect(check.stdout).toMatch(new RegExp(`^vocab \\d+ ${modelType}$`, "m"));
     },
   },
   {

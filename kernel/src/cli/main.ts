@@ -19,7 +19,8 @@ const USAGE = `usage: qwenbook <command>
   worker status                                  show the worker's models, training runs and servers
   worker stop                                    stop the worker and unload its models
   serve <model> [--port N] [--api-key K] ...     serve a model as an OpenAI-compatible API (serve --help)
-  tiny-model <dir>                               write the tiny Qwen2 test model into <dir>
+  tiny-model <dir> [--arch qwen2|qwen3|qwen3-moe]
+                                                 write a tiny random test model into <dir> (default qwen2)
   kernelspec install --prefix <venv>             install the "Qwen (TypeScript)" kernel into a venv
 
 The worker's runtime file: $QWENBOOK_RUNTIME_DIR, else $JUPYTER_RUNTIME_DIR, else
@@ -124,12 +125,19 @@ async function workerStop(args: string[]): Promise<number> {
   return 0;
 }
 
+/** The architectures `tiny-model --arch` builds; python-bridge/qwenbook_bridge/tiny.py has the same list. */
+const TINY_ARCHS = ["qwen2", "qwen3", "qwen3-moe"] as const;
+
 function tinyModel(args: string[]): number {
+  const arch = takeOption(args, "--arch") ?? "qwen2";
+  if (!(TINY_ARCHS as readonly string[]).includes(arch)) {
+    throw new UsageError(`--arch must be one of ${TINY_ARCHS.join(", ")}, got ${JSON.stringify(arch)}`);
+  }
   const [dir, ...rest] = args;
   if (!dir) throw new UsageError("tiny-model needs the folder to write the model into");
   noMoreArgs(rest);
   const python = resolvePython();
-  const cmd = ["-m", "qwenbook_bridge.tiny", resolve(dir), "--tokenizer-dir", tokenizerModelsDir()];
+  const cmd = ["-m", "qwenbook_bridge.tiny", resolve(dir), "--arch", arch, "--tokenizer-dir", tokenizerModelsDir()];
   const r = spawnSync(python.command, cmd, { stdio: "inherit" });
   if (r.error) {
     throw new Error(`Could not run ${python.command} (from ${python.reason}): ${r.error.message}. Set QWENBOOK_PYTHON to a python with qwenbook_bridge installed.`);
