@@ -198,13 +198,24 @@ class FusedQKV:
         return (lw.input_norm, weight, bias, None, None, None, None, lw.q_norm, lw.k_norm)
 
 
+def unsupported_reason(model_type: str) -> str:
+    """Why a model of `model_type` is not on the fast path (the paged chat engine, its server, the fast decoder),
+    said so that a log line reads on its own."""
+    if model_type.endswith("_moe"):
+        # Each token's MLP is a routed mixture of experts; the fast path's math is one dense SwiGLU MLP a layer.
+        return (f"{model_type} is a mixture-of-experts model, which is not on the fast path yet (the paged engine "
+                f"and the fast decoder implement the dense {' and '.join(SUPPORTED_MODEL_TYPES)} layers only); it "
+                "runs on transformers' own forward instead: same tokens, slower")
+    return (f"model type {model_type!r} is not on the fast path (the paged engine and the fast decoder implement "
+            f"{' and '.join(SUPPORTED_MODEL_TYPES)} only); it runs on transformers' own forward instead")
+
+
 def extract_weights(model: Any) -> DecoderWeights:
     """Collect a loaded `Qwen2ForCausalLM`/`Qwen3ForCausalLM`'s tensors, checking what the math assumes."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise TypeError(f"the fast decoder supports model types {SUPPORTED_MODEL_TYPES}, not {model_type!r}; "
-                        "use the plain generation path for other architectures")
+        raise TypeError(unsupported_reason(str(model_type)))
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (the fast decoder implements SwiGLU)")
     layer_types = getattr(config, "layer_types", None) or []
