@@ -1,8 +1,8 @@
 export { qwen, Qwen, type QwenOptions } from "./api/qwen";
 export { Model } from "./api/model";
 export { ChatRequest, ChatStream, type ChatSettings } from "./api/chat";
-export { Conversation, type ConversationOptions } from "./api/conversation";
-export { Reply } from "./api/reply";
+export { Conversation, type ConversationOptions, type ToolResult } from "./api/conversation";
+export { Reply, ToolCallParseError } from "./api/reply";
 export { GpuGauge, type GpuOptions } from "./api/gpu";
 export { MergeRequest } from "./api/merge";
 export { Server, type ServeOptions, type ServerStats } from "./api/serve";
@@ -36,10 +36,13 @@ export type {
   GroupSize,
   LoadOptions,
   LoadQuant,
+  MalformedToolCall,
   ModelInfo,
   QualityFigures,
   QuantInfo,
   RunningRequest,
+  ToolCall,
+  ToolSpec,
   WorkerStatus,
 } from "./api/types";
 export { ModelNotLoadedError, WorkerError, WorkerExitedError } from "./bridge/errors";

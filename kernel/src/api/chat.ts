@@ -4,6 +4,8 @@ import { errorInfo } from "../display/error-info";
 import { markShown } from "../display/shown";
 import { currentSink, type DisplaySink } from "../display/sink";
 import type { Reply } from "./reply";
+import { checkTools } from "./tools";
+import type { ToolCall, ToolSpec } from "./types";
 import { expectBoolean, expectInteger, expectNumber, expectPrompt, expectString } from "./validate";
 
 /** Generation settings a chat builder collects; unset ones take the worker's defaults. */
@@ -17,6 +19,10 @@ export interface ChatSettings {
   greedy?: boolean;
   stop?: readonly string[];
   seed?: number;
+  /** Qwen3's thinking switch (the template's enable_thinking); unset: the template's default. */
+  thinking?: boolean;
+  /** Tools the model may call. */
+  tools?: readonly ToolSpec[];
   /** Do not stream the reply into the cell while awaiting. */
   quiet?: boolean;
 }
@@ -27,6 +33,10 @@ export interface ChatIO {
   onStart?: (opening: ChatOpening) => void;
   /** Each piece of the reply, with the number of tokens generated so far when known. */
   onText?: (piece: string, tokens?: number) => void;
+  /** Each piece of the model's reasoning (Qwen3 thinking), before the answer's pieces. */
+  onReasoning?: (piece: string, tokens?: number) => void;
+  /** Each tool call as soon as the model has written it whole. */
+  onToolCall?: (call: ToolCall) => void;
   signal?: AbortSignal;
 }
 
@@ -127,6 +137,22 @@ export class ChatRequest implements PromiseLike<Reply> {
     return this.#with({ seed: expectInteger("seed(n)", n, { min: 0 }) });
   }
 
+  /**
+   * Qwen3's thinking switch: `true` lets the model reason first (shown apart, as `reply.reasoning`), `false`
+   * makes it answer at once. Unset: the model's template decides (Qwen3 thinks by default).
+   */
+  thinking(on = true): ChatRequest {
+    return this.#with({ thinking: expectBoolean("thinking(on)", on) });
+  }
+
+  /**
+   * Tools the model may call, each `{ name, description, parameters }` with `parameters` a JSON Schema
+   * object. The reply's calls come back parsed in `reply.toolCalls`.
+   */
+  tools(list: readonly ToolSpec[]): ChatRequest {
+    return this.#with({ tools: checkTools("tools(list)", list) });
+  }
+
   /** Await without streaming the reply into the output. */
   quiet(on = true): ChatRequest {
     return this.#with({ quiet: expectBoolean("quiet(on)", on) });
@@ -183,6 +209,11 @@ export class ChatRequest implements PromiseLike<Reply> {
           tokens = n ?? tokens + 1;
           open().append(piece, tokens);
         },
+        onReasoning: (piece, n) => {
+          tokens = n ?? tokens + 1;
+          open().reason(piece, tokens);
+        },
+        onToolCall: (call) => open().toolCall({ name: call.name, arguments: call.arguments }),
       });
     } catch (error) {
       live?.fail(errorInfo(error));
@@ -196,6 +227,11 @@ export class ChatRequest implements PromiseLike<Reply> {
       durationMs: reply.durationMs,
       tokensPerSecond: reply.tokensPerSecond,
       finishReason: reply.finishReason,
+    }, {
+      reasoning: reply.reasoning,
+      reasoningTokens: reply.reasoningTokens,
+      reasoningMs: reply.reasoningMs,
+      toolCalls: reply.readableToolCalls.map((c) => ({ name: c.name, arguments: c.arguments })),
     });
     return markShown(reply);
   }
@@ -203,13 +239,34 @@ export class ChatRequest implements PromiseLike<Reply> {
   /** In a terminal: the reply's text as it streams, then a newline (and a note when cancelled). */
   async #startText(sink: DisplaySink): Promise<Reply> {
     let last = "";
+    let thinking = false;
+    const show = (piece: string) => {
+      if (piece === "") return;
+      last = piece;
+      sink.text(piece);
+    };
+    // Reasoning streams between [thinking] and [/thinking] lines, so a terminal shows where the answer starts.
+    const endThinking = () => {
+      if (!thinking) return;
+      thinking = false;
+      show(`${last.endsWith("\n") ? "" : "\n"}[/thinking]\n`);
+    };
     const reply = await this.#target.run(this.#prompt, this.#settings, {
+      onReasoning: (piece) => {
+        if (!thinking && piece) show("[thinking]\n");
+        thinking ||= piece !== "";
+        show(piece);
+      },
       onText: (piece) => {
-        if (piece === "") return;
-        last = piece;
-        sink.text(piece);
+        if (piece) endThinking();
+        show(piece);
+      },
+      onToolCall: (call) => {
+        endThinking();
+        show(`${last === "" || last.endsWith("\n") ? "" : "\n"}[tool call] ${call.name}(${JSON.stringify(call.arguments)})\n`);
       },
     });
+    endThinking();
     // The kernel prints the awaited value on the next line; end the streamed text first.
     let tail = last === "" || last.endsWith("\n") ? "" : "\n";
     if (reply.cancelled) tail += `[cancelled after ${reply.completionTokens} tokens]\n`;

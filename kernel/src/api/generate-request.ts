@@ -1,7 +1,8 @@
 // What a chat turns into on the wire: the checked message list and the `generate` request. Shared by a
 // model and its adapter views, which differ only in where the request goes.
-import type { GenerateRequest } from "../bridge/protocol.gen";
+import type { ChatMessage as WireMessage, GenerateRequest } from "../bridge/protocol.gen";
 import type { ChatSettings } from "./chat";
+import { checkToolCalls } from "./tools";
 import type { ChatMessage } from "./types";
 import { expectOneOf, expectPrompt, expectString } from "./validate";
 
@@ -25,18 +26,33 @@ export function checkMessages(name: string, messages: unknown): ChatMessage[] {
   messages.forEach((m: unknown, i: number) => {
     const where = `${name}[${i}]`;
     if (typeof m !== "object" || m === null || Array.isArray(m)) throw new TypeError(`${where} must be an object { role, content }`);
-    const { role, content } = m as Record<string, unknown>;
-    expectOneOf(`${where}.role`, role, ["system", "user", "assistant"] as const);
+    const { role, content, toolCalls, toolCallId, name: toolName } = m as Record<string, unknown>;
+    expectOneOf(`${where}.role`, role, ["system", "user", "assistant", "tool"] as const);
     expectString(`${where}.content`, content);
     if (role === "user") expectPrompt(`${where}.content`, content, '{ role: "user", content: "What is LoRA?" }');
+    if (toolCalls !== undefined) {
+      if (role !== "assistant") throw new TypeError(`${where}.toolCalls: only an assistant message carries tool calls`);
+      checkToolCalls(`${where}.toolCalls`, toolCalls);
+    }
+    if (toolCallId !== undefined) expectString(`${where}.toolCallId`, toolCallId);
+    if (toolName !== undefined) expectString(`${where}.name`, toolName);
   });
   return messages as ChatMessage[];
+}
+
+/** A message as the wire spells it (snake_case fields). */
+function toWire(m: ChatMessage): WireMessage {
+  const out: WireMessage = { role: m.role, content: m.content };
+  if (m.toolCalls?.length) out.tool_calls = m.toolCalls.map((c) => ({ ...c }));
+  if (m.toolCallId !== undefined) out.tool_call_id = m.toolCallId;
+  if (m.name !== undefined) out.name = m.name;
+  return out;
 }
 
 /** The streamed `generate` request for `messages` under the chat settings `s`, addressed to `modelId`. */
 export function toGenerateRequest(modelId: string, messages: ChatMessage[], s: Readonly<ChatSettings>): GenerateRequest {
   checkMessages("generate(messages)", messages);
-  const req: GenerateRequest = { model_id: modelId, messages, stream: true };
+  const req: GenerateRequest = { model_id: modelId, messages: messages.map(toWire), stream: true };
   if (s.maxTokens !== undefined) req.max_tokens = s.maxTokens;
   if (s.temperature !== undefined) req.temperature = s.temperature;
   if (s.topP !== undefined) req.top_p = s.topP;
@@ -45,5 +61,7 @@ export function toGenerateRequest(modelId: string, messages: ChatMessage[], s: R
   if (s.greedy !== undefined) req.greedy = s.greedy;
   if (s.stop !== undefined) req.stop = [...s.stop];
   if (s.seed !== undefined) req.seed = s.seed;
+  if (s.thinking !== undefined) req.thinking = s.thinking;
+  if (s.tools?.length) req.tools = s.tools.map((t) => ({ ...t }));
   return req;
 }

@@ -210,7 +210,13 @@ export class Model {
     io.onStart?.({ model: this.id, messages });
     const client = await this.#ready();
     const reply = await client.request("generate", request, {
-      onEvent: (event) => io.onText?.(event.content.text, event.content.index + event.content.token_ids.length),
+      onEvent: (event) => {
+        const { text, reasoning, tool_calls: calls, index, token_ids: ids } = event.content;
+        const tokens = index + ids.length;
+        if (reasoning) io.onReasoning?.(reasoning, tokens);
+        if (text) io.onText?.(text, tokens);
+        for (const call of calls ?? []) io.onToolCall?.({ ...call });
+      },
       signal: io.signal,
     });
     return Reply.fromWire(reply, this.id);

@@ -95,13 +95,40 @@ export interface ModelInfo {
   quant?: QuantInfo;
 }
 
+/**
+ * One message of a chat. An assistant turn that called tools carries its `toolCalls`; a `tool` message is
+ * a tool's result, answering the call `toolCallId` (both optional: Qwen's templates go by order).
+ */
 export interface ChatMessage {
-  role: "system" | "user" | "assistant";
+  role: "system" | "user" | "assistant" | "tool";
   content: string;
+  toolCalls?: ToolCall[];
+  toolCallId?: string;
+  name?: string;
 }
 
-/** Why a generation ended. */
-export type FinishReason = "stop" | "length" | "stop_string" | "cancelled";
+/** A tool the model may call: its name, what it does, and its arguments as a JSON Schema object. */
+export interface ToolSpec {
+  name: string;
+  description?: string;
+  parameters?: Record<string, unknown>;
+}
+
+/** A call the model made: the tool's name and its parsed JSON arguments. */
+export interface ToolCall {
+  id?: string;
+  name: string;
+  arguments: Record<string, unknown>;
+}
+
+/** A `<tool_call>` block the model wrote that is not a call (bad JSON, no name); its text stays in the reply. */
+export interface MalformedToolCall {
+  text: string;
+  error: string;
+}
+
+/** Why a generation ended: `tool_calls` when the model stopped after calling tools. */
+export type FinishReason = "stop" | "tool_calls" | "length" | "stop_string" | "cancelled";
 
 /** A device's memory: bytes allocated by tensors (cuda) or the worker's resident memory (cpu). */
 export type DeviceMemory = WireDeviceMemory;

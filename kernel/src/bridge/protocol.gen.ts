@@ -27,8 +27,36 @@ export interface ErrorReply {
 }
 
 export interface ChatMessage {
-  role: "system" | "user" | "assistant";
+  role: "system" | "user" | "assistant" | "tool";
   content: string;
+  /** The calls an assistant turn made */
+  tool_calls?: Array<ToolCall>;
+  /** On a tool message: the call it answers */
+  tool_call_id?: string;
+  /** On a tool message: the tool that answered */
+  name?: string;
+}
+
+export interface ToolSpec {
+  /** pattern "^[A-Za-z0-9_.-]{1,64}$" */
+  name: string;
+  description?: string;
+  /** JSON Schema of the arguments object */
+  parameters?: Record<string, unknown>;
+}
+
+export interface ToolCall {
+  id?: string;
+  name: string;
+  /** The parsed JSON arguments */
+  arguments: Record<string, unknown>;
+}
+
+export interface MalformedToolCall {
+  /** The <tool_call> block as the model wrote it (also kept in the reply's text) */
+  text: string;
+  /** Why it is not a call */
+  error: string;
 }
 
 export interface ModelInfo {
@@ -254,11 +282,22 @@ export interface GenerateRequest {
    * minLength 1
    */
   adapter?: string;
+  /**
+   * Tools the template shows the model; its calls come back parsed
+   * maxItems 128
+   */
+  tools?: Array<ToolSpec>;
+  /** The template's enable_thinking (Qwen3); absent: the template's default */
+  thinking?: boolean;
 }
 
 export interface TokenEvent {
-  /** Text delta; never ends inside a multi-byte character */
+  /** Answer text delta; never ends inside a multi-byte character */
   text: string;
+  /** Reasoning text delta (inside the model's <think> block) */
+  reasoning?: string;
+  /** Tool calls completed in this delta */
+  tool_calls?: Array<ToolCall>;
   token_ids: Array<number>;
   /** Number of tokens generated before this delta */
   index: number;
@@ -266,14 +305,20 @@ export interface TokenEvent {
 
 export interface GenerateReply {
   status: "ok";
+  /** The answer, without reasoning and tool calls */
   text: string;
   token_ids?: Array<number>;
-  finish_reason: "stop" | "length" | "stop_string" | "cancelled";
+  finish_reason: "stop" | "tool_calls" | "length" | "stop_string" | "cancelled";
   prompt_tokens: number;
   completion_tokens: number;
   ttft_ms: number;
   duration_ms: number;
   tokens_per_s?: number;
+  reasoning?: string;
+  reasoning_tokens?: number;
+  reasoning_ms?: number;
+  tool_calls?: Array<ToolCall>;
+  tool_call_errors?: Array<MalformedToolCall>;
 }
 
 export interface CancelRequest {

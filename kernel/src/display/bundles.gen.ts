@@ -27,8 +27,29 @@ export interface ChatBundle {
 export type ChatState = "generating" | "done" | "cancelled" | "error";
 
 export interface ChatMessage {
-  role: "system" | "user" | "assistant";
+  role: "system" | "user" | "assistant" | "tool";
   content: string;
+  /** An assistant's thinking before its answer (Qwen3): a collapsible Thinking block, open while it streams, folded once the answer starts */
+  reasoning?: string;
+  /**
+   * Tokens the thinking took, shown on the folded block
+   * minimum 0
+   */
+  reasoningTokens?: number;
+  /**
+   * How long the thinking took, shown on the folded block
+   * minimum 0
+   */
+  reasoningMs?: number;
+  /** Calls an assistant turn made, drawn as cards (name and arguments) rather than raw tags */
+  toolCalls?: Array<ChatToolCall>;
+  /** On a tool message: the tool whose result it is */
+  name?: string;
+}
+
+export interface ChatToolCall {
+  name: string;
+  arguments: Record<string, unknown>;
 }
 
 export interface ChatStats {
@@ -45,7 +66,7 @@ export interface ChatStats {
   durationMs?: number;
   /** minimum 0 */
   tokensPerSecond?: number;
-  finishReason?: "stop" | "length" | "stop_string" | "cancelled";
+  finishReason?: "stop" | "tool_calls" | "length" | "stop_string" | "cancelled";
 }
 
 export interface ErrorInfo {

@@ -17,13 +17,27 @@ export interface ChatOpening {
   earlier?: readonly ChatMessageView[];
 }
 
+/** The finished reply's parts beside its answer text. */
+export interface ReplyParts {
+  reasoning?: string;
+  reasoningTokens?: number;
+  reasoningMs?: number;
+  toolCalls?: readonly ToolCallView[];
+}
+
+export type ToolCallView = NonNullable<ChatMessageView["toolCalls"]>[number];
+
 export interface ChatDisplay {
   /** The display id of the widget's output. */
   readonly id: string;
   /** Adds a piece of the reply; `tokens` is how many tokens the reply has so far. */
   append(piece: string, tokens: number): void;
+  /** Adds a piece of the reasoning (drawn in the Thinking block, before the answer). */
+  reason(piece: string, tokens: number): void;
+  /** Adds a tool call the model has written whole (drawn as a card). */
+  toolCall(call: ToolCallView): void;
   /** Shows the final reply and its statistics. */
-  end(state: "done" | "cancelled", text: string, stats: ChatStatsView): void;
+  end(state: "done" | "cancelled", text: string, stats: ChatStatsView, parts?: ReplyParts): void;
   /** Shows the reply so far with the error that stopped it. */
   fail(error: ErrorInfo): void;
 }
@@ -31,36 +45,62 @@ export interface ChatDisplay {
 /** Shows the chat widget in the "generating" state at once and returns its handle. */
 export function startChatDisplay(sink: DisplaySink, opening: ChatOpening, options: ThrottleOptions = {}): ChatDisplay {
   const id = randomUUID();
-  const head = opening.messages.map((m) => ({ role: m.role, content: m.content }));
-  const earlier = (opening.earlier ?? []).map((m) => ({ role: m.role, content: m.content }));
+  const head = opening.messages.map(messageView);
+  const earlier = (opening.earlier ?? []).map(messageView);
   const base = {
     ...(opening.model === undefined ? {} : { model: opening.model }),
     ...(earlier.length === 0 ? {} : { earlier }),
   };
-  const view = (state: ChatView["state"], text: string, stats: ChatStatsView, error?: ErrorInfo): ChatView => ({
+  let text = "";
+  let tokens = 0;
+  let parts: ReplyParts = {};
+  const view = (state: ChatView["state"], stats: ChatStatsView, error?: ErrorInfo): ChatView => ({
     ...base,
     state,
-    messages: [...head, { role: "assistant", content: text }],
+    messages: [...head, messageView({ role: "assistant", content: text, ...parts })],
     stats,
     ...(error ? { error } : {}),
   });
-  sink.display(chatBundle(view("generating", "", { completionTokens: 0 })), { id });
+  sink.display(chatBundle(view("generating", { completionTokens: 0 })), { id });
   const updates = createThrottle((v: ChatView) => sink.display(chatBundle(v), { id, update: true }), options);
-  let text = "";
-  let tokens = 0;
+  const grew = (tokensSoFar: number) => {
+    tokens = Math.max(tokens, tokensSoFar);
+    updates.push(view("generating", { completionTokens: tokens }));
+  };
   return {
     id,
     append(piece, tokensSoFar) {
       text += piece;
-      tokens = Math.max(tokens, tokensSoFar);
-      updates.push(view("generating", text, { completionTokens: tokens }));
+      grew(tokensSoFar);
     },
-    end(state, finalText, stats) {
+    reason(piece, tokensSoFar) {
+      parts = { ...parts, reasoning: (parts.reasoning ?? "") + piece };
+      grew(tokensSoFar);
+    },
+    toolCall(call) {
+      parts = { ...parts, toolCalls: [...(parts.toolCalls ?? []), call] };
+      grew(tokens);
+    },
+    end(state, finalText, stats, final) {
       text = finalText;
-      updates.finish(view(state, finalText, stats));
+      if (final) parts = { ...final };
+      updates.finish(view(state, stats));
     },
     fail(error) {
-      updates.finish(view("error", text, { completionTokens: tokens }, error));
+      updates.finish(view("error", { completionTokens: tokens }, error));
     },
   };
+}
+
+/** A message as the widget draws it: empty parts left out, tool calls as name and arguments. */
+function messageView(m: Omit<ChatMessageView, "toolCalls"> & { toolCalls?: readonly ToolCallView[] }): ChatMessageView {
+  const out: ChatMessageView = { role: m.role, content: m.content };
+  if (m.reasoning) {
+    out.reasoning = m.reasoning;
+    if (m.reasoningTokens) out.reasoningTokens = m.reasoningTokens;
+    if (m.reasoningMs) out.reasoningMs = m.reasoningMs;
+  }
+  if (m.toolCalls?.length) out.toolCalls = m.toolCalls.map((c) => ({ name: c.name, arguments: c.arguments }));
+  if (m.name !== undefined) out.name = m.name;
+  return out;
 }

@@ -4,10 +4,28 @@
 import type { ChatBundle, GpuBundle, TrainBundle } from "./bundles.gen";
 
 const SPARK_POINTS = 120;
-const ROLE_COLOR = { system: "#888", user: "#1976d2", assistant: "#388e3c" } as const;
+const ROLE_COLOR = { system: "#888", user: "#1976d2", assistant: "#388e3c", tool: "#8e24aa" } as const;
+
+type ChatMessageView = ChatBundle["messages"][number];
+
+/** A message's lines: its thinking (as one line saying how long it took), its answer, then each call. */
+function messageLines(m: ChatMessageView): string[] {
+  const lines: string[] = [];
+  if (m.reasoning) lines.push(`${m.role} (thinking${thoughtFor(m)}): ${m.reasoning}`);
+  if (m.content || !m.toolCalls?.length) lines.push(`${m.role}${m.name ? ` (${m.name})` : ""}: ${m.content}`);
+  for (const c of m.toolCalls ?? []) lines.push(`${m.role} calls ${c.name}(${JSON.stringify(c.arguments)})`);
+  return lines;
+}
+
+function thoughtFor(m: ChatMessageView): string {
+  const parts = [];
+  if (m.reasoningTokens) parts.push(`${m.reasoningTokens} tokens`);
+  if (m.reasoningMs) parts.push(`${(m.reasoningMs / 1000).toFixed(1)} s`);
+  return parts.length ? `, ${parts.join(", ")}` : "";
+}
 
 export function chatText(b: ChatBundle): string {
-  const lines = b.messages.map((m) => `${m.role}: ${m.content}`);
+  const lines = b.messages.flatMap(messageLines);
   // A conversation's earlier turns were shown by the cells that ran them; only their count repeats.
   const earlier = earlierTurns(b);
   if (earlier) lines.unshift(`(${earlier})`);
@@ -18,11 +36,20 @@ export function chatText(b: ChatBundle): string {
 }
 
 export function chatHtml(b: ChatBundle): string {
-  const rows = b.messages.map(
-    (m) =>
-      `<div style="margin:2px 0"><b style="color:${ROLE_COLOR[m.role]}">${m.role}</b> ` +
-      `<span style="white-space:pre-wrap">${escapeHtml(m.content)}</span></div>`,
-  );
+  const rows = b.messages.map((m) => {
+    const thinking = m.reasoning
+      ? `<details style="opacity:.75"><summary>Thinking${escapeHtml(thoughtFor(m))}</summary>` +
+        `<span style="white-space:pre-wrap">${escapeHtml(m.reasoning)}</span></details>`
+      : "";
+    const calls = (m.toolCalls ?? [])
+      .map((c) => `<div style="border:1px solid #ccc;border-radius:4px;padding:2px 6px;margin:2px 0">` +
+        `<b>${escapeHtml(c.name)}</b> <code>${escapeHtml(JSON.stringify(c.arguments))}</code></div>`)
+      .join("");
+    return (
+      `<div style="margin:2px 0"><b style="color:${ROLE_COLOR[m.role]}">${m.role}${m.name ? ` (${escapeHtml(m.name)})` : ""}</b> ` +
+      `${thinking}<span style="white-space:pre-wrap">${escapeHtml(m.content)}</span>${calls}</div>`
+    );
+  });
   const earlier = earlierTurns(b);
   if (earlier) rows.unshift(`<div style="opacity:.7;font-size:smaller">${escapeHtml(earlier)}</div>`);
   const status = chatStatus(b);

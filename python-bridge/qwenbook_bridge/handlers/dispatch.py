@@ -152,7 +152,13 @@ class Handlers:
         on_token = None
         if content.get("stream", True):
             def on_token(delta: Any) -> None:
-                job.emit("token", {"text": delta.text, "token_ids": delta.token_ids, "index": delta.index})
+                event: dict[str, Any] = {"text": delta.text, "token_ids": delta.token_ids, "index": delta.index}
+                if delta.reasoning:
+                    event["reasoning"] = delta.reasoning
+                if delta.tool_calls:
+                    event["tool_calls"] = delta.tool_calls
+                job.emit("token", event)
+        chat_kw = {"tools": content.get("tools"), "thinking": content.get("thinking")}
         adapter = content.get("adapter")
         lease = self.chat.lease(loaded, adapter)
         if lease is not None:
@@ -161,7 +167,7 @@ class Handlers:
             try:
                 with lease:
                     result = generate(loaded, content["messages"], options, on_token=on_token, cancel=job.cancel,
-                                      engine=lease.engine, adapter=lease.adapter)
+                                      engine=lease.engine, adapter=lease.adapter, **chat_kw)
                 return {"status": "ok", **result.to_dict()}
             except EngineDeclined as e:
                 log.info("chat with %s takes the old decode loops: %s", loaded.model_id, e)
@@ -170,7 +176,7 @@ class Handlers:
         # the model (another such chat, adapters going on or off, an export) waits for the model's lock.
         with self._model_lock(loaded.model_id), self.serve.exclusive(loaded.model_id), \
                 self.adapters.adapter_scope(loaded, adapter):
-            result = generate(loaded, content["messages"], options, on_token=on_token, cancel=job.cancel)
+            result = generate(loaded, content["messages"], options, on_token=on_token, cancel=job.cancel, **chat_kw)
         return {"status": "ok", **result.to_dict()}
 
     @contextmanager

@@ -14,13 +14,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qwenbook_bridge.engine.errors import (EngineError, GenerationOutOfMemoryError, InvalidOptionError,
-    ModelNotLoadedError, NoChatTemplateError, first_sentences, is_out_of_memory)
+    ModelNotLoadedError, first_sentences, is_out_of_memory)
+from qwenbook_bridge.engine.generate.chat_prompt import check_messages, check_tools, render_chat
 from qwenbook_bridge.engine.models.loading import LoadedModel, free_memory
 from qwenbook_bridge.engine.generate.sampling import MAX_EOS_IDS, SamplingParams, apply_penalties, make_sampler
 from qwenbook_bridge.engine.generate.streaming import IncrementalDetokenizer, StopStringFilter
@@ -28,26 +29,30 @@ from qwenbook_bridge.engine.generate.streaming import IncrementalDetokenizer, St
 if TYPE_CHECKING:
     from qwenbook_bridge.engine.generate.paged.scheduler import PagedEngine
 
-ROLES = ("system", "user", "assistant")
-
-
 @dataclass
 class TokenDelta:
-    text: str
+    text: str  # answer text
     token_ids: list[int]
     index: int  # tokens generated before this delta
+    reasoning: str = ""  # reasoning text (inside <think>), for templates that think
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # calls completed in this delta
 
 
 @dataclass
 class GenerationResult:
-    text: str
+    text: str  # the answer, without reasoning and tool calls
     token_ids: list[int]
-    finish_reason: str  # stop (end-of-sequence token) | length | stop_string | cancelled
+    finish_reason: str  # stop (end-of-sequence token) | tool_calls (stopped after calling) | length | stop_string | cancelled
     prompt_tokens: int
     completion_tokens: int
     ttft_ms: float  # call start (templating included) to the first sampled token
     duration_ms: float
     tokens_per_s: float  # decode speed: tokens after the first over the time after the first
+    reasoning: str = ""
+    reasoning_tokens: int = 0  # tokens until the reasoning block closed
+    reasoning_ms: float = 0.0  # first token to the end of the reasoning
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # {id, name, arguments}
+    tool_call_errors: list[dict[str, Any]] = field(default_factory=list)  # {text, error}: kept in `text`
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,29 +63,9 @@ class EngineDeclined(EngineError):
     so the caller runs it on the old path instead."""
 
 
-def check_messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise InvalidOptionError("messages must be a non-empty list of {role, content} objects")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise InvalidOptionError(
-                f"messages[{i}] must be {{role: 'system' | 'user' | 'assistant', content: string}}, got {m!r}")
-        clean.append({"role": m["role"], "content": m["content"]})
-    return clean
-
-
-def prompt_ids(loaded: LoadedModel, messages: Sequence[dict[str, str]]) -> list[int]:
+def prompt_ids(loaded: LoadedModel, messages: Sequence[dict[str, Any]]) -> list[int]:
     """The chat-formatted prompt, ending with the assistant turn's opening."""
-    tokenizer = loaded.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise NoChatTemplateError(
-            f"the tokenizer of {loaded.model_id} has no chat template, so chat messages cannot be turned into a "
-            "prompt; load an instruct/chat model (e.g. Qwen/Qwen2.5-7B-Instruct) or add a chat_template to its "
-            "tokenizer_config.json")
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    # The template already wrote every special token; letting the tokenizer add a BOS would double it.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return render_chat(loaded.tokenizer, loaded.model_id, check_messages(messages)).ids
 
 
 def _token_stream(loaded: LoadedModel, prompt: list[int], budget: int, context: int, opts: SamplingParams,
@@ -180,20 +165,27 @@ def _accepts(model: Any, name: str) -> bool:
         return False
 
 
-def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: SamplingParams | None = None,
+def generate(loaded: LoadedModel, messages: Sequence[dict[str, Any]], opts: SamplingParams | None = None,
              on_token: Callable[[TokenDelta], None] | None = None,
              cancel: threading.Event | None = None, engine: PagedEngine | None = None,
-             adapter: str | None = None) -> GenerationResult:
+             adapter: str | None = None, tools: Sequence[dict[str, Any]] | None = None,
+             thinking: bool | None = None) -> GenerationResult:
     """Generate a chat reply. `on_token` gets text deltas as they become safe to show; `cancel` stops the
     loop before the next token and the result keeps the partial reply. With `engine` the tokens come from that
     running PagedEngine, with its adapter `adapter` (a name added there; None: the base model); a request too
-    large for its cache raises EngineDeclined before anything is generated."""
+    large for its cache raises EngineDeclined before anything is generated. `tools` go to the template and the
+    reply's calls are parsed out of its text; `thinking` is the template's enable_thinking (None: its default),
+    and a reasoning block is split out of the answer."""
     started = time.perf_counter()
     opts = opts or SamplingParams()
     model = loaded.model
     if model is None:
         raise ModelNotLoadedError(f"model {loaded.model_id!r} was unloaded; load it again")
-    prompt = prompt_ids(loaded, check_messages(messages))
+    chat = render_chat(loaded.tokenizer, loaded.model_id, check_messages(messages),
+                       tools=check_tools(tools) if tools else None, thinking=thinking)
+    prompt = chat.ids
+    parser = chat.parser()
+    reasoning_tokens, reasoning_end = 0, None
     budget = opts.max_tokens
     context = int(loaded.info.get("context_length") or 0)
     if context:
@@ -211,12 +203,21 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Samp
     pending: list[int] = []  # ids whose text has not been delivered yet
     delivered = 0
 
-    def deliver(text: str) -> None:
-        nonlocal pending, delivered
-        if text:
-            pieces.append(text)
-        if on_token is not None:
-            on_token(TokenDelta(text, pending, delivered))
+    def deliver(text: str, final: bool = False) -> None:
+        nonlocal pending, delivered, reasoning_tokens, reasoning_end
+        got = parser.push(text)
+        if final:
+            more = parser.flush()
+            got.reasoning += more.reasoning
+            got.content += more.content
+            got.tool_calls += more.tool_calls
+        if reasoning_end is None and parser.reasoning and parser.reasoning_done:
+            reasoning_tokens, reasoning_end = len(token_ids), time.perf_counter()
+        if got.content:
+            pieces.append(got.content)
+        if on_token is not None and (got or pending):
+            on_token(TokenDelta(got.content, pending, delivered, got.reasoning,
+                                [c.to_dict() for c in got.tool_calls]))
         delivered += len(pending)
         pending = []
 
@@ -281,14 +282,15 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Samp
         tail = stops.push(detok.flush())
         finish = "stop_string" if stops.hit is not None else finish
         tail += stops.flush()
-    if tail or pending:
-        deliver(tail)
+    deliver(tail, final=True)
     ended = time.perf_counter()
     n = len(token_ids)
     if n > 1 and t_last > t_first:
         speed = (n - 1) / (t_last - t_first)
     else:
         speed = n / max(ended - started, 1e-9)
+    if finish == "stop" and parser.tool_calls:
+        finish = "tool_calls"
     return GenerationResult(
         text="".join(pieces),
         token_ids=token_ids,
@@ -298,4 +300,9 @@ def generate(loaded: LoadedModel, messages: Sequence[dict[str, str]], opts: Samp
         ttft_ms=round((t_first - started) * 1000, 3) if t_first is not None else 0.0,
         duration_ms=round((ended - started) * 1000, 3),
         tokens_per_s=round(speed, 3),
+        reasoning=parser.reasoning,
+        reasoning_tokens=reasoning_tokens,
+        reasoning_ms=round((reasoning_end - t_first) * 1000, 3) if reasoning_end and t_first else 0.0,
+        tool_calls=[c.to_dict() for c in parser.tool_calls],
+        tool_call_errors=[m.to_dict() for m in parser.malformed],
     )
