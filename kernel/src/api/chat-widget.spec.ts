@@ -195,3 +195,50 @@ describe("a chat awaited in a notebook", () => {
     expect(terminal.texts).toEqual(["Hel", "lo", "\n"]);
   });
 });
+
+describe("a thinking, tool-calling reply in the widget", () => {
+  /** A model that thinks in `thoughts`, answers `pieces`, then calls weather(Paris). */
+  function thinker(thoughts: string[], pieces: string[]): MessageRunner & { sink: () => RecordingSink } {
+    return {
+      id: "tiny-qwen3",
+      sink: () => sink,
+      async generate(messages: ChatMessage[], _s: Readonly<ChatSettings>, io: ChatIO) {
+        io.onStart?.({ model: "tiny-qwen3", messages });
+        let n = 0;
+        for (const t of thoughts) io.onReasoning?.(t, ++n);
+        for (const p of pieces) io.onText?.(p, ++n);
+        io.onToolCall?.({ id: "call_1", name: "weather", arguments: { city: "Paris" } });
+        return new Reply({
+          text: pieces.join(""), reasoning: thoughts.join(""), reasoningTokens: thoughts.length, reasoningMs: 1500,
+          toolCalls: [{ id: "call_1", name: "weather", arguments: { city: "Paris" } }], finishReason: "tool_calls",
+          promptTokens: 7, completionTokens: n, ttftMs: 12, durationMs: 250, tokensPerSecond: 40, tokenIds: [], model: "tiny-qwen3",
+        });
+      },
+    };
+  }
+
+  it("streams the reasoning apart from the answer and ends with the call as a card, not tags", async () => {
+    const r = await new ChatRequest(chatTarget(thinker(["Need ", "weather."], ["Checking."])), "Weather?");
+    expect(r.finishReason).toBe("tool_calls");
+    const views = sink.displays.map(chatOf);
+    // While thinking, the reply has reasoning and no answer yet.
+    expect(views.some((v) => v.state === "generating" && v.messages[1].reasoning === "Need " && v.messages[1].content === "")).toBe(true);
+    const last = views[views.length - 1];
+    expect(last.messages[1]).toEqual({
+      role: "assistant", content: "Checking.", reasoning: "Need weather.", reasoningTokens: 2, reasoningMs: 1500,
+      toolCalls: [{ name: "weather", arguments: { city: "Paris" } }],
+    });
+    expect(last.stats?.finishReason).toBe("tool_calls");
+    const plain = sink.displays[sink.displays.length - 1].data["text/plain"] as string;
+    expect(plain).toContain("assistant (thinking, 2 tokens, 1.5 s): Need weather.");
+    expect(plain).toContain('assistant calls weather({"city":"Paris"})');
+    expect(plain).not.toContain("<tool_call>");
+  });
+
+  it("marks where the thinking ends and shows calls in a terminal", async () => {
+    const text = recordingSink({ rich: false });
+    const runner = { ...thinker(["Need weather."], ["Checking."]), sink: () => text };
+    await new ChatRequest(chatTarget(runner), "Weather?");
+    expect(text.texts.join("")).toBe('[thinking]\nNeed weather.\n[/thinking]\nChecking.\n[tool call] weather({"city":"Paris"})\n');
+  });
+});
