@@ -83,8 +83,9 @@ def test_sharegpt_multi_turn_trains_every_assistant_turn_and_nothing_else(tok, t
 
 
 def test_templates_that_rewrite_earlier_turns_still_mask_exactly(tok):
-    # Qwen3's template renders the last answer with an empty <think></think> block but earlier ones without it,
-    # so rendered prefixes are not prefixes of the full text; the spans must still be exact.
+    # Qwen3's template renders the last answer with an empty <think></think> block but earlier ones without it.
+    # The block is the start of the last answer, trained: with thinking on (the template's default) the model
+    # writes it itself before answering; the earlier answers are trained as the template wrote them.
     qwen3 = json.loads(QWEN3_TOKENIZER_CONFIG.read_text(encoding="utf-8"))["chat_template"]
     tok3 = type(tok).from_pretrained(tok.name_or_path)
     tok3.chat_template = qwen3
@@ -92,8 +93,9 @@ def test_templates_that_rewrite_earlier_turns_still_mask_exactly(tok):
                 {"role": "user", "content": "b"}, {"role": "assistant", "content": "second answer"}]
     ids, labels, _ = ChatEncoder(tok3).encode(messages)
     runs = label_segments(tok3, ids, labels)
-    assert [r["text"] for r in runs if r["trained"]] == ["first answer<|im_end|>", "second answer<|im_end|>"]
-    assert "<think>\n\n</think>\n\n" in "".join(r["text"] for r in runs if not r["trained"])
+    assert [r["text"] for r in runs if r["trained"]] == ["first answer<|im_end|>",
+                                                         "<think>\n\n</think>\n\nsecond answer<|im_end|>"]
+    assert "<think>" not in "".join(r["text"] for r in runs if not r["trained"])
     assert tok3.decode(ids) == tok3.apply_chat_template(messages, tokenize=False)
 
 

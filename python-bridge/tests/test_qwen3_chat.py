@@ -59,8 +59,8 @@ def load(handlers: Handlers, folder: Path) -> str:
 
 def test_the_prompt_is_qwen3s_template(qwen3):
     text = qwen3.tokenizer.decode(prompt_ids(qwen3, CHAT))
-    assert text == ("<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nTell me about the moon.<|im_end|>\n"
-                    "<|im_start|>assistant\n")
+    assert text == ("<|im_start|>system\nYou are terse.<|im_end|>\n"
+                    "<|im_start|>user\nTell me about the moon.<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize("fast", ["0", "1"], ids=["plain-loop", "fast-decoder"])

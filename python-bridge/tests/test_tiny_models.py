@@ -18,7 +18,8 @@ def test_each_architecture_has_its_typed_config():
     assert type(config_for("qwen3")) is Qwen3TinyConfig
     assert type(config_for("qwen3-moe")) is Qwen3MoeTinyConfig
     assert [config_for(a).arch for a in ARCHS] == list(ARCHS)
-    with pytest.raises(ValueError, match="unknown tiny model architecture 'llama': pick one of qwen2, qwen3, qwen3-moe"):
+    with pytest.raises(ValueError, match="unknown tiny model architecture 'llama': pick one of qwen2, qwen3, "
+                                         "qwen3-moe"):
         config_for("llama")
 
 

@@ -5,10 +5,14 @@ Labels are -100 everywhere except the assistant answers and the template's end-o
 
 How the answer spans are found: for assistant turn i, the conversation up to turn i rendered with the
 generation prompt is, for well-behaved templates, a prefix of the full rendering, and the answer starts right
-after it. Templates that rewrite earlier turns (Qwen3 drops old reasoning) fall back to locating each message's
-text in order. The full text is then tokenized segment by segment, exactly as at inference (the prompt is
-tokenized on its own and the answer follows it); rows where that differs from tokenizing the whole text at
-once are counted and reported.
+after it and runs to the end of the message's visible answer (its text after any `</think>`). Where the template
+writes a reasoning block there, Qwen3's `<think>...</think>` (empty when the row has no reasoning), the block is
+part of the answer and trained: with thinking on, the model has to write it itself before answering. Qwen3's
+template drops the reasoning of turns before the last user message from the history, as it does at inference;
+those turns train on their answer alone, and the dropped reasoning is counted in the dataset notes. Where the
+prefix does not match, each message's text is located in order. The full text is then tokenized segment by
+segment, exactly as at inference (the prompt is tokenized on its own and the answer follows it); rows where
+that differs from tokenizing the whole text at once are counted and reported.
 """
 
 from __future__ import annotations
@@ -25,6 +29,16 @@ from qwenbook_bridge.engine.errors import InvalidOptionError, NoChatTemplateErro
 IGNORE_INDEX = -100
 Truncation = Literal["truncate", "drop"]
 _PROBE_ANSWER = "QWENBOOK-PROBE-ANSWER-7f3a"
+THINK_END = "</think>"
+
+
+def split_reasoning(content: str) -> tuple[str, str]:
+    """(reasoning, answer) of an assistant message as Qwen3's template splits it: the text before the last
+    `</think>` (after its `<think>`) and the text after it; ("", content) without a `</think>`."""
+    if THINK_END not in content:
+        return "", content
+    before, answer = content.rsplit(THINK_END, 1)
+    return before.split("<think>")[-1].strip("\n"), answer.lstrip("\n")
 
 
 @dataclass
@@ -109,8 +123,13 @@ class ChatEncoder:
             start = -1
             if msg["role"] == "assistant":
                 prefix = self._render(messages[:i], True)
-                if len(prefix) >= cursor and full.startswith(prefix) and full.startswith(content, len(prefix)):
-                    start = len(prefix)
+                if len(prefix) >= cursor and full.startswith(prefix):
+                    end = self._answer_end(full, len(prefix), content)
+                    if end >= 0:
+                        start, content = len(prefix), full[len(prefix):end]
+            if start < 0 and msg["role"] == "assistant" and THINK_END in content:
+                # The template rewrote the reasoning (or dropped it): the visible answer is what it kept.
+                content = split_reasoning(content)[1]
             if start < 0:
                 start = full.find(content, cursor)
                 if start < 0 and content.strip():
@@ -135,6 +154,29 @@ class ChatEncoder:
         if at < len(full):
             pieces.append((full[at:], False))
         return pieces
+
+    def _answer_end(self, full: str, start: int, content: str) -> int:
+        """Where the assistant message that the template begins at `start` ends (before its end marker), or -1 when
+        its visible answer is not the next thing in that turn."""
+        turn_end = full.find(self.end_marker, start) if self.end_marker else -1
+        answer = split_reasoning(content)[1] if THINK_END in content else content
+        if not answer:
+            return turn_end
+        # The answer follows the turn's reasoning block, if the template wrote one (the reasoning may quote it).
+        think_end = full.find(THINK_END, start, turn_end if turn_end >= 0 else len(full))
+        at = full.find(answer, start if think_end < 0 else think_end + len(THINK_END))
+        if at < 0 or (0 <= turn_end < at + len(answer)):
+            return -1
+        # Only a reasoning block the template wrote may sit between the turn's start and its answer.
+        between = full[start:at]
+        return at + len(answer) if not between or between.lstrip().startswith("<think>") else -1
+
+    def dropped_reasoning(self, messages: Sequence[dict[str, str]]) -> int:
+        """How many assistant messages carry reasoning that the rendered conversation leaves out (Qwen3 keeps
+        only the reasoning after the last user message)."""
+        full = self._render(messages, False)
+        return sum(1 for m in messages if m["role"] == "assistant" and THINK_END in m["content"]
+                   and (r := split_reasoning(m["content"])[0].strip()) and r not in full)
 
     def encode(self, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[int], bool]:
         """(input_ids, labels, consistent): `consistent` is False when tokenizing the whole text at once
@@ -163,12 +205,15 @@ def build_dataset(specs: Sequence[DatasetSpec], tokenizer: Any, max_length: int,
     encoder = ChatEncoder(tokenizer)
     stats = DatasetStats(sources=mixed.sources, max_length=max_length, notes=list(mixed.notes))
     examples: list[Example] = []
+    dropped_reasoning = 0
     for conv in mixed.conversations:
         try:
             ids, labels, consistent = encoder.encode(conv.messages)
         except DatasetError as e:
             raise DatasetError(e.reason, file=conv.source, row=conv.row, field=e.field) from None
         stats.retokenized_boundaries += not consistent
+        if any(m["role"] == "assistant" and THINK_END in m["content"] for m in conv.messages):
+            dropped_reasoning += encoder.dropped_reasoning(conv.messages)
         ex = Example(ids, labels, conv.source, conv.row)
         if len(ids) > max_length:
             stats.too_long += 1
@@ -185,6 +230,10 @@ def build_dataset(specs: Sequence[DatasetSpec], tokenizer: Any, max_length: int,
         stats.trained_tokens += ex.trained_tokens
     stats.examples = len(examples)
     _describe(stats, truncation)
+    if dropped_reasoning:
+        stats.notes.append(f"{dropped_reasoning} assistant turns before a row's last user message have reasoning "
+                           "(<think>...</think>) that the chat template leaves out of the history, as at inference; "
+                           "those turns train on their answers only")
     if not examples:
         raise DatasetError("no usable examples remain after rendering and length limits; raise max_length "
                            f"(now {max_length})", file=", ".join(s.name for s in stats.sources))

@@ -35,7 +35,8 @@ from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError, is_ou
 from qwenbook_bridge.engine.train.fsdp import restore_optimizer
 from qwenbook_bridge.engine.train.step import StepRunner, build_optimizer
 from qwenbook_bridge.engine.model_parts import has_injected_adapters
-from qwenbook_bridge.engine.train.trainable import Trainable, precision_plan, resolve_targets
+from qwenbook_bridge.engine.train.trainable import (Trainable, precision_plan, resolve_parameter_targets,
+                                                   resolve_targets)
 from qwenbook_bridge.engine.train.config import TrainConfig
 
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -185,6 +186,7 @@ class _Run:
             trainable.check_resumable(self.resume)
         elif cfg.method == "lora":
             resolve_targets(self.model, cfg.lora.targets)
+            resolve_parameter_targets(self.model, cfg.lora.targets, cfg.lora.dropout)
         if self.writes:
             ckpt.remove_stale_temporaries(self.out)
             if previous_run:

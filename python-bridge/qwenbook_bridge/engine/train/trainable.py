@@ -19,6 +19,9 @@ from qwenbook_bridge.engine.errors import InvalidOptionError
 from qwenbook_bridge.engine.train.config import TrainConfig
 
 ALL_LINEAR = "all-linear"
+# The LoRA target that stands for a mixture-of-experts model's expert weights (Qwen3-MoE's experts are 3-D
+# parameters, one slice per expert, not linear layers), which peft adapts through `target_parameters`.
+EXPERTS = "experts"
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -26,8 +29,28 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """The fused expert weights of a mixture-of-experts model as peft's `target_parameters` names them
+    ("experts.gate_up_proj", "experts.down_proj"); empty for a dense model."""
+    names = set()
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("Experts"):
+            for pname, p in module.named_parameters(recurse=False):
+                if p.dim() == 3:  # [experts, out, in]
+                    names.add(f"{name.rsplit('.', 1)[-1]}.{pname}")
+    return sorted(names)
+
+
+def peft_adapts_parameters() -> bool:
+    """Whether the installed peft can put LoRA on plain parameters (`target_parameters`, peft 0.17 and later)."""
+    from peft import LoraConfig
+
+    return "target_parameters" in getattr(LoraConfig, "__dataclass_fields__", {})
+
+
 def resolve_targets(model: Any, targets: list[str] | str) -> list[str]:
-    """The LoRA target names: "all-linear" becomes every linear layer but the output head; a list is checked."""
+    """The LoRA target module names: "all-linear" becomes every linear layer but the output head; a list is
+    checked. "experts" in a list is a parameter target (resolve_parameter_targets), not a module."""
     available = linear_module_names(model)
     head = model.get_output_embeddings()
     head_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head}
@@ -35,11 +58,37 @@ def resolve_targets(model: Any, targets: list[str] | str) -> list[str]:
         return [n for n in available if n not in head_names]
     if isinstance(targets, str):
         raise InvalidOptionError(f"lora targets must be \"{ALL_LINEAR}\" or a list of module names, got {targets!r}")
-    unknown = [t for t in targets if t not in available]
+    experts = bool(expert_parameter_names(model))
+    unknown = [t for t in targets if t not in available and not (t == EXPERTS and experts)]
     if unknown:
+        also = f", {EXPERTS} (the expert weights)" if experts else ""
         raise InvalidOptionError(f"unknown LoRA target module(s) {unknown}; this model's linear modules are: "
-                                 f"{', '.join(available)} (or use \"{ALL_LINEAR}\")")
-    return list(dict.fromkeys(targets))
+                                 f"{', '.join(available)}{also} (or use \"{ALL_LINEAR}\")")
+    return [t for t in dict.fromkeys(targets) if t != EXPERTS]
+
+
+def resolve_parameter_targets(model: Any, targets: list[str] | str, dropout: float = 0.0) -> list[str]:
+    """The expert weights LoRA adapts: all of them for "all-linear" on a mixture-of-experts model when peft can
+    (its experts are parameters, not linear layers; without this only attention would be adapted), all of them
+    for a list naming "experts", none otherwise."""
+    names = expert_parameter_names(model)
+    wanted = targets == ALL_LINEAR or (isinstance(targets, list) and EXPERTS in targets)
+    if not names or not wanted:
+        return []
+    if not peft_adapts_parameters():
+        if targets == ALL_LINEAR:
+            return []  # attention only: what this peft can adapt on this model
+        import peft
+
+        raise InvalidOptionError(f"LoRA on the experts needs peft 0.17 or later (target_parameters); peft "
+                                 f"{peft.__version__} is installed. Upgrade peft or leave {EXPERTS!r} out of the "
+                                 "targets")
+    if dropout:
+        attention = [n for n in linear_module_names(model) if n.endswith("_proj")]
+        raise InvalidOptionError(f"LoRA on a mixture-of-experts model's experts cannot use dropout (peft applies it to "
+                                 f"the input of a linear layer, and the experts are not one); set the LoRA dropout "
+                                 f"to 0, or list only the attention projections as targets ({', '.join(attention)})")
+    return names
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -71,8 +120,10 @@ class Trainable:
             from peft import LoraConfig, get_peft_model
 
             self.targets = resolve_targets(self.model, cfg.lora.targets)
+            parameters = resolve_parameter_targets(self.model, cfg.lora.targets, cfg.lora.dropout)
+            extra: dict[str, Any] = {"target_parameters": parameters} if parameters else {}
             lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.scale_alpha, lora_dropout=cfg.lora.dropout,
-                              target_modules=self.targets, bias="none", task_type="CAUSAL_LM")
+                              target_modules=self.targets, bias="none", task_type="CAUSAL_LM", **extra)
             self.peft_model = get_peft_model(self.model, lora)
             fast_lora.install(self.model)
         else:
@@ -131,9 +182,11 @@ class Trainable:
                                          "written by a full fine-tuning run? Use method='full' to resume it")
             saved = json.loads(path.read_text(encoding="utf-8"))
             want = {"r": self.config.lora.r, "lora_alpha": self.config.lora.scale_alpha,
-                    "target_modules": sorted(resolve_targets(self.model, self.config.lora.targets))}
+                    "target_modules": sorted(resolve_targets(self.model, self.config.lora.targets)),
+                    "target_parameters": sorted(resolve_parameter_targets(self.model, self.config.lora.targets))}
             have = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
-                    "target_modules": sorted(saved.get("target_modules") or [])}
+                    "target_modules": sorted(saved.get("target_modules") or []),
+                    "target_parameters": sorted(saved.get("target_parameters") or [])}
             diff = [f"{k}: checkpoint {have[k]!r}, now {want[k]!r}" for k in want if have[k] != want[k]]
             if diff:
                 raise InvalidOptionError(f"cannot resume from {checkpoint}: the LoRA setup differs ("
