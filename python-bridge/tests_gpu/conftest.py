@@ -12,6 +12,7 @@ cpu_conftest = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cpu_conftest)
 
 tiny_model_dir = cpu_conftest.tiny_model_dir  # noqa: F401  (a fixture, found by name)
+tiny_qwen3_dir = cpu_conftest.tiny_qwen3_dir  # noqa: F401
 
 
 def pytest_configure(config: object) -> None:

@@ -45,3 +45,20 @@ def test_graph_decode_steps_equal_transformers_and_peft(perturbed_lm: Any, tmp_p
     assert [s.out for s in seqs] == [_peft_greedy(model, first, prompts[0]), _peft_greedy(model, second, prompts[1]),
                                      _hf_greedy(model, prompts[2], NEW_TOKENS)]
     assert any(lora for _, lora in runner.decode._graphs)  # steps with adapter rows ran their own graphs
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled"])
+def test_qwen3_graph_decode_steps_equal_transformers(tiny_qwen3_dir: Path, compile: bool) -> None:
+    """Qwen3's q/k norms and its head_dim apart from hidden_size / heads, through the captured (and compiled)
+    decode step, token for token with transformers' greedy decoding."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir, dtype=torch.float32).cuda().eval()
+    prompts = _prompts(model.config.vocab_size, (6, 11, 8, 5), seed=3)
+    runner = PagedRunner(model, num_blocks=64, block_size=4, max_batch=8, compile=compile)
+    assert runner.decode.use_graphs
+    tables = contiguous_tables([len(p) + NEW_TOKENS for p in prompts], 4)
+    seqs = [Seq(p, NEW_TOKENS, t) for p, t in zip(prompts, tables)]
+    drive(runner, seqs, chunk=4)
+    assert [s.out for s in seqs] == [_hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+    assert runner.decode._graphs
