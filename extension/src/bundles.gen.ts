@@ -40,8 +40,32 @@ export interface ChatBundle {
   error?: ErrorInfo;
 }
 export interface ChatMessage {
-  role: "system" | "user" | "assistant";
+  role: "system" | "user" | "assistant" | "tool";
   content: string;
+  /**
+   * An assistant's thinking before its answer (Qwen3): a collapsible Thinking block, open while it streams, folded once the answer starts
+   */
+  reasoning?: string;
+  /**
+   * Tokens the thinking took, shown on the folded block
+   */
+  reasoningTokens?: number;
+  /**
+   * How long the thinking took, shown on the folded block
+   */
+  reasoningMs?: number;
+  /**
+   * Calls an assistant turn made, drawn as cards (name and arguments) rather than raw tags
+   */
+  toolCalls?: ChatToolCall[];
+  /**
+   * On a tool message: the tool whose result it is
+   */
+  name?: string;
+}
+export interface ChatToolCall {
+  name: string;
+  arguments: {};
 }
 export interface ChatStats {
   completionTokens: number;
@@ -52,7 +76,7 @@ export interface ChatStats {
   ttftMs?: number;
   durationMs?: number;
   tokensPerSecond?: number;
-  finishReason?: "stop" | "length" | "stop_string" | "cancelled";
+  finishReason?: "stop" | "tool_calls" | "length" | "stop_string" | "cancelled";
 }
 export interface ErrorInfo {
   /**
@@ -299,11 +323,52 @@ export const BUNDLE_SCHEMA: Readonly<Record<string, unknown>> & { readonly $id: 
           "enum": [
             "system",
             "user",
-            "assistant"
+            "assistant",
+            "tool"
           ]
         },
         "content": {
           "type": "string"
+        },
+        "reasoning": {
+          "type": "string",
+          "description": "An assistant's thinking before its answer (Qwen3): a collapsible Thinking block, open while it streams, folded once the answer starts"
+        },
+        "reasoningTokens": {
+          "type": "integer",
+          "minimum": 0,
+          "description": "Tokens the thinking took, shown on the folded block"
+        },
+        "reasoningMs": {
+          "type": "number",
+          "minimum": 0,
+          "description": "How long the thinking took, shown on the folded block"
+        },
+        "toolCalls": {
+          "type": "array",
+          "items": {
+            "$ref": "#/$defs/ChatToolCall"
+          },
+          "description": "Calls an assistant turn made, drawn as cards (name and arguments) rather than raw tags"
+        },
+        "name": {
+          "type": "string",
+          "description": "On a tool message: the tool whose result it is"
+        }
+      }
+    },
+    "ChatToolCall": {
+      "type": "object",
+      "required": [
+        "name",
+        "arguments"
+      ],
+      "properties": {
+        "name": {
+          "type": "string"
+        },
+        "arguments": {
+          "type": "object"
         }
       }
     },
@@ -337,6 +402,7 @@ export const BUNDLE_SCHEMA: Readonly<Record<string, unknown>> & { readonly $id: 
         "finishReason": {
           "enum": [
             "stop",
+            "tool_calls",
             "length",
             "stop_string",
             "cancelled"

@@ -1,5 +1,5 @@
 import { afterEach, describe, expect, it } from "vitest";
-import { ChatWidget, chatRendererFactory } from "./chat";
+import { ChatWidget, chatRendererFactory, thoughtLabel } from "./chat";
 import { CHAT_MIME } from "./mime";
 import { chat, render, text } from "./testutil";
 
@@ -209,6 +209,112 @@ describe("chat renderer", () => {
       const w = await show(turn3({ earlier: [{ role: "system", content: "Be kind." }, ...earlier] }));
       expect(text(w.node.querySelector(".qwenbook-chat-earlier > summary"))).toBe("2 earlier turns");
       expect(w.node.querySelectorAll(".qwenbook-chat-earlier .qwenbook-msg")).toHaveLength(5);
+    });
+  });
+
+  describe("thinking and tool calls", () => {
+    const question = { role: "user" as const, content: "Weather in Paris?" };
+    const thinking = (content: string, extra: Record<string, unknown> = {}) =>
+      chat({
+        state: "generating",
+        messages: [question, { role: "assistant", content, reasoning: "They want the weather.", ...extra }],
+        stats: { completionTokens: 5 },
+      });
+    const update = (w: ChatWidget, bundle: unknown) =>
+      w.renderModel({ trusted: false, metadata: {}, setData: () => undefined, data: { [CHAT_MIME]: bundle as never } });
+    const fold = (w: ChatWidget) => w.node.querySelector(".qwenbook-msg-assistant details.qwenbook-think") as HTMLDetailsElement;
+
+    it("draws the reasoning in its own Thinking block, open with the caret while it streams", async () => {
+      const w = await show(thinking(""));
+      expect(fold(w).open).toBe(true);
+      expect(text(fold(w).querySelector("summary"))).toBe("Thinking…");
+      expect(text(fold(w).querySelector(".qwenbook-think-body"))).toBe("They want the weather.");
+      expect(fold(w).querySelector(".qwenbook-caret")).not.toBeNull();
+    });
+
+    it("folds the block once the answer starts and says how long and how many tokens it took", async () => {
+      const w = await show(thinking(""));
+      await update(w, thinking("Let me check."));
+      expect(fold(w).open).toBe(false);
+      expect(text(w.node.querySelector(".qwenbook-msg-assistant .qwenbook-msg-body > p"))).toBe("Let me check.");
+      await update(w, chat({ messages: [question, { role: "assistant", content: "Let me check.", reasoning: "They want the weather.", reasoningTokens: 85, reasoningMs: 1234 }] }));
+      expect(fold(w).open).toBe(false);
+      expect(text(fold(w).querySelector("summary"))).toBe("Thought for 1.2 s · 85 tokens");
+      // The reasoning is not repeated in the answer.
+      expect(text(w.node.querySelector(".qwenbook-msg-assistant .qwenbook-msg-body > p"))).toBe("Let me check.");
+    });
+
+    it("labels the thought with what is known", () => {
+      expect(thoughtLabel({}, true)).toBe("Thinking…");
+      expect(thoughtLabel({}, false)).toBe("Thought");
+      expect(thoughtLabel({ reasoningMs: 420, reasoningTokens: 1 }, false)).toBe("Thought for 420 ms · 1 token");
+      expect(thoughtLabel({ reasoningTokens: 1234 }, false)).toBe("Thought · 1,234 tokens");
+      expect(thoughtLabel({ reasoningMs: 75_000, reasoningTokens: 900 }, false)).toBe("Thought for 1m 15s · 900 tokens");
+    });
+
+    it("keeps the reader's choice: closed while it thinks stays closed, opened while it answers stays open", async () => {
+      const w = await show(thinking(""));
+      (fold(w).querySelector("summary") as HTMLElement).click();
+      expect(fold(w).open).toBe(false);
+      await update(w, thinking("", { reasoning: "They want the weather. Paris it is." }));
+      expect(fold(w).open).toBe(false);
+      expect(text(fold(w).querySelector(".qwenbook-think-body"))).toBe("They want the weather. Paris it is.");
+      (fold(w).querySelector("summary") as HTMLElement).click();
+      await update(w, thinking("It is"));
+      expect(fold(w).open).toBe(true);
+      await update(w, chat({ messages: [question, { role: "assistant", content: "It is sunny.", reasoning: "x", reasoningTokens: 3 }] }));
+      expect(fold(w).open).toBe(true);
+    });
+
+    it("draws each call as a card with the tool's name and its arguments as indented JSON, not tags", async () => {
+      const w = await show(
+        chat({
+          messages: [
+            question,
+            {
+              role: "assistant",
+              content: "",
+              reasoning: "Call the tool.",
+              toolCalls: [
+                { name: "weather", arguments: { city: "Paris", days: 2 } },
+                { name: "calculator", arguments: { expression: "2 + 2" } },
+              ],
+            },
+          ],
+          stats: { completionTokens: 30, finishReason: "tool_calls" },
+        }),
+      );
+      const cards = [...w.node.querySelectorAll(".qwenbook-msg-assistant .qwenbook-tool-call")];
+      expect(cards.map((c) => text(c.querySelector(".qwenbook-tool-call-name")))).toEqual(["weather", "calculator"]);
+      expect(cards[0].querySelector(".qwenbook-tool-call-args")?.textContent).toBe('{\n  "city": "Paris",\n  "days": 2\n}');
+      expect(w.node.textContent).not.toContain("<tool_call>");
+      expect(fold(w).open).toBe(false);
+    });
+
+    it("ends the live thinking when a call arrives before any answer text", async () => {
+      const w = await show(thinking(""));
+      await update(w, thinking("", { toolCalls: [{ name: "weather", arguments: { city: "Paris" } }] }));
+      expect(fold(w).open).toBe(false);
+      expect(text(fold(w).querySelector("summary"))).toBe("Thought");
+      expect(w.node.querySelectorAll(".qwenbook-tool-call")).toHaveLength(1);
+    });
+
+    it("draws a tool message as a result under the tool's name, JSON indented", async () => {
+      const w = await show(
+        chat({
+          messages: [
+            { role: "tool", content: '{"sky":"sunny","c":21}', name: "weather" },
+            { role: "tool", content: "plain words" },
+            { role: "assistant", content: "Sunny." },
+          ],
+        }),
+      );
+      const [named, bare] = [...w.node.querySelectorAll(".qwenbook-msg-tool")];
+      expect(text(named.querySelector(".qwenbook-msg-role"))).toBe("Tool result · weather");
+      expect(named.querySelector(".qwenbook-tool-result")?.textContent).toBe('{\n  "sky": "sunny",\n  "c": 21\n}');
+      expect(text(bare.querySelector(".qwenbook-msg-role"))).toBe("Tool result");
+      expect(bare.querySelector(".qwenbook-tool-result")?.textContent).toBe("plain words");
+      expect(w.node.querySelector(".qwenbook-caret")).toBeNull();
     });
   });
 

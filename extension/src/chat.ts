@@ -1,21 +1,36 @@
 import type { IRenderMime } from "@jupyterlab/rendermime-interfaces";
-import type { ChatBundle, ChatMessage, ChatStats } from "./bundles.gen";
+import type { ChatBundle, ChatMessage, ChatStats, ChatToolCall } from "./bundles.gen";
 import { h, replaceChildren } from "./dom";
 import { errorBox } from "./error-box";
-import { formatInt, formatMs, formatRate } from "./format";
+import { formatDuration, formatInt, formatMs, formatRate } from "./format";
 import { renderMarkdown } from "./markdown";
 import { CHAT_MIME } from "./mime";
 import { BundleWidget } from "./widget";
 
-const ROLE_LABEL: Record<ChatMessage["role"], string> = { system: "System", user: "User", assistant: "Assistant" };
+const ROLE_LABEL: Record<ChatMessage["role"], string> = {
+  system: "System",
+  user: "User",
+  assistant: "Assistant",
+  tool: "Tool result",
+};
 const THINK_OPEN = "<think>";
 const THINK_CLOSE = "</think>";
 
 interface RenderedMessage {
-  role: ChatMessage["role"];
-  content: string;
+  /** What the bubble was drawn from (the message and whether its thinking was live): equal keys, same drawing. */
+  key: string;
   el: HTMLElement;
   body: HTMLElement;
+}
+
+/** How a bubble's Thinking block opens: live thinking opens it unless the reader chose otherwise. */
+interface ThinkFold {
+  /** The reply is still thinking (generating, no answer or call yet). */
+  live: boolean;
+  /** The reader's own open/closed choice for this bubble, which every redraw keeps. */
+  chosen?: boolean;
+  /** Called with the new state when the reader opens or closes the block. */
+  onChoose?: (open: boolean) => void;
 }
 
 /** A chat transcript that streams: only the bubbles whose text changed are rebuilt on each update. */
@@ -28,6 +43,8 @@ export class ChatWidget extends BundleWidget<typeof CHAT_MIME> {
   private readonly problem = h("div", { class: "qwenbook-chat-problem" });
   private readonly footer = h("div", { class: "qwenbook-chat-footer" });
   private rendered: RenderedMessage[] = [];
+  /** The reader's open/closed choice for each new-turn bubble's Thinking block, by message index. */
+  private readonly thinkChoices = new Map<number, boolean>();
   /** The earlier messages drawn, as JSON: streaming updates repeat them, and redrawing would close the fold. */
   private earlierDrawn = "[]";
 
@@ -41,7 +58,7 @@ export class ChatWidget extends BundleWidget<typeof CHAT_MIME> {
     this.root.dataset.state = bundle.state;
     this.drawHeader(bundle);
     this.drawEarlier(bundle.earlier ?? []);
-    this.drawMessages(bundle.messages);
+    this.drawMessages(bundle.messages, bundle.state);
     this.drawCaret(bundle);
     replaceChildren(
       this.problem,
@@ -70,7 +87,7 @@ export class ChatWidget extends BundleWidget<typeof CHAT_MIME> {
   }
 
   private drawEarlier(messages: ChatMessage[]): void {
-    const key = JSON.stringify(messages.map((m) => [m.role, m.content]));
+    const key = JSON.stringify(messages);
     if (key === this.earlierDrawn) return;
     this.earlierDrawn = key;
     // <details> keeps the open state across updates and opens with Enter or Space on its summary.
@@ -82,22 +99,25 @@ export class ChatWidget extends BundleWidget<typeof CHAT_MIME> {
     this.earlier.hidden = messages.length === 0;
   }
 
-  private drawMessages(messages: ChatMessage[]): void {
+  private drawMessages(messages: ChatMessage[], state: ChatBundle["state"]): void {
     messages.forEach((message, i) => {
       const old = this.rendered[i];
-      if (old && old.role === message.role && old.content === message.content) return;
-      const fresh = renderMessage(message);
+      const live = state === "generating" && i === messages.length - 1 && isThinking(message);
+      const fold: ThinkFold = { live, chosen: this.thinkChoices.get(i), onChoose: (open) => this.thinkChoices.set(i, open) };
+      if (old && old.key === messageKey(message, live)) return;
+      const fresh = renderMessage(message, fold);
       if (old) old.el.replaceWith(fresh.el);
       else this.list.append(fresh.el);
       this.rendered[i] = fresh;
     });
     for (const extra of this.rendered.splice(messages.length)) extra.el.remove();
+    for (const i of [...this.thinkChoices.keys()]) if (i >= messages.length) this.thinkChoices.delete(i);
   }
 
   private drawCaret(bundle: ChatBundle): void {
     this.list.querySelector(".qwenbook-caret")?.remove();
     const last = this.rendered[this.rendered.length - 1];
-    if (bundle.state !== "generating" || !last || last.role !== "assistant") return;
+    if (bundle.state !== "generating" || !last || !last.el.classList.contains("qwenbook-msg-assistant")) return;
     const caret = h("span", { class: "qwenbook-caret", "aria-hidden": "true" });
     const blocks = last.body.querySelectorAll("p, li, pre code, .qwenbook-md-heading, td, .qwenbook-think-body");
     (blocks[blocks.length - 1] ?? last.body).append(caret);
@@ -117,21 +137,64 @@ export function earlierLabel(messages: readonly ChatMessage[]): string {
   return `${messages.length} earlier ${messages.length === 1 ? "message" : "messages"}`;
 }
 
-function renderMessage(message: ChatMessage): RenderedMessage {
+/** Whether an assistant message is still in its thinking: reasoning so far, no answer and no call yet. */
+function isThinking(m: ChatMessage): boolean {
+  return m.role === "assistant" && !!m.reasoning && !m.content && !m.toolCalls?.length;
+}
+
+function messageKey(message: ChatMessage, live: boolean): string {
+  return JSON.stringify([message, live]);
+}
+
+function renderMessage(message: ChatMessage, fold: ThinkFold = { live: false }): RenderedMessage {
+  const key = messageKey(message, fold.live);
   const body = h("div", { class: "qwenbook-msg-body" });
-  if (message.role === "assistant") body.append(renderAssistant(message.content));
+  if (message.role === "assistant") body.append(renderAssistant(message, fold));
+  else if (message.role === "tool") body.append(renderToolResult(message.content));
   else body.textContent = message.content;
+  const label = message.role === "tool" && message.name ? `${ROLE_LABEL.tool} · ${message.name}` : ROLE_LABEL[message.role];
   const el = h(
     "div",
     { class: `qwenbook-msg qwenbook-msg-${message.role}` },
-    h("div", { class: "qwenbook-msg-role" }, ROLE_LABEL[message.role]),
+    h("div", { class: "qwenbook-msg-role" }, label),
     body,
   );
-  return { role: message.role, content: message.content, el, body };
+  return { key, el, body };
 }
 
-/** Qwen3-style replies open with a <think> block; it is shown folded away from the answer. */
-function renderAssistant(content: string): DocumentFragment {
+/** The thinking (folded once the answer starts), the answer as Markdown, then one card per tool call. */
+function renderAssistant(message: ChatMessage, fold: ThinkFold): DocumentFragment {
+  const fragment = document.createDocumentFragment();
+  if (message.reasoning) {
+    fragment.append(thinkBlock(message.reasoning, fold.chosen ?? fold.live, thoughtLabel(message, fold.live), fold));
+    fragment.append(renderMarkdown(message.content));
+  } else {
+    fragment.append(renderInlineThink(message.content, fold));
+  }
+  const calls = message.toolCalls ?? [];
+  if (calls.length > 0) fragment.append(h("div", { class: "qwenbook-tool-calls" }, ...calls.map(toolCallCard)));
+  return fragment;
+}
+
+/** "Thinking…" while it streams; after: "Thought for 1.2 s · 85 tokens", each figure only when known. */
+export function thoughtLabel(m: Pick<ChatMessage, "reasoningMs" | "reasoningTokens">, live: boolean): string {
+  if (live) return "Thinking…";
+  const parts = [m.reasoningMs ? `Thought for ${m.reasoningMs < 1000 ? formatMs(m.reasoningMs) : formatDuration(m.reasoningMs / 1000)}` : "Thought"];
+  if (m.reasoningTokens) parts.push(`${formatInt(m.reasoningTokens)} token${m.reasoningTokens === 1 ? "" : "s"}`);
+  return parts.join(" · ");
+}
+
+/** A <details> block (keyboard-operable, keeps its state between updates) that reports the reader's toggles. */
+function thinkBlock(thinking: string, open: boolean, label: string, fold: ThinkFold): HTMLDetailsElement {
+  const summary = h("summary", { class: "qwenbook-think-label" }, label);
+  const details = h("details", { class: "qwenbook-think", open }, summary, h("div", { class: "qwenbook-think-body" }, thinking));
+  // A click on the summary (Enter and Space on it are clicks too) flips the block after this handler runs.
+  summary.addEventListener("click", () => fold.onChoose?.(!details.open));
+  return details;
+}
+
+/** Replies whose text still holds a <think> block (bundles from before reasoning had its own field). */
+function renderInlineThink(content: string, fold: ThinkFold): DocumentFragment {
   const fragment = document.createDocumentFragment();
   const trimmed = content.trimStart();
   if (!trimmed.startsWith(THINK_OPEN)) {
@@ -142,14 +205,39 @@ function renderAssistant(content: string): DocumentFragment {
   const close = rest.indexOf(THINK_CLOSE);
   const thinking = (close === -1 ? rest : rest.slice(0, close)).trim();
   const answer = close === -1 ? "" : rest.slice(close + THINK_CLOSE.length);
-  const details = h(
-    "details",
-    { class: "qwenbook-think", open: close === -1 },
-    h("summary", {}, close === -1 ? "Thinking…" : "Thought"),
-    h("div", { class: "qwenbook-think-body" }, thinking),
-  );
-  fragment.append(details, renderMarkdown(answer));
+  fragment.append(thinkBlock(thinking, fold.chosen ?? close === -1, close === -1 ? "Thinking…" : "Thought", fold));
+  fragment.append(renderMarkdown(answer));
   return fragment;
+}
+
+/** A call the model made: the tool's name over its arguments as indented JSON. */
+function toolCallCard(call: ChatToolCall): HTMLElement {
+  return h(
+    "div",
+    { class: "qwenbook-tool-call" },
+    h(
+      "div",
+      { class: "qwenbook-tool-call-head" },
+      h("span", { class: "qwenbook-tool-call-kind" }, "Calls"),
+      h("span", { class: "qwenbook-tool-call-name" }, call.name),
+    ),
+    h("pre", { class: "qwenbook-tool-call-args" }, JSON.stringify(call.arguments, null, 2)),
+  );
+}
+
+/** A tool's result: JSON indented when it is JSON, otherwise the text as sent. */
+function renderToolResult(content: string): HTMLElement {
+  return h("pre", { class: "qwenbook-tool-result" }, prettyJson(content) ?? content);
+}
+
+function prettyJson(text: string): string | null {
+  const t = text.trim();
+  if (!t.startsWith("{") && !t.startsWith("[")) return null;
+  try {
+    return JSON.stringify(JSON.parse(t), null, 2);
+  } catch {
+    return null;
+  }
 }
 
 function footerParts(state: ChatBundle["state"], stats: ChatStats | undefined): HTMLElement[] {
