@@ -26,6 +26,7 @@ const baseEnv = {
   PATH: `${venvBin}:${join(repo, "node_modules", ".bin")}:${process.env.PATH}`,
   PIP_RETRIES: "0",
   QWENBOOK_TINY_MODEL: process.env.QWENBOOK_TINY_MODEL ?? join(repo, ".qwenbook", "models", "tiny-qwen2"),
+  QWENBOOK_TINY_QWEN3: process.env.QWENBOOK_TINY_QWEN3 ?? join(repo, ".qwenbook", "models", "tiny-qwen3"),
   QWENBOOK_PYTHON: join(venvBin, "python"),
   HF_HUB_OFFLINE: "1",
   TOKENIZERS_PARALLELISM: "false",
@@ -73,8 +74,9 @@ function pytest(name, { files = [], skip = [] } = {}) {
 }
 
 // Test files that run at the end of the Node lane instead of in the Python one, to even out the two lanes
-// (the Python lane was about 2 minutes longer): the GGUF export tests, about a minute, need nothing else.
-const LATE_PYTHON = ["test_gguf.py"];
+// (the Python lane was about 2 minutes longer): the GGUF export tests (Qwen2's about a minute, Qwen3's and
+// Qwen3-MoE's about two) need nothing else.
+const LATE_PYTHON = ["test_gguf.py", "test_qwen3_export.py"];
 
 const suites = [
   pytest("pytest", { skip: LATE_PYTHON }),

@@ -43,7 +43,13 @@ def _built_tiny(tmp_path_factory: pytest.TempPathFactory, arch: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Qwen3 (q/k norms, head_dim apart from hidden_size) with Qwen3's own chat template."""
+    """A tiny random Qwen3 (q/k norms, head_dim apart from hidden_size) with Qwen3's own chat template;
+    QWENBOOK_TINY_QWEN3 points at a prebuilt one (the test runner sets it)."""
+    prebuilt = os.environ.get("QWENBOOK_TINY_QWEN3")
+    if prebuilt:
+        path = Path(prebuilt).resolve()
+        assert (path / "config.json").is_file(), f"QWENBOOK_TINY_QWEN3={prebuilt} is not a model folder"
+        return path
     return _built_tiny(tmp_path_factory, "qwen3")
 
 

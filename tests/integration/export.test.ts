@@ -9,7 +9,7 @@ import { inspect } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ExportReport, Qwen, WorkerError, type Model } from "../../kernel/src/index";
 import type { DisplayBundle, DisplaySink } from "../../kernel/src/display/sink";
-import { privateRuntimeDir, repo, runPythonJson, tinyModel } from "./helpers";
+import { privateRuntimeDir, repo, runPythonJson, tinyModel, tinyQwen3Model } from "./helpers";
 
 const PROMPT = "Once upon a time, in a small village,";
 const TEXTS = ["The quick brown fox jumps over the lazy dog.", "你好，你是谁？ def f(x): return x * 2"];
@@ -26,8 +26,8 @@ let qwen: Qwen;
 let model: Model;
 let prepared: Promise<unknown[]>;
 
-function check(jobs: object[]): Promise<unknown[]> {
-  return runPythonJson([join(repo, "tests", "integration", "export_check.py"), tinyModel(), JSON.stringify(jobs)], {
+function check(jobs: object[], base: string = tinyModel()): Promise<unknown[]> {
+  return runPythonJson([join(repo, "tests", "integration", "export_check.py"), base, JSON.stringify(jobs)], {
     OMP_NUM_THREADS: "1",
   });
 }
@@ -136,6 +136,24 @@ describe("save and export through a real worker", () => {
     expect([...reply.tokenIds]).toEqual(chat.greedy_ids.slice(0, reply.tokenIds.length));
     const llama = await runLlama({ model: report.path, prompts: [chat.prompt_ids], maxTokens: 16 });
     expect(llama.greedy[0]!.slice(0, reply.tokenIds.length)).toEqual([...reply.tokenIds]);
+  });
+
+  it("exports a Qwen3 model as a qwen3 GGUF (q/k norms) that llama.cpp runs to the worker's greedy tokens", async () => {
+    const q3 = await qwen.load(tinyQwen3Model(), { dtype: "fp32", device: "cpu", quiet: true });
+    try {
+      const [chat] = (await check([{ kind: "chat_prompt", messages: [{ role: "user", content: PROMPT }], max_tokens: 16 }], tinyQwen3Model())) as [ChatPrompt];
+      expect(chat.smallest_gap).toBeGreaterThan(0.01); // f16 moves logits by ~1e-3
+      const reply = await q3.chat(PROMPT).greedy().maxTokens(16).quiet();
+      expect([...reply.tokenIds]).toEqual(chat.greedy_ids.slice(0, reply.tokenIds.length));
+      // Its own folder: the last test below lists what "out" holds.
+      const report = await q3.export("qwen3-out/model-f16.gguf", { format: "gguf", type: "f16" });
+      expect(report.format).toBe("gguf-f16");
+      expect(report.quality!.meanKl).toBeLessThan(1e-3);
+      const llama = await runLlama({ model: report.path, prompts: [chat.prompt_ids], maxTokens: 16 });
+      expect(llama.greedy[0]!.slice(0, reply.tokenIds.length)).toEqual([...reply.tokenIds]);
+    } finally {
+      await q3.unload();
+    }
   });
 
   it("loads int8 and int4 weight-only, reports what it cost, and status shows it", async () => {

@@ -12,6 +12,7 @@ const kernel = join(repo, "kernel");
 declare module "vitest" {
   export interface ProvidedContext {
     tinyModel: string;
+    tinyQwen3Model: string;
   }
 }
 
@@ -42,6 +43,14 @@ export default function setup(project: TestProject): () => void {
     if (r.status !== 0) throw new Error(`qwenbook tiny-model ${tiny} failed (exit ${r.status})`);
   }
   project.provide("tinyModel", tiny);
+  let tinyQwen3 = process.env.QWENBOOK_TINY_QWEN3;
+  if (!tinyQwen3) {
+    made ??= mkdtempSync(join(tmpdir(), "qwenbook-tiny-"));
+    tinyQwen3 = join(made, "tiny-qwen3");
+    const r = spawnSync(process.execPath, [join(kernel, "dist", "cli", "main.js"), "tiny-model", tinyQwen3, "--arch", "qwen3"], { stdio: "inherit" });
+    if (r.status !== 0) throw new Error(`qwenbook tiny-model ${tinyQwen3} --arch qwen3 failed (exit ${r.status})`);
+  }
+  project.provide("tinyQwen3Model", tinyQwen3);
   return () => {
     if (made) rmSync(made, { recursive: true, force: true });
   };

@@ -16,6 +16,11 @@ export function tinyModel(): string {
   return inject("tinyModel");
 }
 
+/** The tiny random Qwen3 (`npx qwenbook tiny-model --arch qwen3`): Qwen3's own template, q/k norms. */
+export function tinyQwen3Model(): string {
+  return inject("tinyQwen3Model");
+}
+
 /**
  * A fresh runtime dir for this test file, set as QWENBOOK_RUNTIME_DIR so that every worker this
  * process (and its children) starts or finds is this file's own.

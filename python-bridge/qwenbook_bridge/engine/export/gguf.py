@@ -1,6 +1,9 @@
-"""Exporting Qwen2-architecture models (Qwen2, Qwen2.5) to one GGUF file that llama.cpp, Ollama and LM Studio run.
+"""Exporting Qwen2, Qwen2.5, Qwen3 and Qwen3-MoE models to one GGUF file that llama.cpp, Ollama and LM Studio run.
 
-Tensor names, metadata keys and the tokenizer encoding follow llama.cpp's own converter for Qwen2: the
+Tensor names, metadata keys and the tokenizer encoding follow llama.cpp's own converter (architectures "qwen2",
+"qwen3": Qwen2's plus the per-head q/k norms and an explicit head size, "qwen3moe": Qwen3's attention with the
+router as ffn_gate_inp and the experts stacked in ffn_{gate,up,down}_exps, transformers' fused gate_up_proj split
+in two). The
 tokenizer is stored as GPT-2-style byte-level BPE ("gpt2") with the "qwen2" pre-tokenizer, padding ids
 beyond the tokenizer marked unused, special added tokens as control tokens. 1-D tensors (norms, biases) stay
 f32, as llama.cpp expects. For q4_0 the token embedding (which is also the output layer when tied) is stored
@@ -32,7 +35,7 @@ from qwenbook_bridge.engine.quant.quantize import quantized_layers
 from qwenbook_bridge.engine.files.save import AtomicTarget, Progress, ProgressFn, TensorSource, check_free_space
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-SUPPORTED = {"Qwen2ForCausalLM": "qwen2"}
+SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3moe"}
 # The pre-tokenizer split of Qwen2/2.5 (tokenizer.json); llama.cpp's "qwen2" pre-tokenizer implements this regex.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -81,28 +84,56 @@ _LAYER_NAMES = {
     "self_attn.o_proj.weight": "attn_output.weight", "self_attn.o_proj.bias": "attn_output.bias",
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    # Qwen3: RMSNorm over each head's queries and keys before RoPE.
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    # Qwen3-MoE: the router, and the experts' weights as transformers holds them, [experts, out, in].
+    "mlp.gate.weight": "ffn_gate_inp.weight", "mlp.experts.down_proj": "ffn_down_exps.weight",
 }
+# transformers fuses each expert's gate and up projections ([experts, 2 * ff, hidden], gate first); llama.cpp
+# keeps them apart.
+_SPLIT_NAMES = {"mlp.experts.gate_up_proj": ("ffn_gate_exps.weight", "ffn_up_exps.weight")}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def gguf_tensor_name(hf_name: str) -> str:
+def gguf_tensor_names(hf_name: str) -> tuple[str, ...]:
+    """The GGUF tensors one transformers tensor becomes: one, or two halves along dim 1 for a fused gate_up."""
     if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
+        return (_GLOBAL_NAMES[hf_name],)
     m = _LAYER_RE.match(hf_name)
     if m and m.group(2) in _LAYER_NAMES:
-        return f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
-    raise UnsupportedArchitectureError(f"tensor {hf_name} has no place in a qwen2 GGUF file")
+        return (f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}",)
+    if m and m.group(2) in _SPLIT_NAMES:
+        return tuple(f"blk.{m.group(1)}.{n}" for n in _SPLIT_NAMES[m.group(2)])
+    raise UnsupportedArchitectureError(f"tensor {hf_name} has no place in a Qwen GGUF file")
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    names = gguf_tensor_names(hf_name)
+    if len(names) != 1:
+        raise UnsupportedArchitectureError(f"tensor {hf_name} becomes {len(names)} GGUF tensors: {', '.join(names)}")
+    return names[0]
 
 
 def check_supported(root: nn.Module) -> str:
     arch = type(root).__name__
     if arch not in SUPPORTED:
         raise UnsupportedArchitectureError(
-            f"GGUF export supports {', '.join(SUPPORTED)} (Qwen2 / Qwen2.5 models); this model is {arch}")
+            f"GGUF export supports {', '.join(SUPPORTED)} (Qwen2, Qwen2.5, Qwen3 and Qwen3-MoE models); this model "
+            f"is {arch}")
     cfg = root.config
     if getattr(cfg, "use_sliding_window", False):
-        raise UnsupportedArchitectureError("this Qwen2 model uses sliding-window attention, which llama.cpp's "
-                                           "qwen2 architecture does not implement")
+        raise UnsupportedArchitectureError(f"this {arch} uses sliding-window attention, which llama.cpp's "
+                                           f"{SUPPORTED[arch]} architecture does not implement")
+    if SUPPORTED[arch] == "qwen3moe":
+        # llama.cpp's qwen3moe makes every layer a mixture of experts and always renormalises the top-k weights.
+        if getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1:
+            raise UnsupportedArchitectureError("this Qwen3-MoE model has dense MLP layers between its expert layers "
+                                               "(mlp_only_layers / decoder_sparse_step), which llama.cpp's qwen3moe "
+                                               "architecture does not implement")
+        if not getattr(cfg, "norm_topk_prob", True):
+            raise UnsupportedArchitectureError("this Qwen3-MoE model does not renormalise its top-k expert weights "
+                                               "(norm_topk_prob false); llama.cpp's qwen3moe always does, so the "
+                                               "file would compute something else")
     return SUPPORTED[arch]
 
 
@@ -125,6 +156,14 @@ def _add_hparams(w: Any, root: nn.Module, name: str, file_type: str) -> None:
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim:  # Qwen3 sets it apart from hidden_size / heads (128 on the 0.6B's 1024 / 16)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if getattr(cfg, "num_experts", None):
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     theta, scaling = _rope(cfg)
     w.add_rope_freq_base(theta)
     if scaling:
@@ -213,12 +252,27 @@ class _Planned:
     byte_shape: tuple[int, ...]
 
 
+def _gguf_sources(sources: Sequence[TensorSource]) -> list[tuple[str, TensorSource]]:
+    """(GGUF name, tensor) pairs: a fused expert gate_up becomes its gate half and its up half."""
+    out: list[tuple[str, TensorSource]] = []
+    for s in sources:
+        names = gguf_tensor_names(s.name)
+        if len(names) == 1:
+            out.append((names[0], s))
+            continue
+        half = s.shape[1] // 2
+        shape = (s.shape[0], half, *s.shape[2:])
+        for i, name in enumerate(names):
+            out.append((name, TensorSource(name, shape, s.dtype,
+                                           lambda s=s, i=i: s.load()[:, i * half:(i + 1) * half].contiguous())))
+    return out
+
+
 def _plan(sources: Sequence[TensorSource], cfg: GgufConfig) -> tuple[list[_Planned], list[str]]:
     gguf = _gguf()
     out_type = cfg.output_type or ("q8_0" if cfg.type == "q4_0" else cfg.type)
     planned, kept_f16 = [], []
-    for s in sources:
-        name = gguf_tensor_name(s.name)
+    for name, s in _gguf_sources(sources):
         if len(s.shape) <= 1:
             t = "f32"
         else:
@@ -248,7 +302,7 @@ def _encode(t: torch.Tensor, qtype_name: str) -> np.ndarray:
 def export_gguf(model: nn.Module, tokenizer: Any, target: str | os.PathLike[str], config: GgufConfig | None = None,
                 *, progress: ProgressFn | None = None, evaluate: bool = True,
                 heldout_texts: Sequence[str] | None = None) -> ExportReport:
-    """Write `model` (Qwen2 architecture; LoRA merged, int8/int4 dequantized) as one GGUF file.
+    """Write `model` (Qwen2, Qwen3 or Qwen3-MoE; LoRA merged, int8/int4 dequantized) as one GGUF file.
 
     With `evaluate`, the written tensors are read back and run in PyTorch in place of the model's own weights
     (one layer at a time) to report perplexity, mean KL and top-1 agreement against the unexported model: the
@@ -311,14 +365,18 @@ def gguf_weight_quality(model: nn.Module, tokenizer: Any, gguf_path: str | os.Pa
         tied = "output.weight" not in gf.tensors
 
         def provider(hf_name: str) -> torch.Tensor | None:
-            hf_name = hf_name.replace(".base_layer.", ".")
+            while ".base_layer." in hf_name:  # peft nests one wrapper per adapted expert parameter
+                hf_name = hf_name.replace(".base_layer.", ".")
             if hf_name == "lm_head.weight" and tied:
                 hf_name = "model.embed_tokens.weight"
             try:
-                name = gguf_tensor_name(hf_name)
+                names = gguf_tensor_names(hf_name)
             except UnsupportedArchitectureError:
                 return None
-            return gf.dequantize(name) if name in gf.tensors else None
+            if not all(n in gf.tensors for n in names):
+                return None
+            parts = [gf.dequantize(n) for n in names]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # a fused expert gate_up
 
         plain = model_logits(model)
 

@@ -69,6 +69,32 @@ def _merged_bias_fn(layer: Any, adapters: Sequence[str]) -> Callable[[], torch.T
     return merged
 
 
+def _param_wrappers(module: nn.Module) -> tuple[list[Any], nn.Module]:
+    """peft's LoRA on plain parameters (target_parameters, e.g. a mixture-of-experts model's 3-D expert weights)
+    nests one wrapper per parameter around the module: (the wrappers, outermost first; the module itself)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    wrappers = []
+    while isinstance(module, ParamWrapper):
+        wrappers.append(module)
+        module = module.base_layer
+    return wrappers, module
+
+
+def _merged_param_fn(module: nn.Module, key: str, wrappers: Sequence[Any],
+                     adapter_names: Sequence[str] | None) -> Callable[[], torch.Tensor]:
+    def merged() -> torch.Tensor:
+        w = getattr(module, key).detach().float().clone()
+        for wrapper in wrappers:
+            if wrapper.parameter_name != key:
+                continue
+            for name in _layer_adapters(wrapper, adapter_names):
+                if name not in wrapper.merged_adapters:
+                    w = w + wrapper.get_delta_weight(name).to(device=w.device, dtype=torch.float32)
+        return w
+    return merged
+
+
 def _layer_adapters(layer: Any, wanted: Sequence[str] | None) -> list[str]:
     present = set(getattr(layer, "lora_A", {})) | set(getattr(layer, "lora_embedding_A", {}))
     names = layer.active_adapters if wanted is None else wanted
@@ -128,6 +154,12 @@ def model_tensor_sources(model: nn.Module, *, dtype: torch.dtype | None = None,
         if any(mod_name.startswith(h + ".") for h in handled):
             continue
         prefix = f"{mod_name}." if mod_name else ""
+        wrappers, inner = _param_wrappers(module)
+        if wrappers:
+            handled.append(mod_name)
+            for key, t in inner.named_parameters(recurse=False):
+                add(prefix + key, t, _merged_param_fn(inner, key, wrappers, adapter_names))
+            continue
         if isinstance(module, LoraLayer):
             handled.append(mod_name)
             base = module.get_base_layer()

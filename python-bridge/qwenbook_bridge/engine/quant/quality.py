@@ -178,28 +178,32 @@ WeightProvider = Callable[[str], "torch.Tensor | None"]
 
 @contextmanager
 def swapped_weights(model: torch.nn.Module, provider: WeightProvider) -> Iterator[None]:
-    """Run `model` as if each module's `weight` were `provider(name + '.weight')` (when not None).
+    """Run `model` as if each module's `weight` (and a mixture-of-experts block's 3-D expert stacks) were
+    `provider(name + '.' + key)` (when not None).
 
     The replacement exists only while its module runs (forward pre-hook in, forward hook out), so measuring a
     quantized form of a large model costs one extra weight of memory, not a second model.
     """
     handles = []
     for name, module in model.named_modules():
-        weight = module._parameters.get("weight")
-        if weight is None:
+        keys = tuple(k for k, p in module._parameters.items() if p is not None and (k == "weight" or p.dim() == 3))
+        if not keys:
             continue
-        key = f"{name}.weight" if name else "weight"
 
-        def pre(mod: torch.nn.Module, args: Any, key: str = key) -> None:
-            new = provider(key)
-            if new is not None:
-                mod._qwenbook_saved = mod.weight.data  # type: ignore[assignment]
-                mod.weight.data = new.to(device=mod.weight.device, dtype=mod.weight.dtype)
+        def pre(mod: torch.nn.Module, args: Any, name: str = name, keys: tuple[str, ...] = keys) -> None:
+            saved = {}
+            for key in keys:
+                new = provider(f"{name}.{key}" if name else key)
+                if new is not None:
+                    param = mod._parameters[key]
+                    saved[key] = param.data
+                    param.data = new.to(device=param.device, dtype=param.dtype)
+            if saved:
+                mod._qwenbook_saved = saved  # type: ignore[assignment]
 
         def post(mod: torch.nn.Module, args: Any, out: Any) -> None:
-            saved = mod.__dict__.pop("_qwenbook_saved", None)
-            if saved is not None:
-                mod.weight.data = saved
+            for key, data in mod.__dict__.pop("_qwenbook_saved", {}).items():
+                mod._parameters[key].data = data
 
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post))
