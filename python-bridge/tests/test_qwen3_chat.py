@@ -122,3 +122,33 @@ def test_qwen3_moe_loads_and_chats_on_transformers_forward_and_logs_why_once(tin
         assert len(refusals) == 1 and "qwen3_moe is a mixture-of-experts model" in refusals[0], refusals
     finally:
         handlers.close()
+
+
+def test_qwen3_moe_chats_with_an_expert_adapter_as_peft_does(tiny_qwen3_moe_dir: Path, qwen3_moe, tmp_path: Path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def fresh() -> Any:
+        return AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe_dir, dtype=torch.float32).eval()
+
+    torch.manual_seed(0)
+    get_peft_model(fresh(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                                       target_parameters=["experts.gate_up_proj", "experts.down_proj"])) \
+        .save_pretrained(tmp_path / "experts")
+    ids = torch.tensor([prompt_ids(qwen3_moe, CHAT)])
+    with torch.inference_mode():
+        tuned = PeftModel.from_pretrained(fresh(), str(tmp_path / "experts")).eval()
+        expected = tuned.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS,
+                                  do_sample=False)[0, ids.shape[1]:].tolist()
+    handlers = Handlers("cpu")
+    try:
+        model_id = load(handlers, tiny_qwen3_moe_dir)
+        msg = make_message("adapter_load", {"model_id": model_id, "path": str(tmp_path / "experts"), "name": "e"}, "s")
+        info = handlers.adapter_jobs.adapter_load(JobContext(msg, threading.Event(), lambda *_: None))["adapter"]
+        assert info["targets"] == ["q_proj", "v_proj", "experts.down_proj", "experts.gate_up_proj"]
+        content = {"model_id": model_id, "messages": CHAT, "greedy": True, "max_tokens": TOKENS, "adapter": "e"}
+        reply = handlers.generate(JobContext(make_message("generate", content, "s"), threading.Event(),
+                                             lambda *_: None))
+        assert reply["token_ids"] == expected != hf_greedy(qwen3_moe, CHAT, TOKENS)
+    finally:
+        handlers.close()

@@ -227,8 +227,11 @@ class AdapterManager:
     def _info(self, name: str) -> AdapterInfo:
         c = self._configs[name]
         targets = c.get("target_modules") or []
+        targets = sorted(targets) if isinstance(targets, list) else [str(targets)]
+        # LoRA on plain parameters (a mixture-of-experts model's expert weights) is listed by parameter name.
+        targets += sorted(c.get("target_parameters") or [])
         return AdapterInfo(name=name, path=self._paths[name], r=c.get("r"), alpha=c.get("lora_alpha"),
-                           targets=sorted(targets) if isinstance(targets, list) else [str(targets)],
+                           targets=targets,
                            base_model=c.get("base_model_name_or_path"), active=self._active == name)
 
 
