@@ -17,6 +17,7 @@ describe("committed notebooks", () => {
         "04-qlora-fast.ipynb",
         "05-multiturn-merge-quantize.ipynb",
         "06-several-gpus.ipynb",
+        "07-qwen3-agent.ipynb",
       ]),
     );
   });
