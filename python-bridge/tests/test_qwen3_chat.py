@@ -97,6 +97,39 @@ def test_qwen3_greedy_tokens_equal_transformers_on_the_chat_engine(tiny_qwen3_di
         handlers.close()
 
 
+def test_a_qwen3_adapter_decodes_from_a_chat_engine_slot_as_peft_does(tiny_qwen3_dir: Path, qwen3, tmp_path: Path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def fresh() -> Any:
+        return AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir, dtype=torch.float32).eval()
+
+    torch.manual_seed(0)
+    get_peft_model(fresh(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)) \
+        .save_pretrained(tmp_path / "a")
+    ids = torch.tensor([prompt_ids(qwen3, CHAT)])
+    with torch.inference_mode():
+        expected = PeftModel.from_pretrained(fresh(), str(tmp_path / "a")).eval().generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, do_sample=False)[0, ids.shape[1]:].tolist()
+    handlers = Handlers("cpu")
+    try:
+        model_id = load(handlers, tiny_qwen3_dir)
+        msg = make_message("adapter_load", {"model_id": model_id, "path": str(tmp_path / "a"), "name": "a"}, "s")
+        handlers.adapter_jobs.adapter_load(JobContext(msg, threading.Event(), lambda *_: None))
+        calls = []
+        hook = handlers.registry.get(model_id).model.register_forward_pre_hook(lambda *_: calls.append(1))
+        try:
+            content = {"model_id": model_id, "messages": CHAT, "greedy": True, "max_tokens": TOKENS, "adapter": "a"}
+            reply = handlers.generate(JobContext(make_message("generate", content, "s"), threading.Event(),
+                                                 lambda *_: None))
+        finally:
+            hook.remove()
+        assert reply["token_ids"] == expected != hf_greedy(qwen3, CHAT, TOKENS)
+        assert calls == [] and [n.split("#")[0] for n in handlers.chat.engine(model_id).adapters()] == ["a"]
+    finally:
+        handlers.close()
+
+
 def test_qwen3_moe_is_refused_by_the_fast_path_with_a_readable_reason(qwen3_moe):
     with pytest.raises(TypeError) as info:
         extract_weights(qwen3_moe.model)
