@@ -19,7 +19,7 @@ import pytest
 
 from qwenbook_bridge.engine.generate.generation import generate
 from qwenbook_bridge.engine.generate.sampling import SamplingParams
-from qwenbook_bridge.openai.schema import OpenAIError
+from qwenbook_bridge.openai.schema import ChatRequest, OpenAIError
 from qwenbook_bridge.openai.server import OpenAIServer, PortInUseError, ServeConfig
 
 KEY = "sk-test-key"
@@ -196,7 +196,7 @@ def test_a_role_the_template_cannot_render_is_a_400(tiny, server):
                             "{{ m['content'] }}{% endfor %}")
     api = OpenAIApi(server.scheduler, strict, None, NAME)
     with pytest.raises(OpenAIError) as err:
-        api.chat_prompt([{"role": "assistant", "content": "hi"}])
+        api.chat_prompt(ChatRequest(messages=[{"role": "assistant", "content": "hi"}]))
     assert err.value.status == 400 and "must start with a user message" in err.value.message
 
 

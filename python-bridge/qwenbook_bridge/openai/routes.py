@@ -34,6 +34,8 @@ from starlette.types import Receive, Scope, Send
 
 from qwenbook_bridge.openai import schema as oa
 from qwenbook_bridge.engine.generate.batching.requests import Finished, GenerationEvent, RequestHandle
+from qwenbook_bridge.engine.generate.chat_prompt import ChatPrompt, check_messages, check_tools, render_chat
+from qwenbook_bridge.engine.generate.reply_parts import Pieces, ReplyParser
 from qwenbook_bridge.engine.generate.sampling import SamplingParams
 from qwenbook_bridge.engine.generate.batching.scheduler import BatchScheduler
 from qwenbook_bridge.engine.generate.paged.scheduler import PagedEngine
@@ -167,16 +169,30 @@ class OpenAIApi:
         return [base, *({**oa.model_card(name, self.created), "root": folder, "parent": self.model_name}
                         for name, folder in self.adapters.items())]
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_prompt(self, req: oa.ChatRequest) -> ChatPrompt:
+        """The prompt through the model's template, built where the notebook's chat builds it (render_chat), so
+        tools, tool results, earlier calls and the thinking switch render as transformers renders them. With
+        tool_choice "none" the tools stay out of the prompt; "required" or a name opens the call in it."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise oa.bad_request("This model has no chat template, so chat messages cannot be turned into a "
                                  "prompt: use /v1/completions with a plain prompt instead.", "messages")
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            tools = check_tools(req.tools) if req.tools and req.tool_choice != "none" else None
+        except InvalidOptionError as exc:
+            raise oa.bad_request(f"Invalid 'tools': {exc}.", "tools") from None
+        force = None if req.tool_choice in ("none", "auto") else req.tool_choice
+        try:
+            messages = check_messages(req.messages)
+        except InvalidOptionError as exc:
+            raise oa.bad_request(f"Invalid 'messages': {exc}.", "messages") from None
+        try:
+            return render_chat(self.tokenizer, self.model_name, messages, tools=tools, thinking=req.thinking,
+                               force_tool=force)
+        except InvalidOptionError as exc:  # the template does not write tools, or tool_choice does not fit them
+            raise oa.bad_request(f"{exc}.", "tools") from None
         except Exception as exc:  # jinja raises its own errors (e.g. "roles must alternate")
             raise oa.bad_request(f"The model's chat template cannot render these messages: {exc}", "messages",
                                  "invalid_messages") from None
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def completion_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
@@ -327,7 +343,8 @@ def build_app(api: OpenAIApi) -> Starlette:
         api.check_auth(request)
         req = oa.parse_chat_request(await api.read_json(request))
         adapter = api.check_model(req.model)
-        return await _generate(api, request, req, api.chat_prompt(req.messages), adapter, chat=True)
+        prompt = api.chat_prompt(req)
+        return await _generate(api, request, req, prompt.ids, adapter, chat=True, reply=_ChatReply(prompt, req))
 
     async def completions(request: Request) -> Response:
         api.check_auth(request)
@@ -343,8 +360,48 @@ def build_app(api: OpenAIApi) -> Starlette:
                                                         ClientDisconnect: client_left, Exception: internal_error})
 
 
+class _ChatReply:
+    """One chat reply read through the prompt's parser: reasoning, answer and tool calls, as OpenAI's message
+    fields (whole) or delta fields (streamed). A malformed call stays in the answer as text, as the parser keeps it."""
+
+    def __init__(self, prompt: ChatPrompt, req: oa.ChatRequest) -> None:
+        self.parser: ReplyParser = prompt.parser()
+        self.one_call = not req.parallel_tool_calls
+        self.calls: list[dict[str, Any]] = []  # as sent, with their index
+
+    def deltas(self, pieces: Pieces) -> list[dict[str, Any]]:
+        """The delta objects for what one push() or flush() made safe to show, in the order the reply wrote it
+        (reasoning comes before any answer text; calls come after the text before them)."""
+        out: list[dict[str, Any]] = []
+        if pieces.reasoning:
+            out.append({"reasoning_content": pieces.reasoning})
+        if pieces.content:
+            out.append({"content": pieces.content})
+        for call in pieces.tool_calls:
+            if self.one_call and self.calls:
+                continue  # parallel_tool_calls false: the first call only
+            # The whole call at once: OpenAI's clients accumulate the arguments string of each index, so one
+            # delta with the complete JSON is a valid stream of it.
+            self.calls.append(oa.tool_call(call.id, call.name, call.arguments, index=len(self.calls)))
+            out.append({"tool_calls": [self.calls[-1]]})
+        return out
+
+    def push(self, text: str) -> list[dict[str, Any]]:
+        return self.deltas(self.parser.push(text))
+
+    def flush(self) -> list[dict[str, Any]]:
+        return self.deltas(self.parser.flush())
+
+    def finish_reason(self, engine_reason: str) -> str:
+        # OpenAI's "tool_calls": the model ended its turn after calling (an end token, not the length limit).
+        return "tool_calls" if engine_reason == "stop" and self.calls else engine_reason
+
+    def message_calls(self) -> list[dict[str, Any]]:
+        return [{k: v for k, v in c.items() if k != "index"} for c in self.calls]
+
+
 async def _generate(api: OpenAIApi, request: Request, req: oa.CommonRequest, ids: list[int], adapter: str | None,
-                    chat: bool) -> Response:
+                    chat: bool, reply: _ChatReply | None = None) -> Response:
     params = api.sampling(req, len(ids), chat)
     handle, q = api.submit(ids, params, adapter)
     # The reply names the model as asked (an alias included), as vLLM does; the base model's name when none was.
@@ -385,8 +442,14 @@ async def _generate(api: OpenAIApi, request: Request, req: oa.CommonRequest, ids
             return Response(status_code=499)  # the client left: nobody reads this, and it is not a server error
         use = oa.usage(end.prompt_tokens, end.completion_tokens)
         text = prefix + "".join(parts)
-        body = (oa.chat_completion if chat else oa.text_completion)(rid, name, text, end.finish_reason, use)
-        return JSONResponse(body)
+        if reply is None:
+            return JSONResponse(oa.text_completion(rid, name, text, end.finish_reason, use))
+        reply.push(text)
+        reply.flush()
+        calls = reply.message_calls()
+        content = reply.parser.content if reply.parser.content or not calls else None
+        return JSONResponse(oa.chat_completion(rid, name, content, reply.finish_reason(end.finish_reason), use,
+                                               reasoning=reply.parser.reasoning or None, tool_calls=calls))
 
     created = int(time.time())
     include_usage = req.include_usage
@@ -400,8 +463,13 @@ async def _generate(api: OpenAIApi, request: Request, req: oa.CommonRequest, ids
             body = oa.completion_chunk(rid, name, created, text or "", finish, include_usage)
         return body
 
+    def chat_chunks(deltas: list[dict[str, Any]]) -> bytes:
+        return b"".join(_sse(oa.chat_chunk(rid, name, created, d, None, include_usage)) for d in deltas)
+
     def encode(ev: GenerationEvent) -> bytes:
         if not isinstance(ev, Finished):
+            if reply is not None:
+                return chat_chunks(reply.push(ev.text)) if ev.text else b""
             return _sse(chunk(ev.text, None)) if ev.text else b""
         if ev.finish_reason in ("error", "cancelled"):
             # Headers are gone already, so the failure travels as an error event, as vLLM sends it.
@@ -409,7 +477,11 @@ async def _generate(api: OpenAIApi, request: Request, req: oa.CommonRequest, ids
                 "The request was cancelled (the server is stopping)."
             out = _sse(oa.OpenAIError(500 if ev.error else 503, message, type="server_error").body())
         else:
-            out = _sse(chunk(None, ev.finish_reason))
+            finish = ev.finish_reason
+            out = b""
+            if reply is not None:  # text held back while it might have become a tag, then the finish reason
+                out, finish = chat_chunks(reply.flush()), reply.finish_reason(finish)
+            out += _sse(chunk(None, finish))
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 use = oa.usage(ev.prompt_tokens, ev.completion_tokens)

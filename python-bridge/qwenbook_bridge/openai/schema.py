@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's newer name for the system role; Qwen's templates know only "system".
 ROLE_ALIASES = {"developer": "system"}
 
@@ -72,7 +72,13 @@ class CommonRequest:
 
 @dataclass
 class ChatRequest(CommonRequest):
-    messages: list[dict[str, str]] = field(default_factory=list)
+    # As the chat template reads them: {role, content}, an assistant's tool_calls and a tool's tool_call_id kept.
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    # "none" (tools stay out of the prompt), "auto" (the model decides), "required" (some call) or a tool's name.
+    tool_choice: str = "none"
+    parallel_tool_calls: bool = True
+    thinking: bool | None = None  # the template's enable_thinking; None: the template's default
 
 
 @dataclass
@@ -107,9 +113,15 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
         raise bad_request("'messages' is empty: send at least one message, e.g. "
                           '[{"role": "user", "content": "Hello"}].', "messages", "empty_array")
     req.messages = [_parse_message(m, i) for i, m in enumerate(messages)]
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise bad_request(f"'{name}' is not supported by this server: tool calling is not implemented.", name)
+    for name in ("functions", "function_call"):
+        if body.get(name) is not None:
+            raise bad_request(f"'{name}' is OpenAI's deprecated form of tool calling; send 'tools' (and "
+                              "'tool_choice') instead.", name)
+    req.tools = _tools(body.get("tools"))
+    req.tool_choice = _tool_choice(body.get("tool_choice"), req.tools)
+    ptc = body.get("parallel_tool_calls")
+    req.parallel_tool_calls = True if ptc is None else _bool(body, "parallel_tool_calls")
+    req.thinking = _thinking(body)
     if body.get("logprobs"):
         raise bad_request("'logprobs' is not supported by this server.", "logprobs")
     fmt = body.get("response_format")
@@ -183,7 +195,88 @@ def _parse_common(body: dict[str, Any], req: CommonRequest) -> None:
     req.ignore_eos = _bool(body, "ignore_eos")
 
 
-def _parse_message(m: Any, i: int) -> dict[str, str]:
+def _tools(tools: Any) -> list[dict[str, Any]]:
+    """OpenAI's function tools, in the shape the chat templates take; names and schemas are checked again where
+    the prompt is built (chat_prompt.check_tools), which the route answers with a 400 too."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise bad_request(f"Invalid type for 'tools': expected an array, but got {_json_type(tools)} instead.",
+                          "tools")
+    out = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise bad_request(f"Invalid value for '{where}': only function tools are supported, e.g. "
+                              '{"type": "function", "function": {"name": "get_weather", "parameters": {...}}}.',
+                              where)
+        fn = tool.get("function")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_request(f"Missing required parameter: '{where}.function.name'.", f"{where}.function")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise bad_request(f"Invalid type for '{where}.function.parameters': expected a JSON Schema object, but "
+                              f"got {_json_type(fn['parameters'])} instead.", f"{where}.function.parameters")
+        clean = {k: v for k, v in fn.items() if k in ("name", "description", "parameters") and v is not None}
+        out.append({"type": "function", "function": clean})
+    return out
+
+
+def _tool_choice(choice: Any, tools: list[dict[str, Any]]) -> str:
+    names = [t["function"]["name"] for t in tools]
+    if choice is None:
+        return "auto" if tools else "none"
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_request("Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
+                              '{"type": "function", "function": {"name": "..."}}.', "tool_choice")
+        if fn["name"] not in names:
+            known = ", ".join(repr(n) for n in names) or "none were sent"
+            raise bad_request(f"Invalid value for 'tool_choice': the function {fn['name']!r} is not among "
+                              f"'tools' ({known}).", "tool_choice")
+        return fn["name"]
+    if choice not in ("none", "auto", "required"):
+        raise bad_request(f"Invalid value for 'tool_choice': {choice!r}. Expected 'none', 'auto', 'required' or "
+                          '{"type": "function", "function": {"name": "..."}}.', "tool_choice")
+    if choice == "required" and not tools:
+        raise bad_request("'tool_choice' is 'required' but no 'tools' were sent: send the tools the model may "
+                          "call.", "tool_choice")
+    return "none" if not tools else str(choice)
+
+
+# vLLM's chat_template_kwargs: options passed to the chat template. Only these are read by Qwen's templates.
+TEMPLATE_KWARGS = ("enable_thinking",)
+
+
+def _thinking(body: dict[str, Any]) -> bool | None:
+    """Qwen3's thinking switch, from vLLM's `chat_template_kwargs: {"enable_thinking": ...}` or a top-level
+    `enable_thinking` (DashScope's spelling)."""
+    kwargs = body.get("chat_template_kwargs")
+    found: bool | None = None
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise bad_request(f"Invalid type for 'chat_template_kwargs': expected an object, but got "
+                              f"{_json_type(kwargs)} instead.", "chat_template_kwargs")
+        unknown = sorted(set(kwargs) - set(TEMPLATE_KWARGS))
+        if unknown:
+            raise bad_request(f"Unknown chat_template_kwargs: {', '.join(map(repr, unknown))}. This server passes "
+                              f"only {', '.join(map(repr, TEMPLATE_KWARGS))} to the chat template (e.g. "
+                              '{"enable_thinking": false} to switch off Qwen3\'s thinking).', "chat_template_kwargs")
+        if kwargs.get("enable_thinking") is not None:
+            if not isinstance(kwargs["enable_thinking"], bool):
+                raise bad_request("Invalid type for 'chat_template_kwargs.enable_thinking': expected a boolean, but "
+                                  f"got {_json_type(kwargs['enable_thinking'])} instead.", "chat_template_kwargs")
+            found = kwargs["enable_thinking"]
+    if body.get("enable_thinking") is not None:
+        top = _bool(body, "enable_thinking")
+        if found is not None and found != top:
+            raise bad_request("'enable_thinking' and 'chat_template_kwargs.enable_thinking' disagree; send one.",
+                              "enable_thinking")
+        found = top
+    return found
+
+
+def _parse_message(m: Any, i: int) -> dict[str, Any]:
     where = f"messages[{i}]"
     if not isinstance(m, dict):
         raise bad_request(f"Invalid type for '{where}': expected an object, but got {_json_type(m)} instead.", where)
@@ -195,6 +288,7 @@ def _parse_message(m: Any, i: int) -> dict[str, str]:
         raise bad_request(f"Invalid value for '{where}.role': {role!r}. This model's chat template renders only "
                           f"the roles {', '.join(CHAT_ROLES)} (and 'developer' as system).", f"{where}.role")
     content = m.get("content")
+    calls = m.get("tool_calls")
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
@@ -204,11 +298,56 @@ def _parse_message(m: Any, i: int) -> dict[str, str]:
             parts.append(part["text"])
         content = "".join(parts)
     if content is None and role == "assistant":
-        content = ""
+        content = ""  # a turn that only called tools has content null
     if not isinstance(content, str):
         raise bad_request(f"Invalid type for '{where}.content': expected a string or an array of text parts, "
                           f"but got {_json_type(content)} instead.", f"{where}.content")
-    return {"role": role, "content": content}
+    out: dict[str, Any] = {"role": role, "content": content}
+    if calls is not None and calls != []:
+        if role != "assistant":
+            raise bad_request(f"'{where}' has tool_calls, which only an assistant message may have.",
+                              f"{where}.tool_calls")
+        out["tool_calls"] = _message_tool_calls(calls, where)
+    if role == "tool":
+        call_id = m.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise bad_request(f"Missing required parameter: '{where}.tool_call_id' (the id of the call this message "
+                              "answers).", f"{where}.tool_call_id")
+        out["tool_call_id"] = call_id
+        if isinstance(m.get("name"), str):
+            out["name"] = m["name"]
+    return out
+
+
+def _message_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant's earlier calls as the client sends them back: arguments as a JSON string (OpenAI's shape)
+    or an object, both rendered as the object the model wrote."""
+    if not isinstance(calls, list):
+        raise bad_request(f"Invalid type for '{where}.tool_calls': expected an array, but got {_json_type(calls)} "
+                          "instead.", f"{where}.tool_calls")
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad_request(f"Invalid value for '{at}': expected "
+                              '{"id": "...", "type": "function", "function": {"name": "...", "arguments": "{...}"}}.',
+                              at)
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise bad_request(f"'{at}.function.arguments' is not valid JSON ({exc.msg}): send the arguments "
+                                  "the model wrote, as a JSON object's text.", f"{at}.function.arguments") from None
+        if not isinstance(args, dict):
+            raise bad_request(f"'{at}.function.arguments' must be a JSON object (or its text), not "
+                              f"{_json_type(args)}.", f"{at}.function.arguments")
+        item: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call.get("id"), str):
+            item["id"] = call["id"]
+        out.append(item)
+    return out
 
 
 def _stop(stop: Any) -> tuple[str, ...]:
@@ -269,11 +408,26 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_completion(rid: str, model: str, text: str, finish_reason: str, use: dict[str, int]) -> dict[str, Any]:
+def tool_call(call_id: str, name: str, arguments: dict[str, Any], index: int | None = None) -> dict[str, Any]:
+    """A call as OpenAI sends it: the arguments as JSON text. Streamed calls carry their index in the list too."""
+    out: dict[str, Any] = {} if index is None else {"index": index}
+    out.update({"id": call_id, "type": "function",
+                "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}})
+    return out
+
+
+def chat_completion(rid: str, model: str, text: str | None, finish_reason: str, use: dict[str, int],
+                    reasoning: str | None = None, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`reasoning` goes in `reasoning_content`, the field vLLM uses for Qwen3's thinking; the content is null
+    when the reply was only tool calls, as OpenAI sends it."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     body: dict[str, Any] = {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                     "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
         "usage": use, "system_fingerprint": None,
     }
     return body
