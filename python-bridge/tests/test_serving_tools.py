@@ -83,7 +83,9 @@ def with_dict_arguments(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def test_the_model_calls_the_tool_and_the_prompt_is_the_templates_own(calc, client):
-    r = client.chat.completions.create(messages=tm.question(), tools=[tm.CALCULATOR], **GREEDY)
+    request = {"messages": tm.question(), "tools": [tm.CALCULATOR], **GREEDY}
+    r = client.chat.completions.create(**request)
+    print(f"transcript (python openai, whole)\nrequest: {json.dumps(request)}\nresponse: {r.model_dump_json()}")
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None and getattr(choice.message, "reasoning_content", None) is None
@@ -156,8 +158,10 @@ def test_reasoning_comes_back_as_reasoning_content_whole_and_streamed(qwen3_serv
     assert message.reasoning_content == tm.REASONING  # type: ignore[attr-defined]
     assert message.content is None and r.choices[0].finish_reason == "tool_calls"
     assert json.loads(message.tool_calls[0].function.arguments) == CALL
-    chunks = list(client.chat.completions.create(messages=tm.question(), tools=[tm.CALCULATOR], stream=True,
-                                                 **{**GREEDY, "max_tokens": 60}))
+    request = {"messages": tm.question(), "tools": [tm.CALCULATOR], "stream": True, **GREEDY, "max_tokens": 60}
+    chunks = list(client.chat.completions.create(**request))
+    print(f"transcript (python openai, streamed, Qwen3 template)\nrequest: {json.dumps(request)}\nchunks:\n" +
+          "\n".join(c.model_dump_json(exclude_none=True) for c in chunks))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == tm.REASONING
     assert "".join(d.content or "" for d in deltas) == ""
