@@ -13,6 +13,7 @@ _spec.loader.exec_module(cpu_conftest)
 
 tiny_model_dir = cpu_conftest.tiny_model_dir  # noqa: F401  (a fixture, found by name)
 tiny_qwen3_dir = cpu_conftest.tiny_qwen3_dir  # noqa: F401
+tiny_qwen3_moe_dir = cpu_conftest.tiny_qwen3_moe_dir  # noqa: F401
 
 
 def pytest_configure(config: object) -> None:
