@@ -78,6 +78,26 @@ def test_sharegpt_multi_turn_rows_and_the_preview_show_the_same_spans(tok3):
     assert shown["trained_tokens"] == ex.trained_tokens
 
 
+def test_the_workers_train_preview_shows_qwen3s_trained_spans(tiny_qwen3_dir: Path):
+    from qwenbook_bridge.handlers.context import JobContext
+    from qwenbook_bridge.handlers.dispatch import Handlers
+    from qwenbook_bridge.protocol import make_message
+
+    handlers = Handlers("cpu")
+    try:
+        load = make_message("load", {"model": str(tiny_qwen3_dir), "dtype": "fp32"}, "s")
+        model_id = handlers.load(JobContext(load, threading.Event(), lambda *_: None))["model"]["model_id"]
+        datasets = [{"rows": ALPACA[1:], "format": "alpaca"}, {"rows": SHAREGPT, "format": "sharegpt"}]
+        msg = make_message("train_preview", {"model_id": model_id, "datasets": datasets, "n": 3}, "s")
+        reply = handlers.train.preview(JobContext(msg, threading.Event(), lambda *_: None))
+    finally:
+        handlers.close()
+    shown = [[s["text"] for s in e["segments"] if s["trained"]] for e in reply["examples"]]
+    assert sorted(shown) == sorted([["<think>\nThree and three make six.\n</think>\n\n6<|im_end|>"],
+                                    ["2<|im_end|>", "<think>\nFive twice.\n</think>\n\n10<|im_end|>"],
+                                    ["Hello!<|im_end|>", f"{EMPTY_THINK}Goodbye!<|im_end|>"]])
+
+
 def ask(model: Any, tok: Any, question: str, **template: Any) -> str:
     enc = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True, **template)
