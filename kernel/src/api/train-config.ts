@@ -64,7 +64,11 @@ export interface LoraOptions {
   alpha?: number;
   /** Dropout on the LoRA input, in [0, 1); default 0. */
   dropout?: number;
-  /** "all-linear" (the default: every projection, not the output head) or module names like ["q_proj", "v_proj"]. */
+  /**
+   * "all-linear" (the default: every projection, not the output head; on a mixture-of-experts model such as
+   * Qwen3-MoE the expert weights too) or module names like ["q_proj", "v_proj"], where "experts" names the
+   * expert weights.
+   */
   targets?: "all-linear" | readonly string[];
 }
 
