@@ -98,11 +98,10 @@ def _rows(tokenizer: Any) -> list[tuple[list[int], list[int]]]:
 def recipe_hash(base: Path) -> str:
     h = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode())
     h.update(qwen3_template().encode())
-    for name in ("config.json", "chat_template.jinja", "tokenizer_config.json"):
+    # The base's weights too (40 MB, a tenth of a second): a tiny model rebuilt differently gets its own folder.
+    for name in ("config.json", "chat_template.jinja", "tokenizer_config.json", "model.safetensors"):
         f = base / name
         h.update(f.read_bytes() if f.is_file() else b"-")
-    weights = base / "model.safetensors"
-    h.update(str(weights.stat().st_size if weights.is_file() else 0).encode())
     return h.hexdigest()[:12]
 
 
