@@ -2,7 +2,7 @@
 // run them on a GPU, and checks what each cell left behind: the chat widgets, training dashboards and
 // memory gauges in their final state (nbclient applies update_display_data in place).
 import { spawnSync } from "node:child_process";
-import { cpSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { cellWith, errorsOf, executeNotebook, repo, sourceOf, streamText, type Cell, type ExecutedNotebook } from "./notebook-runner";
@@ -220,3 +220,54 @@ checkNotebook(
   },
   join(repo, ".qwenbook", "models", "tiny-qwen3"),
 );
+
+/**
+ * The agent loop's tool path, which a random tiny model never takes: the tiny Qwen3 fine-tuned (by the browser
+ * suite's fixtures/tool_model.py) to answer the tutorial's first agent prompt with a lookup_tea call. The
+ * prompt's system text, task and tools are read out of the notebook, so the model learns the prompt it will get.
+ */
+function agentPrompt(): { messages: object[]; tools: object[] } {
+  const nb = JSON.parse(readFileSync(join(repo, "notebooks", "07-qwen3-agent.ipynb"), "utf8")) as { cells: Cell[] };
+  const source = (needle: string) => nb.cells.map(sourceOf).find((src) => src.includes(needle)) ?? "";
+  const shop = JSON.parse(readFileSync(join(repo, "notebooks", "data", "tea-shop.json"), "utf8")) as object;
+  const toolsSrc = /const tools = (\[[\s\S]*?\n\]);/.exec(source("const tools = ["))?.[1];
+  const agentSrc = source("const agent = m.conversation(");
+  const system = /system: (`[^`]*`)/.exec(agentSrc)?.[1];
+  const task = /const task = ("[^"]*");/.exec(agentSrc)?.[1];
+  if (!toolsSrc || !system || !task) throw new Error("07-qwen3-agent.ipynb no longer has the tools, system or task this test reads");
+  const evaluate = (expr: string) => new Function("shop", `return ${expr};`)(shop) as unknown;
+  return {
+    messages: [{ role: "system", content: evaluate(system) }, { role: "user", content: evaluate(task) }],
+    tools: evaluate(toolsSrc) as object[],
+  };
+}
+
+function toolCallingQwen3(): string {
+  const out = join(workDir, "tiny-qwen3-tea-agent");
+  const spec = join(workDir, "tea-agent-spec.json");
+  const reply = '<think>\nLook up Longjing first.\n</think>\n\n<tool_call>\n{"name": "lookup_tea", "arguments": {"tea": "longjing"}}\n</tool_call>';
+  writeFileSync(spec, JSON.stringify({ ...agentPrompt(), reply }));
+  const python = process.env.QWENBOOK_PYTHON ?? join(repo, ".venv", "bin", "python");
+  const script = join(repo, "tests", "browser", "fixtures", "tool_model.py");
+  const r = spawnSync(python, [script, join(repo, ".qwenbook", "models", "tiny-qwen3"), out, spec], { cwd: repo, encoding: "utf8" });
+  if (r.status !== 0) throw new Error(`tool_model.py failed (exit ${r.status ?? r.signal}):\n${r.stderr}`);
+  return out;
+}
+
+describe("notebooks/07-qwen3-agent.ipynb on a model that calls a tool (quick mode)", () => {
+  const nb = executeNotebook("07-qwen3-agent.ipynb", { ...env, QWENBOOK_MODEL: toolCallingQwen3() }, workDir);
+
+  it("runs the call, says the result back and ends the loop after it", () => {
+    expect(errorsOf(nb), nb.stderr).toEqual([]);
+    const loop = cellWith(nb, "for (let round = 1; ; round++)");
+    const out = streamText(loop);
+    expect(out).toContain('round 1: lookup_tea({"tea":"longjing"}) → {"id":"longjing","name":"Longjing · 龙井"');
+    expect(out).toContain('"pricePer100g":88');
+    expect(out).toMatch(/Answered after 1 tool call\(s\) in 1 round\(s\)\.|round 2: /);
+    const turns = widgets<ChatWidget & { messages: Array<{ role: string; name?: string }> }>(loop, CHAT);
+    expect(turns[0].messages.at(-1)?.toolCalls).toEqual([{ name: "lookup_tea", arguments: { tea: "longjing" } }]);
+    expect(turns[0].messages.at(-1)?.reasoning).toBe("Look up Longjing first.");
+    expect(turns[1].messages[0]).toMatchObject({ role: "tool", name: "lookup_tea" });
+    expect(JSON.parse(turns[1].messages[0].content)).toMatchObject({ id: "longjing", pricePer100g: 88 });
+  });
+});
