@@ -3,7 +3,7 @@
 import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, realpathSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { inject } from "vitest";
 import type { DisplaySink } from "../../kernel/src/display/sink";
 
@@ -86,4 +86,18 @@ export function runCli(...args: string[]): { status: number | null; stdout: stri
 export function recordingSink(): DisplaySink & { out: string[] } {
   const out: string[] = [];
   return { out, text: (t) => void out.push(t), display: () => undefined };
+}
+
+/**
+ * The tiny Qwen2 trained to call a calculator (python-bridge/tests/tool_model.py), built beside the tiny model
+ * or found there (its folder is keyed by the recipe), so tests see a model that really emits tool calls.
+ */
+export function toolModel(): string {
+  const script = join(repo, "python-bridge", "tests", "tool_model.py");
+  const run = spawnSync(python, [script, dirname(tinyModel())], {
+    env: { ...process.env, QWENBOOK_TINY_MODEL: tinyModel(), OMP_NUM_THREADS: "1" },
+    encoding: "utf8",
+  });
+  if (run.status !== 0) throw new Error(`tool_model.py failed (exit ${run.status}):\n${run.stderr}`);
+  return run.stdout.trim().split("\n").pop()!;
 }

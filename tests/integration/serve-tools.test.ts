@@ -3,12 +3,12 @@
 // qwenbook_bridge.openai.cli`; a greedy request comes back as tool_calls (whole, and streamed through the
 // client's stream helper), and the tool's result sent back gets the final answer. One transcript of each
 // is printed for the record.
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { dirname, join } from "node:path";
+import { spawn, type ChildProcess } from "node:child_process";
+import { join } from "node:path";
 import OpenAI from "openai";
 import type { ChatCompletionCreateParamsNonStreaming, ChatCompletionMessageParam, ChatCompletionTool } from "openai/resources/chat/completions";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { python, repo, tinyModel } from "./helpers";
+import { python, repo, toolModel } from "./helpers";
 
 const NAME = "calc";
 const QUESTION = "What is 17 times 23?";
@@ -23,17 +23,6 @@ const CALCULATOR: ChatCompletionTool = {
 
 let child: ChildProcess;
 let openai: OpenAI;
-
-/** Builds (or finds, keyed by its recipe) the tool-calling model beside the tiny model and returns its folder. */
-function toolModel(): string {
-  const script = join(repo, "python-bridge", "tests", "tool_model.py");
-  const run = spawnSync(python, [script, dirname(tinyModel())], {
-    env: { ...process.env, QWENBOOK_TINY_MODEL: tinyModel(), OMP_NUM_THREADS: "1" },
-    encoding: "utf8",
-  });
-  if (run.status !== 0) throw new Error(`tool_model.py failed (exit ${run.status}):\n${run.stderr}`);
-  return run.stdout.trim().split("\n").pop()!;
-}
 
 function request(messages: ChatCompletionMessageParam[]): ChatCompletionCreateParamsNonStreaming {
   return { model: NAME, messages, tools: [CALCULATOR], temperature: 0, max_tokens: 40 };
