@@ -1,7 +1,12 @@
 // Public shapes of the API, in the ecosystem's camelCase. The wire types (snake_case) stay in
 // bridge/protocol.gen.ts; these are what a notebook sees.
 
-import type { DeviceMemory as WireDeviceMemory } from "../bridge/protocol.gen";
+import type {
+  DeviceMemory as WireDeviceMemory,
+  MalformedToolCall as WireMalformedToolCall,
+  ToolCall as WireToolCall,
+  ToolSpec as WireToolSpec,
+} from "../bridge/protocol.gen";
 import type { Devices } from "./devices";
 
 export type Dtype = "auto" | "bf16" | "fp16" | "fp32";
@@ -108,24 +113,13 @@ export interface ChatMessage {
 }
 
 /** A tool the model may call: its name, what it does, and its arguments as a JSON Schema object. */
-export interface ToolSpec {
-  name: string;
-  description?: string;
-  parameters?: Record<string, unknown>;
-}
+export type ToolSpec = WireToolSpec;
 
 /** A call the model made: the tool's name and its parsed JSON arguments. */
-export interface ToolCall {
-  id?: string;
-  name: string;
-  arguments: Record<string, unknown>;
-}
+export type ToolCall = WireToolCall;
 
 /** A `<tool_call>` block the model wrote that is not a call (bad JSON, no name); its text stays in the reply. */
-export interface MalformedToolCall {
-  text: string;
-  error: string;
-}
+export type MalformedToolCall = WireMalformedToolCall;
 
 /** Why a generation ended: `tool_calls` when the model stopped after calling tools. */
 export type FinishReason = "stop" | "tool_calls" | "length" | "stop_string" | "cancelled";
