@@ -1,6 +1,7 @@
-"""A tiny Qwen2 fine-tuned to call a calculator tool, so tests see a model that really emits a tool call.
+"""Tiny models fine-tuned to call tools (and think first), so tests see a model that really emits tool calls.
 
-    python tool_model.py OUT_DIR      # builds (or finds) the model under OUT_DIR and prints its folder
+    python tool_model.py OUT_DIR      # builds (or finds) the calculator model under OUT_DIR and prints its folder
+    python tool_model.py --spec SPEC_JSON BASE_DIR OUT_DIR   # BASE_DIR taught one reply (browser, tutorial suites)
 
 It starts from the tiny random Qwen2 ($QWENBOOK_TINY_MODEL; its template is Qwen2.5's, which writes tools) and
 trains it in fp32 with plain torch on a handful of rows: asked "What is 17 times 23?" with the calculator tool in the
@@ -126,13 +127,21 @@ def build(out_root: Path, base: Path | None = None) -> Path:
 
 
 def _train(base: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    fit(base, out, _rows(AutoTokenizer.from_pretrained(base)), RECIPE)
+    (out / "tool-model.json").write_text(json.dumps({"base": str(base), **RECIPE}, indent=1), encoding="utf-8")
+
+
+def fit(base: Path, out: Path, rows: list[tuple[list[int], list[int]]], recipe: dict[str, Any]) -> int:
+    """Fine-tunes `base` (fp32, plain torch, the embedding kept) until greedy decoding writes each row's answer
+    after its prompt, saves it with the base's tokenizer files into `out`, and returns the steps it took."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(RECIPE["seed"])
+    torch.manual_seed(recipe["seed"])
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    rows = _rows(tokenizer)
     width = max(len(p) + len(a) for p, a in rows)
     pad = tokenizer.pad_token_id or 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -150,15 +159,16 @@ def _train(base: Path, out: Path) -> None:
     cols_t = torch.tensor([b for _, b in at])
     target_t = torch.tensor(targets)
     model.model.embed_tokens.weight.requires_grad_(False)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=RECIPE["lr"])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe["lr"])
     model.train()
-    for _ in range(RECIPE["max_steps"]):
+    steps = 0
+    for steps in range(1, recipe["max_steps"] + 1):
         # Logits only where answers are predicted: the full vocabulary at every prompt position would take
         # gigabytes for nothing.
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[rows_t, cols_t]
         logits = model.lm_head(hidden)
         loss = torch.nn.functional.cross_entropy(logits, target_t)
-        if loss.item() < RECIPE["loss"] and bool((logits.argmax(-1) == target_t).all()):
+        if loss.item() < recipe["loss"] and bool((logits.argmax(-1) == target_t).all()):
             break
         opt.zero_grad()
         loss.backward()
@@ -175,11 +185,31 @@ def _train(base: Path, out: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (base / name).is_file():
             shutil.copyfile(base / name, out / name)
-    (out / "tool-model.json").write_text(json.dumps({"base": str(base), **RECIPE}, indent=1), encoding="utf-8")
+    return steps
+
+
+def fit_spec(base: Path, out: Path, spec: dict[str, Any]) -> int:
+    """`base` taught one reply: spec {"messages", "tools", "reply", "thinking"?}, the prompt rendered as the worker
+    renders it, the reply followed by <|im_end|> (what the browser and tutorial suites need from a tiny model)."""
+    from transformers import AutoTokenizer
+
+    from qwenbook_bridge.engine.generate.chat_prompt import check_messages, check_tools, render_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    prompt = render_chat(tokenizer, str(base), check_messages(spec["messages"]), tools=check_tools(spec["tools"]),
+                         thinking=spec.get("thinking")).ids
+    answer = tokenizer(spec["reply"] + END, add_special_tokens=False)["input_ids"]
+    return fit(base, out, [(prompt, answer)], {**RECIPE, "max_steps": 200})
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tool_model.py OUT_DIR   (needs QWENBOOK_TINY_MODEL, the tiny Qwen2 folder)")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # qwenbook_bridge, when run from anywhere
-    print(build(Path(sys.argv[1])))
+    if len(sys.argv) == 5 and sys.argv[1] == "--spec":
+        base_dir, out_dir = Path(sys.argv[3]), Path(sys.argv[4])
+        steps = fit_spec(base_dir, out_dir, json.loads(Path(sys.argv[2]).read_text(encoding="utf-8")))
+        print(f"wrote {out_dir} ({steps} steps)")
+    elif len(sys.argv) == 2:
+        print(build(Path(sys.argv[1])))
+    else:
+        sys.exit("usage: python tool_model.py OUT_DIR   (the calculator model; needs QWENBOOK_TINY_MODEL)\n"
+                 "       python tool_model.py --spec SPEC_JSON BASE_DIR OUT_DIR   (BASE_DIR taught the spec's reply)")

@@ -1,6 +1,6 @@
 // A live chat whose reply thinks and calls a tool: the chat widget shows the reasoning in a folded Thinking
 // block with its time and token count, and the call as a card (tool name, arguments as JSON), not raw tags.
-// The model is the tiny Qwen3 fine-tuned in beforeAll to give exactly such a reply (fixtures/tool_model.py).
+// The model is the tiny Qwen3 fine-tuned in beforeAll to give exactly such a reply (python-bridge/tests/tool_model.py --spec).
 import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -36,7 +36,7 @@ function trainToolModel(): Promise<string> {
   const spec = join(work, "spec.json");
   writeFileSync(spec, JSON.stringify({ messages: [{ role: "user", content: QUESTION }], tools: [WEATHER], reply: REPLY }));
   const python = process.env.QWENBOOK_PYTHON ?? join(REPO, ".venv", "bin", "python");
-  const proc = spawn(python, [join(REPO, "tests", "browser", "fixtures", "tool_model.py"), source, out, spec], {
+  const proc = spawn(python, [join(REPO, "python-bridge", "tests", "tool_model.py"), "--spec", spec, source, out], {
     cwd: REPO,
     stdio: ["ignore", "ignore", "pipe"],
   });

@@ -222,8 +222,8 @@ checkNotebook(
 );
 
 /**
- * The agent loop's tool path, which a random tiny model never takes: the tiny Qwen3 fine-tuned (by the browser
- * suite's fixtures/tool_model.py) to answer the tutorial's first agent prompt with a lookup_tea call. The
+ * The agent loop's tool path, which a random tiny model never takes: the tiny Qwen3 fine-tuned (by
+ * python-bridge/tests/tool_model.py --spec) to answer the tutorial's first agent prompt with a lookup_tea call. The
  * prompt's system text, task and tools are read out of the notebook, so the model learns the prompt it will get.
  */
 function agentPrompt(): { messages: object[]; tools: object[] } {
@@ -248,8 +248,8 @@ function toolCallingQwen3(): string {
   const reply = '<think>\nLook up Longjing first.\n</think>\n\n<tool_call>\n{"name": "lookup_tea", "arguments": {"tea": "longjing"}}\n</tool_call>';
   writeFileSync(spec, JSON.stringify({ ...agentPrompt(), reply }));
   const python = process.env.QWENBOOK_PYTHON ?? join(repo, ".venv", "bin", "python");
-  const script = join(repo, "tests", "browser", "fixtures", "tool_model.py");
-  const r = spawnSync(python, [script, join(repo, ".qwenbook", "models", "tiny-qwen3"), out, spec], { cwd: repo, encoding: "utf8" });
+  const script = join(repo, "python-bridge", "tests", "tool_model.py");
+  const r = spawnSync(python, [script, "--spec", spec, join(repo, ".qwenbook", "models", "tiny-qwen3"), out], { cwd: repo, encoding: "utf8" });
   if (r.status !== 0) throw new Error(`tool_model.py failed (exit ${r.status ?? r.signal}):\n${r.stderr}`);
   return out;
 }
