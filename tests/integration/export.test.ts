@@ -219,7 +219,7 @@ describe("save and export through a real worker", () => {
     const llama = await qwen.load("tiny-llama", { quiet: true });
     const arch = await rejection(llama.export("out/llama.gguf"));
     expect((arch as WorkerError).ename).toBe("UnsupportedArchitectureError");
-    expect(arch.message).toMatch(/GGUF export supports Qwen2ForCausalLM .*this model is LlamaForCausalLM/);
+    expect(arch.message).toMatch(/GGUF export supports Qwen2ForCausalLM, Qwen3ForCausalLM.*this model is LlamaForCausalLM/);
     await llama.unload();
 
     if (!((await prepared)[3] as { bitsandbytes: boolean }).bitsandbytes) {

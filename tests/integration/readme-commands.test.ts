@@ -490,6 +490,49 @@ describe("the qwenbook launcher", () => {
   });
 });
 
+interface LockEntry {
+  version?: string;
+  dependencies?: Record<string, string>;
+  optionalDependencies?: Record<string, string>;
+  [key: string]: unknown;
+}
+
+/**
+ * A package-lock for a project that depends on the packed qwenbook at `tarball`: qwenbook's dependencies and
+ * theirs, as the checkout's package-lock.json resolved them (found the way Node looks modules up: nested first).
+ */
+function lockFor(tarball: string): object {
+  const packages = (JSON.parse(readFileSync(join(repo, "package-lock.json"), "utf8")) as { packages: Record<string, LockEntry> }).packages;
+  const kernel = packages.kernel;
+  const find = (from: string, name: string): string | undefined => {
+    for (let at = from; ; at = at.includes("/node_modules/") ? at.slice(0, at.lastIndexOf("/node_modules/")) : "") {
+      const path = at ? `${at}/node_modules/${name}` : `node_modules/${name}`;
+      if (packages[path]) return path;
+      if (!at) return undefined;
+    }
+  };
+  const kept: Record<string, LockEntry> = {};
+  const todo: [string, string][] = Object.keys(kernel.dependencies ?? {}).map((n) => ["", n]);
+  while (todo.length) {
+    const [from, name] = todo.pop()!;
+    const path = find(from, name);
+    if (!path || kept[path]) continue;
+    kept[path] = packages[path];
+    for (const dep of [...Object.keys(packages[path].dependencies ?? {}), ...Object.keys(packages[path].optionalDependencies ?? {})]) todo.push([path, dep]);
+  }
+  return {
+    name: "uses-qwenbook",
+    version: "1.0.0",
+    lockfileVersion: 3,
+    requires: true,
+    packages: {
+      "": { name: "uses-qwenbook", version: "1.0.0", dependencies: { qwenbook: tarball } },
+      "node_modules/qwenbook": { version: kernel.version, resolved: tarball, dependencies: kernel.dependencies, bin: kernel.bin },
+      ...kept,
+    },
+  };
+}
+
 describe("the qwenbook command from a packed tarball", () => {
   // Outside the checkout the bin must come with the package: the launcher is in the tarball, npm links it
   // at install time, and it runs the built CLI shipped beside it.
@@ -503,9 +546,13 @@ describe("the qwenbook command from a packed tarball", () => {
       expect(files.map((f) => f.path)).toContain(bin);
       const project = join(dir, "project");
       mkdirSync(project);
-      writeFileSync(join(project, "package.json"), JSON.stringify({ name: "uses-qwenbook", version: "1.0.0", private: true }));
-      // --offline: the dependencies come from the cache `npm ci` filled, so the check needs no network.
-      const install = await typed(`cd ${project} && npm install --offline --no-audit --no-fund ${join(dir, filename)}`, 240_000);
+      const tarball = `file:${join(dir, filename)}`;
+      writeFileSync(join(project, "package.json"), JSON.stringify({ name: "uses-qwenbook", version: "1.0.0", private: true, dependencies: { qwenbook: tarball } }));
+      // --offline: the dependencies come from the cache `npm ci` filled, so the check needs no network. A lockfile
+      // taken from the checkout's pins them, so npm needs only their cached tarballs, not registry metadata (which
+      // an offline cache filled by `npm ci` may lack).
+      writeFileSync(join(project, "package-lock.json"), JSON.stringify(lockFor(tarball)));
+      const install = await typed(`cd ${project} && npm install --offline --no-audit --no-fund`, 240_000);
       expect(install.status, install.out).toBe(0);
       const help = await typed(`cd ${project} && npx qwenbook --help`, 60_000);
       expect(help.status, help.out).toBe(0);
