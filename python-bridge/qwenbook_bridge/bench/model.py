@@ -1,5 +1,5 @@
-"""Models and prompts for the benchmark: the Qwen2.5-7B shape with random weights (no download needed),
-a small shape for CPU runs, or a local folder."""
+"""Models and prompts for the benchmarks: the Qwen2.5-7B or Qwen2.5-0.5B shape with random weights (no download
+needed), a small shape for quick CPU runs, or a local folder."""
 
 from __future__ import annotations
 
@@ -18,20 +18,31 @@ QWEN25_7B: dict[str, Any] = dict(
     num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
     tie_word_embeddings=False, use_sliding_window=False)
 
+# Qwen2.5-0.5B(-Instruct)'s config.json, as far as the computation's shape goes: the model Binder and workshop
+# laptops run on a few CPU cores (bench/cpu.py).
+QWEN25_05B: dict[str, Any] = dict(
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, use_sliding_window=False)
+
 SMALL: dict[str, Any] = dict(
     vocab_size=151936, hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
     tie_word_embeddings=True, use_sliding_window=False, initializer_range=0.5)
+
+SHAPES: dict[str, dict[str, Any]] = {"7b": QWEN25_7B, "0.5b": QWEN25_05B, "small": SMALL}
 
 
 CONTROL_TOKENS_FROM = 151643  # Qwen2.5's <|endoftext|>, the first of its control tokens
 
 
 def build_random_model(shape: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """A Qwen2ForCausalLM with random weights, created directly on `device`."""
+    """A Qwen2ForCausalLM of one of SHAPES with random weights, created directly on `device`."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    config = Qwen2Config(**(QWEN25_7B if shape == "7b" else SMALL))
+    if shape not in SHAPES:
+        raise ValueError(f"unknown model shape {shape!r}: choose one of {', '.join(SHAPES)}")
+    config = Qwen2Config(**SHAPES[shape])
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # transformers initialises biases to zero and norms to one; perturb them so a decoder that ignored
