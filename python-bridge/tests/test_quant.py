@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenbook_bridge.engine.export.merge import save_merged
+from qwenbook_bridge.engine.quant import cpu_ops
 from qwenbook_bridge.engine.quant.layers import Int4Linear, Int8Linear
 from qwenbook_bridge.engine.quant.config import QuantBackendMissing, QuantConfig
 from qwenbook_bridge.engine.quant.codes import dequantize_int4, quantize_int4, quantize_int8
@@ -65,7 +67,8 @@ def test_quantized_model_equals_its_dequantized_weights(base) -> None:
     for config in (QuantConfig("int8"), QuantConfig("int4", 32), QuantConfig("int4", 128)):
         q = quantized(model, config)
         got = logits_of(q, ids)
-        assert all(m._layout == "cpu" for m in quantized_layers(q).values() if isinstance(m, Int4Linear))
+        # On the CPU the int4 codes are read in the halves layout, never PyTorch's packed one.
+        assert all(m._layout == "halves" for m in quantized_layers(q).values() if isinstance(m, Int4Linear))
         plain = copy.deepcopy(model)
         for name, layer in quantized_layers(q).items():
             plain.get_submodule(name).weight.data = layer.dequantize(torch.float32)
@@ -75,6 +78,36 @@ def test_quantized_model_equals_its_dequantized_weights(base) -> None:
         for layer in quantized_layers(q).values():
             layer._use_kernel = False
         assert (logits_of(q, ids) - want).abs().max() <= 1e-4 * want.abs().max(), config
+
+
+def test_cpu_paths_compute_the_dequantized_product_and_share_one_buffer() -> None:
+    """On the CPU, many rows (a prefill chunk) dequantize into the thread's scratch buffer, the same memory for
+    every layer, and run one dense matmul: exactly F.linear on the dequantized weight. A few rows (decoding) run
+    the compiled fused kernel where a C++ compiler is present, equal up to summation order. int4 codes sit in the
+    halves layout and come back canonical, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    layers = [Int8Linear.from_float(torch.randn(96, 384, generator=g), None, torch.float32),
+              Int4Linear.from_float(torch.randn(64, 384, generator=g), None, 32, torch.float32),
+              Int4Linear.from_float(torch.randn(32, 256, generator=g), None, 128, torch.float32)]
+    canonical = [layer.qweight.clone() for layer in layers]
+    buffers = set()
+    with torch.inference_mode():
+        for layer, codes in zip(layers, canonical):
+            w = layer.dequantize(torch.float32)
+            for rows in (1, 3, 40):
+                x = torch.randn(rows, layer.in_features, generator=g)
+                got = layer(x)
+                if rows > cpu_ops.FUSED_MAX_ROWS:
+                    assert torch.equal(got, F.linear(x, w))
+                    buffers.add(cpu_ops._scratch(1, torch.float32).data_ptr())
+                else:
+                    assert (got - x @ w.t()).abs().max() <= 1e-5 * (x @ w.t()).abs().max()
+            if isinstance(layer, Int4Linear):
+                assert layer._layout == "halves" and torch.equal(layer.canonical_codes(), codes)
+                assert torch.equal(layer.state_dict()["qweight"], codes)
+    assert len(buffers) == 1
+    if shutil.which("c++") or shutil.which("g++"):
+        assert cpu_ops.fused_kernel("int8") is not None and cpu_ops.fused_kernel("int4") is not None
 
 
 def test_logits_stay_close_to_fp32() -> None:

@@ -2,10 +2,11 @@
 
 They subclass nn.Linear so that peft's LoRA wraps them as it wraps any linear layer (the QLoRA recipe: frozen
 quantized base, LoRA in float). `weight` is None; codes are in `qweight`, scales in `scales`. Matmuls use
-the engine's Triton kernels for a few input rows on CUDA (engine/quant/triton_ops.py: decoding), else PyTorch's packed
-operators where they exist for the device and the shape (CPU: `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`;
-CUDA without Triton: `_weight_int4pack_mm` for bf16), each checked once against a plain dequantize-and-matmul,
-which is also the fallback (and, where Triton runs, the path for many rows: prefill). `_dyn_quant_matmul_4bit` is not used: it
+the engine's Triton kernels for a few input rows on CUDA (engine/quant/triton_ops.py: decoding); on the CPU a
+compiled fused kernel for a few rows and dequantize-into-a-reused-buffer + one dense matmul for many
+(engine/quant/cpu_ops.py: PyTorch's packed CPU operators were ten times slower than fp32 without AVX-512); on
+CUDA without Triton PyTorch's `_weight_int4pack_mm` for bf16, checked once against a plain
+dequantize-and-matmul, which is also the fallback (and, where Triton runs, the path for many rows: prefill). `_dyn_quant_matmul_4bit` is not used: it
 quantizes the activations to int8 as well, so its results would differ from weight-only quantization.
 When gradients flow through a layer (LoRA training) its weights are dequantized on the fly in forward and
 again in backward, so no dequantized copy is kept between the two.
@@ -23,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qwenbook_bridge.engine.quant import triton_ops as quant_triton
+from qwenbook_bridge.engine.quant import cpu_ops, triton_ops as quant_triton
 from qwenbook_bridge.engine.quant.config import QuantConfig
-from qwenbook_bridge.engine.quant.codes import dequantize_int4, pack_int4, quantize_int4, quantize_int8, unpack_int4
+from qwenbook_bridge.engine.quant.codes import dequantize_int4, pack_int4, quantize_int4, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,18 @@ class QuantizedLinear(nn.Linear):
             # Many rows: dequantize + matmul. The packed operators would re-lay-out the codes that the Triton
             # kernels read, and back again at the next decode step.
             return None
+        if x.device.type == "cpu" and self._use_kernel and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return self._cpu_matmul(x)
         return self._kernel_matmul(x) if self._use_kernel else None
+
+    def _cpu_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self, Int4Linear):
+            self._to_halves()  # both CPU paths read int4 codes in this layout
+        if x.shape[0] <= cpu_ops.FUSED_MAX_ROWS:
+            fused = cpu_ops.fused_kernel(self.method)
+            if fused is not None:
+                return fused(x, self.qweight, self.scales)
+        return cpu_ops.dense_matmul(x, self.method, self.qweight, self.scales)
 
     def _group_size(self) -> int:
         return 0
@@ -225,10 +237,8 @@ class Int8Linear(QuantizedLinear):
 
     def _raw_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
         # On CUDA the packed int8 operator was slower than dequantize + bf16 matmul (batch-1 decode, 3584x18944,
-        # H200, torch 2.11: 0.75 ms vs 0.38 ms), so it is used on the CPU only.
-        if x.device.type != "cpu":
-            return None
-        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
+        # H200, torch 2.11: 0.75 ms vs 0.38 ms), and on an AVX2 CPU ten times slower than fp32 (cpu_ops.py).
+        return None
 
 
 class Int4Linear(QuantizedLinear):
@@ -243,7 +253,7 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(out_features, in_features // group_size, dtype=scale_dtype,
                                                    device=device))
-        # "canonical" or the kernel whose layout qweight is in; the scale/zero tensor is cached per dtype.
+        # "canonical", "halves" (the CPU paths', cpu_ops.py) or the kernel whose layout qweight is in; the scale/zero tensor is cached per dtype.
         self._layout = "canonical"
         self._scale_zeros: dict[torch.dtype, torch.Tensor] = {}
 
@@ -258,9 +268,8 @@ class Int4Linear(QuantizedLinear):
 
     # -- layouts
     def _kernel_for(self, device: torch.device) -> str | None:
-        n, k, g = self.out_features, self.in_features, self.group_size
-        if device.type == "cpu" and n % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-            return "cpu"
+        n, k = self.out_features, self.in_features
+        # Not on the CPU: `_weight_int4pack_mm_for_cpu` was 4-10x slower than fp32 without AVX-512 (cpu_ops.py).
         if device.type == "cuda" and n % 8 == 0 and k % 32 == 0:
             return "cuda"
         return None
@@ -269,9 +278,11 @@ class Int4Linear(QuantizedLinear):
         """qweight in the canonical layout, recovered from the kernel layout if needed (exact)."""
         if self._layout == "canonical":
             return self.qweight
+        if self._layout == "halves":
+            return cpu_ops.from_halves(self.qweight, self.group_size)
         k = self.in_features
         ones = torch.ones(self.scales.shape, dtype=torch.float32, device=self.qweight.device)
-        dtype = torch.bfloat16 if self._layout == "cuda" else torch.float32
+        dtype = torch.bfloat16
         sz = self._make_scale_zeros(ones, dtype)  # scale 1, zero 0 -> the kernel returns code - 8
         cols = []
         for start in range(0, k, 1024):
@@ -282,11 +293,20 @@ class Int4Linear(QuantizedLinear):
 
     def _to_canonical(self) -> None:
         if self._layout != "canonical":
-            self.qweight = self.canonical_codes()
+            with torch.inference_mode(False):
+                self.qweight = self.canonical_codes()
             self._layout = "canonical"
         if self._scale_zeros:
             self.scales = self.scales.contiguous()  # stop sharing storage with the kernel's scale/zero tensor
             self._scale_zeros.clear()
+
+    def _to_halves(self) -> None:
+        if self._layout != "halves":
+            self._to_canonical()
+            # Made outside inference mode: loading a state dict later writes into the codes in place.
+            with torch.inference_mode(False):
+                self.qweight = cpu_ops.to_halves(self.qweight, self.group_size)
+            self._layout = "halves"
 
     def _held_tensors(self) -> list[torch.Tensor]:
         return [self.qweight, self.scales, *self._scale_zeros.values()]
@@ -296,20 +316,14 @@ class Int4Linear(QuantizedLinear):
         return torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
 
     def _run_kernel(self, x: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-        if self._layout == "cpu":
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, sz)
         return torch.ops.aten._weight_int4pack_mm(x, self.qweight, self.group_size, sz)
 
     def _pack_for(self, kernel: str) -> None:
-        if kernel == "cpu":
-            codes = unpack_int4(self.qweight).to(torch.int32)
-            self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        else:
-            # The CUDA kernel takes the high nibble first.
-            swapped = (self.qweight >> 4) | (self.qweight << 4)
-            k = self.in_features
-            inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
-            self.qweight = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
+        # The CUDA kernel takes the high nibble first.
+        swapped = (self.qweight >> 4) | (self.qweight << 4)
+        k = self.in_features
+        inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
+        self.qweight = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), inner_k_tiles)
         self._layout = kernel
 
     def _kernel_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
