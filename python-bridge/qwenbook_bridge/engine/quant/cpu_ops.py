@@ -1,9 +1,9 @@
 """int8/int4 weight-only matmuls on the CPU.
 
-PyTorch's packed CPU operators (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are vectorized for
-AVX-512 only; on an AVX2 machine (a 2-core AMD EPYC here) they ran 4-10 times slower than an fp32 `F.linear` of
-the same shape, and a 39-token prefill of a 0.5B-shaped model took 6 s (int8) and 14 s (int4) instead of the
-0.5 s of fp32. So the CPU takes two other paths:
+PyTorch's packed CPU operators (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) ran 4-10 times slower
+than an fp32 `F.linear` of the same shape on the 2-core AMD EPYC this was measured on (torch reports AVX512
+there), and a 39-token prefill of a 0.5B-shaped model took 6 s (int8) and 14 s (int4) instead of the 0.5 s of
+fp32. So the CPU takes two other paths:
 
 - many rows (a prefill chunk): the weight is dequantized once into a scratch buffer that every layer of the
   thread reuses (no allocation per call), then one dense matmul;

@@ -4,7 +4,7 @@ They subclass nn.Linear so that peft's LoRA wraps them as it wraps any linear la
 quantized base, LoRA in float). `weight` is None; codes are in `qweight`, scales in `scales`. Matmuls use
 the engine's Triton kernels for a few input rows on CUDA (engine/quant/triton_ops.py: decoding); on the CPU a
 compiled fused kernel for a few rows and dequantize-into-a-reused-buffer + one dense matmul for many
-(engine/quant/cpu_ops.py: PyTorch's packed CPU operators were ten times slower than fp32 without AVX-512); on
+(engine/quant/cpu_ops.py: PyTorch's packed CPU operators were up to ten times slower than fp32); on
 CUDA without Triton PyTorch's `_weight_int4pack_mm` for bf16, checked once against a plain
 dequantize-and-matmul, which is also the fallback (and, where Triton runs, the path for many rows: prefill). `_dyn_quant_matmul_4bit` is not used: it
 quantizes the activations to int8 as well, so its results would differ from weight-only quantization.
@@ -237,7 +237,7 @@ class Int8Linear(QuantizedLinear):
 
     def _raw_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
         # On CUDA the packed int8 operator was slower than dequantize + bf16 matmul (batch-1 decode, 3584x18944,
-        # H200, torch 2.11: 0.75 ms vs 0.38 ms), and on an AVX2 CPU ten times slower than fp32 (cpu_ops.py).
+        # H200, torch 2.11: 0.75 ms vs 0.38 ms), and on the CPU up to ten times slower than fp32 (cpu_ops.py).
         return None
 
 
@@ -269,7 +269,7 @@ class Int4Linear(QuantizedLinear):
     # -- layouts
     def _kernel_for(self, device: torch.device) -> str | None:
         n, k = self.out_features, self.in_features
-        # Not on the CPU: `_weight_int4pack_mm_for_cpu` was 4-10x slower than fp32 without AVX-512 (cpu_ops.py).
+        # Not on the CPU: `_weight_int4pack_mm_for_cpu` was 4-10x slower than fp32 (cpu_ops.py).
         if device.type == "cuda" and n % 8 == 0 and k % 32 == 0:
             return "cuda"
         return None
