@@ -36,7 +36,7 @@ function withQwen3Template(folder: string): string {
 
 beforeAll(async () => {
   privateRuntimeDir("chat-tools");
-  const folder = toolModel();
+  const folder = await toolModel();
   sink = recordingSink();
   qwen = new Qwen({ sink });
   qwen2 = await qwen.load(folder, { dtype: "fp32", device: "cpu" });

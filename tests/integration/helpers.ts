@@ -92,12 +92,22 @@ export function recordingSink(): DisplaySink & { out: string[] } {
  * The tiny Qwen2 trained to call a calculator (python-bridge/tests/tool_model.py), built beside the tiny model
  * or found there (its folder is keyed by the recipe), so tests see a model that really emits tool calls.
  */
-export function toolModel(): string {
+export function toolModel(): Promise<string> {
+  // Asynchronous: a build takes up to a minute on a busy machine, and a test worker blocked that long misses
+  // vitest's own calls ("Timeout calling onTaskUpdate"), which fails the run.
   const script = join(repo, "python-bridge", "tests", "tool_model.py");
-  const run = spawnSync(python, [script, dirname(tinyModel())], {
-    env: { ...process.env, QWENBOOK_TINY_MODEL: tinyModel(), OMP_NUM_THREADS: "1" },
-    encoding: "utf8",
+  return new Promise((resolve, reject) => {
+    const child = spawn(python, [script, dirname(tinyModel())], {
+      env: { ...process.env, QWENBOOK_TINY_MODEL: tinyModel(), OMP_NUM_THREADS: "1" },
+    });
+    let out = "";
+    let err = "";
+    child.stdout.on("data", (d: Buffer) => (out += d));
+    child.stderr.on("data", (d: Buffer) => (err = (err + d).slice(-5000)));
+    child.once("error", reject);
+    child.once("close", (code) => {
+      if (code === 0) resolve(out.trim().split("\n").pop()!);
+      else reject(new Error(`tool_model.py failed (exit ${code}):\n${err}`));
+    });
   });
-  if (run.status !== 0) throw new Error(`tool_model.py failed (exit ${run.status}):\n${run.stderr}`);
-  return run.stdout.trim().split("\n").pop()!;
 }

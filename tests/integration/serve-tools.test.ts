@@ -29,7 +29,7 @@ function request(messages: ChatCompletionMessageParam[]): ChatCompletionCreatePa
 }
 
 beforeAll(async () => {
-  const folder = toolModel();
+  const folder = await toolModel();
   child = spawn(python, ["-m", "qwenbook_bridge.openai.cli", folder, "--port", "0", "--name", NAME, "--device", "cpu", "--dtype", "fp32"], {
     env: { ...process.env, OMP_NUM_THREADS: "1" },
     stdio: ["ignore", "pipe", "pipe"],
