@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import sys
 import traceback as tb
 import uuid
 from dataclasses import dataclass, field
@@ -19,8 +20,19 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any, Callable
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError, best_match
+# jsonschema imports rfc3987_syntax where it is installed (JupyterLab's jupyter_events brings it), and that module
+# builds a Lark grammar at import: 1 s of every worker start on an idle machine, 4 s on a busy one. It only serves
+# the "iri" format check, which this schema never asks for (and the validator checks no formats), so it is kept
+# out while jsonschema loads; a later import of it elsewhere in the process works as usual.
+_SKIP_IRI = "rfc3987_syntax" not in sys.modules
+if _SKIP_IRI:
+    sys.modules["rfc3987_syntax"] = None  # type: ignore[assignment]  # None in sys.modules: ImportError
+try:
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import ValidationError, best_match
+finally:
+    if _SKIP_IRI:
+        del sys.modules["rfc3987_syntax"]
 
 DELIMITER = b"<IDS|MSG>"
 SCHEMA_PATH = Path(__file__).parent / "schema" / "protocol.json"
