@@ -2,6 +2,11 @@
 a failing rank's own words, and the errors a user meets before training starts (no cluster, too few CPUs, an
 output folder the nodes cannot write).
 
+Each Ray Train launch starts about ten processes (its controller and helper actors, the workers, which import
+torch), so the module launches twice: a failing run that connects itself to the head's GCS address, then, in one
+Ray Client session of this process, a 2-worker run that is compared with one process and then cancelled (its
+events and the cancel cross the client). The tests that need no connected session run first and say so if one is.
+
 Tolerance: as in test_dist_train.py, losses of the 2-worker run match the 1-process run with the same global
 batch within 1e-4 (fp32); they differ only in the order gradients are summed.
 """
@@ -23,14 +28,18 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from qwenbook_bridge.distributed.torchrun import DistributedRunError
 from qwenbook_bridge.engine.train import checkpoints as ckpt
 from qwenbook_bridge.engine.errors import DeviceUnavailableError, InvalidOptionError
 from qwenbook_bridge.distributed import ray_train as ray_launch
 from qwenbook_bridge.distributed.ray_train import RayClusterError, launch
+from qwenbook_bridge.engine.data.datasets import DatasetSpec
+from qwenbook_bridge.engine.train.config import TrainConfig
+from qwenbook_bridge.engine.train.loop import train
 
-from test_dist_train import assert_two_ranks_match_one_process, cancel_after, settings, write_run
+from test_dist_train import TOLERANCE, cancel_after, settings, write_run
 
 RAY = Path(sys.executable).with_name("ray")
 
@@ -63,6 +72,7 @@ def _stop_node(temp: str) -> None:
 class Cluster:
     address: str  # the head's GCS, host:port
     client: str  # Ray Client, ray://host:port
+    temp: str  # the head's temp dir, where its logs are
 
 
 def _client_server_logs(temp: str) -> str:
@@ -75,25 +85,8 @@ def _client_server_logs(temp: str) -> str:
     return "\n".join(tails) or "(no Ray Client server log)"
 
 
-def _wait_until_client_answers(cluster: Cluster, temp: str, env: dict[str, str]) -> None:
-    """`ray start` returns once the head is up, but the Ray Client server answers a connection only when it can
-    start a server process for it, which a loaded host delays. Connect once from a separate process (a driver
-    connected here would stay connected) and wait for that, bounded, so tests start on a head that answers."""
-    probe = ("import ray; ray.init(address=%r, logging_level='WARNING'); "
-             "assert ray.cluster_resources().get('CPU') == 2; ray.shutdown()") % cluster.client
-    deadline = time.monotonic() + 300
-    said = ""
-    while time.monotonic() < deadline:
-        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
-                              timeout=max(1.0, deadline - time.monotonic()))
-        if done.returncode == 0:
-            return
-        said = done.stderr[-2000:]
-    raise AssertionError(f"the Ray Client server at {cluster.client} did not answer within 300 s:\n{said}\n"
-                         f"{_client_server_logs(temp)}")
-
-
 _HEAD_START_TRIES = 3
+_CLIENT_CONNECT_S = 300
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +95,13 @@ def cluster() -> Iterator[Cluster]:
     # Ray's socket paths live under the temp dir and must stay short (AF_UNIX paths are capped near 107 bytes).
     temp = tempfile.mkdtemp(prefix="qbray", dir="/tmp")
     # Ray starts its workers at niceness 15, so any other busy process on the host starves them and a test
-    # crawls; this head's workers run at the test's own priority instead.
-    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1", "RAY_worker_niceness": "0"}
+    # crawls; this head's workers run at the test's own priority instead. A Ray Client server process started for
+    # a connection exits when no client reaches it within 30 s, which a loaded 2-core host can exceed (the
+    # connection then fails with "Starting Ray client server failed"); this head allows 300 s. Ray Train's
+    # preemption watcher (one more actor process per launch) watches for nodes being drained, which a one-node
+    # test cluster never is.
+    env = {**os.environ, "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1", "RAY_worker_niceness": "0",
+           "TIMEOUT_FOR_SPECIFIC_SERVER_S": "300", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     try:
         for attempt in range(1, _HEAD_START_TRIES + 1):
             port, client_port = _free_port(), _free_port()
@@ -120,25 +118,44 @@ def cluster() -> Iterator[Cluster]:
                 break
             _stop_node(temp)
         assert started.returncode == 0, said
-        cluster = Cluster(f"127.0.0.1:{port}", f"ray://127.0.0.1:{client_port}")
-        _wait_until_client_answers(cluster, temp, env)
-        yield cluster
+        yield Cluster(f"127.0.0.1:{port}", f"ray://127.0.0.1:{client_port}", temp)
     finally:
         _stop_node(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_two_workers_match_one_process_with_the_same_global_batch(cluster: Cluster, tmp_path: Path,
-                                                                   tiny_model_dir: Path) -> None:
-    run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp")).read_text(encoding="utf-8"))
-    del run["events"]
-    seen: list[tuple[str, dict]] = []
-    result = launch(run, 2, 0, cluster.address, tmp_path / "launch",
-                    on_event=lambda kind, content: seen.append((kind, content)))
-    assert_two_ranks_match_one_process(result, seen, tmp_path, tiny_model_dir)
+@pytest.fixture
+def unconnected() -> None:
+    """For tests where launch connects (or refuses to) itself: launch uses a session already connected as it is."""
+    import ray
+
+    assert not ray.is_initialized(), "a Ray session is connected already: run this module's tests in file order"
 
 
-def test_a_cluster_that_does_not_answer_is_named_quickly(tmp_path: Path, tiny_model_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def client_session(cluster: Cluster) -> Iterator[Cluster]:
+    """This process connected to the head through Ray Client, once for the tests that use it: the client server
+    starts a process per connection, which a loaded host can delay or, before the head allowed it longer, lose.
+    A connection whose server dies starting is tried again, bounded, as launch's own connect does."""
+    import ray
+
+    deadline = time.monotonic() + _CLIENT_CONNECT_S
+    while True:
+        try:
+            ray_launch._connect(ray, cluster.client, timeout_s=max(1.0, deadline - time.monotonic()))
+            break
+        except RayClusterError as e:
+            if time.monotonic() >= deadline or not ray_launch._is_client_start_failure(e.__cause__ or e):
+                raise AssertionError(f"{e}\n{_client_server_logs(cluster.temp)}") from e
+    try:
+        assert ray.cluster_resources().get("CPU") == 2
+        yield cluster
+    finally:
+        ray.shutdown()
+
+
+def test_a_cluster_that_does_not_answer_is_named_quickly(unconnected: None, tmp_path: Path,
+                                                       tiny_model_dir: Path) -> None:
     run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp")).read_text(encoding="utf-8"))
     del run["events"]
     address = f"127.0.0.1:{_free_port()}"  # nothing listens there
@@ -189,7 +206,7 @@ def test_other_connection_failures_are_not_retried(listening: str) -> None:
     assert ray.calls == 1
 
 
-def test_no_address_says_how_to_give_one(tmp_path: Path, tiny_model_dir: Path,
+def test_no_address_says_how_to_give_one(unconnected: None, tmp_path: Path, tiny_model_dir: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp")).read_text(encoding="utf-8"))
     del run["events"]
@@ -198,7 +215,18 @@ def test_no_address_says_how_to_give_one(tmp_path: Path, tiny_model_dir: Path,
         launch(run, 2, 0, None, tmp_path / "launch")
 
 
-def test_an_output_folder_a_node_cannot_write_is_named_before_training(cluster: Cluster, tmp_path: Path,
+def test_a_failing_rank_raises_with_its_own_words(cluster: Cluster, unconnected: None, tmp_path: Path) -> None:
+    # launch connects itself to the head's GCS address here (and disconnects), the way `ray start` users call it.
+    import ray
+
+    run = {"model": str(tmp_path / "missing"), "datasets": [{"path": "x.jsonl"}],
+           "train": {"output_dir": str(tmp_path / "out")}}
+    with pytest.raises(DistributedRunError, match=r"2-rank Ray Train run failed: rank \d: .*does not exist"):
+        launch(run, 2, 0, cluster.address, tmp_path / "launch")
+    assert not ray.is_initialized()
+
+
+def test_an_output_folder_a_node_cannot_write_is_named_before_training(client_session: Cluster, tmp_path: Path,
                                                                        tiny_model_dir: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder", encoding="utf-8")
@@ -207,37 +235,59 @@ def test_an_output_folder_a_node_cannot_write_is_named_before_training(cluster: 
     del run["events"]
     said = rf"node \S+ \(\w+\) cannot use the run's output folder {re.escape(str(out))}: cannot write"
     with pytest.raises(RayClusterError, match=said):
-        launch(run, 2, 0, cluster.address, tmp_path / "launch")
+        launch(run, 2, 0, client_session.client, tmp_path / "launch")
 
 
-def test_more_workers_than_the_cluster_has_fail_before_training(cluster: Cluster, tmp_path: Path,
+def test_more_workers_than_the_cluster_has_fail_before_training(client_session: Cluster, tmp_path: Path,
                                                                tiny_model_dir: Path) -> None:
     run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp")).read_text(encoding="utf-8"))
     del run["events"]
     seen: list[str] = []
     with pytest.raises(DeviceUnavailableError,
-                       match=rf"3 CPUs and 0 GPUs, but the Ray cluster at {cluster.address} has 2 CPUs"):
-        launch(run, 3, 0, cluster.address, tmp_path / "launch", on_event=lambda kind, content: seen.append(kind))
+                       match=rf"3 CPUs and 0 GPUs, but the Ray cluster at {client_session.client} has 2 CPUs"):
+        launch(run, 3, 0, client_session.client, tmp_path / "launch",
+               on_event=lambda kind, content: seen.append(kind))
     assert seen == [] and not (tmp_path / "ddp").exists()
 
 
-def test_a_failing_rank_raises_with_its_own_words(cluster: Cluster, tmp_path: Path) -> None:
-    run = {"model": str(tmp_path / "missing"), "datasets": [{"path": "x.jsonl"}],
-           "train": {"output_dir": str(tmp_path / "out")}}
-    with pytest.raises(DistributedRunError, match=r"2-rank Ray Train run failed: rank \d: .*does not exist"):
-        launch(run, 2, 0, cluster.address, tmp_path / "launch")
+def _one_process_until(model_dir: Path, data: Path, config: dict, last_step: int) -> dict[int, float]:
+    """Step -> loss of a one-process run of `config`, cancelled once it reports `last_step`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cancel, on_event = cancel_after(last_step)
+    result = train(model, tok, [DatasetSpec(str(data))], TrainConfig.from_dict(config), on_event=on_event,
+                   cancel=cancel)
+    assert result.step == last_step
+    return {h["step"]: h["loss"] for h in result.history if h["kind"] == "train_progress"}
 
 
-def test_cancel_stops_every_worker_at_one_step_with_a_checkpoint(cluster: Cluster, tmp_path: Path,
-                                                                 tiny_model_dir: Path) -> None:
+def test_two_workers_match_one_process_then_cancel_with_a_checkpoint(client_session: Cluster, tmp_path: Path,
+                                                                    tiny_model_dir: Path) -> None:
     run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp", max_steps=400)).read_text())
     del run["events"]
-    cancel, on_event = cancel_after(2)
-    # Through Ray Client this time: the queue and the stop flag are actors, so events and cancel cross it too.
-    # The client server starts a process for this connection; on a loaded 2-core CI host that took over the 15 s
-    # default once, so allow what a slow head needs (the test is about cancel, not the connect bound).
-    result = launch(run, 2, 0, cluster.client, tmp_path / "launch", on_event=on_event, cancel=cancel,
-                    connect_timeout_s=120)
-    assert result["status"] == "cancelled" and 2 <= result["step"] < 400
+    seen: list[tuple[str, dict]] = []
+    cancel, cancel_on = cancel_after(4)
+
+    def on_event(kind: str, content: dict) -> None:
+        seen.append((kind, content))
+        cancel_on(kind, content)
+
+    # Through the Ray Client session: the queue and the stop flag are actors, so events and cancel cross it too.
+    result = launch(run, 2, 0, client_session.client, tmp_path / "launch", on_event=on_event, cancel=cancel)
+    stopped = result["step"]
+    assert result["status"] == "cancelled" and 4 <= stopped < 400
     last = ckpt.list_checkpoints(tmp_path / "ddp")[-1]
-    assert ckpt.read_trainer_state(last)["step"] == result["step"]
+    assert ckpt.read_trainer_state(last)["step"] == stopped
+    assert (last / "adapter_model.safetensors").is_file()
+
+    begin = next(c for k, c in seen if k == "train_begin")
+    assert begin["rows_per_step"] == 2 * 1 * 2 and begin["world_size"] == 2  # batch × grad_accum × ranks
+    ranked = {c["step"]: c["loss"] for k, c in seen if k == "train_progress"}
+    # One process with the same global batch (and the same 400-step schedule), stopped where the ranks stopped.
+    reference = _one_process_until(tiny_model_dir, tmp_path / "data.jsonl",
+                                   settings(tmp_path / "one", grad_accum=2, max_steps=400), stopped)
+    assert list(ranked) == list(reference) == list(range(1, stopped + 1))
+    assert max(abs(ranked[s] - reference[s]) for s in reference) < TOLERANCE, (ranked, reference)
+    assert reference[4] < reference[1]  # it learns, so matching curves are not two flat lines
