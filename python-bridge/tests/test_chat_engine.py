@@ -28,6 +28,13 @@ from qwenbook_bridge.protocol import make_message
 CHAT = [{"role": "user", "content": "Tell me about the moon."}]
 
 
+@pytest.fixture(autouse=True)
+def pytorch_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the paged engine in PyTorch, which a CPU chat takes only when asked for (the default
+    there is llama.cpp, tested in test_llama_cpp_engine.py)."""
+    monkeypatch.setenv("QWENBOOK_CPU_ENGINE", "pytorch")
+
+
 def fresh(tiny_model_dir: Path) -> Any:
     from transformers import AutoModelForCausalLM
 

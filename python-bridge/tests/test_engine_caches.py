@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from qwenbook_bridge.engine.llama_cpp.engine import LlamaCppEngine
 from qwenbook_bridge.handlers.context import JobContext
 from qwenbook_bridge.handlers.dispatch import Handlers
 from qwenbook_bridge.protocol import make_message, validate_message
@@ -54,8 +55,16 @@ def test_a_chat_engine_appears_in_status_with_its_blocks_in_use_while_it_decodes
     assert 0 < cache["blocks_used"] < cache["blocks_total"]
     engine = handlers.chat.engine(model_id)
     assert engine is not None
-    assert cache["block_size"] == engine.pool.block_size
-    assert cache["cache_bytes"] == engine.runner.shape.bytes_per_block() * cache["blocks_total"] > 0
+    if isinstance(engine, LlamaCppEngine):  # the CPU default: a cell per token, f32 keys and values (fp32 model)
+        assert cache["block_size"] == 1
+        assert cache["blocks_total"] == engine.config.max_batch_size * engine.tokens_per_row
+        cfg = engine._text_config
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 4
+        assert cache["cache_bytes"] == per_token * cache["blocks_total"]
+    else:
+        assert cache["block_size"] == engine.pool.block_size
+        assert cache["cache_bytes"] == engine.runner.shape.bytes_per_block() * cache["blocks_total"] > 0
     # The chat engine's cache is a fixed number of rows, not a share of the device.
     assert "memory_utilization" not in cache
 

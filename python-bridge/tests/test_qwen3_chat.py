@@ -140,7 +140,9 @@ def test_qwen3_moe_is_refused_by_the_fast_path_with_a_readable_reason(qwen3_moe)
 
 
 def test_qwen3_moe_loads_and_chats_on_transformers_forward_and_logs_why_once(tiny_qwen3_moe_dir: Path, qwen3_moe,
-                                                                            caplog):
+                                                                            caplog, monkeypatch):
+    # The PyTorch path: on a CPU the model's chat runs on llama.cpp by default (test_llama_cpp_engine.py).
+    monkeypatch.setenv("QWENBOOK_CPU_ENGINE", "pytorch")
     expected = hf_greedy(qwen3_moe, CHAT, TOKENS)
     handlers = Handlers("cpu")
     try:

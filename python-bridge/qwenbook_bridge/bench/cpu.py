@@ -43,6 +43,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 LLAMA_RUNNER = HERE / "llama_cpp.mjs"
 WEIGHTS = ("fp32", "int8", "int4")
+# The chat engine a row runs on (QWENBOOK_CPU_ENGINE): the paged engine in PyTorch, or llama.cpp on a GGUF copy of
+# the same loaded weights (engine/llama_cpp), the worker's default on a CPU.
+ENGINES = ("pytorch", "llama.cpp")
 # A short first question under the template's default system prompt: 39 prompt tokens with Qwen2.5's template.
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 # What a model folder needs from a tokenizer folder (not its config or weights, which would replace the model's).
@@ -125,6 +128,7 @@ def torch_row(spec: dict[str, Any]) -> dict[str, Any]:
     from qwenbook_bridge.engine.quant.config import QuantConfig
     from qwenbook_bridge.engine.quant.quantize import quantize_model
 
+    os.environ["QWENBOOK_CPU_ENGINE"] = spec["engine"]
     started = time.perf_counter()
     loaded = load_model(spec["folder"], LoadOptions(dtype="fp32", device="cpu", local_files_only=True))
     quant = quant_spec(spec["weights"], loaded.model.config.hidden_size)
@@ -136,8 +140,13 @@ def torch_row(spec: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - started
     # As handlers/dispatch.py: the model's chat engine when it takes the model, else generate's own loops.
     engines = ChatEngines(AdapterRegistry())
-    lease = engines.lease(loaded)
+    started = time.perf_counter()
+    lease = engines.lease(loaded)  # the llama.cpp engine writes its GGUF copy here, once per weights
+    engine_s = time.perf_counter() - started
     engine = lease.engine if lease is not None else None
+    kind = "llama.cpp" if type(engine).__name__ == "LlamaCppEngine" else "pytorch"
+    if kind != spec["engine"]:
+        raise RuntimeError(f"the row asked for the {spec['engine']} engine but the worker's choice gave {kind}")
     prefix_hits = 0
 
     def reply(max_tokens: int) -> Any:
@@ -156,20 +165,26 @@ def torch_row(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         reply(min(8, spec["new_tokens"]))  # warm-up: the engine's first steps, the allocator, lazy kernel set-up
         results = [reply(spec["new_tokens"]) for _ in range(spec["runs"])]
-        profile = prefill_profile(loaded, spec) if spec.get("profile") else None
+        # The prefill's PyTorch ops: only the PyTorch engine's rows compute through them.
+        profile = prefill_profile(loaded, spec) if spec.get("profile") and kind == "pytorch" else None
     finally:
         if lease is not None:
             lease.release()
         engines.close()
     return {
-        "threads": spec["threads"], "path": f"qwenbook {spec['weights']}", "weights": spec["weights"],
-        "loop": "chat engine" if engine is not None else "generate loop",
+        "threads": spec["threads"], "weights": spec["weights"], "engine": kind,
+        "path": f"qwenbook {spec['weights']}" + (" llama.cpp" if kind == "llama.cpp" else ""),
+        "loop": ("llama.cpp engine" if kind == "llama.cpp" else "chat engine") if engine is not None
+        else "generate loop", "engine_start_s": round(engine_s, 2),
         "decode_tokens_per_s": statistics.median(r.tokens_per_s for r in results),
         "ttft_ms": statistics.median(r.ttft_ms for r in results),
         "runs_tokens_per_s": [r.tokens_per_s for r in results], "runs_ttft_ms": [r.ttft_ms for r in results],
         "prompt_tokens": results[0].prompt_tokens, "completion_tokens": [r.completion_tokens for r in results],
         "prompt_ids": prompt_ids(loaded, MESSAGES), "tokens": results[-1].token_ids,
-        "prefix_hit_tokens": prefix_hits, "weight_bytes": weight_bytes(loaded.model), "load_s": round(load_s, 2),
+        "prefix_hit_tokens": prefix_hits,
+        # What the row's decode reads: the GGUF copy on llama.cpp, the model's tensors on PyTorch.
+        "weight_bytes": engine.gguf.stat().st_size if kind == "llama.cpp" else weight_bytes(loaded.model),
+        "load_s": round(load_s, 2),
         "torch_threads": torch.get_num_threads(),
         **({"prefill_profile": profile} if profile is not None else {}),
     }
@@ -218,13 +233,15 @@ def torch_rows(spec: dict[str, Any]) -> None:
     """Every weights row of one thread count, one JSON line each on stdout ({"row": ...} or {"error": ...}), so a
     row that fails leaves the others to run."""
     torch.set_num_threads(spec["threads"])
-    for weights in spec["weights"]:
-        try:
-            line: dict[str, Any] = {"row": torch_row({**spec, "weights": weights})}
-        except Exception as e:  # noqa: BLE001 - reported to the parent, which records it in the JSON
-            line = {"error": f"{type(e).__name__}: {e}", "weights": weights, "traceback": traceback.format_exc()}
-        print(json.dumps(line), flush=True)
-        gc.collect()  # the row's model and engine cache go before the next row loads its own
+    for engine in spec["engines"]:
+        for weights in spec["weights"]:
+            try:
+                line: dict[str, Any] = {"row": torch_row({**spec, "weights": weights, "engine": engine})}
+            except Exception as e:  # noqa: BLE001 - reported to the parent, which records it in the JSON
+                line = {"error": f"{type(e).__name__}: {e}", "weights": f"{weights} {engine}",
+                        "traceback": traceback.format_exc()}
+            print(json.dumps(line), flush=True)
+            gc.collect()  # the row's model and engine cache go before the next row loads its own
 
 
 def run_torch_rows(spec: dict[str, Any], out: Path) -> Iterator[dict[str, Any]]:
@@ -246,7 +263,7 @@ def run_torch_rows(spec: dict[str, Any], out: Path) -> Iterator[dict[str, Any]]:
                 if raw.startswith("{"):
                     seen += 1
                     yield json.loads(raw)
-        if proc.returncode != 0 or seen < len(spec["weights"]):
+        if proc.returncode != 0 or seen < len(spec["weights"]) * len(spec["engines"]):
             stderr.seek(0)
             raise RuntimeError(f"the rows at {spec['threads']} thread(s) ended early (exit status {proc.returncode}):"
                                f"\n{stderr.read()[-3000:]}")
@@ -288,17 +305,17 @@ def summarize(report: Report) -> str:
     lines = [f"CPU: {meta['cpu']}, {meta['cores']} core(s)   torch {meta['torch']}   model: {meta['model']}",
              f"prompt: {meta.get('prompt_tokens', '?')} tokens, {meta['new_tokens']} new tokens greedy, median of "
              f"{meta['runs']} run(s) after a warm-up", "",
-             f"{'threads':>7}  {'path':<16}{'decode tok/s':>13}{'first token ms':>16}{'decode vs fp32':>16}"
+             f"{'threads':>7}  {'path':<26}{'decode tok/s':>13}{'first token ms':>16}{'decode vs fp32':>16}"
              f"{'first token vs fp32':>21}{'weights MB':>12}  loop",
              "(vs fp32: the row's speed over fp32's at the same threads; above 1.00x is faster)"]
-    fp32 = {r["threads"]: r for r in report.rows if r["weights"] == "fp32"}
+    fp32 = {r["threads"]: r for r in report.rows if r["weights"] == "fp32" and r.get("engine") == "pytorch"}
     for r in report.rows:
         base = fp32.get(r["threads"])
         decode = ttft = ""
         if base is not None and r is not base:
             decode = f"{r['decode_tokens_per_s'] / max(base['decode_tokens_per_s'], 1e-9):.2f}x"
             ttft = f"{base['ttft_ms'] / max(r['ttft_ms'], 1e-9):.2f}x"
-        lines.append(f"{r['threads']:>7}  {r['path']:<16}{r['decode_tokens_per_s']:>13.1f}{r['ttft_ms']:>16.0f}"
+        lines.append(f"{r['threads']:>7}  {r['path']:<26}{r['decode_tokens_per_s']:>13.1f}{r['ttft_ms']:>16.0f}"
                      f"{decode:>16}{ttft:>21}{r['weight_bytes'] / 1e6:>12.0f}  {r['loop']}")
     for p in report.profiles:
         ops = ", ".join(f"{o['op']} {o['self_ms']:.0f} ms ({100 * o['share']:.0f}%)" for o in p["top_ops"][:4])
@@ -317,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
                    "8 new tokens, 1 run, 1 thread: seconds, for tests")
     p.add_argument("--threads", help="comma list of thread counts, 'all' for every core (default 1,2,all)")
     p.add_argument("--weights", default=",".join(WEIGHTS), help="comma list of fp32, int8, int4 (default: all)")
-    p.add_argument("--no-llama", action="store_true", help="skip the llama.cpp rows")
+    p.add_argument("--no-llama", action="store_true", help="skip the node-llama-cpp rows")
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma list of the chat engines the weights rows run "
+                   "on: pytorch, llama.cpp (default: both)")
     p.add_argument("--new-tokens", type=int, help="new tokens per reply (default 64)")
     p.add_argument("--runs", type=int, help="timed runs per row after the warm-up (default 3)")
     p.add_argument("--profile", action="store_true", help="also profile one prefill per quantized row at the most "
@@ -331,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     weights = [w.strip() for w in a.weights.split(",") if w.strip()]
     if unknown := [w for w in weights if w not in WEIGHTS]:
         p.error(f"unknown --weights {unknown}: choose from {', '.join(WEIGHTS)}")
+    engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    if unknown := [e for e in engines if e not in ENGINES]:
+        p.error(f"unknown --engines {unknown}: choose from {', '.join(ENGINES)}")
     try:
         threads = thread_counts(a.threads or ("1" if a.small else "1,2,all"))
     except ValueError as e:
@@ -381,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
                        "threads": threads, "weights": weights, "new_tokens": new_tokens, "runs": runs,
                        "messages": MESSAGES}
         gguf = Path(tmp) / "model-q8_0.gguf"
+        # The llama.cpp engine's GGUF copies go to this run's folder: written once per weights (the first row of
+        # each, engine_start_s), not left behind in the user's cache.
+        os.environ["QWENBOOK_GGUF_CACHE"] = str(Path(tmp) / "gguf-cache")
         if not a.no_llama:
             try:
                 report.meta["gguf"] = export_q8_0(folder, gguf)
@@ -389,8 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         save()
         for n in threads:
             # fp32's profile is the baseline the quantized prefills are read against.
-            spec = {"folder": str(folder), "weights": weights, "threads": n, "new_tokens": new_tokens, "runs": runs,
-                    "profile": a.profile and n == max(threads)}
+            spec = {"folder": str(folder), "weights": weights, "engines": engines, "threads": n,
+                    "new_tokens": new_tokens, "runs": runs, "profile": a.profile and n == max(threads)}
             try:
                 for got in run_torch_rows(spec, out):
                     if "error" in got:
@@ -407,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001 - recorded in the JSON, the other rows go on
                 fail(f"llama.cpp at {n} thread(s)", f"{type(e).__name__}: {e}")
                 continue
-            fp32 = next((r for r in report.rows if r["threads"] == n and r["weights"] == "fp32"), None)
+            fp32 = next((r for r in report.rows if r["threads"] == n and r["weights"] == "fp32"
+                         and r.get("engine") == "pytorch"), None)
             if fp32 is not None:  # informative: q8_0 rounding may flip a random model's near-tied argmax
                 row["first_divergence_from_fp32"] = first_divergence(fp32["tokens"], row["tokens"])
             report.rows.append(row)

@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from qwenbook_bridge.engine.generate.paged.scheduler import PagedEngine
+    from qwenbook_bridge.engine.llama_cpp.engine import LlamaCppEngine
 
 Role = Literal["chat", "server"]
 
 
-def engine_cache(model_id: str, role: Role, engine: PagedEngine) -> dict[str, Any]:
+def engine_cache(model_id: str, role: Role, engine: PagedEngine | LlamaCppEngine) -> dict[str, Any]:
     """One engine's EngineCache item. `stats()` copies a few counters, so this is cheap enough for the
     once-a-second telemetry."""
     s = engine.stats()
@@ -35,7 +36,8 @@ def engine_cache(model_id: str, role: Role, engine: PagedEngine) -> dict[str, An
     return item
 
 
-def cache_items(chat: list[tuple[str, PagedEngine]], servers: list[tuple[str, PagedEngine]]) -> list[dict[str, Any]]:
+def cache_items(chat: list[tuple[str, PagedEngine | LlamaCppEngine]],
+                servers: list[tuple[str, PagedEngine]]) -> list[dict[str, Any]]:
     """The chat engines' items, then the servers'."""
     return [*(engine_cache(model_id, "chat", engine) for model_id, engine in chat),
             *(engine_cache(model_id, "server", engine) for model_id, engine in servers)]

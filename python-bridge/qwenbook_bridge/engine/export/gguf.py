@@ -301,9 +301,11 @@ def _encode(t: torch.Tensor, qtype_name: str) -> np.ndarray:
 
 def export_gguf(model: nn.Module, tokenizer: Any, target: str | os.PathLike[str], config: GgufConfig | None = None,
                 *, progress: ProgressFn | None = None, evaluate: bool = True,
-                heldout_texts: Sequence[str] | None = None) -> ExportReport:
+                heldout_texts: Sequence[str] | None = None, adapter_names: Sequence[str] | None = None
+                ) -> ExportReport:
     """Write `model` (Qwen2, Qwen3 or Qwen3-MoE; LoRA merged, int8/int4 dequantized) as one GGUF file.
 
+    `adapter_names` picks the LoRA adapters merged (None: the active ones; [] the base weights alone).
     With `evaluate`, the written tensors are read back and run in PyTorch in place of the model's own weights
     (one layer at a time) to report perplexity, mean KL and top-1 agreement against the unexported model: the
     cost of the weight rounding. llama.cpp also rounds activations in its quantized matmuls, not measured here.
@@ -314,7 +316,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, target: str | os.PathLike[str]
     root = base_model_of(model)
     arch = check_supported(root)
     atomic = AtomicTarget(target, overwrite=config.overwrite, is_dir=False)
-    sources = model_tensor_sources(model)
+    sources = model_tensor_sources(model, adapter_names=adapter_names)
     planned, kept_f16 = _plan(sources, config)
     elem = {"f32": 4, "f16": 2}
     nbytes = [math.prod(p.byte_shape) * elem.get(p.qtype_name, 1) for p in planned]

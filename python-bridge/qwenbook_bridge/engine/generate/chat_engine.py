@@ -32,11 +32,13 @@ from qwenbook_bridge.engine.errors import EngineError, first_sentences
 from qwenbook_bridge.engine.generate.fast_ops import reading_base_weights
 from qwenbook_bridge.engine.generate.paged.blocks import CacheShape, cache_budget_bytes
 from qwenbook_bridge.engine.generate.paged.scheduler import EngineConfig, PagedEngine
+from qwenbook_bridge.engine.llama_cpp.engine import LlamaCppEngine, LlamaEngineConfig, cpu_engine_choice
 from qwenbook_bridge.engine.models.adapter_registry import AdapterRegistry, Stamp, folder_stamp
 from qwenbook_bridge.engine.models.adapters import AdapterError, read_adapter_config
 from qwenbook_bridge.engine.models.loading import LoadedModel, free_memory
 
 log = logging.getLogger(__name__)
+ChatEngine = PagedEngine | LlamaCppEngine
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class _Slot:
 @dataclass
 class _ModelEngine:
     model: Any
-    engine: PagedEngine
+    engine: ChatEngine
     max_rank: int
     slots: collections.OrderedDict[str, _Slot] = field(default_factory=collections.OrderedDict)  # LRU order
     retired: list[_Slot] = field(default_factory=list)  # replaced while in use; removed when free
@@ -92,7 +94,7 @@ class Lease:
 
     def __init__(self, owner: ChatEngines, entry: _ModelEngine, slot: _Slot | None) -> None:
         self._owner, self._entry, self._slot = owner, entry, slot
-        self.engine: PagedEngine = entry.engine
+        self.engine: ChatEngine = entry.engine
         self.adapter: str | None = None if slot is None else slot.engine_name
         self._released = False
 
@@ -124,6 +126,7 @@ class ChatEngines:
         # cannot compute: asked about once, then the old path without another try.
         self._refused: dict[str, Any] = {}
         self._unsupported: set[tuple[str, Stamp]] = set()
+        self._no_llama: dict[str, Any] = {}  # models llama.cpp cannot run (by id, with the model object)
         self._names = itertools.count(1)
 
     # ---- requests ----------------------------------------------------------------------------------------
@@ -156,7 +159,8 @@ class ChatEngines:
                 self._drop(loaded.model_id)
                 entry = None
             if entry is None:
-                entry = self._build(loaded, rank, with_adapters=wanted is not None or self._has_adapters(loaded))
+                entry = self._build(loaded, rank, with_adapters=wanted is not None or self._has_adapters(loaded),
+                                    base_only=wanted is None)
                 if entry is None:
                     return None
             slot = None
@@ -203,6 +207,12 @@ class ChatEngines:
             else:
                 with entry.engine.exclusive():
                     yield
+                if isinstance(entry.engine, LlamaCppEngine):
+                    # Its GGUF copy holds the weights from before the block, which may have changed them: the
+                    # next chat makes the engine again, from the cached copy when the weights are the same.
+                    with self._changed:
+                        if self._entries.get(model_id) is entry:
+                            self._drop(model_id)
         finally:
             with self._changed:
                 self._blocked[model_id] -= 1
@@ -215,19 +225,20 @@ class ChatEngines:
         with self._lock:
             self._drop(model_id)
             self._refused.pop(model_id, None)
+            self._no_llama.pop(model_id, None)
 
     def close(self) -> None:
         with self._lock:
             for model_id in list(self._entries):
                 self._drop(model_id)
 
-    def engine(self, model_id: str) -> PagedEngine | None:
+    def engine(self, model_id: str) -> ChatEngine | None:
         """The model's chat engine if one is running (for stats)."""
         with self._lock:
             entry = self._entries.get(model_id)
             return entry.engine if entry is not None else None
 
-    def running_engines(self) -> list[tuple[str, PagedEngine]]:
+    def running_engines(self) -> list[tuple[str, ChatEngine]]:
         """(model id, engine) of each chat engine running now, for status and the memory telemetry.
 
         Read without the lock: it is held while an engine is built or stopped, which takes seconds on a GPU,
@@ -250,8 +261,13 @@ class ChatEngines:
         if entry is not None:
             entry.engine.stop()
 
-    def _build(self, loaded: LoadedModel, rank: int, with_adapters: bool) -> _ModelEngine | None:
+    def _build(self, loaded: LoadedModel, rank: int, with_adapters: bool, base_only: bool = False
+               ) -> _ModelEngine | None:
         cfg = self.config
+        if base_only:
+            llama = self._build_llama(loaded)
+            if llama is not None:
+                return llama
         max_rank = _rank_bucket(max([rank, cfg.min_lora_rank, *self._loaded_ranks(loaded)]))
         context = int(loaded.info.get("context_length") or 0) or None
         import torch
@@ -277,6 +293,32 @@ class ChatEngines:
             return None
         engine.start()
         entry = self._entries[loaded.model_id] = _ModelEngine(loaded.model, engine, max_rank)
+        return entry
+
+    def _build_llama(self, loaded: LoadedModel) -> _ModelEngine | None:
+        """The llama.cpp engine for a model on the CPU, or None where it does not apply (another device, the
+        PyTorch engine asked for) or cannot run it (no library, an architecture the GGUF writer does not know):
+        those take the PyTorch engine, with the reason logged once."""
+        from qwenbook_bridge.engine.export.gguf import UnsupportedArchitectureError
+        from qwenbook_bridge.engine.llama_cpp.gguf_cache import gguf_for
+        from qwenbook_bridge.engine.llama_cpp.library import LlamaCppUnavailable
+
+        device = next(loaded.model.parameters()).device
+        if device.type != "cpu" or cpu_engine_choice() != "llama.cpp" or self._no_llama.get(loaded.model_id) is \
+                loaded.model:
+            return None
+        context = int(loaded.info.get("context_length") or 0) or None
+        try:
+            gguf = gguf_for(loaded.model, loaded.tokenizer)
+            engine = LlamaCppEngine(loaded.model, loaded.tokenizer, gguf,
+                                    LlamaEngineConfig(tokens_per_row=self.config.tokens_per_row,
+                                                      context_length=context), loaded.eos_token_ids)
+        except (LlamaCppUnavailable, UnsupportedArchitectureError, EngineError, ValueError, OSError) as exc:
+            log.warning("chat with %s runs on PyTorch, not llama.cpp: %s", loaded.model_id, first_sentences(exc))
+            self._no_llama[loaded.model_id] = loaded.model
+            return None
+        engine.start()
+        entry = self._entries[loaded.model_id] = _ModelEngine(loaded.model, engine, 0)
         return entry
 
     def _num_blocks(self, loaded: LoadedModel, context: int | None) -> int:

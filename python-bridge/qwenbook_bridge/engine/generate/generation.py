@@ -28,6 +28,7 @@ from qwenbook_bridge.engine.generate.streaming import IncrementalDetokenizer, St
 
 if TYPE_CHECKING:
     from qwenbook_bridge.engine.generate.paged.scheduler import PagedEngine
+    from qwenbook_bridge.engine.llama_cpp.engine import LlamaCppEngine
 
 @dataclass
 class TokenDelta:
@@ -92,12 +93,11 @@ class _EngineTokens:
     tokens, no stop strings: generate() applies those, as for the other loops); closing cancels the request.
     `ended` says the engine ended it early (cancelled, or stopped with the model)."""
 
-    def __init__(self, engine: PagedEngine, prompt: list[int], budget: int, opts: SamplingParams,
+    def __init__(self, engine: PagedEngine | LlamaCppEngine, prompt: list[int], budget: int, opts: SamplingParams,
                  adapter: str | None, cancel: threading.Event | None) -> None:
-        blocks = -(-(len(prompt) + budget - 1) // engine.pool.block_size)  # the engine's own count at submit
-        if blocks > engine.pool.num_blocks:
-            raise EngineDeclined(f"the request needs {blocks} cache blocks; the chat engine holds "
-                                 f"{engine.pool.num_blocks}")
+        if not engine.holds(len(prompt) + budget - 1):  # the last token sampled is never cached
+            raise EngineDeclined(f"the request's {len(prompt)} prompt tokens and {budget} to generate do not fit "
+                                 "the chat engine's cache")
         self._events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         params = replace(opts, max_tokens=budget, stop=(), stop_token_ids=(), ignore_eos=True)
         self._handle = engine.submit(prompt, params, self._events.put, adapter=adapter)
@@ -167,12 +167,13 @@ def _accepts(model: Any, name: str) -> bool:
 
 def generate(loaded: LoadedModel, messages: Sequence[dict[str, Any]], opts: SamplingParams | None = None,
              on_token: Callable[[TokenDelta], None] | None = None,
-             cancel: threading.Event | None = None, engine: PagedEngine | None = None,
+             cancel: threading.Event | None = None, engine: PagedEngine | LlamaCppEngine | None = None,
              adapter: str | None = None, tools: Sequence[dict[str, Any]] | None = None,
              thinking: bool | None = None) -> GenerationResult:
     """Generate a chat reply. `on_token` gets text deltas as they become safe to show; `cancel` stops the
     loop before the next token and the result keeps the partial reply. With `engine` the tokens come from that
-    running PagedEngine, with its adapter `adapter` (a name added there; None: the base model); a request too
+    running chat engine (a PagedEngine, or a LlamaCppEngine on the CPU), with its
+    adapter `adapter` (a name added there; None: the base model); a request too
     large for its cache raises EngineDeclined before anything is generated. `tools` go to the template and the
     reply's calls are parsed out of its text; `thinking` is the template's enable_thinking (None: its default),
     and a reasoning block is split out of the answer."""

@@ -187,6 +187,10 @@ class PagedEngine(EngineThread[_Seq, _Seq]):
             self._wake.notify_all()
         return handle
 
+    def holds(self, tokens: int) -> bool:
+        """Whether one request of `tokens` cached tokens fits the whole cache."""
+        return self._blocks_for(tokens) <= self.pool.num_blocks
+
     def add_adapter(self, name: str, folder: Path | str) -> None:
         """Load a peft LoRA folder into a free adapter slot under `name`, for `submit(..., adapter=name)`.
         Runs between two steps; the rows already decoding go on."""

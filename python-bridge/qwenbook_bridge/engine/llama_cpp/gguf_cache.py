@@ -1,0 +1,114 @@
+"""The GGUF copy of a loaded model that the llama.cpp engine runs: written once from the weights in memory (the
+base weights, without LoRA adapters) and kept in a cache folder under a key made from those weights, so the next
+chat, kernel or session with the same weights loads it at once, and changed weights (a full fine-tune, a merge)
+get a copy of their own.
+
+Its tensor type follows what the model was loaded as, so llama.cpp computes what PyTorch would up to rounding:
+int8 layers become q8_0, int4 layers q4_0 (with a q8_0 output layer, as llama.cpp's own q4_0 files have), fp32
+f32, bf16 bf16, fp16 f16. `QWENBOOK_CPU_GGUF_TYPE` overrides it.
+
+Where: `$QWENBOOK_GGUF_CACHE`, else `$XDG_CACHE_HOME/qwenbook/gguf`, else `~/.cache/qwenbook/gguf`. The newest
+`KEEP` files stay; older ones are removed when a new one is written (a 7B copy is several GB)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenbook_bridge.engine.export.gguf import TYPES, GgufConfig, export_gguf
+from qwenbook_bridge.engine.model_parts import base_model_of
+from qwenbook_bridge.engine.quant.quantize import quantized_layers
+
+log = logging.getLogger(__name__)
+KEEP = 3
+_DTYPE_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_QUANT_TYPES = {"int8": "q8_0", "int4": "q4_0"}
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("QWENBOOK_GGUF_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "qwenbook" / "gguf"
+
+
+def gguf_type_for(model: Any) -> str:
+    """The GGUF tensor type that keeps what the loaded weights compute."""
+    wanted = os.environ.get("QWENBOOK_CPU_GGUF_TYPE", "").strip()
+    if wanted:
+        if wanted not in TYPES:
+            raise ValueError(f"QWENBOOK_CPU_GGUF_TYPE={wanted!r} is not a GGUF type: use one of {', '.join(TYPES)}")
+        return wanted
+    root = base_model_of(model)
+    methods = {layer.method for layer in quantized_layers(root).values()}
+    if methods:
+        # Mixed layers take the finer type, so that no layer loses precision it had.
+        return "q8_0" if "int8" in methods or not methods <= set(_QUANT_TYPES) else "q4_0"
+    dtype = next(root.parameters()).dtype
+    return _DTYPE_TYPES.get(dtype, "f32")
+
+
+def weights_key(model: Any, gguf_type: str) -> str:
+    """A key for the base weights: every tensor's name, shape, type, sum and a strided sum of squares (adapters
+    left out), with the model's config. Reading the weights once costs about a second for a 0.5B model."""
+    root = base_model_of(model)
+    h = hashlib.sha256()
+    cfg = root.config.to_dict() if hasattr(root.config, "to_dict") else {}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(gguf_type.encode())
+    with torch.no_grad():
+        tensors = [*root.named_parameters(), *root.named_buffers()]
+        for name, t in tensors:
+            if "lora_" in name or t.device.type == "meta":
+                continue
+            flat = t.detach().reshape(-1)
+            if not flat.is_floating_point():
+                flat = flat.to(torch.float32)
+            total = float(flat.sum(dtype=torch.float64))
+            squares = float(flat[::4099].to(torch.float64).square().sum())
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{total!r}|{squares!r}".encode())
+    return h.hexdigest()[:24]
+
+
+def gguf_for(model: Any, tokenizer: Any, progress: Callable[[str], None] | None = None) -> Path:
+    """The cached GGUF of `model`'s base weights, written first if there is none."""
+    gguf_type = gguf_type_for(model)
+    key = weights_key(model, gguf_type)
+    folder = cache_dir()
+    target = folder / f"{key}-{gguf_type}.gguf"
+    with _lock:
+        if target.exists():
+            os.utime(target)  # newest used: the last one removed
+            return target
+        folder.mkdir(parents=True, exist_ok=True)
+        if progress is not None:
+            progress(f"writing a {gguf_type} GGUF copy of the model for llama.cpp to {target} (once for these "
+                     "weights)")
+        log.info("writing the llama.cpp copy of the model: %s", target)
+        try:
+            export_gguf(model, tokenizer, target, GgufConfig(type=gguf_type, name=key), evaluate=False,
+                        adapter_names=[])
+        except Exception:
+            if not target.exists():  # another process writing the same weights may have got there first
+                raise
+        _prune(folder, keep=target)
+    return target
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    files = sorted(folder.glob("*.gguf"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in [p for p in files if p != keep][KEEP - 1:]:
+        try:
+            old.unlink()
+        except OSError:
+            pass
