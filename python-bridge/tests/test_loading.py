@@ -46,6 +46,18 @@ def test_registry_returns_the_resident_model_and_unload_frees_it(tiny_model_dir)
     assert registry.unload(first.model_id) is False
 
 
+def test_models_from_one_folder_share_its_tokenizer_until_a_file_in_it_changes(tiny_model_dir, tmp_path):
+    # Reading the tokenizer is most of a tiny model's load; a worker reads one folder for each dtype and quant.
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    fp32 = load_model(str(folder), LoadOptions(dtype="fp32", device="cpu"))
+    bf16 = load_model(str(folder), LoadOptions(dtype="bf16", device="cpu"))
+    assert bf16.tokenizer is fp32.tokenizer
+    (folder / "chat_template.jinja").write_text("{{ 'changed' }}", encoding="utf-8")
+    again = load_model(str(folder), LoadOptions(dtype="fp32", device="cpu"))
+    assert again.tokenizer is not fp32.tokenizer and again.tokenizer.chat_template == "{{ 'changed' }}"
+
+
 def test_missing_folder_says_so(tmp_path):
     missing = tmp_path / "nowhere" / "model"
     with pytest.raises(ModelNotFoundError, match=r"does not exist") as info:

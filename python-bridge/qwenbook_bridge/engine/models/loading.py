@@ -22,6 +22,7 @@ from qwenbook_bridge.engine.errors import (DeviceUnavailableError, InvalidOption
     NotACausalLMError)
 from qwenbook_bridge.engine.models.devices import configure_cuda, resolve_device
 from qwenbook_bridge.engine.models.hub import is_hub_id, looks_like_path, resolve_hub_model, weights_problem
+from qwenbook_bridge.engine.models.tokenizers import load_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
@@ -43,7 +44,7 @@ class LoadOptions:
 
 @dataclass
 class LoadProgress:
-    stage: str  # resolve | download | tokenizer | weights | ready
+    stage: str  # resolve | download | tokenizer | weights | quantize | cpu_chat | ready
     message: str
     fraction: float | None = None
     bytes_done: int | None = None
@@ -225,7 +226,7 @@ def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
 
 
 def _load_planned(plan: _Plan, model_id: str, progress: ProgressCallback) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from qwenbook_bridge.engine.quant.at_load import load_quantized_folder, quantize_loaded
 
@@ -238,7 +239,7 @@ def _load_planned(plan: _Plan, model_id: str, progress: ProgressCallback) -> Loa
         attn = getattr(model.config, "_attn_implementation", None) or "sdpa"
         return _finish_load(plan, model_id, model, tokenizer, attn, started, quant_info, progress)
     progress(LoadProgress("tokenizer", f"loading the tokenizer from {plan.path}"))
-    tokenizer = AutoTokenizer.from_pretrained(plan.path)
+    tokenizer = load_tokenizer(plan.path)
     progress(LoadProgress("weights", f"loading weights as {plan.dtype_name} onto {plan.device}"))
     kwargs: dict[str, Any] = {"dtype": DTYPES[plan.dtype_name]}
     if plan.placement is not None:
