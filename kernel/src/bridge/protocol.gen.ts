@@ -206,7 +206,7 @@ export interface LoadRequest {
 }
 
 export interface LoadProgressEvent {
-  stage: "resolve" | "download" | "tokenizer" | "weights" | "quantize" | "ready";
+  stage: "resolve" | "download" | "tokenizer" | "weights" | "quantize" | "cpu_chat" | "ready";
   message: string;
   /** minimum 0; maximum 1 */
   fraction?: number;

@@ -3,7 +3,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { isPidAlive } from "./runtime";
-import { ensureWorker, spawnWorker } from "./spawn";
+import { ensureWorker, spawnWorker, workerEnv } from "./spawn";
 
 const dir = mkdtempSync(join(tmpdir(), "qwenbook-spawn-spec-"));
 const started: number[] = [];
@@ -84,5 +84,16 @@ describe("ensureWorker", () => {
     started.push(second.pid);
     expect(second.pid).not.toBe(first.pid);
     expect(readFileSync(counter, "utf8")).toBe("started\nstarted\n");
+  });
+});
+
+describe("workerEnv", () => {
+  it("tells the worker where this package's llama.cpp libraries are, unless the caller did", () => {
+    const env = workerEnv({ PATH: "/bin" });
+    expect(env.PYTHONUNBUFFERED).toBe("1");
+    // This package depends on node-llama-cpp's prebuilt binaries for the platform it is installed on.
+    expect(env.QWENBOOK_LLAMA_CPP_LIB).toMatch(/@node-llama-cpp\/[\w-]+\/bins\//);
+    expect(readFileSync(join(env.QWENBOOK_LLAMA_CPP_LIB ?? "", "_nlcBuildMetadata.json"), "utf8")).toContain("llamaCpp");
+    expect(workerEnv({ QWENBOOK_LLAMA_CPP_LIB: "/opt/llama" }).QWENBOOK_LLAMA_CPP_LIB).toBe("/opt/llama");
   });
 });

@@ -1,7 +1,7 @@
 import { spawn } from "node:child_process";
 import { closeSync, mkdirSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { resolvePython } from "./paths";
+import { llamaCppLibDir, resolvePython } from "./paths";
 import { isPidAlive, readRuntimeFile, removeStaleRuntimeFile, tailOfFile, type RuntimeInfo, type Transport } from "./runtime";
 
 export interface SpawnOptions {
@@ -98,6 +98,16 @@ function readFileSafe(path: string): string {
   }
 }
 
+/** The worker's environment: the caller's, plus where llama.cpp is (its CPU chat engine) unless set. */
+export function workerEnv(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  const out: NodeJS.ProcessEnv = { ...env, PYTHONUNBUFFERED: "1" };
+  if (!out.QWENBOOK_LLAMA_CPP_LIB) {
+    const lib = llamaCppLibDir();
+    if (lib) out.QWENBOOK_LLAMA_CPP_LIB = lib;
+  }
+  return out;
+}
+
 /**
  * Starts `python -m qwenbook_bridge.worker` in its own session with output appended to its log,
  * so a kernel restart or crash does not take the worker (and its loaded models) with it, and
@@ -122,7 +132,7 @@ export async function spawnWorker(options: SpawnOptions): Promise<RuntimeInfo> {
       cwd: runtimeDir,
       detached: true,
       stdio: ["ignore", fd, fd],
-      env: { ...(options.env ?? process.env), PYTHONUNBUFFERED: "1" },
+      env: workerEnv(options.env ?? process.env),
     });
   } finally {
     closeSync(fd);

@@ -20,6 +20,7 @@ from typing import Any
 from qwenbook_bridge import PROTOCOL_VERSION, __version__
 from qwenbook_bridge.engine import (CancelledError, LoadOptions, LoadProgress,
     ModelRegistry, SamplingParams, available_devices, memory_snapshot)
+from qwenbook_bridge.engine.files.save import ProgressEvent
 from qwenbook_bridge.engine.generate.chat_engine import ChatEngines
 from qwenbook_bridge.engine.generate.generation import EngineDeclined, generate
 from qwenbook_bridge.engine.models.adapter_registry import AdapterRegistry
@@ -125,6 +126,14 @@ class Handlers:
             job.emit("load_progress", p.to_dict())
 
         loaded, already = self.registry.load(content["model"], options, progress=progress, user=job.request.session)
+        if loaded.device.type == "cpu":
+            # CPU chat runs on llama.cpp from a GGUF copy of the weights: written now (once per weights, cached),
+            # under the load's progress line, so the first chat does not wait for it.
+            def copy_progress(e: ProgressEvent) -> None:
+                progress(LoadProgress("cpu_chat", "writing the weights' GGUF copy that CPU chat runs on (llama.cpp)",
+                                      e.fraction, e.bytes_done or None, e.bytes_total or None))
+
+            self.chat.prepare(loaded, copy_progress)
         return {"status": "ok", "model": dict(loaded.info), "already_loaded": already}
 
     def unload(self, job: JobContext) -> dict[str, Any]:

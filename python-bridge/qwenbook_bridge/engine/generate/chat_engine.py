@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwenbook_bridge.engine.errors import EngineError, first_sentences
+from qwenbook_bridge.engine.errors import CancelledError, EngineError, first_sentences
+from qwenbook_bridge.engine.files.save import ProgressFn
 from qwenbook_bridge.engine.generate.fast_ops import reading_base_weights
 from qwenbook_bridge.engine.generate.paged.blocks import CacheShape, cache_budget_bytes
 from qwenbook_bridge.engine.generate.paged.scheduler import EngineConfig, PagedEngine
@@ -295,13 +296,20 @@ class ChatEngines:
         entry = self._entries[loaded.model_id] = _ModelEngine(loaded.model, engine, max_rank)
         return entry
 
-    def _build_llama(self, loaded: LoadedModel) -> _ModelEngine | None:
+    def prepare(self, loaded: LoadedModel, progress: ProgressFn | None = None) -> str | None:
+        """Make the model's chat engine now, when it is llama.cpp's (a model on the CPU): its GGUF copy is written
+        at load time, with the load's progress, not at the first chat. Says which engine the chat will use."""
+        with self._changed:
+            if self._current(loaded) is None and self._build_llama(loaded, progress) is None:
+                return None
+            entry = self._entries.get(loaded.model_id)
+            return "llama.cpp" if entry is not None and isinstance(entry.engine, LlamaCppEngine) else None
+
+    def _build_llama(self, loaded: LoadedModel, progress: ProgressFn | None = None) -> _ModelEngine | None:
         """The llama.cpp engine for a model on the CPU, or None where it does not apply (another device, the
         PyTorch engine asked for) or cannot run it (no library, an architecture the GGUF writer does not know):
         those take the PyTorch engine, with the reason logged once."""
-        from qwenbook_bridge.engine.export.gguf import UnsupportedArchitectureError
         from qwenbook_bridge.engine.llama_cpp.gguf_cache import gguf_for
-        from qwenbook_bridge.engine.llama_cpp.library import LlamaCppUnavailable
 
         device = next(loaded.model.parameters()).device
         if device.type != "cpu" or cpu_engine_choice() != "llama.cpp" or self._no_llama.get(loaded.model_id) is \
@@ -309,11 +317,14 @@ class ChatEngines:
             return None
         context = int(loaded.info.get("context_length") or 0) or None
         try:
-            gguf = gguf_for(loaded.model, loaded.tokenizer)
+            gguf = gguf_for(loaded.model, loaded.tokenizer, progress)
             engine = LlamaCppEngine(loaded.model, loaded.tokenizer, gguf,
                                     LlamaEngineConfig(tokens_per_row=self.config.tokens_per_row,
                                                       context_length=context), loaded.eos_token_ids)
-        except (LlamaCppUnavailable, UnsupportedArchitectureError, EngineError, ValueError, OSError) as exc:
+        except CancelledError:
+            raise  # a load cancelled while the copy was written: the model stays, a later chat tries again
+        except Exception as exc:  # no library, an architecture the writer does not know, no disk space, ...
+            # Chat still works, on PyTorch: a fast path that cannot start must not cost the user the model.
             log.warning("chat with %s runs on PyTorch, not llama.cpp: %s", loaded.model_id, first_sentences(exc))
             self._no_llama[loaded.model_id] = loaded.model
             return None

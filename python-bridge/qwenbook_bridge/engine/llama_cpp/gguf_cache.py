@@ -3,9 +3,10 @@ base weights, without LoRA adapters) and kept in a cache folder under a key made
 chat, kernel or session with the same weights loads it at once, and changed weights (a full fine-tune, a merge)
 get a copy of their own.
 
-Its tensor type follows what the model was loaded as, so llama.cpp computes what PyTorch would up to rounding:
-int8 layers become q8_0, int4 layers q4_0 (with a q8_0 output layer, as llama.cpp's own q4_0 files have), fp32
-f32, bf16 bf16, fp16 f16. `QWENBOOK_CPU_GGUF_TYPE` overrides it.
+Its tensor type: q8_0 for 16- and 32-bit weights (what llama.cpp users run: half the bytes of f16 for each
+token, its rounding well below what sampling notices), q8_0 for int8 layers and q4_0 for int4 layers (with a q8_0
+output layer, as llama.cpp's own q4_0 files have). `QWENBOOK_CPU_GGUF_TYPE=f32` keeps fp32 weights exact (the
+engine then caches keys and values in f32 too, and a greedy reply equals PyTorch's), at four times the bytes.
 
 Where: `$QWENBOOK_GGUF_CACHE`, else `$XDG_CACHE_HOME/qwenbook/gguf`, else `~/.cache/qwenbook/gguf`. The newest
 `KEEP` files stay; older ones are removed when a new one is written (a 7B copy is several GB)."""
@@ -17,19 +18,18 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from qwenbook_bridge.engine.export.gguf import TYPES, GgufConfig, export_gguf
+from qwenbook_bridge.engine.files.save import ProgressFn
 from qwenbook_bridge.engine.model_parts import base_model_of
 from qwenbook_bridge.engine.quant.quantize import quantized_layers
 
 log = logging.getLogger(__name__)
 KEEP = 3
-_DTYPE_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _QUANT_TYPES = {"int8": "q8_0", "int4": "q4_0"}
 _lock = threading.Lock()
 
@@ -43,7 +43,7 @@ def cache_dir() -> Path:
 
 
 def gguf_type_for(model: Any) -> str:
-    """The GGUF tensor type that keeps what the loaded weights compute."""
+    """The GGUF tensor type of the model's copy (see above)."""
     wanted = os.environ.get("QWENBOOK_CPU_GGUF_TYPE", "").strip()
     if wanted:
         if wanted not in TYPES:
@@ -54,8 +54,7 @@ def gguf_type_for(model: Any) -> str:
     if methods:
         # Mixed layers take the finer type, so that no layer loses precision it had.
         return "q8_0" if "int8" in methods or not methods <= set(_QUANT_TYPES) else "q4_0"
-    dtype = next(root.parameters()).dtype
-    return _DTYPE_TYPES.get(dtype, "f32")
+    return "q8_0"
 
 
 def weights_key(model: Any, gguf_type: str) -> str:
@@ -80,8 +79,9 @@ def weights_key(model: Any, gguf_type: str) -> str:
     return h.hexdigest()[:24]
 
 
-def gguf_for(model: Any, tokenizer: Any, progress: Callable[[str], None] | None = None) -> Path:
-    """The cached GGUF of `model`'s base weights, written first if there is none."""
+def gguf_for(model: Any, tokenizer: Any, progress: ProgressFn | None = None) -> Path:
+    """The cached GGUF of `model`'s base weights, written first if there is none (`progress` sees the writing,
+    as an export's progress)."""
     gguf_type = gguf_type_for(model)
     key = weights_key(model, gguf_type)
     folder = cache_dir()
@@ -91,13 +91,10 @@ def gguf_for(model: Any, tokenizer: Any, progress: Callable[[str], None] | None 
             os.utime(target)  # newest used: the last one removed
             return target
         folder.mkdir(parents=True, exist_ok=True)
-        if progress is not None:
-            progress(f"writing a {gguf_type} GGUF copy of the model for llama.cpp to {target} (once for these "
-                     "weights)")
         log.info("writing the llama.cpp copy of the model: %s", target)
         try:
             export_gguf(model, tokenizer, target, GgufConfig(type=gguf_type, name=key), evaluate=False,
-                        adapter_names=[])
+                        adapter_names=[], progress=progress)
         except Exception:
             if not target.exists():  # another process writing the same weights may have got there first
                 raise

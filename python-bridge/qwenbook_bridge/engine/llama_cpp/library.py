@@ -135,12 +135,13 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
 }
 
 
-def _platform_folder() -> str:
+def _platform_folders() -> list[str]:
+    """node-llama-cpp's binary packages for this platform (as kernel/src/bridge/paths.ts names them)."""
     machine = {"x86_64": "x64", "amd64": "x64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine().lower())
     system = {"linux": "linux", "darwin": "mac"}.get(sys.platform)
     if machine is None or system is None:
         raise LlamaCppUnavailable(f"no llama.cpp binaries are shipped for {sys.platform}/{platform.machine()}")
-    return f"{system}-{machine}"
+    return ["mac-arm64-metal"] if (system, machine) == ("mac", "arm64") else [f"{system}-{machine}"]
 
 
 def candidate_folders() -> list[Path]:
@@ -148,13 +149,13 @@ def candidate_folders() -> list[Path]:
     env = os.environ.get("QWENBOOK_LLAMA_CPP_LIB")
     if env:
         return [Path(env)]
-    name = _platform_folder()
     found: list[Path] = []
     for start in (Path(__file__).resolve(), Path.cwd().resolve()):
         for parent in (start, *start.parents):
-            folder = parent / "node_modules" / "@node-llama-cpp" / name / "bins" / name
-            if folder not in found:
-                found.append(folder)
+            for name in _platform_folders():
+                folder = parent / "node_modules" / "@node-llama-cpp" / name / "bins" / name
+                if folder not in found:
+                    found.append(folder)
     return found
 
 
