@@ -1,5 +1,6 @@
-"""The CPU chat benchmark (bench/cpu.py) on the tiny model: every row runs (fp32, int8, int4 through the chat engine,
-llama.cpp on the q8_0 export), each with the thread count asked for, on the same prompt ids."""
+"""The CPU chat benchmark (bench/cpu.py) on the tiny model: every row runs (fp32, int8, int4 on the PyTorch chat engine
+and on the llama.cpp one, node-llama-cpp on the q8_0 export), each with the thread count asked for, on the same
+prompt ids."""
 
 from __future__ import annotations
 
@@ -21,18 +22,23 @@ def test_cpu_benchmark_runs_every_row_on_the_same_prompt_with_its_threads(
     assert report["errors"] == []
     rows = report["rows"]
     assert [(r["threads"], r["path"]) for r in rows] == [
-        (2, "qwenbook fp32"), (2, "qwenbook int8"), (2, "qwenbook int4"), (2, "llama.cpp q8_0")]
+        (2, "qwenbook fp32"), (2, "qwenbook int8"), (2, "qwenbook int4"), (2, "qwenbook fp32 llama.cpp"),
+        (2, "qwenbook int8 llama.cpp"), (2, "qwenbook int4 llama.cpp"), (2, "llama.cpp q8_0")]
     prompt = rows[0]["prompt_ids"]
     assert len(prompt) == report["meta"]["prompt_tokens"] > 20  # the chat template's system turn and the question
     for r in rows:
         assert r["prompt_ids"] == prompt, r["path"]
         assert r["completion_tokens"] == [8], r["path"]
         assert r["decode_tokens_per_s"] > 0 and r["ttft_ms"] > 0 and r["weight_bytes"] > 0, r["path"]
-    torch_rows, llama = rows[:3], rows[3]
-    # The worker's path: the chat engine takes the tiny model at every weight type, and no run found its prompt
+    torch_rows, engine_rows, llama = rows[:3], rows[3:6], rows[6]
+    # The worker's paths: each chat engine takes the tiny model at every weight type, and no run found its prompt
     # in the prefix cache (each first token paid the whole prefill).
     assert all(r["loop"] == "chat engine" and r["prefix_hit_tokens"] == 0 for r in torch_rows)
-    assert all(r["torch_threads"] == 2 for r in torch_rows)
+    assert all(r["loop"] == "llama.cpp engine" and r["prefix_hit_tokens"] == 0 for r in engine_rows)
+    assert all(r["torch_threads"] == 2 for r in torch_rows + engine_rows)
+    # The llama.cpp engine's copies are the worker's default types, each read as its GGUF file.
+    sizes = [r["weight_bytes"] for r in engine_rows]
+    assert sizes[0] == sizes[1] > sizes[2]  # q8_0 for fp32 and int8 weights, q4_0 for int4
     assert llama["llama_threads"] == 2 and llama["loop"].startswith("node-llama-cpp ")
     assert report["meta"]["gguf"]["gguf_bytes"] == llama["weight_bytes"]
     # One prefill profiled per weight type: its ops by self time, most first; fp32's time goes to dense matmuls.

@@ -406,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         # The llama.cpp engine's GGUF copies go to this run's folder: written once per weights (the first row of
         # each, engine_start_s), not left behind in the user's cache.
         os.environ["QWENBOOK_GGUF_CACHE"] = str(Path(tmp) / "gguf-cache")
+        # The worker's default copy (q8_0 for fp32 weights, q4_0 for int4), not an exact f32 one a test asks for.
+        os.environ.pop("QWENBOOK_CPU_GGUF_TYPE", None)
         if not a.no_llama:
             try:
                 report.meta["gguf"] = export_q8_0(folder, gguf)
