@@ -80,24 +80,24 @@ describe("fine-tuning through a real worker", () => {
       .maxLength(64)
       .batchSize(8)
       .gradAccum(1)
-      .maxSteps(60)
-      .lr(1e-2)
+      .maxSteps(20) // 20 steps at 4e-2 teach the name (at 2e-2 they do not); 60 at 1e-2 took three times as long
+      .lr(4e-2)
       .schedule("cosine")
       .seed(3)
-      .logEvery(10)
+      .logEvery(5)
       .output(join(tmp, "selfcog"));
     expect(String(run)).toContain("LoRA r=16 alpha=32 on tiny-qwen2");
     tuned = await run.train();
     expect(tuned.status).toBe("completed");
     expect(tuned.adapter).toBe(join(tmp, "selfcog"));
-    expect(tuned.losses.map((p) => p.step)).toEqual([10, 20, 30, 40, 50, 60]);
-    expect(tuned.losses[5].loss).toBeLessThan(0.5 * tuned.losses[0].loss);
+    expect(tuned.losses.map((p) => p.step)).toEqual([5, 10, 15, 20]);
+    expect(tuned.losses[3].loss).toBeLessThan(0.5 * tuned.losses[0].loss);
     expect(tuned.tokensPerSecond).toBeGreaterThan(0);
     // In a terminal: a line when the run starts, one per logged step, one at the end.
     const lines = sink.lines().filter((l) => l.startsWith("[train]"));
-    expect(lines[0]).toMatch(/^\[train\] LoRA r=16 alpha=32 · tiny-qwen2 · selfCognition\(小黄, 魔搭\): 25 examples, 60 steps/);
-    expect(lines.filter((l) => /^\[train\] step +\d+\/60 · epoch/.test(l))).toHaveLength(6);
-    expect(lines[lines.length - 1]).toMatch(/^\[train\] done: 60 steps in .*; saved /);
+    expect(lines[0]).toMatch(/^\[train\] LoRA r=16 alpha=32 · tiny-qwen2 · selfCognition\(小黄, 魔搭\): 25 examples, 20 steps/);
+    expect(lines.filter((l) => /^\[train\] step +\d+\/20 · epoch/.test(l))).toHaveLength(4);
+    expect(lines[lines.length - 1]).toMatch(/^\[train\] done: 20 steps in .*; saved /);
 
     const withName = await model.withAdapter(tuned.adapter!).chat(WHO).greedy().maxTokens(24).quiet();
     expect(withName.text).toContain("小黄");
