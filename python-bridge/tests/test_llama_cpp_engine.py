@@ -181,10 +181,7 @@ def test_by_default_chat_runs_a_q8_0_copy_close_to_the_fp32_model(loaded: Any, e
     f16_cache = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
     assert engine.stats().cache_bytes == engine.config.max_batch_size * engine.tokens_per_row * f16_cache
     ids = prompt_ids(loaded, CHAT)
-    from qwenbook_bridge.engine.llama_cpp.context import Chunk
-
-    got = engine.call_between_steps(lambda: engine.ctx.decode([Chunk(3, ids, 0, True)])).result()[0]
-    engine.call_between_steps(lambda: engine.ctx.forget(3)).result()
+    got = engine.prompt_logits(ids)
     with torch.inference_mode():
         want = loaded.model(torch.tensor([ids])).logits[0, -1]
     # q8_0 rounds each weight (and llama.cpp each activation) to 8 bits per 32 values: the logits follow fp32's

@@ -62,6 +62,8 @@ class LlamaContext:
 
     def decode(self, chunks: list[Chunk]) -> torch.Tensor:
         """Run the chunks in one llama_decode; the logits of each chunk with `logits`, in order, as float32."""
+        if not self._ctx:
+            raise EngineError("this llama.cpp context was closed (its engine stopped)")
         b = self._batch
         i = 0
         out: list[int] = []
@@ -91,7 +93,8 @@ class LlamaContext:
 
     def forget(self, seq: int, start: int = 0) -> None:
         """Drop sequence `seq`'s cached tokens from position `start` on."""
-        self.lib.llama_memory_seq_rm(self._memory, seq, start, -1)
+        if self._ctx:
+            self.lib.llama_memory_seq_rm(self._memory, seq, start, -1)
 
     def close(self) -> None:
         if self._ctx:

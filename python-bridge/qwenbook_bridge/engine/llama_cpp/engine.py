@@ -104,6 +104,26 @@ class LlamaCppEngine(EngineThread[_Seq, _Seq]):
     def adapters(self) -> list[str]:
         return []
 
+    def prompt_logits(self, ids: list[int]) -> torch.Tensor:
+        """The logits after `ids` (a quality check against another path), computed in the least recently used
+        free sequence between two steps, which then holds `ids` for a later request to reuse."""
+        def run() -> torch.Tensor:
+            if not self._free:
+                raise EngineError("every llama.cpp sequence is decoding a request: try again when one ends")
+            if not 0 < len(ids) <= self.tokens_per_row:
+                raise InvalidOptionError(f"give 1 to {self.tokens_per_row} token ids, got {len(ids)}")
+            slot = self._free[0]
+            self.ctx.forget(slot)
+            self._cached[slot] = []
+            step = self.ctx.max_step_tokens
+            for start in range(0, len(ids), step):
+                chunk = ids[start:start + step]
+                logits = self.ctx.decode([Chunk(slot, chunk, start, start + len(chunk) == len(ids))])
+                self._cached[slot] = list(ids[:start + len(chunk)])
+            return logits[0]
+
+        return self.call_between_steps(run).result()
+
     def stats(self) -> EngineStats:
         used = sum(s.computed for s in self._rows)
         total = self.config.max_batch_size * self.tokens_per_row
