@@ -123,7 +123,7 @@ def test_self_cognition_run_teaches_the_tiny_qwen3_its_name(tiny_qwen3_dir: Path
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir, dtype=torch.float32).eval()
     assert "小黄" not in ask(model, tok3, "你是谁？")
     result, losses = run(model, tok3, tmp_path / "selfcog", SelfCognition("小黄", "魔搭", languages=("zh",)).rows(),
-                         max_length=80, batch_size=8, max_steps=60, lr=1e-2, schedule="cosine", seed=3,
+                         max_length=80, batch_size=4, max_steps=40, lr=2e-2, schedule="cosine", seed=3,
                          lora=LoraSettings(r=16, alpha=32), log_every=10)
     assert result.status == "completed" and losses[-1] < 0.5 * losses[0]
     assert not has_injected_adapters(model)

@@ -79,10 +79,10 @@ def test_self_cognition_run_teaches_the_name_and_gives_the_base_back(model, tok,
     base_answer = ask(model, tok, "你是谁？")
     assert "小黄" not in base_answer
     result, events = run(model, tok, tmp_path / "selfcog", rows=SelfCognition("小黄", "魔搭", languages=("zh",)).rows(),
-                         max_length=64, batch_size=8, max_steps=60, lr=1e-2, schedule="cosine", seed=3,
+                         max_length=64, batch_size=4, max_steps=40, lr=2e-2, schedule="cosine", seed=3,
                          lora=LoraSettings(r=16, alpha=32), log_every=10)
     losses = progress(events)
-    assert result.status == "completed" and result.step == 60 and len(losses) == 6
+    assert result.status == "completed" and result.step == 40 and len(losses) == 4
     assert losses[-1] < 0.5 * losses[0]
     # The caller's model is exactly the base again: no adapter layers, same outputs, frozen flags untouched.
     assert not has_injected_adapters(model) and not model.training
@@ -91,12 +91,12 @@ def test_self_cognition_run_teaches_the_name_and_gives_the_base_back(model, tok,
     tuned = PeftModel.from_pretrained(model, result.adapter_path)
     assert "小黄" in ask(tuned, tok, "你是谁？")
     begin = events[0][1]
-    assert events[0][0] == "train_begin" and begin["total_steps"] == 60 and begin["examples"] == 25
+    assert events[0][0] == "train_begin" and begin["total_steps"] == 40 and begin["examples"] == 25
     last = [c for k, c in events if k == "train_progress"][-1]
     assert set(last) == {"step", "total_steps", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s"}
     assert last["eta_s"] == 0 and last["tokens_per_s"] > 0 and result.tokens_per_s > 0
     saved = json.loads((tmp_path / "selfcog" / "train_result.json").read_text(encoding="utf-8"))
-    assert saved["status"] == "completed" and saved["checkpoints"] == [str(tmp_path / "selfcog" / "checkpoint-60")]
+    assert saved["status"] == "completed" and saved["checkpoints"] == [str(tmp_path / "selfcog" / "checkpoint-40")]
 
 
 def test_resume_after_cancel_repeats_the_uninterrupted_run_step_for_step(model, tok, tmp_path, tiny_model_dir):
