@@ -1,4 +1,4 @@
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -41,6 +41,38 @@ export function executeNotebook(name: string, env: Record<string, string> = {}, 
   });
   const nb = JSON.parse(readFileSync(out, "utf8")) as { cells: Cell[]; metadata: { qwenbook_run_seconds: number } };
   return { cells: nb.cells, seconds: nb.metadata.qwenbook_run_seconds, stderr: r.stderr, status: r.status };
+}
+
+/**
+ * executeNotebook without blocking the test process: vitest's own messages keep flowing during a run of minutes,
+ * and other work (a model build) can go on beside it. Fills and returns `into`, so that tests declared before
+ * the run (at collection) read the executed notebook once their beforeAll has awaited this.
+ */
+export function executeNotebookAsync(
+  name: string,
+  env: Record<string, string>,
+  dir: string,
+  into: ExecutedNotebook = { cells: [], seconds: 0, stderr: "", status: null },
+): Promise<ExecutedNotebook> {
+  const out = join(mkdtempSync(join(tmpdir(), "qwenbook-nb-")), name);
+  const child = spawn(python, [join(repo, "tests", "notebooks", "execute.py"), join(dir, name), out], {
+    env: { ...process.env, ...env },
+    stdio: ["ignore", "ignore", "pipe"],
+    timeout: 900_000,
+  });
+  let stderr = "";
+  child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
+  return new Promise((resolve, reject) => {
+    child.once("error", reject);
+    child.once("close", (status) => {
+      try {
+        const nb = JSON.parse(readFileSync(out, "utf8")) as { cells: Cell[]; metadata: { qwenbook_run_seconds: number } };
+        resolve(Object.assign(into, { cells: nb.cells, seconds: nb.metadata.qwenbook_run_seconds, stderr, status }));
+      } catch (e) {
+        reject(new Error(`${name} left no executed notebook (exit ${status}): ${(e as Error).message}\n${stderr}`));
+      }
+    });
+  });
 }
 
 export const sourceOf = (c: Cell): string => joinText(c.source);
