@@ -54,13 +54,17 @@ def torchrun(run: Path, nproc: int = 2) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def one_process(model_dir: Path, data: Path, config: dict) -> dict[int, float]:
-    """Step -> loss of a one-process run (with a resumed run, the checkpoint's earlier steps too)."""
+def one_process(model_dir: Path, data: Path, config: dict, last_step: int | None = None) -> dict[int, float]:
+    """Step -> loss of a one-process run (with a resumed run, the checkpoint's earlier steps too), cancelled
+    once it reports `last_step` if given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    result = train(model, tok, [DatasetSpec(str(data))], TrainConfig.from_dict(config))
+    cancel, on_event = cancel_after(last_step) if last_step is not None else (None, None)
+    result = train(model, tok, [DatasetSpec(str(data))], TrainConfig.from_dict(config), on_event=on_event,
+                   cancel=cancel)
+    assert last_step is None or result.step == last_step
     return {h["step"]: h["loss"] for h in result.history if h["kind"] == "train_progress"}
 
 
@@ -87,27 +91,50 @@ def test_a_run_that_cannot_start_says_why(tmp_path: Path) -> None:
         launch(run, 2, tmp_path / "launch")
 
 
-def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path: Path, tiny_model_dir: Path) -> None:
-    run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp")).read_text(encoding="utf-8"))
+def test_two_ranks_match_one_process_then_cancel_at_one_step_with_a_checkpoint(tmp_path: Path,
+                                                                              tiny_model_dir: Path) -> None:
+    run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp", max_steps=400)).read_text())
     del run["events"]
+    seen, cancel, on_event = recording_cancel()
+    result = launch(run, 2, tmp_path / "launch", on_event=on_event, cancel=cancel)
+    assert_two_ranks_match_one_process_then_cancel(result, seen, tmp_path, tiny_model_dir)
+
+
+CANCEL_AT = 4  # the compared runs are cancelled once they report this step
+
+
+def recording_cancel() -> tuple[list[tuple[str, dict]], threading.Event, Callable[[str, dict], None]]:
+    """Events seen, a cancel event, and a sink that records every event and cancels at CANCEL_AT."""
     seen: list[tuple[str, dict]] = []
-    result = launch(run, 2, tmp_path / "launch", on_event=lambda kind, content: seen.append((kind, content)))
-    assert_two_ranks_match_one_process(result, seen, tmp_path, tiny_model_dir)
+    cancel, cancel_on = cancel_after(CANCEL_AT)
+
+    def on_event(kind: str, content: dict) -> None:
+        seen.append((kind, content))
+        cancel_on(kind, content)
+
+    return seen, cancel, on_event
 
 
-def assert_two_ranks_match_one_process(result: dict, seen: list[tuple[str, dict]], tmp_path: Path,
-                                       tiny_model_dir: Path) -> None:
-    """A finished 2-rank run of settings(tmp_path / "ddp") against one process with the same global batch."""
-    assert result["status"] == "completed" and result["step"] == 4
+def assert_two_ranks_match_one_process_then_cancel(result: dict, seen: list[tuple[str, dict]], tmp_path: Path,
+                                                   tiny_model_dir: Path) -> None:
+    """A 2-rank run of settings(tmp_path / "ddp", max_steps=400) that recording_cancel cancelled: every rank stopped
+    at one step with a checkpoint there, and each step's loss is that of one process with the same global batch
+    (and the same 400-step schedule) stopped at the same step. One launch proves both, as a launch is most of the
+    cost."""
+    stopped = result["step"]
+    assert result["status"] == "cancelled" and CANCEL_AT <= stopped < 400
+    last = ckpt.list_checkpoints(tmp_path / "ddp")[-1]
+    assert ckpt.read_trainer_state(last)["step"] == stopped
+    assert (last / "adapter_model.safetensors").is_file()
     begin = next(c for k, c in seen if k == "train_begin")
     assert begin["rows_per_step"] == 2 * 1 * 2 and begin["world_size"] == 2  # batch × grad_accum × ranks
     ranked = {c["step"]: c["loss"] for k, c in seen if k == "train_progress"}
-    assert (tmp_path / "ddp" / "adapter_model.safetensors").is_file()
 
-    reference = one_process(tiny_model_dir, tmp_path / "data.jsonl", settings(tmp_path / "one", grad_accum=2))
-    assert list(ranked) == list(reference) == [1, 2, 3, 4]
+    reference = one_process(tiny_model_dir, tmp_path / "data.jsonl",
+                            settings(tmp_path / "one", grad_accum=2, max_steps=400), last_step=stopped)
+    assert list(ranked) == list(reference) == list(range(1, stopped + 1))
     assert max(abs(ranked[s] - reference[s]) for s in reference) < TOLERANCE, (ranked, reference)
-    assert reference[4] < reference[1]  # it learns, so matching curves are not two flat lines
+    assert reference[CANCEL_AT] < reference[1]  # it learns, so matching curves are not two flat lines
 
 
 def cancel_after(step: int) -> tuple[threading.Event, Callable[[str, dict], None]]:
@@ -158,13 +185,3 @@ def test_a_killed_rank_ends_the_run_and_its_checkpoint_resumes_on_one_process(tm
     resumed = one_process(tiny_model_dir, tmp_path / "data.jsonl",
                           settings(out_dir, grad_accum=2, max_steps=step + 2, resume_from=str(last)))
     assert list(resumed)[-3:] == [step, step + 1, step + 2]
-
-
-def test_cancel_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path: Path, tiny_model_dir: Path) -> None:
-    run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp", max_steps=400)).read_text())
-    del run["events"]
-    cancel, on_event = cancel_after(2)
-    result = launch(run, 2, tmp_path / "launch", on_event=on_event, cancel=cancel)
-    assert result["status"] == "cancelled" and 2 <= result["step"] < 400
-    last = ckpt.list_checkpoints(tmp_path / "ddp")[-1]
-    assert ckpt.read_trainer_state(last)["step"] == result["step"]

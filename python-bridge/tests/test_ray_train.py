@@ -28,18 +28,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from qwenbook_bridge.distributed.torchrun import DistributedRunError
-from qwenbook_bridge.engine.train import checkpoints as ckpt
 from qwenbook_bridge.engine.errors import DeviceUnavailableError, InvalidOptionError
 from qwenbook_bridge.distributed import ray_train as ray_launch
 from qwenbook_bridge.distributed.ray_train import RayClusterError, launch
-from qwenbook_bridge.engine.data.datasets import DatasetSpec
-from qwenbook_bridge.engine.train.config import TrainConfig
-from qwenbook_bridge.engine.train.loop import train
 
-from test_dist_train import TOLERANCE, cancel_after, settings, write_run
+from test_dist_train import assert_two_ranks_match_one_process_then_cancel, recording_cancel, settings, write_run
 
 RAY = Path(sys.executable).with_name("ray")
 
@@ -250,44 +245,11 @@ def test_more_workers_than_the_cluster_has_fail_before_training(client_session: 
     assert seen == [] and not (tmp_path / "ddp").exists()
 
 
-def _one_process_until(model_dir: Path, data: Path, config: dict, last_step: int) -> dict[int, float]:
-    """Step -> loss of a one-process run of `config`, cancelled once it reports `last_step`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    cancel, on_event = cancel_after(last_step)
-    result = train(model, tok, [DatasetSpec(str(data))], TrainConfig.from_dict(config), on_event=on_event,
-                   cancel=cancel)
-    assert result.step == last_step
-    return {h["step"]: h["loss"] for h in result.history if h["kind"] == "train_progress"}
-
-
 def test_two_workers_match_one_process_then_cancel_with_a_checkpoint(client_session: Cluster, tmp_path: Path,
                                                                     tiny_model_dir: Path) -> None:
     run = json.loads(write_run(tmp_path, tiny_model_dir, settings(tmp_path / "ddp", max_steps=400)).read_text())
     del run["events"]
-    seen: list[tuple[str, dict]] = []
-    cancel, cancel_on = cancel_after(4)
-
-    def on_event(kind: str, content: dict) -> None:
-        seen.append((kind, content))
-        cancel_on(kind, content)
-
+    seen, cancel, on_event = recording_cancel()
     # Through the Ray Client session: the queue and the stop flag are actors, so events and cancel cross it too.
     result = launch(run, 2, 0, client_session.client, tmp_path / "launch", on_event=on_event, cancel=cancel)
-    stopped = result["step"]
-    assert result["status"] == "cancelled" and 4 <= stopped < 400
-    last = ckpt.list_checkpoints(tmp_path / "ddp")[-1]
-    assert ckpt.read_trainer_state(last)["step"] == stopped
-    assert (last / "adapter_model.safetensors").is_file()
-
-    begin = next(c for k, c in seen if k == "train_begin")
-    assert begin["rows_per_step"] == 2 * 1 * 2 and begin["world_size"] == 2  # batch × grad_accum × ranks
-    ranked = {c["step"]: c["loss"] for k, c in seen if k == "train_progress"}
-    # One process with the same global batch (and the same 400-step schedule), stopped where the ranks stopped.
-    reference = _one_process_until(tiny_model_dir, tmp_path / "data.jsonl",
-                                   settings(tmp_path / "one", grad_accum=2, max_steps=400), stopped)
-    assert list(ranked) == list(reference) == list(range(1, stopped + 1))
-    assert max(abs(ranked[s] - reference[s]) for s in reference) < TOLERANCE, (ranked, reference)
-    assert reference[4] < reference[1]  # it learns, so matching curves are not two flat lines
+    assert_two_ranks_match_one_process_then_cancel(result, seen, tmp_path, tiny_model_dir)
