@@ -282,3 +282,16 @@ def test_loading_on_the_cpu_writes_the_copy_with_the_loads_progress(tiny_model_d
         assert isinstance(engine, LlamaCppEngine) and engine.running and engine.gguf.parent == tmp_path
     finally:
         handlers.close()
+
+
+def test_the_openai_server_on_the_cpu_decodes_on_llama_cpp(loaded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # test_serving.py's replies through it equal the notebook chat's; here, which engine it took.
+    from qwenbook_bridge.openai.server import OpenAIServer, ServeConfig
+
+    server = OpenAIServer.for_loaded(loaded, ServeConfig(port=0, max_batch_size=32))
+    try:
+        assert isinstance(server.scheduler, LlamaCppEngine) and server.scheduler.config.max_batch_size == 8
+    finally:
+        server.scheduler.stop()
+    monkeypatch.setenv("QWENBOOK_CPU_ENGINE", "pytorch")
+    assert isinstance(OpenAIServer.for_loaded(loaded, ServeConfig(port=0)).scheduler, PagedEngine)

@@ -277,7 +277,11 @@ def test_stop_strings_and_stop_token_ids_end_the_reply(tiny, reference):
     assert list(cut.token_ids) == ids[:ids.index(ids[5])]
 
 
-def test_the_openai_server_serves_with_the_paged_engine_and_falls_back_for_injected_lora(tiny, tiny_model_dir):
+def test_the_openai_server_serves_with_the_paged_engine_and_falls_back_for_injected_lora(tiny, tiny_model_dir,
+                                                                                        monkeypatch):
+    # The PyTorch engines: on the CPU a base model is served by llama.cpp unless asked otherwise
+    # (test_llama_cpp_engine.py).
+    monkeypatch.setenv("QWENBOOK_CPU_ENGINE", "pytorch")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

@@ -37,7 +37,7 @@ def engine_cache(model_id: str, role: Role, engine: PagedEngine | LlamaCppEngine
 
 
 def cache_items(chat: list[tuple[str, PagedEngine | LlamaCppEngine]],
-                servers: list[tuple[str, PagedEngine]]) -> list[dict[str, Any]]:
+                servers: list[tuple[str, PagedEngine | LlamaCppEngine]]) -> list[dict[str, Any]]:
     """The chat engines' items, then the servers'."""
     return [*(engine_cache(model_id, "chat", engine) for model_id, engine in chat),
             *(engine_cache(model_id, "server", engine) for model_id, engine in servers)]

@@ -28,6 +28,7 @@ from qwenbook_bridge.handlers.paths import resolve_user_path
 
 if TYPE_CHECKING:
     from qwenbook_bridge.engine.generate.paged.scheduler import PagedEngine
+    from qwenbook_bridge.engine.llama_cpp.engine import LlamaCppEngine
     from qwenbook_bridge.engine.models.loading import LoadedModel, ModelRegistry
     from qwenbook_bridge.openai.server import OpenAIServer
     from qwenbook_bridge.handlers.context import JobContext
@@ -176,15 +177,16 @@ class ServeHandlers:
                       if (server_id is None or s.server_id == server_id) and (model_id is None or s.model_id == model_id)]
         return {"status": "ok", "servers": [s.info() for s in chosen]}
 
-    def paged_engines(self) -> list[tuple[str, PagedEngine]]:
+    def paged_engines(self) -> list[tuple[str, PagedEngine | LlamaCppEngine]]:
         """(model id, engine) of each running server that decodes on a paged engine (the padded batch
         scheduler has no block cache to report), for status and the memory telemetry."""
         from qwenbook_bridge.engine.generate.paged.scheduler import PagedEngine
+        from qwenbook_bridge.engine.llama_cpp.engine import LlamaCppEngine
 
         with self._lock:
             served = list(self._servers.values())
         return [(s.model_id, s.server.scheduler) for s in served
-                if isinstance(s.server.scheduler, PagedEngine) and s.server.scheduler.running]
+                if isinstance(s.server.scheduler, (PagedEngine, LlamaCppEngine)) and s.server.scheduler.running]
 
     # ------------------------------------------------------------ dispatch tables
 

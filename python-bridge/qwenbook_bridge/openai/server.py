@@ -42,7 +42,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from qwenbook_bridge.engine.generate.batching.scheduler import BatchConfig, BatchScheduler
 from qwenbook_bridge.engine.generate.paged.scheduler import EngineConfig, PagedEngine
-from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError
+from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError, first_sentences
+from qwenbook_bridge.engine.llama_cpp.engine import LlamaCppEngine, LlamaEngineConfig, cpu_engine_choice
 from qwenbook_bridge.engine.models.adapters import AdapterError, read_adapter_config
 from qwenbook_bridge.openai.routes import MiB, ApiLimits, OpenAIApi, build_app
 
@@ -420,11 +421,14 @@ class _GuardedH11Protocol(H11Protocol):
 
 
 def _engine_for(model: Any, tokenizer: Any, config: ServeConfig,
-                eos_token_ids: frozenset[int] | None) -> PagedEngine | BatchScheduler:
-    """The paged engine when it can read the model's weights; otherwise the padded batch scheduler, which
-    runs the model's own forward (any architecture transformers knows, LoRA layers injected by peft).
-    Adapters served by name need the paged engine's slots: without them there is no fallback."""
+                eos_token_ids: frozenset[int] | None) -> PagedEngine | BatchScheduler | LlamaCppEngine:
+    """On the CPU, the llama.cpp engine on the model's GGUF copy (as notebook chat) where it applies. Else the
+    paged engine when it can read the model's weights; otherwise the padded batch scheduler, which runs the
+    model's own forward (any architecture transformers knows, LoRA layers injected by peft). Adapters served by
+    name need the paged engine's slots: without them there is no fallback."""
     slots = len(config.adapters)
+    if not slots and (llama := _llama_engine(model, tokenizer, config, eos_token_ids)) is not None:
+        return llama
     try:
         return PagedEngine(model, tokenizer, EngineConfig(max_batch_size=config.max_batch_size,
                                                           context_length=config.context_length,
@@ -497,3 +501,23 @@ def _bind(host: str, port: int) -> socket.socket:
                 from None
         raise
     return sock
+
+
+def _llama_engine(model: Any, tokenizer: Any, config: ServeConfig,
+                  eos_token_ids: frozenset[int] | None) -> LlamaCppEngine | None:
+    """The llama.cpp engine for a base model on the CPU, or None (another device, QWENBOOK_CPU_ENGINE=pytorch,
+    LoRA layers in the model, or llama.cpp cannot run it: the reason logged)."""
+    from qwenbook_bridge.engine.llama_cpp.gguf_cache import gguf_for
+    from qwenbook_bridge.engine.model_parts import has_injected_adapters
+
+    if next(model.parameters()).device.type != "cpu" or cpu_engine_choice() != "llama.cpp" or \
+            has_injected_adapters(model):
+        return None
+    try:
+        # Up to 8 sequences at once: a CPU's throughput is spent by then, and more queue in the server.
+        return LlamaCppEngine(model, tokenizer, gguf_for(model, tokenizer),
+                              LlamaEngineConfig(max_batch_size=min(config.max_batch_size, 8),
+                                                context_length=config.context_length), eos_token_ids)
+    except Exception as exc:  # no library, an architecture the GGUF writer does not know, no disk space, ...
+        log.warning("serving on PyTorch, not llama.cpp: %s", first_sentences(exc))
+        return None
