@@ -220,7 +220,11 @@ def test_an_adapter_chat_takes_the_pytorch_engine(tiny_model_dir: Path, engines:
     base = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32)
     get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)) \
         .save_pretrained(tmp_path / "a")
+    from qwenbook_bridge.engine.llama_cpp.gguf_cache import weights_key
+
+    before = weights_key(loaded.model, "q8_0")
     registry.manager(loaded).load(str(tmp_path / "a"), "a")
+    assert weights_key(loaded.model, "q8_0") == before  # adapter layers around the same base: the same copy
     lease = engines.lease(loaded, "a")
     assert lease is not None and isinstance(lease.engine, PagedEngine) and lease.adapter is not None
     lease.release()

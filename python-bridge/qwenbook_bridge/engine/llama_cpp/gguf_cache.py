@@ -75,6 +75,8 @@ def weights_key(model: Any, gguf_type: str) -> str:
                 flat = flat.to(torch.float32)
             total = float(flat.sum(dtype=torch.float64))
             squares = float(flat[::4099].to(torch.float64).square().sum())
+            # peft moves a wrapped layer's weight under `base_layer`: the same weights, the same key.
+            name = name.replace(".base_layer", "")
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{total!r}|{squares!r}".encode())
     return h.hexdigest()[:24]
 
