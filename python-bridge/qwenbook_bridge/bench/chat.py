@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -28,16 +27,16 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 
 def write_random_model(tokenizer: Path, into: Path) -> Path:
-    from qwenbook_bridge.bench.model import build_random_model
+    from qwenbook_bridge.bench.model import build_random_model, copy_tokenizer
 
     model = build_random_model("7b", torch.device("cuda" if torch.cuda.is_available() else "cpu"), torch.bfloat16)
     model.save_pretrained(into)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    for f in tokenizer.iterdir():
-        shutil.copy(f, into / f.name)
-    return into
+    # Only the tokenizer's files: a tokenizer folder that is a model (the tiny test model) would otherwise put its
+    # config and weights over the random 7B ones, and the benchmark would time the tiny model.
+    return copy_tokenizer(tokenizer, into)
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:

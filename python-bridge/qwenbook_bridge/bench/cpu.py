@@ -48,10 +48,6 @@ WEIGHTS = ("fp32", "int8", "int4")
 ENGINES = ("pytorch", "llama.cpp")
 # A short first question under the template's default system prompt: 39 prompt tokens with Qwen2.5's template.
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
-# What a model folder needs from a tokenizer folder (not its config or weights, which would replace the model's).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json")
-
 
 @dataclass
 class Report:
@@ -84,18 +80,13 @@ def thread_counts(spec: str) -> list[int]:
 def write_random_model(shape: str, tokenizer: Path, into: Path) -> Path:
     """A random-weight model of `shape` (bench/model.py) saved with the tokenizer's files: a folder `qwen.load`
     reads like a downloaded one."""
-    from qwenbook_bridge.bench.model import build_random_model
+    from qwenbook_bridge.bench.model import build_random_model, copy_tokenizer
 
     torch.manual_seed(0)
     model = build_random_model(shape, torch.device("cpu"), torch.float32)
     model.save_pretrained(into)
     del model
-    copied = [name for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
-    if "tokenizer.json" not in copied:
-        raise FileNotFoundError(f"{tokenizer} has no tokenizer.json: pass --tokenizer with a Qwen tokenizer folder")
-    for name in copied:
-        shutil.copy(tokenizer / name, into / name)
-    return into
+    return copy_tokenizer(tokenizer, into)
 
 
 def export_q8_0(folder: Path, target: Path) -> dict[str, Any]:

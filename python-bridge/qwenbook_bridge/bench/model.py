@@ -12,6 +12,22 @@ from typing import Any
 
 import torch
 
+# What a model folder needs from a tokenizer folder (not its config or weights, which would replace the model's).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json")
+
+
+def copy_tokenizer(tokenizer: Path, into: Path) -> Path:
+    """Copy a tokenizer folder's tokenizer files (not its config or weights, which would replace the model's)."""
+    import shutil
+
+    copied = [name for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
+    if "tokenizer.json" not in copied:
+        raise FileNotFoundError(f"{tokenizer} has no tokenizer.json: pass --tokenizer with a Qwen tokenizer folder")
+    for name in copied:
+        shutil.copy(tokenizer / name, into / name)
+    return into
+
 # Qwen2.5-7B's config.json, as far as the computation's shape goes.
 QWEN25_7B: dict[str, Any] = dict(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
