@@ -13,8 +13,14 @@ from qwenbook_bridge.bench import cpu as bench_cpu
 
 
 def test_cpu_benchmark_runs_every_row_on_the_same_prompt_with_its_threads(
-        tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "cpu.json"
+    # The int8/int4 rows decode on the dense path: compiling the fused few-row kernels (Inductor, C++) took ~45 s of
+    # CPU in the rows' process with an empty compile cache, about two thirds of this test, and the kernels have
+    # their own test (test_quant.py::test_cpu_paths_compute_the_dequantized_product_and_share_one_buffer). The
+    # rows' process inherits this.
+    monkeypatch.setenv("QWENBOOK_CPU_QUANT_KERNEL", "0")
     # 2 threads where the environment says 1 (OMP_NUM_THREADS=1 in the test runner): the row's own setting must win.
     assert bench_cpu.main(["--small", "--tokenizer", str(tiny_model_dir), "--threads", "2", "--profile",
                            "--out", str(out)]) == 0
