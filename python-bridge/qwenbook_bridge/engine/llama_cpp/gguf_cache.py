@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -58,26 +59,22 @@ def gguf_type_for(model: Any) -> str:
 
 
 def weights_key(model: Any, gguf_type: str) -> str:
-    """A key for the base weights: every tensor's name, shape, type, sum and a strided sum of squares (adapters
-    left out), with the model's config. Reading the weights once costs about a second for a 0.5B model."""
+    """A key for the base weights: every tensor's name, shape, type and a CRC-32 of its bytes (adapters left out),
+    with the model's config. About half a second for a 0.5B model in fp32 (summing it in float64 took 10 s)."""
     root = base_model_of(model)
     h = hashlib.sha256()
     cfg = root.config.to_dict() if hasattr(root.config, "to_dict") else {}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     h.update(gguf_type.encode())
     with torch.no_grad():
-        tensors = [*root.named_parameters(), *root.named_buffers()]
-        for name, t in tensors:
+        for name, t in [*root.named_parameters(), *root.named_buffers()]:
             if "lora_" in name or t.device.type == "meta":
                 continue
-            flat = t.detach().reshape(-1)
-            if not flat.is_floating_point():
-                flat = flat.to(torch.float32)
-            total = float(flat.sum(dtype=torch.float64))
-            squares = float(flat[::4099].to(torch.float64).square().sum())
+            data = t.detach().contiguous().reshape(-1)
+            crc = zlib.crc32(data.view(torch.uint8).cpu().numpy()) if data.numel() else 0
             # peft moves a wrapped layer's weight under `base_layer`: the same weights, the same key.
             name = name.replace(".base_layer", "")
-            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{total!r}|{squares!r}".encode())
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{crc}".encode())
     return h.hexdigest()[:24]
 
 
