@@ -5,6 +5,7 @@ prompt ids."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,12 @@ def test_cpu_benchmark_runs_every_row_on_the_same_prompt_with_its_threads(
     # rows' process inherits this.
     monkeypatch.setenv("QWENBOOK_CPU_QUANT_KERNEL", "0")
     # 2 threads where the environment says 1 (OMP_NUM_THREADS=1 in the test runner): the row's own setting must win.
+    ours = lambda: {k: v for k, v in os.environ.items() if k.startswith("QWENBOOK_")}  # noqa: E731
+    env_before = ours()
     assert bench_cpu.main(["--small", "--tokenizer", str(tiny_model_dir), "--threads", "2", "--profile",
                            "--out", str(out)]) == 0
+    # The rows' own settings stay in their processes: the test session's environment is as it was.
+    assert ours() == env_before
     report = json.loads(out.read_text())
     assert report["errors"] == []
     rows = report["rows"]

@@ -241,7 +241,13 @@ def run_torch_rows(spec: dict[str, Any], out: Path) -> Iterator[dict[str, Any]]:
     package_root = str(HERE.parents[1])  # so `-m qwenbook_bridge...` resolves from any working directory
     path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(spec["threads"]),
-           "MKL_NUM_THREADS": str(spec["threads"])}
+           "MKL_NUM_THREADS": str(spec["threads"]),
+           # The llama.cpp engine's GGUF copies go to this run's folder, written once per weights (the first row of
+           # each, engine_start_s), not left in the user's cache.
+           "QWENBOOK_GGUF_CACHE": spec["gguf_cache"]}
+    # The worker's default copy (q8_0 for fp32 weights, q4_0 for int4), not an exact f32 one a test asks for. Only
+    # the rows' environment changes: this process's is the caller's (a test session's).
+    env.pop("QWENBOOK_CPU_GGUF_TYPE", None)
     spec_file = out.with_name(f"{out.name}.rows.json")
     spec_file.write_text(json.dumps(spec), encoding="utf-8")
     stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
@@ -394,11 +400,6 @@ def main(argv: list[str] | None = None) -> int:
                        "threads": threads, "weights": weights, "new_tokens": new_tokens, "runs": runs,
                        "messages": MESSAGES}
         gguf = Path(tmp) / "model-q8_0.gguf"
-        # The llama.cpp engine's GGUF copies go to this run's folder: written once per weights (the first row of
-        # each, engine_start_s), not left behind in the user's cache.
-        os.environ["QWENBOOK_GGUF_CACHE"] = str(Path(tmp) / "gguf-cache")
-        # The worker's default copy (q8_0 for fp32 weights, q4_0 for int4), not an exact f32 one a test asks for.
-        os.environ.pop("QWENBOOK_CPU_GGUF_TYPE", None)
         if not a.no_llama:
             try:
                 report.meta["gguf"] = export_q8_0(folder, gguf)
@@ -408,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in threads:
             # fp32's profile is the baseline the quantized prefills are read against.
             spec = {"folder": str(folder), "weights": weights, "engines": engines, "threads": n,
-                    "new_tokens": new_tokens, "runs": runs, "profile": a.profile and n == max(threads)}
+                    "new_tokens": new_tokens, "runs": runs, "profile": a.profile and n == max(threads),
+                    "gguf_cache": str(Path(tmp) / "gguf-cache")}
             try:
                 for got in run_torch_rows(spec, out):
                     if "error" in got:
