@@ -189,10 +189,14 @@ def test_qwen3_moe_chats_with_an_expert_adapter_as_peft_does(tiny_qwen3_moe_dir:
         handlers.close()
 
 
+@pytest.mark.parametrize("engine", ["pytorch", "llama.cpp"])
 @pytest.mark.parametrize("which", ["qwen3", "qwen3_moe"])
-def test_the_openai_server_serves_qwen3_and_qwen3_moe_with_the_notebooks_greedy_text(which: str, caplog,
-                                                                                     request: pytest.FixtureRequest):
+def test_the_openai_server_serves_qwen3_and_qwen3_moe_with_the_notebooks_greedy_text(which: str, engine: str, caplog,
+                                                                                     request: pytest.FixtureRequest,
+                                                                                     monkeypatch):
     import openai
+
+    from qwenbook_bridge.engine.llama_cpp.engine import LlamaCppEngine
 
     from qwenbook_bridge.engine.generate.batching.scheduler import BatchScheduler
     from qwenbook_bridge.engine.generate.paged.scheduler import PagedEngine
@@ -200,13 +204,17 @@ def test_the_openai_server_serves_qwen3_and_qwen3_moe_with_the_notebooks_greedy_
 
     loaded = request.getfixturevalue(which)
     expected = generate(loaded, CHAT, SamplingParams(max_tokens=TOKENS, greedy=True)).text
+    monkeypatch.setenv("QWENBOOK_CPU_ENGINE", engine)
     with caplog.at_level(logging.INFO):
         server = OpenAIServer.for_loaded(loaded, ServeConfig(port=0, model_name=which))
     server.start()
     try:
-        # Qwen3 on the paged engine; Qwen3-MoE on the padded batch scheduler, with the reason in the log.
-        assert isinstance(server.scheduler, PagedEngine if which == "qwen3" else BatchScheduler)
-        if which == "qwen3_moe":
+        if engine == "llama.cpp":  # the CPU's default for a base model, MoE too
+            assert isinstance(server.scheduler, LlamaCppEngine)
+        # On PyTorch: Qwen3 on the paged engine; Qwen3-MoE on the padded batch scheduler, the reason in the log.
+        elif not isinstance(server.scheduler, PagedEngine if which == "qwen3" else BatchScheduler):
+            raise AssertionError(f"{which} is served by {type(server.scheduler).__name__}")
+        if which == "qwen3_moe" and engine == "pytorch":
             assert any("qwen3_moe is a mixture-of-experts model" in r.getMessage() for r in caplog.records)
         client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
         reply = client.chat.completions.create(model=which, messages=CHAT, max_tokens=TOKENS, temperature=0)
