@@ -93,7 +93,9 @@ def test_self_cognition_run_teaches_the_name_and_gives_the_base_back(model, tok,
     begin = events[0][1]
     assert events[0][0] == "train_begin" and begin["total_steps"] == 40 and begin["examples"] == 25
     last = [c for k, c in events if k == "train_progress"][-1]
-    assert set(last) == {"step", "total_steps", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s"}
+    assert set(last) == {"step", "total_steps", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "eta_s",
+                         "cpu_memory"}  # gpu_memory too on a GPU
+    assert last["cpu_memory"] > 0
     assert last["eta_s"] == 0 and last["tokens_per_s"] > 0 and result.tokens_per_s > 0
     saved = json.loads((tmp_path / "selfcog" / "train_result.json").read_text(encoding="utf-8"))
     assert saved["status"] == "completed" and saved["checkpoints"] == [str(tmp_path / "selfcog" / "checkpoint-40")]
@@ -116,7 +118,7 @@ def test_resume_after_cancel_repeats_the_uninterrupted_run_step_for_step(model, 
     assert ("checkpoint", {"step": 3, "path": str(stopped), "reason": "cancel"}) in first_events
     # The cancelled checkpoint is a complete peft adapter folder.
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(stopped))
-    state = json.loads((stopped / "trainer_state.json").read_text(encoding="utf-8"))
+    state = json.loads((stopped / "run_state.json").read_text(encoding="utf-8"))
     assert state["step"] == 3 and state["data_position"] == {"epoch": 1, "step_in_epoch": 0,
                                                              "micro_batches_done": 0}
 

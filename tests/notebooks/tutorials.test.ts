@@ -145,6 +145,9 @@ checkNotebook("02-lora-role-play.ipynb", (nb) => {
   it("previews the template with the trained spans marked", () => {
     expect(JSON.stringify(cellWith(nb, "run.preview(").outputs)).toContain("⟦");
   });
+  it("reported the run to TensorBoard and printed where to point it", () => {
+    expect(streamText(cellWith(nb, "result.tensorboardCommand"))).toMatch(/^tensorboard --logdir \S*runs\/huanhuan\/runs\n/);
+  });
 });
 
 checkNotebook("03-self-cognition.ipynb", (nb) => {

@@ -18,8 +18,9 @@ interface Property {
   default?: unknown;
   minimum?: number;
   exclusiveMaximum?: number;
+  items?: { $ref?: string };
 }
-const schema = JSON.parse(readFileSync(schemaPath, "utf8")) as { $defs: Record<string, { properties: Record<string, Property> }> };
+const schema = JSON.parse(readFileSync(schemaPath, "utf8")) as { $defs: Record<string, { properties: Record<string, Property>; enum?: unknown[] }> };
 const properties = schema.$defs.TrainOptions.properties;
 
 /**
@@ -40,6 +41,9 @@ function sample(field: string, p: Property): unknown {
   if (field === "output_dir") return join(dir, "out");
   if (field === "resume_from") return checkpoint;
   if (p.enum) return p.enum[p.enum.length - 1];
+  // A list of an enum (report): every value it allows.
+  const items = p.items?.$ref?.replace("#/$defs/", "");
+  if (p.type === "array" && items) return schema.$defs[items]!.enum;
   switch (p.type) {
     case "boolean":
       return true;

@@ -256,7 +256,9 @@ export function dashboardConfig(e: TrainBeginEvent, output: string, cwd: string)
   const out: Record<string, ConfigValue> = {};
   const put = (key: string, value: unknown) => {
     if (value === undefined || value === null) return;
-    out[key] = typeof value === "object" ? JSON.stringify(value) : (value as ConfigValue);
+    // An empty list (report: the dashboard only) reads better as "none" than as [].
+    if (Array.isArray(value) && value.length === 0) out[key] = "none";
+    else out[key] = typeof value === "object" ? JSON.stringify(value) : (value as ConfigValue);
   };
   put("method", c.method);
   if (c.method === "lora") {

@@ -1,8 +1,9 @@
 import { inspect } from "node:util";
-import type { DatasetStats, TrainHistoryEntry, TrainReply } from "../bridge/protocol.gen";
+import type { DatasetStats, ReportLocations, TrainHistoryEntry, TrainReply } from "../bridge/protocol.gen";
 import { MergeRequest } from "./merge";
 import type { ModelHandle } from "./model-handle";
 import { shortPath } from "./train-config";
+import { tensorboardCommand } from "./train-report";
 
 /** What the data became: rows per source, examples kept, tokens, and rows cut to fit maxLength. */
 export interface DatasetReport {
@@ -85,6 +86,8 @@ export class TrainResult {
   readonly resumedFrom: string | undefined;
   /** What the worker noticed: rows truncated, data that changed since a checkpoint, precision caveats. */
   readonly notes: readonly string[];
+  /** Where `.report(...)` wrote: `tensorboard` (the event files' folder), `wandb` (the offline run folder). */
+  readonly reports: Readonly<ReportLocations>;
   readonly #model: ModelHandle;
 
   constructor(reply: TrainReply, model: ModelHandle) {
@@ -111,6 +114,7 @@ export class TrainResult {
     );
     this.resumedFrom = reply.resumed_from;
     this.notes = Object.freeze([...reply.notes]);
+    this.reports = Object.freeze({ ...reply.reports });
   }
 
   get cancelled(): boolean {
@@ -120,6 +124,11 @@ export class TrainResult {
   /** The newest checkpoint: pass it to `.resume()` to go on. */
   get lastCheckpoint(): string | undefined {
     return this.checkpoints[this.checkpoints.length - 1];
+  }
+
+  /** `tensorboard --logdir <output>/runs`, when the run reported to TensorBoard; run it in a terminal and open the page it prints. */
+  get tensorboardCommand(): string | undefined {
+    return tensorboardCommand(this.reports);
   }
 
   /** The base model with this run's adapter folded in; `.save(path)` or `.export(file.gguf)` it. */

@@ -151,6 +151,25 @@ describe("the training builder", () => {
     expect(full.settings.lora).toBeUndefined();
   });
 
+  it("reports to TensorBoard and/or wandb, and says where TensorBoard should look", async () => {
+    const run = TrainRun.lora(t).dataset(ROWS);
+    expect(run.report("tensorboard").settings.report).toEqual(["tensorboard"]);
+    expect(run.report(["tensorboard", "wandb"]).settings.report).toEqual(["tensorboard", "wandb"]);
+    expect(run.report("wandb").report("none").settings.report).toBeUndefined();
+    expect(() => run.report("mlflow" as never)).toThrow(/report\(to\) must be one of "tensorboard", "wandb", "none", got "mlflow"/);
+    expect(() => run.report(["wandb", "wandb"])).toThrow(/names "wandb" twice/);
+    expect(() => run.report(["none", "wandb"])).toThrow(/"none" turns reporting off/);
+    expect(() => run.report([])).toThrow(/needs a target/);
+    const out = join(dir, "runs", "h");
+    const logdir = join(out, "runs", "Dec02_17-30-00_host");
+    const { t: reporting, sent } = target(() => ({ ...reply("completed", 3, out), reports: { tensorboard: logdir } }), recordingSink({ rich: false }));
+    const result = await TrainRun.lora(reporting).dataset(ROWS).report("tensorboard").output(out).quiet().train();
+    expect(sent[0]!.config.report).toEqual(["tensorboard"]);
+    expect(result.reports).toEqual({ tensorboard: logdir });
+    expect(result.tensorboardCommand).toBe(`tensorboard --logdir ${join(out, "runs")}`);
+    expect(new TrainResult(reply("completed", 3, out), reporting.model as never).tensorboardCommand).toBeUndefined();
+  });
+
   it("shows its configuration as text", () => {
     const run = TrainRun.lora(t, { r: 8, alpha: 32, dropout: 0.1 }).dataset(DATA, { format: "alpaca" }).maxLength(384).lr(1e-4).packing().output(join(process.cwd(), "runs", "h"));
     expect(inspect(run)).toBe(

@@ -30,6 +30,7 @@ import {
   type Strategy,
 } from "./train-config";
 import { TrainResult } from "./train-result";
+import { checkReport, type ReportChoice } from "./train-report";
 import { expectBoolean, expectInteger, expectKnownKeys, expectNumber, expectOneOf, expectString } from "./validate";
 
 /**
@@ -248,6 +249,17 @@ export class TrainRun {
     const [where, o] = typeof address === "string" ? [address, options] : [undefined, address];
     const cluster = Object.freeze(checkCluster(where, o));
     return this.#with({ distributed: { ...this.#s.distributed, cluster } });
+  }
+
+  /**
+   * Also writes the dashboard's series (loss, eval loss, learning rate, grad norm, tokens/s, memory), at the same
+   * steps and under the Trainer's tags (train/loss, eval/loss, ...), for other tools: "tensorboard" (event files
+   * in <output>/runs/; `result.tensorboardCommand` says how to open them), "wandb" (an offline run in
+   * <output>/wandb; needs `pip install wandb` in the worker's Python), both as a list, or "none" (the default).
+   */
+  report(to: ReportChoice | readonly ReportChoice[]): TrainRun {
+    const targets = checkReport("report(to)", to);
+    return this.#with({ report: targets === undefined ? undefined : [...targets] });
   }
 
   /** Start afresh in an output folder that holds another run's checkpoints (they are deleted). */

@@ -817,6 +817,21 @@ export interface TrainOptions {
    * @default false
    */
   overwrite?: boolean;
+  /**
+   * Where else the dashboard's series go: TensorBoard event files in <output_dir>/runs/<date>_<host>, an offline wandb run in <output_dir>/wandb (needs the wandb package)
+   * @default []
+   */
+  report?: Array<ReportTarget>;
+}
+
+export type ReportTarget = "tensorboard" | "wandb";
+
+/** Where each report target of a run wrote */
+export interface ReportLocations {
+  /** The folder of the event files (tensorboard --logdir it) */
+  tensorboard?: string;
+  /** The offline run folder (wandb sync uploads it) */
+  wandb?: string;
 }
 
 export interface SelfCognitionOptions {
@@ -984,6 +999,10 @@ export interface TrainProgressEvent {
   eta_s: number;
   /** Every rank's device memory, in a several-process run */
   rank_memory?: Array<RankMemory>;
+  /** Bytes of RAM the training process holds (resident set) */
+  cpu_memory?: number;
+  /** Bytes PyTorch's allocator holds on the training GPU (absent on the CPU) */
+  gpu_memory?: number;
 }
 
 export interface EvalEvent {
@@ -991,6 +1010,9 @@ export interface EvalEvent {
   eval_loss: number;
   best_eval_loss: number;
   eval_tokens: number;
+  /** Rows evaluated */
+  eval_examples?: number;
+  eval_runtime_s?: number;
 }
 
 export interface CheckpointEvent {
@@ -1011,9 +1033,13 @@ export interface TrainHistoryEntry {
   grad_norm?: number;
   tokens_per_s?: number;
   eta_s?: number;
+  cpu_memory?: number;
+  gpu_memory?: number;
   eval_loss?: number;
   best_eval_loss?: number;
   eval_tokens?: number;
+  eval_examples?: number;
+  eval_runtime_s?: number;
 }
 
 export interface TrainReply {
@@ -1041,6 +1067,7 @@ export interface TrainReply {
   history: Array<TrainHistoryEntry>;
   resumed_from?: string;
   notes: Array<string>;
+  reports?: ReportLocations;
 }
 
 export interface TrainPreviewRequest {
@@ -1249,7 +1276,7 @@ export const EVENT_TYPES: readonly EventType[] = ["token", "load_progress", "exp
 export const BROADCAST_TYPES: readonly BroadcastType[] = ["gpu", "worker_status"];
 
 /** TrainOptions's fields, in schema order. */
-export const TRAIN_OPTIONS_FIELDS = ["output_dir", "method", "lora", "max_length", "truncation", "batch_size", "grad_accum", "epochs", "max_steps", "lr", "schedule", "warmup", "optimizer", "weight_decay", "adam_betas", "adam_eps", "max_grad_norm", "dtype", "gradient_checkpointing", "packing", "compile", "eval_split", "eval_every", "save_every", "log_every", "seed", "resume_from", "overwrite"] as const satisfies ReadonlyArray<keyof TrainOptions>;
+export const TRAIN_OPTIONS_FIELDS = ["output_dir", "method", "lora", "max_length", "truncation", "batch_size", "grad_accum", "epochs", "max_steps", "lr", "schedule", "warmup", "optimizer", "weight_decay", "adam_betas", "adam_eps", "max_grad_norm", "dtype", "gradient_checkpointing", "packing", "compile", "eval_split", "eval_every", "save_every", "log_every", "seed", "resume_from", "overwrite", "report"] as const satisfies ReadonlyArray<keyof TrainOptions>;
 
 /** What the worker uses for each TrainOptions field with a default when it is absent. */
 export const TRAIN_OPTIONS_DEFAULTS = {
@@ -1277,6 +1304,7 @@ export const TRAIN_OPTIONS_DEFAULTS = {
   log_every: 1,
   seed: 42,
   overwrite: false,
+  report: [],
 } as const satisfies { readonly [K in keyof TrainOptions]?: unknown };
 
 /** The values each enum field of TrainOptions allows. */

@@ -63,3 +63,7 @@ def first_sentences(e: BaseException, limit: int = 240) -> str:
 class InsufficientDiskSpaceError(EngineError, OSError):
     """The target's filesystem has no room for the output (found before writing, or as ENOSPC / EDQUOT while
     writing); the message names the target, what it needed and what is free. Nothing was left under its name."""
+
+
+class MissingPackageError(EngineError):
+    """An option needs a Python package the worker's Python does not have; the message says what to install."""

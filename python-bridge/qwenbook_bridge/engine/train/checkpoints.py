@@ -3,8 +3,10 @@
 A checkpoint folder holds the trained weights in their ordinary format (a peft adapter folder, or a
 transformers model folder for full fine-tuning), so it can be loaded as it is, plus:
   training_state.pt   optimizer, scheduler, grad-scaler and RNG states (torch.save, loadable weights_only)
-  trainer_state.json  step, data position, eval results, the loss history so far
+  trainer_state.json  the run so far in the shape Hugging Face's Trainer writes (hf_state.py), for other tools
+  run_state.json      what resuming needs: step, data position, eval results, the event history so far
   train_config.json   the options of the run that wrote it
+(Checkpoints of earlier versions kept the resume fields in trainer_state.json; they still resume.)
 It is written into a hidden sibling folder (atomic_write.AtomicTarget: `.checkpoint-<step>.partial-<pid>-XXXX`)
 that is fsync'd and renamed into place only when complete, so a folder named checkpoint-<step> is never half
 written; a full disk removes the partial folder and raises InsufficientDiskSpaceError, leaving the earlier
@@ -28,6 +30,7 @@ from qwenbook_bridge.engine.files.atomic_write import AtomicTarget, is_temporary
 from qwenbook_bridge.engine.errors import EngineError
 
 TRAINER_STATE = "trainer_state.json"
+RUN_STATE = "run_state.json"
 TRAINING_STATE = "training_state.pt"
 TRAIN_CONFIG = "train_config.json"
 FORMAT_VERSION = 1
@@ -70,7 +73,8 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
 
 
 def write_checkpoint(output_dir: Path, step: int, write_weights: Callable[[Path], None],
-                     training_state: dict[str, Any], trainer_state: dict[str, Any], config: dict[str, Any]) -> Path:
+                     training_state: dict[str, Any], run_state: dict[str, Any], config: dict[str, Any],
+                     trainer_state: dict[str, Any] | None = None) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
     # For the disk-full message: the newest checkpoint is the best guess at this one's size (optimizer state
@@ -85,7 +89,11 @@ def write_checkpoint(output_dir: Path, step: int, write_weights: Callable[[Path]
         with open(tmp / TRAINING_STATE, "wb") as f:
             torch.save(training_state, f)
         _write_json(tmp / TRAIN_CONFIG, config)
-        _write_json(tmp / TRAINER_STATE, {"format_version": FORMAT_VERSION, **trainer_state})
+        _write_json(tmp / RUN_STATE, {"format_version": FORMAT_VERSION, **run_state})
+        # Without a Trainer-shaped state (callers that only checkpoint), the resume state stands in for it, so
+        # the folder still counts as complete.
+        _write_json(tmp / TRAINER_STATE, trainer_state if trainer_state is not None
+                    else {"format_version": FORMAT_VERSION, **run_state})
     return final
 
 
@@ -126,10 +134,12 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """What resuming needs (run_state.json; trainer_state.json in checkpoints of earlier versions)."""
+    name = RUN_STATE if (checkpoint / RUN_STATE).is_file() else TRAINER_STATE
     try:
-        state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+        state = json.loads((checkpoint / name).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{checkpoint}: cannot read {TRAINER_STATE}: {e}") from None
+        raise CheckpointError(f"{checkpoint}: cannot read {name}: {e}") from None
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{checkpoint}: checkpoint format {state.get('format_version')!r} is not supported "
                               f"(expected {FORMAT_VERSION})")

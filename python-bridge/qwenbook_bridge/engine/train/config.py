@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from qwenbook_bridge.engine.errors import InvalidOptionError
+from qwenbook_bridge.engine.train.reporting import check_targets
 
 Method = Literal["lora", "full"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -83,6 +84,9 @@ class TrainConfig:
     resume_from: str | None = None
     # Allow starting a fresh run in an output_dir that already holds checkpoints (they are deleted).
     overwrite: bool = False
+    # Where else the run's series go: "tensorboard" (event files in <output_dir>/runs/<date>_<host>) and/or
+    # "wandb" (an offline run in <output_dir>/wandb, needs the wandb package); empty: the dashboard only.
+    report: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -173,6 +177,7 @@ class TrainConfig:
         check(is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
         check(self.resume_from is None or (isinstance(self.resume_from, str) and bool(self.resume_from)),
               f"resume_from must be a checkpoint folder path, got {self.resume_from!r}")
+        problems += check_targets(self.report)
         if self.eval_every and not self.eval_split:
             problems.append("eval_every is set but eval_split is 0: set eval_split (e.g. 0.1) to hold out rows")
         if problems:

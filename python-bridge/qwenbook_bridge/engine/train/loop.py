@@ -23,9 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import psutil
 import torch
 
 from qwenbook_bridge.engine.train import checkpoints as ckpt
+from qwenbook_bridge.engine.train.hf_state import RunShape, trainer_state
+from qwenbook_bridge.engine.train.reporting import RunReports, require_packages
 from qwenbook_bridge.engine.files.atomic_write import write_text_atomic
 from qwenbook_bridge.engine.train.batches import Batch, DataSchedule, collate, make_units, split_eval
 from qwenbook_bridge.engine.data.datasets import DatasetSpec
@@ -73,6 +76,8 @@ class TrainResult:
     history: list[dict[str, Any]]
     resumed_from: str | None = None
     notes: list[str] = field(default_factory=list)
+    # Where each `report` target wrote: {"tensorboard": "<output>/runs/<date>_<host>", "wandb": "<run folder>"}.
+    reports: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +93,8 @@ def train(model: Any, tokenizer: Any, datasets: Sequence[DatasetSpec], config: T
     With `parallel` (one rank of several, see data_parallel.py) `config.grad_accum` is the GLOBAL count of
     micro-batches per step; only rank 0 writes checkpoints and results."""
     config.validate()
+    if parallel is None or parallel.is_main:  # only the writing rank reports
+        require_packages(config.report)
     run = _Run(model, tokenizer, datasets, config, on_event or (lambda kind, content: None), cancel, parallel)
     failure: Exception | None = None
     try:
@@ -134,7 +141,10 @@ class _Meter:
                  "epoch": round(run.step / run.schedule.steps_per_epoch, 4),
                  "loss": self.window_loss / self.window_steps, "lr": lr, "grad_norm": grad_norm,
                  "tokens_per_s": self.window_tokens / self.window_time if self.window_time > 0 else 0.0,
-                 "eta_s": self.train_time / steps_done * (run.total_steps - run.step)}
+                 "eta_s": self.train_time / steps_done * (run.total_steps - run.step),
+                 "cpu_memory": psutil.Process().memory_info().rss}
+        if run.device.type == "cuda":  # what the allocator holds, as the memory gauge counts the process
+            event["gpu_memory"] = torch.cuda.memory_reserved(run.device)
         self.window_loss, self.window_steps, self.window_tokens, self.window_time = 0.0, 0, 0, 0.0
         return event
 
@@ -152,7 +162,9 @@ class _Run:
         self.scheduler: Any = None
         self.scaler: torch.amp.GradScaler | None = None
         self.runner: StepRunner | None = None
+        self.reports: RunReports | None = None
         self.step = 0
+        self.tokens_before = 0  # tokens trained on before this session (a resumed run's earlier ones)
 
     # -- setup: everything that can fail on bad input happens before the model is touched -----------------
     def _setup(self) -> None:
@@ -208,6 +220,7 @@ class _Run:
         if self.parallel is not None:
             self.parallel.broadcast_parameters(self.trainable.parameters())
         self.best_eval: float | None = None
+        self.best_eval_step: int | None = None
         self.last_eval: float | None = None
         self.history: list[dict[str, Any]] = []
         self.saved: dict[int, Path] = {}
@@ -228,7 +241,8 @@ class _Run:
     def _clear_previous_run(self, existing: list[Path]) -> None:
         for p in existing:
             shutil.rmtree(p)
-        for pattern in ("*.safetensors", "*.safetensors.index.json", "adapter_config.json", "train_result.json"):
+        for pattern in ("*.safetensors", "*.safetensors.index.json", "adapter_config.json", "train_result.json",
+                        ckpt.TRAINER_STATE):
             for f in self.out.glob(pattern):
                 f.unlink()
 
@@ -253,7 +267,9 @@ class _Run:
         ckpt.set_rng_state(training["rng"])
         self.step = int(state["step"])
         self.best_eval, self.last_eval = state.get("best_eval_loss"), state.get("last_eval_loss")
+        self.best_eval_step = state.get("best_eval_step")
         self.history = list(state.get("log_history", []))
+        self.tokens_before = int(state.get("tokens_seen", 0))
         if state.get("data_fingerprint") != self.data.fingerprint():
             self.notes.append(f"the data differs from what {checkpoint.name} was trained on; training continues "
                               "on the new data")
@@ -297,6 +313,8 @@ class _Run:
         cfg = self.cfg
         trainable_params, total_params = self.trainable.count()
         self.meter = _Meter(start_step=self.step)
+        if self.writes and cfg.report:
+            self.reports = RunReports(cfg.report, self.out, run_name=self.out.name, config=cfg.to_dict())
         self.emit("train_begin", {
             "total_steps": self.total_steps, "steps_per_epoch": self.schedule.steps_per_epoch,
             "start_step": self.step, "resumed_from": str(self.resume) if self.resume else None,
@@ -313,7 +331,9 @@ class _Run:
         final = self.saved.get(self.step) or self._checkpoint("cancel" if status == "cancelled" else "final")
         result_path = final
         if status == "completed" and self.writes:
-            ckpt.publish(final, self.out, self.trainable.weight_files(final))
+            # The run folder's trainer_state.json too, where the Trainer's save_state() puts it (and tools
+            # such as LLaMA-Factory's plot_loss read it).
+            ckpt.publish(final, self.out, [*self.trainable.weight_files(final), ckpt.TRAINER_STATE])
             result_path = self.out
         losses = [h["loss"] for h in self.history if h.get("kind") == "train_progress"]
         m = self.meter
@@ -329,7 +349,8 @@ class _Run:
             elapsed_s=time.perf_counter() - m.started,
             checkpoints=[str(p) for p in ckpt.list_checkpoints(self.out)],
             dataset=self.data.stats.to_dict(), history=self.history,
-            resumed_from=str(self.resume) if self.resume else None, notes=self.notes)
+            resumed_from=str(self.resume) if self.resume else None, notes=self.notes,
+            reports=self.reports.locations if self.reports else {})
         if status == "completed" and self.writes:
             write_text_atomic(self.out / "train_result.json",
                               json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
@@ -371,6 +392,7 @@ class _Run:
     def _evaluate(self) -> None:
         assert self.trainable is not None
         self.model.eval()
+        started = time.perf_counter()
         total, count = 0.0, 0
         with torch.no_grad():
             for start in range(0, len(self.eval_set), self.cfg.batch_size):
@@ -381,9 +403,10 @@ class _Run:
         self.model.train()
         self.last_eval = total / count
         if self.best_eval is None or self.last_eval < self.best_eval:
-            self.best_eval = self.last_eval
+            self.best_eval, self.best_eval_step = self.last_eval, self.step
         self._event("eval", {"step": self.step, "eval_loss": self.last_eval, "best_eval_loss": self.best_eval,
-                             "eval_tokens": count})
+                             "eval_tokens": count, "eval_examples": len(self.eval_set),
+                             "eval_runtime_s": time.perf_counter() - started})
 
     def _last_eval_step(self) -> int | None:
         evals = [h["step"] for h in self.history if h.get("kind") == "eval"]
@@ -404,24 +427,45 @@ class _Run:
         training_state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                           "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                           "rng": ckpt.rng_state()}
-        trainer_state = {"step": self.step, "total_steps": self.total_steps, "method": self.cfg.method,
-                         "steps_per_epoch": self.schedule.steps_per_epoch,
-                         "data_position": self.schedule.position(self.step),
-                         "data_fingerprint": self.data.fingerprint(), "best_eval_loss": self.best_eval,
-                         "last_eval_loss": self.last_eval, "log_history": self.history}
+        run_state = {"step": self.step, "total_steps": self.total_steps, "method": self.cfg.method,
+                     "steps_per_epoch": self.schedule.steps_per_epoch,
+                     "data_position": self.schedule.position(self.step),
+                     "data_fingerprint": self.data.fingerprint(), "best_eval_loss": self.best_eval,
+                     "best_eval_step": self.best_eval_step, "last_eval_loss": self.last_eval,
+                     "tokens_seen": self._tokens_seen(), "log_history": self.history}
         if self.writes:
-            path = ckpt.write_checkpoint(self.out, self.step, write_weights, training_state, trainer_state,
-                                         self.cfg.to_dict())
+            path = ckpt.write_checkpoint(self.out, self.step, write_weights, training_state, run_state,
+                                         self.cfg.to_dict(), self._trainer_state())
         else:
             path = self.out / f"checkpoint-{self.step}"
         self.saved[self.step] = path
         self._event("checkpoint", {"step": self.step, "path": str(path), "reason": reason})
         return path
 
+    def _tokens_seen(self) -> int:
+        return self.tokens_before + self.meter.tokens
+
+    def _trainer_state(self) -> dict[str, Any]:
+        """This checkpoint's trainer_state.json, as Hugging Face's Trainer would write it (hf_state.py)."""
+        assert self.trainable is not None
+        cfg = self.cfg
+        shape = RunShape(max_steps=self.total_steps, steps_per_epoch=self.schedule.steps_per_epoch,
+                         logging_steps=cfg.log_every, eval_steps=cfg.eval_every or self.total_steps,
+                         save_steps=cfg.save_every or self.total_steps, train_batch_size=cfg.batch_size,
+                         total_params=self.trainable.count()[1])
+        best = (self.best_eval, self.best_eval_step) if self.best_eval is not None and self.best_eval_step else None
+        best_folder = self.saved.get(best[1]) if best else None
+        if best and best[1] == self.step:
+            best_folder = self.out / f"checkpoint-{self.step}"
+        return trainer_state(self.history, shape, step=self.step, tokens_seen=self._tokens_seen(), best=best,
+                             best_checkpoint=str(best_folder) if best_folder else None)
+
     def _event(self, kind: str, content: dict[str, Any]) -> None:
         if kind != "checkpoint":
             self.history.append({"kind": kind, **content})
         self.emit(kind, content)
+        if self.reports is not None:
+            self.reports(kind, content)
 
     # -- teardown ------------------------------------------------------------------------------------------
     def oom_message(self, e: BaseException) -> str:
@@ -441,6 +485,8 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
         self.optimizer = self.scheduler = self.scaler = None
         self.runner = None
+        if self.reports is not None:  # the event files are complete however the run ended
+            self.reports.close()
         if self.trainable is not None:
             self.trainable.restore()
             self.trainable = None

@@ -158,7 +158,7 @@ class Trainable:
 
     def weight_files(self, folder: Path) -> list[str]:
         """Files in a saved checkpoint that make up the trained result (what gets published as output)."""
-        skip = {"training_state.pt", "trainer_state.json", "train_config.json"}
+        skip = {"training_state.pt", "trainer_state.json", "run_state.json", "train_config.json"}
         return sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in skip)
 
     def save(self, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
