@@ -134,4 +134,16 @@ if (wantBrowser && !(existsSync("/usr/bin/chromium") && existsSync(cjkFont))) {
     apt(["install", "-y", "--no-install-recommends", "chromium", "fonts-wqy-microhei"]);
   }
 }
+// Go's text/template renders the exported Ollama Modelfiles' templates in the tests (tests/ollama/render-template.go).
+if (wantBrowser && !existsSync("/usr/bin/go")) {
+  log("golang: installing Debian's golang-go for the Ollama template tests");
+  const sudo = process.getuid && process.getuid() === 0 ? [] : ["sudo"];
+  const apt = (args) => run(sudo.length ? "sudo" : "apt-get", sudo.length ? ["apt-get", ...args] : args);
+  try {
+    apt(["install", "-y", "--no-install-recommends", "golang-go"]);
+  } catch {
+    apt(["update"]);
+    apt(["install", "-y", "--no-install-recommends", "golang-go"]);
+  }
+}
 log("ready");

@@ -132,8 +132,10 @@ def test_rounded_gguf_runs_in_llama_cpp_like_its_own_weights_in_pytorch(base, ex
     matmuls, which moves this model's logits by up to ~0.2. So, teacher-forced along PyTorch's greedy paths,
     llama.cpp's top-1 must equal PyTorch's at >= 85% of positions, and wherever they differ PyTorch's own top-2
     logit gap must be < 0.5, i.e. only near-ties may flip (measured: 90-99% agreement, flips at gaps <= 0.21)."""
-    model, _ = base
-    path = exported[kind][0]
+    check_llama_agrees_with_file_weights(base[0], exported[kind][0], forced_paths, kind, tmp_path)
+
+
+def check_llama_agrees_with_file_weights(model, path: Path, forced_paths, kind: str, tmp_path: Path) -> None:
     prompts, forced = forced_paths
     # One right-padded batch: causal attention keeps the padding from touching the real positions.
     width = max(map(len, forced))
@@ -158,6 +160,80 @@ def test_rounded_gguf_runs_in_llama_cpp_like_its_own_weights_in_pytorch(base, ex
                 gap = (top.values[0] - logits[pos, theirs]).item()
                 assert gap < 0.5, f"{kind}: llama.cpp picked {theirs} over {ours} at a logit gap of {gap:.3f}"
     assert agree / total >= 0.85, f"{kind}: top-1 agreement {agree}/{total}"
+
+
+@pytest.fixture(scope="module")
+def wide(base):
+    """A random Qwen2 whose rows are multiples of 256 (hidden 256), so the K-quant mixes store real Q4_K / Q5_K /
+    Q6_K tensors (the tiny model's rows of 64 all fall back); its ffn_down rows (384) still fall back."""
+    from transformers import Qwen2ForCausalLM
+
+    model, tok = base
+    config = copy.deepcopy(model.config)
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 256, 384, 4
+    config.num_attention_heads, config.num_key_value_heads = 4, 2
+    config.layer_types = ["full_attention"] * 4
+    torch.manual_seed(3)
+    wide = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # a spread like a trained model's, so that rounding moves logits as it does there
+        for name, p in wide.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5 / p.shape[1] ** 0.5 if "embed" not in name else 0.1)
+    prompts = [token_ids(tok, p) for p in QUANT_PROMPTS]
+    return wide, tok, (prompts, [ids + greedy(wide, ids)[0] for ids in prompts])
+
+
+@pytest.fixture(scope="module")
+def k_exported(wide, tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    model, tok, _ = wide
+    out = tmp_path_factory.mktemp("gguf-k")
+    return {t: (out / f"wide-{t}.gguf", export_gguf(model, tok, out / f"wide-{t}.gguf", GgufConfig(type=t)))
+            for t in ("q4_k_m", "q5_k_m", "q6_k")}
+
+
+def test_k_quant_mixes_choose_tensor_types_as_llama_cpp(k_exported) -> None:
+    """llama_tensor_get_type for 4 layers: attn_v and ffn_down get Q6_K on layers 2 and 3 (use_more_bits), the
+    tied embedding (the output layer) Q6_K, rows of 384 fall back (Q4_K -> q5_0, Q5_K -> q5_1, Q6_K -> q8_0)."""
+    expected = {
+        "q4_k_m": {"token_embd.weight": "Q6_K", "blk.0.attn_q.weight": "Q4_K", "blk.0.attn_v.weight": "Q4_K",
+                   "blk.2.attn_v.weight": "Q6_K", "blk.3.attn_v.weight": "Q6_K", "blk.1.ffn_up.weight": "Q4_K",
+                   "blk.1.ffn_down.weight": "Q5_0", "blk.2.ffn_down.weight": "Q8_0",
+                   "blk.0.attn_norm.weight": "F32", "blk.0.attn_q.bias": "F32"},
+        "q5_k_m": {"token_embd.weight": "Q6_K", "blk.0.attn_output.weight": "Q5_K", "blk.1.attn_v.weight": "Q5_K",
+                   "blk.2.attn_v.weight": "Q6_K", "blk.0.ffn_down.weight": "Q5_1", "blk.3.ffn_down.weight": "Q8_0"},
+        "q6_k": {"token_embd.weight": "Q6_K", "blk.0.attn_k.weight": "Q6_K", "blk.2.attn_v.weight": "Q6_K",
+                 "blk.0.ffn_gate.weight": "Q6_K", "blk.1.ffn_down.weight": "Q8_0"},
+    }
+    file_types = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+    import gguf
+
+    for kind, want in expected.items():
+        path, report = k_exported[kind]
+        with GgufFile(path) as f:
+            got = {n: gguf.GGMLQuantizationType(f.tensors[n].qtype).name for n in want}
+            assert got == want, kind
+            assert f.metadata["general.file_type"] == file_types[kind]
+            assert f.metadata["general.quantization_version"] == gguf.GGML_QUANT_VERSION
+        assert report.details["other_types"]["blk.1.ffn_down.weight"].endswith("rows of 384, not a multiple of 256")
+        assert report.details["kept_f16"] == []
+
+
+@pytest.mark.parametrize("kind", ["q4_k_m", "q5_k_m", "q6_k"])
+def test_k_quant_gguf_runs_in_llama_cpp_like_its_own_weights_in_pytorch(wide, k_exported, kind,
+                                                                      tmp_path: Path) -> None:
+    """The K-quant files load in llama.cpp and compute what PyTorch computes from the weights they hold (same
+    tolerance as the other rounded types: llama.cpp rounds activations to q8_0 in these matmuls)."""
+    model, _, forced_paths = wide
+    check_llama_agrees_with_file_weights(model, k_exported[kind][0], forced_paths, kind, tmp_path)
+
+
+def test_k_quant_quality_and_size_order(k_exported) -> None:
+    """More bits, less damage and a bigger file: q4_k_m < q5_k_m < q6_k in size, the reverse in KL."""
+    kinds = ("q4_k_m", "q5_k_m", "q6_k")
+    kl = [k_exported[k][1].quality.mean_kl for k in kinds]
+    size = [k_exported[k][1].sizes.total_bytes for k in kinds]
+    assert kl[0] > kl[1] > kl[2] > 0, kl
+    assert size[0] < size[1] < size[2], size
 
 
 def test_quality_report_and_sizes_follow_the_type(exported) -> None:
@@ -235,3 +311,5 @@ def test_existing_file_is_refused_unless_overwrite(base, tmp_path: Path) -> None
 def test_bad_type_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown GGUF type 'q5_k'"):
         GgufConfig(type="q5_k").validate()
+    with pytest.raises(ValueError, match="unknown GGUF type 'Q4_K_M'"):  # the notebook API lower-cases it
+        GgufConfig(type="Q4_K_M").validate()

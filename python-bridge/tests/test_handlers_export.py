@@ -128,6 +128,9 @@ def test_export_gguf_reports_size_and_weight_rounding(client, model_id, hf_base,
     q = content["quality"]
     assert 0 < q["mean_kl"] < 0.5 and 0.5 < q["top1_agreement"] <= 1 and q["reference_perplexity"] > 1
     assert "write" in {e.content["stage"] for e in events}
+    # The Ollama Modelfile comes with it unless turned off.
+    assert content["details"]["modelfile"]["path"] == "tiny-q8_0.Modelfile"
+    assert (tmp_path / "tiny-q8_0.Modelfile").read_text().startswith("FROM ./tiny-q8_0.gguf\n")
     with GgufFile(target) as f:
         assert f.metadata["general.architecture"] == "qwen2" and f.metadata["general.name"] == "tiny-qwen2"
         w = hf_base.model.layers[0].self_attn.q_proj.weight
@@ -158,8 +161,9 @@ def test_quantized_load_save_and_reload(client, tiny_model_dir, tmp_path):
     assert replies[0].content["token_ids"] == replies[1].content["token_ids"]
 
     reply, _ = client.call("export", {"model_id": again["model_id"], "target": str(tmp_path / "int4.gguf"),
-                                      "format": "gguf", "type": "q8_0"})
+                                      "format": "gguf", "type": "q8_0", "modelfile": False})
     assert reply.content["details"]["dequantized"] is True and "quality" not in reply.content
+    assert "modelfile" not in reply.content["details"]
     (tmp_path / "int4.gguf").unlink()
 
     # int8 from a folder loaded as int4 would need the unquantized weights, which that folder does not have.

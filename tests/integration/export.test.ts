@@ -128,6 +128,8 @@ describe("save and export through a real worker", () => {
     expect(readFileSync(report.path).subarray(0, 4).toString()).toBe("GGUF");
     expect(report.quality!.meanKl).toBeLessThan(1e-3); // f16 rounding of the weights only
     expect(inspect(report)).toMatch(/^ExportReport\(gguf-f16, 1 file, \d+\.\d MB, .*model-f16\.gguf; perplexity .* mean KL .* top-1 agreement/);
+    expect(report.details.modelfile).toEqual({ path: "model-f16.Modelfile", template: "qwen2.5" });
+    expect(readFileSync("out/model-f16.Modelfile", "utf8")).toMatch(/^FROM \.\/model-f16\.gguf\nTEMPLATE """/);
 
     const chat = (await prepared)[2] as ChatPrompt;
     // f16 moves logits by ~1e-3 here; a near-tie on the greedy path could flip legitimately.
@@ -202,7 +204,7 @@ describe("save and export through a real worker", () => {
     expect(() => model.merge({ adapter: "adapters/none" })).toThrow(`No adapter folder at ${join(scratch, "adapters", "none")}`);
     await expect(model.save("out/x", { shardSize: "2 gigs" })).rejects.toThrow(/shardSize must be a size like "2GB"/);
     await expect(model.save("out/x", { quant: "int4", groupSize: 100 as 128 })).rejects.toThrow("save option groupSize must be 32, 64 or 128, got 100");
-    await expect(model.export("out/m.gguf", { type: "q5_k" as "f16" })).rejects.toThrow(/export option type must be one of "f32", "f16", "bf16", "q8_0", "q4_0", got "q5_k"/);
+    await expect(model.export("out/m.gguf", { type: "q5_k" as "f16" })).rejects.toThrow(/export option type must be one of "f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", got "q5_k"/);
 
     mkdirSync("out/kept");
     writeFileSync("out/kept/notes.txt", "precious");
@@ -227,7 +229,7 @@ describe("save and export through a real worker", () => {
       expect((nf4 as WorkerError).ename).toBe("QuantBackendMissing");
       expect(nf4.message).toMatch(/needs the bitsandbytes package.*use quant 'int4'/);
     }
-    expect(readdirSync("out").sort()).toEqual(["kept", "merged", "merged-int4", "model-f16.gguf", "plain"]);
+    expect(readdirSync("out").sort()).toEqual(["kept", "merged", "merged-int4", "model-f16.Modelfile", "model-f16.gguf", "plain"]);
     expect(staging("out")).toEqual([]);
   });
 });

@@ -64,9 +64,13 @@ describe("adapters", () => {
 describe("export options", () => {
   it("writes GGUF files of the known types", () => {
     expect(exportRequest("out/m.gguf", { type: "q4_0" }, dir).body).toEqual({ target: join(dir, "out", "m.gguf"), format: "gguf", type: "q4_0" });
+    expect(exportRequest("out/m.gguf", { type: "Q4_K_M", modelfile: false }, dir).body).toEqual(
+      { target: join(dir, "out", "m.gguf"), format: "gguf", type: "q4_k_m", modelfile: false });
+    expect(exportRequest("out/m.gguf", { type: "q6_k" }, dir).body.type).toBe("q6_k");
     expect(() => exportRequest("out/m.gguf", { type: "q5_k" }, dir)).toThrow(
-      new RangeError('export option type must be one of "f32", "f16", "bf16", "q8_0", "q4_0", got "q5_k"'),
+      new RangeError('export option type must be one of "f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", got "q5_k"'),
     );
+    expect(() => exportRequest("out/m.gguf", { modelfile: "yes" }, dir)).toThrow(/modelfile/);
     expect(() => exportRequest("out/m.gguf", { format: "onnx" }, dir)).toThrow(/format must be one of "gguf"/);
     expect(() => exportRequest("out/model", {}, dir)).toThrow(/ending in \.gguf, got "out\/model"/);
     expect(() => exportRequest("out/m.gguf", { shardSize: "2GB" }, dir)).toThrow(/has no option "shardSize"/);

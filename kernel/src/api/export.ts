@@ -12,8 +12,8 @@ import { expectBoolean, expectInteger, expectKnownKeys, expectOneOf, expectStrin
 
 export type SaveQuant = "int8" | "int4";
 export type SaveDtype = "bf16" | "fp16" | "fp32";
-export type GgufType = "f32" | "f16" | "bf16" | "q8_0" | "q4_0";
-export const GGUF_TYPES: readonly GgufType[] = ["f32", "f16", "bf16", "q8_0", "q4_0"];
+export type GgufType = "f32" | "f16" | "bf16" | "q8_0" | "q4_0" | "q4_k_m" | "q5_k_m" | "q6_k";
+export const GGUF_TYPES: readonly GgufType[] = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"];
 
 export interface SaveOptions {
   /** Largest safetensors file: "2GB" (the default), "500MB", "1.5GiB", or a number of bytes. */
@@ -37,8 +37,13 @@ export interface SaveOptions {
 export interface ExportOptions {
   /** Only "gguf" (llama.cpp, Ollama, LM Studio) for now; the default. */
   format?: "gguf";
-  /** Tensor type of the weight matrices; default "f16". */
-  type?: GgufType;
+  /**
+   * Weight type; default "f16". "q8_0" / "q4_0": every matrix that type; "q4_k_m", "q5_k_m", "q6_k": llama.cpp's
+   * K-quant mixes (per-tensor types as llama-quantize picks them). Upper case ("Q4_K_M") is accepted too.
+   */
+  type?: GgufType | Uppercase<GgufType>;
+  /** Also write an Ollama Modelfile beside the file (`ollama create name -f <file>.Modelfile`); default true. */
+  modelfile?: boolean;
   /** Adapter folder(s) to merge in. */
   adapter?: string | readonly string[];
   /** Replace a file that exists. */
@@ -48,7 +53,7 @@ export interface ExportOptions {
 }
 
 const SAVE_KEYS = ["shardSize", "dtype", "overwrite", "quant", "groupSize", "calibration", "adapter", "quiet"] as const;
-const EXPORT_KEYS = ["format", "type", "adapter", "overwrite", "quiet"] as const;
+const EXPORT_KEYS = ["format", "type", "modelfile", "adapter", "overwrite", "quiet"] as const;
 const SIZE = /^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$/i;
 
 /** What a save or export runs against: a loaded model, reached through its worker connection. */
@@ -161,7 +166,10 @@ export function exportRequest(path: unknown, options: unknown, cwd: string = pro
     throw new RangeError(`export(path) writes one GGUF file: give a file name ending in .gguf, got ${JSON.stringify(given)}`);
   }
   const body: Body<ExportRequest> = { target: resolvePath(given, cwd), format };
-  if (o.type !== undefined) body.type = expectOneOf("export option type", o.type, GGUF_TYPES);
+  if (o.type !== undefined) {
+    body.type = expectOneOf("export option type", typeof o.type === "string" ? o.type.toLowerCase() : o.type, GGUF_TYPES);
+  }
+  if (o.modelfile !== undefined) body.modelfile = expectBoolean("export option modelfile", o.modelfile);
   if (o.overwrite !== undefined) body.overwrite = expectBoolean("export option overwrite", o.overwrite);
   if (o.adapter !== undefined) body.adapters = checkAdapters(o.adapter, "export option adapter", cwd);
   return { body, quiet: o.quiet === undefined ? false : expectBoolean("export option quiet", o.quiet) };

@@ -43,6 +43,25 @@ describe("ExportReport", () => {
     expect(r.details.requantizedFrom).toBe("/work/out/merged");
   });
 
+  it("lists a K-quant mix's tensor types and the Ollama Modelfile", () => {
+    const r = ExportReport.fromWire({
+      ...int4,
+      path: "/w/m.gguf",
+      format: "gguf-q4_k_m",
+      sizes: { root: "/w", total_bytes: 400_000_000, files: [{ path: "m.gguf", bytes: 400_000_000 }] },
+      quality: undefined,
+      details: {
+        tensors: 290, kept_f16: [], types: ["f32", "q4_k", "q6_k"], tensor_types: { f32: 121, q4_k: 144, q6_k: 25 },
+        other_types: { "output.weight": "q6_k: output layer" },
+        modelfile: { path: "m.Modelfile", template: "qwen2.5", stop: ["<|im_end|>"], parameters: { temperature: 0.7 } },
+      },
+    });
+    expect(r.details.tensorTypes).toEqual({ f32: 121, q4_k: 144, q6_k: 25 });
+    expect(r.details.otherTypes).toEqual({ "output.weight": "q6_k: output layer" });
+    expect(r.details.modelfile).toEqual({ path: "m.Modelfile", template: "qwen2.5" });
+    expect(String(r).split("\n").slice(-2)).toEqual(["tensor types: 121 f32, 144 q4_k, 25 q6_k", "Ollama: ollama create <name> -f m.Modelfile"]);
+  });
+
   it("is a text/plain + text/html bundle for the notebook, with paths escaped", () => {
     const r = ExportReport.fromWire({ ...int4, path: "/o/<x>", quality: undefined, details: {} });
     const b = r.bundle();

@@ -25,6 +25,12 @@ export interface ExportDetails {
   keptF16?: readonly string[];
   /** GGUF tensor types used. */
   types?: readonly string[];
+  /** GGUF K-quant mix: how many tensors of each type. */
+  tensorTypes?: Readonly<Record<string, number>>;
+  /** GGUF K-quant mix: tensors given another type than the mix's main one ("q6_k: output layer"). */
+  otherTypes?: Readonly<Record<string, string>>;
+  /** The Ollama Modelfile written beside the GGUF file (`ollama create NAME -f <it>`). */
+  modelfile?: { readonly path: string; readonly template: string | null };
 }
 
 /** Sizes in powers of 1000, as the shard-size option and transformers count them. */
@@ -121,6 +127,9 @@ export class ExportReport {
     if (d.dequantized !== undefined) details.dequantized = d.dequantized;
     if (d.kept_f16 !== undefined) details.keptF16 = [...d.kept_f16];
     if (d.types !== undefined) details.types = [...d.types];
+    if (d.tensor_types !== undefined) details.tensorTypes = { ...d.tensor_types };
+    if (d.other_types !== undefined) details.otherTypes = { ...d.other_types };
+    if (d.modelfile !== undefined) details.modelfile = { path: d.modelfile.path, template: d.modelfile.template ?? null };
     return new ExportReport({
       path: reply.path,
       format: reply.format,
@@ -140,6 +149,8 @@ export class ExportReport {
     if (d.requantizedFrom) notes.push(`quantized again from the unquantized weights in ${d.requantizedFrom}`);
     if (d.dequantized) notes.push("the quantized weights were written back as floating point");
     if (d.keptF16?.length) notes.push(`kept in f16: ${d.keptF16.join(", ")}`);
+    if (d.tensorTypes) notes.push(`tensor types: ${Object.entries(d.tensorTypes).map(([t, n]) => `${n} ${t}`).join(", ")}`);
+    if (d.modelfile) notes.push(`Ollama: ollama create <name> -f ${d.modelfile.path}`);
     return notes;
   }
 

@@ -445,10 +445,15 @@ export interface ExportRequest {
   target: string;
   format: "gguf";
   /**
-   * Tensor type of the 2-D weights
+   * Tensor type of the 2-D weights, or a llama.cpp K-quant mix (per-tensor types as llama-quantize picks them)
    * @default "f16"
    */
-  type?: "f32" | "f16" | "bf16" | "q8_0" | "q4_0";
+  type?: "f32" | "f16" | "bf16" | "q8_0" | "q4_0" | "q4_k_m" | "q5_k_m" | "q6_k";
+  /**
+   * Also write an Ollama Modelfile beside the GGUF file
+   * @default true
+   */
+  modelfile?: boolean;
   /**
    * Absolute paths of peft adapter folders to merge in
    * minItems 1
@@ -490,6 +495,23 @@ export interface ExportDetails {
   dequantized?: boolean;
   kept_f16?: Array<string>;
   types?: Array<string>;
+  /** GGUF K-quant mix: how many tensors of each type */
+  tensor_types?: Record<string, number>;
+  /** GGUF K-quant mix: the tensors given another type than the mix's main one, with the type and why */
+  other_types?: Record<string, string>;
+  modelfile?: ModelfileInfo;
+}
+
+/** The Ollama Modelfile written beside a GGUF file */
+export interface ModelfileInfo {
+  /** Its file name, beside the GGUF file */
+  path: string;
+  /** The chat format of its TEMPLATE (qwen2.5, qwen3), null without one */
+  template?: string | null;
+  stop: Array<string>;
+  /** Sampling defaults from generation_config.json */
+  parameters: Record<string, number>;
+  note?: string;
 }
 
 export interface ExportReply {

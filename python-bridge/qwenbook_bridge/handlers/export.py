@@ -109,7 +109,7 @@ class ExportHandlers:
         content = job.request.content
         loaded, target, adapters = self._common(job, is_dir=False)
         config = GgufConfig(type=content.get("type", "f16"), overwrite=bool(content.get("overwrite", False)),
-                            name=Path(loaded.path).name)
+                            name=Path(loaded.path).name, modelfile=bool(content.get("modelfile", True)))
         try:
             config.validate()
         except ValueError as e:

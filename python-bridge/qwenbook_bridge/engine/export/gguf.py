@@ -7,8 +7,11 @@ in two). The
 tokenizer is stored as GPT-2-style byte-level BPE ("gpt2") with the "qwen2" pre-tokenizer, padding ids
 beyond the tokenizer marked unused, special added tokens as control tokens. 1-D tensors (norms, biases) stay
 f32, as llama.cpp expects. For q4_0 the token embedding (which is also the output layer when tied) is stored
-as q8_0: llama.cpp's own quantizer likewise keeps the output layer at higher precision (Q6_K, which gguf-py
-cannot write). A LoRA adapter is merged and int8/int4 layers dequantized on the way.
+as q8_0. The K-quant mixes q4_k_m, q5_k_m and q6_k pick each tensor's type as llama.cpp's `llama-quantize` does
+(`llama_tensor_get_type`: output layer Q6_K, attn_v / ffn_down Q6_K on a third of the layers for the _M mixes,
+rows that do not split into 256-value super-blocks falling back to q5_0 / q5_1 / q8_0), and are written by
+this package's own K-quant encoder (kquants.py), gguf-py having none. A LoRA adapter is merged and int8/int4
+layers dequantized on the way.
 """
 
 from __future__ import annotations
@@ -29,12 +32,22 @@ from torch import nn
 from qwenbook_bridge.engine.model_parts import base_model_of, has_lora
 from qwenbook_bridge.engine.export.merge import model_tensor_sources
 from qwenbook_bridge.engine.export.gguf_read import GgufFile
+from qwenbook_bridge.engine.export.kquants import QK_K, quantize_k
+from qwenbook_bridge.engine.export.modelfile import modelfile_path, modelfile_text
 from qwenbook_bridge.engine.quant.quality import (ExportReport, QualityReport, compare, model_logits, size_report,
     swapped_weights, token_windows)
 from qwenbook_bridge.engine.quant.quantize import quantized_layers
-from qwenbook_bridge.engine.files.save import AtomicTarget, Progress, ProgressFn, TensorSource, check_free_space
+from qwenbook_bridge.engine.files.atomic_write import write_text_atomic
+from qwenbook_bridge.engine.files.save import (AtomicTarget, Progress, ProgressFn, TargetExistsError, TensorSource,
+    check_free_space)
 
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+# Tensor types a file can hold: the file types that are one tensor type, the K-quants and their fallbacks.
+TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+# The K-quant mixes: their main tensor type.
+K_MIXES = {"q4_k_m": "q4_k", "q5_k_m": "q5_k", "q6_k": "q6_k"}
+# llama.cpp's replacement when a row does not split into 256-value super-blocks (llama_tensor_get_type).
+K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3moe"}
 # The pre-tokenizer split of Qwen2/2.5 (tokenizer.json); llama.cpp's "qwen2" pre-tokenizer implements this regex.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -47,18 +60,22 @@ class UnsupportedArchitectureError(ValueError):
 
 @dataclass
 class GgufConfig:
-    # Tensor type of the 2-D weights: f32, f16, bf16, q8_0 or q4_0.
+    # File type: f32, f16, bf16, q8_0, q4_0 (every 2-D weight that type), or a K-quant mix q4_k_m, q5_k_m, q6_k.
     type: str = "f16"
-    # Type of the token embedding / output layer; None: the same as `type`, but q8_0 when `type` is q4_0.
+    # Tensor type of the token embedding / output layer; None: the file type's choice (q8_0 for q4_0, Q6_K for
+    # the K-quant mixes).
     output_type: str | None = None
     # Written as general.name; None uses the model's folder or hub name.
     name: str | None = None
     overwrite: bool = False
+    # Also write an Ollama Modelfile beside the file (<stem>.Modelfile: FROM it, TEMPLATE, stops, sampling).
+    modelfile: bool = False
 
     def validate(self) -> None:
-        for t in (self.type, self.output_type):
-            if t is not None and t not in TYPES:
-                raise ValueError(f"unknown GGUF type {t!r}: use one of {', '.join(TYPES)}")
+        if self.type not in TYPES:
+            raise ValueError(f"unknown GGUF type {self.type!r}: use one of {', '.join(TYPES)}")
+        if self.output_type is not None and self.output_type not in TENSOR_TYPES:
+            raise ValueError(f"unknown GGUF output type {self.output_type!r}: use one of {', '.join(TENSOR_TYPES)}")
 
 
 def _gguf() -> Any:
@@ -69,11 +86,11 @@ def _gguf() -> Any:
 
 def _qtype(name: str) -> Any:
     q = _gguf().GGMLQuantizationType
-    return {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0, "q4_0": q.Q4_0}[name]
+    return getattr(q, name.upper())
 
 
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
-               "q4_0": "MOSTLY_Q4_0"}
+               "q4_0": "MOSTLY_Q4_0", "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                  "lm_head.weight": "output.weight"}
 _LAYER_NAMES = {
@@ -179,7 +196,7 @@ def _add_hparams(w: Any, root: nn.Module, name: str, file_type: str) -> None:
             raise UnsupportedArchitectureError(f"rope scaling {kind!r} has no GGUF equivalent here")
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[file_type]))
-    if file_type in ("q8_0", "q4_0"):
+    if file_type not in ("f32", "f16", "bf16"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -268,25 +285,70 @@ def _gguf_sources(sources: Sequence[TensorSource]) -> list[tuple[str, TensorSour
     return out
 
 
-def _plan(sources: Sequence[TensorSource], cfg: GgufConfig) -> tuple[list[_Planned], list[str]]:
+def _use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's choice of the layers whose attn_v / ffn_down get Q6_K in the _M mixes: the first and last
+    eighth, and every third layer between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def _k_mix_type(name: str, row: int, mix: str, n_layers: int, n_experts: int, tied: bool) -> tuple[str, str | None]:
+    """(tensor type, why it is not the mix's main type or None) of a 2-D+ weight in a K-quant mix, following
+    llama.cpp's llama_tensor_get_type for Q4_K_M / Q5_K_M / Q6_K."""
+    main = K_MIXES[mix]
+    m = re.match(r"^blk\.(\d+)\.", name)
+    layer = int(m.group(1)) if m else -1
+    t, why = main, None
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        t, why = ("q8_0", f"output layer with rows of {row}, not a multiple of {QK_K}") if row % QK_K else (
+            "q6_k", "output layer")
+        return t, why
+    if name.endswith("attn_v.weight"):
+        if mix != "q6_k" and _use_more_bits(layer, n_layers):
+            t, why = "q6_k", "attn_v on a layer llama.cpp gives more bits"
+        if n_experts == 8:
+            t, why = "q8_0", "attn_v of an 8-expert model"
+    elif name.endswith("attn_k.weight") and n_experts == 8:
+        t, why = "q8_0", "attn_k of an 8-expert model"
+    elif "ffn_down" in name and mix != "q6_k" and _use_more_bits(layer, n_layers):
+        t, why = "q6_k", "ffn_down on a layer llama.cpp gives more bits"
+    elif name.endswith("attn_output.weight") and n_experts == 8 and mix == "q4_k_m":
+        t, why = "q5_k", "attn_output of an 8-expert model"
+    if t in K_FALLBACK and row % QK_K:
+        t, why = K_FALLBACK[t], f"rows of {row}, not a multiple of {QK_K}"
+    return t, why
+
+
+def _plan(sources: Sequence[TensorSource], cfg: GgufConfig, model_cfg: Any
+          ) -> tuple[list[_Planned], list[str], dict[str, str]]:
+    """Each tensor's type; the names kept f16 (rows that split into no whole block); for a K-quant mix, the
+    tensors given another type than the mix's main one, with the reason."""
     gguf = _gguf()
-    out_type = cfg.output_type or ("q8_0" if cfg.type == "q4_0" else cfg.type)
-    planned, kept_f16 = [], []
-    for name, s in _gguf_sources(sources):
-        if len(s.shape) <= 1:
-            t = "f32"
+    pairs = _gguf_sources(sources)
+    tied = not any(name == "output.weight" for name, _ in pairs)
+    n_experts = int(getattr(model_cfg, "num_experts", 0) or 0)
+    default_out = "q8_0" if cfg.type == "q4_0" else cfg.type
+    planned, kept_f16, other = [], [], {}
+    for name, s in pairs:
+        if len(s.shape) <= 1 or (name.endswith("ffn_gate_inp.weight") and cfg.type in K_MIXES):
+            t = "f32"  # llama-quantize leaves the MoE router unquantized (f32, as the converter writes it)
+        elif cfg.type in K_MIXES:
+            t, why = _k_mix_type(name, s.shape[-1], cfg.type, model_cfg.num_hidden_layers, n_experts, tied)
+            if cfg.output_type and name in ("token_embd.weight", "output.weight"):
+                t, why = cfg.output_type, "output_type"
+            if why:
+                other[name] = f"{t}: {why}"
         else:
-            t = out_type if name in ("token_embd.weight", "output.weight") else cfg.type
-            block = gguf.GGML_QUANT_SIZES[_qtype(t)][0]
-            if s.shape[-1] % block:
-                kept_f16.append(name)  # a row that does not split into whole blocks: f16, as llama.cpp does
-                t = "f16"
-        if t == "bf16" or t in ("q8_0", "q4_0"):
+            t = (cfg.output_type or default_out) if name in ("token_embd.weight", "output.weight") else cfg.type
+        block = gguf.GGML_QUANT_SIZES[_qtype(t)][0]
+        if s.shape[-1] % block:
+            kept_f16.append(name)  # a row that does not split into whole blocks: f16, as llama.cpp does
+            t = "f16"
+        if t not in ("f32", "f16"):
             byte_shape = tuple(gguf.quant_shape_to_byte_shape(s.shape, _qtype(t)))
         else:
             byte_shape = s.shape
         planned.append(_Planned(s, name, t, byte_shape))
-    return planned, kept_f16
+    return planned, kept_f16, other
 
 
 def _encode(t: torch.Tensor, qtype_name: str) -> np.ndarray:
@@ -296,6 +358,8 @@ def _encode(t: torch.Tensor, qtype_name: str) -> np.ndarray:
         return arr
     if qtype_name == "f16":
         return arr.astype(np.float16)
+    if qtype_name in K_FALLBACK:
+        return quantize_k(arr, qtype_name)
     return gguf.quants.quantize(arr, _qtype(qtype_name))
 
 
@@ -316,8 +380,13 @@ def export_gguf(model: nn.Module, tokenizer: Any, target: str | os.PathLike[str]
     root = base_model_of(model)
     arch = check_supported(root)
     atomic = AtomicTarget(target, overwrite=config.overwrite, is_dir=False)
+    modelfile = modelfile_path(atomic.target) if config.modelfile else None
+    if modelfile is not None and modelfile.exists() and not config.overwrite:
+        raise TargetExistsError(f"{modelfile} already exists (the Ollama Modelfile written beside {atomic.target.name}"
+                                "): nothing was written; pass overwrite=True to replace both, or turn the Modelfile "
+                                "off")
     sources = model_tensor_sources(model, adapter_names=adapter_names)
-    planned, kept_f16 = _plan(sources, config)
+    planned, kept_f16, other_types = _plan(sources, config, root.config)
     elem = {"f32": 4, "f16": 2}
     nbytes = [math.prod(p.byte_shape) * elem.get(p.qtype_name, 1) for p in planned]
     tracker = Progress(progress, sum(nbytes))
@@ -350,6 +419,16 @@ def export_gguf(model: nn.Module, tokenizer: Any, target: str | os.PathLike[str]
     report = ExportReport(str(atomic.target), f"gguf-{config.type}", size_report(atomic.target),
                           details={"tensors": len(planned), "kept_f16": kept_f16,
                                    "types": sorted({p.qtype_name for p in planned})})
+    if config.type in K_MIXES:
+        counts: dict[str, int] = {}
+        for p in planned:
+            counts[p.qtype_name] = counts.get(p.qtype_name, 0) + 1
+        report.details["tensor_types"] = counts
+        report.details["other_types"] = other_types
+    if modelfile is not None:
+        text, info = modelfile_text(atomic.target.name, tokenizer, getattr(root, "generation_config", None))
+        write_text_atomic(modelfile, text)
+        report.details["modelfile"] = {"path": modelfile.name, **info}
     if evaluate and not quantized_layers(root):
         tracker.set_stage("evaluate")
         report.quality = gguf_weight_quality(model, tokenizer, atomic.target, heldout_texts)
