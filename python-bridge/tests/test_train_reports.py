@@ -230,3 +230,24 @@ def read_wandb_history(path: Path) -> list[dict]:
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
     return rows
+
+
+def test_a_several_rank_wandb_run_without_the_package_is_refused_before_its_ranks_start(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch):
+    from qwenbook_bridge.handlers.context import JobContext
+    from qwenbook_bridge.handlers.dispatch import Handlers
+    from qwenbook_bridge.protocol import exception_content, make_message
+
+    handlers = Handlers("cpu")
+    load = make_message("load", {"model": str(tiny_model_dir), "dtype": "fp32"}, "s")
+    model_id = handlers.load(JobContext(load, threading.Event(), lambda *_: None))["model"]["model_id"]
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    request = make_message("train", {"model_id": model_id, "datasets": [{"rows": ROWS}],
+                                     "config": {"output_dir": str(tmp_path / "ranks"), "max_steps": 2,
+                                                "report": ["wandb"]},
+                                     "distributed": {"devices": 2, "strategy": "ddp"}}, "s")
+    with pytest.raises(MissingPackageError) as err:
+        handlers.jobs()["train"](JobContext(request, threading.Event(), lambda *_: None))
+    assert "pip install wandb" in exception_content(err.value)["evalue"]
+    assert handlers.train.runs.list() == []  # no run was begun
+    assert not (tmp_path / "ranks").exists()

@@ -93,6 +93,7 @@ class TrainHandlers:
         from qwenbook_bridge.engine.data.datasets import DatasetSpec
         from qwenbook_bridge.engine.train.loop import train
         from qwenbook_bridge.engine.train.config import TrainConfig
+        from qwenbook_bridge.engine.train.reporting import require_packages
 
         content = job.request.content
         loaded = self.registry.get(content["model_id"])
@@ -102,6 +103,7 @@ class TrainHandlers:
                 options[name] = str(resolve_user_path(options[name], self.root, f"config.{name}"))
         config = TrainConfig.from_dict(options)
         config.validate()
+        require_packages(config.report)  # here too: a several-rank run would fail only once its ranks start
         datasets = resolved_datasets(content["datasets"], self.root)
         specs = [DatasetSpec.from_dict(d) for d in datasets]
         if job.cancel.is_set():

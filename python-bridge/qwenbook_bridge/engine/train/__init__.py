@@ -5,4 +5,4 @@ hf_state.py the Trainer-shaped trainer_state.json of a checkpoint, reporting.py 
 (tfevents.py) and wandb (wandb_report.py)."""
 
 # The modules other packages may import; the rest are this package's own (tests/test_architecture.py).
-__all__ = ["batches", "checkpoints", "config", "data_parallel", "fsdp", "loop", "step", "trainable"]
+__all__ = ["batches", "checkpoints", "config", "data_parallel", "fsdp", "loop", "reporting", "step", "trainable"]
