@@ -190,6 +190,19 @@ def test_wandb_without_the_package_fails_before_any_step_saying_how_to_install_i
     assert events == [] and not (tmp_path / "w").exists() and not has_injected_adapters(model)
 
 
+def test_a_wandb_that_cannot_be_imported_stops_the_run_before_any_step(model, tok, tmp_path, monkeypatch):
+    # Installed but broken, as when one of its own dependencies is missing: found, yet `import wandb` fails.
+    broken = tmp_path / "site" / "wandb"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError(\"No module named 'opentelemetry.semconv'\")\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    with pytest.raises(MissingPackageError, match=r"installed but cannot be imported .*opentelemetry\.semconv"):
+        run(model, tok, tmp_path / "w", report=["wandb"])
+    assert not has_injected_adapters(model)
+    assert not list((tmp_path / "w").glob("checkpoint-*"))
+
+
 def test_wandb_offline_run_holds_the_series(model, tok, tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is not installed in this Python (pip install wandb)")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -10,10 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qwenbook_bridge.engine.errors import MissingPackageError
+
 
 class WandbReporter:
     def __init__(self, output_dir: Path, run_name: str, config: dict[str, Any]) -> None:
-        import wandb
+        try:
+            import wandb
+        except ImportError as e:  # installed, but a dependency of its own is missing or broken
+            raise MissingPackageError(f"report('wandb'): the wandb package is installed but cannot be imported "
+                                      f"({e}); reinstall it with `pip install wandb` in the worker's Python") from e
 
         output_dir.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(mode="offline", console="off", disable_git=True, x_disable_stats=True,
