@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Runs every suite (pytest, vitest unit+integration, extension, notebooks, browser), each writing a
+// Runs every suite (pytest, install, vitest unit+integration, extension, notebooks, browser), each writing a
 // machine-readable report, and ends with the one line CI reads: "N passed, N failed".
 // A skipped test counts as failed: nothing may be skipped silently.
 import { spawn } from "node:child_process";
@@ -49,6 +49,10 @@ function vitest(config, name) {
     args: ["vitest", "run", "--config", config, "--reporter=default", "--reporter=json", `--outputFile.json=${out}`],
     parse() {
       const r = JSON.parse(readFileSync(out, "utf8"));
+      // The slowest files, so every run says where its time went (vitest's own summary gives only the total).
+      const files = (r.testResults ?? []).map((f) => ({ name: f.name.replace(`${repo}/`, ""), secs: (f.endTime - f.startTime) / 1000 }));
+      files.sort((a, b) => b.secs - a.secs);
+      console.log(`[${name}] slowest files: ${files.slice(0, 10).map((f) => `${f.name} ${f.secs.toFixed(0)} s`).join(", ")}`);
       return { passed: r.numPassedTests, failed: r.numFailedTests, skipped: r.numPendingTests + r.numTodoTests };
     },
   };
@@ -62,7 +66,8 @@ function pytest(name) {
     config: "python-bridge/tests",
     lane: "python",
     cmd: join(venvBin, "python"),
-    args: ["-m", "pytest", "python-bridge/tests", "-q", `--junitxml=${xmlPath}`],
+    // The slowest tests are listed at the end of the log, so every run says where its time went.
+    args: ["-m", "pytest", "python-bridge/tests", "-q", "--durations=25", `--junitxml=${xmlPath}`],
     parse() {
       const xml = readFileSync(xmlPath, "utf8");
       const m = xml.match(/<testsuite [^>]*>/);
@@ -79,6 +84,9 @@ const suites = [
   // The whole Python suite in its own lane, now the shorter one (1,590 s against the Node suites' 1,950 s in a
   // clean-clone run), so the GGUF export tests that once ran at the Node lane's end are back in it.
   pytest("pytest"),
+  // The README's install section in a fresh folder (wheels, a new virtualenv, the packed npm package, a notebook
+  // on the new kernel): mostly pip and npm installing, so it goes in the shorter lane, after pytest.
+  { ...vitest("tests/install/vitest.config.ts", "install"), lane: "python" },
   vitest("tests/vitest.config.ts", "vitest"),
   vitest("extension/vitest.config.ts", "extension"),
   vitest("tests/notebooks/vitest.config.ts", "notebooks"),
@@ -101,6 +109,19 @@ process.on("exit", endHogs);
 for (const sig of ["SIGINT", "SIGTERM"]) process.on(sig, () => process.exit(130));
 if (hogs.length > 0) console.log(`[stress] ${hogs.length} spinning processes keep every core busy during the run`);
 const started = Date.now();
+
+/** Busy and total CPU ticks of the whole machine (/proc/stat), to report how much of the cores the run used. */
+function cpuTicks() {
+  try {
+    const f = readFileSync("/proc/stat", "utf8").split("\n")[0].trim().split(/\s+/).slice(1).map(Number);
+    const idle = f[3] + (f[4] ?? 0);
+    const total = f.reduce((a, b) => a + b, 0);
+    return { busy: total - idle, total };
+  } catch {
+    return null; // not Linux
+  }
+}
+const ticksAtStart = cpuTicks();
 
 /** Runs one suite with its output in a log file, printed whole when it ends (two run at once). */
 function runSuite(s) {
@@ -152,6 +173,10 @@ const summary = results.map((r) => r.line);
 const passed = results.reduce((n, r) => n + r.passed, 0);
 const failed = results.reduce((n, r) => n + r.failed, 0);
 console.log("\n" + summary.join("\n"));
-console.log(`all suites: ${((Date.now() - started) / 1000).toFixed(0)} s${hogs.length ? ` with ${hogs.length} cores kept busy` : ""}`);
+const ticksAtEnd = cpuTicks();
+// How busy the cores were over the run (everything on the machine, not only these suites): near 100% means more
+// lanes would not help; well below means the lanes spend much of their time waiting.
+const busy = ticksAtStart && ticksAtEnd ? ` · CPU ${((100 * (ticksAtEnd.busy - ticksAtStart.busy)) / (ticksAtEnd.total - ticksAtStart.total)).toFixed(0)}% busy on ${availableParallelism()} cores` : "";
+console.log(`all suites: ${((Date.now() - started) / 1000).toFixed(0)} s${busy}${hogs.length ? ` with ${hogs.length} cores kept busy` : ""}`);
 console.log(`${passed} passed, ${failed} failed`);
 process.exit(failed === 0 ? 0 : 1);

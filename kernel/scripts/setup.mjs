@@ -3,7 +3,7 @@
 // itself when a stamp of its inputs says it is already done, so a second run takes seconds.
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { dirname, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -14,6 +14,9 @@ const py = join(venvBin, "python");
 const state = join(repo, ".qwenbook");
 const stamps = join(state, "stamps");
 const wantBrowser = process.argv.includes("--browser");
+// `npm test` also installs the Python packages of the test suites and benchmarks (the `dev` extra); `npm start`
+// installs what running needs: the worker and JupyterLab (the `lab` extra).
+const wantTest = process.argv.includes("--test");
 
 process.env.PIP_RETRIES ??= "0";
 process.env.PIP_DISABLE_PIP_VERSION_CHECK = "1";
@@ -53,12 +56,17 @@ function hashOf(paths) {
   return h.digest("hex");
 }
 
-/** Runs doIt unless the stamp matches the inputs' hash and `output` (what the step makes) still exists. */
+/** Whether the step's stamp matches its inputs' hash and `output` (what the step makes) still exists. */
+function upToDate(name, inputs, output) {
+  const stampFile = join(stamps, name);
+  return existsSync(stampFile) && readFileSync(stampFile, "utf8") === hashOf(inputs) && existsSync(output);
+}
+
+/** Runs doIt unless the step is up to date. */
 function step(name, inputs, output, doIt) {
   mkdirSync(stamps, { recursive: true });
   const stampFile = join(stamps, name);
-  const digest = hashOf(inputs);
-  if (existsSync(stampFile) && readFileSync(stampFile, "utf8") === digest && existsSync(output)) {
+  if (upToDate(name, inputs, output)) {
     log(`${name}: up to date`);
     return;
   }
@@ -79,19 +87,43 @@ function findPython() {
   throw new Error("Python 3.11 or newer is needed for the worker; install it or set QWENBOOK_BASE_PYTHON");
 }
 
-step("npm", ["package.json", "package-lock.json", "kernel/package.json", "extension/package.json", "tests/package.json"], join(repo, "node_modules"), () => {
-  run("npm", ["ci", "--no-audit", "--no-fund"]);
-});
+const npmInputs = ["package.json", "package-lock.json", "kernel/package.json", "extension/package.json", "tests/package.json"];
+const nodeModules = join(repo, "node_modules");
+if (wantTest || upToDate("npm", npmInputs, nodeModules)) {
+  // Everything, the test suites' packages too (vitest, Playwright, node-llama-cpp for the benchmark).
+  step("npm", npmInputs, nodeModules, () => {
+    run("npm", ["ci", "--no-audit", "--no-fund"]);
+  });
+} else {
+  // `npm start`: the kernel's packages and what builds the extension, not the tests workspace (about 430 MB and
+  // 55 s against 1.2 GB and 140 s for everything on this 2-core machine). The full install's stamp goes, as its
+  // node_modules does: `npm ci` starts from an empty folder.
+  step("npm-start", npmInputs, nodeModules, () => {
+    rmSync(join(stamps, "npm"), { force: true });
+    run("npm", ["ci", "--no-audit", "--no-fund", "--workspace", "kernel", "--workspace", "extension", "--include-workspace-root"]);
+  });
+}
 
-step("python", ["python-bridge/pyproject.toml"], py, () => {
-  if (!existsSync(py)) run(findPython(), ["-m", "venv", venv]);
+/** pip install into .venv, then byte-compile what it installed. */
+function pipInstall(args) {
   // pip byte-compiles on one core (about 50 s of an 80 s install on a 2-core machine); compileall does the same
   // on every core (about 30 s). The .pyc files must exist: where PYTHONDONTWRITEBYTECODE is set (as on CI hosts)
   // nothing caches them later, and every worker and test process would compile torch and transformers again.
   // A few files that are not meant to compile (templates, other Python versions') are skipped, as pip skips them.
-  run(py, ["-m", "pip", "install", "--quiet", "--no-compile", "-e", `${join(repo, "python-bridge")}[dev]`]);
+  run(py, ["-m", "pip", "install", "--quiet", "--no-compile", ...args]);
   run(py, ["-c", "import compileall, sysconfig; compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)"]);
+}
+
+step("python", ["python-bridge/pyproject.toml"], py, () => {
+  if (!existsSync(py)) run(findPython(), ["-m", "venv", venv]);
+  pipInstall(["-e", `${join(repo, "python-bridge")}[lab]`]);
 });
+
+if (wantTest) {
+  step("python-test", ["python-bridge/pyproject.toml"], py, () => {
+    pipInstall(["-e", `${join(repo, "python-bridge")}[lab,dev]`]);
+  });
+}
 
 step("kernel-build", ["kernel/src", "kernel/tsconfig.json", "kernel/package.json", "kernel/scripts", "python-bridge/qwenbook_bridge/schema"], join(repo, "kernel", "dist", "index.js"), () => {
   run("npm", ["run", "build", "-w", "kernel"]);
@@ -101,9 +133,15 @@ const envWithVenv = { ...process.env, PATH: `${venvBin}:${process.env.PATH}` };
 
 // The extension's types come from the shared schemas (the gauge's device from protocol.json), so both are inputs.
 const sharedSchemas = ["python-bridge/qwenbook_bridge/schema/bundles.json", "python-bridge/qwenbook_bridge/schema/protocol.json"];
-step("extension", ["extension/src", "extension/style", ...sharedSchemas, "extension/package.json", "extension/tsconfig.json", "extension/scripts"], join(venv, "share", "jupyter", "labextensions", "qwenbook-extension"), () => {
+// Installed as the qwenbook-extension wheel installs it for a user (pip puts the labextension and its install.json
+// into .venv/share/jupyter/labextensions), not copied there.
+const labextension = join(venv, "share", "jupyter", "labextensions", "qwenbook-extension");
+const extensionInputs = ["extension/src", "extension/style", ...sharedSchemas, "extension/package.json", "extension/tsconfig.json", "extension/scripts", "extension/pyproject.toml", "extension/install.json"];
+step("extension", extensionInputs, join(labextension, "install.json"), () => {
   run("npm", ["run", "build", "-w", "extension"], { env: envWithVenv });
-  run("node", [join(repo, "extension", "scripts", "install.mjs"), venv], { env: envWithVenv });
+  // A folder copied there by an older setup is not pip's to replace; pip's own is reinstalled whole.
+  rmSync(labextension, { recursive: true, force: true });
+  run(py, ["-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", join(repo, "extension")]);
 });
 
 step("kernelspec", ["kernel/dist/kernelspec", "kernel/package.json"], join(venv, "share", "jupyter", "kernels", "qwen-ts", "kernel.json"), () => {

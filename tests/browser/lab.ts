@@ -44,7 +44,7 @@ export async function startLab(venv = process.env.QWENBOOK_VENV ?? join(REPO, ".
   }
   const labext = join(venv, "share", "jupyter", "labextensions", "qwenbook-extension", "package.json");
   if (!existsSync(labext)) {
-    throw new Error(`The Qwenbook labextension is not installed in ${venv}: run \`npm run build -w extension\` and \`node extension/scripts/install.mjs\`.`);
+    throw new Error(`The Qwenbook labextension is not installed in ${venv}: run \`npm test\` (its setup builds the extension and pip installs it there).`);
   }
   const base = mkdtempSync(join(tmpdir(), "qwenbook-lab-"));
   const dirs = Object.fromEntries(

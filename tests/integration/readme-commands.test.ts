@@ -12,19 +12,11 @@ import { tmpdir } from "node:os";
 import { join, sep } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { isPidAlive } from "../../kernel/src/bridge/runtime";
+import { shellCommands, withoutInstallSection } from "../readme-sections";
 import { python, repo, tinyModel } from "./helpers";
 
 /** The commands in the README's shell code blocks, in order, without trailing `# comments`. */
-function readmeCommands(markdown: string): string[] {
-  const commands: string[] = [];
-  for (const block of markdown.matchAll(/^```(?:sh|bash|shell)[ \t]*\n([\s\S]*?)^```/gm)) {
-    for (const raw of block[1].split("\n")) {
-      const line = raw.replace(/\s+#\s.*$/, "").trim();
-      if (line !== "" && !line.startsWith("#")) commands.push(line);
-    }
-  }
-  return commands;
-}
+const readmeCommands = shellCommands;
 
 /** Inline code in the README's prose that reads as a command (`npm …`, `npx …`, `python …`, `.venv/bin/…`). */
 function inlineCommands(markdown: string): string[] {
@@ -38,7 +30,9 @@ const NOT_RUN: Record<string, string> = {
   "npm run bench": "several minutes; `npm run bench -- --quick` runs the same script",
 };
 
-const readme = readFileSync(join(repo, "README.md"), "utf8");
+// The install section's commands run in tests/install/install.test.ts: from the checkout into a folder of their
+// own, under a HOME of their own, in one shell.
+const readme = withoutInstallSection(readFileSync(join(repo, "README.md"), "utf8"));
 const scratch = mkdtempSync(join(tmpdir(), "qwenbook-readme-"));
 const runtimeDir = join(scratch, "runtime");
 

@@ -24,15 +24,34 @@ export interface PythonChoice {
   reason: string;
 }
 
+/**
+ * The python that runs the worker (it must have the qwenbook-bridge package), first found of:
+ * 1. $QWENBOOK_PYTHON;
+ * 2. $QWENBOOK_KERNEL_PYTHON, which `qwenbook kernelspec install` writes into the kernel's kernel.json, so a
+ *    notebook's kernel finds the python it was installed for whatever shell started Jupyter;
+ * 3. the checkout's .venv, when this package is the one inside a Qwenbook checkout;
+ * 4. the active virtualenv's python ($VIRTUAL_ENV/bin/python);
+ * 5. `python3` on PATH.
+ */
 export function resolvePython(env: Env = process.env): PythonChoice {
   if (env.QWENBOOK_PYTHON) return { command: env.QWENBOOK_PYTHON, reason: "QWENBOOK_PYTHON" };
+  if (env.QWENBOOK_KERNEL_PYTHON) return { command: env.QWENBOOK_KERNEL_PYTHON, reason: "the kernelspec's QWENBOOK_KERNEL_PYTHON" };
   const repo = repoDir(env);
   if (repo) {
     const venv = join(repo, ".venv", "bin", "python");
     if (existsSync(venv)) return { command: venv, reason: "the checkout's .venv" };
   }
-  return { command: "python3", reason: "no QWENBOOK_PYTHON and no .venv next to the package" };
+  if (env.VIRTUAL_ENV) {
+    const active = join(env.VIRTUAL_ENV, "bin", "python");
+    if (existsSync(active)) return { command: active, reason: "the active virtualenv (VIRTUAL_ENV)" };
+  }
+  return { command: "python3", reason: "python3 on PATH (no QWENBOOK_PYTHON, kernelspec python, checkout .venv or active virtualenv)" };
 }
+
+/** What to do when the chosen python cannot run the worker: the rule above, in a sentence. */
+export const PYTHON_HINT =
+  "Install the worker into that python (pip install qwenbook-bridge, or the checkout's `npm start`), " +
+  "or set QWENBOOK_PYTHON to a python that has it (or activate the virtualenv that has it).";
 
 /** node-llama-cpp's prebuilt-binary packages for this platform, most specific first. */
 function llamaCppPlatforms(): string[] {

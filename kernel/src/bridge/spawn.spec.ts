@@ -46,10 +46,18 @@ describe("spawnWorker", () => {
   });
 
   it("quotes the log when the worker exits during start-up", async () => {
-    const python = fakePython("crash", 'echo "ModuleNotFoundError: No module named qwenbook_bridge" >&2\nexit 3');
+    const python = fakePython("crash", 'echo "ImportError: libcudart.so.12: cannot open shared object file" >&2\nexit 3');
     const err = await failure(spawnWorker({ runtimeFile: join(dir, "b", "rt.json"), python }));
     expect(err.message).toMatch(/exited during start-up \(exit code 3;.*\nThe end of its log \(.*qwenbook-worker\.log\):\n/s);
-    expect(err.message).toContain("ModuleNotFoundError: No module named qwenbook_bridge");
+    expect(err.message).toContain("ImportError: libcudart.so.12");
+  });
+
+  it("says how to fix a python that lacks qwenbook_bridge", async () => {
+    const python = fakePython("bare", "echo \"/usr/bin/python3: Error while finding module specification for 'qwenbook_bridge.worker' " +
+      "(ModuleNotFoundError: No module named 'qwenbook_bridge')\" >&2\nexit 1");
+    const err = await failure(spawnWorker({ runtimeFile: join(dir, "b2", "rt.json"), python }));
+    expect(err.message).toMatch(/^The worker's python .*bare \(chosen from an explicit python\) has no qwenbook_bridge package\. /);
+    expect(err.message).toMatch(/pip install qwenbook-bridge.*QWENBOOK_PYTHON/);
   });
 
   it("gives up after the timeout with the log's end, leaving the slow worker be", async () => {

@@ -1,7 +1,7 @@
 import { spawn } from "node:child_process";
 import { closeSync, mkdirSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
 import { dirname, join } from "node:path";
-import { llamaCppLibDir, resolvePython } from "./paths";
+import { llamaCppLibDir, PYTHON_HINT, resolvePython } from "./paths";
 import { isPidAlive, readRuntimeFile, removeStaleRuntimeFile, tailOfFile, type RuntimeInfo, type Transport } from "./runtime";
 
 export interface SpawnOptions {
@@ -156,13 +156,16 @@ export async function spawnWorker(options: SpawnOptions): Promise<RuntimeInfo> {
     if (seen.error) {
       throw new Error(
         `Could not run the worker's python "${python}" (chosen from ${choice.reason}): ${seen.error.message}. ` +
-          "Run `npm start` (or the setup script) to create .venv, or set QWENBOOK_PYTHON to a python with qwenbook_bridge installed.",
+          PYTHON_HINT,
       );
     }
     const info = readRuntimeFile(options.runtimeFile);
     if (info && info.pid === child.pid && isPidAlive(info.pid)) return info;
     if (seen.exit) {
       const { code, signal } = seen.exit;
+      if (/No module named '?qwenbook_bridge/.test(tailOfFile(log, 30) ?? "")) {
+        throw new Error(`The worker's python ${python} (chosen from ${choice.reason}) has no qwenbook_bridge package. ${PYTHON_HINT}`);
+      }
       throw new Error(
         `The qwenbook worker exited during start-up (${signal ? `signal ${signal}` : `exit code ${code}`}; python ${python}, from ${choice.reason}).` +
           quoteLog(),

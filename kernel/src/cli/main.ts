@@ -1,14 +1,15 @@
 #!/usr/bin/env node
 import { spawnSync } from "node:child_process";
-import { dirname, resolve } from "node:path";
+import { readFileSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
 import { WorkerClient } from "../bridge/client";
-import { resolvePython, tokenizerModelsDir } from "../bridge/paths";
+import { PYTHON_HINT, resolvePython, tokenizerModelsDir } from "../bridge/paths";
 import type { RunInfo } from "../bridge/protocol.gen";
 import { readRunIndex, runIndexDir } from "../bridge/run-index";
 import { endpoint, runtimeFilePath } from "../bridge/runtime";
 import { ensureWorker, liveRuntime } from "../bridge/spawn";
 import { stopWorker } from "../bridge/stop";
-import { installKernelspec } from "../kernelspec/install";
+import { installKernelspec, kernelPython, kernelSpec, type KernelSpec } from "../kernelspec/install";
 import { formatBytes } from "../api/progress";
 import { serveCommand } from "./serve";
 
@@ -21,10 +22,15 @@ const USAGE = `usage: qwenbook <command>
   serve <model> [--port N] [--api-key K] ...     serve a model as an OpenAI-compatible API (serve --help)
   tiny-model <dir> [--arch qwen2|qwen3|qwen3-moe]
                                                  write a tiny random test model into <dir> (default qwen2)
-  kernelspec install --prefix <venv>             install the "Qwen (TypeScript)" kernel into a venv
+  kernelspec install [--prefix <venv>] [--python <python>]
+                                                 install the "Qwen (TypeScript)" kernel into a venv, else into
+                                                 the user's Jupyter folder ($JUPYTER_DATA_DIR); it records the
+                                                 worker's python (--python, $QWENBOOK_PYTHON, the venv's python,
+                                                 else as below), which must have qwenbook-bridge
 
 The worker's runtime file: $QWENBOOK_RUNTIME_DIR, else $JUPYTER_RUNTIME_DIR, else
-~/.local/share/jupyter/runtime. Its python: $QWENBOOK_PYTHON, else the checkout's .venv, else python3.
+~/.local/share/jupyter/runtime. Its python: $QWENBOOK_PYTHON, else the python the kernelspec recorded, else the
+checkout's .venv, else the active virtualenv's ($VIRTUAL_ENV), else python3 on PATH.
 It listens on Unix sockets in a user-only folder there; on TCP 127.0.0.1 with --transport tcp or
 QWENBOOK_TRANSPORT=tcp.
 Exit codes: 0 done, 1 failed (or, for worker status, no worker running), 2 wrong command line.`;
@@ -140,7 +146,7 @@ function tinyModel(args: string[]): number {
   const cmd = ["-m", "qwenbook_bridge.tiny", resolve(dir), "--arch", arch, "--tokenizer-dir", tokenizerModelsDir()];
   const r = spawnSync(python.command, cmd, { stdio: "inherit" });
   if (r.error) {
-    throw new Error(`Could not run ${python.command} (from ${python.reason}): ${r.error.message}. Set QWENBOOK_PYTHON to a python with qwenbook_bridge installed.`);
+    throw new Error(`Could not run ${python.command} (from ${python.reason}): ${r.error.message}. ${PYTHON_HINT}`);
   }
   return r.status ?? 1;
 }
@@ -149,10 +155,12 @@ function kernelspec(args: string[]): number {
   const [sub, ...rest] = args;
   if (sub !== "install") throw new UsageError(`kernelspec has one subcommand, install; got ${JSON.stringify(sub ?? "")}`);
   const prefix = takeOption(rest, "--prefix");
-  if (!prefix) throw new UsageError("kernelspec install needs --prefix <venv>");
+  const python = takeOption(rest, "--python");
   noMoreArgs(rest);
-  const r = installKernelspec(prefix);
-  console.log(r.changed ? `Installed the "Qwen (TypeScript)" kernel in ${r.dir}` : `The "Qwen (TypeScript)" kernel is already installed in ${r.dir}`);
+  const r = installKernelspec(prefix, kernelSpec(undefined, undefined, kernelPython(python, prefix)));
+  const spec = JSON.parse(readFileSync(join(r.dir, "kernel.json"), "utf8")) as KernelSpec;
+  const where = r.changed ? `Installed the "Qwen (TypeScript)" kernel in ${r.dir}` : `The "Qwen (TypeScript)" kernel is already installed in ${r.dir}`;
+  console.log(`${where}\n  its worker's python: ${spec.env?.QWENBOOK_KERNEL_PYTHON}`);
   return 0;
 }
 

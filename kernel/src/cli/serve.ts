@@ -6,7 +6,7 @@ import { existsSync, statSync } from "node:fs";
 import { constants } from "node:os";
 import { basename, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { resolvePython } from "../bridge/paths";
+import { PYTHON_HINT, resolvePython } from "../bridge/paths";
 
 export const SERVE_USAGE = `usage: qwenbook serve <model> [options]
 
@@ -243,7 +243,7 @@ export async function serveCommand(argv: string[]): Promise<number> {
   try {
     return await new Promise<number>((resolveCode, reject) => {
       child.once("error", (e) =>
-        reject(new Error(`Could not run ${python.command} (from ${python.reason}): ${e.message}. Set QWENBOOK_PYTHON to a python with qwenbook_bridge installed.`)),
+        reject(new Error(`Could not run ${python.command} (from ${python.reason}): ${e.message}. ${PYTHON_HINT}`)),
       );
       child.once("exit", (code, signal) => resolveCode(code ?? 128 + (signal ? constants.signals[signal] : 1)));
     });
