@@ -40,11 +40,12 @@ afterAll(async () => {
 
 describe("a full disk while exporting", () => {
   it("fails with one line naming the path and the free space, and keeps the earlier file", async () => {
-    await model.export("out/model.gguf", { type: "f16", quiet: true });
+    // Without the Ollama Modelfile: "out" then holds the GGUF file alone.
+    await model.export("out/model.gguf", { type: "f16", modelfile: false, quiet: true });
     const before = sha("out/model.gguf");
 
     writeFileSync(flag, "");
-    const error = await model.export("out/model.gguf", { type: "f16", overwrite: true, quiet: true }).then(
+    const error = await model.export("out/model.gguf", { type: "f16", modelfile: false, overwrite: true, quiet: true }).then(
       () => null,
       (e: unknown) => e,
     );
@@ -69,7 +70,7 @@ describe("a full disk while exporting", () => {
     expect(readdirSync("out")).toEqual(["model.gguf"]);
 
     // With room again the same export goes through.
-    const report = await model.export("out/model.gguf", { type: "f16", overwrite: true, quiet: true });
+    const report = await model.export("out/model.gguf", { type: "f16", modelfile: false, overwrite: true, quiet: true });
     expect(report.path).toBe(target);
     expect(readdirSync("out")).toEqual(["model.gguf"]);
   });
