@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwenbook_bridge.engine.export.gguf import GgufConfig, UnsupportedArchitectureError, export_gguf, gguf_tensor_name
+from qwenbook_bridge.engine.export.gguf import (GgufConfig, UnsupportedArchitectureError, export_gguf,
+    gguf_tensor_name, gguf_tensor_names)
 from qwenbook_bridge.engine.export.gguf_read import GgufFile
 from qwenbook_bridge.engine.export.merge import model_tensor_sources
 from qwenbook_bridge.engine.quant.quality import swapped_weights
@@ -143,7 +144,8 @@ def check_llama_agrees_with_file_weights(model, path: Path, forced_paths, kind: 
     with GgufFile(path) as f:
         def provider(name: str):
             name = "model.embed_tokens.weight" if name == "lm_head.weight" else name
-            return f.dequantize(gguf_tensor_name(name))
+            parts = [f.dequantize(n) for n in gguf_tensor_names(name)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # an MoE's fused gate_up
 
         with swapped_weights(model, provider), torch.no_grad():
             file_logits = model(input_ids=batch).logits

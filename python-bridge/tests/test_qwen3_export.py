@@ -16,7 +16,8 @@ from qwenbook_bridge.engine.export.gguf import GgufConfig, UnsupportedArchitectu
 from qwenbook_bridge.engine.export.gguf_read import GgufFile
 from qwenbook_bridge.engine.export.merge import model_tensor_sources, save_merged
 from qwenbook_bridge.engine.quant.quality import swapped_weights
-from test_gguf import N_TOKENS, PROMPTS, greedy, run_llama, token_ids
+from test_gguf import (N_TOKENS, PROMPTS, QUANT_PROMPTS, check_llama_agrees_with_file_weights, greedy, run_llama,
+    token_ids)
 
 
 def load(folder: Path) -> tuple[Any, Any]:
@@ -130,6 +131,37 @@ def test_qwen3_moe_f16_gguf_greedy_tokens_match_pytorch_in_llama_cpp(qwen3_moe, 
     out = run_llama({"model": str(path), "texts": texts, "prompts": prompts, "maxTokens": N_TOKENS}, tmp_path)
     assert out["tokenized"] == prompts
     assert out["greedy"] == expected_greedy(model, prompts)
+
+
+def test_qwen3_moe_q4_k_m_quantizes_the_stacked_experts_and_runs_in_llama_cpp(qwen3_moe, tmp_path: Path):
+    """A Qwen3-MoE at K-quant width (hidden and expert rows 256): the stacked experts are Q4_K / Q6_K tensors
+    (ffn_down_exps Q6_K on llama.cpp's use_more_bits layers 2 and 3 of 4), the router stays f32, and llama.cpp
+    computes what PyTorch computes from the file's weights."""
+    from transformers import Qwen3MoeForCausalLM
+
+    import gguf
+
+    base, tok = qwen3_moe
+    config = copy.deepcopy(base.config)
+    config.hidden_size, config.moe_intermediate_size, config.intermediate_size = 256, 256, 256
+    config.num_hidden_layers, config.layer_types = 4, ["full_attention"] * 4
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 4, 2, 64
+    torch.manual_seed(5)
+    model = Qwen3MoeForCausalLM(config).eval()
+    with torch.no_grad():  # a trained model's spread, so that rounding moves logits as it does there
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.1 if "embed" in name else 0.5 / p.shape[-1] ** 0.5)
+    path = tmp_path / "moe-q4_k_m.gguf"
+    export_gguf(model, tok, path, GgufConfig(type="q4_k_m"), evaluate=False)
+    with GgufFile(path) as f:
+        kind = {n: gguf.GGMLQuantizationType(t.qtype).name for n, t in f.tensors.items()}
+    assert (kind["blk.0.ffn_gate_exps.weight"], kind["blk.0.ffn_up_exps.weight"]) == ("Q4_K", "Q4_K")
+    assert [kind[f"blk.{i}.ffn_down_exps.weight"] for i in range(4)] == ["Q4_K", "Q4_K", "Q6_K", "Q6_K"]
+    assert kind["blk.0.ffn_gate_inp.weight"] == "F32" and kind["token_embd.weight"] == "Q6_K"
+    prompts = [token_ids(tok, p) for p in QUANT_PROMPTS]
+    forced = [ids + greedy(model, ids)[0] for ids in prompts]
+    check_llama_agrees_with_file_weights(model, path, (prompts, forced), "qwen3moe q4_k_m", tmp_path)
 
 
 def test_the_quality_check_runs_the_files_expert_weights(qwen3_moe):
