@@ -114,16 +114,17 @@ function pipInstall(args) {
   run(py, ["-c", "import compileall, sysconfig; compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)"]);
 }
 
-step("python", ["python-bridge/pyproject.toml"], py, () => {
-  if (!existsSync(py)) run(findPython(), ["-m", "venv", venv]);
-  pipInstall(["-e", `${join(repo, "python-bridge")}[lab]`]);
-});
-
-if (wantTest) {
-  step("python-test", ["python-bridge/pyproject.toml"], py, () => {
-    pipInstall(["-e", `${join(repo, "python-bridge")}[lab,dev]`]);
+/** The worker package (editable) with the given extras, into .venv (made first if missing). */
+function pythonStep(name, extras) {
+  step(name, ["python-bridge/pyproject.toml"], py, () => {
+    if (!existsSync(py)) run(findPython(), ["-m", "venv", venv]);
+    pipInstall(["-e", `${join(repo, "python-bridge")}[${extras}]`]);
   });
 }
+// `npm test`'s install is a superset of `npm start`'s, so after it `npm start` has nothing to add.
+if (wantTest) pythonStep("python-test", "lab,dev");
+else if (upToDate("python-test", ["python-bridge/pyproject.toml"], py)) log("python: up to date (npm test's install)");
+else pythonStep("python", "lab");
 
 step("kernel-build", ["kernel/src", "kernel/tsconfig.json", "kernel/package.json", "kernel/scripts", "python-bridge/qwenbook_bridge/schema"], join(repo, "kernel", "dist", "index.js"), () => {
   run("npm", ["run", "build", "-w", "kernel"]);
