@@ -182,6 +182,7 @@ describe(`README: ${INSTALL_HEADING}`, () => {
   }, 1_500_000);
 
   afterAll(async () => {
+    const cleanup = Date.now();
     if (shell?.pid && shell.exitCode === null && shell.signalCode === null) {
       process.kill(-shell.pid, "SIGTERM");
       const stopped = await Promise.race([shellExit, new Promise((r) => setTimeout(() => r("timeout"), 30_000))]);
@@ -199,8 +200,11 @@ describe(`README: ${INSTALL_HEADING}`, () => {
     console.log(
       `install steps (seconds):\n${steps.map((s) => `${(s.seconds === undefined ? "-" : s.seconds.toFixed(1)).padStart(7)}  ${s.command}${s.fromReadme ? "" : "   (test)"}`).join("\n")}`,
     );
+    const removing = Date.now();
     // About 1.5 GB (PyTorch in the new virtualenv): removed by a child process, so vitest's own messages keep flowing.
     await capture("rm", ["-rf", scratch]);
+    const s = (from: number, to: number): string => ((to - from) / 1000).toFixed(1);
+    console.log(`clean-up: JupyterLab and worker stopped in ${s(cleanup, removing)} s, the temporary folder removed in ${s(removing, Date.now())} s`);
   }, 300_000);
 
   it("the section has the commands a user runs, ending with jupyter lab", () => {
