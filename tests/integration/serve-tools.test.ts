@@ -4,11 +4,10 @@
 // client's stream helper), and the tool's result sent back gets the final answer. One transcript of each
 // is printed for the record.
 import { spawn, type ChildProcess } from "node:child_process";
-import { join } from "node:path";
 import OpenAI from "openai";
 import type { ChatCompletionCreateParamsNonStreaming, ChatCompletionMessageParam, ChatCompletionTool } from "openai/resources/chat/completions";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { python, repo, toolModel } from "./helpers";
+import { python, toolModel } from "./helpers";
 
 const NAME = "calc";
 const QUESTION = "What is 17 times 23?";
