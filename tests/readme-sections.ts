@@ -1,6 +1,8 @@
 // Reading the README's shell commands, shared by the suites that run them: tests/integration/readme-commands.test.ts
 // runs every section's but one, tests/install/install.test.ts runs that one (installing outside the checkout).
 
+import { sep } from "node:path";
+
 export const INSTALL_HEADING = "Install into your own environment";
 
 /** The commands in the ```sh blocks of `markdown`, in order, without trailing `# comments`. */
@@ -32,4 +34,12 @@ export function installSection(markdown: string): string {
 export function withoutInstallSection(markdown: string): string {
   const [start, end] = sectionBounds(markdown);
   return markdown.slice(0, start) + markdown.slice(end);
+}
+
+/** PATH as a user's shell has it: none of the checkout's .venv/bin or node_modules/.bin that npm and vitest add. */
+export function userShellPath(): string {
+  return (process.env.PATH ?? "")
+    .split(":")
+    .filter((p) => p !== "" && !p.endsWith(`${sep}.venv${sep}bin`) && !p.includes(`${sep}node_modules${sep}`) && !p.endsWith(`${sep}node_modules`))
+    .join(":");
 }

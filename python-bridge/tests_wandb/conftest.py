@@ -4,12 +4,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
-_cpu_tests = Path(__file__).resolve().parents[1] / "tests"
-sys.path.insert(0, str(_cpu_tests))
-_spec = importlib.util.spec_from_file_location("cpu_conftest", _cpu_tests / "conftest.py")
-assert _spec and _spec.loader
-cpu_conftest = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cpu_conftest)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import cpu_conftest as _loader  # noqa: E402  (found through the path above)
+
+cpu_conftest = _loader.load()
 
 tiny_model_dir = cpu_conftest.tiny_model_dir  # noqa: F401  (a fixture, found by name)
 

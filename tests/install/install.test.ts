@@ -10,9 +10,9 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync } from "node:fs";
 import { createServer } from "node:net";
 import { homedir, tmpdir } from "node:os";
-import { join, sep } from "node:path";
+import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { INSTALL_HEADING, installSection, shellCommands } from "../readme-sections";
+import { INSTALL_HEADING, installSection, shellCommands, userShellPath } from "../readme-sections";
 
 const repo = join(new URL(".", import.meta.url).pathname, "..", "..");
 const readme = readFileSync(join(repo, "README.md"), "utf8");
@@ -35,11 +35,7 @@ const notebookSteps = [
   "npx qwenbook worker stop",
 ];
 
-/** PATH as a user's shell has it: none of the checkout's .venv/bin or node_modules/.bin that npm and vitest add. */
-const userPath = (process.env.PATH ?? "")
-  .split(":")
-  .filter((p) => p !== "" && !p.endsWith(`${sep}.venv${sep}bin`) && !p.includes(`${sep}node_modules${sep}`) && !p.endsWith(`${sep}node_modules`))
-  .join(":");
+const userPath = userShellPath();
 
 function userEnv(): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};

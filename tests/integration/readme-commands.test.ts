@@ -9,10 +9,10 @@ import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { join, sep } from "node:path";
+import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { isPidAlive } from "../../kernel/src/bridge/runtime";
-import { shellCommands, withoutInstallSection } from "../readme-sections";
+import { shellCommands, userShellPath, withoutInstallSection } from "../readme-sections";
 import { python, repo, tinyModel } from "./helpers";
 
 /** The commands in the README's shell code blocks, in order, without trailing `# comments`. */
@@ -36,11 +36,7 @@ const readme = withoutInstallSection(readFileSync(join(repo, "README.md"), "utf8
 const scratch = mkdtempSync(join(tmpdir(), "qwenbook-readme-"));
 const runtimeDir = join(scratch, "runtime");
 
-/** PATH as a user's shell has it: none of the checkout's .venv/bin or node_modules/.bin that npm and vitest add. */
-const userPath = (process.env.PATH ?? "")
-  .split(":")
-  .filter((p) => p !== "" && !p.endsWith(`${sep}.venv${sep}bin`) && !p.includes(`${sep}node_modules${sep}`) && !p.endsWith(`${sep}node_modules`))
-  .join(":");
+const userPath = userShellPath();
 
 function userEnv(): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
