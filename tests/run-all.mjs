@@ -81,12 +81,12 @@ function pytest(name) {
 }
 
 const suites = [
-  // The whole Python suite in its own lane, now the shorter one (1,590 s against the Node suites' 1,950 s in a
-  // clean-clone run), so the GGUF export tests that once ran at the Node lane's end are back in it.
+  // The whole Python suite in its own lane (1,590 s against the Node suites' 1,950 s in the last clean-clone run).
   pytest("pytest"),
   // The README's install section in a fresh folder (wheels, a new virtualenv, the packed npm package, a notebook
-  // on the new kernel): mostly pip and npm installing, so it goes in the shorter lane, after pytest.
-  { ...vitest("tests/install/vitest.config.ts", "install"), lane: "python" },
+  // on the new kernel): 400-480 s, mostly pip and npm unpacking and writing packages, so it runs in a third lane
+  // beside the other two rather than lengthening either.
+  { ...vitest("tests/install/vitest.config.ts", "install"), lane: "install" },
   vitest("tests/vitest.config.ts", "vitest"),
   vitest("extension/vitest.config.ts", "extension"),
   vitest("tests/notebooks/vitest.config.ts", "notebooks"),
@@ -123,7 +123,7 @@ function cpuTicks() {
 }
 const ticksAtStart = cpuTicks();
 
-/** Runs one suite with its output in a log file, printed whole when it ends (two run at once). */
+/** Runs one suite with its output in a log file, printed whole when it ends (the lanes run at once). */
 function runSuite(s) {
   if (!existsSync(join(repo, s.config))) return Promise.resolve({ line: `${s.name}: missing (${s.config})`, passed: 0, failed: 1 });
   console.log(`[${s.name}] started`);
@@ -159,11 +159,11 @@ function runSuite(s) {
   });
 }
 
-// Two lanes at once: the Python suite beside the Node suites, which run one after another (the notebook
-// and browser suites start JupyterLab and kernels of their own). On two cores this saves about a third of the
-// time, since much of each lane is process start-up and waiting on sockets; every test already waits for
-// readiness, as it must on a busy CI host.
-const lanes = [chosen.filter((s) => s.lane === "python"), chosen.filter((s) => s.lane !== "python")];
+// Lanes at once: the Python suite, the install suite, and the Node suites, which run one after another (the
+// notebook and browser suites start JupyterLab and kernels of their own). On two cores two lanes saved about a
+// third of the time, since much of each lane is process start-up and waiting on sockets and disks; every test
+// already waits for readiness, as it must on a busy CI host.
+const lanes = ["python", "install", undefined].map((lane) => chosen.filter((s) => s.lane === lane)).filter((l) => l.length > 0);
 const results = (await Promise.all(lanes.map(async (lane) => {
   const out = [];
   for (const s of lane) out.push(await runSuite(s));
