@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from qwenbook_bridge.bench.model import build_random_model
-from qwenbook_bridge.bench.train import synthetic_rows
+from qwenbook_bridge.bench.train_data import synthetic_rows
 from qwenbook_bridge.engine.train.data_parallel import DataParallel
 from qwenbook_bridge.engine.train.fsdp import ShardedParallel
 from qwenbook_bridge.engine.train.batches import collate
