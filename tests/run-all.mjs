@@ -49,8 +49,12 @@ function vitest(config, name) {
     args: ["vitest", "run", "--config", config, "--reporter=default", "--reporter=json", `--outputFile.json=${out}`],
     parse() {
       const r = JSON.parse(readFileSync(out, "utf8"));
-      // The slowest files, so every run says where its time went (vitest's own summary gives only the total).
-      const files = (r.testResults ?? []).map((f) => ({ name: f.name.replace(`${repo}/`, ""), secs: (f.endTime - f.startTime) / 1000 }));
+      // The slowest files, so every run says where its time went (vitest's own summary gives only the total). A
+      // file's startTime leaves out its beforeAll hooks (worker starts, notebook runs); the files run one after
+      // another, so a file's time is taken from the previous file's end (the run's start for the first).
+      const ended = (r.testResults ?? []).map((f) => ({ name: f.name.replace(`${repo}/`, ""), end: f.endTime }));
+      ended.sort((a, b) => a.end - b.end);
+      const files = ended.map((f, i) => ({ name: f.name, secs: (f.end - (i === 0 ? r.startTime : ended[i - 1].end)) / 1000 }));
       files.sort((a, b) => b.secs - a.secs);
       console.log(`[${name}] slowest files: ${files.slice(0, 10).map((f) => `${f.name} ${f.secs.toFixed(0)} s`).join(", ")}`);
       return { passed: r.numPassedTests, failed: r.numFailedTests, skipped: r.numPendingTests + r.numTodoTests };
