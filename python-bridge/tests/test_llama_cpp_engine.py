@@ -282,6 +282,7 @@ def test_loading_on_the_cpu_writes_the_copy_with_the_loads_progress(tiny_model_d
         model_id = handlers.load(JobContext(load, threading.Event(), emit))["model"]["model_id"]
         copy = [e for e in events if e["stage"] == "cpu_chat"]
         assert copy and "GGUF copy" in copy[0]["message"] and copy[-1]["fraction"] == 1.0
+        assert events[-1]["stage"] == "ready"  # the load is ready once its chat copy is made, not before
         engine = handlers.chat.engine(model_id)
         assert isinstance(engine, LlamaCppEngine) and engine.running and engine.gguf.parent == tmp_path
     finally:

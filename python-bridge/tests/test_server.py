@@ -27,6 +27,16 @@ CHAT = [{"role": "system", "content": "You are a helpful assistant."}, {"role": 
 
 
 @pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory):
+    """This module's worker with an empty GGUF cache of its own: whether the first load writes the CPU chat copy
+    (its cpu_chat stage) must not hang on what other tests or suites left in the shared cache (it keeps 3 copies)."""
+    folder = tmp_path_factory.mktemp("worker")
+    proc = WorkerProcess(folder, env={"QWENBOOK_GGUF_CACHE": str(folder / "gguf-cache")})
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
 def first_load(client, tiny_model_dir):
     reply, events = client.call("load", {"model": str(tiny_model_dir), "dtype": "fp32"})
     assert reply.content["status"] == "ok", reply.content
@@ -88,8 +98,12 @@ def test_a_message_signed_with_the_wrong_key_is_dropped_and_logged(worker, clien
 
 def test_load_reports_progress_and_a_second_load_is_resident(client, first_load, model_id, tiny_model_dir):
     reply, events = first_load
-    assert [e.content["stage"] for e in events] == ["tokenizer", "weights", "ready"]
-    assert reply.content["already_loaded"] is False and reply.content["model"]["path"] == str(Path(tiny_model_dir).resolve())
+    stages = [e.content["stage"] for e in events]
+    # The CPU chat's GGUF copy is written under the load's progress (one event per chunk written).
+    assert [s for i, s in enumerate(stages) if i == 0 or s != stages[i - 1]] == ["tokenizer", "weights", "cpu_chat",
+                                                                                 "ready"]
+    assert reply.content["already_loaded"] is False
+    assert reply.content["model"]["path"] == str(Path(tiny_model_dir).resolve())
     reply, events = client.call("load", {"model": str(tiny_model_dir), "dtype": "fp32", "device": "cpu"})
     assert reply.content["already_loaded"] is True and reply.content["model"]["model_id"] == model_id
     assert [e.content["stage"] for e in events] == ["ready"]

@@ -119,10 +119,15 @@ class Handlers:
             content["quant"] = with_calibration_path(content["quant"], self.root)
         options = LoadOptions(**_pick(content, _LOAD_FIELDS))
 
+        ready: list[LoadProgress] = []
+
         def progress(p: LoadProgress) -> None:
             # Stop between stages (and between download chunks); a model that finished loading is kept.
             if job.cancel.is_set() and p.stage != "ready":
                 raise CancelledError(f"loading {content['model']} was cancelled ({p.stage} stage)")
+            if p.stage == "ready":
+                ready.append(p)  # the last stage, sent once the CPU chat's copy below is made too
+                return
             job.emit("load_progress", p.to_dict())
 
         loaded, already = self.registry.load(content["model"], options, progress=progress, user=job.request.session)
@@ -134,6 +139,8 @@ class Handlers:
                                       e.fraction, e.bytes_done or None, e.bytes_total or None))
 
             self.chat.prepare(loaded, copy_progress)
+        for p in ready:
+            job.emit("load_progress", p.to_dict())
         return {"status": "ok", "model": dict(loaded.info), "already_loaded": already}
 
     def unload(self, job: JobContext) -> dict[str, Any]:
