@@ -1,6 +1,8 @@
-// Reading the README's shell commands, shared by the suites that run them: tests/integration/readme-commands.test.ts
-// runs every section's but one, tests/install/install.test.ts runs that one (installing outside the checkout).
+// Reading the README's shell commands, and the shell a user types them in (PATH, a free port), shared by the suites that
+// run them: tests/integration/readme-commands.test.ts runs every section's but one, tests/install/install.test.ts runs that
+// one (installing outside the checkout).
 
+import { createServer } from "node:net";
 import { sep } from "node:path";
 
 export const INSTALL_HEADING = "Install into your own environment";
@@ -42,4 +44,17 @@ export function userShellPath(): string {
     .split(":")
     .filter((p) => p !== "" && !p.endsWith(`${sep}.venv${sep}bin`) && !p.includes(`${sep}node_modules${sep}`) && !p.endsWith(`${sep}node_modules`))
     .join(":");
+}
+
+/** A TCP port free on 127.0.0.1 now, for a server a README command starts. */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", () => {
+      const address = s.address();
+      const port = typeof address === "object" && address ? address.port : 0;
+      s.close(() => resolve(port));
+    });
+  });
 }

@@ -15,10 +15,11 @@ from qwenbook_bridge.engine.data.datasets import DatasetSpec
 from qwenbook_bridge.engine.errors import InvalidOptionError, MissingPackageError
 from qwenbook_bridge.engine.model_parts import has_injected_adapters
 from qwenbook_bridge.engine.train import checkpoints as ckpt
-from qwenbook_bridge.engine.train.config import LoraSettings, TrainConfig
+from qwenbook_bridge.engine.train.config import TrainConfig
 from qwenbook_bridge.engine.train.loop import train
 from qwenbook_bridge.engine.train.reporting import GIB
 from qwenbook_bridge.engine.train.tfevents import crc32c, masked_crc32c
+from test_training import run as run_training
 
 ROWS = [{"instruction": f"问题{i}", "output": f"回答{i}号"} for i in range(10)]
 TAGS = {"train/loss": "loss", "train/learning_rate": "lr", "train/grad_norm": "grad_norm", "train/epoch": "epoch",
@@ -41,20 +42,9 @@ def model(tiny_model_dir):
 
 def run(model, tok, out: Path, cancel_at: int | None = None, **options):
     """Train 4 steps with eval and checkpoints every 2; `cancel_at` cancels after that step."""
-    events: list[tuple[str, dict]] = []
-    cancel = threading.Event()
-
-    def on_event(kind: str, content: dict) -> None:
-        events.append((kind, content))
-        if kind == "train_progress" and content["step"] == cancel_at:
-            cancel.set()
-
-    settings = dict(max_length=32, batch_size=2, grad_accum=1, max_steps=4, lr=1e-3, lora=LoraSettings(r=4),
-                    eval_split=0.2, eval_every=2, save_every=2)
+    settings = dict(max_length=32, max_steps=4, eval_split=0.2, eval_every=2, save_every=2)
     settings.update(options)
-    result = train(model, tok, [DatasetSpec(ROWS)], TrainConfig(output_dir=str(out), **settings),
-                   on_event=on_event, cancel=cancel)
-    return result, events
+    return run_training(model, tok, out, rows=ROWS, cancel_at=cancel_at, **settings)
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,10 @@
 // and a short LoRA run on the tiny model. Each step is timed and the timings are printed.
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync } from "node:fs";
-import { createServer } from "node:net";
 import { homedir, tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { INSTALL_HEADING, installSection, shellCommands, userShellPath } from "../readme-sections";
+import { INSTALL_HEADING, freePort, installSection, shellCommands, userShellPath } from "../readme-sections";
 
 const repo = join(new URL(".", import.meta.url).pathname, "..", "..");
 const readme = readFileSync(join(repo, "README.md"), "utf8");
@@ -62,18 +61,6 @@ function userEnv(): NodeJS.ProcessEnv {
     // Were the new project's bin ever missing, npx would fetch whatever the registry has under that name.
     npm_config_yes: "false",
   };
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const address = s.address();
-      const port = typeof address === "object" && address ? address.port : 0;
-      s.close(() => resolve(port));
-    });
-  });
 }
 
 interface Step {

@@ -7,12 +7,11 @@
 // `-- --no-browser --port <free>` (no browser to open here; the kernel default is read from the server instead).
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { isPidAlive } from "../../kernel/src/bridge/runtime";
-import { shellCommands, userShellPath, withoutInstallSection } from "../readme-sections";
+import { freePort, shellCommands, userShellPath, withoutInstallSection } from "../readme-sections";
 import { python, repo, tinyModel } from "./helpers";
 
 /** The commands in the README's shell code blocks, in order, without trailing `# comments`. */
@@ -120,18 +119,6 @@ class Running {
 }
 
 const running: Running[] = [];
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const address = s.address();
-      const port = typeof address === "object" && address ? address.port : 0;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 async function getJson(url: string, headers: Record<string, string> = {}): Promise<unknown> {
   const r = await fetch(url, { headers });
