@@ -178,6 +178,45 @@ def test_lora_on_an_int4_base_learns(base) -> None:
         assert torch.equal(layer.canonical_codes(), codes[name]), "the quantized base must stay frozen"
 
 
+@pytest.mark.parametrize("config", [QuantConfig("int8"), QuantConfig("int4", 32)], ids=["int8", "int4"])
+def test_fast_lora_on_a_quantized_base_equals_peft(base, config: QuantConfig) -> None:
+    """The training step's fused LoRA layer (engine/train/fast_lora.py) takes int8/int4 bases too: loss and every
+    adapter gradient as peft's own forward computes them, and the layers really went through the fast path."""
+    from peft import LoraConfig, get_peft_model
+
+    from qwenbook_bridge.engine.train import fast_lora
+
+    model, tok = base
+    torch.manual_seed(2)
+    pm = get_peft_model(quantized(model, config), LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False))
+    pm.train()
+    batch = ids_of(tok, "The cat sat on the mat. The cat sat on the mat.").repeat(2, 1)
+    params = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+
+    def loss_and_grads() -> tuple[float, dict[str, torch.Tensor]]:
+        loss = pm(input_ids=batch, labels=batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in params.items()}
+        pm.zero_grad(set_to_none=True)
+        return loss.item(), grads
+
+    want_loss, want = loss_and_grads()
+    calls = []
+    original = fast_lora._LoraLinear.apply
+    fast_lora._LoraLinear.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        assert fast_lora.install(pm) == len(quantized_layers(pm.get_base_model()))
+        got_loss, got = loss_and_grads()
+    finally:
+        fast_lora._LoraLinear.apply = original
+        fast_lora.uninstall(pm)
+    assert len(calls) == len(quantized_layers(pm.get_base_model()))
+    assert abs(got_loss - want_loss) <= 1e-5 * abs(want_loss)
+    for name, g in want.items():
+        assert (got[name] - g).abs().max() <= 1e-4 * g.abs().max() + 1e-8, name
+
+
 def test_merge_onto_a_quantized_base(base, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

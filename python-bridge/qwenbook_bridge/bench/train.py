@@ -15,6 +15,8 @@ needs no download. Paths:
 - `ours`: the engine's own pieces, as `train()` runs them (Trainable, collate, StepRunner): answer-only chunked
   loss, the fused LoRA layer, fused AdamW, no host syncs inside a step, gradient checkpointing.
 - `ours-compiled`: the same with `compile=True` (torch.compile per decoder layer).
+- `ours-int4`, `ours-int4-compiled` (not run by default): QLoRA, the same step over the model's linear layers
+  quantized to int4 (group 128) as `quant: "int4"` loads them.
 - `hf-trainer` (not run by default): a real `transformers.Trainer` on the `hf` path's batches, to check that `hf`
   steps as fast as the Trainer does.
 
@@ -105,6 +107,10 @@ def compare(report: Report, dropout: float) -> None:
         base = by_key.get((config, "hf"))
         if path == "hf" or base is None or not row["losses"]:
             continue
+        if path.startswith("ours-int4"):
+            report.agreement.append({"config": config, "path": path, "note": "not compared: an int4 base is not "
+                                     "HF's bf16 weights, so their losses differ by the quantization error"})
+            continue
         if config.startswith("real-"):
             report.agreement.append({"config": config, "path": path, "note": "not compared: HF pads each batch of "
                                      "rows, ours packs, so their steps see different examples"})
@@ -188,6 +194,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", nargs="?", const="ours", default="",
                    help="profile these paths (default ours) on the first scenario's first repeat: "
                         "<out>.profile.txt and <out>.profile.json")
+    p.add_argument("--keep-layers", type=int, default=0,
+                   help="engine paths: leave the last N decoder layers out of gradient checkpointing")
+    p.add_argument("--compile-mode", default="", help="engine's compiled paths: a torch.compile mode "
+                                                       "(e.g. reduce-overhead, max-autotune-no-cudagraphs)")
     p.add_argument("--deadline-s", type=float, help="skip processes that would start after this many seconds")
     p.add_argument("--out", default="qwenbook-bench-train.json", help="where the JSON report goes")
     p.add_argument("--child", help=argparse.SUPPRESS)         # SCENARIO:PATH:REPEAT, run by the parent
@@ -207,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         scenario, path, repeat = a.child.split(":")
         job = Job(scenario, path, int(repeat), warmup, steps, 8, 16.0, a.dropout, a.lr, 0,
-                  out.with_suffix(".profile.txt") if a.profile else None, a.tokenizer, a.data_dir, a.real_rows)
+                  out.with_suffix(".profile.txt") if a.profile else None, a.tokenizer, a.data_dir, a.real_rows,
+                  a.keep_layers, a.compile_mode)
         result = run_job(job, a.model, "small" if a.small else "7b", device, dtype)
         Path(a.child_result).write_text(json.dumps(result), encoding="utf-8")
         return 0
@@ -230,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "lora": f"LoRA r=8 alpha=16 dropout={a.dropout:g} on {len(PROJECTIONS)} projections, lr {a.lr:g}, "
                 "gradient checkpointing, clip 1.0, AdamW",
+        "keep_layers": a.keep_layers, "compile_mode": a.compile_mode or "default",
         "configs": configs + real, "paths": paths, "warmup": warmup, "steps": steps, "repeats": a.repeats,
         "real_rows": a.real_rows, "tokenizer": a.tokenizer})
     started = time.perf_counter()

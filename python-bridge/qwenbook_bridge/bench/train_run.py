@@ -27,11 +27,13 @@ from qwenbook_bridge.engine.data.chat_encoding import Example
 from qwenbook_bridge.engine.train.batches import collate
 from qwenbook_bridge.engine.train.config import LoraSettings, TrainConfig
 from qwenbook_bridge.engine.train.step import StepRunner, build_optimizer
-from qwenbook_bridge.engine.train.trainable import Trainable, precision_plan
+from qwenbook_bridge.engine.train.trainable import Trainable, decoder_layers, precision_plan
 
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 # hf-trainer is a real transformers.Trainer, run once to check that `hf` steps as fast as it does.
-PATHS = ("hf", "liger", "ours", "ours-compiled", "hf-trainer")
+# ours-int4*: QLoRA, the engine's step over an int4 base (group 128, rounded to nearest; embeddings and the output
+# layer stay bf16), as `qwen.load(id, { quant: "int4" })` then `.lora()` trains it.
+PATHS = ("hf", "liger", "ours", "ours-compiled", "ours-int4", "ours-int4-compiled", "hf-trainer")
 StepFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -51,6 +53,10 @@ class Job:
     tokenizer: str | None
     data_dir: Path
     real_rows: int
+    # Experiments on the engine's paths: decoder layers (the last ones) left out of gradient checkpointing, and the
+    # torch.compile mode ("" = default).
+    keep_layers: int = 0
+    compile_mode: str = ""
 
     @property
     def real(self) -> bool:
@@ -225,7 +231,8 @@ class Runner:
         cfg = TrainConfig(output_dir="-", lora=LoraSettings(r=self.job.r, alpha=self.job.alpha,
                                                             dropout=self.job.dropout),
                           max_length=length, batch_size=batch, grad_accum=1, lr=self.job.lr, schedule="constant",
-                          gradient_checkpointing=True, packing=True, compile=compiled, seed=self.job.seed)
+                          gradient_checkpointing=True, packing=True, compile=compiled and not self.job.compile_mode,
+                          seed=self.job.seed)
         cfg.validate()
         autocast, use_scaler, _ = precision_plan(cfg, self.model, self.device)
         n = self.job.warmup + self.job.steps + (3 if self.job.profile else 0)
@@ -240,6 +247,12 @@ class Runner:
         trainable = Trainable(self.model, cfg, tokenizer=None)
         torch.manual_seed(self.job.seed)
         trainable.prepare()
+        layers = decoder_layers(self.model)
+        for layer in layers[len(layers) - self.job.keep_layers:] if self.job.keep_layers else []:
+            layer.gradient_checkpointing = False  # keeps its activations: no recompute, more memory
+        if compiled and self.job.compile_mode:
+            for layer in layers:
+                layer.compile(mode=self.job.compile_mode)
         optimizer = build_optimizer(trainable.parameters(), cfg, self.device)
         runner = StepRunner(trainable, optimizer, device=self.device, max_grad_norm=cfg.max_grad_norm,
                             autocast=autocast, scaler=torch.amp.GradScaler(self.device.type) if use_scaler else None)
@@ -272,7 +285,7 @@ class Runner:
             return self.run_hf(rows, liger=path == "liger")
         if path == "hf-trainer":
             return self.run_trainer(rows)
-        return self.run_ours(rows, compiled=path == "ours-compiled")
+        return self.run_ours(rows, compiled=path.endswith("-compiled"))
 
 
 def liger_patch() -> Any:
@@ -319,6 +332,13 @@ def run_job(job: Job, model_dir: str | None, shape: str, device: torch.device, d
     started = time.perf_counter()
     torch.manual_seed(0)
     model = load_model(model_dir, device, dtype) if model_dir else build_random_model(shape, device, dtype)
+    if job.path.startswith("ours-int4"):
+        from qwenbook_bridge.engine.quant.config import QuantConfig
+        from qwenbook_bridge.engine.quant.quantize import quantize_model
+
+        quantize_model(model, QuantConfig("int4", 128))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     out["model_build_s"] = time.perf_counter() - started
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -105,11 +105,11 @@ class _DequantLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
         ctx.layer = layer
-        return x @ layer.dequantize(x.dtype).t()
+        return x @ layer.training_weight(x.dtype).t()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ ctx.layer.dequantize(grad.dtype), None
+        return grad @ ctx.layer.training_weight(grad.dtype), None
 
 
 class QuantizedLinear(nn.Linear):
@@ -128,6 +128,11 @@ class QuantizedLinear(nn.Linear):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
+
+    def training_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight rebuilt for a pass that gradients flow through (forward or backward of LoRA training): a
+        temporary, freed when the pass is done with it."""
+        return self.dequantize(dtype)
 
     def _raw_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
         """The packed operator's x @ W^T, or None where it does not apply to this layer/device/dtype."""
@@ -358,9 +363,9 @@ class Int4Linear(QuantizedLinear):
         self._to_canonical()
         return quant_triton.int4_matmul(x, self.qweight, self.scales, self.group_size)
 
-    def _grad_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        self._to_canonical()  # backward needs the codes; recovering them every step would cost a matmul
-        return super()._grad_matmul(x2)
+    def training_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        self._to_canonical()  # training reads the codes every pass; recovering them each time would cost a matmul
+        return self.dequantize(dtype)
 
     # -- keep the canonical layout in state dicts and across device moves
     def _apply(self, fn: Any, recurse: bool = True) -> "Int4Linear":

@@ -11,6 +11,10 @@ activations of each layer, forward and backward, and as many small kernels. Here
   single rounding, as peft's fp32 add followed by a cast back);
 - the backward writes the base and adapter contributions to the input gradient into one buffer.
 
+The base may also be an int8/int4 layer (QLoRA, engine/quant/layers.py): its weight is dequantized into a
+temporary in forward and again in backward, never kept between the two, and the adapter product is added onto
+that one GEMM as for a float base (peft's own path there runs the base and the fp32 adapter separately).
+
 In fp32 this is peft's computation up to the order of additions. Anything the fast path does not cover (more
 than one active adapter, DoRA and other variants, a trainable base weight, autocast, mixed adapter batches)
 runs peft's own forward unchanged.
@@ -25,22 +29,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenbook_bridge.engine.quant.layers import QuantizedLinear
+
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, x_lora: torch.Tensor | None, weight: torch.Tensor,
-                bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scaling: float) -> torch.Tensor:
-        # x_lora: the adapter's input when dropout makes it differ from x; None means x itself.
+    def forward(ctx: Any, x: torch.Tensor, x_lora: torch.Tensor | None, weight: torch.Tensor | None,
+                quantized: QuantizedLinear | None, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+        # x_lora: the adapter's input when dropout makes it differ from x; None means x itself. The base is either
+        # a float `weight` (a parameter: saving it costs nothing) or a `quantized` layer, whose weight is rebuilt
+        # here and again in backward. (A float base's weight goes in as a tensor, which torch.compile traces.)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, shape[-1])
         a = lora_a.to(x.dtype)
         b_scaled = (lora_b * scaling).to(x.dtype)
         xa = xl2 @ a.t()
-        out = F.linear(x2, weight, bias)
+        w = weight if quantized is None else quantized.training_weight(x.dtype)
+        out = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
         out.addmm_(xa, b_scaled.t())
         ctx.save_for_backward(xl2, xa, weight, a, b_scaled)
+        ctx.quantized = quantized
         ctx.scaling, ctx.shared, ctx.shape = scaling, x_lora is None, shape
         ctx.a_dtype, ctx.b_dtype = lora_a.dtype, lora_b.dtype
         return out.view(*shape[:-1], out.shape[-1])
@@ -52,7 +62,7 @@ class _LoraLinear(torch.autograd.Function):
         g_xa = g @ b_scaled
         grad_x = grad_xl = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight
+            grad_x = g @ (weight if ctx.quantized is None else ctx.quantized.training_weight(g.dtype))
             if ctx.shared:
                 grad_x.addmm_(g_xa, a)
             grad_x = grad_x.view(ctx.shape)
@@ -60,7 +70,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_xl = (g_xa @ a).view(ctx.shape)
         grad_a = (g_xa.t() @ xl2).to(ctx.a_dtype)
         grad_b = (g.t() @ xa).to(ctx.b_dtype).mul_(ctx.scaling)
-        return grad_x, grad_xl, None, None, grad_a, grad_b, None
+        return grad_x, grad_xl, None, None, None, grad_a, grad_b, None
 
 
 def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -70,8 +80,9 @@ def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     name, lora_a, lora_b, dropout = plan
     base = self.base_layer
     x_lora = None if isinstance(dropout, nn.Identity) or not dropout.training else dropout(x)
-    return _LoraLinear.apply(x, x_lora, base.weight, base.bias, lora_a.weight, lora_b.weight,
-                             self.scaling[name])
+    quantized = base if isinstance(base, QuantizedLinear) else None
+    return _LoraLinear.apply(x, x_lora, None if quantized else base.weight, quantized, base.bias, lora_a.weight,
+                             lora_b.weight, self.scaling[name])
 
 
 def _plan(layer: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -83,7 +94,10 @@ def _plan(layer: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, 
         return None
     name = active[0]
     base, lora_a, lora_b = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
-    if type(base) is not nn.Linear or base.weight.requires_grad or x.dtype != base.weight.dtype:
+    if isinstance(base, QuantizedLinear):
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return None
+    elif type(base) is not nn.Linear or base.weight.requires_grad or x.dtype != base.weight.dtype:
         return None
     if base.bias is not None and base.bias.requires_grad:
         return None
