@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from qwenbook_bridge.engine.data.chat_encoding import IGNORE_INDEX, Example
+from qwenbook_bridge.engine.data.preference_data import PreferenceExample
 
 
 @dataclass
@@ -39,6 +40,13 @@ class Batch:
     # Every row is one example filling the whole width: a plain causal mask and positions 0.. are exactly
     # right, so the model needs neither mask nor position ids (and does not inspect them on the device).
     plain_causal: bool = False
+    # The row of each target (for per-row log-probabilities: preference losses).
+    target_rows: torch.Tensor | None = None
+    # Preference batches: rows [chosen of each pair..., rejected of each pair...]; `pairs` is how many pairs.
+    pairs: int = 0
+    # The reference model's summed log-probability of each row, where it was computed before training
+    # (full fine-tuning, or a run that starts from an adapter); None: computed in the step.
+    ref_logps: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -46,7 +54,8 @@ class Batch:
 
         return Batch(self.input_ids.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
                      self.position_ids.to(device, non_blocking=True), move(self.attention_mask), self.tokens,
-                     self.targets, move(self.target_index), move(self.target_ids), self.plain_causal)
+                     self.targets, move(self.target_index), move(self.target_ids), self.plain_causal,
+                     move(self.target_rows), self.pairs, move(self.ref_logps))
 
 
 def split_eval(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -147,8 +156,22 @@ def collate(examples: Sequence[Example], units: Sequence[Sequence[int]], unit_id
     rows_i, cols_i = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
     plain = all(len(units[u]) == 1 and len(r[0]) == width for u, r in zip(unit_ids, rows))
     return Batch(input_ids, labels_t, position_ids, None if packing else mask, tokens, int(rows_i.numel()),
-                 target_index=rows_i * width + cols_i, target_ids=shifted[rows_i, cols_i], plain_causal=plain)
+                 target_index=rows_i * width + cols_i, target_ids=shifted[rows_i, cols_i], plain_causal=plain,
+                 target_rows=rows_i)
 
 
 def _mask_example_starts(labels: list[int], positions: list[int]) -> list[int]:
     return [IGNORE_INDEX if p == 0 else x for x, p in zip(labels, positions)]
+
+
+def collate_pairs(pairs: Sequence[PreferenceExample], pair_ids: Sequence[int], pad_id: int) -> Batch:
+    """One batch of the chosen rows of `pair_ids` followed by their rejected rows, so the policy scores both
+    answers of every pair in one forward pass; with each pair's reference log-probabilities when they were
+    computed before training."""
+    rows = [pairs[i].chosen for i in pair_ids] + [pairs[i].rejected for i in pair_ids]
+    batch = collate(rows, [[k] for k in range(len(rows))], range(len(rows)), pad_id, False)
+    batch.pairs = len(pair_ids)
+    refs = [pairs[i].ref_logps for i in pair_ids]
+    if all(r is not None for r in refs):
+        batch.ref_logps = torch.tensor([r[0] for r in refs if r] + [r[1] for r in refs if r], dtype=torch.float32)
+    return batch

@@ -24,12 +24,9 @@ def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def token_loss_sum(causal_lm: Any, batch: Batch) -> torch.Tensor:
-    """Sum of the per-token losses of `batch` (divide by the step's target count to get the mean).
-
-    `causal_lm` is the transformers CausalLM model (with any LoRA layers injected into it)."""
+def _answer_states(causal_lm: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states of the positions whose next token is trained, those next tokens)."""
     decoder = causal_lm.get_decoder()
-    head = causal_lm.get_output_embeddings()
     if batch.plain_causal:
         # No mask and no position ids: transformers then uses the causal kernel directly instead of checking
         # on the device whether the mask or the positions hold anything unusual (a host sync per forward).
@@ -41,11 +38,18 @@ def token_loss_sum(causal_lm: Any, batch: Batch) -> torch.Tensor:
     if batch.target_index is not None and batch.target_ids is not None:
         # Indices worked out on the host: selecting with a boolean mask would wait for the device to count.
         hidden = states.reshape(-1, states.shape[-1]).index_select(0, batch.target_index)
-        targets = batch.target_ids
-    else:
-        labels = batch.labels[:, 1:]
-        selected = labels != IGNORE_INDEX
-        hidden, targets = states[:, :-1][selected], labels[selected]
+        return hidden, batch.target_ids
+    labels = batch.labels[:, 1:]
+    selected = labels != IGNORE_INDEX
+    return states[:, :-1][selected], labels[selected]
+
+
+def token_loss_sum(causal_lm: Any, batch: Batch) -> torch.Tensor:
+    """Sum of the per-token losses of `batch` (divide by the step's target count to get the mean).
+
+    `causal_lm` is the transformers CausalLM model (with any LoRA layers injected into it)."""
+    head = causal_lm.get_output_embeddings()
+    hidden, targets = _answer_states(causal_lm, batch)
     rows = targets.shape[0]
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, rows, CHUNK_ROWS):
@@ -55,3 +59,26 @@ def token_loss_sum(causal_lm: Any, batch: Batch) -> torch.Tensor:
         else:
             total = total + _head_loss(head, h, t)
     return total
+
+
+def _head_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def row_logps(causal_lm: Any, batch: Batch) -> torch.Tensor:
+    """Each row's log-probability of its trained tokens, summed ([rows], fp32): what preference losses compare.
+    The head runs on the trained positions only, in recomputed chunks, as for token_loss_sum."""
+    assert batch.target_rows is not None, "row_logps needs a batch collated with target_rows"
+    head = causal_lm.get_output_embeddings()
+    hidden, targets = _answer_states(causal_lm, batch)
+    n = targets.shape[0]
+    pieces = []
+    for start in range(0, n, CHUNK_ROWS):
+        h, t = hidden[start:start + CHUNK_ROWS], targets[start:start + CHUNK_ROWS]
+        if torch.is_grad_enabled() and n > CHUNK_ROWS:
+            pieces.append(checkpoint(_head_logps, head, h, t, use_reentrant=False))
+        else:
+            pieces.append(_head_logps(head, h, t))
+    per_token = torch.cat(pieces) if pieces else hidden.new_zeros((0,), dtype=torch.float32)
+    sums = per_token.new_zeros((batch.input_ids.shape[0],))
+    return sums.index_add(0, batch.target_rows, per_token)

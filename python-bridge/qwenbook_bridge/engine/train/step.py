@@ -9,8 +9,8 @@ loss; the benchmark reads them at the end).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -23,9 +23,30 @@ from qwenbook_bridge.engine.train.config import TrainConfig
 
 @dataclass
 class StepStats:
-    loss: torch.Tensor        # 0-d fp32: the step's mean token loss
+    loss: torch.Tensor        # 0-d fp32: the step's mean loss (per token, or per pair for preference losses)
     grad_norm: torch.Tensor   # 0-d: the global gradient norm before clipping
     tokens: int               # real (non-padding) tokens the step saw
+    # The objective's other per-step means (preference rewards, accuracies, ...), 0-d device tensors.
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective(Protocol):
+    """What a step minimizes: a sum over a micro-batch that the step divides by its `count` summed over the step
+    (answer tokens for supervised training, pairs for preference losses), and metrics summed the same way."""
+
+    def count(self, batch: Batch) -> int: ...
+
+    def __call__(self, causal_lm: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+class TokenObjective:
+    """Supervised fine-tuning: the summed next-token loss of the answer tokens."""
+
+    def count(self, batch: Batch) -> int:
+        return batch.targets
+
+    def __call__(self, causal_lm: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return token_loss_sum(causal_lm, batch), {}
 
 
 def build_optimizer(params: Sequence[torch.nn.Parameter], config: TrainConfig,
@@ -51,8 +72,9 @@ class StepRunner:
     def __init__(self, trainable: Trainable, optimizer: torch.optim.Optimizer, *, device: torch.device,
                  max_grad_norm: float, autocast: torch.dtype | None = None, scheduler: Any = None,
                  scaler: torch.amp.GradScaler | None = None, parallel: DataParallel | None = None,
-                 loss_module: torch.nn.Module | None = None) -> None:
+                 loss_module: torch.nn.Module | None = None, objective: Objective | None = None) -> None:
         self.trainable, self.optimizer, self.device = trainable, optimizer, device
+        self.objective: Objective = objective or TokenObjective()
         self.loss_module = loss_module  # what a sharded model's loss runs through (fsdp.py)
         self.parallel = parallel
         self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
@@ -60,15 +82,18 @@ class StepRunner:
         self.params = trainable.parameters()
 
     def loss_sum(self, batch: Batch) -> torch.Tensor:
+        return self.loss_and_metrics(batch)[0]
+
+    def loss_and_metrics(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.autocast is None:
             return self._loss(batch)
         with torch.autocast(self.device.type, dtype=self.autocast):
             return self._loss(batch)
 
-    def _loss(self, batch: Batch) -> torch.Tensor:
+    def _loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.loss_module is not None:
-            return self.loss_module(batch)
-        return token_loss_sum(self.trainable.causal_lm, batch)
+            return self.loss_module(batch), {}
+        return self.objective(self.trainable.causal_lm, batch)
 
     def __call__(self, batches: Sequence[Batch], fillers: int = 0) -> StepStats:
         """One step over `batches`; the last `fillers` of them only keep this rank in step with the others
@@ -76,13 +101,15 @@ class StepRunner:
         real = len(batches) - fillers
         # Normalizing by the whole step's target count makes the loss independent of how rows split into
         # micro-batches (a plain mean of per-batch means would weight short batches up).
-        targets = sum(b.targets for b in batches[:real])
+        targets = sum(self.objective.count(b) for b in batches[:real])
         if self.parallel is not None:  # the whole step's count, so ranks' summed gradients are the one-process one
             targets = self.parallel.sum_int(targets)
         step_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        metrics: dict[str, torch.Tensor] = {}
         tokens = 0
         for i, batch in enumerate(batches):
-            loss = self.loss_sum(batch.to(self.device)) / targets
+            loss, sums = self.loss_and_metrics(batch.to(self.device))
+            loss = loss / targets
             if i >= real:
                 loss = loss * 0.0
             grad_loss = loss if self.parallel is None or self.parallel.loss_scale == 1 else loss * self.parallel.loss_scale
@@ -90,6 +117,8 @@ class StepRunner:
             if i < real:
                 step_loss += loss.detach()
                 tokens += batch.tokens
+                for name, value in sums.items():
+                    metrics[name] = metrics[name] + value / targets if name in metrics else value / targets
         if self.parallel is not None:
             self.parallel.sync_gradients(self.params)
             self.parallel.sum_(step_loss)
@@ -107,4 +136,4 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
-        return StepStats(step_loss, grad_norm.detach(), tokens)
+        return StepStats(step_loss, grad_norm.detach(), tokens, metrics)
