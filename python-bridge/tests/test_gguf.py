@@ -15,7 +15,7 @@ from qwenbook_bridge.engine.export.gguf import (GgufConfig, UnsupportedArchitect
     gguf_tensor_name, gguf_tensor_names)
 from qwenbook_bridge.engine.export.gguf_read import GgufFile
 from qwenbook_bridge.engine.export.merge import model_tensor_sources
-from qwenbook_bridge.engine.quant.quality import swapped_weights
+from qwenbook_bridge.engine.quant.quality import DEFAULT_HELDOUT_TEXTS, swapped_weights
 from qwenbook_bridge.engine.files.save import TargetExistsError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +25,9 @@ PROMPTS = ["Hello world, this is a test.", "你好，你是谁？", "def f(x):\n
            "The quick brown fox jumps over the lazy dog.", "Once upon a time, in a small village,"]
 QUANT_PROMPTS = PROMPTS + ["1, 2, 3, 4, 5,"]
 N_TOKENS = 16
+# The quality report's held-out text: one paragraph (~80 tokens) instead of the built-in ~340. Its numbers are
+# compared between types here, not with a target, and each report costs two passes over the 151936-word vocabulary.
+HELDOUT = [DEFAULT_HELDOUT_TEXTS[0]]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,8 @@ def exported(base, tmp_path_factory) -> dict[str, tuple[Path, object]]:
     """Each type exported once (with its quality report), shared by the tests below."""
     model, tok = base
     out = tmp_path_factory.mktemp("gguf")
-    return {t: (out / f"tiny-{t}.gguf", export_gguf(model, tok, out / f"tiny-{t}.gguf", GgufConfig(type=t)))
+    return {t: (out / f"tiny-{t}.gguf", export_gguf(model, tok, out / f"tiny-{t}.gguf", GgufConfig(type=t),
+                                                     heldout_texts=HELDOUT))
             for t in ("f32", "f16", "bf16", "q8_0", "q4_0")}
 
 
@@ -189,7 +193,8 @@ def wide(base):
 def k_exported(wide, tmp_path_factory) -> dict[str, tuple[Path, object]]:
     model, tok, _ = wide
     out = tmp_path_factory.mktemp("gguf-k")
-    return {t: (out / f"wide-{t}.gguf", export_gguf(model, tok, out / f"wide-{t}.gguf", GgufConfig(type=t)))
+    return {t: (out / f"wide-{t}.gguf", export_gguf(model, tok, out / f"wide-{t}.gguf", GgufConfig(type=t),
+                                                     heldout_texts=HELDOUT))
             for t in ("q4_k_m", "q5_k_m", "q6_k")}
 
 
@@ -278,7 +283,7 @@ def test_adapter_is_merged_into_the_gguf(base, tmp_path: Path) -> None:
     torch.manual_seed(0)
     pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                         init_lora_weights=False, lora_dropout=0.0))
-    report = export_gguf(pm, tok, tmp_path / "lora.gguf", GgufConfig(type="f32"))
+    report = export_gguf(pm, tok, tmp_path / "lora.gguf", GgufConfig(type="f32"), heldout_texts=HELDOUT)
     merged = {s.name: s.load() for s in model_tensor_sources(pm)}
     with GgufFile(tmp_path / "lora.gguf") as f:
         for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
