@@ -16,8 +16,8 @@ from qwenbook_bridge.engine.export.gguf import GgufConfig, UnsupportedArchitectu
 from qwenbook_bridge.engine.export.gguf_read import GgufFile
 from qwenbook_bridge.engine.export.merge import model_tensor_sources, save_merged
 from qwenbook_bridge.engine.quant.quality import swapped_weights
-from test_gguf import (N_TOKENS, PROMPTS, QUANT_PROMPTS, check_llama_agrees_with_file_weights, greedy, run_llama,
-    token_ids)
+from test_gguf import (HELDOUT, N_TOKENS, PROMPTS, QUANT_PROMPTS, check_llama_agrees_with_file_weights, greedy,
+    run_llama, token_ids)
 
 
 def load(folder: Path) -> tuple[Any, Any]:
@@ -57,7 +57,7 @@ def expected_greedy(model: Any, prompts: list[list[int]]) -> list[list[int]]:
 def test_qwen3_gguf_has_the_qwen3_architecture_and_its_q_k_norms(qwen3, tmp_path: Path):
     model, tok = qwen3
     path = tmp_path / "qwen3.gguf"
-    report = export_gguf(model, tok, path, GgufConfig(type="f16"))
+    report = export_gguf(model, tok, path, GgufConfig(type="f16"), heldout_texts=HELDOUT)
     with GgufFile(path) as f:
         md = f.metadata
         assert md["general.architecture"] == "qwen3"
@@ -124,7 +124,7 @@ def test_qwen3_moe_gguf_stacks_the_experts_as_llama_cpp_does(qwen3_moe, tmp_path
 def test_qwen3_moe_f16_gguf_greedy_tokens_match_pytorch_in_llama_cpp(qwen3_moe, tmp_path: Path):
     model, tok = qwen3_moe
     path = tmp_path / "moe.gguf"
-    report = export_gguf(model, tok, path, GgufConfig(type="f16"))
+    report = export_gguf(model, tok, path, GgufConfig(type="f16"), heldout_texts=HELDOUT)
     assert 0 < report.quality.mean_kl < 1e-3
     texts = PROMPTS[1:]  # the first has a near-tie (0.0013) on this model's greedy path
     prompts = [token_ids(tok, p) for p in texts]
@@ -193,7 +193,7 @@ def test_a_merged_qwen3_moe_expert_adapter_saves_and_exports(qwen3_moe, tmp_path
     ids = torch.tensor([token_ids(tok, PROMPTS[1])])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, tuned(ids).logits, atol=1e-3, rtol=0)
-    report = export_gguf(tuned, tok, tmp_path / "moe-lora.gguf", GgufConfig(type="f32"))
+    report = export_gguf(tuned, tok, tmp_path / "moe-lora.gguf", GgufConfig(type="f32"), heldout_texts=HELDOUT)
     assert report.quality.mean_kl < 1e-6  # the file equals base + adapter, experts included
     with GgufFile(tmp_path / "moe-lora.gguf") as f:
         gate = f.dequantize("blk.0.ffn_gate_exps.weight")
