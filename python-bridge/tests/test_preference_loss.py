@@ -35,7 +35,8 @@ ROWS = [
     {"messages": [{"role": "user", "content": "早安"}, {"role": "assistant", "content": "皇上万福。"},
                   {"role": "user", "content": "今日天气如何？"}],
      "chosen": {"role": "assistant", "content": "回皇上，今日晴好。"}, "rejected": "Sunny, 25 degrees."},
-    {"prompt": "Tell me a joke", "system": "You are 甄嬛.", "chosen": "臣妾不敢。", "rejected": "Why did the chicken cross"},
+    {"prompt": "Tell me a joke", "system": "You are 甄嬛.", "chosen": "臣妾不敢。",
+     "rejected": "Why did the chicken cross"},
 ]
 
 

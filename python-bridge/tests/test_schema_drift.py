@@ -75,7 +75,7 @@ def drift(cls: type, def_name: str) -> list[str]:
         if default is REQUIRED:
             if name not in required:
                 problems.append(f"{cls.__name__}.{name} has no default, but {def_name} does not require it")
-        elif "$ref" in prop:
+        elif "$ref" in prop and default is not None:
             nested = prop["$ref"].rsplit("/", 1)[-1]
             want = {k: p["default"] for k, p in DEFS[nested]["properties"].items() if "default" in p}
             got = {k: v for k, v in as_json(default).items() if v is not None}
@@ -102,6 +102,10 @@ def test_train_config_matches_protocol_train_options() -> None:
 
 def test_lora_settings_match_protocol_lora_options() -> None:
     assert drift(config_module().LoraSettings, "LoraOptions") == []
+
+
+def test_preference_settings_match_protocol_preference_options() -> None:
+    assert drift(config_module().PreferenceSettings, "PreferenceOptions") == []
 
 
 @pytest.mark.parametrize("change, expected", [

@@ -844,6 +844,37 @@ export interface TrainOptions {
    * @default []
    */
   report?: Array<ReportTarget>;
+  preference?: PreferenceOptions;
+  /**
+   * LoRA: absolute path of a peft adapter folder to continue (an SFT run's) instead of a fresh adapter; its r, alpha and targets are the run's, and for DPO it is the reference
+   * minLength 1
+   */
+  init_adapter?: string;
+}
+
+/** Preference tuning on {prompt | messages, chosen, rejected} rows instead of supervised answers */
+export interface PreferenceOptions {
+  /**
+   * dpo: against a reference model; orpo: NLL on the chosen answer plus an odds-ratio term; simpo: length-normalised, no reference
+   * @default "dpo"
+   */
+  method?: "dpo" | "orpo" | "simpo";
+  /**
+   * DPO: the pull toward the reference; ORPO: the odds-ratio term's weight (lambda); SimPO: the reward scale. Absent: 0.1 (DPO, ORPO), 2.0 (SimPO)
+   * exclusiveMinimum 0
+   */
+  beta?: number;
+  /**
+   * DPO: assumed fraction of flipped labels (conservative DPO)
+   * minimum 0; exclusiveMaximum 0.5
+   * @default 0
+   */
+  label_smoothing?: number;
+  /**
+   * SimPO: the target reward margin
+   * @default 0.5
+   */
+  gamma?: number;
 }
 
 export type ReportTarget = "tensorboard" | "wandb";
@@ -1025,6 +1056,24 @@ export interface TrainProgressEvent {
   cpu_memory?: number;
   /** Bytes PyTorch's allocator holds on the training GPU (absent on the CPU) */
   gpu_memory?: number;
+  /** Preference: mean reward of the chosen answers (beta x log-ratio to the reference for DPO, beta x mean token log-prob for ORPO and SimPO) */
+  "rewards/chosen"?: number;
+  /** Preference: mean reward of the rejected answers */
+  "rewards/rejected"?: number;
+  /** Preference: mean of chosen minus rejected reward */
+  "rewards/margins"?: number;
+  /** Preference: fraction of pairs whose chosen reward is above the rejected one */
+  "rewards/accuracies"?: number;
+  /** Preference: mean log-probability of the chosen answers (summed over tokens for DPO, per token otherwise) */
+  "logps/chosen"?: number;
+  /** Preference: mean log-probability of the rejected answers */
+  "logps/rejected"?: number;
+  /** ORPO: the chosen answers' mean token loss */
+  nll_loss?: number;
+  /** ORPO: mean log sigmoid of the log odds ratio (the term weighted by beta) */
+  log_odds_ratio?: number;
+  /** ORPO: mean log odds ratio of chosen over rejected */
+  log_odds_chosen?: number;
 }
 
 export interface EvalEvent {
@@ -1035,6 +1084,24 @@ export interface EvalEvent {
   /** Rows evaluated */
   eval_examples?: number;
   eval_runtime_s?: number;
+  /** Preference: mean reward of the chosen answers (beta x log-ratio to the reference for DPO, beta x mean token log-prob for ORPO and SimPO) */
+  "eval_rewards/chosen"?: number;
+  /** Preference: mean reward of the rejected answers */
+  "eval_rewards/rejected"?: number;
+  /** Preference: mean of chosen minus rejected reward */
+  "eval_rewards/margins"?: number;
+  /** Preference: fraction of pairs whose chosen reward is above the rejected one */
+  "eval_rewards/accuracies"?: number;
+  /** Preference: mean log-probability of the chosen answers (summed over tokens for DPO, per token otherwise) */
+  "eval_logps/chosen"?: number;
+  /** Preference: mean log-probability of the rejected answers */
+  "eval_logps/rejected"?: number;
+  /** ORPO: the chosen answers' mean token loss */
+  eval_nll_loss?: number;
+  /** ORPO: mean log sigmoid of the log odds ratio (the term weighted by beta) */
+  eval_log_odds_ratio?: number;
+  /** ORPO: mean log odds ratio of chosen over rejected */
+  eval_log_odds_chosen?: number;
 }
 
 export interface CheckpointEvent {
@@ -1062,6 +1129,42 @@ export interface TrainHistoryEntry {
   eval_tokens?: number;
   eval_examples?: number;
   eval_runtime_s?: number;
+  /** Preference: mean reward of the chosen answers (beta x log-ratio to the reference for DPO, beta x mean token log-prob for ORPO and SimPO) */
+  "rewards/chosen"?: number;
+  /** Preference: mean reward of the rejected answers */
+  "rewards/rejected"?: number;
+  /** Preference: mean of chosen minus rejected reward */
+  "rewards/margins"?: number;
+  /** Preference: fraction of pairs whose chosen reward is above the rejected one */
+  "rewards/accuracies"?: number;
+  /** Preference: mean log-probability of the chosen answers (summed over tokens for DPO, per token otherwise) */
+  "logps/chosen"?: number;
+  /** Preference: mean log-probability of the rejected answers */
+  "logps/rejected"?: number;
+  /** ORPO: the chosen answers' mean token loss */
+  nll_loss?: number;
+  /** ORPO: mean log sigmoid of the log odds ratio (the term weighted by beta) */
+  log_odds_ratio?: number;
+  /** ORPO: mean log odds ratio of chosen over rejected */
+  log_odds_chosen?: number;
+  /** Preference: mean reward of the chosen answers (beta x log-ratio to the reference for DPO, beta x mean token log-prob for ORPO and SimPO) */
+  "eval_rewards/chosen"?: number;
+  /** Preference: mean reward of the rejected answers */
+  "eval_rewards/rejected"?: number;
+  /** Preference: mean of chosen minus rejected reward */
+  "eval_rewards/margins"?: number;
+  /** Preference: fraction of pairs whose chosen reward is above the rejected one */
+  "eval_rewards/accuracies"?: number;
+  /** Preference: mean log-probability of the chosen answers (summed over tokens for DPO, per token otherwise) */
+  "eval_logps/chosen"?: number;
+  /** Preference: mean log-probability of the rejected answers */
+  "eval_logps/rejected"?: number;
+  /** ORPO: the chosen answers' mean token loss */
+  eval_nll_loss?: number;
+  /** ORPO: mean log sigmoid of the log odds ratio (the term weighted by beta) */
+  eval_log_odds_ratio?: number;
+  /** ORPO: mean log odds ratio of chosen over rejected */
+  eval_log_odds_chosen?: number;
 }
 
 export interface TrainReply {
@@ -1090,6 +1193,10 @@ export interface TrainReply {
   resumed_from?: string;
   notes: Array<string>;
   reports?: ReportLocations;
+  /** The preference method of a preference run (absent: supervised fine-tuning) */
+  preference?: "dpo" | "orpo" | "simpo";
+  /** A preference run's last reported metrics (rewards/margins, rewards/accuracies, ...), under TRL's names */
+  final_metrics?: Record<string, number>;
 }
 
 export interface TrainPreviewRequest {
@@ -1107,6 +1214,11 @@ export interface TrainPreviewRequest {
   max_length?: number;
   /** @default 42 */
   seed?: number;
+  /**
+   * Read the rows as preference pairs {prompt | messages, chosen, rejected} and render both answers
+   * @default false
+   */
+  preference?: boolean;
 }
 
 export interface PreviewSegment {
@@ -1128,6 +1240,24 @@ export interface PreviewExample {
 export interface TrainPreviewReply {
   status: "ok";
   examples: Array<PreviewExample>;
+  /** A preference preview's pairs (examples is then empty) */
+  pairs?: Array<PreviewPair>;
+}
+
+export interface PreviewAnswer {
+  tokens: number;
+  /** The answer's scored tokens */
+  trained_tokens: number;
+  truncated: boolean;
+  segments: Array<PreviewSegment>;
+}
+
+export interface PreviewPair {
+  source: string;
+  /** 1-based row (line for JSONL) in the source */
+  row: number;
+  chosen: PreviewAnswer;
+  rejected: PreviewAnswer;
 }
 
 export interface AdapterInfo {
@@ -1298,7 +1428,7 @@ export const EVENT_TYPES: readonly EventType[] = ["token", "load_progress", "exp
 export const BROADCAST_TYPES: readonly BroadcastType[] = ["gpu", "worker_status"];
 
 /** TrainOptions's fields, in schema order. */
-export const TRAIN_OPTIONS_FIELDS = ["output_dir", "method", "lora", "max_length", "truncation", "batch_size", "grad_accum", "epochs", "max_steps", "lr", "schedule", "warmup", "optimizer", "weight_decay", "adam_betas", "adam_eps", "max_grad_norm", "dtype", "gradient_checkpointing", "packing", "compile", "eval_split", "eval_every", "save_every", "log_every", "seed", "resume_from", "overwrite", "report"] as const satisfies ReadonlyArray<keyof TrainOptions>;
+export const TRAIN_OPTIONS_FIELDS = ["output_dir", "method", "lora", "max_length", "truncation", "batch_size", "grad_accum", "epochs", "max_steps", "lr", "schedule", "warmup", "optimizer", "weight_decay", "adam_betas", "adam_eps", "max_grad_norm", "dtype", "gradient_checkpointing", "packing", "compile", "eval_split", "eval_every", "save_every", "log_every", "seed", "resume_from", "overwrite", "report", "preference", "init_adapter"] as const satisfies ReadonlyArray<keyof TrainOptions>;
 
 /** What the worker uses for each TrainOptions field with a default when it is absent. */
 export const TRAIN_OPTIONS_DEFAULTS = {

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwenbook_bridge.distributed.requests import distributed_launcher
-from qwenbook_bridge.engine import CancelledError, EngineError, LoadedModel, ModelRegistry
+from qwenbook_bridge.engine import CancelledError, EngineError, InvalidOptionError, LoadedModel, ModelRegistry
 from qwenbook_bridge.engine.models.adapter_registry import AdapterRegistry
 from qwenbook_bridge.handlers.context import Exclusive, no_exclusive
 from qwenbook_bridge.handlers.paths import resolve_user_path
@@ -98,7 +98,7 @@ class TrainHandlers:
         content = job.request.content
         loaded = self.registry.get(content["model_id"])
         options = dict(content["config"])
-        for name in ("output_dir", "resume_from"):
+        for name in ("output_dir", "resume_from", "init_adapter"):
             if options.get(name) is not None:
                 options[name] = str(resolve_user_path(options[name], self.root, f"config.{name}"))
         config = TrainConfig.from_dict(options)
@@ -110,6 +110,9 @@ class TrainHandlers:
             raise CancelledError("the training run was cancelled before it started; nothing was written")
 
         distributed = content.get("distributed")
+        if distributed is not None and config.preference is not None:
+            raise InvalidOptionError("preference tuning runs on one device for now; leave devices()/strategy()/"
+                                     "cluster() out of a preference run")
         launch = None if distributed is None else distributed_launcher(distributed, loaded, config, datasets, specs)
         run = self.runs.begin(job.request.msg_id, loaded.model_id, str(config.output_dir), job.request.session,
                               resume=resume_recipe(loaded, content, options, datasets),
@@ -142,6 +145,11 @@ class TrainHandlers:
         content = job.request.content
         loaded = self.registry.get(content["model_id"])
         specs = dataset_specs(content["datasets"], self.root)
+        if content.get("preference"):
+            from qwenbook_bridge.engine.data.preference_data import preview_pairs
+
+            pairs = preview_pairs(specs, loaded.tokenizer, content.get("n", 3), max_length=content.get("max_length"))
+            return {"status": "ok", "examples": [], "pairs": pairs}
         examples = preview(specs, loaded.tokenizer, content.get("n", 3), max_length=content.get("max_length"),
                            seed=content.get("seed", 42))
         return {"status": "ok", "examples": examples}

@@ -19,6 +19,10 @@ Method = Literal["lora", "full"]
 Schedule = Literal["cosine", "linear", "constant"]
 DType = Literal["auto", "bf16", "fp16", "fp32"]
 Truncation = Literal["truncate", "drop"]
+PreferenceMethod = Literal["dpo", "orpo", "simpo"]
+# beta when none is given: TRL's defaults for DPO and ORPO, the SimPO paper's for SimPO (its losses are on mean
+# token log-probs, which differ far less between answers than DPO's sums).
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
 
 
 @dataclass
@@ -35,6 +39,24 @@ class LoraSettings:
     @property
     def scale_alpha(self) -> float:
         return float(self.alpha) if self.alpha is not None else 2.0 * self.r
+
+
+@dataclass
+class PreferenceSettings:
+    """Preference tuning on chosen/rejected pairs instead of supervised answers (preference_loss.py)."""
+
+    method: PreferenceMethod = "dpo"
+    # DPO: the strength of the pull toward the reference; ORPO: lambda, the odds-ratio term's weight; SimPO: the
+    # reward scale. None: DEFAULT_BETA of the method.
+    beta: float | None = None
+    # DPO only: the assumed fraction of pairs whose labels are flipped (conservative DPO); 0 is plain DPO.
+    label_smoothing: float = 0.0
+    # SimPO only: the target reward margin (TRL's simpo_gamma).
+    gamma: float = 0.5
+
+    @property
+    def resolved_beta(self) -> float:
+        return float(self.beta) if self.beta is not None else DEFAULT_BETA.get(self.method, 0.1)
 
 
 @dataclass
@@ -87,6 +109,11 @@ class TrainConfig:
     # Where else the run's series go: "tensorboard" (event files in <output_dir>/runs/<date>_<host>) and/or
     # "wandb" (an offline run in <output_dir>/wandb, needs the wandb package); empty: the dashboard only.
     report: list[str] = field(default_factory=list)
+    # Preference tuning (DPO, ORPO, SimPO) on {prompt, chosen, rejected} rows; None: supervised fine-tuning.
+    preference: PreferenceSettings | None = None
+    # LoRA: start from this peft adapter folder (an SFT run's) instead of a fresh adapter; its r, alpha and
+    # targets are the run's. For DPO it is also the reference model.
+    init_adapter: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -97,6 +124,9 @@ class TrainConfig:
         if isinstance(values.get("lora"), Mapping):
             _refuse_unknown(values["lora"], {f.name for f in fields(LoraSettings)}, "lora option")
             values["lora"] = LoraSettings(**values["lora"])
+        if isinstance(values.get("preference"), Mapping):
+            _refuse_unknown(values["preference"], {f.name for f in fields(PreferenceSettings)}, "preference option")
+            values["preference"] = PreferenceSettings(**values["preference"])
         if isinstance(values.get("adam_betas"), list):
             values["adam_betas"] = tuple(values["adam_betas"])
         if "output_dir" not in values:
@@ -178,10 +208,40 @@ class TrainConfig:
         check(self.resume_from is None or (isinstance(self.resume_from, str) and bool(self.resume_from)),
               f"resume_from must be a checkpoint folder path, got {self.resume_from!r}")
         problems += check_targets(self.report)
+        if self.preference is not None:
+            problems += self._preference_problems()
+        check(self.init_adapter is None or (isinstance(self.init_adapter, str) and bool(self.init_adapter)),
+              f"init_adapter must be an adapter folder path, got {self.init_adapter!r}")
+        if self.init_adapter is not None and self.method != "lora":
+            problems.append("init_adapter continues a LoRA adapter, so method must be 'lora' (or merge the adapter "
+                            "into the model first to fine-tune all weights)")
         if self.eval_every and not self.eval_split:
             problems.append("eval_every is set but eval_split is 0: set eval_split (e.g. 0.1) to hold out rows")
         if problems:
             raise InvalidOptionError("invalid training options:\n  - " + "\n  - ".join(problems))
+
+
+    def _preference_problems(self) -> list[str]:
+        p = self.preference
+        if not isinstance(p, PreferenceSettings):
+            return [f"preference must be an object {{method, beta, ...}}, got {p!r}"]
+        problems = []
+        if p.method not in DEFAULT_BETA:
+            problems.append(f"preference method must be 'dpo', 'orpo' or 'simpo', got {p.method!r}")
+        if p.beta is not None and (isinstance(p.beta, bool) or not isinstance(p.beta, (int, float))
+                                   or not math.isfinite(p.beta) or p.beta <= 0):
+            problems.append(f"preference beta must be a positive number, got {p.beta!r}")
+        if isinstance(p.label_smoothing, bool) or not isinstance(p.label_smoothing, (int, float)) \
+                or not 0 <= p.label_smoothing < 0.5:
+            problems.append(f"preference label_smoothing must be in [0, 0.5), got {p.label_smoothing!r}")
+        elif p.label_smoothing and p.method != "dpo":
+            problems.append(f"label_smoothing applies to DPO only, not {p.method}; leave it at 0")
+        if isinstance(p.gamma, bool) or not isinstance(p.gamma, (int, float)) or not math.isfinite(p.gamma):
+            problems.append(f"preference gamma must be a number, got {p.gamma!r}")
+        if self.packing:
+            problems.append("packing does not apply to preference tuning: each pair's chosen and rejected rows are "
+                            "scored whole; leave packing off")
+        return problems
 
 
 def _refuse_unknown(d: Mapping[str, Any], names: set[str], what: str) -> None:

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 
+# The keys of preference metrics in history entries (preference_loss.py names them as TRL does).
+METRIC_PREFIXES = ("rewards/", "logps/", "nll_loss", "log_odds_")
+
+
 @dataclass
 class RunShape:
     """What the file says about the run as a whole, in the Trainer's terms."""
@@ -32,8 +36,11 @@ def log_entry(entry: dict[str, Any], shape: RunShape) -> dict[str, Any] | None:
     step = int(entry["step"])
     epoch = round(step / shape.steps_per_epoch, 4)
     if entry.get("kind") == "train_progress":
-        return {"epoch": float(entry.get("epoch", epoch)), "grad_norm": float(entry["grad_norm"]),
-                "learning_rate": float(entry["lr"]), "loss": float(entry["loss"]), "step": step}
+        out = {"epoch": float(entry.get("epoch", epoch)), "grad_norm": float(entry["grad_norm"]),
+               "learning_rate": float(entry["lr"]), "loss": float(entry["loss"])}
+        # A preference run's metrics, under the names TRL's trainers log them ("rewards/margins", ...).
+        out.update({k: float(v) for k, v in entry.items() if k.startswith(METRIC_PREFIXES)})
+        return {**out, "step": step}
     if entry.get("kind") == "eval":
         out: dict[str, Any] = {"epoch": float(epoch), "eval_loss": float(entry["eval_loss"])}
         runtime = entry.get("eval_runtime_s")
@@ -43,6 +50,7 @@ def log_entry(entry: dict[str, Any], shape: RunShape) -> dict[str, Any] | None:
             out.update(eval_runtime=round(float(runtime), 4),
                        eval_samples_per_second=round(rows / runtime, 3),
                        eval_steps_per_second=round(batches / runtime, 3))
+        out.update({k: float(v) for k, v in entry.items() if k.startswith(tuple(f"eval_{p}" for p in METRIC_PREFIXES))})
         out["step"] = step
         return out
     return None

@@ -30,16 +30,19 @@ from qwenbook_bridge.engine.train import checkpoints as ckpt
 from qwenbook_bridge.engine.train.hf_state import RunShape, trainer_state
 from qwenbook_bridge.engine.train.reporting import RunReports, require_packages
 from qwenbook_bridge.engine.files.atomic_write import write_text_atomic
-from qwenbook_bridge.engine.train.batches import Batch, DataSchedule, collate, make_units, split_eval
+from qwenbook_bridge.engine.train.batches import Batch, DataSchedule, collate, collate_pairs, make_units, split_eval
 from qwenbook_bridge.engine.data.datasets import DatasetSpec
 from qwenbook_bridge.engine.train.data_parallel import DataParallel
 from qwenbook_bridge.engine.data.chat_encoding import TokenizedDataset, build_dataset
+from qwenbook_bridge.engine.data.preference_data import PreferenceDataset, build_preference_dataset
+from qwenbook_bridge.engine.train.preference import (REFERENCE_FILE, PreferenceObjective, load_reference,
+                                                     precompute_reference, save_reference)
 from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError, is_out_of_memory
 from qwenbook_bridge.engine.train.fsdp import restore_optimizer
 from qwenbook_bridge.engine.train.step import StepRunner, build_optimizer
 from qwenbook_bridge.engine.model_parts import has_injected_adapters
-from qwenbook_bridge.engine.train.trainable import (Trainable, precision_plan, resolve_parameter_targets,
-                                                   resolve_targets)
+from qwenbook_bridge.engine.train.trainable import (Trainable, init_adapter_settings, precision_plan,
+                                                   resolve_parameter_targets, resolve_targets)
 from qwenbook_bridge.engine.train.config import TrainConfig
 
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -78,6 +81,9 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)
     # Where each `report` target wrote: {"tensorboard": "<output>/runs/<date>_<host>", "wandb": "<run folder>"}.
     reports: dict[str, str] = field(default_factory=dict)
+    # A preference run's method and its last reported metrics (TRL's names: rewards/margins, ...).
+    preference: str | None = None
+    final_metrics: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,8 +132,11 @@ class _Meter:
     window_steps: int = 0
     window_tokens: int = 0
     window_time: float = 0.0
+    window_metrics: dict[str, float] = field(default_factory=dict)
 
-    def add(self, loss: float, tokens: int, seconds: float) -> None:
+    def add(self, loss: float, tokens: int, seconds: float, metrics: dict[str, float] | None = None) -> None:
+        for name, value in (metrics or {}).items():
+            self.window_metrics[name] = self.window_metrics.get(name, 0.0) + value
         self.train_time += seconds
         self.tokens += tokens
         self.window_loss += loss
@@ -145,7 +154,9 @@ class _Meter:
                  "cpu_memory": psutil.Process().memory_info().rss}
         if run.device.type == "cuda":  # what the allocator holds, as the memory gauge counts the process
             event["gpu_memory"] = torch.cuda.memory_reserved(run.device)
+        event.update({name: total / self.window_steps for name, total in self.window_metrics.items()})
         self.window_loss, self.window_steps, self.window_tokens, self.window_time = 0.0, 0, 0, 0.0
+        self.window_metrics = {}
         return event
 
 
@@ -172,11 +183,21 @@ class _Run:
         if has_injected_adapters(self.model):
             raise InvalidOptionError("the model has adapters loaded; unload them (or train inside "
                                      "AdapterManager.suspended()) before training a new one")
+        if cfg.preference is not None and self.parallel is not None:
+            raise InvalidOptionError("preference tuning runs on one device for now; leave devices/strategy/cluster "
+                                     "out")
+        if cfg.init_adapter:
+            cfg.lora = init_adapter_settings(cfg.init_adapter)
         self.autocast, use_scaler, self.notes = precision_plan(cfg, self.model, self.device)
         self.resume = ckpt.resolve_checkpoint(cfg.resume_from) if cfg.resume_from else None
         previous_run = self._previous_run()
-        self.data: TokenizedDataset = build_dataset(self.datasets, self.tokenizer, cfg.max_length,
-                                                    truncation=cfg.truncation, seed=cfg.seed)
+        self.data: TokenizedDataset | PreferenceDataset
+        if cfg.preference is not None:
+            self.data = build_preference_dataset(self.datasets, self.tokenizer, cfg.max_length,
+                                                 truncation=cfg.truncation)
+        else:
+            self.data = build_dataset(self.datasets, self.tokenizer, cfg.max_length, truncation=cfg.truncation,
+                                      seed=cfg.seed)
         self.notes += self.data.stats.notes
         self.train_set, self.eval_set = split_eval(self.data.examples, cfg.eval_split, cfg.seed)
         if not self.train_set:
@@ -196,7 +217,7 @@ class _Run:
         trainable = Trainable(self.model, cfg, self.tokenizer, keep_original=self.parallel is None)
         if self.resume:
             trainable.check_resumable(self.resume)
-        elif cfg.method == "lora":
+        elif cfg.method == "lora" and not cfg.init_adapter:
             resolve_targets(self.model, cfg.lora.targets)
             resolve_parameter_targets(self.model, cfg.lora.targets, cfg.lora.dropout)
         if self.writes:
@@ -208,6 +229,7 @@ class _Run:
         torch.manual_seed(cfg.seed)  # the same LoRA initialization for the same seed
         self.trainable = trainable
         trainable.prepare()
+        self.objective = self._objective(trainable)
         if self.resume:  # into the whole model, before a sharded run splits it over the ranks
             trainable.load(self.resume)
         loss_module = self.parallel.wrap(self.model) if self.parallel is not None else None
@@ -216,7 +238,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         self.runner = StepRunner(trainable, self.optimizer, device=self.device, max_grad_norm=cfg.max_grad_norm,
                                  autocast=self.autocast, scheduler=self.scheduler, scaler=self.scaler,
-                                 parallel=self.parallel, loss_module=loss_module)
+                                 parallel=self.parallel, loss_module=loss_module, objective=self.objective)
         if self.parallel is not None:
             self.parallel.broadcast_parameters(self.trainable.parameters())
         self.best_eval: float | None = None
@@ -226,6 +248,42 @@ class _Run:
         self.saved: dict[int, Path] = {}
         if self.resume:
             self._restore(self.resume, resume_state or {})
+
+    def _objective(self, trainable: Trainable) -> PreferenceObjective | None:
+        """The preference objective (None: supervised). Runs after the model is prepared and before a resumed
+        run's weights are loaded, so a precomputed DPO reference is the model as the run first started."""
+        p = self.cfg.preference
+        if p is None:
+            return None
+        in_step = p.method == "dpo" and self.cfg.method == "lora" and not self.cfg.init_adapter
+        if p.method == "dpo" and not in_step:
+            self._reference()
+        return PreferenceObjective(p.method, p.resolved_beta, label_smoothing=p.label_smoothing, gamma=p.gamma,
+                                   peft_model=trainable.peft_model if in_step else None)
+
+    def _reference(self) -> None:
+        """Every pair's reference log-probabilities: the run folder's stored ones for this data, else computed
+        now (and stored, so that a resumed run uses exactly these)."""
+        data = self.data
+        assert isinstance(data, PreferenceDataset)
+        values = load_reference(self.out, data.fingerprint(), len(data.examples)) if self.resume else None
+        if values is None:
+            values = precompute_reference(self.model, data.examples, pad_id=self._pad_id(),
+                                          batch_size=self.cfg.batch_size, device=self.device, autocast=self.autocast)
+            if self.writes:
+                self.out.mkdir(parents=True, exist_ok=True)
+                save_reference(self.out, data.fingerprint(), values)
+        for ex, v in zip(data.examples, values):
+            ex.ref_logps = v
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    def _collate(self, examples: Sequence[Any], units: Sequence[Sequence[int]], ids: Sequence[int]) -> Batch:
+        if self.cfg.preference is not None:  # units are single pairs (no packing)
+            return collate_pairs(examples, [units[u][0] for u in ids], self.pad_id)
+        return collate(examples, units, ids, self.pad_id, self.cfg.packing)
 
     def _previous_run(self) -> list[Path]:
         """Checkpoints of an earlier run in output_dir that this (fresh) run would mix with."""
@@ -242,7 +300,7 @@ class _Run:
         for p in existing:
             shutil.rmtree(p)
         for pattern in ("*.safetensors", "*.safetensors.index.json", "adapter_config.json", "train_result.json",
-                        ckpt.TRAINER_STATE):
+                        ckpt.TRAINER_STATE, REFERENCE_FILE):
             for f in self.out.glob(pattern):
                 f.unlink()
 
@@ -294,7 +352,7 @@ class _Run:
                 if self.parallel is not None and self.parallel.is_peer_failure(e):
                     self._save_after_lost_rank()
                 raise
-            self.meter.add(loss, tokens, time.perf_counter() - t0)
+            self.meter.add(loss, tokens, time.perf_counter() - t0, self.step_metrics)
             self.step += 1
 
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
@@ -350,11 +408,20 @@ class _Run:
             checkpoints=[str(p) for p in ckpt.list_checkpoints(self.out)],
             dataset=self.data.stats.to_dict(), history=self.history,
             resumed_from=str(self.resume) if self.resume else None, notes=self.notes,
-            reports=self.reports.locations if self.reports else {})
+            reports=self.reports.locations if self.reports else {},
+            preference=self.cfg.preference.method if self.cfg.preference else None,
+            final_metrics=self._final_metrics())
         if status == "completed" and self.writes:
             write_text_atomic(self.out / "train_result.json",
                               json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
         return result
+
+    def _final_metrics(self) -> dict[str, float]:
+        progress = [h for h in self.history if h.get("kind") == "train_progress"]
+        if self.cfg.preference is None or not progress:
+            return {}
+        keys = ("rewards/", "logps/", "nll_loss", "log_odds_")
+        return {k: v for k, v in progress[-1].items() if k.startswith(keys)}
 
     def _train_step(self) -> tuple[float, float, int]:
         """One optimizer step over its micro-batches: (mean token loss, gradient norm, tokens seen)."""
@@ -364,10 +431,11 @@ class _Run:
             micro, fillers = self.parallel.shard(micro)
         else:
             fillers = 0
-        batches = [collate(self.train_set, self.units, ids, self.pad_id, self.cfg.packing) for ids in micro]
+        batches = [self._collate(self.train_set, self.units, ids) for ids in micro]
         stats = self.runner(batches, fillers)
         # The one wait for the device per step: the progress events report these values.
         step_loss, grad_norm = float(stats.loss), float(stats.grad_norm)
+        self.step_metrics = {name: float(v) for name, v in stats.metrics.items()}
         if not math.isfinite(step_loss):
             raise TrainingError(f"the loss became {step_loss} at step {self.step + 1}; lower lr (now {self.cfg.lr}) "
                                 "or use dtype 'fp32' / 'bf16' instead of 'fp16'")
@@ -394,19 +462,25 @@ class _Run:
         self.model.eval()
         started = time.perf_counter()
         total, count = 0.0, 0
+        sums: dict[str, float] = {}
+        assert self.runner is not None
         with torch.no_grad():
             for start in range(0, len(self.eval_set), self.cfg.batch_size):
                 ids = list(range(start, min(start + self.cfg.batch_size, len(self.eval_set))))
-                batch = collate(self.eval_set, [[i] for i in range(len(self.eval_set))], ids, self.pad_id, False)
-                total += float(self._loss_sum(batch.to(self.device)))
-                count += batch.targets
+                batch = self._collate(self.eval_set, [[i] for i in range(len(self.eval_set))], ids)
+                loss, metrics = self.runner.loss_and_metrics(batch.to(self.device))
+                total += float(loss)
+                count += self.runner.objective.count(batch)
+                for name, value in metrics.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
         self.model.train()
         self.last_eval = total / count
+        extra = {f"eval_{name}": value / count for name, value in sums.items()}
         if self.best_eval is None or self.last_eval < self.best_eval:
             self.best_eval, self.best_eval_step = self.last_eval, self.step
         self._event("eval", {"step": self.step, "eval_loss": self.last_eval, "best_eval_loss": self.best_eval,
                              "eval_tokens": count, "eval_examples": len(self.eval_set),
-                             "eval_runtime_s": time.perf_counter() - started})
+                             "eval_runtime_s": time.perf_counter() - started, **extra})
 
     def _last_eval_step(self) -> int | None:
         evals = [h["step"] for h in self.history if h.get("kind") == "eval"]

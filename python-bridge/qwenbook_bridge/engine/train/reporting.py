@@ -15,17 +15,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from qwenbook_bridge.engine.train.preference_loss import ORPO_METRICS, REWARD_METRICS
 from qwenbook_bridge.engine.errors import InvalidOptionError, MissingPackageError
 from qwenbook_bridge.engine.train.tfevents import EventFileWriter
 
 REPORT_TARGETS = ("tensorboard", "wandb")
 GIB = float(2**30)
+PREFERENCE_METRICS = REWARD_METRICS + ORPO_METRICS
 
 # Progress-event field -> tag; memory in GiB, as TensorBoard's float32 scalars cannot hold byte counts exactly.
 TRAIN_TAGS = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
               "epoch": "train/epoch", "tokens_per_s": "train/tokens_per_second"}
 MEMORY_TAGS = {"gpu_memory": "train/gpu_memory_gib", "cpu_memory": "train/cpu_memory_gib"}
 EVAL_TAGS = {"eval_loss": "eval/loss"}
+# Preference runs' metrics, under the tags TRL's trainers write (train/rewards/margins, eval/rewards/margins, ...).
+TRAIN_TAGS.update({name: f"train/{name}" for name in PREFERENCE_METRICS})
+EVAL_TAGS.update({f"eval_{name}": f"eval/{name}" for name in PREFERENCE_METRICS})
 
 
 def check_targets(targets: Any) -> list[str]:

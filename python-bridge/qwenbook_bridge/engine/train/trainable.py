@@ -16,7 +16,7 @@ from torch import nn
 
 from qwenbook_bridge.engine.train import fast_lora
 from qwenbook_bridge.engine.errors import InvalidOptionError
-from qwenbook_bridge.engine.train.config import TrainConfig
+from qwenbook_bridge.engine.train.config import LoraSettings, TrainConfig
 
 ALL_LINEAR = "all-linear"
 # The LoRA target that stands for a mixture-of-experts model's expert weights (Qwen3-MoE's experts are 3-D
@@ -116,7 +116,14 @@ class Trainable:
 
     def prepare(self) -> None:
         cfg = self.config
-        if cfg.method == "lora":
+        if cfg.method == "lora" and cfg.init_adapter:
+            from peft import PeftModel
+
+            # An existing adapter (an SFT run's) trained further: loaded trainable, in place, as a fresh one is.
+            self.peft_model = PeftModel.from_pretrained(self.model, cfg.init_adapter, is_trainable=True)
+            self.targets = sorted(self.peft_model.peft_config["default"].target_modules or [])
+            fast_lora.install(self.model)
+        elif cfg.method == "lora":
             from peft import LoraConfig, get_peft_model
 
             self.targets = resolve_targets(self.model, cfg.lora.targets)
@@ -245,6 +252,21 @@ class Trainable:
         head = self.model.get_output_embeddings()
         emb = self.model.get_input_embeddings()
         return head is not None and emb is not None and head.weight is emb.weight and name.endswith("lm_head.weight")
+
+
+def init_adapter_settings(folder: str) -> LoraSettings:
+    """The LoRA settings of the adapter a run continues (its adapter_config.json), refused when it cannot be."""
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        raise InvalidOptionError(f"init_adapter {folder} holds no adapter_config.json; give the folder a LoRA run "
+                                 "wrote (its run folder or a checkpoint-<step> folder)")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("peft_type", "LORA") != "LORA" or not saved.get("target_modules"):
+        raise InvalidOptionError(f"init_adapter {folder} is not a LoRA adapter on linear modules")
+    targets = saved["target_modules"]
+    return LoraSettings(r=int(saved["r"]), alpha=float(saved.get("lora_alpha", 2 * saved["r"])),
+                        dropout=float(saved.get("lora_dropout") or 0.0),
+                        targets=sorted(targets) if isinstance(targets, list) else [targets])
 
 
 def precision_plan(config: TrainConfig, model: Any, device: torch.device) -> tuple[torch.dtype | None, bool, list[str]]:
