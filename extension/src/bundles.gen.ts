@@ -137,6 +137,12 @@ export interface TrainSeries {
   step: number[];
   loss: (number | null)[];
   lr?: number[];
+  /**
+   * A preference run's metrics under TRL's names (rewards/margins, rewards/accuracies, rewards/chosen, rewards/rejected, ORPO's log_odds_ratio, ...), each parallel to step
+   */
+  metrics?: {
+    [k: string]: (number | null)[] | undefined;
+  };
 }
 /**
  * Parallel arrays of equal length, oldest first
@@ -558,6 +564,19 @@ export const BUNDLE_SCHEMA: Readonly<Record<string, unknown>> & { readonly $id: 
           "type": "array",
           "items": {
             "type": "number"
+          }
+        },
+        "metrics": {
+          "type": "object",
+          "description": "A preference run's metrics under TRL's names (rewards/margins, rewards/accuracies, rewards/chosen, rewards/rejected, ORPO's log_odds_ratio, ...), each parallel to step",
+          "additionalProperties": {
+            "type": "array",
+            "items": {
+              "type": [
+                "number",
+                "null"
+              ]
+            }
           }
         }
       }

@@ -23,7 +23,20 @@ export const TRACE = {
   smoothed: "loss-smoothed",
   eval: "eval-loss",
   lr: "lr",
+  margin: "reward-margin",
+  chosen: "reward-chosen",
+  rejected: "reward-rejected",
+  accuracy: "reward-accuracy",
+  oddsRatio: "log-odds-ratio",
 } as const;
+
+/** The preference metrics the lower panel draws: [metric name (TRL's), trace id, legend name, dash]. */
+const PREFERENCE_TRACES = [
+  ["rewards/margins", TRACE.margin, "reward margin", "solid"],
+  ["rewards/chosen", TRACE.chosen, "chosen reward", "dot"],
+  ["rewards/rejected", TRACE.rejected, "rejected reward", "dash"],
+  ["log_odds_ratio", TRACE.oddsRatio, "log odds ratio (ORPO)", "dashdot"],
+] as const;
 
 const FALLBACK_THEME: ChartTheme = {
   text: "rgba(0, 0, 0, 0.87)",
@@ -165,12 +178,44 @@ export function buildFigure(bundle: TrainBundle, theme: ChartTheme): Figure {
       hovertemplate: "%{y:.2e}",
     });
   }
+  const metrics = train.metrics ?? {};
+  const preference = metrics["rewards/margins"] !== undefined;
+  if (preference) {
+    for (const [name, uid, label, dash] of PREFERENCE_TRACES) {
+      if (!metrics[name]) continue;
+      data.push({
+        type: "scatter",
+        mode: "lines",
+        uid,
+        name: label,
+        x: train.step,
+        y: metrics[name],
+        yaxis: "y3",
+        line: { color: uid === TRACE.rejected ? theme.eval : theme.loss, width: uid === TRACE.margin ? 2 : 1.2, dash },
+        hovertemplate: "%{y:.4f}",
+      });
+    }
+    if (metrics["rewards/accuracies"]) {
+      data.push({
+        type: "scatter",
+        mode: "lines",
+        uid: TRACE.accuracy,
+        name: "preference accuracy",
+        x: train.step,
+        y: metrics["rewards/accuracies"],
+        yaxis: "y4",
+        line: { color: theme.muted, width: 1.5 },
+        hovertemplate: "%{y:.2f}",
+      });
+    }
+  }
   const lastStep = train.step.length > 0 ? train.step[train.step.length - 1] : 0;
   const ticks = lrTicks(Math.max(0, ...(train.lr ?? [])));
   const xMax = Math.max(progress.totalSteps, lastStep, 1);
   const axis = { gridcolor: theme.grid, linecolor: theme.grid, zeroline: false, tickfont: { color: theme.muted } };
   const layout: Partial<Layout> = {
-    height: 300,
+    // A preference run draws its rewards and accuracy in a second panel under the loss, on the same steps.
+    height: preference ? 480 : 300,
     autosize: true,
     margin: { l: 56, r: 64, t: 32, b: 40 },
     paper_bgcolor: "rgba(0,0,0,0)",
@@ -182,7 +227,7 @@ export function buildFigure(bundle: TrainBundle, theme: ChartTheme): Figure {
     legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom", bgcolor: "rgba(0,0,0,0)" },
     hovermode: "x unified",
     xaxis: { ...axis, title: { text: "step" }, range: [0, xMax] },
-    yaxis: { ...axis, title: { text: "loss" } },
+    yaxis: { ...axis, title: { text: "loss" }, ...(preference ? { domain: [0.46, 1] } : {}) },
     yaxis2: {
       ...axis,
       title: { text: "learning rate" },
@@ -195,6 +240,10 @@ export function buildFigure(bundle: TrainBundle, theme: ChartTheme): Figure {
         : { tickformat: ".1e", rangemode: "tozero" as const }),
     },
   };
+  if (preference) {
+    layout.yaxis3 = { ...axis, title: { text: "reward" }, domain: [0, 0.36], anchor: "x", zeroline: true, zerolinecolor: theme.grid };
+    layout.yaxis4 = { ...axis, title: { text: "accuracy" }, overlaying: "y3", side: "right", showgrid: false, range: [-0.02, 1.02] };
+  }
   const config: Partial<Config> = {
     displaylogo: false,
     responsive: false,

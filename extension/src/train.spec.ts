@@ -130,6 +130,39 @@ describe("training dashboard", () => {
     expect(metrics[2]).toBe("learning rate 5.0e-5");
   });
 
+  it("draws a preference run's rewards and accuracy in a panel under the loss, with tiles beside it", async () => {
+    const base = train({}, 4);
+    const metrics = {
+      "rewards/margins": [0, 0.4, 0.9, 1.5],
+      "rewards/chosen": [0, 0.2, 0.5, 0.8],
+      "rewards/rejected": [0, -0.2, -0.4, -0.7],
+      "rewards/accuracies": [0, 0.5, 1, 1],
+    };
+    const { w, backend } = await show({ ...base, train: { ...base.train, metrics } });
+    expect(backend.trace(TRACE.margin)).toMatchObject({ x: [1, 2, 3, 4], y: metrics["rewards/margins"], yaxis: "y3" });
+    expect(backend.trace(TRACE.chosen)).toMatchObject({ yaxis: "y3" });
+    expect(backend.trace(TRACE.rejected)).toMatchObject({ y: metrics["rewards/rejected"] });
+    expect(backend.trace(TRACE.accuracy)).toMatchObject({ y: metrics["rewards/accuracies"], yaxis: "y4" });
+    expect(backend.trace(TRACE.oddsRatio)).toBeUndefined();
+    expect(backend.last.layout.yaxis3).toMatchObject({ domain: [0, 0.36] });
+    expect(backend.last.layout.yaxis).toMatchObject({ domain: [0.46, 1] });
+    const tiles = [...w.node.querySelectorAll(".qwenbook-metric")].map((m) => words(m));
+    expect(tiles[3]).toBe("reward margin 1.500 chosen 0.8000 · rejected -0.7000");
+    expect(tiles[4]).toBe("preference accuracy 100% pairs whose chosen reward is higher");
+  });
+
+  it("adds ORPO's log odds ratio, and draws no preference panel for a supervised run", async () => {
+    const base = train({}, 2);
+    const orpo = { "rewards/margins": [0.1, 0.2], "rewards/accuracies": [0.5, 1], log_odds_ratio: [-0.6, -0.4], nll_loss: [2.1, 1.9] };
+    const { w, backend } = await show({ ...base, train: { ...base.train, metrics: orpo } });
+    expect(backend.trace(TRACE.oddsRatio)).toMatchObject({ y: [-0.6, -0.4], yaxis: "y3" });
+    expect(words(w.node.querySelectorAll(".qwenbook-metric")[5]!)).toBe("log odds ratio -0.4000 NLL 1.900");
+    const plain = await show(train({}, 2));
+    expect(plain.backend.trace(TRACE.margin)).toBeUndefined();
+    expect(plain.backend.last.layout.yaxis3).toBeUndefined();
+    expect(plain.w.node.querySelectorAll(".qwenbook-metric")).toHaveLength(3);
+  });
+
   it("lists the run config in a collapsed table", async () => {
     const { w } = await show(train());
     const details = w.node.querySelector("details.qwenbook-train-config") as HTMLDetailsElement;

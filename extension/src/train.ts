@@ -138,6 +138,7 @@ export class TrainWidget extends BundleWidget<typeof TRAIN_MIME> {
         best ? `best ${formatLoss(best.loss)} @ step ${formatInt(best.step)}` : "not evaluated yet",
       ),
       metric("learning rate", formatLr(train.lr?.[train.lr.length - 1])),
+      ...preferenceTiles(train.metrics, metric),
     );
   }
 
@@ -212,6 +213,23 @@ export class TrainWidget extends BundleWidget<typeof TRAIN_MIME> {
       }
     }
   }
+}
+
+/** A preference run's tiles beside the loss: reward margin (with chosen/rejected), accuracy, ORPO's odds term. */
+function preferenceTiles(
+  metrics: Readonly<Record<string, Array<number | null> | undefined>> | undefined,
+  metric: (label: string, value: string, sub?: string) => HTMLElement,
+): HTMLElement[] {
+  const last = (name: string) => lastFinite(metrics?.[name]);
+  const margin = last("rewards/margins");
+  if (margin === undefined) return [];
+  const tiles = [
+    metric("reward margin", margin.toFixed(3), `chosen ${formatLoss(last("rewards/chosen"))} · rejected ${formatLoss(last("rewards/rejected"))}`),
+    metric("preference accuracy", `${Math.round((last("rewards/accuracies") ?? 0) * 100)}%`, "pairs whose chosen reward is higher"),
+  ];
+  const odds = last("log_odds_ratio");
+  if (odds !== undefined) tiles.push(metric("log odds ratio", odds.toFixed(4), `NLL ${formatLoss(last("nll_loss"))}`));
+  return tiles;
 }
 
 function lastFinite(values: ReadonlyArray<number | null> | undefined): number | undefined {

@@ -7,6 +7,8 @@ import { ChatRequest, type ChatIO, type ChatSettings } from "./chat";
 import { Conversation, type ConversationOptions, type MessageRunner } from "./conversation";
 import { checkAdapters } from "./export";
 import { MergeRequest } from "./merge";
+import { TrainRun } from "./train";
+import type { PreferenceRunOptions } from "./train-config";
 import { chatMessages, checkMessages, toGenerateRequest } from "./generate-request";
 import type { ModelHandle, ModelTarget } from "./model-handle";
 import { Reply } from "./reply";
@@ -132,6 +134,15 @@ export class AdapterModel<Base extends ModelHandle = ModelHandle> implements Mes
     const { client, modelId } = await this.#target.connect();
     await client.request("adapter_unload", { model_id: modelId, name: this.#info.name });
     this.#info = undefined;
+  }
+
+  /**
+   * Preference tuning that continues this adapter (an SFT run's): `sft.preference({ method: "dpo" })`. The
+   * adapter is the starting point and, for DPO, the reference (the model before preference tuning, as TRL
+   * and LLaMA-Factory take it); the result is a new adapter in the run folder, this folder is left as it is.
+   */
+  preference(options: PreferenceRunOptions = {}): TrainRun {
+    return TrainRun.preference(this.#target, options, this.adapterPath);
   }
 
   /** The base with this adapter folded in; call `.save(path)` or `.export(file.gguf)` on it. */

@@ -3,6 +3,7 @@ import { basename, isAbsolute } from "node:path";
 import { inspect } from "node:util";
 import type { DatasetSource } from "../bridge/protocol.gen";
 import { checkRows, firstRows } from "./dataset-rows";
+import { checkPreferenceRows } from "./preference-rows";
 import { resolvePath } from "./paths";
 import { expectInteger, expectKnownKeys, expectOneOf, expectString } from "./validate";
 
@@ -120,9 +121,20 @@ export interface DatasetEntry {
   readonly label: string;
 }
 
-/** Checks a `.dataset(source, options)` call and turns it into the wire form (paths made absolute). */
-export function datasetEntry(source: unknown, options: unknown, cwd: string = process.cwd()): DatasetEntry {
+/**
+ * Checks a `.dataset(source, options)` call and turns it into the wire form (paths made absolute). A
+ * preference run's rows are `{ prompt | messages, chosen, rejected }`, checked as such.
+ */
+export function datasetEntry(source: unknown, options: unknown, cwd: string = process.cwd(), preference = false): DatasetEntry {
   const o = expectKnownKeys("dataset(source, options)", options, ["format", "samples", "name"]);
+  if (preference && o.format !== undefined) {
+    throw new RangeError("dataset option format does not apply to a preference run: its rows are { prompt | messages, chosen, rejected }; leave format out");
+  }
+  if (preference && source instanceof SelfCognition) {
+    throw new TypeError("selfCognition() rows are supervised answers, not chosen/rejected pairs; train them with m.lora() first");
+  }
+  const check = (file: string, rows: ReadonlyArray<readonly [number, unknown]>) =>
+    preference ? checkPreferenceRows(file, rows) : checkRows(file, extra.format ?? "auto", rows);
   const extra: Omit<DatasetSource, "path" | "rows" | "self_cognition"> = {};
   if (o.format !== undefined) extra.format = expectOneOf("dataset option format", o.format, DATASET_FORMATS);
   if (o.samples !== undefined) extra.samples = expectInteger("dataset option samples", o.samples, { min: 1 });
@@ -146,7 +158,7 @@ export function datasetEntry(source: unknown, options: unknown, cwd: string = pr
     }
     if (!statSync(path).isFile()) throw new Error(`${path} is a folder; pass a .json or .jsonl file of rows`);
     // The first rows, against the format given (or the one "auto" picks), as the worker will read them.
-    checkRows(path, extra.format ?? "auto", firstRows(path));
+    check(path, firstRows(path));
     return { wire: { path, ...extra }, label: suffix(extra.name ?? basename(path)) };
   }
   if (Array.isArray(source)) {
@@ -157,7 +169,7 @@ export function datasetEntry(source: unknown, options: unknown, cwd: string = pr
       }
     });
     const rows = JSON.parse(JSON.stringify(source)) as Array<Record<string, unknown>>; // a snapshot: later edits to the array do not change the run
-    checkRows(extra.name ?? "dataset(rows)", extra.format ?? "auto", rows.map((row, i) => [i + 1, row] as const));
+    check(extra.name ?? "dataset(rows)", rows.map((row, i) => [i + 1, row] as const));
     return { wire: { rows, ...extra }, label: suffix(extra.name ?? `${rows.length} rows`) };
   }
   throw new TypeError(

@@ -15,6 +15,7 @@ import { Reply } from "./reply";
 import { serveRequest, startServer, type ServeOptions, type Server } from "./serve";
 import { GpuGauge } from "./gpu";
 import { TrainRun } from "./train";
+import type { PreferenceRunOptions } from "./train-config";
 import type { LoraOptions } from "./train-config";
 import type { ChatMessage, ModelInfo } from "./types";
 import { expectBoolean, expectKnownKeys, expectString } from "./validate";
@@ -161,6 +162,16 @@ export class Model {
   /** A full-parameter fine-tuning run on this model (every weight is trained; needs far more memory than LoRA). */
   fullFinetune(): TrainRun {
     return TrainRun.full(this.#trainTarget());
+  }
+
+  /**
+   * A preference-tuning run on chosen/rejected pairs: `m.preference({ method: "dpo", beta: 0.1 })` (or "orpo",
+   * "simpo"), LoRA by default (`full: true` trains every weight); chain `.dataset(...)` of
+   * `{ prompt | messages, chosen, rejected }` rows and the usual options, then `await run.train()`. To tune an
+   * SFT adapter, use `m.withAdapter(sft).preference(...)`.
+   */
+  preference(options: PreferenceRunOptions = {}): TrainRun {
+    return TrainRun.preference(this.#trainTarget(), options);
   }
 
   /**

@@ -1,5 +1,5 @@
 import { inspect } from "node:util";
-import type { PreviewExample as WireExample } from "../bridge/protocol.gen";
+import type { PreviewAnswer as WireAnswer, PreviewExample as WireExample, PreviewPair as WirePair } from "../bridge/protocol.gen";
 
 /** One rendered training example, as the loss sees it. */
 export interface PreviewExample {
@@ -76,6 +76,81 @@ Object.defineProperty(TrainPreview.prototype, inspect.custom, {
     return this.toString();
   },
 });
+
+/** One answer of a preference pair as the loss sees it: the shared prompt, then the scored answer. */
+export interface PreviewAnswer {
+  tokens: number;
+  /** The answer's scored tokens (and its end-of-turn marker). */
+  trainedTokens: number;
+  truncated: boolean;
+  segments: Array<{ text: string; trained: boolean }>;
+}
+
+export interface PreviewPair {
+  source: string;
+  row: number;
+  chosen: PreviewAnswer;
+  rejected: PreviewAnswer;
+}
+
+const PAIR_LEGEND = `${OPEN}…${CLOSE} marks the answer each loss term scores; the prompt (and any earlier turns) is masked`;
+
+/** What a preference run's `run.preview(n)` shows and returns: each pair's two answers after their prompt. */
+export class PreferencePreview {
+  readonly pairs: readonly PreviewPair[];
+
+  constructor(pairs: readonly WirePair[]) {
+    const answer = (a: WireAnswer): PreviewAnswer => ({
+      tokens: a.tokens,
+      trainedTokens: a.trained_tokens,
+      truncated: a.truncated,
+      segments: a.segments.map((s) => ({ ...s })),
+    });
+    this.pairs = Object.freeze(pairs.map((p) => ({ source: p.source, row: p.row, chosen: answer(p.chosen), rejected: answer(p.rejected) })));
+  }
+
+  text(): string {
+    const body = (a: PreviewAnswer) => a.segments.map((s) => (s.trained ? `${OPEN}${s.text}${CLOSE}` : s.text)).join("").replace(/\n+$/, "");
+    const parts = this.pairs.map(
+      (p, i) => `── pair ${i + 1} · ${p.source} row ${p.row} ──\n[chosen · ${answerNote(p.chosen)}]\n${body(p.chosen)}\n[rejected · ${answerNote(p.rejected)}]\n${body(p.rejected)}`,
+    );
+    return [...parts, PAIR_LEGEND].join("\n\n");
+  }
+
+  /** HTML: the two answers side by side, prompt dimmed, scored answer highlighted (green chosen, red rejected). */
+  html(): string {
+    const column = (a: PreviewAnswer, label: string, color: string) => {
+      const spans = a.segments
+        .map((s) => (s.trained ? `<span style="background:${color};border-radius:2px" title="scored">${escapeHtml(s.text)}</span>` : `<span style="opacity:.55" title="masked (-100)">${escapeHtml(s.text)}</span>`))
+        .join("");
+      return (
+        `<div style="flex:1;min-width:0"><div style="font-size:smaller;font-weight:600">${label} · ${escapeHtml(answerNote(a))}</div>` +
+        `<pre style="white-space:pre-wrap;margin:2px 0;padding:6px;border:1px solid rgba(128,128,128,.3)">${spans}</pre></div>`
+      );
+    };
+    const blocks = this.pairs.map(
+      (p, i) =>
+        `<div style="margin:6px 0"><div style="font-weight:600;font-size:smaller">pair ${i + 1} · ${escapeHtml(p.source)} row ${p.row}</div>` +
+        `<div style="display:flex;gap:8px">${column(p.chosen, "chosen", "rgba(56,142,60,.22)")}${column(p.rejected, "rejected", "rgba(211,47,47,.18)")}</div></div>`,
+    );
+    const legend = '<div style="font-size:smaller;opacity:.8">highlighted: the answer each loss term scores; dimmed: the shared prompt, masked (-100)</div>';
+    return `<div>${blocks.join("")}${legend}</div>`;
+  }
+
+  toString(): string {
+    return `PreferencePreview(${this.pairs.length} pair${this.pairs.length === 1 ? "" : "s"})`;
+  }
+}
+
+Object.defineProperty(PreferencePreview.prototype, inspect.custom, {
+  value(this: PreferencePreview): string {
+    return this.toString();
+  },
+});
+
+function answerNote(a: PreviewAnswer): string {
+  return `${a.tokens} tokens, ${a.trainedTokens} scored${a.truncated ? ", truncated to maxLength" : ""}`;
+}
 
 function heading(e: PreviewExample, i: number): string {
   const cut = e.truncated ? ", truncated to maxLength" : "";

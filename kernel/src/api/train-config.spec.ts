@@ -60,8 +60,10 @@ function sample(field: string, p: Property): unknown {
 
 const target = { model: { id: "tiny-qwen2" }, sink: () => undefined, connect: async () => undefined, gauge: () => undefined };
 const base = () => TrainRun.lora(target as unknown as Parameters<typeof TrainRun.lora>[0]);
-/** The schema's fields but the two a run is made with (m.lora(options) or m.fullFinetune()). */
-const optionFields = Object.keys(properties).filter((f): f is TrainOptionField => f !== "method" && f !== "lora");
+/** The fields a run is made with (m.lora(options), m.fullFinetune(), m.preference(options), an adapter view's builders). */
+const STRUCTURAL = ["method", "lora", "preference", "init_adapter"];
+/** The schema's fields but those. */
+const optionFields = Object.keys(properties).filter((f): f is TrainOptionField => !STRUCTURAL.includes(f));
 const settable = optionFields.filter((f) => !NOT_YET_IN_BUILDER.includes(f));
 
 type Setter = (value: unknown) => TrainRun;
@@ -75,7 +77,7 @@ describe("training options and protocol.json's TrainOptions", () => {
     expect(TRAIN_OPTIONS_FIELDS).toEqual(Object.keys(properties));
     const defaults = Object.fromEntries(Object.entries(properties).filter(([, p]) => "default" in p).map(([f, p]) => [f, p.default]));
     expect(TRAIN_OPTIONS_DEFAULTS).toEqual(defaults);
-    expect(TRAIN_OPTIONS.map(([field]) => field)).toEqual(TRAIN_OPTIONS_FIELDS.filter((f) => f !== "method" && f !== "lora"));
+    expect(TRAIN_OPTIONS.map(([field]) => field)).toEqual(TRAIN_OPTIONS_FIELDS.filter((f) => !STRUCTURAL.includes(f)));
   });
 
   it("names each option in camelCase, the folders as output and resume", () => {
@@ -96,7 +98,7 @@ describe("training options and protocol.json's TrainOptions", () => {
     expect(wire[field]).toEqual(value);
     // toString's row for it, and nothing sent that was not set (the worker keeps its defaults).
     expect(settingRows(run.settings, dir).map(([k]) => k)).toContain(name);
-    const sent = Object.keys(wire).filter((k) => k !== "output_dir" && k !== "method" && k !== "lora");
+    const sent = Object.keys(wire).filter((k) => k !== "output_dir" && !STRUCTURAL.includes(k));
     expect(sent).toEqual(field === "output_dir" ? [] : [field]);
   });
 
@@ -105,6 +107,13 @@ describe("training options and protocol.json's TrainOptions", () => {
     expect(toTrainOptions(lora.settings, "/o")).toEqual({ output_dir: "/o", method: "lora", lora: { r: 4 } });
     const full = TrainRun.full(target as unknown as Parameters<typeof TrainRun.full>[0]);
     expect(toTrainOptions(full.settings, "/o")).toEqual({ output_dir: "/o", method: "full" });
+    const t = target as unknown as Parameters<typeof TrainRun.preference>[0];
+    expect(toTrainOptions(TrainRun.preference(t, { method: "orpo", beta: 0.2 }).settings, "/o")).toEqual({
+      output_dir: "/o", method: "lora", preference: { method: "orpo", beta: 0.2 },
+    });
+    expect(toTrainOptions(TrainRun.preference(t, {}, "/sft").settings, "/o")).toEqual({
+      output_dir: "/o", method: "lora", preference: { method: "dpo" }, init_adapter: "/sft",
+    });
   });
 
   it("has no builder option the worker does not take", () => {
@@ -115,7 +124,9 @@ describe("training options and protocol.json's TrainOptions", () => {
 
   it("shows every option the worker reports in the dashboard's config table, under the builder's name", () => {
     const config = Object.fromEntries(
-      Object.entries(properties).map(([f, p]) => [f, f === "lora" ? { r: 8 } : "default" in p ? p.default : sample(f, p)]),
+      Object.entries(properties)
+        .filter(([f]) => f !== "preference" && f !== "init_adapter")
+        .map(([f, p]) => [f, f === "lora" ? { r: 8 } : "default" in p ? p.default : sample(f, p)]),
     );
     const begin = { examples: 1, trainable_params: 1, device: "cpu", config } as unknown as TrainBeginEvent;
     const shown = Object.keys(dashboardConfig(begin, join(dir, "out"), dir));

@@ -12,6 +12,7 @@ import {
   TRAIN_OPTIONS_FIELDS,
   type DistributedOptions,
   type LoraOptions as WireLora,
+  type PreferenceOptions as WirePreference,
   type TrainBeginEvent,
   type TrainOptions,
   type TrainRequest,
@@ -19,7 +20,7 @@ import {
 import type { ConfigValue } from "../display/bundles";
 import type { DatasetEntry } from "./datasets";
 import { resolvePath } from "./paths";
-import { expectInteger, expectKnownKeys, expectNumber, expectString } from "./validate";
+import { expectBoolean, expectInteger, expectKnownKeys, expectNumber, expectOneOf, expectString } from "./validate";
 
 export type TrainMethod = (typeof TRAIN_OPTIONS_ENUMS.method)[number];
 export type Schedule = (typeof TRAIN_OPTIONS_ENUMS.schedule)[number];
@@ -36,8 +37,9 @@ type CamelCase<S extends string> = S extends `${infer Head}_${infer Tail}` ? `${
 const RENAMED = { output_dir: "output", resume_from: "resume" } as const;
 type Renamed = keyof typeof RENAMED;
 
-/** Set by how a run is made (m.lora(options) or m.fullFinetune()), not by an option of its own. */
-const STRUCTURAL = ["method", "lora"] as const;
+/** Set by how a run is made (m.lora(options), m.fullFinetune(), m.preference(options), an adapter view's
+ * builders), not by an option of its own. */
+const STRUCTURAL = ["method", "lora", "preference", "init_adapter"] as const;
 
 /** A TrainOptions field the builder sets one value at a time. */
 export type TrainOptionField = Exclude<(typeof TRAIN_OPTIONS_FIELDS)[number], (typeof STRUCTURAL)[number]>;
@@ -72,6 +74,58 @@ export interface LoraOptions {
   targets?: "all-linear" | readonly string[];
 }
 
+export type PreferenceMethod = NonNullable<WirePreference["method"]>;
+export const PREFERENCE_METHODS = ["dpo", "orpo", "simpo"] as const satisfies readonly PreferenceMethod[];
+
+/** What `m.preference(options)` takes: the preference loss and how the model is trained. */
+export interface PreferenceRunOptions {
+  /** "dpo" (against a reference: the model before tuning), "orpo" (NLL + odds ratio) or "simpo" (no reference). */
+  method?: PreferenceMethod;
+  /** DPO: the pull toward the reference; ORPO: the odds-ratio weight (lambda); SimPO: the reward scale.
+   * Default 0.1 for DPO and ORPO, 2.0 for SimPO. */
+  beta?: number;
+  /** DPO only: the assumed fraction of flipped labels, in [0, 0.5) (conservative DPO); default 0. */
+  labelSmoothing?: number;
+  /** SimPO only: the target reward margin; default 0.5. */
+  gamma?: number;
+  /** LoRA settings (the default way to train); not with `full`, nor on an adapter view (the adapter's own). */
+  lora?: LoraOptions;
+  /** Train every weight instead of a LoRA adapter; DPO's reference is then computed once before the first step. */
+  full?: boolean;
+}
+
+/** The preference settings a run holds, checked. */
+export interface PreferenceSettings {
+  readonly method: PreferenceMethod;
+  readonly beta?: number;
+  readonly labelSmoothing?: number;
+  readonly gamma?: number;
+}
+
+export function checkPreference(options: unknown, onAdapter: boolean): { preference: PreferenceSettings; lora?: LoraOptions; full: boolean } {
+  const o = expectKnownKeys("preference(options)", options, ["method", "beta", "labelSmoothing", "gamma", "lora", "full"]);
+  const method = o.method === undefined ? "dpo" : expectOneOf("preference option method", o.method, PREFERENCE_METHODS);
+  const p: { method: PreferenceMethod; beta?: number; labelSmoothing?: number; gamma?: number } = { method };
+  if (o.beta !== undefined) p.beta = expectNumber("preference option beta", o.beta, { above: 0, hint: "0.1 is usual for DPO and ORPO, 2 for SimPO" });
+  if (o.labelSmoothing !== undefined) {
+    if (method !== "dpo") throw new RangeError(`preference option labelSmoothing applies to DPO only, not ${method}; leave it out`);
+    const e = expectNumber("preference option labelSmoothing", o.labelSmoothing, { min: 0 });
+    if (e >= 0.5) throw new RangeError(`preference option labelSmoothing must be below 0.5 (the assumed fraction of flipped labels), got ${e}`);
+    p.labelSmoothing = e;
+  }
+  if (o.gamma !== undefined) {
+    if (method !== "simpo") throw new RangeError(`preference option gamma is SimPO's target margin; ${method} does not use it`);
+    p.gamma = expectNumber("preference option gamma", o.gamma);
+  }
+  const full = o.full === undefined ? false : expectBoolean("preference option full", o.full);
+  if (onAdapter && (full || o.lora !== undefined)) {
+    throw new Error("preference() on an adapter view continues that adapter: its r, alpha and targets are the run's, so lora and full do not apply (use m.preference(...) on the base model for a fresh adapter)");
+  }
+  if (full && o.lora !== undefined) throw new Error("preference option full trains every weight, so lora settings do not apply; give one of them");
+  const lora = o.lora === undefined ? undefined : checkLora(o.lora);
+  return { preference: Object.freeze(p), ...(lora === undefined ? {} : { lora }), full };
+}
+
 export type Strategy = (typeof DISTRIBUTED_OPTIONS_ENUMS.strategy)[number];
 export const STRATEGIES: readonly Strategy[] = DISTRIBUTED_OPTIONS_ENUMS.strategy;
 
@@ -98,6 +152,10 @@ export interface DistributedSettings {
 export interface TrainSettings extends TrainOptionSettings {
   readonly method: TrainMethod;
   readonly lora?: Readonly<LoraOptions>;
+  /** Preference tuning (DPO, ORPO, SimPO) on chosen/rejected pairs; absent: supervised fine-tuning. */
+  readonly preference?: PreferenceSettings;
+  /** The adapter folder a LoRA run continues (an adapter view's builders set it). */
+  readonly initAdapter?: string;
   readonly datasets: readonly DatasetEntry[];
   readonly quiet?: boolean;
   readonly distributed?: DistributedSettings;
@@ -150,6 +208,9 @@ export function checkComplete(s: TrainSettings): void {
     throw new Error("resume() continues a run and overwrite() starts one afresh; use one of them");
   }
   const d = s.distributed;
+  if (s.preference !== undefined && s.packing) {
+    throw new Error("packing() does not apply to preference tuning: each pair's chosen and rejected answers are scored whole; leave it out");
+  }
   if (d?.strategy !== undefined && d.devices === undefined && d.cluster === undefined) {
     throw new Error(`strategy("${d.strategy}") splits a run over several ranks: add .devices(n) (GPUs of this machine) or .cluster(address, { workers })`);
   }
@@ -192,6 +253,16 @@ export function toTrainOptions(s: TrainSettings, output: string): TrainOptions {
     if (s.lora.targets !== undefined) lora.targets = s.lora.targets === "all-linear" ? "all-linear" : [...s.lora.targets];
     c.lora = lora;
   }
+  if (s.preference !== undefined) {
+    const p = s.preference;
+    c.preference = {
+      method: p.method,
+      ...(p.beta === undefined ? {} : { beta: p.beta }),
+      ...(p.labelSmoothing === undefined ? {} : { label_smoothing: p.labelSmoothing }),
+      ...(p.gamma === undefined ? {} : { gamma: p.gamma }),
+    };
+  }
+  if (s.initAdapter !== undefined) c.init_adapter = s.initAdapter;
   for (const [field, name] of TRAIN_OPTIONS) {
     // The folder is the caller's: the one set, or the default made from the model and the date.
     if (field === "output_dir") continue;
@@ -212,6 +283,15 @@ export function toTrainRequest(modelId: string, s: TrainSettings, output: string
 
 /** "LoRA r=8 alpha=32" or "full fine-tune": how a run is named in toString and the dashboard title. */
 export function methodLabel(s: TrainSettings): string {
+  if (s.preference !== undefined) {
+    const p = s.preference;
+    const how = s.initAdapter !== undefined ? `on ${basename(s.initAdapter)}` : trainingLabel(s);
+    return `${p.method.toUpperCase()}${p.beta === undefined ? "" : ` beta=${p.beta}`} · ${how}`;
+  }
+  return trainingLabel(s);
+}
+
+function trainingLabel(s: TrainSettings): string {
   if (s.method === "full") return "full fine-tune";
   const l = s.lora ?? {};
   const parts = [`r=${l.r ?? LORA_OPTIONS_DEFAULTS.r}`];
@@ -261,6 +341,15 @@ export function dashboardConfig(e: TrainBeginEvent, output: string, cwd: string)
     else out[key] = typeof value === "object" ? JSON.stringify(value) : (value as ConfigValue);
   };
   put("method", c.method);
+  const preference = c.preference as Record<string, unknown> | null | undefined;
+  if (preference) {
+    put("preference", preference.method);
+    // An absent beta is the method's default on the worker (protocol.json's PreferenceOptions says which).
+    put("beta", preference.beta ?? (preference.method === "simpo" ? 2 : 0.1));
+    if (preference.method === "dpo" && preference.label_smoothing) put("labelSmoothing", preference.label_smoothing);
+    if (preference.method === "simpo") put("gamma", preference.gamma);
+  }
+  if (typeof c.init_adapter === "string") put("initAdapter", shortPath(c.init_adapter, cwd));
   if (c.method === "lora") {
     put("r", lora.r);
     // An absent alpha is 2 * r on the worker (protocol.json's LoraOptions says so; it has no fixed default).

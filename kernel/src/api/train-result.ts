@@ -88,6 +88,12 @@ export class TrainResult {
   readonly notes: readonly string[];
   /** Where `.report(...)` wrote: `tensorboard` (the event files' folder), `wandb` (the offline run folder). */
   readonly reports: Readonly<ReportLocations>;
+  /** A preference run's method ("dpo", "orpo", "simpo"); undefined for supervised fine-tuning. */
+  readonly preference: "dpo" | "orpo" | "simpo" | undefined;
+  /** A preference run's last reported metrics under TRL's names: "rewards/margins", "rewards/accuracies", ... */
+  readonly finalMetrics: Readonly<Record<string, number>>;
+  /** A preference run's metrics at each reported step, e.g. `result.preferenceCurve["rewards/accuracies"]`. */
+  readonly preferenceCurve: Readonly<Record<string, ReadonlyArray<{ step: number; value: number }>>>;
   readonly #model: ModelHandle;
 
   constructor(reply: TrainReply, model: ModelHandle) {
@@ -115,6 +121,15 @@ export class TrainResult {
     this.resumedFrom = reply.resumed_from;
     this.notes = Object.freeze([...reply.notes]);
     this.reports = Object.freeze({ ...reply.reports });
+    this.preference = reply.preference;
+    this.finalMetrics = Object.freeze({ ...(reply.final_metrics ?? {}) });
+    const curve: Record<string, Array<{ step: number; value: number }>> = {};
+    for (const h of reply.history.filter(isProgress)) {
+      for (const [key, value] of Object.entries(h)) {
+        if (typeof value === "number" && PREFERENCE_KEY.test(key)) (curve[key] ??= []).push({ step: h.step, value });
+      }
+    }
+    this.preferenceCurve = Object.freeze(curve);
   }
 
   get cancelled(): boolean {
@@ -146,9 +161,14 @@ export class TrainResult {
     const first = this.losses[0]?.loss;
     const loss = first !== undefined && this.finalLoss !== undefined ? `, loss ${fmt(first)} → ${fmt(this.finalLoss)}` : "";
     const evalLoss = this.finalEvalLoss === undefined ? "" : `, eval ${fmt(this.finalEvalLoss)}`;
+    const m = this.finalMetrics;
+    const pref =
+      this.preference === undefined || m["rewards/margins"] === undefined
+        ? ""
+        : `, ${this.preference.toUpperCase()} margin ${fmt(m["rewards/margins"])} accuracy ${fmt(m["rewards/accuracies"] ?? 0)}`;
     const where = this.adapter ?? this.modelPath ?? this.outputDir;
     const what = this.method === "lora" ? "adapter" : "model";
-    return `TrainResult(${this.status}, step ${this.step}/${this.totalSteps}${loss}${evalLoss}, ${what} ${shortPath(where)})`;
+    return `TrainResult(${this.status}, step ${this.step}/${this.totalSteps}${loss}${evalLoss}${pref}, ${what} ${shortPath(where)})`;
   }
 }
 
@@ -157,6 +177,9 @@ Object.defineProperty(TrainResult.prototype, inspect.custom, {
     return this.toString();
   },
 });
+
+/** History keys that are preference metrics (the worker names them as TRL does). */
+const PREFERENCE_KEY = /^(rewards\/|logps\/|nll_loss$|log_odds_)/;
 
 function isProgress(h: TrainHistoryEntry): boolean {
   return h.kind === "train_progress" && h.loss !== undefined;

@@ -8,10 +8,13 @@ import { datasetEntry, type DatasetInput, type DatasetOptions } from "./datasets
 import { resolvePath } from "./paths";
 import type { GpuGauge } from "./gpu";
 import type { ModelTarget } from "./model-handle";
-import { TrainPreview } from "./preview";
+import { PreferencePreview, TrainPreview } from "./preview";
+import type { PreferenceRow } from "./preference-rows";
 import {
   checkComplete,
   checkLora,
+  checkPreference,
+  type PreferenceRunOptions,
   dashboardConfig,
   defaultOutput,
   methodLabel,
@@ -56,6 +59,22 @@ export class TrainRun {
     return new TrainRun(target, { method: "lora", lora: Object.freeze(checkLora(options)), datasets: [] }, process.cwd());
   }
 
+  /**
+   * Preference tuning on chosen/rejected pairs; what `m.preference(options)` returns (LoRA unless `full`), and
+   * `adapterView.preference(options)`, which continues `initAdapter` (for DPO also the reference).
+   */
+  static preference(target: ModelTarget, options: PreferenceRunOptions = {}, initAdapter?: string): TrainRun {
+    const { preference, lora, full } = checkPreference(options, initAdapter !== undefined);
+    const settings: TrainSettings = {
+      method: full ? "full" : "lora",
+      ...(lora === undefined ? {} : { lora: Object.freeze(lora) }),
+      preference,
+      ...(initAdapter === undefined ? {} : { initAdapter }),
+      datasets: [],
+    };
+    return new TrainRun(target, settings, process.cwd());
+  }
+
   /** Full-parameter fine-tuning; what `m.fullFinetune()` returns. */
   static full(target: ModelTarget): TrainRun {
     return new TrainRun(target, { method: "full", datasets: [] }, process.cwd());
@@ -74,10 +93,10 @@ export class TrainRun {
    * Adds training data: a .json or .jsonl file (alpaca `{instruction, input, output}` or sharegpt
    * `{conversations: [{from, value}]}` rows), a list of such rows, or
    * `qwen.datasets.selfCognition({ name, author })`. Several datasets are mixed; `samples` draws
-   * that many rows from one.
+   * that many rows from one. A preference run takes `{ prompt | messages, chosen, rejected }` rows.
    */
-  dataset(source: DatasetInput, options: DatasetOptions = {}): TrainRun {
-    return this.#with({ datasets: [...this.#s.datasets, datasetEntry(source, options, this.#cwd)] });
+  dataset(source: DatasetInput | readonly PreferenceRow[], options: DatasetOptions = {}): TrainRun {
+    return this.#with({ datasets: [...this.#s.datasets, datasetEntry(source, options, this.#cwd, this.#s.preference !== undefined)] });
   }
 
   /** Longest example in tokens; longer rows are truncated (counted and reported). */
@@ -226,6 +245,7 @@ export class TrainRun {
    * multiple of `n`; checkpoints resume on any number of devices.
    */
   devices(n: number): TrainRun {
+    this.#oneDevice("devices(n)");
     if (this.#s.distributed?.cluster !== undefined) {
       throw new Error("This run already trains on a Ray cluster (.cluster(...)); use devices(n) for one machine or cluster() for several, not both");
     }
@@ -235,6 +255,7 @@ export class TrainRun {
 
   /** How several ranks share the work: "ddp" (a whole model on each; LoRA) or "fsdp" (FSDP2: weights sharded; full fine-tuning, large bases). */
   strategy(name: Strategy): TrainRun {
+    this.#oneDevice("strategy(name)");
     return this.#with({ distributed: { ...this.#s.distributed, strategy: expectOneOf("strategy(name)", name, STRATEGIES) } });
   }
 
@@ -243,12 +264,19 @@ export class TrainRun {
    * or `cluster({ workers })` to use RAY_ADDRESS. The output folder must be one every worker can write.
    */
   cluster(address: string | ClusterOptions, options?: ClusterOptions): TrainRun {
+    this.#oneDevice("cluster(...)");
     if (this.#s.distributed?.devices !== undefined) {
       throw new Error(`This run already trains on devices(${this.#s.distributed.devices}) of the worker's machine; use devices(n) for one machine or cluster() for several, not both`);
     }
     const [where, o] = typeof address === "string" ? [address, options] : [undefined, address];
     const cluster = Object.freeze(checkCluster(where, o));
     return this.#with({ distributed: { ...this.#s.distributed, cluster } });
+  }
+
+  #oneDevice(call: string): void {
+    if (this.#s.preference !== undefined) {
+      throw new Error(`${call}: preference tuning runs on one device for now (the worker's); leave devices, strategy and cluster out`);
+    }
   }
 
   /**
@@ -274,9 +302,10 @@ export class TrainRun {
 
   /**
    * Shows the first `n` examples as the model will be trained on them: rendered through its chat
-   * template, with the spans the loss is computed on marked.
+   * template, with the spans the loss is computed on marked (for a preference run, each pair's chosen and
+   * rejected answers after their shared prompt).
    */
-  async preview(n = 3): Promise<TrainPreview> {
+  async preview(n = 3): Promise<TrainPreview | PreferencePreview> {
     expectInteger("preview(n)", n, { min: 1, max: 100 });
     if (this.#s.datasets.length === 0) throw new Error('Nothing to preview: add data with .dataset("data/train.json") first');
     const { client, modelId } = await this.#target.connect();
@@ -286,8 +315,9 @@ export class TrainRun {
       n,
       ...(this.#s.maxLength === undefined ? {} : { max_length: this.#s.maxLength }),
       ...(this.#s.seed === undefined ? {} : { seed: this.#s.seed }),
+      ...(this.#s.preference === undefined ? {} : { preference: true }),
     });
-    const preview = new TrainPreview(reply.examples);
+    const preview = this.#s.preference === undefined ? new TrainPreview(reply.examples) : new PreferencePreview(reply.pairs ?? []);
     if (this.#s.quiet) return preview;
     this.#target.sink().display({ data: { "text/plain": preview.text(), "text/html": preview.html() } });
     return markShown(preview);

@@ -127,6 +127,8 @@ export interface TrainSeries {
   step: Array<number>;
   loss: Array<number | null>;
   lr?: Array<number>;
+  /** A preference run's metrics under TRL's names (rewards/margins, rewards/accuracies, rewards/chosen, rewards/rejected, ORPO's log_odds_ratio, ...), each parallel to step */
+  metrics?: Record<string, Array<number | null>>;
 }
 
 /** Parallel arrays of equal length, oldest first */

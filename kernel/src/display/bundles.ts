@@ -60,6 +60,8 @@ export interface TrainStepPoint {
   tokensPerSecond?: number;
   elapsedS?: number;
   etaS?: number;
+  /** A preference run's metrics at this step, under TRL's names ("rewards/margins", ...). */
+  metrics?: Readonly<Record<string, number>>;
 }
 
 export type ConfigValue = string | number | boolean | null;
@@ -88,6 +90,8 @@ export class TrainRecorder {
   readonly #steps: number[] = [];
   readonly #losses: Array<number | null> = [];
   readonly #lrs: number[] = [];
+  /** Preference metrics by name, each parallel to #steps (null where a step did not report it). */
+  readonly #metrics = new Map<string, Array<number | null>>();
   readonly #evalSteps: number[] = [];
   readonly #evalLosses: Array<number | null> = [];
   readonly #options: TrainRecorderOptions;
@@ -124,6 +128,7 @@ export class TrainRecorder {
       this.#steps.push(p.step);
       this.#losses.push(lossValue(p.loss));
       this.#lrs.push(this.#lastLr ?? 0);
+      this.#pushMetrics(p.metrics, this.#steps.length - 1);
       if (this.#steps.length > this.#maxPoints) this.#halve();
     }
     return this;
@@ -157,19 +162,23 @@ export class TrainRecorder {
     const steps = [...this.#steps];
     const losses = [...this.#losses];
     const lrs = [...this.#lrs];
+    const metrics = new Map([...this.#metrics].map(([k, v]) => [k, [...v]]));
     const latest = this.#latest;
     if (latest && !this.#latestKept) {
       // The newest step always shows, even between kept strides.
       steps.push(latest.step);
       losses.push(lossValue(latest.loss));
       lrs.push(this.#lastLr ?? 0);
+      for (const [name, series] of metrics) series.push(metricValue(latest.metrics?.[name]));
     }
+    const train: TrainView["train"] = this.#lastLr === undefined ? { step: steps, loss: losses } : { step: steps, loss: losses, lr: lrs };
+    if (metrics.size > 0) train.metrics = Object.fromEntries(metrics);
     return definedOnly({
       state: this.#state,
       title: this.#options.title,
       progress: definedOnly(this.#progress),
       // A run that never logs a learning rate sends no lr series rather than a line of zeros.
-      train: this.#lastLr === undefined ? { step: steps, loss: losses } : { step: steps, loss: losses, lr: lrs },
+      train,
       eval: this.#evalSteps.length > 0 ? { step: [...this.#evalSteps], loss: [...this.#evalLosses] } : undefined,
       config: this.#options.config ? { ...this.#options.config } : undefined,
       checkpoint: this.#checkpoint,
@@ -181,8 +190,16 @@ export class TrainRecorder {
     return trainBundle(this.view());
   }
 
+  #pushMetrics(values: Readonly<Record<string, number>> | undefined, index: number): void {
+    for (const name of Object.keys(values ?? {})) {
+      // A metric first seen now has no value at the earlier kept steps.
+      if (!this.#metrics.has(name)) this.#metrics.set(name, Array<number | null>(index).fill(null));
+    }
+    for (const [name, series] of this.#metrics) series.push(metricValue(values?.[name]));
+  }
+
   #halve(): void {
-    for (const series of [this.#steps, this.#losses, this.#lrs] as unknown[][]) {
+    for (const series of [this.#steps, this.#losses, this.#lrs, ...this.#metrics.values()] as unknown[][]) {
       const kept = series.filter((_, i) => i % 2 === 0);
       series.length = 0;
       series.push(...kept);
@@ -260,4 +277,8 @@ function round(x: number, decimals: number): number {
 /** Drops undefined fields so saved notebooks do not carry them and JSON round trips are exact. */
 function definedOnly<T extends object>(obj: T): T {
   return Object.fromEntries(Object.entries(obj).filter(([, v]) => v !== undefined)) as T;
+}
+
+function metricValue(x: number | undefined): number | null {
+  return x === undefined || !Number.isFinite(x) ? null : significant(x, 5);
 }

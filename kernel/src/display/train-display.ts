@@ -66,7 +66,8 @@ export function createTrainDashboard(sink: DisplaySink, options: TrainDisplayOpt
     },
     progress(e) {
       if (!rec) return;
-      rec.step({ step: e.step, loss: e.loss, lr: e.lr, epoch: e.epoch, tokensPerSecond: e.tokens_per_s, etaS: e.eta_s, elapsedS: elapsed() });
+      const metrics = preferenceMetrics(e);
+      rec.step({ step: e.step, loss: e.loss, lr: e.lr, epoch: e.epoch, tokensPerSecond: e.tokens_per_s, etaS: e.eta_s, elapsedS: elapsed(), ...(metrics ? { metrics } : {}) });
       updates.push(rec.bundle());
     },
     evaluate(e) {
@@ -121,6 +122,7 @@ export function createTrainLog(sink: DisplaySink, title: string): TrainDisplay {
       line(
         `step ${String(e.step).padStart(width)}/${e.total_steps} · epoch ${e.epoch.toFixed(2)} · loss ${e.loss.toFixed(4)} · ` +
           `lr ${e.lr.toExponential(2)} · grad ${e.grad_norm.toFixed(2)} · ${Math.round(e.tokens_per_s)} tokens/s · ETA ${clock(e.eta_s)}` +
+          preferenceLine(e) +
           (e.rank_memory ? ` · memory ${e.rank_memory.map((r) => `rank ${r.rank} ${(r.used / 2 ** 30).toFixed(1)} GiB`).join(", ")}` : ""),
       );
     },
@@ -153,6 +155,22 @@ export function epochsOverridden(e: Pick<TrainBeginEvent, "config">, totalEpochs
   const { epochs, max_steps: maxSteps } = e.config;
   if (typeof epochs !== "number" || typeof maxSteps !== "number") return undefined;
   return Math.abs(epochs - totalEpochs) < 0.005 ? undefined : epochs;
+}
+
+/** The preference metrics of a progress event (TRL's names), or undefined for a supervised run. */
+export function preferenceMetrics(e: TrainProgressEvent): Record<string, number> | undefined {
+  const out: Record<string, number> = {};
+  for (const [key, value] of Object.entries(e)) {
+    if (typeof value === "number" && /^(rewards\/|logps\/|nll_loss$|log_odds_)/.test(key)) out[key] = value;
+  }
+  return Object.keys(out).length > 0 ? out : undefined;
+}
+
+function preferenceLine(e: TrainProgressEvent): string {
+  const margin = e["rewards/margins"];
+  if (margin === undefined) return "";
+  const odds = e.log_odds_ratio === undefined ? "" : ` · log odds ratio ${e.log_odds_ratio.toFixed(4)}`;
+  return ` · margin ${margin.toFixed(3)} · accuracy ${(e["rewards/accuracies"] ?? 0).toFixed(2)}${odds}`;
 }
 
 function round(x: number, digits: number): number {
