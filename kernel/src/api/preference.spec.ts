@@ -9,7 +9,7 @@ import { recordingSink, type RecordingSink } from "../display/testutil";
 import type { GpuGauge } from "./gpu";
 import type { Model } from "./model";
 import type { ModelTarget } from "./model-handle";
-import { PreferencePreview } from "./preview";
+import { TrainPreview } from "./preview";
 import { TrainRun } from "./train";
 import { TrainResult } from "./train-result";
 
@@ -148,10 +148,11 @@ describe("a preference run's dashboard, result and preview", () => {
     const { t, sent } = target(recordingSink({ rich: false }));
     const preview = await TrainRun.preference(t, {}).dataset(FILE).preview(1);
     expect(sent[0]).toMatchObject({ type: "train_preview", content: { preference: true, n: 1 } });
-    expect(preview).toBeInstanceOf(PreferencePreview);
-    const text = (preview as PreferencePreview).text();
+    expect(preview).toBeInstanceOf(TrainPreview);
+    expect(String(preview)).toBe("TrainPreview(1 pair)");
+    const text = preview.text();
     expect(text).toContain("[chosen · 9 tokens, 3 scored]\n<|im_start|>user\n你是谁？⟦臣妾甄嬛。⟧");
     expect(text).toContain("[rejected · 9 tokens, 3 scored]\n<|im_start|>user\n你是谁？⟦我是一个AI助手。⟧");
-    expect((preview as PreferencePreview).html()).toContain('title="scored">我是一个AI助手。</span>');
+    expect(preview.html()).toContain('title="scored">我是一个AI助手。</span>');
   });
 });

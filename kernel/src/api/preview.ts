@@ -19,11 +19,22 @@ const OPEN = "⟦";
 const CLOSE = "⟧";
 const LEGEND = `${OPEN}…${CLOSE} marks what the loss is computed on (the answers); everything else is masked (-100)`;
 
-/** What `run.preview(n)` shows and returns: the first examples rendered through the chat template. */
+/**
+ * What `run.preview(n)` shows and returns: the first examples rendered through the chat template, or for a
+ * preference run the first pairs (`pairs`, each answer after the shared prompt; `examples` is then empty).
+ */
 export class TrainPreview {
   readonly examples: readonly PreviewExample[];
+  readonly pairs: readonly PreviewPair[];
 
-  constructor(examples: readonly WireExample[]) {
+  constructor(examples: readonly WireExample[], pairs: readonly WirePair[] = []) {
+    const answer = (a: WireAnswer): PreviewAnswer => ({
+      tokens: a.tokens,
+      trainedTokens: a.trained_tokens,
+      truncated: a.truncated,
+      segments: a.segments.map((s) => ({ ...s })),
+    });
+    this.pairs = Object.freeze(pairs.map((p) => ({ source: p.source, row: p.row, chosen: answer(p.chosen), rejected: answer(p.rejected) })));
     this.examples = Object.freeze(
       examples.map((e) => ({
         source: e.source,
@@ -38,6 +49,7 @@ export class TrainPreview {
 
   /** Plain text, with the trained spans between ⟦ and ⟧. */
   text(): string {
+    if (this.pairs.length > 0) return pairsText(this.pairs);
     const parts = this.examples.map((e, i) => {
       const body = e.segments.map((s) => (s.trained ? `${OPEN}${s.text}${CLOSE}` : s.text)).join("");
       return `── ${heading(e, i)} ──\n${body.replace(/\n+$/, "")}`;
@@ -45,8 +57,9 @@ export class TrainPreview {
     return [...parts, LEGEND].join("\n\n");
   }
 
-  /** HTML for notebooks: masked text dimmed, trained text highlighted. */
+  /** HTML for notebooks: masked text dimmed, trained text highlighted (a pair's two answers side by side). */
   html(): string {
+    if (this.pairs.length > 0) return pairsHtml(this.pairs);
     const blocks = this.examples.map((e, i) => {
       const spans = e.segments
         .map((s) =>
@@ -67,6 +80,7 @@ export class TrainPreview {
   }
 
   toString(): string {
+    if (this.pairs.length > 0) return `TrainPreview(${this.pairs.length} pair${this.pairs.length === 1 ? "" : "s"})`;
     return `TrainPreview(${this.examples.length} example${this.examples.length === 1 ? "" : "s"})`;
   }
 }
@@ -95,58 +109,33 @@ export interface PreviewPair {
 
 const PAIR_LEGEND = `${OPEN}…${CLOSE} marks the answer each loss term scores; the prompt (and any earlier turns) is masked`;
 
-/** What a preference run's `run.preview(n)` shows and returns: each pair's two answers after their prompt. */
-export class PreferencePreview {
-  readonly pairs: readonly PreviewPair[];
-
-  constructor(pairs: readonly WirePair[]) {
-    const answer = (a: WireAnswer): PreviewAnswer => ({
-      tokens: a.tokens,
-      trainedTokens: a.trained_tokens,
-      truncated: a.truncated,
-      segments: a.segments.map((s) => ({ ...s })),
-    });
-    this.pairs = Object.freeze(pairs.map((p) => ({ source: p.source, row: p.row, chosen: answer(p.chosen), rejected: answer(p.rejected) })));
-  }
-
-  text(): string {
-    const body = (a: PreviewAnswer) => a.segments.map((s) => (s.trained ? `${OPEN}${s.text}${CLOSE}` : s.text)).join("").replace(/\n+$/, "");
-    const parts = this.pairs.map(
-      (p, i) => `── pair ${i + 1} · ${p.source} row ${p.row} ──\n[chosen · ${answerNote(p.chosen)}]\n${body(p.chosen)}\n[rejected · ${answerNote(p.rejected)}]\n${body(p.rejected)}`,
-    );
-    return [...parts, PAIR_LEGEND].join("\n\n");
-  }
-
-  /** HTML: the two answers side by side, prompt dimmed, scored answer highlighted (green chosen, red rejected). */
-  html(): string {
-    const column = (a: PreviewAnswer, label: string, color: string) => {
-      const spans = a.segments
-        .map((s) => (s.trained ? `<span style="background:${color};border-radius:2px" title="scored">${escapeHtml(s.text)}</span>` : `<span style="opacity:.55" title="masked (-100)">${escapeHtml(s.text)}</span>`))
-        .join("");
-      return (
-        `<div style="flex:1;min-width:0"><div style="font-size:smaller;font-weight:600">${label} · ${escapeHtml(answerNote(a))}</div>` +
-        `<pre style="white-space:pre-wrap;margin:2px 0;padding:6px;border:1px solid rgba(128,128,128,.3)">${spans}</pre></div>`
-      );
-    };
-    const blocks = this.pairs.map(
-      (p, i) =>
-        `<div style="margin:6px 0"><div style="font-weight:600;font-size:smaller">pair ${i + 1} · ${escapeHtml(p.source)} row ${p.row}</div>` +
-        `<div style="display:flex;gap:8px">${column(p.chosen, "chosen", "rgba(56,142,60,.22)")}${column(p.rejected, "rejected", "rgba(211,47,47,.18)")}</div></div>`,
-    );
-    const legend = '<div style="font-size:smaller;opacity:.8">highlighted: the answer each loss term scores; dimmed: the shared prompt, masked (-100)</div>';
-    return `<div>${blocks.join("")}${legend}</div>`;
-  }
-
-  toString(): string {
-    return `PreferencePreview(${this.pairs.length} pair${this.pairs.length === 1 ? "" : "s"})`;
-  }
+function pairsText(pairs: readonly PreviewPair[]): string {
+  const body = (a: PreviewAnswer) => a.segments.map((s) => (s.trained ? `${OPEN}${s.text}${CLOSE}` : s.text)).join("").replace(/\n+$/, "");
+  const parts = pairs.map(
+    (p, i) => `── pair ${i + 1} · ${p.source} row ${p.row} ──\n[chosen · ${answerNote(p.chosen)}]\n${body(p.chosen)}\n[rejected · ${answerNote(p.rejected)}]\n${body(p.rejected)}`,
+  );
+  return [...parts, PAIR_LEGEND].join("\n\n");
 }
 
-Object.defineProperty(PreferencePreview.prototype, inspect.custom, {
-  value(this: PreferencePreview): string {
-    return this.toString();
-  },
-});
+/** The two answers side by side, prompt dimmed, scored answer highlighted (green chosen, red rejected). */
+function pairsHtml(pairs: readonly PreviewPair[]): string {
+  const column = (a: PreviewAnswer, label: string, color: string) => {
+    const spans = a.segments
+      .map((s) => (s.trained ? `<span style="background:${color};border-radius:2px" title="scored">${escapeHtml(s.text)}</span>` : `<span style="opacity:.55" title="masked (-100)">${escapeHtml(s.text)}</span>`))
+      .join("");
+    return (
+      `<div style="flex:1;min-width:0"><div style="font-size:smaller;font-weight:600">${label} · ${escapeHtml(answerNote(a))}</div>` +
+      `<pre style="white-space:pre-wrap;margin:2px 0;padding:6px;border:1px solid rgba(128,128,128,.3)">${spans}</pre></div>`
+    );
+  };
+  const blocks = pairs.map(
+    (p, i) =>
+      `<div style="margin:6px 0"><div style="font-weight:600;font-size:smaller">pair ${i + 1} · ${escapeHtml(p.source)} row ${p.row}</div>` +
+      `<div style="display:flex;gap:8px">${column(p.chosen, "chosen", "rgba(56,142,60,.22)")}${column(p.rejected, "rejected", "rgba(211,47,47,.18)")}</div></div>`,
+  );
+  const legend = '<div style="font-size:smaller;opacity:.8">highlighted: the answer each loss term scores; dimmed: the shared prompt, masked (-100)</div>';
+  return `<div>${blocks.join("")}${legend}</div>`;
+}
 
 function answerNote(a: PreviewAnswer): string {
   return `${a.tokens} tokens, ${a.trainedTokens} scored${a.truncated ? ", truncated to maxLength" : ""}`;

@@ -8,7 +8,7 @@ import { datasetEntry, type DatasetInput, type DatasetOptions } from "./datasets
 import { resolvePath } from "./paths";
 import type { GpuGauge } from "./gpu";
 import type { ModelTarget } from "./model-handle";
-import { PreferencePreview, TrainPreview } from "./preview";
+import { TrainPreview } from "./preview";
 import type { PreferenceRow } from "./preference-rows";
 import {
   checkComplete,
@@ -305,7 +305,7 @@ export class TrainRun {
    * template, with the spans the loss is computed on marked (for a preference run, each pair's chosen and
    * rejected answers after their shared prompt).
    */
-  async preview(n = 3): Promise<TrainPreview | PreferencePreview> {
+  async preview(n = 3): Promise<TrainPreview> {
     expectInteger("preview(n)", n, { min: 1, max: 100 });
     if (this.#s.datasets.length === 0) throw new Error('Nothing to preview: add data with .dataset("data/train.json") first');
     const { client, modelId } = await this.#target.connect();
@@ -317,7 +317,7 @@ export class TrainRun {
       ...(this.#s.seed === undefined ? {} : { seed: this.#s.seed }),
       ...(this.#s.preference === undefined ? {} : { preference: true }),
     });
-    const preview = this.#s.preference === undefined ? new TrainPreview(reply.examples) : new PreferencePreview(reply.pairs ?? []);
+    const preview = new TrainPreview(reply.examples, reply.pairs ?? []);
     if (this.#s.quiet) return preview;
     this.#target.sink().display({ data: { "text/plain": preview.text(), "text/html": preview.html() } });
     return markShown(preview);
