@@ -68,6 +68,7 @@ beforeAll(async () => {
     { kind: "llama", out: join(scratch, "tiny-llama") },
     { kind: "chat_prompt", messages: [{ role: "user", content: PROMPT }], max_tokens: 16 },
     { kind: "env" },
+    { kind: "chat_prompt", messages: [{ role: "user", content: PROMPT }], max_tokens: 16, model: tinyQwen3Model() },
   ]);
   prepared.catch(() => undefined); // reported by the tests that use it
   qwen = new Qwen({ sink });
@@ -143,7 +144,7 @@ describe("save and export through a real worker", () => {
   it("exports a Qwen3 model as a qwen3 GGUF (q/k norms) that llama.cpp runs to the worker's greedy tokens", async () => {
     const q3 = await qwen.load(tinyQwen3Model(), { dtype: "fp32", device: "cpu", quiet: true });
     try {
-      const [chat] = (await check([{ kind: "chat_prompt", messages: [{ role: "user", content: PROMPT }], max_tokens: 16 }], tinyQwen3Model())) as [ChatPrompt];
+      const chat = (await prepared)[4] as ChatPrompt;
       expect(chat.smallest_gap).toBeGreaterThan(0.01); // f16 moves logits by ~1e-3
       const reply = await q3.chat(PROMPT).greedy().maxTokens(16).quiet();
       expect([...reply.tokenIds]).toEqual(chat.greedy_ids.slice(0, reply.tokenIds.length));

@@ -4,9 +4,9 @@ worker wrote with plain transformers / peft, independently of the worker's own c
 usage: python export_check.py BASE_MODEL_DIR JOBS_JSON   (prints one JSON line: a result per job)
   {"kind": "adapter", "out": DIR, "seed": N}         a peft LoRA adapter with random non-zero lora_B -> {}
   {"kind": "llama", "out": DIR}                       a tiny LlamaForCausalLM folder with the base's tokenizer -> {}
-  {"kind": "chat_prompt", "messages": [...], "max_tokens": N}
-      -> {"prompt_ids", "greedy_ids", "smallest_gap"}  the chat-formatted prompt, the base's greedy continuation
-                                                       and the smallest top-1/top-2 logit gap along it
+  {"kind": "chat_prompt", "messages": [...], "max_tokens": N, "model": DIR?}
+      -> {"prompt_ids", "greedy_ids", "smallest_gap"}  the chat-formatted prompt, the base's (or DIR's model's)
+                                                       greedy continuation and the smallest top-1/top-2 logit gap
   {"kind": "compare", "folder": DIR, "adapter": DIR | null, "texts": [...]}
       -> {"max_diff", "adapter_effect"}                max |logits(folder) - logits(base [+ adapter])| in fp32,
                                                        and how much the adapter moves the base's logits
@@ -62,12 +62,17 @@ def main() -> None:
                 shutil.copy(base_dir / name, out / name)
             results.append({})
         elif kind == "chat_prompt":
-            text = tok.apply_chat_template(job["messages"], add_generation_prompt=True, tokenize=False)
-            prompt = tok(text, add_special_tokens=False).input_ids
+            # Another model's prompt in the same process: one interpreter start less than a second run.
+            model, model_tok = base, tok
+            if job.get("model"):
+                model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
+                model_tok = AutoTokenizer.from_pretrained(job["model"])
+            text = model_tok.apply_chat_template(job["messages"], add_generation_prompt=True, tokenize=False)
+            prompt = model_tok(text, add_special_tokens=False).input_ids
             x, gap = torch.tensor([prompt]), float("inf")
             with torch.no_grad():
                 for _ in range(job["max_tokens"]):
-                    top = base(input_ids=x).logits[0, -1].topk(2)
+                    top = model(input_ids=x).logits[0, -1].topk(2)
                     gap = min(gap, (top.values[0] - top.values[1]).item())
                     x = torch.cat([x, top.indices[:1][None]], dim=1)
             results.append({"prompt_ids": prompt, "greedy_ids": x[0, len(prompt):].tolist(), "smallest_gap": gap})
