@@ -198,6 +198,8 @@ def parser() -> argparse.ArgumentParser:
                    help="engine paths: leave the last N decoder layers out of gradient checkpointing")
     p.add_argument("--compile-mode", default="", help="engine's compiled paths: a torch.compile mode "
                                                        "(e.g. reduce-overhead, max-autotune-no-cudagraphs)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="engine paths: capture each step as a CUDA graph after the warm-up and replay it")
     p.add_argument("--deadline-s", type=float, help="skip processes that would start after this many seconds")
     p.add_argument("--out", default="qwenbook-bench-train.json", help="where the JSON report goes")
     p.add_argument("--child", help=argparse.SUPPRESS)         # SCENARIO:PATH:REPEAT, run by the parent
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         scenario, path, repeat = a.child.split(":")
         job = Job(scenario, path, int(repeat), warmup, steps, 8, 16.0, a.dropout, a.lr, 0,
                   out.with_suffix(".profile.txt") if a.profile else None, a.tokenizer, a.data_dir, a.real_rows,
-                  a.keep_layers, a.compile_mode)
+                  a.keep_layers, a.compile_mode, a.cuda_graphs)
         result = run_job(job, a.model, "small" if a.small else "7b", device, dtype)
         Path(a.child_result).write_text(json.dumps(result), encoding="utf-8")
         return 0
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "lora": f"LoRA r=8 alpha=16 dropout={a.dropout:g} on {len(PROJECTIONS)} projections, lr {a.lr:g}, "
                 "gradient checkpointing, clip 1.0, AdamW",
-        "keep_layers": a.keep_layers, "compile_mode": a.compile_mode or "default",
+        "keep_layers": a.keep_layers, "compile_mode": a.compile_mode or "default", "cuda_graphs": a.cuda_graphs,
         "configs": configs + real, "paths": paths, "warmup": warmup, "steps": steps, "repeats": a.repeats,
         "real_rows": a.real_rows, "tokenizer": a.tokenizer})
     started = time.perf_counter()

@@ -26,6 +26,7 @@ from qwenbook_bridge.bench.train_data import (
 from qwenbook_bridge.engine.data.chat_encoding import Example
 from qwenbook_bridge.engine.train.batches import collate
 from qwenbook_bridge.engine.train.config import LoraSettings, TrainConfig
+from qwenbook_bridge.engine.train.graphed_step import GraphedStep, graphable
 from qwenbook_bridge.engine.train.step import StepRunner, build_optimizer
 from qwenbook_bridge.engine.train.trainable import Trainable, decoder_layers, precision_plan
 
@@ -57,6 +58,7 @@ class Job:
     # torch.compile mode ("" = default).
     keep_layers: int = 0
     compile_mode: str = ""
+    cuda_graphs: bool = False  # the engine's paths replay each step as one CUDA graph (engine/train/graphed_step.py)
 
     @property
     def real(self) -> bool:
@@ -257,11 +259,20 @@ class Runner:
         runner = StepRunner(trainable, optimizer, device=self.device, max_grad_norm=cfg.max_grad_norm,
                             autocast=autocast, scaler=torch.amp.GradScaler(self.device.type) if use_scaler else None)
 
+        graphed = None
+        if self.job.cuda_graphs:
+            why_not = graphable(runner, grad_accum=1, dropout=self.job.dropout)
+            if why_not:
+                raise Unavailable(f"CUDA graphs: {why_not}")
+            graphed = GraphedStep(runner, warmup=max(1, self.job.warmup - 1))
+
         def step(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            stats = runner([batches[i]])
+            stats = graphed(batches[i]) if graphed is not None else runner([batches[i]])
             return stats.loss, stats.grad_norm
 
         result = self.measure(step, [b.tokens for b in host], [b.targets for b in host], examples)
+        if graphed is not None:  # how many graphs replayed the timed steps, or why none could be captured
+            result["cuda_graphs"] = {"graphs": len(graphed.graphs), "failed": graphed.failed}
         if self.job.profile:
             self.profile(step, self.job.warmup + self.job.steps)
         return result

@@ -39,6 +39,7 @@ from qwenbook_bridge.engine.train.preference import (REFERENCE_FILE, PreferenceO
                                                      precompute_reference, save_reference)
 from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError, is_out_of_memory
 from qwenbook_bridge.engine.train.fsdp import restore_optimizer
+from qwenbook_bridge.engine.train.graphed_step import GraphedStep, graphable
 from qwenbook_bridge.engine.train.step import StepRunner, build_optimizer
 from qwenbook_bridge.engine.model_parts import has_injected_adapters
 from qwenbook_bridge.engine.train.trainable import (Trainable, init_adapter_settings, precision_plan,
@@ -173,6 +174,7 @@ class _Run:
         self.scheduler: Any = None
         self.scaler: torch.amp.GradScaler | None = None
         self.runner: StepRunner | None = None
+        self.graphed: GraphedStep | None = None
         self.reports: RunReports | None = None
         self.step = 0
         self.tokens_before = 0  # tokens trained on before this session (a resumed run's earlier ones)
@@ -189,6 +191,12 @@ class _Run:
         if cfg.init_adapter:
             cfg.lora = init_adapter_settings(cfg.init_adapter)
         self.autocast, use_scaler, self.notes = precision_plan(cfg, self.model, self.device)
+        if cfg.preference is not None and cfg.method == "lora" and cfg.lora.dropout:
+            # As TRL's preference trainers do (disable_dropout): with dropout the policy at step 1 would differ
+            # from the reference it is measured against, and the two answers of a pair would see different noise.
+            self.notes.append(f"LoRA dropout {cfg.lora.dropout} is off for preference tuning (as in TRL), so the "
+                              "policy starts equal to its reference")
+            cfg.lora.dropout = 0.0
         self.resume = ckpt.resolve_checkpoint(cfg.resume_from) if cfg.resume_from else None
         previous_run = self._previous_run()
         self.data: TokenizedDataset | PreferenceDataset
@@ -239,6 +247,10 @@ class _Run:
         self.runner = StepRunner(trainable, self.optimizer, device=self.device, max_grad_norm=cfg.max_grad_norm,
                                  autocast=self.autocast, scheduler=self.scheduler, scaler=self.scaler,
                                  parallel=self.parallel, loss_module=loss_module, objective=self.objective)
+        # compile asks for the fastest steps: where a step can be captured, steps of one shape replay as a graph.
+        dropout = cfg.lora.dropout if cfg.method == "lora" else 0.0
+        self.graphed = (GraphedStep(self.runner) if cfg.compile and graphable(
+            self.runner, grad_accum=cfg.grad_accum, dropout=dropout) is None else None)
         if self.parallel is not None:
             self.parallel.broadcast_parameters(self.trainable.parameters())
         self.best_eval: float | None = None
@@ -344,7 +356,7 @@ class _Run:
             if cancelled:
                 status = "cancelled"
                 break
-            lr = self.scheduler.get_last_lr()[0]
+            lr = float(self.scheduler.get_last_lr()[0])  # a tensor once the step replays as a CUDA graph
             t0 = time.perf_counter()
             try:
                 loss, grad_norm, tokens = self._train_step()
@@ -432,7 +444,10 @@ class _Run:
         else:
             fillers = 0
         batches = [self._collate(self.train_set, self.units, ids) for ids in micro]
-        stats = self.runner(batches, fillers)
+        if self.graphed is not None and len(batches) == 1 and not fillers:
+            stats = self.graphed(batches[0])
+        else:
+            stats = self.runner(batches, fillers)
         # The one wait for the device per step: the progress events report these values.
         step_loss, grad_norm = float(stats.loss), float(stats.grad_norm)
         self.step_metrics = {name: float(v) for name, v in stats.metrics.items()}

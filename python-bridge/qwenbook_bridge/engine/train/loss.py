@@ -55,7 +55,8 @@ def token_loss_sum(causal_lm: Any, batch: Batch) -> torch.Tensor:
     for start in range(0, rows, CHUNK_ROWS):
         h, t = hidden[start:start + CHUNK_ROWS], targets[start:start + CHUNK_ROWS]
         if torch.is_grad_enabled() and rows > CHUNK_ROWS:
-            total = total + checkpoint(_head_loss, head, h, t, use_reentrant=False)
+            total = total + checkpoint(_head_loss, head, h, t, use_reentrant=False,
+                                        preserve_rng_state=False)  # no random numbers in the head
         else:
             total = total + _head_loss(head, h, t)
     return total
