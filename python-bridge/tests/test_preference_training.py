@@ -66,9 +66,9 @@ def accuracy(model, tok) -> float:
 
 
 def letters(model, tok) -> tuple[int, int]:
-    """Characters of the chosen and of the rejected alphabet in the greedy answers to the first 8 prompts."""
+    """Characters of the chosen and of the rejected alphabet in the greedy answers to the first 6 prompts."""
     text = ""
-    for row in PAIRS[:8]:
+    for row in PAIRS[:6]:
         enc = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
         with torch.no_grad():
@@ -107,14 +107,17 @@ def test_dpo_on_an_sft_adapter_starts_from_it_uses_it_as_reference_and_moves_ans
     # The SFT adapter answers out of character (the rejected answers).
     sft_rows = [{"instruction": r["prompt"], "output": r["rejected"]} for r in PAIRS]
     sft, _ = run(model, tok, tmp_path / "sft", rows=sft_rows, preference=None, batch_size=8, lr=1e-2,
-                 max_steps=16)
+                 max_steps=16, lora=LoraSettings(r=8, dropout=0.1))
     with_sft = PeftModel.from_pretrained(model, sft.adapter_path)
     chosen_before, rejected_before = letters(with_sft, tok)
     with_sft.unload()
     result, events = run(model, tok, tmp_path / "dpo", init_adapter=sft.adapter_path)
     first = next(c for k, c in events if k == "train_progress")
     # Step 1 runs the SFT adapter itself, so its rewards against the stored reference are 0: it is the reference.
-    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-4)
+    # (Its LoRA dropout is off for the preference run, as in TRL; with it on, step 1 would already differ.)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5)
+    assert first["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert any("dropout 0.1 is off" in n for n in result.notes)
     assert first["logps/chosen"] < -1.0
     assert json.loads((tmp_path / "dpo" / REFERENCE_FILE).read_text())["logps"]
     trained = PeftModel.from_pretrained(model, result.adapter_path)
@@ -127,7 +130,7 @@ def test_dpo_on_an_sft_adapter_starts_from_it_uses_it_as_reference_and_moves_ans
 
 @pytest.mark.parametrize("method", ["orpo", "simpo"])
 def test_orpo_and_simpo_learn_the_preference_and_report_their_terms(model, tok, tmp_path, method):
-    result, events = run(model, tok, tmp_path / method, preference=PreferenceSettings(method), max_steps=8,
+    result, events = run(model, tok, tmp_path / method, preference=PreferenceSettings(method), max_steps=6,
                          eval_split=0.25)
     progress = [c for k, c in events if k == "train_progress"]
     assert progress[-1]["rewards/accuracies"] == 1.0 and progress[-1]["loss"] < progress[0]["loss"]

@@ -1,4 +1,4 @@
-// Runs the five tutorial notebooks top to bottom in quick mode on the tiny model, as a workshop would
+// Runs the tutorial notebooks top to bottom in quick mode on the tiny model, as a workshop would
 // run them on a GPU, and checks what each cell left behind: the chat widgets, training dashboards and
 // memory gauges in their final state (nbclient applies update_display_data in place).
 import { spawn, spawnSync } from "node:child_process";
@@ -200,6 +200,26 @@ checkNotebook("06-several-gpus.ipynb", (nb) => {
     }
     expect(streamText(cellWith(nb, "No RAY_ADDRESS"))).toContain("No RAY_ADDRESS");
     expect(streamText(cellWith(nb, "(await qwen.status()).models"))).not.toContain("fsdp");
+  });
+});
+
+checkNotebook("08-preference.ipynb", (nb) => {
+  checkTraining(nb);
+  it("previews each pair's chosen and rejected answers with the scored spans marked", () => {
+    const shown = JSON.stringify(cellWith(nb, "run.preview(").outputs);
+    expect(shown).toContain("[chosen · ");
+    expect(shown).toContain("[rejected · ");
+    expect(shown).toContain("⟦");
+  });
+  it("drew the DPO rewards and accuracy beside the loss, starting from the SFT adapter as reference", () => {
+    const [run] = widgets<TrainWidget & { train: { metrics?: Record<string, Array<number | null>> } }>(cellWith(nb, "await run.train()"), TRAIN);
+    const metrics = run!.train.metrics!;
+    expect(Object.keys(metrics)).toEqual(expect.arrayContaining(["rewards/margins", "rewards/chosen", "rewards/rejected", "rewards/accuracies"]));
+    // Step 1 scores the SFT adapter against itself: the reference, so no margin yet.
+    expect(metrics["rewards/margins"]![0]).toBe(0);
+    expect(metrics["rewards/margins"]!.at(-1)).toBeGreaterThan(0);
+    expect(streamText(cellWith(nb, "result.preferenceCurve"))).toMatch(/DPO margin/);
+    expect(streamText(cellWith(nb, 'readdirSync("runs/huanhuan-dpo")'))).toContain("reference_logps.json");
   });
 });
 

@@ -249,7 +249,8 @@ class _Run:
                                  parallel=self.parallel, loss_module=loss_module, objective=self.objective)
         # compile asks for the fastest steps: where a step can be captured, steps of one shape replay as a graph.
         dropout = cfg.lora.dropout if cfg.method == "lora" else 0.0
-        self.graphed = (GraphedStep(self.runner) if cfg.compile and graphable(
+        # Not a preference step: its pair batches and reference log-probabilities are not what a graph captures.
+        self.graphed = (GraphedStep(self.runner) if cfg.compile and cfg.preference is None and graphable(
             self.runner, grad_accum=cfg.grad_accum, dropout=dropout) is None else None)
         if self.parallel is not None:
             self.parallel.broadcast_parameters(self.trainable.parameters())

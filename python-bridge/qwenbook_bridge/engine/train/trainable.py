@@ -120,7 +120,11 @@ class Trainable:
             from peft import PeftModel
 
             # An existing adapter (an SFT run's) trained further: loaded trainable, in place, as a fresh one is.
-            self.peft_model = PeftModel.from_pretrained(self.model, cfg.init_adapter, is_trainable=True)
+            from peft import LoraConfig
+
+            saved = LoraConfig.from_pretrained(cfg.init_adapter)
+            saved.lora_dropout = cfg.lora.dropout  # the run's (a preference run turns it off)
+            self.peft_model = PeftModel.from_pretrained(self.model, cfg.init_adapter, config=saved, is_trainable=True)
             self.targets = sorted(self.peft_model.peft_config["default"].target_modules or [])
             fast_lora.install(self.model)
         elif cfg.method == "lora":
