@@ -20,12 +20,16 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from qwenbook_bridge.distributed import rank as dist_train
-from qwenbook_bridge.distributed.torchrun import DistributedRunError, EventSink
 from qwenbook_bridge.engine.errors import DeviceUnavailableError, EngineError, InvalidOptionError
+
+if TYPE_CHECKING:
+    from qwenbook_bridge.distributed.torchrun import EventSink
+
+# rank.py and torchrun.py (torch, transformers) are imported where they are used: every Ray worker that runs one of
+# this module's tasks or actors imports the module, and only the training workers need torch.
 
 log = logging.getLogger("qwenbook.worker")
 
@@ -95,6 +99,8 @@ def _rank_main(config: dict[str, Any]) -> None:
         tell(("event", kind, {**content, "world_size": world} if kind == "train_begin" else content))
 
     try:
+        from qwenbook_bridge.distributed import rank as dist_train
+
         spec = dist_train.DistRun.from_dict(config["run"], "the run")
         result = dist_train.run_rank(spec, rank, world, ray.train.torch.get_device(),
                                      emit if rank == 0 else (lambda kind, content: None), cancel)
@@ -245,6 +251,8 @@ def _check_arguments(run: dict[str, Any], workers: int, gpus_per_worker: float) 
         raise InvalidOptionError(f"gpus_per_worker must be 0 (CPU workers) or more, got {gpus_per_worker!r}")
     if "events" in run:
         raise InvalidOptionError("leave 'events' out of a Ray run: rank 0's events come back through on_event")
+    from qwenbook_bridge.distributed import rank as dist_train
+
     spec = dist_train.DistRun.from_dict(run, "the run")
     out = Path(spec.config.output_dir)
     if not out.is_absolute():
@@ -324,6 +332,8 @@ def _fit(ray: Any, run: dict[str, Any], workers: int, gpus_per_worker: float, st
     if result is not None and len(finished) == workers and not said:
         return result
     detail = "; ".join(dict.fromkeys(said)) or failure or "rank 0 sent no result"
+    from qwenbook_bridge.distributed.torchrun import DistributedRunError
+
     raise DistributedRunError(f"the {workers}-rank Ray Train run failed: {detail}")
 
 
