@@ -153,6 +153,20 @@ describe("TrainRecorder", () => {
     expect(view.train).toEqual({ step: [1], loss: [1] });
   });
 
+  it("keeps a preference run's metrics beside the loss, thinned with it, and names margin and accuracy in the text", () => {
+    const rec = new TrainRecorder({ totalSteps: 8, maxPoints: 4 });
+    rec.step({ step: 1, loss: 0.69 }); // a metric first seen later has a gap before it
+    for (let s = 2; s <= 8; s++) rec.step({ step: s, loss: 0.7 - s / 20, metrics: { "rewards/margins": s / 10, "rewards/accuracies": s >= 4 ? 1 : 0.5 } });
+    const b = rec.finish("done").bundle();
+    const train = b.data[TRAIN_MIME].train;
+    expect(train.metrics!["rewards/margins"]).toHaveLength(train.step.length);
+    expect(train.step.at(-1)).toBe(8);
+    expect(train.metrics!["rewards/margins"]!.at(-1)).toBe(0.8);
+    expect(train.metrics!["rewards/margins"]![0]).toBeNull();
+    expectValid(TRAIN_MIME, b.data[TRAIN_MIME]);
+    expect(b.data["text/plain"]).toContain("reward margin 0.8000 · preference accuracy 100%");
+  });
+
   it("thins long runs to at most maxPoints, evenly, always showing the newest step", () => {
     const view = recordRun(10_000, { maxPoints: 1000 }).view();
     const steps = view.train.step;

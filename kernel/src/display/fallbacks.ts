@@ -107,6 +107,11 @@ function trainFacts(b: TrainBundle): string[] {
   if (loss !== undefined) facts.push(`loss ${loss.toPrecision(4)}`);
   const evalLoss = lastNumber(b.eval?.loss ?? []);
   if (evalLoss !== undefined) facts.push(`eval loss ${evalLoss.toPrecision(4)}`);
+  // A preference run's margin and accuracy (TRL's rewards/margins, rewards/accuracies).
+  const margin = lastNumber(b.train.metrics?.["rewards/margins"] ?? []);
+  if (margin !== undefined) facts.push(`reward margin ${margin.toPrecision(4)}`);
+  const accuracy = lastNumber(b.train.metrics?.["rewards/accuracies"] ?? []);
+  if (accuracy !== undefined) facts.push(`preference accuracy ${Math.round(accuracy * 100)}%`);
   const lr = b.train.lr?.[b.train.lr.length - 1];
   if (lr !== undefined) facts.push(`lr ${lr === 0 ? "0" : lr.toExponential(1)}`);
   if (p.tokensPerSecond !== undefined) facts.push(`${rate(p.tokensPerSecond)} tokens/s`);
