@@ -157,6 +157,21 @@ def test_full_fine_tuning_dpo_resume_equals_the_uninterrupted_run(model, tok, tm
     assert resumed == pytest.approx(losses, rel=1e-5)
     assert second.final_metrics["rewards/margins"] == pytest.approx(whole.final_metrics["rewards/margins"], rel=1e-4)
 
+    # The resumed run read the stored reference rather than computing one: a copy of the run folder whose stored
+    # chosen log-probs are all 1 nat lower resumes with margins 0.1 (beta x 1) higher.
+    import shutil
+
+    shutil.copytree(tmp_path / "split", tmp_path / "edited", ignore=shutil.ignore_patterns("checkpoint-2"))
+    saved = json.loads(stored)
+    saved["logps"] = [[c - 1.0, r] for c, r in saved["logps"]]
+    (tmp_path / "edited" / REFERENCE_FILE).write_text(json.dumps(saved))
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    _, edited_events = run(fresh, tok, tmp_path / "edited", resume_from=str(tmp_path / "edited" / "checkpoint-1"),
+                           **options)
+    margins = [c["rewards/margins"] for k, c in second_events if k == "train_progress"]
+    edited = [c["rewards/margins"] for k, c in edited_events if k == "train_progress"]
+    assert edited[0] == pytest.approx(margins[0] + 0.1, abs=1e-4)
+
 
 @pytest.mark.parametrize("row, where", [
     ({"prompt": "hi", "chosen": "a"}, 'row 2, field "rejected": is missing'),
