@@ -1,9 +1,11 @@
 // The kernel checks a dataset's first rows at `.dataset()` (kernel/src/api/dataset-rows.ts) so a wrong
 // format fails early; this holds it to the worker's parser (engine/data/datasets.py), which reads the rows at
-// train(): for each row and format both must accept it, or both refuse it on the same field.
+// train(): for each row and format both must accept it, or both refuse it on the same field. Preference pairs
+// likewise (preference-rows.ts against engine/data/preference_data.py).
 import { execFileSync } from "node:child_process";
 import { beforeAll, describe, expect, it } from "vitest";
 import { checkRows, DatasetRowError, type RowFormat } from "../../kernel/src/api/dataset-rows";
+import { checkPreferenceRows } from "../../kernel/src/api/preference-rows";
 import { python, repo } from "./helpers";
 
 const turn = (from: unknown, value: unknown) => ({ from, value });
@@ -97,5 +99,71 @@ describe("the kernel's early row check and the worker's parser", () => {
     expect(table(kernel)).toEqual(table(worker));
     // Both kinds occur, so the comparison means something.
     expect(worker.some((o) => o.ok) && worker.some((o) => !o.ok)).toBe(true);
+  });
+});
+
+// The same for preference pairs: kernel/src/api/preference-rows.ts against engine/data/preference_data.py.
+const say = (role: unknown, content: unknown) => ({ role, content });
+const PAIRS: unknown[] = [
+  { prompt: "q", chosen: "a", rejected: "b" },
+  { prompt: "q", system: "s", chosen: say("assistant", "a"), rejected: [say("assistant", "b")] },
+  { messages: [say("system", "s"), say("user", "q"), say("assistant", "a"), say("user", "q2")], chosen: "a", rejected: "b" },
+  { prompt: [say("user", "q")], chosen: "a", rejected: "b" },
+  { messages: [{ from: "human", value: "q" }], chosen: { from: "gpt", value: "a" }, rejected: "b" },
+  { prompt: "q", chosen: "a" },
+  { prompt: "q", rejected: "b" },
+  { chosen: "a", rejected: "b" },
+  { prompt: "q", messages: [say("user", "q")], chosen: "a", rejected: "b" },
+  { prompt: "", chosen: "a", rejected: "b" },
+  { prompt: 3, chosen: "a", rejected: "b" },
+  { prompt: "q", chosen: "  ", rejected: "b" },
+  { prompt: "q", chosen: 1, rejected: "b" },
+  { prompt: "q", chosen: say("user", "a"), rejected: "b" },
+  { prompt: "q", chosen: say("assistant", ""), rejected: "b" },
+  { prompt: "q", chosen: "a", rejected: say("assistant", 2) },
+  { prompt: "q", system: 4, chosen: "a", rejected: "b" },
+  { messages: [], chosen: "a", rejected: "b" },
+  { messages: "q", chosen: "a", rejected: "b" },
+  { messages: [say("user", "q"), say("assistant", "a")], chosen: "a", rejected: "b" },
+  { messages: [say("assistant", "a"), say("user", "q")], chosen: "a", rejected: "b" },
+  { messages: [say("user", "q"), say("narrator", "x")], chosen: "a", rejected: "b" },
+  { messages: [say("user", "q"), say("system", "s")], chosen: "a", rejected: "b" },
+  { messages: [say("user", 5)], chosen: "a", rejected: "b" },
+  { messages: ["q"], chosen: "a", rejected: "b" },
+  { instruction: "q", output: "a" },
+  "just text",
+];
+
+function kernelPairOutcome(row: unknown): Outcome {
+  try {
+    checkPreferenceRows("rows", [[1, row]]);
+    return { ok: true, field: null };
+  } catch (error) {
+    if (!(error instanceof DatasetRowError)) throw error;
+    return { ok: false, field: error.field ?? null };
+  }
+}
+
+describe("the kernel's early preference-row check and the worker's", () => {
+  it("accept and refuse the same pairs, on the same field", () => {
+    const script = `
+import json, sys
+from qwenbook_bridge.engine.data.datasets import DatasetError
+from qwenbook_bridge.engine.data.preference_data import row_to_pair
+out = []
+for row in json.load(sys.stdin):
+    try:
+        row_to_pair(row, "rows", 1)
+        out.append({"ok": True, "field": None})
+    except DatasetError as e:
+        out.append({"ok": False, "field": e.field})
+print(json.dumps(out))
+`;
+    const worker = JSON.parse(
+      execFileSync(python, ["-c", script], { cwd: `${repo}/python-bridge`, input: JSON.stringify(PAIRS), env: { ...process.env, PYTHONPATH: `${repo}/python-bridge` }, encoding: "utf8" }),
+    ) as Outcome[];
+    const table = (outcomes: Outcome[]) => PAIRS.map((row, i) => `${JSON.stringify(row)} -> ${outcomes[i]!.ok ? "ok" : `refused (${outcomes[i]!.field})`}`);
+    expect(table(PAIRS.map(kernelPairOutcome))).toEqual(table(worker));
+    expect(worker.filter((o) => o.ok).length).toBe(5);
   });
 });
