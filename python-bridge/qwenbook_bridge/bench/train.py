@@ -14,7 +14,8 @@ needs no download. Paths:
   `liger_kernel` can be imported; otherwise its row says why not.
 - `ours`: the engine's own pieces, as `train()` runs them (Trainable, collate, StepRunner): answer-only chunked
   loss, the fused LoRA layer, fused AdamW, no host syncs inside a step, gradient checkpointing.
-- `ours-compiled`: the same with `compile=True` (torch.compile per decoder layer).
+- `ours-compiled`: the same with `compile=True` (torch.compile per decoder layer and, as `train()` does then,
+  each step replayed from a CUDA graph where it can be captured; `--cuda-graphs off` leaves that out).
 - `ours-int4`, `ours-int4-compiled` (not run by default): QLoRA, the same step over the model's linear layers
   quantized to int4 (group 128) as `quant: "int4"` loads them.
 - `hf-trainer` (not run by default): a real `transformers.Trainer` on the `hf` path's batches, to check that `hf`
@@ -198,8 +199,9 @@ def parser() -> argparse.ArgumentParser:
                    help="engine paths: leave the last N decoder layers out of gradient checkpointing")
     p.add_argument("--compile-mode", default="", help="engine's compiled paths: a torch.compile mode "
                                                        "(e.g. reduce-overhead, max-autotune-no-cudagraphs)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="engine paths: capture each step as a CUDA graph after the warm-up and replay it")
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="engine paths: replay each step from a CUDA graph after the warm-up; auto: the compiled "
+                        "paths, as train() does with compile")
     p.add_argument("--deadline-s", type=float, help="skip processes that would start after this many seconds")
     p.add_argument("--out", default="qwenbook-bench-train.json", help="where the JSON report goes")
     p.add_argument("--child", help=argparse.SUPPRESS)         # SCENARIO:PATH:REPEAT, run by the parent

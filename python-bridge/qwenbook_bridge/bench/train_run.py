@@ -58,7 +58,7 @@ class Job:
     # torch.compile mode ("" = default).
     keep_layers: int = 0
     compile_mode: str = ""
-    cuda_graphs: bool = False  # the engine's paths replay each step as one CUDA graph (engine/train/graphed_step.py)
+    cuda_graphs: str = "auto"  # replay the engine's steps from a CUDA graph: on, off, auto (= the compiled paths)
 
     @property
     def real(self) -> bool:
@@ -260,11 +260,12 @@ class Runner:
                             autocast=autocast, scaler=torch.amp.GradScaler(self.device.type) if use_scaler else None)
 
         graphed = None
-        if self.job.cuda_graphs:
+        if self.job.cuda_graphs == "on" or (self.job.cuda_graphs == "auto" and compiled):
             why_not = graphable(runner, grad_accum=1, dropout=self.job.dropout)
-            if why_not:
+            if why_not and self.job.cuda_graphs == "on":
                 raise Unavailable(f"CUDA graphs: {why_not}")
-            graphed = GraphedStep(runner, warmup=max(1, self.job.warmup - 1))
+            if not why_not:
+                graphed = GraphedStep(runner, warmup=max(1, self.job.warmup - 1))
 
         def step(i: int) -> tuple[torch.Tensor, torch.Tensor]:
             stats = graphed(batches[i]) if graphed is not None else runner([batches[i]])
