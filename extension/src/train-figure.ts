@@ -191,7 +191,7 @@ export function buildFigure(bundle: TrainBundle, theme: ChartTheme): Figure {
         x: train.step,
         y: metrics[name],
         yaxis: "y3",
-        line: { color: uid === TRACE.rejected ? theme.eval : theme.loss, width: uid === TRACE.margin ? 2 : 1.2, dash },
+        line: { color: uid === TRACE.rejected ? theme.eval : theme.loss, width: uid === TRACE.margin ? 2 : 1.2, dash, simplify: false },
         hovertemplate: "%{y:.4f}",
       });
     }
@@ -204,7 +204,7 @@ export function buildFigure(bundle: TrainBundle, theme: ChartTheme): Figure {
         x: train.step,
         y: metrics["rewards/accuracies"],
         yaxis: "y4",
-        line: { color: theme.muted, width: 1.5 },
+        line: { color: theme.muted, width: 1.5, simplify: false },
         hovertemplate: "%{y:.2f}",
       });
     }
@@ -242,7 +242,19 @@ export function buildFigure(bundle: TrainBundle, theme: ChartTheme): Figure {
   };
   if (preference) {
     layout.yaxis3 = { ...axis, title: { text: "reward" }, domain: [0, 0.36], anchor: "x", zeroline: true, zerolinecolor: theme.grid };
-    layout.yaxis4 = { ...axis, title: { text: "accuracy" }, overlaying: "y3", side: "right", showgrid: false, range: [-0.02, 1.02] };
+    layout.yaxis4 = {
+      ...axis,
+      title: { text: "accuracy" },
+      overlaying: "y3",
+      side: "right",
+      showgrid: false,
+      range: [-0.02, 1.02],
+      tickmode: "array",
+      tickvals: [0, 0.5, 1],
+      ticktext: ["0%", "50%", "100%"],
+    };
+    // The step axis goes under the lower panel, so the two panels read as one chart over the same steps.
+    layout.xaxis = { ...layout.xaxis, anchor: "y3" };
   }
   const config: Partial<Config> = {
     displaylogo: false,

@@ -146,6 +146,7 @@ describe("training dashboard", () => {
     expect(backend.trace(TRACE.oddsRatio)).toBeUndefined();
     expect(backend.last.layout.yaxis3).toMatchObject({ domain: [0, 0.36] });
     expect(backend.last.layout.yaxis).toMatchObject({ domain: [0.46, 1] });
+    expect(backend.last.layout.xaxis).toMatchObject({ anchor: "y3" });
     const tiles = [...w.node.querySelectorAll(".qwenbook-metric")].map((m) => words(m));
     expect(tiles[3]).toBe("reward margin 1.500 chosen 0.8000 · rejected -0.7000");
     expect(tiles[4]).toBe("preference accuracy 100% pairs whose chosen reward is higher");

@@ -3,7 +3,7 @@
 import type { Browser, Locator, Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
 import { launchBrowser, newPage, openNotebook, outputWith, pageErrors, setTheme, snapshot, writeNotebook } from "./browser";
-import { CHAT_TOKENS, RECORDED_EVALS, RECORDED_STEPS, widgetsNotebook } from "./fixtures/notebook";
+import { CHAT_TOKENS, PREFERENCE_STEPS, RECORDED_EVALS, RECORDED_STEPS, widgetsNotebook } from "./fixtures/notebook";
 
 const lab = inject("lab");
 let browser: Browser;
@@ -65,6 +65,25 @@ describe("saved Qwenbook outputs in JupyterLab", () => {
     const outBox = await out.boundingBox();
     expect(plotBox!.width).toBeGreaterThan(outBox!.width * 0.9);
     await snapshot(out, "train-done");
+  });
+
+  it("draws a DPO run's reward margin, rewards and preference accuracy in a panel under the loss", async () => {
+    // The second finished dashboard of the notebook (a windowed notebook draws a chart once it is scrolled to).
+    const out = outputWith(panel, ".qwenbook-train[data-state='done']", 1);
+    await out.scrollIntoViewIfNeeded();
+    await expect(out.locator(".qwenbook-train-title").textContent()).resolves.toMatch(/^DPO beta=0\.1/);
+    for (const trace of ["reward-margin", "reward-chosen", "reward-rejected", "reward-accuracy"]) {
+      const line = out.locator(`g.trace${trace} path.js-line`);
+      await line.waitFor({ timeout: 60_000 });
+      expect(vertices(await line.getAttribute("d"))).toBe(PREFERENCE_STEPS);
+    }
+    // The reward panel sits below the loss panel, on the same steps.
+    const lossBox = await out.locator("g.traceloss path.js-line").boundingBox();
+    const marginBox = await out.locator("g.tracereward-margin path.js-line").boundingBox();
+    expect(marginBox!.y).toBeGreaterThan(lossBox!.y + lossBox!.height - 1);
+    const tiles = await out.locator(".qwenbook-metric-label").allTextContents();
+    expect(tiles).toEqual(["loss", "eval loss", "learning rate", "reward margin", "preference accuracy"]);
+    await snapshot(out, "train-preference");
   });
 
   it("shows a run in progress with ETA", async () => {
