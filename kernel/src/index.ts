@@ -10,8 +10,20 @@ export { ExportReport, type ExportDetails, type ExportFile } from "./api/report"
 export { TrainRun } from "./api/train";
 export { TrainingRun, type RunState, type WatchOptions } from "./api/runs";
 export { TrainResult, type DatasetReport, type EvalPoint, type LossPoint } from "./api/train-result";
-export { TrainPreview, type PreviewExample } from "./api/preview";
-export type { LoraOptions, Optimizer, Schedule, TrainDtype, TrainMethod, TrainSettings, Truncation } from "./api/train-config";
+export { TrainPreview, type PreviewAnswer, type PreviewExample, type PreviewPair } from "./api/preview";
+export type {
+  LoraOptions,
+  Optimizer,
+  PreferenceMethod,
+  PreferenceRunOptions,
+  PreferenceSettings,
+  Schedule,
+  TrainDtype,
+  TrainMethod,
+  TrainSettings,
+  Truncation,
+} from "./api/train-config";
+export type { PreferenceRow } from "./api/preference-rows";
 export {
   SelfCognition,
   type AlpacaRow,

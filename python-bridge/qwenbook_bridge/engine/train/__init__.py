@@ -7,5 +7,5 @@ hf_state.py the Trainer-shaped trainer_state.json of a checkpoint, reporting.py 
 preference_loss.py) and DPO's reference log-probabilities."""
 
 # The modules other packages may import; the rest are this package's own (tests/test_architecture.py).
-__all__ = ["batches", "checkpoints", "config", "data_parallel", "fsdp", "graphed_step", "loop", "preference", "preference_loss", "reporting", "step",
-           "trainable"]
+__all__ = ["batches", "checkpoints", "config", "data_parallel", "fsdp", "graphed_step", "loop", "preference",
+           "preference_loss", "reporting", "step", "trainable"]
