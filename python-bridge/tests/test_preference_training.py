@@ -131,7 +131,7 @@ def test_dpo_on_an_sft_adapter_starts_from_it_uses_it_as_reference_and_moves_ans
 @pytest.mark.parametrize("method", ["orpo", "simpo"])
 def test_orpo_and_simpo_learn_the_preference_and_report_their_terms(model, tok, tmp_path, method):
     result, events = run(model, tok, tmp_path / method, preference=PreferenceSettings(method), max_steps=6,
-                         eval_split=0.25)
+                         eval_split=0.25, report=["tensorboard"])
     progress = [c for k, c in events if k == "train_progress"]
     assert progress[-1]["rewards/accuracies"] == 1.0 and progress[-1]["loss"] < progress[0]["loss"]
     if method == "orpo":
@@ -139,6 +139,16 @@ def test_orpo_and_simpo_learn_the_preference_and_report_their_terms(model, tok, 
         assert progress[-1]["log_odds_chosen"] > progress[0]["log_odds_chosen"]
     evaluation = next(c for k, c in events if k == "eval")
     assert "eval_rewards/margins" in evaluation and "eval/rewards/margins" in series("eval", evaluation)
+    # TensorBoard reads the metrics back under TRL's tags, at the run's steps.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(result.reports["tensorboard"])
+    acc.Reload()
+    margins = [(e.step, e.value) for e in acc.Scalars("train/rewards/margins")]
+    assert margins == pytest.approx([(c["step"], c["rewards/margins"]) for c in progress], rel=1e-5, abs=1e-7)
+    assert "eval/rewards/accuracies" in acc.Tags()["scalars"]
+    if method == "orpo":
+        assert "train/log_odds_ratio" in acc.Tags()["scalars"]
 
 
 def test_full_fine_tuning_dpo_resume_equals_the_uninterrupted_run(model, tok, tmp_path, tiny_model_dir):
