@@ -70,6 +70,23 @@ describe("spawnWorker", () => {
   });
 });
 
+describe("spawnWorker's environment", () => {
+  it.runIf(process.platform === "linux")("starts the worker with huge pages added to the caller's GLIBC_TUNABLES", async () => {
+    const seen = join(dir, "tunables.txt");
+    const python = fakePython(
+      "env",
+      `printf '%s' "$GLIBC_TUNABLES" > ${seen}\n` +
+        `printf '{"transport":"tcp","ip":"127.0.0.1","router_port":1,"pub_port":2,"key":"k","signature_scheme":"hmac-sha256",` +
+        `"pid":%s,"protocol_version":"1.0","worker_version":"t","started":"","python":"sh","log":"l"}' $$ > "$rf.tmp"\n` +
+        `mv "$rf.tmp" "$rf"\nexec sleep 30`,
+    );
+    const env = { ...process.env, GLIBC_TUNABLES: "glibc.malloc.arena_max=4" };
+    const info = await spawnWorker({ runtimeFile: join(dir, "g", "rt.json"), python, env });
+    started.push(info.pid);
+    expect(readFileSync(seen, "utf8")).toBe("glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1");
+  });
+});
+
 describe("ensureWorker", () => {
   it("starts one worker for concurrent callers and attaches to it afterwards", async () => {
     const counter = join(dir, "starts.txt");
@@ -96,6 +113,17 @@ describe("ensureWorker", () => {
 });
 
 describe("workerEnv", () => {
+  it("lets the worker's malloc use huge pages on Linux, after the caller's tunables, unless the caller set them", () => {
+    expect(workerEnv({}, "linux").GLIBC_TUNABLES).toBe("glibc.malloc.hugetlb=1");
+    expect(workerEnv({ GLIBC_TUNABLES: "glibc.malloc.arena_max=2" }, "linux").GLIBC_TUNABLES).toBe(
+      "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+    );
+    expect(workerEnv({ GLIBC_TUNABLES: "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2" }, "linux").GLIBC_TUNABLES).toBe(
+      "glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2",
+    );
+    expect(workerEnv({}, "darwin").GLIBC_TUNABLES).toBeUndefined();
+  });
+
   it("tells the worker where this package's llama.cpp libraries are, unless the caller did", () => {
     const env = workerEnv({ PATH: "/bin" });
     expect(env.PYTHONUNBUFFERED).toBe("1");
