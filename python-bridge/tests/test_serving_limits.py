@@ -303,10 +303,14 @@ def test_serve_cli_refuses_bad_limits_before_loading_the_model(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "qwenbook_bridge.openai.cli", str(tmp_path / "no-model"),
-                          "--max-queue", "-1"], capture_output=True, text=True, timeout=DEADLINE_S)
+    # The CLI's own main, then whether it imported torch: the options are refused before torch's seconds of import.
+    run_cli = ("import sys; from qwenbook_bridge.openai.cli import main; code = main(sys.argv[1:]); "
+               "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(code)")
+    out = subprocess.run([sys.executable, "-c", run_cli, str(tmp_path / "no-model"), "--max-queue", "-1"],
+                         capture_output=True, text=True, timeout=DEADLINE_S)
     assert out.returncode == 2
     assert "maxQueue must be an integer from 0" in out.stderr and "[" not in out.stderr.split("error:")[0], out.stderr
+    assert out.stdout.strip() == "no torch"
 
 
 def test_serve_cli_applies_its_limits(tiny_model_dir):

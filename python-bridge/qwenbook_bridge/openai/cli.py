@@ -125,23 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from qwenbook_bridge.engine.models.loading import LoadOptions, LoadProgress, load_model
-    from qwenbook_bridge.openai.server import OpenAIServer, ServeConfig
-
-    def progress(p: LoadProgress) -> None:
-        print(f"[{p.stage}] {p.message}", file=sys.stderr, flush=True)
+    from qwenbook_bridge.openai.serve_config import ServeConfig
 
     try:
         limits = {k: v for k, v in (("max_body_bytes", args.max_body), ("client_timeout_s", args.client_timeout))
                   if v is not None}
         name = args.name or default_name(args.model)
         adapters = adapters_from(args.adapter)
-        # Checked before the model loads (the adapter folders too), so a bad option fails in a second rather than
-        # after minutes.
+        # Checked before torch is imported and the model loads (the adapter folders too), so a bad option is
+        # refused at once rather than after seconds of imports or minutes of loading.
         options = ServeConfig(port=args.port, host=args.host, api_key=args.api_key, model_name=name,
                               max_batch_size=args.max_batch_size, context_length=args.context_length,
                               memory_utilization=args.memory_utilization, adapters=adapters,
                               max_queue=args.max_queue, retry_after_s=args.retry_after, **limits).validate()
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from qwenbook_bridge.engine.models.loading import LoadOptions, LoadProgress, load_model
+    from qwenbook_bridge.openai.server import OpenAIServer
+
+    def progress(p: LoadProgress) -> None:
+        print(f"[{p.stage}] {p.message}", file=sys.stderr, flush=True)
+
+    try:
         loaded = load_model(args.model, LoadOptions(dtype=args.dtype, device=args.device), progress)
         # An adapter's name wins over an alias that happens to equal it (a model folder named like the adapter).
         aliases = tuple({args.model, loaded.model_id} - {name, *adapters})

@@ -40,27 +40,9 @@ from qwenbook_bridge.engine.generate.sampling import SamplingParams
 from qwenbook_bridge.engine.generate.batching.scheduler import BatchScheduler
 from qwenbook_bridge.engine.generate.paged.scheduler import PagedEngine
 from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError
+from qwenbook_bridge.openai.serve_config import MiB, ApiLimits
 
 log = logging.getLogger("qwenbook.serve")
-
-MiB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ApiLimits:
-    """What one request may ask of the server (ServeConfig fills these in)."""
-
-    # Request bodies larger than this get 413. 4 MiB holds the longest prompt a Qwen context takes (128k tokens
-    # as token ids or as JSON-escaped CJK text is 1-2 MiB) with room to spare, while 256 clients sending a
-    # full body each still stay near 1 GiB of memory.
-    max_body_bytes: int = 4 * MiB
-    # Requests allowed to wait for a place in the batch; one more gets 429.
-    max_queue: int = 128
-    # Retry-After on a 429, in seconds; None: estimated from how long recent requests took.
-    retry_after_s: int | None = None
-    # Seconds a client may take to send its request body (and, in serving.py, its headers or to read a stream).
-    client_timeout_s: float = 30.0
-
 
 @dataclass
 class ApiState:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from qwenbook_bridge.engine.errors import EngineError, InvalidOptionError
-from qwenbook_bridge.engine.model_parts import has_lora
 
 # Names the merged view gives the adapter folders it attaches, apart from any the user named.
 _MERGE_PREFIX = "qwenbook_merge"
@@ -244,6 +243,9 @@ def merged_view(model: Any, adapters: list[Path]) -> Iterator[Any]:
         return
     from peft import PeftModel
 
+    # model_parts imports torch; kept out of this module's imports so that checking an adapter folder
+    # (read_adapter_config, e.g. `qwenbook serve --adapter` before the model loads) needs no torch.
+    from qwenbook_bridge.engine.model_parts import has_lora
 
     if has_lora(model):
         raise InvalidOptionError("this model already has a LoRA adapter attached in the worker; save it with that "
