@@ -5,8 +5,8 @@ killed writer left behind.
 
 Faults are injected in the test only: `builtins.open` is wrapped for files opened for writing inside a writer's
 hidden staging sibling, so the wrapper sees the writer's own file writes (safetensors shards, the GGUF stream,
-torch.save of the training state, JSON). For a kill, the subprocess pauses right after its first write to the
-chosen file and says so on stdout; the test kills it there.
+torch.save of the training state, JSON). For a kill, a writer forked from one process that loaded the model pauses
+right after its first write to the chosen file and says so on stdout; the test kills it there with SIGKILL.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -232,23 +233,25 @@ def test_disk_full_error_is_an_engine_error_the_server_sends_as_it_is():
 
 # ---------------------------------------------------------------- kill -9
 
-PAUSER = r'''
-import builtins, os, sys
+# One process imports torch and loads the tiny model once, then forks a writer for each kill: a fresh interpreter
+# per kill paid ~4 s of imports and loading each time. Each forked writer starts from the same untouched model, as a
+# fresh process would, and is killed with SIGKILL as one would be; the forking process reports how it ended.
+FORKER = r'''
+import builtins, json, os, sys, traceback
 sys.path[:0] = [{tests!r}, {bridge!r}]
-MARK, SUFFIX = {mark!r}, {suffix!r}
 real_open = builtins.open
 
 class Pausing:
-    """The writer's first write to the chosen file goes to disk, then the process waits to be killed."""
-    def __init__(self, f):
-        self._f = f
+    # The writer's first write to the chosen file goes to disk, then the process waits to be killed.
+    def __init__(self, f, hold):
+        self._f, self._hold = f, hold
     def write(self, data):
         n = self._f.write(data)
         self._f.flush()
         os.fsync(self._f.fileno())
-        print("paused", self._f.name, flush=True)
-        sys.stdin.read()
-        raise SystemExit("stdin closed: the test went away")
+        print("paused", os.getpid(), self._f.name, flush=True)
+        os.read(self._hold, 1)  # returns only once the forking process is gone: the test went away
+        os._exit(3)
     def __getattr__(self, name):
         return getattr(self._f, name)
     def __enter__(self):
@@ -256,48 +259,96 @@ class Pausing:
     def __exit__(self, *exc):
         self._f.__exit__(*exc)
 
-def pausing_open(file, mode="r", *args, **kwargs):
-    f = real_open(file, mode, *args, **kwargs)
-    path = os.fspath(file) if isinstance(file, (str, os.PathLike)) else ""
-    if MARK in path and path.endswith(SUFFIX) and any(c in mode for c in "wax"):
-        return Pausing(f)
-    return f
+def pausing_open(mark, suffix, hold):
+    def open_(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        path = os.fspath(file) if isinstance(file, (str, os.PathLike)) else ""
+        if mark in path and path.endswith(suffix) and any(c in mode for c in "wax"):
+            return Pausing(f, hold)
+        return f
+    return open_
 
-builtins.open = pausing_open
 import test_write_faults as t
 model, tok = t.load_tiny({model_dir!r})
-{call}
-print("finished without pausing", flush=True)
+print("ready", flush=True)
+for line in sys.stdin:
+    mark, suffix, cwd, call = json.loads(line)
+    hold, held = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(held)
+        try:
+            os.chdir(cwd)
+            builtins.open = pausing_open(mark, suffix, hold)
+            exec(call)
+            print("finished without pausing", flush=True)
+        except BaseException:
+            traceback.print_exc()
+            print("failed before pausing (its traceback is on stderr)", flush=True)
+        finally:
+            os._exit(0)
+    os.close(hold)
+    _, status = os.waitpid(pid, 0)
+    os.close(held)
+    print("ended", -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status), flush=True)
 '''
 
 
-def kill_mid_write(tmp_path: Path, model_dir: Path, mark: str, suffix: str, call: str) -> Path:
-    """Run `call` in a subprocess, kill -9 it once it has written its first chunk; returns the partial file."""
-    script = tmp_path / "writer.py"
-    script.write_text(PAUSER.format(tests=str(HERE), bridge=str(HERE.parent), mark=mark, suffix=suffix,
-                                    model_dir=str(model_dir), call=call), encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    try:
-        line = proc.stdout.readline()  # readiness: the writer reports the write it is paused after
-        assert line.startswith("paused "), f"writer did not pause: {line!r}\n{proc.stderr.read() if line == '' else ''}"
-        partial = Path(line.split(" ", 1)[1].strip())
+class Writers:
+    """The forking process: `kill_mid_write` runs one writer in a fork of it and kills it mid-write."""
+
+    def __init__(self, model_dir: Path, folder: Path) -> None:
+        script = folder / "writers.py"
+        script.write_text(FORKER.format(tests=str(HERE), bridge=str(HERE.parent), model_dir=str(model_dir)),
+                          encoding="utf-8")
+        self.stderr = folder / "writers.err"
+        with self.stderr.open("w", encoding="utf-8") as err:
+            self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, text=True, cwd=folder)
+        self.expect("ready")
+
+    def expect(self, word: str) -> list[str]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.split()[:1] == [word], \
+            f"expected {word!r} from the writer, got {line!r}\n{self.stderr.read_text(encoding='utf-8')[-3000:]}"
+        return line.split()[1:]
+
+    def kill_mid_write(self, cwd: Path, mark: str, suffix: str, call: str) -> Path:
+        """Runs `call` in a fork, kills -9 it once it has written its first chunk; returns the partial file."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps([mark, suffix, str(cwd), call]) + "\n")
+        self.proc.stdin.flush()
+        pid, name = self.expect("paused")  # readiness: the writer reports the write it is paused after
+        partial = Path(name)
         assert partial.is_file() and partial.stat().st_size > 0  # the temp output exists and holds data
         assert atomic_write.PARTIAL in str(partial)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdin.close()
-        proc.stdout.close()
-        proc.stderr.close()
-    return partial
+        os.kill(int(pid), signal.SIGKILL)
+        assert self.expect("ended") == [str(-signal.SIGKILL)]
+        return partial
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()  # the forking process's loop ends
+        try:
+            self.proc.wait(timeout=60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def writers(tiny_model_dir):
+    with tempfile.TemporaryDirectory(prefix="qwenbook-writers-") as folder:
+        forker = Writers(tiny_model_dir, Path(folder))
+        yield forker
+        forker.close()
 
 
 @pytest.mark.parametrize("kind, suffix", [("merge", ".safetensors"), ("quant", ".safetensors"), ("gguf", "")])
-def test_kill_during_export_keeps_the_previous_target(kind, suffix, tiny_pair, tiny_model_dir, tmp_path):
+def test_kill_during_export_keeps_the_previous_target(kind, suffix, tiny_pair, writers, tmp_path):
     model, tok = tiny_pair
     write, name = WRITERS[kind]
     target = tmp_path / name
@@ -305,8 +356,8 @@ def test_kill_during_export_keeps_the_previous_target(kind, suffix, tiny_pair, t
     before = digest(target)
 
     mark = f".{name}{atomic_write.PARTIAL}"
-    partial = kill_mid_write(tmp_path, tiny_model_dir, mark, suffix,
-                             f"t.WRITERS[{kind!r}][0](model, tok, t.Path({str(target)!r}))")
+    partial = writers.kill_mid_write(tmp_path, mark, suffix,
+                                     f"t.WRITERS[{kind!r}][0](model, tok, t.Path({str(target)!r}))")
     assert partial.exists()  # what the killed writer left, hidden
     assert digest(target) == before
     check_loadable(kind, target, tok)
@@ -317,12 +368,12 @@ def test_kill_during_export_keeps_the_previous_target(kind, suffix, tiny_pair, t
     check_loadable(kind, target, tok)
 
 
-def test_kill_during_a_checkpoint_keeps_the_earlier_one_and_resume_clears_it(fresh_model, tiny_model_dir, tmp_path):
+def test_kill_during_a_checkpoint_keeps_the_earlier_one_and_resume_clears_it(fresh_model, writers, tmp_path):
     model, tok = fresh_model
     out = tmp_path / "run"
     mark = f".checkpoint-2{atomic_write.PARTIAL}"
-    partial = kill_mid_write(tmp_path, tiny_model_dir, mark, ckpt.TRAINING_STATE,
-                             f"t.train_run(model, tok, t.Path({str(out)!r}))")
+    partial = writers.kill_mid_write(tmp_path, mark, ckpt.TRAINING_STATE,
+                                     f"t.train_run(model, tok, t.Path({str(out)!r}))")
     assert partial.parent.name.startswith(mark)
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1"]
     assert ckpt.resolve_checkpoint(out) == out / "checkpoint-1"
