@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -56,7 +57,9 @@ def forced_paths(base) -> tuple[list[list[int]], list[list[int]]]:
     return prompts, [ids + greedy(model, ids)[0] for ids in prompts]
 
 
-def run_llama(spec: dict, tmp_path: Path) -> dict:
+def run_llama(spec: dict, tmp_path: Path) -> Any:
+    """run-gguf.mjs's output for `spec`; for {"runs": [spec, ...]} the list of outputs, all from one start of node
+    and llama.cpp (~2.5 s of CPU each)."""
     node = shutil.which("node")
     assert node, "node is needed to run llama.cpp through node-llama-cpp"
     (tmp_path / "spec.json").write_text(json.dumps(spec))
@@ -64,6 +67,13 @@ def run_llama(spec: dict, tmp_path: Path) -> dict:
                           cwd=REPO_ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
+
+
+def forced_in_llama(paths: dict[str, Path], forced: list[list[int]], tmp_path: Path) -> dict[str, dict]:
+    """Each file's teacher-forced argmax along `forced`, every file in one llama.cpp process."""
+    kinds = list(paths)
+    outs = run_llama({"runs": [{"model": str(paths[k]), "forced": forced} for k in kinds]}, tmp_path)
+    return dict(zip(kinds, outs))
 
 
 def token_ids(tok, text: str) -> list[int]:
@@ -129,18 +139,28 @@ def test_f16_gguf_greedy_tokens_match_pytorch_in_llama_cpp(base, exported, tmp_p
 
 
 @pytest.mark.parametrize("kind", ["bf16", "q8_0", "q4_0"])
-def test_rounded_gguf_runs_in_llama_cpp_like_its_own_weights_in_pytorch(base, exported, forced_paths, kind,
-                                                                      tmp_path: Path) -> None:
+def test_rounded_gguf_runs_in_llama_cpp_like_its_own_weights_in_pytorch(base, exported, forced_paths,
+                                                                      rounded_in_llama, kind, tmp_path: Path) -> None:
     """Tolerance for rounded types. The weight rounding itself is measured in PyTorch (quality report, next test);
     here llama.cpp is compared with PyTorch running the very weights stored in the file (dequantized), so the
     only difference left is llama.cpp's own arithmetic: it rounds activations to q8_0 (bf16 for bf16) in these
     matmuls, which moves this model's logits by up to ~0.2. So, teacher-forced along PyTorch's greedy paths,
     llama.cpp's top-1 must equal PyTorch's at >= 85% of positions, and wherever they differ PyTorch's own top-2
     logit gap must be < 0.5, i.e. only near-ties may flip (measured: 90-99% agreement, flips at gaps <= 0.21)."""
-    check_llama_agrees_with_file_weights(base[0], exported[kind][0], forced_paths, kind, tmp_path)
+    check_llama_agrees_with_file_weights(base[0], exported[kind][0], forced_paths, kind, tmp_path,
+                                         rounded_in_llama[kind])
 
 
-def check_llama_agrees_with_file_weights(model, path: Path, forced_paths, kind: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def rounded_in_llama(exported, forced_paths, tmp_path_factory) -> dict[str, dict]:
+    """llama.cpp's teacher-forced tokens for the rounded types, one process for the three files."""
+    kinds = ("bf16", "q8_0", "q4_0")
+    return forced_in_llama({k: exported[k][0] for k in kinds}, forced_paths[1], tmp_path_factory.mktemp("llama"))
+
+
+def check_llama_agrees_with_file_weights(model, path: Path, forced_paths, kind: str, tmp_path: Path,
+                                         llama_out: dict | None = None) -> None:
+    """`llama_out`: run-gguf.mjs's output for `path` along forced_paths' sequences, if already run; else run here."""
     prompts, forced = forced_paths
     # One right-padded batch: causal attention keeps the padding from touching the real positions.
     width = max(map(len, forced))
@@ -153,7 +173,7 @@ def check_llama_agrees_with_file_weights(model, path: Path, forced_paths, kind: 
 
         with swapped_weights(model, provider), torch.no_grad():
             file_logits = model(input_ids=batch).logits
-    out = run_llama({"model": str(path), "forced": forced}, tmp_path)
+    out = llama_out if llama_out is not None else run_llama({"model": str(path), "forced": forced}, tmp_path)
     agree = total = 0
     for ids, seq, logits, llama in zip(prompts, forced, file_logits, out["forced"]):
         for pos in range(len(ids) - 1, len(seq)):
@@ -226,12 +246,19 @@ def test_k_quant_mixes_choose_tensor_types_as_llama_cpp(k_exported) -> None:
 
 
 @pytest.mark.parametrize("kind", ["q4_k_m", "q5_k_m", "q6_k"])
-def test_k_quant_gguf_runs_in_llama_cpp_like_its_own_weights_in_pytorch(wide, k_exported, kind,
+def test_k_quant_gguf_runs_in_llama_cpp_like_its_own_weights_in_pytorch(wide, k_exported, k_in_llama, kind,
                                                                       tmp_path: Path) -> None:
     """The K-quant files load in llama.cpp and compute what PyTorch computes from the weights they hold (same
     tolerance as the other rounded types: llama.cpp rounds activations to q8_0 in these matmuls)."""
     model, _, forced_paths = wide
-    check_llama_agrees_with_file_weights(model, k_exported[kind][0], forced_paths, kind, tmp_path)
+    check_llama_agrees_with_file_weights(model, k_exported[kind][0], forced_paths, kind, tmp_path, k_in_llama[kind])
+
+
+@pytest.fixture(scope="module")
+def k_in_llama(wide, k_exported, tmp_path_factory) -> dict[str, dict]:
+    """llama.cpp's teacher-forced tokens for the K-quant files, one process for the three."""
+    return forced_in_llama({k: path for k, (path, _) in k_exported.items()}, wide[2][1],
+                           tmp_path_factory.mktemp("llama-k"))
 
 
 def test_k_quant_quality_and_size_order(k_exported) -> None:
