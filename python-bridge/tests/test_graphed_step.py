@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from qwenbook_bridge.bench.train_data import synthetic_rows
@@ -42,3 +43,27 @@ def test_padded_targets_leave_the_loss_unchanged(tiny_model_dir):
     with torch.no_grad():
         want, got = token_loss_sum(model, batch), token_loss_sum(model, padded)
     assert torch.allclose(got, want, rtol=1e-6), (got, want)
+
+
+def test_full_width_rows_hand_the_layers_ready_made_causal_masks(tiny_model_dir, monkeypatch):
+    """A capture must see the same layer inputs as the eager steps before it, but transformers builds an explicit
+    mask or none depending on whether a CUDA graph is being captured (a compiled layer then recompiles inside the
+    capture, which fails). Full-width rows therefore pass each layer its mask ready-made, so no mask is built:
+    with the builder made to fail, the loss is still the one of the model's own causal forward."""
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rows = synthetic_rows(model.config.vocab_size, 2, 70, seed=2)
+    batch = collate(rows, [[0], [1]], [0, 1], 0, True)
+    assert batch.plain_causal
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids).logits.float()
+        expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     batch.labels[:, 1:].reshape(-1), reduction="sum")
+
+        def no_masks(*args, **kwargs):
+            raise AssertionError("a full-width batch built a mask")
+
+        monkeypatch.setattr(qwen2, "create_causal_mask", no_masks)
+        assert float(token_loss_sum(model, batch)) == pytest.approx(float(expected), rel=1e-5)

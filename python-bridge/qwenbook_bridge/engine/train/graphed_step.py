@@ -129,15 +129,23 @@ class GraphedStep:
             runner.optimizer.zero_grad(set_to_none=True)
         torch.cuda.current_stream(runner.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-            loss, sums = runner.loss_and_metrics(batch)
-            loss = loss * inv
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(runner.params, runner.max_norm)
-            runner.optimizer.step()
-            runner.optimizer.zero_grad(set_to_none=True)
-            out = _Graph(graph, batch, inv, loss.detach(), grad_norm.detach(),
-                         {k: (v * inv).detach() for k, v in sums.items()})
+        caller = torch.cuda.current_stream(runner.device)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                loss, sums = runner.loss_and_metrics(batch)
+                loss = loss * inv
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(runner.params, runner.max_norm)
+                runner.optimizer.step()
+                runner.optimizer.zero_grad(set_to_none=True)
+                out = _Graph(graph, batch, inv, loss.detach(), grad_norm.detach(),
+                             {k: (v * inv).detach() for k, v in sums.items()})
+        finally:
+            # A capture that fails raises out of torch.cuda.graph's exit before it restores the caller's stream:
+            # the eager steps that follow would run on the capture stream, whose failed capture still counts as
+            # capturing for the code that asks (transformers then builds other masks in forward than in the
+            # checkpoint's recompute).
+            torch.cuda.set_stream(caller)
         self.pool = graph.pool()
         return out
 

@@ -6,6 +6,8 @@ output head runs on the selected hidden states alone, in chunks that are recompu
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ def _answer_states(causal_lm: Any, batch: Batch) -> tuple[torch.Tensor, torch.Te
     if batch.plain_causal:
         # No mask and no position ids: transformers then uses the causal kernel directly instead of checking
         # on the device whether the mask or the positions hold anything unusual (a host sync per forward).
-        out = decoder(input_ids=batch.input_ids, use_cache=False)
+        out = decoder(input_ids=batch.input_ids, attention_mask=_causal_masks(decoder), use_cache=False)
     else:
         out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                       position_ids=batch.position_ids, use_cache=False)
@@ -42,6 +44,29 @@ def _answer_states(causal_lm: Any, batch: Batch) -> tuple[torch.Tensor, torch.Te
     labels = batch.labels[:, 1:]
     selected = labels != IGNORE_INDEX
     return states[:, :-1][selected], labels[selected]
+
+
+def _causal_masks(decoder: Any) -> dict[str, None] | None:
+    """Every layer's mask for rows that fill the width, as transformers' decoders take it ready-made: None, which
+    the attention kernels run as plain causal attention. Left to itself, transformers decides on each call whether
+    to build an explicit mask, and decides differently while a CUDA graph is being captured (graphed_step.py): a
+    compiled layer then meets a new input, recompiles inside the capture and the capture fails. Sliding-window
+    layers need their mask, and a decoder that takes no ready-made masks gets None (transformers decides)."""
+    types = {getattr(layer, "attention_type", "full_attention") for layer in getattr(decoder, "layers", ())}
+    if types != {"full_attention"} or not _takes_mask_mapping(type(decoder)):
+        return None
+    return {"full_attention": None}
+
+
+@functools.cache
+def _takes_mask_mapping(decoder_class: type) -> bool:
+    """Whether the decoder's forward accepts {attention type: mask} for attention_mask (transformers' decoders
+    since 4.53 check `isinstance(attention_mask, dict)` and then skip building masks)."""
+    try:
+        source = inspect.getsource(decoder_class.forward)
+    except (OSError, TypeError):
+        return False
+    return "causal_mask_mapping := attention_mask, dict" in source
 
 
 def token_loss_sum(causal_lm: Any, batch: Batch) -> torch.Tensor:
