@@ -214,3 +214,37 @@ def test_small_benchmark_runs_and_reports_no_divergence(tmp_path: Path) -> None:
         ("decode_b1", "hf"), ("decode_b1", "eager"), ("ttft", "hf"), ("ttft", "eager")}
     assert report["correctness"] and all(c["first_divergence"] is None for c in report["correctness"])
     assert report["meta"]["ceiling_tokens_per_s"] > 0
+
+
+def test_the_decode_ceiling_counts_the_bytes_a_step_reads() -> None:
+    """The benchmark's batch-1 ceiling is bandwidth / bytes read per step: an untied input table contributes one
+    row (the head is read whole), a tied one is read once as the head, and int8 layers count their codes and
+    scales instead of 16-bit weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwenbook_bridge.bench.decode import step_read_bytes
+    from qwenbook_bridge.engine.quant.config import QuantConfig
+    from qwenbook_bridge.engine.quant.layers import QuantizedLinear
+    from qwenbook_bridge.engine.quant.quantize import quantize_model
+
+    def build(tied: bool) -> Any:
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            tie_word_embeddings=tied))
+
+    def nbytes(ts: Any) -> int:
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    untied, tied = build(False), build(True)
+    table = untied.get_input_embeddings().weight
+    assert step_read_bytes(untied) == (nbytes(untied.parameters()) + nbytes(untied.buffers())
+                                       - (table.shape[0] - 1) * table.shape[1] * table.element_size())
+    assert step_read_bytes(tied) == nbytes(tied.parameters()) + nbytes(tied.buffers())
+    before = step_read_bytes(untied)
+    quantize_model(untied, QuantConfig(method="int8"))
+    layers = [m for m in untied.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 14
+    float_bytes = sum(m.in_features * m.out_features * 4 for m in layers)  # the fp32 weights they replaced
+    assert step_read_bytes(untied) == before - float_bytes + nbytes(b for m in layers for b in m.buffers())
+    assert step_read_bytes(untied) < before - float_bytes // 2
