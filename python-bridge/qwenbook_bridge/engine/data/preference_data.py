@@ -16,11 +16,11 @@ import hashlib
 import os
 from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from qwenbook_bridge.engine.data.chat_encoding import IGNORE_INDEX, ChatEncoder, Example, label_segments
-from qwenbook_bridge.engine.data.datasets import DatasetError, DatasetSpec, read_rows
+from qwenbook_bridge.engine.data.chat_encoding import IGNORE_INDEX, ChatEncoder, DatasetStats, Example, label_segments
+from qwenbook_bridge.engine.data.datasets import DatasetError, DatasetSpec, SourceStats, read_rows
 
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 
@@ -52,29 +52,9 @@ class PreferenceExample:
 
 
 @dataclass
-class PreferenceStats:
-    """The same counters as chat_encoding.DatasetStats, for pairs (each pair counts both of its rows' tokens)."""
-
-    sources: list[dict[str, Any]]
-    examples: int = 0
-    too_long: int = 0
-    truncated: int = 0
-    dropped_too_long: int = 0
-    dropped_no_answer: int = 0
-    retokenized_boundaries: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    max_length: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-
-@dataclass
 class PreferenceDataset:
     examples: list[PreferenceExample]
-    stats: PreferenceStats
+    stats: DatasetStats  # for pairs: each pair counts both of its rows' tokens
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -214,10 +194,9 @@ def build_preference_dataset(specs: Sequence[DatasetSpec], tokenizer: Any, max_l
     kept) or dropped; a pair whose answer would be cut away entirely is dropped; all are counted in the stats."""
     pairs = load_pairs(specs)
     encoder = ChatEncoder(tokenizer)
-    stats = PreferenceStats(sources=[{"name": s.label(), "format": "preference", "rows": 0, "samples": 0}
-                                     for s in specs], max_length=max_length)
-    for entry in stats.sources:
-        entry["samples"] = entry["rows"] = sum(1 for p in pairs if p.source == entry["name"])
+    stats = DatasetStats(sources=[SourceStats(s.label(), "preference", rows, rows) for s in specs
+                                  for rows in [sum(1 for p in pairs if p.source == s.label())]],
+                         max_length=max_length)
     examples: list[PreferenceExample] = []
     for p in pairs:
         parts = []
