@@ -36,6 +36,7 @@ const scratch = mkdtempSync(join(tmpdir(), "qwenbook-readme-"));
 const runtimeDir = join(scratch, "runtime");
 
 const userPath = userShellPath();
+const tinyModelOfSetup = join(repo, ".qwenbook", "models", "tiny-qwen2");
 
 function userEnv(): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = {};
@@ -140,27 +141,83 @@ async function portReleased(url: string): Promise<boolean> {
 
 // ---------------------------------------------------------------- what each command must do
 
-/** The venv's python on a script, without blocking the test process (vitest's own messages keep flowing). */
-function runPython(args: string[]): Promise<{ status: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(python, args, { stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-    child.on("error", reject);
-    child.on("close", (status) => resolve({ status, stdout, stderr }));
-  });
+// The checks' own Python work (asking torch for CUDA devices, writing a LoRA adapter with peft, loading each
+// `tiny-model` folder with transformers' Auto classes) goes through one Python process that imports torch,
+// transformers and peft once: a fresh interpreter for each costs ~4 s of CPU in imports alone. Each request is
+// a line of JSON on its stdin and gets a line of JSON on its stdout, in order.
+const CHECKER = `
+import json, sys, traceback
+import torch
+
+def cuda(_):
+    return {"devices": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+
+def adapter(req):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(req["model"])
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(m, cfg).save_pretrained(req["dir"])
+    return {}
+
+def load(req):
+    # As a user would load a folder: transformers' Auto classes, then one forward pass.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(req["dir"])
+    m = AutoModelForCausalLM.from_pretrained(req["dir"])
+    ids = tok("你好", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        vocab = m(input_ids=ids).logits.shape[-1]
+    return {"vocab": vocab, "model_type": m.config.model_type}
+
+for line in sys.stdin:
+    req = json.loads(line)
+    try:
+        reply = {"ok": {"cuda": cuda, "adapter": adapter, "load": load}[req["op"]](req)}
+    except Exception:
+        reply = {"error": traceback.format_exc()}
+    print(json.dumps(reply), flush=True)
+`;
+
+class Checker {
+  private readonly child = spawn(python, ["-c", CHECKER], { stdio: ["pipe", "pipe", "pipe"] });
+  private buffered = "";
+  private stderr = "";
+  private readonly waiting: { resolve: (v: unknown) => void; reject: (e: Error) => void }[] = [];
+  constructor() {
+    this.child.stdout.on("data", (d: Buffer) => {
+      this.buffered += d.toString();
+      for (let nl = this.buffered.indexOf("\n"); nl >= 0; nl = this.buffered.indexOf("\n")) {
+        const reply = JSON.parse(this.buffered.slice(0, nl)) as { ok?: unknown; error?: string };
+        this.buffered = this.buffered.slice(nl + 1);
+        const next = this.waiting.shift();
+        if (reply.error !== undefined) next?.reject(new Error(reply.error));
+        else next?.resolve(reply.ok);
+      }
+    });
+    this.child.stderr.on("data", (d: Buffer) => (this.stderr += d.toString()));
+    this.child.on("close", (status) => {
+      for (const w of this.waiting.splice(0)) w.reject(new Error(`the check's Python process exited (${status}):\n${this.stderr}`));
+    });
+  }
+  ask<T>(request: Record<string, string>): Promise<T> {
+    return new Promise((resolve, reject) => {
+      this.waiting.push({ resolve: resolve as (v: unknown) => void, reject });
+      this.child.stdin.write(`${JSON.stringify(request)}\n`);
+    });
+  }
+  close(): void {
+    this.child.stdin.end();
+  }
 }
+
+let checkerProcess: Checker | undefined;
+const checker = (): Checker => (checkerProcess ??= new Checker());
 
 let cudaDevices: number | undefined;
 async function cudaCount(): Promise<number> {
-  if (cudaDevices === undefined) {
-    const r = await runPython(["-c", "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"]);
-    const n = Number(r.stdout.trim());
-    if (r.status !== 0 || !Number.isInteger(n)) throw new Error(`could not ask torch for CUDA devices: ${r.stderr}`);
-    cudaDevices = n;
-  }
+  cudaDevices ??= (await checker().ask<{ devices: number }>({ op: "cuda" })).devices;
   return cudaDevices;
 }
 
@@ -169,17 +226,7 @@ let adapterDir: string | undefined;
 async function adapter(): Promise<string> {
   if (adapterDir) return adapterDir;
   const dir = join(scratch, "readme-adapter");
-  const script = [
-    "import sys, torch",
-    "from peft import LoraConfig, get_peft_model",
-    "from transformers import AutoModelForCausalLM",
-    "torch.manual_seed(0)",
-    "m = AutoModelForCausalLM.from_pretrained(sys.argv[1])",
-    "cfg = LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], init_lora_weights=False)",
-    "get_peft_model(m, cfg).save_pretrained(sys.argv[2])",
-  ].join("\n");
-  const r = await runPython(["-c", script, tinyModel(), dir]);
-  if (r.status !== 0) throw new Error(`could not write a test adapter: ${r.stderr}`);
+  await checker().ask({ op: "adapter", model: tinyModel(), dir });
   adapterDir = dir;
   return dir;
 }
@@ -326,17 +373,9 @@ const CHECKS: Check[] = [
       const r = await typed(line, 170_000);
       expect(r.status, r.out).toBe(0);
       // Loadable as a user would load it: transformers' Auto classes, then one forward pass.
-      const load = [
-        "import sys, torch",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "tok = AutoTokenizer.from_pretrained(sys.argv[1]); m = AutoModelForCausalLM.from_pretrained(sys.argv[1])",
-        "ids = tok('你好', return_tensors='pt')['input_ids']",
-        "print('vocab', m(input_ids=ids).logits.shape[-1], m.config.model_type)",
-      ].join("\n");
-      const check = await runPython(["-c", load, dir]);
-      expect(check.status, check.stderr).toBe(0);
+      const loaded = await checker().ask<{ vocab: number; model_type: string }>({ op: "load", dir });
       const modelType = { qwen3: "qwen3", "qwen3-moe": "qwen3_moe" }[arch ?? ""] ?? "qwen2";
-      expect(check.stdout).toMatch(new RegExp(`^vocab \\d+ ${modelType}$`, "m"));
+      expect(loaded).toEqual({ vocab: 151936, model_type: modelType });
     },
   },
   {
@@ -386,6 +425,8 @@ const CHECKS: Check[] = [
     async run(command) {
       const r = await typed(command, 590_000);
       expect(r.out).toMatch(/^soak: ok$/m);
+      // On the model npm run soak's setup step keeps, not a throwaway one written for the run.
+      expect(r.stdout).toContain(`"model": ${JSON.stringify(tinyModelOfSetup)}`);
       expect(r.status, r.out).toBe(0);
     },
   },
@@ -423,6 +464,7 @@ describe("README commands, as typed in a shell after npm start", () => {
   });
 
   afterAll(() => {
+    checkerProcess?.close();
     for (const r of running) r.kill();
     const stop = spawnSync(process.execPath, [join(repo, "kernel", "bin", "qwenbook.js"), "worker", "stop"], { env: userEnv() });
     if (stop.status !== 0) console.error(`worker stop after the README commands: ${stop.stderr}`);
