@@ -28,13 +28,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+
+from qwenbook_bridge.bench.step_marks import elapsed, mark
 
 PATHS = ("trl", "ours")
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -59,14 +60,6 @@ def synthetic_pairs(vocab: int, count: int, prompt: int, answer: int, seed: int)
     return pairs
 
 
-def _mark(cuda: bool) -> Any:
-    if cuda:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-    return time.perf_counter()
-
-
 def run_path(path: str, a: argparse.Namespace) -> dict[str, Any]:
     """One path in this process: build the model, take warm-up and timed steps, report times, memory, losses."""
     from qwenbook_bridge.bench.model import build_random_model, load_model
@@ -89,13 +82,13 @@ def run_path(path: str, a: argparse.Namespace) -> dict[str, Any]:
         if i == a.warmup:
             if cuda:
                 torch.cuda.synchronize(device)
-            marks.append(_mark(cuda))
+            marks.append(mark(cuda))
         losses.append(step(batch))
         if i >= a.warmup:
-            marks.append(_mark(cuda))
+            marks.append(mark(cuda))
     if cuda:
         torch.cuda.synchronize(device)
-    times = [(x.elapsed_time(y) / 1000 if cuda else y - x) for x, y in zip(marks, marks[1:])]
+    times = [elapsed(x, y, cuda) for x, y in zip(marks, marks[1:])]
     out: dict[str, Any] = {"path": path, "pid": os.getpid(), "config": a.config, "device": str(device),
                            "dtype": str(dtype).removeprefix("torch."), "step_s": statistics.median(times),
                            "step_times_s": times, "losses": [float(x) for x in losses],

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from qwenbook_bridge.bench.step_marks import elapsed, mark
 from qwenbook_bridge.bench.train_data import (
     hf_real_batches, ours_real_batches, pad_id_of, real_rows, synthetic_rows, trained_tokens)
 from qwenbook_bridge.engine.data.chat_encoding import Example
@@ -119,14 +120,14 @@ class Runner:
         marks: list[Any] = []
         wall = time.perf_counter()
         for i in range(n_warm, n_warm + n):
-            marks.append(_mark(cuda))
+            marks.append(mark(cuda))
             loss, norm = step(i)
             losses.append(loss)
             norms.append(norm)
-        marks.append(_mark(cuda))
+        marks.append(mark(cuda))
         _sync(self.device)
         wall = time.perf_counter() - wall
-        step_s = [_elapsed(a, b, cuda) for a, b in zip(marks, marks[1:])]
+        step_s = [elapsed(a, b, cuda) for a, b in zip(marks, marks[1:])]
         timed = slice(n_warm, n_warm + n)
         return {"step_s": step_s, "window_s": wall, "tokens": tokens[timed], "trained_tokens": trained[timed],
                 "warmup_tokens": sum(tokens[:n_warm]), "examples": None if examples is None else examples[timed],
@@ -201,10 +202,10 @@ class Runner:
 
         class Marks(TrainerCallback):
             def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                marks.append(_mark(cuda))
+                marks.append(mark(cuda))
 
             def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                marks.append(_mark(cuda))
+                marks.append(mark(cuda))
 
         with tempfile.TemporaryDirectory() as tmp:
             args = TrainingArguments(
@@ -219,7 +220,7 @@ class Runner:
             trainer.add_callback(Marks())
             trainer.train()
         _sync(self.device)
-        step_s = [_elapsed(a, b, cuda) for a, b in zip(marks, marks[1:])][self.job.warmup:]
+        step_s = [elapsed(a, b, cuda) for a, b in zip(marks, marks[1:])][self.job.warmup:]
         timed = batches[self.job.warmup:self.job.warmup + self.job.steps]
         return {"step_s": step_s, "window_s": sum(step_s),
                 "tokens": [int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
@@ -314,18 +315,6 @@ def v_rows(batch: dict[str, torch.Tensor]) -> int:
 
 def _stack(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([f[k] for f in features]) for k in features[0]}
-
-
-def _mark(cuda: bool) -> Any:
-    if cuda:
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-    return time.perf_counter()
-
-
-def _elapsed(a: Any, b: Any, cuda: bool) -> float:
-    return a.elapsed_time(b) / 1000 if cuda else b - a
 
 
 def run_job(job: Job, model_dir: str | None, shape: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
