@@ -11,7 +11,12 @@ import pytest
 from qwenbook_bridge.bench import chat as bench_chat
 
 
-def test_chat_benchmark_times_both_loops_and_finds_the_same_reply(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_chat_benchmark_times_both_loops_and_finds_the_same_reply(tiny_model_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The int8 rows decode on the dense path: compiling the fused few-row CPU kernel (Inductor, C++) was ~7 s of CPU
+    # with a warm compile cache and more with an empty one, and that kernel has its own test
+    # (test_quant.py::test_cpu_paths_compute_the_dequantized_product_and_share_one_buffer).
+    monkeypatch.setenv("QWENBOOK_CPU_QUANT_KERNEL", "0")
     before = os.environ.get("QWENBOOK_FAST_DECODE")
     out = tmp_path / "chat.json"
     assert bench_chat.main(["--model", str(tiny_model_dir), "--max-tokens", "12", "--runs", "1", "--quant", "int8",
