@@ -9,7 +9,7 @@ import { inspect } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ExportReport, Qwen, WorkerError, type Model } from "../../kernel/src/index";
 import type { DisplayBundle, DisplaySink } from "../../kernel/src/display/sink";
-import { privateRuntimeDir, repo, runPythonJson, tinyModel, tinyQwen3Model } from "./helpers";
+import { privateRuntimeDir, PythonLines, repo, tinyModel, tinyQwen3Model } from "./helpers";
 
 const PROMPT = "Once upon a time, in a small village,";
 const TEXTS = ["The quick brown fox jumps over the lazy dog.", "你好，你是谁？ def f(x): return x * 2"];
@@ -26,10 +26,12 @@ let qwen: Qwen;
 let model: Model;
 let prepared: Promise<unknown[]>;
 
-function check(jobs: object[], base: string = tinyModel()): Promise<unknown[]> {
-  return runPythonJson([join(repo, "tests", "integration", "export_check.py"), base, JSON.stringify(jobs)], {
-    OMP_NUM_THREADS: "1",
-  });
+// One export_check.py process for the file: it imports torch, transformers and peft and loads the base model
+// once, then answers each check (a fresh interpreter per check cost ~5 s of CPU each).
+let checker: PythonLines | undefined;
+function check(jobs: object[]): Promise<unknown[]> {
+  checker ??= new PythonLines([join(repo, "tests", "integration", "export_check.py"), tinyModel(), "-"], { OMP_NUM_THREADS: "1" });
+  return checker.ask<unknown[]>(jobs);
 }
 
 function runLlama(spec: object): Promise<{ greedy: number[][] }> {
@@ -77,6 +79,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
+  checker?.close();
   await qwen?.shutdown();
   process.chdir(startDir);
   rmSync(scratch, { recursive: true, force: true });

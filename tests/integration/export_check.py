@@ -2,6 +2,9 @@
 worker wrote with plain transformers / peft, independently of the worker's own code.
 
 usage: python export_check.py BASE_MODEL_DIR JOBS_JSON   (prints one JSON line: a result per job)
+       python export_check.py BASE_MODEL_DIR -          (a JOBS_JSON per stdin line, each answered by a line
+                                                        {"ok": [result per job]} or {"error": traceback}: one
+                                                        interpreter and one base model load for a whole test file)
   {"kind": "adapter", "out": DIR, "seed": N}         a peft LoRA adapter with random non-zero lora_B -> {}
   {"kind": "llama", "out": DIR}                       a tiny LlamaForCausalLM folder with the base's tokenizer -> {}
   {"kind": "chat_prompt", "messages": [...], "max_tokens": N, "model": DIR?}
@@ -20,13 +23,15 @@ import importlib.util
 import json
 import shutil
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 
 
 def main() -> None:
-    base_dir, jobs = Path(sys.argv[1]), json.loads(sys.argv[2])
+    base_dir, jobs = Path(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -38,8 +43,10 @@ def main() -> None:
         with torch.no_grad():
             return model(input_ids=ids).logits[0].float()
 
-    results = []
-    for job in jobs:
+    def run(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [run_job(job) for job in jobs]
+
+    def run_job(job: dict[str, Any]) -> dict[str, Any]:
         kind = job["kind"]
         if kind == "adapter":
             import copy
@@ -50,7 +57,7 @@ def main() -> None:
             pm = get_peft_model(copy.deepcopy(base), LoraConfig(
                 r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False))
             pm.save_pretrained(job["out"])
-            results.append({})
+            return {}
         elif kind == "llama":
             from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -60,7 +67,7 @@ def main() -> None:
                                          num_key_value_heads=1)).save_pretrained(out)
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 shutil.copy(base_dir / name, out / name)
-            results.append({})
+            return {}
         elif kind == "chat_prompt":
             # Another model's prompt in the same process: one interpreter start less than a second run.
             model, model_tok = base, tok
@@ -75,7 +82,7 @@ def main() -> None:
                     top = model(input_ids=x).logits[0, -1].topk(2)
                     gap = min(gap, (top.values[0] - top.values[1]).item())
                     x = torch.cat([x, top.indices[:1][None]], dim=1)
-            results.append({"prompt_ids": prompt, "greedy_ids": x[0, len(prompt):].tolist(), "smallest_gap": gap})
+            return {"prompt_ids": prompt, "greedy_ids": x[0, len(prompt):].tolist(), "smallest_gap": gap}
         elif kind == "compare":
             saved = AutoModelForCausalLM.from_pretrained(job["folder"], dtype=torch.float32).eval()
             reference, effect = base, 0.0
@@ -92,19 +99,27 @@ def main() -> None:
                         effect = max(effect, (logits(reference, text) - want).abs().max().item())
             if reference is not base:
                 reference.unload()
-            results.append({"max_diff": max(diffs), "adapter_effect": effect})
+            return {"max_diff": max(diffs), "adapter_effect": effect}
         elif kind == "hf_greedy":
             model = AutoModelForCausalLM.from_pretrained(job["folder"], dtype=torch.float32).eval()
             prompt = torch.tensor([job["prompt_ids"]])
             with torch.no_grad():
                 out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                      max_new_tokens=job["max_tokens"])
-            results.append({"ids": out[0, prompt.shape[1]:].tolist()})
+            return {"ids": out[0, prompt.shape[1]:].tolist()}
         elif kind == "env":
-            results.append({"bitsandbytes": importlib.util.find_spec("bitsandbytes") is not None})
-        else:
-            raise SystemExit(f"unknown job kind {kind!r}")
-    print(json.dumps(results))
+            return {"bitsandbytes": importlib.util.find_spec("bitsandbytes") is not None}
+        raise ValueError(f"unknown job kind {kind!r}")
+
+    if jobs != "-":
+        print(json.dumps(run(json.loads(jobs))))
+        return
+    for line in sys.stdin:
+        try:
+            reply: dict[str, Any] = {"ok": run(json.loads(line))}
+        except Exception:  # the test that asked shows it; later requests still get answers
+            reply = {"error": traceback.format_exc()}
+        print(json.dumps(reply), flush=True)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,45 @@ export function runPythonJson<T = unknown[]>(args: string[], env: Record<string,
   });
 }
 
+/**
+ * A Python process that answers requests for as long as a test file needs it: each request is a line of JSON on
+ * its stdin, each reply a line `{"ok": value}` or `{"error": text}` on its stdout, in order. For checks that would
+ * otherwise start an interpreter each (torch and transformers alone are ~4 s of CPU to import).
+ */
+export class PythonLines {
+  private readonly child;
+  private buffered = "";
+  private stderr = "";
+  private readonly waiting: { resolve: (v: unknown) => void; reject: (e: Error) => void }[] = [];
+  constructor(args: string[], env: Record<string, string> = {}) {
+    this.child = spawn(python, args, { env: { ...process.env, ...env }, stdio: ["pipe", "pipe", "pipe"] });
+    this.child.stdout.on("data", (d: Buffer) => {
+      this.buffered += d.toString();
+      for (let nl = this.buffered.indexOf("\n"); nl >= 0; nl = this.buffered.indexOf("\n")) {
+        const reply = JSON.parse(this.buffered.slice(0, nl)) as { ok?: unknown; error?: string };
+        this.buffered = this.buffered.slice(nl + 1);
+        const next = this.waiting.shift();
+        if (reply.error !== undefined) next?.reject(new Error(`python ${args[0]}: ${reply.error}`));
+        else next?.resolve(reply.ok);
+      }
+    });
+    this.child.stderr.on("data", (d: Buffer) => (this.stderr = (this.stderr + d.toString()).slice(-5000)));
+    this.child.on("close", (status) => {
+      for (const w of this.waiting.splice(0)) w.reject(new Error(`python ${args[0]} exited (${status}):\n${this.stderr}`));
+    });
+  }
+  ask<T>(request: unknown): Promise<T> {
+    return new Promise((resolve, reject) => {
+      this.waiting.push({ resolve: resolve as (v: unknown) => void, reject });
+      this.child.stdin.write(`${JSON.stringify(request)}\n`);
+    });
+  }
+  /** Ends its input: the process exits once it has answered what it was asked. */
+  close(): void {
+    this.child.stdin.end();
+  }
+}
+
 /** Runs the CLI with this process's environment. */
 export function runCli(...args: string[]): { status: number | null; stdout: string; stderr: string } {
   const r = spawnSync(process.execPath, [cli, ...args], { encoding: "utf8", env: process.env, timeout: 120_000 });

@@ -12,7 +12,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { isPidAlive } from "../../kernel/src/bridge/runtime";
 import { freePort, shellCommands, userShellPath, withoutInstallSection } from "../readme-sections";
-import { python, repo, tinyModel } from "./helpers";
+import { PythonLines, repo, tinyModel } from "./helpers";
 
 /** The commands in the README's shell code blocks, in order, without trailing `# comments`. */
 const readmeCommands = shellCommands;
@@ -144,7 +144,7 @@ async function portReleased(url: string): Promise<boolean> {
 // The checks' own Python work (asking torch for CUDA devices, writing a LoRA adapter with peft, loading each
 // `tiny-model` folder with transformers' Auto classes) goes through one Python process that imports torch,
 // transformers and peft once: a fresh interpreter for each costs ~4 s of CPU in imports alone. Each request is
-// a line of JSON on its stdin and gets a line of JSON on its stdout, in order.
+// a line of JSON (helpers.ts's PythonLines).
 const CHECKER = `
 import json, sys, traceback
 import torch
@@ -180,40 +180,8 @@ for line in sys.stdin:
     print(json.dumps(reply), flush=True)
 `;
 
-class Checker {
-  private readonly child = spawn(python, ["-c", CHECKER], { stdio: ["pipe", "pipe", "pipe"] });
-  private buffered = "";
-  private stderr = "";
-  private readonly waiting: { resolve: (v: unknown) => void; reject: (e: Error) => void }[] = [];
-  constructor() {
-    this.child.stdout.on("data", (d: Buffer) => {
-      this.buffered += d.toString();
-      for (let nl = this.buffered.indexOf("\n"); nl >= 0; nl = this.buffered.indexOf("\n")) {
-        const reply = JSON.parse(this.buffered.slice(0, nl)) as { ok?: unknown; error?: string };
-        this.buffered = this.buffered.slice(nl + 1);
-        const next = this.waiting.shift();
-        if (reply.error !== undefined) next?.reject(new Error(reply.error));
-        else next?.resolve(reply.ok);
-      }
-    });
-    this.child.stderr.on("data", (d: Buffer) => (this.stderr += d.toString()));
-    this.child.on("close", (status) => {
-      for (const w of this.waiting.splice(0)) w.reject(new Error(`the check's Python process exited (${status}):\n${this.stderr}`));
-    });
-  }
-  ask<T>(request: Record<string, string>): Promise<T> {
-    return new Promise((resolve, reject) => {
-      this.waiting.push({ resolve: resolve as (v: unknown) => void, reject });
-      this.child.stdin.write(`${JSON.stringify(request)}\n`);
-    });
-  }
-  close(): void {
-    this.child.stdin.end();
-  }
-}
-
-let checkerProcess: Checker | undefined;
-const checker = (): Checker => (checkerProcess ??= new Checker());
+let checkerProcess: PythonLines | undefined;
+const checker = (): PythonLines => (checkerProcess ??= new PythonLines(["-c", CHECKER]));
 
 let cudaDevices: number | undefined;
 async function cudaCount(): Promise<number> {
