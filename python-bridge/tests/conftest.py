@@ -71,6 +71,22 @@ def tiny(tiny_model_dir: Path):
 
 
 @pytest.fixture(scope="module")
+def tok(tiny_model_dir: Path):
+    """The tiny model's tokenizer (chat template included)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def model(tiny_model_dir: Path):
+    """A fresh fp32 copy of the tiny model for a test that trains or changes it."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
 def worker_args() -> list[str]:
     """Extra worker command-line options; a test module overrides this fixture to change them."""
     return []

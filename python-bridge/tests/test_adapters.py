@@ -19,13 +19,6 @@ from qwenbook_bridge.engine.train.config import LoraSettings, TrainConfig
 ROWS = [{"system": "简短", "instruction": f"问题{i}", "output": f"回答{i}号"} for i in range(8)]
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
 def fresh(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

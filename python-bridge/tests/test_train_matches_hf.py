@@ -23,13 +23,6 @@ ROWS = [{"instruction": f"第{i}个问题：今天做什么？", "output": "我�
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
 def fresh_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -27,13 +27,6 @@ TAGS = {"train/loss": "loss", "train/learning_rate": "lr", "train/grad_norm": "g
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
 def model(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

@@ -23,20 +23,6 @@ from qwenbook_bridge.engine.train.config import LoraSettings, TrainConfig
 ROWS = [{"system": "简短", "instruction": f"问题{i}", "output": f"回答{i}号"} for i in range(12)]
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture
-def model(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-
-
 def probe_logits(model, tok) -> torch.Tensor:
     ids = tok("你好，你是谁？", return_tensors="pt")["input_ids"]
     with torch.no_grad():

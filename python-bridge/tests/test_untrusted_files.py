@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qwenbook_bridge.engine.train import checkpoints as ckpt
-from test_training import model, run, tok  # noqa: F401 - fixtures and helper shared with the training tests
+from test_training import run  # the training tests' helper (tok and model are conftest fixtures)
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640])
