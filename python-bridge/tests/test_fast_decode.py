@@ -202,16 +202,18 @@ def test_adapter_wrapped_model_is_refused(tiny_lm: Any) -> None:
         FastDecoder(wrapped.base_model.model, max_seq_len=16)
 
 
-def test_small_benchmark_runs_and_reports_no_divergence(tmp_path: Path) -> None:
+def test_small_benchmark_runs_and_reports_no_divergence(tmp_path: Path, tiny_model_dir: Path) -> None:
     from qwenbook_bridge.bench import decode as bench
 
     out = tmp_path / "bench.json"
     code = bench.main(["--small", "--device", "cpu", "--variants", "eager", "--skip", "batched",
-                       "--out", str(out)])
+                       "--engine", "--tokenizer", str(tiny_model_dir), "--out", str(out)])
     report = json.loads(out.read_text())
     assert code == 0 and report["errors"] == []
     assert {(r["scenario"], r["path"]) for r in report["results"]} >= {
-        ("decode_b1", "hf"), ("decode_b1", "eager"), ("ttft", "hf"), ("ttft", "eager")}
+        ("decode_b1", "hf"), ("decode_b1", "eager"), ("ttft", "hf"), ("ttft", "eager"), ("decode_b1", "engine")}
+    # Through the paged engine: every request ran to its full length (else the row is an error).
+    assert next(r for r in report["results"] if r["path"] == "engine")["tokens_per_s"] > 0
     assert report["correctness"] and all(c["first_divergence"] is None for c in report["correctness"])
     assert report["meta"]["ceiling_tokens_per_s"] > 0
 

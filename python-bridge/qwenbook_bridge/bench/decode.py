@@ -2,6 +2,7 @@
 
     cd python-bridge && PYTHONPATH=. python -m qwenbook_bridge.bench --out bench.json
     python -m qwenbook_bridge.bench --small --device cpu        # seconds, for CI and laptops
+    python -m qwenbook_bridge.bench --engine --tokenizer DIR --quant int8,int4   # also through the paged engine
 
 Without `--model` it builds the Qwen2.5-7B shape (or a small one with `--small`) with random weights, so it
 needs no download. It measures the device's copy bandwidth in the same run: batch-1 decode must read every
@@ -141,6 +142,8 @@ class Bench:
         self.fp32_margins: list[list[float]] = []
         self.batched_sizes: tuple[int, ...] = ()  # set by main unless batched scenarios are skipped
         self.profile_path: Path | None = None  # set by main with --profile: quantized variants are profiled too
+        self.engine_rows = False  # set by main with --engine: rows through the paged chat engine too
+        self.tokenizer: Any = None  # the engine's, from --tokenizer or --model
 
     def save(self) -> None:
         self.out.write_text(json.dumps(asdict(self.report), indent=2), encoding="utf-8")
@@ -247,6 +250,44 @@ class Bench:
         dec.generate(prompts, c.batch_new_tokens)
         return _rate(self.device, lambda n: dec.generate(prompts, n), batch, c.batch_new_tokens, c.repeats)
 
+    def run_engine(self, label: str) -> None:
+        """Decode through the paged chat engine that the worker and the server run (a block cache, a graph captured
+        per batch bucket, compiled layers on CUDA): batch 1 and the batched sizes, greedy and at full length,
+        by the same formula as the decoder's rows. Prefix caching is off so that every run prefills."""
+        from qwenbook_bridge.engine.generate.paged.scheduler import EngineConfig, PagedEngine
+        from qwenbook_bridge.engine.generate.sampling import SamplingParams
+
+        if self.tokenizer is None:
+            raise ValueError("the engine rows need a tokenizer (it detokenizes as it streams): pass --tokenizer "
+                             "with a Qwen tokenizer folder, or --model")
+        c = self.cfg
+        batches = [1, *self.batched_sizes]
+        longest = max(c.new_tokens, c.batch_new_tokens)
+        engine = PagedEngine(self.model, self.tokenizer,
+                             EngineConfig(max_batch_size=max(batches), prefix_caching=False,
+                                          context_length=c.prompt_len + longest + 1))
+        engine.start()
+        try:
+            for b in batches:
+                prompts = random_prompts(self.vocab, 1, c.prompt_len, seed=2) if b == 1 else self._batched_prompts(b)
+                new = c.new_tokens if b == 1 else c.batch_new_tokens
+
+                def run(n: int, prompts: list[list[int]] = prompts) -> None:
+                    params = SamplingParams(max_tokens=n, greedy=True, ignore_eos=True)
+                    handles = [engine.submit(p, params) for p in prompts]
+                    for h in handles:
+                        done = h.result(timeout=600)
+                        if done.error or done.completion_tokens != n:
+                            raise RuntimeError(f"the engine gave {done.completion_tokens} of {n} tokens "
+                                               f"({done.finish_reason}): {done.error}")
+
+                started = time.perf_counter()
+                run(new)  # warm-up: compiles the layers and captures this bucket's graph
+                self.add(scenario="setup", path=f"{label}-b{b}", warmup_s=time.perf_counter() - started)
+                self.add(scenario=f"decode_b{b}", path=label, batch=b, **_rate(self.device, run, b, new, c.repeats))
+        finally:
+            engine.stop()
+
     def run_quantized(self, method: str) -> None:
         """Decode on the same variants as 16-bit after quantizing the weights in place: int8 per channel, int4 in
         groups of 128. The model stays quantized; int8 needs the 16-bit weights, so it must come first."""
@@ -286,6 +327,8 @@ class Bench:
                     profile_decode(self.model, variant, c, self.profile_path, label=path))
             for b in self.batched_sizes:
                 self.add(scenario=f"decode_b{b}", path=path, batch=b, **self._fast_batched(variant, b))
+        if self.engine_rows:
+            self.run_engine(f"engine-{method}")
 
     def _restore_16bit(self) -> None:
         import gc
@@ -404,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quant", default="", help="comma list of int8, int4: after the rest, quantize the model in "
                    "place (in that order, int8 from a fresh copy of the weights) and time batch-1 decode on the "
                    "graph variant, beside the same variant in 16-bit")
+    p.add_argument("--engine", action="store_true",
+                   help="also decode through the paged chat engine the worker serves from, at batch 1 and the "
+                   "batched sizes (and after each --quant method); with random weights it needs --tokenizer")
+    p.add_argument("--tokenizer", help="a Qwen tokenizer folder for --engine with random weights")
     p.add_argument("--profile", action="store_true",
                    help="also write a kernel-time table per variant to <out>.profile.txt")
     a = p.parse_args(argv)
@@ -445,6 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.rebuild = lambda: (load_model(a.model, device, dtype) if a.model else
                              build_random_model("small" if a.small else "7b", device, dtype)).eval()
     bench.batched_sizes = () if "batched" in skip else cfg.batch_sizes
+    bench.engine_rows = a.engine
+    if a.engine and (a.tokenizer or a.model):
+        from qwenbook_bridge.engine.models.tokenizers import load_tokenizer
+
+        bench.tokenizer = load_tokenizer(Path(a.tokenizer or a.model))
     bench.save()
     refs: list[tuple[list[int], list[int]]] = []
     with torch.no_grad():
@@ -453,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.guarded("fp32_reference", lambda: bench.fp32_reference(refs))
         for v in variants:
             bench.guarded(f"ours_{v}", lambda v=v: bench.run_ours(v, refs))
+        if a.engine:
+            bench.guarded("engine", lambda: bench.run_engine("engine"))
         if "hf" not in skip:
             bench.guarded("hf", bench.run_hf)
         if "batched" not in skip:
