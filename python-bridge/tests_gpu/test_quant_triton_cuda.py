@@ -34,6 +34,25 @@ def test_kernels_match_the_reference_on_cuda(n: int, k: int, rows: int) -> None:
         assert (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("outlier", [1.0, 1e4])
+def test_one_int4_row_in_packed_halves_survives_outlier_activations(dtype: torch.dtype, outlier: float) -> None:
+    # One row of 16-bit activations runs in f16x2 (gemv_int4_halves). An activation of 1e4 times a code of -8 is
+    # past the half maximum (and still a half itself, so the fp16 case can hold it); the kernel scales such slices by a power of two, so the result stays finite and exact
+    # to rounding. The down projection's long rows also go through split K.
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    for n, k in ((3584, 18944), (512, 3584)):
+        w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
+        x = torch.randn(1, k, device="cuda", generator=gen)
+        x[0, ::97] *= outlier
+        x = x.to(dtype)
+        p4, s4 = quantize_int4(w, 128, torch.bfloat16)
+        got = quant_triton.int4_matmul(x, p4, s4, 128)
+        ref = x.float() @ dequantize_int4(p4, s4, torch.float32).t()
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        assert (got.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_graph_decoder_on_the_kernels_gives_the_models_greedy_tokens(perturbed_lm: Any, method: str) -> None:
     model = copy.deepcopy(perturbed_lm).cuda()

@@ -8,7 +8,9 @@ two to a byte, low nibble first, with a scale per group), dequantize in register
 
 - `gemv_*`: one input row. Each program owns BLOCK_N output rows and walks K in BLOCK_K slices, summing
   in fp32 on the CUDA cores; K may be split over SPLIT_K programs whose partial sums are added afterwards.
-  The int4 kernel (and int8 with `words`) reads the codes as 32-bit words and builds floats from their bits.
+  The int4 kernels (and int8 with `words`) read the codes as 32-bit words. For 16-bit activations the int4
+  one works in packed halves, two codes per instruction (gemv_int4_halves); for fp32 activations, and under
+  the CPU interpreter, which cannot run its inline PTX, it builds fp32 floats from the codes' bits.
 - `mm_*`: 2..MAX_ROWS input rows. The dequantized weight tile goes through `tl.dot` (rows padded to 16).
 
 Both compute the same sums as dequantize-then-matmul, in a different order (and without rounding the
@@ -80,9 +82,15 @@ def pick_config(method: str, rows: int, n: int, k: int, group_size: int = 0) -> 
     if rows == 1:
         if n <= 1024:
             return KernelConfig(4, 2048, 1, num_warps=8, words=True)
+        if method == "int4":  # the sweep of gemv_int4_halves
+            if k >= 8192:
+                return KernelConfig(32, max(512, group_size), 8, num_warps=2, words=True)
+            if n >= 65536:  # an output layer over the vocabulary
+                return KernelConfig(16, max(512, group_size), 1, num_warps=2, words=True)
+            return KernelConfig(16, max(2048, group_size), 1, num_warps=8 if n <= 8192 else 4, words=True)
         if k >= 8192:
-            return KernelConfig(16, 512, 4 if method == "int8" else 8, num_warps=4, words=True)
-        return KernelConfig(16, 512 if method == "int8" else 2048, 1, num_warps=4, words=True)
+            return KernelConfig(16, 512, 4, num_warps=4, words=True)
+        return KernelConfig(16, 512, 1, num_warps=4, words=True)
     block_n, block_k = 32, 256 if method == "int8" else max(64, group_size)
     steps = -(-k // block_k)
     split = 1
@@ -109,7 +117,9 @@ def _launch(method: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
                 kern.gemv_int8_words[grid](x, codes.view(torch.int32), scales, y, n, k, **common)
             else:
                 kern.gemv_int8[grid](x, codes, scales, y, n, k, **common)
-        else:
+        elif x.dtype in (torch.bfloat16, torch.float16) and not _interpreting():
+            kern.gemv_int4_halves[grid](x, codes.view(torch.int32), scales, y, n, k, GROUP=group_size, **common)
+        else:  # fp32 activations keep fp32 products; the CPU interpreter cannot run inline PTX
             kern.gemv_int4_words[grid](x, codes.view(torch.int32), scales, y, n, k, GROUP=group_size, **common)
     else:
         block_m = max(16, 1 << (m - 1).bit_length())  # the rows, padded to what tl.dot takes
