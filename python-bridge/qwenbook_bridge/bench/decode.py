@@ -143,6 +143,7 @@ class Bench:
         self.batched_sizes: tuple[int, ...] = ()  # set by main unless batched scenarios are skipped
         self.profile_path: Path | None = None  # set by main with --profile: quantized variants are profiled too
         self.engine_rows = False  # set by main with --engine: rows through the paged chat engine too
+        self.batched_variants: list[str] = variants  # the decoder variants timed at the batched sizes
         self.tokenizer: Any = None  # the engine's, from --tokenizer or --model
 
     def save(self) -> None:
@@ -325,7 +326,7 @@ class Bench:
             if self.profile_path is not None:
                 self.report.meta.setdefault("profile", []).append(
                     profile_decode(self.model, variant, c, self.profile_path, label=path))
-            for b in self.batched_sizes:
+            for b in self.batched_sizes if variant in self.batched_variants else ():
                 self.add(scenario=f"decode_b{b}", path=path, batch=b, **self._fast_batched(variant, b))
         if self.engine_rows:
             self.run_engine(f"engine-{method}")
@@ -438,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--variants", default=None, help=f"comma list of {sorted(VARIANTS)}; default: graph,compiled "
                    "on CUDA, eager on CPU")
-    p.add_argument("--batched-variants", help="variants for the batched scenarios (default: --variants)")
+    p.add_argument("--batched-variants", help="variants for the batched scenarios (default: --variants; 'none' "
+                   "for no decoder rows there, e.g. beside --engine)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: hf, check, batched")
     p.add_argument("--new-tokens", type=int, help="new tokens for the batch-1 scenario")
     p.add_argument("--batch-new-tokens", type=int, help="new tokens for the batched scenarios")
@@ -493,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                              build_random_model("small" if a.small else "7b", device, dtype)).eval()
     bench.batched_sizes = () if "batched" in skip else cfg.batch_sizes
     bench.engine_rows = a.engine
+    bench.batched_variants = a.batched_variants.split(",") if a.batched_variants else variants
     if a.engine and (a.tokenizer or a.model):
         from qwenbook_bridge.engine.models.tokenizers import load_tokenizer
 
@@ -510,8 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         if "hf" not in skip:
             bench.guarded("hf", bench.run_hf)
         if "batched" not in skip:
-            batched = a.batched_variants.split(",") if a.batched_variants else variants
-            paths = [v for v in batched if v in VARIANTS] + ([] if "hf" in skip else ["hf"])
+            paths = [v for v in bench.batched_variants if v in VARIANTS] + ([] if "hf" in skip else ["hf"])
             for b in cfg.batch_sizes:
                 bench.guarded(f"batched_{b}", lambda b=b: bench.run_batched(b, paths))
         if a.profile:
