@@ -101,36 +101,26 @@ def gemv_int4_words(x_ptr, w_ptr, s_ptr, y_ptr, N, K, GROUP: tl.constexpr,
 # Each 32-bit word (codes 0-7 of 8 inputs) is summed in f16x2 (four products per half) and then in fp32.
 # Activations are scaled by a power of two, per BLOCK_K slice, so that no |x| exceeds 1024: a product is then at
 # most 8192 and a half's sum of four at most 32768, under the half maximum (65504).
+def _word_dots_ptx() -> str:
+    """PTX for word_dots: $1 the codes' word, $2..$5 the activations' f16x2 pairs (inputs j and j + 4 of the word),
+    $0 the fp32 sum. Pair j is the word shifted right by 4j, masked to the low nibble of each 16-bit half and ORed
+    into 1024.0 (lop3: (a & b) | c), less 1032 (the code's offset of 8), times the pair, added into acc."""
+    lines = [".reg .b32 t, d, acc, off;", ".reg .f16 lo, hi;", ".reg .f32 flo, fhi;",
+             "mov.b32 off, 0x64086408;", "mov.b32 acc, 0;"]
+    for j in range(4):
+        lines += [f"shr.b32 t, $1, {4 * j};", "lop3.b32 d, t, 0x000F000F, 0x64006400, 0xEA;",
+                  "sub.f16x2 d, d, off;", f"fma.rn.f16x2 acc, d, ${2 + j}, acc;"]
+    lines += ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+WORD_DOTS_PTX = tl.constexpr(_word_dots_ptx())
+
+
 @triton.jit
 def word_dots(words, x04, x15, x26, x37):
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t, d, acc, off;
-        .reg .f16 lo, hi;
-        .reg .f32 flo, fhi;
-        mov.b32 off, 0x64086408;
-        mov.b32 acc, 0;
-        lop3.b32 d, $1, 0x000F000F, 0x64006400, 0xEA;
-        sub.f16x2 d, d, off;
-        fma.rn.f16x2 acc, d, $2, acc;
-        shr.b32 t, $1, 4;
-        lop3.b32 d, t, 0x000F000F, 0x64006400, 0xEA;
-        sub.f16x2 d, d, off;
-        fma.rn.f16x2 acc, d, $3, acc;
-        shr.b32 t, $1, 8;
-        lop3.b32 d, t, 0x000F000F, 0x64006400, 0xEA;
-        sub.f16x2 d, d, off;
-        fma.rn.f16x2 acc, d, $4, acc;
-        shr.b32 t, $1, 12;
-        lop3.b32 d, t, 0x000F000F, 0x64006400, 0xEA;
-        sub.f16x2 d, d, off;
-        fma.rn.f16x2 acc, d, $5, acc;
-        mov.b32 {lo, hi}, acc;
-        cvt.f32.f16 flo, lo;
-        cvt.f32.f16 fhi, hi;
-        add.f32 $0, flo, fhi;
-        }""",
-        constraints="=r,r,r,r,r,r", args=[words, x04, x15, x26, x37], dtype=tl.float32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(asm=WORD_DOTS_PTX, constraints="=r,r,r,r,r,r", args=[words, x04, x15, x26, x37],
+                                     dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
