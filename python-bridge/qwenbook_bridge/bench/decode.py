@@ -497,9 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.engine_rows = a.engine
     bench.batched_variants = a.batched_variants.split(",") if a.batched_variants else variants
     if a.engine and (a.tokenizer or a.model):
-        from qwenbook_bridge.engine.models.tokenizers import load_tokenizer
+        from transformers import AutoTokenizer
 
-        bench.tokenizer = load_tokenizer(Path(a.tokenizer or a.model))
+        bench.tokenizer = AutoTokenizer.from_pretrained(a.tokenizer or a.model)
     bench.save()
     refs: list[tuple[list[int], list[int]]] = []
     with torch.no_grad():
