@@ -162,7 +162,9 @@ def test_cancel_stops_a_long_generation_while_control_requests_are_answered(clie
             reply = msg
     content = reply.content
     assert content["finish_reason"] == "cancelled" and content["completion_tokens"] < 3000
-    assert sum(len(e.content["token_ids"]) for e in after_cancel) <= 1  # at most the step in progress
+    # At most the step in progress arrives after the reply. Its event also carries the ids held back until then
+    # because their text was an incomplete character, so count events with ids, not ids.
+    assert len([e for e in after_cancel if e.content["token_ids"]]) <= 1
     assert "".join(e.content["text"] for e in tokens_before + after_cancel) == content["text"]
 
     # The worker said busy when the request started and idle once it ended, with GPU telemetry meanwhile. (An

@@ -9,6 +9,7 @@ own PUSH socket), so it holds up neither control requests nor work on other mode
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -372,8 +373,9 @@ class WorkerServer:
             log.info("cancel %s (%s) at the request of session %s", item.request.msg_id, item.request.msg_type,
                      msg.session)
             # Forward what the job produced before the flag was set, so that at most the one step in progress
-            # can still arrive after this reply.
-            self._drain_jobs()
+            # can still arrive after this reply. All of it: a job that outran this thread can have left more than a
+            # batch, and with the flag set it adds at most one step more.
+            self._drain_jobs(limit=None)
         return {"status": "ok", "cancelled": item is not None}
 
     def _shutdown(self, msg: Message) -> dict[str, Any]:
@@ -382,9 +384,9 @@ class WorkerServer:
 
     # ------------------------------------------------------------ main thread: job output and telemetry
 
-    def _drain_jobs(self) -> None:
-        """Forward what the job thread produced; notes when it has exited."""
-        for _ in range(_DRAIN_BATCH):
+    def _drain_jobs(self, limit: int | None = _DRAIN_BATCH) -> None:
+        """Forward what the job thread produced (up to `limit` messages, None: all); notes when it has exited."""
+        for _ in itertools.count() if limit is None else range(limit):
             try:
                 frames = self._pull.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
