@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -347,3 +348,53 @@ def test_bad_type_is_refused() -> None:
         GgufConfig(type="q5_k").validate()
     with pytest.raises(ValueError, match="unknown GGUF type 'Q4_K_M'"):  # the notebook API lower-cases it
         GgufConfig(type="Q4_K_M").validate()
+
+
+def test_metadata_arrays_pack_to_the_bytes_gguf_py_writes(tmp_path: Path) -> None:
+    """The export's writer packs long arrays in one pass; the file must not change by a byte, and an array that
+    is not one type is still refused."""
+    import gguf
+
+    from qwenbook_bridge.engine.export.gguf import new_gguf_writer
+
+    def write(writer: Any, path: Path, extra: list[Any] | None = None) -> bytes:
+        writer.add_token_list(["a", "é", "<|im_end|>", "", "Ġthe"])
+        writer.add_token_types([gguf.TokenType.NORMAL, gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED,
+                                gguf.TokenType.UNUSED, gguf.TokenType.NORMAL])
+        writer.add_token_merges(["Ġ t", "h e"])
+        writer.add_array("test.floats", [0.5, -1.25, 3.0])
+        writer.add_array("test.ints", [1, -2, 2**31 - 1])
+        if extra is not None:
+            writer.add_array("test.extra", extra)
+        writer.write_header_to_file(path=path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        return path.read_bytes()
+
+    assert write(new_gguf_writer("qwen2"), tmp_path / "fast.gguf") == write(gguf.GGUFWriter(None, "qwen2"),
+                                                                             tmp_path / "plain.gguf")
+    with pytest.raises(ValueError, match="same type"):
+        write(new_gguf_writer("qwen2"), tmp_path / "mixed.gguf", extra=[1, 2.5])
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "BF16", "Q4_K"])
+def test_block_codecs_match_gguf_py_byte_for_byte_across_slices(kind: str, monkeypatch) -> None:
+    """Whole tensors go through gguf-py's block math in slices of rows; slices of 3 rows here so that a
+    tensor spans several, with zero blocks and ties for the largest magnitude among the rows."""
+    import gguf
+
+    from qwenbook_bridge.engine.export import gguf_blocks
+
+    monkeypatch.setattr(gguf_blocks, "_SLICE_VALUES", 3 * 256)
+    qtype = getattr(gguf.GGMLQuantizationType, kind)
+    arr = torch.randn(2, 5, 256, generator=torch.Generator().manual_seed(0)).numpy()
+    arr[0, 1] = 0.0
+    arr[1, 2, :4] = [2.5, -2.5, 2.5, -2.5]
+    if kind != "Q4_K":  # gguf-py cannot write K-quants (kquants.py does); reading them back goes through here
+        raw = gguf_blocks.quantize(arr, qtype)
+        np.testing.assert_array_equal(raw, gguf.quants.quantize(arr, qtype))
+    else:
+        from qwenbook_bridge.engine.export.kquants import quantize_k
+        raw = quantize_k(arr, "q4_k")
+    np.testing.assert_array_equal(gguf_blocks.dequantize(raw, qtype), gguf.quants.dequantize(raw, qtype))

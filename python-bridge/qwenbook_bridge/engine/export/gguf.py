@@ -20,6 +20,8 @@ import json
 import math
 import os
 import re
+import struct
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from torch import nn
 
 from qwenbook_bridge.engine.model_parts import base_model_of, has_lora
 from qwenbook_bridge.engine.export.merge import model_tensor_sources
+from qwenbook_bridge.engine.export import gguf_blocks
 from qwenbook_bridge.engine.export.gguf_read import GgufFile
 from qwenbook_bridge.engine.export.kquants import QK_K, quantize_k
 from qwenbook_bridge.engine.export.modelfile import modelfile_path, modelfile_text
@@ -82,6 +85,33 @@ def _gguf() -> Any:
     import gguf
 
     return gguf
+
+
+def new_gguf_writer(arch: str) -> Any:
+    """A GGUFWriter that packs long metadata arrays (Qwen's 151k tokens, their types, the merges) in one pass.
+    gguf-py packs them one value at a time, with a type check per value, which took seconds of every export."""
+    gguf = _gguf()
+    vt = gguf.GGUFValueType
+    numeric = {vt.INT32: "<i4", vt.UINT32: "<u4", vt.FLOAT32: "<f4"}
+
+    class Writer(gguf.GGUFWriter):  # type: ignore[misc, valid-type]
+        def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
+            if (vtype != vt.ARRAY or self.endianess != gguf.GGUFEndian.LITTLE or not isinstance(val, (list, tuple))
+                    or len(val) < 2):
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            ltype = sub_type if sub_type is not None else vt.get_type(val[0])
+            if ltype == vt.STRING and all(type(v) is str for v in val):
+                body = b"".join(struct.pack("<Q", len(e)) + e for e in (v.encode("utf-8") for v in val))
+            elif ltype in (vt.INT32, vt.UINT32) and all(isinstance(v, int) and not isinstance(v, bool) for v in val):
+                body = np.asarray(val, dtype=numeric[ltype]).tobytes()  # out of range raises, as struct would
+            elif ltype == vt.FLOAT32 and all(type(v) is float for v in val):
+                body = np.asarray(val, dtype=numeric[ltype]).tobytes()
+            else:
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            head = struct.pack("<I", vtype) if add_vtype else b""
+            return head + struct.pack("<IQ", ltype, len(val)) + body
+
+    return Writer(None, arch)
 
 
 def _qtype(name: str) -> Any:
@@ -213,17 +243,27 @@ def _split_patterns(node: Any) -> list[str]:
     return found + [p for v in node.values() if isinstance(v, (list, dict)) for p in _split_patterns(v)]
 
 
-def _add_tokenizer(w: Any, tokenizer: Any, root: nn.Module) -> None:
+# tokenizer -> ((vocabulary rows, added tokens), tables): reading the tables back from the tokenizer's JSON takes
+# seconds, and a notebook exports the same model's tokenizer in several types.
+_TABLES: weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], tuple[list[str], list[int], list[str]]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _tokenizer_tables(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """(token per id, GGUF token type per id, merges) for a model with `vocab_size` rows."""
     gguf = _gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise UnsupportedArchitectureError("GGUF export needs a fast (tokenizers) tokenizer with a tokenizer.json")
+    key = (vocab_size, len(tokenizer))  # tokens added since would change the length
+    cached = _TABLES.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     tj = json.loads(backend.to_str())
     model = tj["model"]
     if model.get("type") != "BPE" or QWEN2_SPLIT not in _split_patterns(tj.get("pre_tokenizer")):
         raise UnsupportedArchitectureError("the tokenizer is not Qwen2's byte-level BPE, so llama.cpp would split "
                                            "text differently from transformers")
-    vocab_size = root.config.vocab_size
     tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     types = dict.fromkeys(tokens, gguf.TokenType.NORMAL)
     for added in tj.get("added_tokens", []):
@@ -238,6 +278,13 @@ def _add_tokenizer(w: Any, tokenizer: Any, root: nn.Module) -> None:
         token_list.append(tokens.get(i, f"[PAD{i}]"))
         type_list.append(types.get(i, gguf.TokenType.UNUSED))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    tables = (token_list, type_list, merges)
+    _TABLES[tokenizer] = (key, tables)
+    return tables
+
+
+def _add_tokenizer(w: Any, tokenizer: Any, root: nn.Module) -> None:
+    token_list, type_list, merges = _tokenizer_tables(tokenizer, root.config.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(token_list)
@@ -352,7 +399,6 @@ def _plan(sources: Sequence[TensorSource], cfg: GgufConfig, model_cfg: Any
 
 
 def _encode(t: torch.Tensor, qtype_name: str) -> np.ndarray:
-    gguf = _gguf()
     arr = t.detach().to("cpu", torch.float32).contiguous().numpy()
     if qtype_name == "f32":
         return arr
@@ -360,7 +406,7 @@ def _encode(t: torch.Tensor, qtype_name: str) -> np.ndarray:
         return arr.astype(np.float16)
     if qtype_name in K_FALLBACK:
         return quantize_k(arr, qtype_name)
-    return gguf.quants.quantize(arr, _qtype(qtype_name))
+    return gguf_blocks.quantize(arr, _qtype(qtype_name))
 
 
 def export_gguf(model: nn.Module, tokenizer: Any, target: str | os.PathLike[str], config: GgufConfig | None = None,
@@ -374,7 +420,6 @@ def export_gguf(model: nn.Module, tokenizer: Any, target: str | os.PathLike[str]
     (one layer at a time) to report perplexity, mean KL and top-1 agreement against the unexported model: the
     cost of the weight rounding. llama.cpp also rounds activations in its quantized matmuls, not measured here.
     """
-    gguf = _gguf()
     config = config or GgufConfig()
     config.validate()
     root = base_model_of(model)
@@ -392,7 +437,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, target: str | os.PathLike[str]
     tracker = Progress(progress, sum(nbytes))
     tracker.set_stage("prepare")
     name = config.name or Path(str(getattr(root.config, "name_or_path", "") or "qwen2")).name or "qwen2"
-    writer = gguf.GGUFWriter(None, arch)
+    writer = new_gguf_writer(arch)
     _add_hparams(writer, root, name, config.type)
     _add_tokenizer(writer, tokenizer, root)
     np_dtypes = {"f32": np.float32, "f16": np.float16}
