@@ -41,6 +41,13 @@ def logits(model, tokenizer, text: str) -> torch.Tensor:
         return model(input_ids=ids).logits[0].float()
 
 
+def assert_merged_close(merged: torch.Tensor, adapter: torch.Tensor) -> None:
+    """fp32 rounding of W + BA against W x + B(A x), through every layer: a few ulps of logits that reach 20,
+    and how many depends on the CPU's kernels. A merge that missed the adapter is off by more than 0.1."""
+    scale = adapter.abs().max().item()
+    assert (merged - adapter).abs().max().item() < 2e-5 * scale
+
+
 def test_merged_folder_loads_in_plain_transformers_with_adapter_logits(base, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -62,7 +69,7 @@ def test_merged_folder_loads_in_plain_transformers_with_adapter_logits(base, tmp
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert not has_lora(loaded)
     for text in PROMPTS:
-        assert torch.allclose(logits(loaded, tok, text), before[text], atol=1e-4, rtol=0)
+        assert_merged_close(logits(loaded, tok, text), before[text])
         # The caller's model still has its adapter and answers as before.
         assert torch.equal(logits(pm, tok, text), before[text])
     loaded_tok = AutoTokenizer.from_pretrained(out)
@@ -93,7 +100,7 @@ def test_merge_lora_returns_a_separate_merged_model(base) -> None:
     pm = with_lora(model, seed=2)
     merged = merge_lora(pm)
     assert not has_lora(merged) and has_lora(pm)
-    assert torch.allclose(logits(merged, tok, PROMPTS[1]), logits(pm, tok, PROMPTS[1]), atol=1e-4, rtol=0)
+    assert_merged_close(logits(merged, tok, PROMPTS[1]), logits(pm, tok, PROMPTS[1]))
 
 
 def test_merge_from_adapter_folder_leaves_the_base_as_it_was(base, tmp_path: Path) -> None:
@@ -106,7 +113,7 @@ def test_merge_from_adapter_folder_leaves_the_base_as_it_was(base, tmp_path: Pat
     expected = logits(pm, tok, PROMPTS[0])
     save_merged(plain, tok, tmp_path / "merged", adapter=tmp_path / "adapter")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    assert torch.allclose(logits(loaded, tok, PROMPTS[0]), expected, atol=1e-4, rtol=0)
+    assert_merged_close(logits(loaded, tok, PROMPTS[0]), expected)
     assert not has_lora(plain)
     assert torch.equal(logits(plain, tok, PROMPTS[0]), logits(model, tok, PROMPTS[0]))
 
