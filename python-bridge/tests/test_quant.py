@@ -110,6 +110,25 @@ def test_cpu_paths_compute_the_dequantized_product_and_share_one_buffer() -> Non
         assert cpu_ops.fused_kernel("int8") is not None and cpu_ops.fused_kernel("int4") is not None
 
 
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="the fused kernel needs a C++ compiler")
+def test_fused_cpu_kernel_compiles_once_for_engine_and_transformers_callers() -> None:
+    """The engine decodes under inference_mode, transformers' generate under no_grad, often with a view of a
+    bigger tensor as x: after the kernel's own check (1 and 3 rows) none of them may compile it again."""
+    import torch._dynamo
+
+    g = torch.Generator().manual_seed(1)
+    layer = Int8Linear.from_float(torch.randn(48, 512, generator=g), None, torch.float32)
+    w = layer.dequantize(torch.float32)
+    assert cpu_ops.fused_kernel("int8") is not None
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for mode in (torch.inference_mode, torch.no_grad):
+            for rows in (1, 2, 4):
+                with mode():
+                    x = torch.randn(rows, 2, 512, generator=g)[:, 1]  # a strided view, as a sliced hidden state
+                    got = layer(x)
+                assert (got - x @ w.t()).abs().max() <= 1e-5 * (x @ w.t()).abs().max()
+
+
 def test_logits_stay_close_to_fp32() -> None:
     """On a model with realistic weight scales (initializer_range 0.02), the quantized logits stay within:
     int8 per-channel <= 3% relative RMS error and KL < 1e-4 nats; int4 <= 30% (group 32) / 35% (group 128) and

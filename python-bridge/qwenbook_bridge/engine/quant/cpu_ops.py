@@ -131,10 +131,24 @@ def fused_kernel(method: str) -> Callable[..., torch.Tensor] | None:
     return _fused[method]
 
 
+def _uniform_calls(compiled: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`compiled`, always called in the same autograd state with a fresh contiguous x. Its guards check the
+    dispatch keys and the view base of x, so callers under no_grad (transformers' generate) and under
+    inference_mode (the engine), or a view as x, each cost a compilation of their own: seconds of every
+    process that decodes on the CPU. x is a few rows, so the copy is nothing beside reading the weight."""
+    def call(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # no caller does; a graph for it would be a third kind
+            return compiled(x, codes, scales)
+        with torch.inference_mode(False), torch.no_grad():
+            return compiled(x.clone(), codes, scales)
+
+    return call
+
+
 def _build(method: str) -> Callable[..., torch.Tensor] | None:
     from qwenbook_bridge.engine.quant.codes import dequantize_int4, quantize_int4, quantize_int8
 
-    fn = torch.compile(_int8_rows if method == "int8" else _int4_rows, dynamic=True)
+    fn = _uniform_calls(torch.compile(_int8_rows if method == "int8" else _int4_rows, dynamic=True))
     g = torch.Generator().manual_seed(0)
     try:
         w = torch.randn(48, 512, generator=g)
