@@ -31,7 +31,7 @@ const baseEnv = {
   HF_HUB_OFFLINE: "1",
   TOKENIZERS_PARALLELISM: "false",
   PYTHONUNBUFFERED: "1",
-  // One compute thread per process: the two lanes (and a busy CI host) already keep both cores busy, and
+  // One compute thread per process: the lanes (and a busy CI host) already keep both cores busy, and
   // PyTorch's OpenMP threads spin-wait for each other when oversubscribed (a 16 s run took 240 s that way).
   OMP_NUM_THREADS: process.env.OMP_NUM_THREADS ?? "1",
   // CPU chat runs on llama.cpp from a q8_0 copy of the weights by default; the suites compare replies with
@@ -103,10 +103,11 @@ const suites = [
   // beside the other two rather than lengthening either.
   { ...vitest("tests/install/vitest.config.ts", "install"), lane: "install" },
   pytest("pytest-launch", { lane: "install", files: LAUNCHING }),
+  // The extension's specs and the browser suite (JupyterLab in Chromium) end the install lane; see the lanes below.
+  { ...vitest("extension/vitest.config.ts", "extension"), lane: "install" },
+  { ...vitest("tests/browser/vitest.config.ts", "browser"), lane: "install" },
   vitest("tests/vitest.config.ts", "vitest"),
-  vitest("extension/vitest.config.ts", "extension"),
   vitest("tests/notebooks/vitest.config.ts", "notebooks"),
-  vitest("tests/browser/vitest.config.ts", "browser"),
 ];
 const unknownSuites = only.filter((name) => !suites.some((s) => s.name === name));
 if (unknownSuites.length > 0) {
@@ -175,10 +176,12 @@ function runSuite(s) {
   });
 }
 
-// Lanes at once: the Python suite, the install suite, and the Node suites, which run one after another (the
-// notebook and browser suites start JupyterLab and kernels of their own). On two cores two lanes saved about a
-// third of the time, since much of each lane is process start-up and waiting on sockets and disks; every test
-// already waits for readiness, as it must on a busy CI host.
+// Three lanes at once, the suites of a lane one after another: the Python suite; the install suite, the
+// launching Python tests, the extension's specs and the browser suite; the integration and notebook suites. On two
+// cores lanes save time, since much of each is process start-up and waiting on sockets and disks; every test
+// already waits for readiness, as it must on a busy CI host. The lanes are balanced by their times on a two-core
+// host (about 1,150, 850 and 1,150 s in CI): with the browser suite after the integration and notebook suites,
+// that lane ran its last 220 s alone, one core idle.
 const lanes = ["python", "install", undefined].map((lane) => chosen.filter((s) => s.lane === lane)).filter((l) => l.length > 0);
 const results = (await Promise.all(lanes.map(async (lane) => {
   const out = [];
