@@ -218,6 +218,37 @@ def test_small_benchmark_runs_and_reports_no_divergence(tmp_path: Path, tiny_mod
     assert report["meta"]["ceiling_tokens_per_s"] > 0
 
 
+def test_the_benchmark_reports_what_quantizing_the_output_layer_costs(capsys: pytest.CaptureFixture[str]) -> None:
+    """--quant int8+head / int4+head quantize the output layer too; beside the speed, the benchmark reports the
+    output layer's own cost on the model's hidden states: none for the 16-bit head, some for int4."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwenbook_bridge.bench import decode as bench
+    from qwenbook_bridge.engine.quant.config import QuantConfig
+    from qwenbook_bridge.engine.quant.layers import QuantizedLinear
+    from qwenbook_bridge.engine.quant.quantize import quantize_model
+
+    assert bench.quant_spec("int4+head") == ("int4", True) and bench.quant_spec("int8") == ("int8", False)
+    with pytest.raises(SystemExit):
+        bench.main(["--small", "--device", "cpu", "--quant", "int8,int4+tail"])
+    assert "--quant 'int4+tail': use int8 or int4, optionally with +head" in capsys.readouterr().err
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=False)).eval()
+    head = model.lm_head.weight.detach().clone()
+    prompt = list(range(3, 60))
+    with torch.no_grad():
+        same = bench.head_quality(model, head, prompt)
+        assert same["head_mean_kl"] < 1e-6 and same["head_top1_agreement"] == 1.0
+        quantize_model(model, QuantConfig("int4", 32, include_lm_head=True))
+        assert isinstance(model.lm_head, QuantizedLinear)
+        cost = bench.head_quality(model, head, prompt)
+    assert cost["positions"] == len(prompt) and cost["head_mean_kl"] > 1e-6
+    assert 0 < cost["head_max_abs_error_share"] < 0.2 and cost["head_top1_agreement"] > 0.5
+
+
 def test_the_decode_ceiling_counts_the_bytes_a_step_reads() -> None:
     """The benchmark's batch-1 ceiling is bandwidth / bytes read per step: an untied input table contributes one
     row (the head is read whole), a tied one is read once as the head, and int8 layers count their codes and

@@ -99,6 +99,29 @@ def step_read_bytes(model: Any) -> int:
     return total
 
 
+def quant_spec(spec: str) -> tuple[str, bool]:
+    """--quant's "int8" / "int4" / "int8+head" / "int4+head" as (method, quantize the output layer too)."""
+    method, plus, extra = spec.partition("+")
+    if method not in ("int8", "int4") or (plus and extra != "head"):
+        raise ValueError(f"--quant {spec!r}: use int8 or int4, optionally with +head (the output layer too)")
+    return method, bool(plus)
+
+
+def head_quality(model: Any, head_16bit: torch.Tensor, prompt: list[int]) -> dict[str, float]:
+    """What quantizing the output layer alone costs, at every position of `prompt` on the model's own hidden
+    states: mean KL(16-bit head || quantized head) in nats, top-1 agreement, and the largest logit error as a
+    share of the logits' range."""
+    ids = torch.tensor([prompt], device=head_16bit.device)
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0]
+    ref = (hidden @ head_16bit.t()).float()
+    got = model.get_output_embeddings()(hidden).float()
+    log_ref, log_got = ref.log_softmax(-1), got.log_softmax(-1)
+    kl = (log_ref.exp() * (log_ref - log_got)).sum(-1)
+    return {"positions": len(prompt), "head_mean_kl": kl.mean().item(), "head_max_kl": kl.max().item(),
+            "head_top1_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
+            "head_max_abs_error_share": ((got - ref).abs().max() / (ref.max() - ref.min())).item()}
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes read plus bytes written per second by a large device-to-device copy (median of 10)."""
     n = (1 << 30) if device.type == "cuda" else (1 << 27)
@@ -289,31 +312,35 @@ class Bench:
         finally:
             engine.stop()
 
-    def run_quantized(self, method: str) -> None:
+    def run_quantized(self, spec: str) -> None:
         """Decode on the same variants as 16-bit after quantizing the weights in place: int8 per channel, int4 in
-        groups of 128. The model stays quantized; int8 needs the 16-bit weights, so it must come first."""
+        groups of 128; with "+head" (int8+head, int4+head) the output layer too, and its cost in quality beside.
+        The model stays quantized until the next method, which starts again from the 16-bit weights."""
         from qwenbook_bridge.engine.quant.config import QuantConfig
         from qwenbook_bridge.engine.quant.quantize import quantize_model
         from qwenbook_bridge.engine.quant.layers import QuantizedLinear
 
-        if method == "int8" and any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
-            raise ValueError("int8 must be measured before int4 (it quantizes the 16-bit weights)")
-        if method == "int4" and any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
+        method, head = quant_spec(spec)
+        if any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
             self._restore_16bit()
+        c, dev = self.cfg, self.device
+        prompt = check_prompts(self.vocab, 1, c.prompt_len, seed=1)[0]
+        head_16bit = self.model.get_output_embeddings().weight.detach().clone() if head else None
         started = time.perf_counter()
-        summary = quantize_model(self.model, QuantConfig(method=method, group_size=128))
+        summary = quantize_model(self.model, QuantConfig(method=method, group_size=128, include_lm_head=head))
         read = step_read_bytes(self.model)
-        self.add(scenario="setup", path=method, quantized_bytes=summary.quantized_bytes, step_read_bytes=read,
+        self.add(scenario="setup", path=spec, quantized_bytes=summary.quantized_bytes, step_read_bytes=read,
                  ceiling_tokens_per_s=self.report.meta["copy_bandwidth_gbps"] * 1e9 / read,
                  warmup_s=time.perf_counter() - started)
-        c, dev = self.cfg, self.device
+        if head_16bit is not None:
+            self.add(scenario="head_quality", path=spec, **head_quality(self.model, head_16bit, prompt))
+            del head_16bit
         ids = random_prompts(self.vocab, 1, c.prompt_len, seed=2)
-        prompt = check_prompts(self.vocab, 1, c.prompt_len, seed=1)[0]
         # Same quantized model through transformers' loop: the decoder must give its greedy tokens.
         reference = hf_generate(self.model, torch.tensor([prompt], device=dev), c.check_tokens)[0].tolist()
         variants = [v for v in self.variants if v != "eager"] or ["eager"]
         for variant in variants:
-            path = f"{variant}-{method}"
+            path = f"{variant}-{spec}"
             dec = FastDecoder(self.model, max_seq_len=max(c.prompt_len + c.new_tokens, c.ttft_len + 1),
                               batch_size=1, **VARIANTS[variant])
             dec.generate(ids, c.new_tokens)
@@ -329,7 +356,7 @@ class Bench:
             for b in self.batched_sizes if variant in self.batched_variants else ():
                 self.add(scenario=f"decode_b{b}", path=path, batch=b, **self._fast_batched(variant, b))
         if self.engine_rows:
-            self.run_engine(f"engine-{method}")
+            self.run_engine(f"engine-{spec}")
 
     def _restore_16bit(self) -> None:
         import gc
@@ -394,8 +421,9 @@ def summarize(report: Report) -> str:
              f"{'scenario':<12}{'path':<18}{'tokens/s':>10}{'vs HF':>8}{'% ceiling':>11}{'TTFT ms':>10}"
              f"{'vs 16-bit':>11}"]
     sixteen = {(r["scenario"], r["path"]): r for r in rows}
+    quantized = {spec for spec in ceilings if spec.partition("+")[0] in ("int8", "int4")}
     for r in rows:
-        if r["scenario"] == "setup":
+        if r["scenario"] in ("setup", "head_quality"):
             continue
         tps, base = r.get("tokens_per_s"), hf.get(r["scenario"], {})
         ratio = ""
@@ -408,13 +436,18 @@ def summarize(report: Report) -> str:
         pct = f"{100 * tps / limit:.0f}%" if tps and limit and r["scenario"] == "decode_b1" else ""
         ttft = f"{1000 * r['ttft_s']:.1f}" if "ttft_s" in r else ""
         rate = f"{tps:.1f}" if tps else ""
-        base16 = sixteen.get((r["scenario"], variant), {}).get("tokens_per_s") if method in ("int8", "int4") else None
+        base16 = sixteen.get((r["scenario"], variant), {}).get("tokens_per_s") if method in quantized else None
         vs16 = f"{tps / base16:.2f}x" if tps and base16 else ""
         lines.append(f"{r['scenario']:<12}{r['path']:<18}{rate:>10}{ratio:>8}{pct:>11}{ttft:>10}{vs16:>11}")
     for r in rows:
         if r["scenario"] == "setup":
-            what = "quantize" if r["path"] in ("int8", "int4") else "compile + capture + first run"
+            what = "quantize" if r["path"] in quantized else "compile + capture + first run"
             lines.append(f"setup {r['path']}: {what} {r['warmup_s']:.1f} s")
+        elif r["scenario"] == "head_quality":
+            lines.append(f"output layer {r['path']}: mean KL {r['head_mean_kl']:.2e} nats "
+                         f"(max {r['head_max_kl']:.2e}), top-1 agreement {100 * r['head_top1_agreement']:.1f}% "
+                         f"over {r['positions']} positions, largest error "
+                         f"{100 * r['head_max_abs_error_share']:.2f}% of the logits' range")
     pairs: dict[tuple[str, str], list[str]] = {}
     for c in report.correctness:
         at = c["first_divergence"]
@@ -446,9 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-new-tokens", type=int, help="new tokens for the batched scenarios")
     p.add_argument("--batch-sizes", help="comma list, default 8,32")
     p.add_argument("--out", default="qwenbook-bench.json", help="where the JSON report goes")
-    p.add_argument("--quant", default="", help="comma list of int8, int4: after the rest, quantize the model in "
-                   "place (in that order, int8 from a fresh copy of the weights) and time batch-1 decode on the "
-                   "graph variant, beside the same variant in 16-bit")
+    p.add_argument("--quant", default="", help="comma list of int8, int4, int8+head, int4+head: after the rest, "
+                   "quantize the model in place (each from the 16-bit weights; +head: the output layer too, with "
+                   "what that costs in quality) and time decode on the same variants as 16-bit")
     p.add_argument("--engine", action="store_true",
                    help="also decode through the paged chat engine the worker serves from, at batch 1 and the "
                    "batched sizes (and after each --quant method); with random weights it needs --tokenizer")
@@ -466,6 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+    for spec in filter(None, a.quant.split(",")):
+        try:
+            quant_spec(spec)
+        except ValueError as e:
+            p.error(str(e))
     cfg = SMALL if a.small else BenchConfig()
     overrides = {k: v for k, v in (("new_tokens", a.new_tokens), ("batch_new_tokens", a.batch_new_tokens)) if v}
     if a.batch_sizes:
@@ -524,8 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             for v in dict.fromkeys(["eager", *variants]):
                 bench.guarded(f"profile_{v}", lambda v=v: report.meta.setdefault("profile", []).append(
                     profile_decode(model, v, cfg, prof_path)))
-        for method in filter(None, a.quant.split(",")):
-            bench.guarded(f"quant_{method}", lambda method=method: bench.run_quantized(method))
+        for spec in filter(None, a.quant.split(",")):
+            bench.guarded(f"quant_{spec}", lambda spec=spec: bench.run_quantized(spec))
     report.meta["total_s"] = time.perf_counter() - start
     bench.save()
     print(summarize(report), flush=True)
