@@ -89,7 +89,7 @@ def _gguf() -> Any:
 
 def new_gguf_writer(arch: str) -> Any:
     """A GGUFWriter that packs long metadata arrays (Qwen's 151k tokens, their types, the merges) in one pass.
-    gguf-py packs them one value at a time, with a type check per value, which took seconds of every export."""
+    gguf-py packs them one value at a time, with a type check per value: most of a second of every export."""
     gguf = _gguf()
     vt = gguf.GGUFValueType
     numeric = {vt.INT32: "<i4", vt.UINT32: "<u4", vt.FLOAT32: "<f4"}
