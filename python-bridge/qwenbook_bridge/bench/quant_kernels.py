@@ -67,9 +67,9 @@ def sweep_configs(method: str, rows: int) -> list[quant_triton.KernelConfig]:
             return configs
         return configs + [quant_triton.KernelConfig(c.block_n, c.block_k, c.split_k, c.num_warps, words=True)
                           for c in configs]
-    ks = (64, 128, 256) if method == "int8" else (GROUP,)
-    grid = itertools.product((32, 64, 128), ks, (1, 2, 4, 8), (4, 8))
-    return [quant_triton.KernelConfig(n, k, s, w) for n, k, s, w in grid]
+    ks = (128, 256) if method == "int8" else (GROUP,)
+    grid = itertools.product((32, 64, 128), ks, (1, 2, 4, 8), (4, 8), (2, 3, 4))
+    return [quant_triton.KernelConfig(n, k, s, w, num_stages=st) for n, k, s, w, st in grid]
 
 
 def bench_shape(name: str, n: int, k: int, rows: int, sweep: bool) -> list[dict[str, Any]]:
@@ -138,14 +138,16 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="1,8,16,32", help="comma list of input rows")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep-rows", default="1,8", help="the row counts --sweep tries tile sizes for")
     p.add_argument("--out", default="qwenbook-quant-kernels.json")
     a = p.parse_args(argv)
     require_cuda("python -m qwenbook_bridge.bench.quant_kernels",
                  instead="the CPU checks of these kernels are in python-bridge/tests/test_quant_triton.py")
     results = []
+    sweep_rows = {int(r) for r in a.sweep_rows.split(",")}
     for rows in (int(r) for r in a.rows.split(",")):
         for name, (n, k) in SHAPES.items():
-            results += bench_shape(name, n, k, rows, a.sweep and rows in (1, 8))
+            results += bench_shape(name, n, k, rows, a.sweep and rows in sweep_rows)
             Path(a.out).write_text(json.dumps({"card": torch.cuda.get_device_name(), "results": results}, indent=1))
     for r in results:
         extra = f" err {r['max_rel_err']:.1e}" if "max_rel_err" in r else ""

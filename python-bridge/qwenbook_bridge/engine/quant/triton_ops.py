@@ -71,6 +71,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     words: bool = False  # int8, one row: read the codes as 32-bit words (int4 always does)
+    num_stages: int = 3  # Triton's software pipelining depth of the K loop (its default on CUDA)
 
 
 def pick_config(method: str, rows: int, n: int, k: int, group_size: int = 0) -> KernelConfig:
@@ -78,7 +79,7 @@ def pick_config(method: str, rows: int, n: int, k: int, group_size: int = 0) -> 
     cycled past the L2 cache (bench/quant_kernels.py --sweep). One row: narrow tiles over long K slices for
     layers with few outputs (k/v: 512), so hundreds of programs stream at once; the long rows of the down
     projection (18,944 inputs) are split over K. Several rows: the tl.dot kernels, split over K until every
-    SM has a few programs."""
+    SM has a few programs (`--sweep-rows 16,32` for the wider tiles from 16 rows)."""
     if rows == 1:
         if n <= 1024:
             return KernelConfig(4, 2048, 1, num_warps=8, words=True)
@@ -91,7 +92,10 @@ def pick_config(method: str, rows: int, n: int, k: int, group_size: int = 0) -> 
         if k >= 8192:
             return KernelConfig(16, 512, 4, num_warps=4, words=True)
         return KernelConfig(16, 512, 1, num_warps=4, words=True)
-    block_n, block_k = 32, 256 if method == "int8" else max(64, group_size)
+    if rows >= 16:  # wider tiles: each weight tile, dequantized once, serves more rows (sweep at 16 and 32 rows)
+        block_n, block_k = 64, 128 if method == "int8" else max(64, group_size)
+    else:
+        block_n, block_k = 32, 256 if method == "int8" else max(64, group_size)
     steps = -(-k // block_k)
     split = 1
     while split * 2 <= steps and k // (split * 2) >= 2048:
@@ -110,7 +114,8 @@ def _launch(method: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
     out_dtype = x.dtype if split == 1 else torch.float32
     y = torch.empty((split, m, n), dtype=out_dtype, device=x.device)
     grid = (-(-n // cfg.block_n), split)
-    common: dict[str, Any] = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, num_warps=cfg.num_warps)
+    common: dict[str, Any] = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, num_warps=cfg.num_warps,
+                                  num_stages=cfg.num_stages)
     if m == 1:
         if method == "int8":
             if cfg.words and k % 4 == 0:
