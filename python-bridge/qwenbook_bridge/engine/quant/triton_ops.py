@@ -92,16 +92,18 @@ def pick_config(method: str, rows: int, n: int, k: int, group_size: int = 0) -> 
         if k >= 8192:
             return KernelConfig(16, 512, 4, num_warps=4, words=True)
         return KernelConfig(16, 512, 1, num_warps=4, words=True)
-    if rows >= 16:  # wider tiles: each weight tile, dequantized once, serves more rows (sweep at 16 and 32 rows)
-        block_n, block_k = 64, 128 if method == "int8" else max(64, group_size)
-    else:
-        block_n, block_k = 32, 256 if method == "int8" else max(64, group_size)
+    # From 16 rows (int8) or 32 (int4) wider tiles: each weight tile, dequantized once, serves more rows. int4's
+    # dequantizing is then the bound, not memory, so it takes more programs (sweep at 16 and 32 rows).
+    wide = rows >= (16 if method == "int8" else 32)
+    block_n = 64 if wide else 32
+    block_k = (128 if wide else 256) if method == "int8" else max(64, group_size)
     steps = -(-k // block_k)
     split = 1
     while split * 2 <= steps and k // (split * 2) >= 2048:
         split *= 2
     programs = -(-n // block_n)
-    while programs * split < 264 and steps // (split * 2) >= 2:
+    enough = 1024 if wide and method == "int4" else 264
+    while programs * split < enough and steps // (split * 2) >= 2 and split < 8:
         split *= 2
     return KernelConfig(block_n, block_k, split, num_warps=4)
 
