@@ -38,6 +38,11 @@ const baseEnv = {
   // transformers token for token, so they ask for the exact f32 copy (python-bridge/tests/test_llama_cpp_engine.py
   // checks the default).
   QWENBOOK_CPU_GGUF_TYPE: process.env.QWENBOOK_CPU_GGUF_TYPE ?? "f32",
+  // int8/int4 layers decode a few rows on the CPU with a kernel torch.compile builds once per process: 15-25 s of
+  // CPU even when Inductor's disk cache already holds it (importing Inductor, tracing with symbolic shapes). The
+  // workers, servers and notebooks of the suites decode on the dense path instead, which is also what serves
+  // every prefill; the kernel's own tests (test_quant.py, test_fast_decode_quant.py) turn it back on.
+  QWENBOOK_CPU_QUANT_KERNEL: process.env.QWENBOOK_CPU_QUANT_KERNEL ?? "0",
   // glibc maps every large tensor (a tiny model's logits over the 152k-word vocabulary are hundreds of MB) fresh
   // and the kernel then faults it in 4 KB at a time; with transparent huge pages allowed for malloc (glibc 2.35+,
   // ignored elsewhere) that is 2 MB at a time: pytest's training and generation files took a third less CPU.

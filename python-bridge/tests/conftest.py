@@ -118,3 +118,10 @@ def model_id(client, tiny_model_dir):
     reply, _ = client.call("load", {"model": str(tiny_model_dir), "dtype": "fp32"})
     assert reply.content["status"] == "ok", reply.content
     return reply.content["model"]["model_id"]
+
+
+@pytest.fixture
+def fused_cpu_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled few-row CPU kernel of int8/int4 layers switched on (npm test switches it off for the suites
+    that only decode through it, since building it costs each process 15-25 s of CPU): for its own tests."""
+    monkeypatch.setenv("QWENBOOK_CPU_QUANT_KERNEL", "1")

@@ -15,6 +15,8 @@ from qwenbook_bridge.engine.quant.layers import QuantizedLinear
 from test_fast_decode import CHECK_TOKENS, _hf_greedy, _prompts, perturbed_lm, tiny_lm  # noqa: F401
 
 
+pytestmark = pytest.mark.usefixtures("fused_cpu_kernel")  # the kernel under test here
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_layers_decode_as_their_model_does(perturbed_lm: Any, method: str) -> None:
     model = copy.deepcopy(perturbed_lm)

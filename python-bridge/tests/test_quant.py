@@ -23,6 +23,8 @@ from qwenbook_bridge.engine.export.quantized import save_quantized
 from qwenbook_bridge.engine.quant.quality import DEFAULT_HELDOUT_TEXTS, evaluate_quality
 from qwenbook_bridge.engine.files.save import SaveConfig
 
+pytestmark = pytest.mark.usefixtures("fused_cpu_kernel")  # the kernel under test here
+
 TEXT = "The harbour town woke slowly. 你好，你是谁？ def f(x): return x * 2"
 
 
