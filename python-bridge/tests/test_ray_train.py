@@ -187,6 +187,16 @@ def test_a_client_server_that_dies_starting_is_retried_with_a_fresh_connection(l
     assert ray.calls == 3
 
 
+def test_a_client_server_that_dies_at_once_is_retried_with_a_fresh_connection(listening: str) -> None:
+    # Seen on a loaded 2-core host: the per-connection server aborted in gRPC right after it was forked, and the
+    # proxy, reading its command line, met a zombie.
+    ray = _FlakyRay(1, "Traceback (most recent call last):\n  File \".../proxier.py\", line 396, in "
+                       "start_specific_server\n    cmd = psutil_proc.cmdline()\npsutil.ZombieProcess: PID still "
+                       "exists but it's a zombie (pid=21422)")
+    ray_launch._connect(ray, listening, timeout_s=30)
+    assert ray.calls == 2
+
+
 def test_a_client_server_that_keeps_dying_is_reported_with_its_words(listening: str) -> None:
     ray = _FlakyRay(10, "RuntimeError: Starting Ray client server failed. See ray_client_server_23001.err")
     with pytest.raises(RayClusterError, match=r"(?s)cannot connect to .* Starting Ray client server failed.*23001\.err"):

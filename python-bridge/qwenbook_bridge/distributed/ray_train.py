@@ -175,10 +175,12 @@ def _connect(ray: Any, address: str, timeout_s: float) -> None:
 
 
 def _is_client_start_failure(e: BaseException) -> bool:
-    """Ray Client's proxy could not start (or reach) the per-connection server: worth a fresh connection."""
+    """Ray Client's proxy could not start (or reach) the per-connection server: worth a fresh connection. A server
+    that died at once is a zombie by the time the proxy reads its command line, which raises there instead."""
     said = str(e)
+    died_starting = "start_specific_server" in said and ("ZombieProcess" in said or "NoSuchProcess" in said)
     return "Initialization failure from server" in said and (
-        "Starting Ray client server failed" in said or "Proxy failed to Connect to backend" in said)
+        "Starting Ray client server failed" in said or "Proxy failed to Connect to backend" in said or died_starting)
 
 
 def _check_resources(ray: Any, address: str, workers: int, gpus_per_worker: float) -> None:
