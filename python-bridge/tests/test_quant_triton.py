@@ -40,7 +40,8 @@ def _close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
 
 
 CASES = [  # rows, dtype, tolerance relative to the largest output
-    (1, torch.float32, 1e-5), (1, torch.bfloat16, 1e-2), (3, torch.float16, 2e-3), (16, torch.float16, 2e-3)]
+    (1, torch.float32, 1e-5), (1, torch.bfloat16, 1e-2), (3, torch.float16, 2e-3), (16, torch.float16, 2e-3),
+    (32, torch.float16, 2e-3)]  # 16 and 32 rows: pick_config's wide tiles (int8 from 16 rows, int4 from 32)
 CONFIGS = [None, quant_triton.KernelConfig(block_n=16, block_k=128, split_k=3),
            quant_triton.KernelConfig(block_n=32, block_k=256, split_k=2, num_warps=2),
            quant_triton.KernelConfig(block_n=8, block_k=256, split_k=2, words=True)]
