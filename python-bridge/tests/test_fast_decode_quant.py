@@ -17,6 +17,7 @@ from test_fast_decode import CHECK_TOKENS, _hf_greedy, _prompts, perturbed_lm, t
 
 pytestmark = pytest.mark.usefixtures("fused_cpu_kernel")  # the kernel under test here
 
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_layers_decode_as_their_model_does(perturbed_lm: Any, method: str) -> None:
     model = copy.deepcopy(perturbed_lm)
