@@ -115,6 +115,7 @@ describe("the training builder", () => {
     expect(() => run.optimizer("sgd" as never)).toThrow(/"adamw"/);
     expect(() => run.schedule("cosine", { warmpu: 0.1 } as never)).toThrow(/no option "warmpu"/);
     expect(() => run.gradientCheckpointing("yes" as never)).toThrow(TypeError);
+    expect(() => run.activationMemoryGb(-1)).toThrow(/activationMemoryGb\(gb\) must be at least 0/);
     expect(() => TrainRun.lora(t, { dropout: 1 })).toThrow(/dropout must be less than 1/);
     expect(() => TrainRun.lora(t, { targets: "all" as never })).toThrow(/"all-linear" or a list of module names/);
     expect(() => TrainRun.lora(t, { targets: [] })).toThrow(/non-empty list/);
@@ -129,7 +130,7 @@ describe("the training builder", () => {
       .dataset(ROWS)
       .maxLength(384).batchSize(4).gradAccum(4).epochs(3).lr(1e-4)
       .schedule("cosine", { warmup: 0.1 }).evalSplit(0.1).evalEvery(50).saveEvery(100)
-      .seed(7).gradientCheckpointing().packing().optimizer("adamw").dtype("bf16")
+      .seed(7).gradientCheckpointing().activationMemoryGb(4.5).packing().optimizer("adamw").dtype("bf16")
       .output(join(dir, "runs", "h"))
       .quiet();
     await run.train();
@@ -138,7 +139,7 @@ describe("the training builder", () => {
       config: {
         output_dir: join(dir, "runs", "h"), method: "lora", lora: { r: 8, alpha: 32, dropout: 0.1, targets: ["q_proj", "v_proj"] },
         max_length: 384, batch_size: 4, grad_accum: 4, epochs: 3, lr: 1e-4, schedule: "cosine", warmup: 0.1, optimizer: "adamw",
-        dtype: "bf16", gradient_checkpointing: true, packing: true, eval_split: 0.1, eval_every: 50, save_every: 100, seed: 7,
+        dtype: "bf16", gradient_checkpointing: true, activation_memory_gb: 4.5, packing: true, eval_split: 0.1, eval_every: 50, save_every: 100, seed: 7,
       },
       datasets: [
         { path: DATA, format: "alpaca" },

@@ -174,7 +174,9 @@ export class TrainRun {
   }
 
   /** torch.compile each decoder layer: faster GPU steps after a compile of a minute or so at the start; each new
-   * batch shape compiles again, so pair it with packing(). On a CPU it rarely pays. */
+   * batch shape compiles again, so pair it with packing(). On a CPU it rarely pays. On a GPU, steps of one shape
+   * then replay from a CUDA graph, and with gradientCheckpointing() a LoRA run's layers keep what
+   * activationMemoryGb() allows instead of recomputing whole layers. */
   compile(on = true): TrainRun {
     return this.#with({ compile: expectBoolean("compile(on)", on) });
   }
@@ -192,6 +194,15 @@ export class TrainRun {
   /** Recompute activations in the backward pass: much less memory for about 30% more time. */
   gradientCheckpointing(on = true): TrainRun {
     return this.#with({ gradientCheckpointing: expectBoolean("gradientCheckpointing(on)", on) });
+  }
+
+  /**
+   * With gradientCheckpointing() in a compiled LoRA run: GiB of extra activations the layers may keep so that
+   * backward recomputes less (selective checkpointing: attention first, then the MLP). 0 recomputes whole layers;
+   * the default is a quarter of the GPU's free memory once the model is loaded.
+   */
+  activationMemoryGb(gb: number): TrainRun {
+    return this.#with({ activationMemoryGb: expectNumber("activationMemoryGb(gb)", gb, { min: 0, hint: "GiB" }) });
   }
 
   /** Pack several short rows into each maxLength row (they still cannot attend to each other). */

@@ -798,6 +798,11 @@ export interface TrainOptions {
   dtype?: "auto" | "bf16" | "fp16" | "fp32";
   /** @default false */
   gradient_checkpointing?: boolean;
+  /**
+   * With gradient checkpointing in a compiled LoRA run: GiB of extra activations the layers may keep so backward recomputes less (selective checkpointing). Absent: a quarter of the GPU's free memory once the model is loaded; 0: recompute whole layers
+   * minimum 0
+   */
+  activation_memory_gb?: number;
   /** @default false */
   packing?: boolean;
   /**
@@ -1428,7 +1433,7 @@ export const EVENT_TYPES: readonly EventType[] = ["token", "load_progress", "exp
 export const BROADCAST_TYPES: readonly BroadcastType[] = ["gpu", "worker_status"];
 
 /** TrainOptions's fields, in schema order. */
-export const TRAIN_OPTIONS_FIELDS = ["output_dir", "method", "lora", "max_length", "truncation", "batch_size", "grad_accum", "epochs", "max_steps", "lr", "schedule", "warmup", "optimizer", "weight_decay", "adam_betas", "adam_eps", "max_grad_norm", "dtype", "gradient_checkpointing", "packing", "compile", "eval_split", "eval_every", "save_every", "log_every", "seed", "resume_from", "overwrite", "report", "preference", "init_adapter"] as const satisfies ReadonlyArray<keyof TrainOptions>;
+export const TRAIN_OPTIONS_FIELDS = ["output_dir", "method", "lora", "max_length", "truncation", "batch_size", "grad_accum", "epochs", "max_steps", "lr", "schedule", "warmup", "optimizer", "weight_decay", "adam_betas", "adam_eps", "max_grad_norm", "dtype", "gradient_checkpointing", "activation_memory_gb", "packing", "compile", "eval_split", "eval_every", "save_every", "log_every", "seed", "resume_from", "overwrite", "report", "preference", "init_adapter"] as const satisfies ReadonlyArray<keyof TrainOptions>;
 
 /** What the worker uses for each TrainOptions field with a default when it is absent. */
 export const TRAIN_OPTIONS_DEFAULTS = {

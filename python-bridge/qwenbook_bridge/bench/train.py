@@ -197,6 +197,9 @@ def parser() -> argparse.ArgumentParser:
                         "<out>.profile.txt and <out>.profile.json")
     p.add_argument("--keep-layers", type=int, default=0,
                    help="engine paths: leave the last N decoder layers out of gradient checkpointing")
+    p.add_argument("--activation-memory", type=float, default=None, metavar="GB",
+                   help="engine's compiled paths: GiB of extra activations selective checkpointing may keep "
+                        "(TrainConfig.activation_memory_gb); default: the engine's (a quarter of free GPU memory)")
     p.add_argument("--compile-mode", default="", help="engine's compiled paths: a torch.compile mode "
                                                        "(e.g. reduce-overhead, max-autotune-no-cudagraphs)")
     p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         scenario, path, repeat = a.child.split(":")
         job = Job(scenario, path, int(repeat), warmup, steps, 8, 16.0, a.dropout, a.lr, 0,
                   out.with_suffix(".profile.txt") if a.profile else None, a.tokenizer, a.data_dir, a.real_rows,
-                  a.keep_layers, a.compile_mode, a.cuda_graphs)
+                  a.keep_layers, a.compile_mode, a.cuda_graphs, a.activation_memory)
         result = run_job(job, a.model, "small" if a.small else "7b", device, dtype)
         Path(a.child_result).write_text(json.dumps(result), encoding="utf-8")
         return 0
@@ -246,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "lora": f"LoRA r=8 alpha=16 dropout={a.dropout:g} on {len(PROJECTIONS)} projections, lr {a.lr:g}, "
                 "gradient checkpointing, clip 1.0, AdamW",
         "keep_layers": a.keep_layers, "compile_mode": a.compile_mode or "default", "cuda_graphs": a.cuda_graphs,
+        "activation_memory_gb": "engine default" if a.activation_memory is None else a.activation_memory,
         "configs": configs + real, "paths": paths, "warmup": warmup, "steps": steps, "repeats": a.repeats,
         "real_rows": a.real_rows, "tokenizer": a.tokenizer})
     started = time.perf_counter()

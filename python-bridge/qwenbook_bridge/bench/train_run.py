@@ -60,6 +60,7 @@ class Job:
     keep_layers: int = 0
     compile_mode: str = ""
     cuda_graphs: str = "auto"  # replay the engine's steps from a CUDA graph: on, off, auto (= the compiled paths)
+    activation_memory: float | None = None  # TrainConfig.activation_memory_gb (None: the engine's default)
 
     @property
     def real(self) -> bool:
@@ -235,7 +236,7 @@ class Runner:
                                                             dropout=self.job.dropout),
                           max_length=length, batch_size=batch, grad_accum=1, lr=self.job.lr, schedule="constant",
                           gradient_checkpointing=True, packing=True, compile=compiled and not self.job.compile_mode,
-                          seed=self.job.seed)
+                          seed=self.job.seed, activation_memory_gb=self.job.activation_memory)
         cfg.validate()
         autocast, use_scaler, _ = precision_plan(cfg, self.model, self.device)
         n = self.job.warmup + self.job.steps + (3 if self.job.profile else 0)
@@ -273,6 +274,10 @@ class Runner:
             return stats.loss, stats.grad_norm
 
         result = self.measure(step, [b.tokens for b in host], [b.targets for b in host], examples)
+        if trainable.checkpoint_plan is not None:
+            result["selective_checkpointing"] = {"layers": trainable.checkpoint_plan.selective,
+                                                 "wide": trainable.checkpoint_plan.wide,
+                                                 "extra_gib": trainable.checkpoint_plan.extra_bytes / 2**30}
         if graphed is not None:  # how many graphs replayed the timed steps, or why none could be captured
             result["cuda_graphs"] = {"graphs": len(graphed.graphs), "failed": graphed.failed}
         if self.job.profile:

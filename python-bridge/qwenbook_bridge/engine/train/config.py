@@ -89,6 +89,10 @@ class TrainConfig:
     dtype: DType = "auto"
     # Recompute activations in the backward pass: less memory for ~30% more time.
     gradient_checkpointing: bool = False
+    # With gradient checkpointing in a compiled LoRA run: GiB of extra activations the layers may keep so backward
+    # recomputes less (selective checkpointing, checkpoint_policy.py). None: a quarter of the GPU's free memory
+    # once the model is loaded (0 on a CPU); 0: recompute whole layers.
+    activation_memory_gb: float | None = None
     # Pack several short rows into each max_length row (no padding); rows still cannot attend to each other.
     packing: bool = False
     # torch.compile each decoder layer: faster GPU steps after a compile of a minute or so at the start. Each
@@ -170,6 +174,10 @@ class TrainConfig:
         check(is_int(self.max_length) and self.max_length >= 2,
               f"max_length must be an integer >= 2, got {self.max_length!r}")
         check(isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}")
+        budget = self.activation_memory_gb
+        check(budget is None or (is_num(budget) and budget >= 0),
+              f"activation_memory_gb must be a number of GiB >= 0 (or None for a quarter of the free GPU memory), "
+              f"got {self.activation_memory_gb!r}")
         check(self.truncation in ("truncate", "drop"),
               f"truncation must be 'truncate' or 'drop', got {self.truncation!r}")
         check(is_int(self.batch_size) and self.batch_size >= 1,

@@ -73,6 +73,32 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, grad_xl, None, None, None, grad_a, grad_b, None
 
 
+def _traceable(x: torch.Tensor, x_lora: torch.Tensor | None, weight: torch.Tensor | None,
+               quantized: QuantizedLinear | None, bias: torch.Tensor | None, lora_a: torch.Tensor,
+               lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xl2 = x2 if x_lora is None else x_lora.reshape(-1, shape[-1])
+    w = weight if quantized is None else quantized.training_weight(x.dtype)
+    out = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
+    xa = xl2 @ lora_a.to(x.dtype).t()
+    out = torch.addmm(out, xa, (lora_b * scaling).to(x.dtype).t())
+    return out.view(*shape[:-1], out.shape[-1])
+
+
+def set_traceable(root: nn.Module, on: bool) -> None:
+    """Inside a layer whose saved activations a selective checkpoint picks (checkpoint_policy.py), the adapter runs
+    as plain differentiable ops: the policy (and the compiler) then see every product and keep or recompute each,
+    which an autograd.Function's own saved tensors and in-place sum would not allow."""
+    for module in root.modules():
+        if isinstance(module.__dict__.get("forward"), types.MethodType) and \
+                module.__dict__["forward"].__func__ is _fast_forward:
+            if on:
+                module._lora_traceable = True
+            else:
+                module.__dict__.pop("_lora_traceable", None)
+
+
 def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     plan = _plan(self, x, args, kwargs)
     if plan is None:
@@ -81,6 +107,9 @@ def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     base = self.base_layer
     x_lora = None if isinstance(dropout, nn.Identity) or not dropout.training else dropout(x)
     quantized = base if isinstance(base, QuantizedLinear) else None
+    if getattr(self, "_lora_traceable", False):
+        return _traceable(x, x_lora, None if quantized else base.weight, quantized, base.bias, lora_a.weight,
+                          lora_b.weight, self.scaling[name])
     return _LoraLinear.apply(x, x_lora, None if quantized else base.weight, quantized, base.bias, lora_a.weight,
                              lora_b.weight, self.scaling[name])
 

@@ -237,6 +237,7 @@ class _Run:
         torch.manual_seed(cfg.seed)  # the same LoRA initialization for the same seed
         self.trainable = trainable
         trainable.prepare()
+        self.notes += trainable.notes
         self.objective = self._objective(trainable)
         if self.resume:  # into the whole model, before a sharded run splits it over the ranks
             trainable.load(self.resume)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qwenbook_bridge.engine.train import fast_lora
+from qwenbook_bridge.engine.train import checkpoint_policy, fast_lora
 from qwenbook_bridge.engine.errors import InvalidOptionError
 from qwenbook_bridge.engine.train.config import LoraSettings, TrainConfig
 
@@ -113,6 +113,8 @@ class Trainable:
         self.peft_model: Any = None
         self.targets: list[str] = []
         self.compiled: list[nn.Module] = []
+        self.checkpoint_plan: checkpoint_policy.Plan | None = None
+        self.notes: list[str] = []  # what the run should be told about how it was set up
 
     def prepare(self) -> None:
         cfg = self.config
@@ -144,9 +146,42 @@ class Trainable:
                 p.requires_grad_(True)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._select_checkpoints()
         if cfg.compile:
             self._compile_layers()
         self.model.train()
+
+    def _select_checkpoints(self) -> None:
+        """Spend the activation memory budget on selective checkpointing (checkpoint_policy.py): LoRA runs in one
+        process with compiled layers, where it pays (a sharded run's layers are wrapped after this)."""
+        cfg = self.config
+        if cfg.method != "lora" or not cfg.compile or not self.keep_original:
+            if cfg.activation_memory_gb:
+                self.notes.append("activation_memory_gb is used by compiled LoRA runs on one device only; this run "
+                                  "recomputes whole layers")
+            return
+        device = self._device()
+        if cfg.activation_memory_gb is not None:
+            budget = cfg.activation_memory_gb * 2**30
+        else:
+            from qwenbook_bridge.engine.quant.layers import QuantizedLinear
+
+            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+            budget = checkpoint_policy.auto_budget(free, any(isinstance(m, QuantizedLinear)
+                                                             for m in self.model.modules()))
+        layers = decoder_layers(self.model)
+        text = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
+            else self.model.config
+        weights = next(p for p in self.model.parameters() if p.is_floating_point())
+        tokens = cfg.batch_size * cfg.max_length * (2 if cfg.preference is not None else 1)  # pairs: both answers
+        chosen = checkpoint_policy.plan(text, len(layers), tokens, weights.element_size(), budget)
+        if chosen.selective:
+            checkpoint_policy.apply(layers, chosen, text.hidden_size, cfg.lora.r)
+            self.checkpoint_plan = chosen
+            self.notes.append(f"selective checkpointing: {chosen.selective} of {len(layers)} layers keep their "
+                              f"attention activations and {chosen.wide} their MLP's too, about "
+                              f"{chosen.extra_bytes / 2**30:.1f} GiB more than recomputing whole layers (budget "
+                              f"{budget / 2**30:.1f} GiB; set activation_memory_gb to change it, 0 to turn it off)")
 
     def _compile_layers(self) -> None:
         """torch.compile each decoder layer (the layers share one compiled graph): norms, rotary embedding,
@@ -233,6 +268,9 @@ class Trainable:
             # What nn.Module.compile() set; the layer runs its plain forward again.
             module._compiled_call_impl = None
         self.compiled = []
+        if self.checkpoint_plan is not None:
+            checkpoint_policy.remove(decoder_layers(self.model))
+            self.checkpoint_plan = None
         if self.peft_model is not None:
             fast_lora.uninstall(self.model)
             self.peft_model.unload()
