@@ -29,6 +29,14 @@ def test_only_runs_without_host_decisions_inside_a_step_are_captured():
     assert "ranks" in graphable(runner(parallel=object()), grad_accum=1, dropout=0.0)
 
 
+def test_micro_batches_that_keep_the_device_busy_are_not_captured():
+    # The 7B shape (hidden 3584): 4 x 384 tokens is launch-bound, 2 x 2048 is not (graphed_step.LAUNCH_BOUND_BELOW).
+    assert graphable(runner(), grad_accum=1, dropout=0.0, step_tokens=4 * 384, hidden=3584) is None
+    why = graphable(runner(), grad_accum=1, dropout=0.0, step_tokens=2 * 2048, hidden=3584)
+    assert why is not None and "4096 tokens at hidden size 3584" in why
+    assert graphable(runner(), grad_accum=1, dropout=0.0, step_tokens=2 * 2048, hidden=896) is None  # a 0.5B
+
+
 def test_padded_targets_leave_the_loss_unchanged(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
