@@ -77,6 +77,10 @@ function vitest(config, name) {
 const LAUNCHING = ["test_ray_train.py", "test_fsdp_train.py", "test_bench_dist.py", "test_dist_train.py"]
   .map((f) => `python-bridge/tests/${f}`);
 
+// Two long self-contained files run at the end of the install lane: in the last run the Python lane alone took
+// its final ~230 s (1,540 s in all) while the install lane had ended at ~980 s, one core idle.
+const TAIL = ["test_gguf.py", "test_bench_train.py"].map((f) => `python-bridge/tests/${f}`);
+
 /** A pytest run writing its own JUnit report: over `files`, or over python-bridge/tests without `skip`. */
 function pytest(name, { lane = "python", files = null, skip = [] } = {}) {
   const xmlPath = join(reports, `${name}.xml`);
@@ -102,7 +106,7 @@ function pytest(name, { lane = "python", files = null, skip = [] } = {}) {
 
 const suites = [
   // The Python suite in its own lane, but for the launching files.
-  pytest("pytest", { skip: LAUNCHING }),
+  pytest("pytest", { skip: [...LAUNCHING, ...TAIL] }),
   // The README's install section in a fresh folder (wheels, a new virtualenv, the packed npm package, a notebook
   // on the new kernel): 400-480 s, mostly pip and npm unpacking and writing packages, so it runs in a third lane
   // beside the other two rather than lengthening either.
@@ -111,6 +115,7 @@ const suites = [
   // The extension's specs and the browser suite (JupyterLab in Chromium) end the install lane; see the lanes below.
   { ...vitest("extension/vitest.config.ts", "extension"), lane: "install" },
   { ...vitest("tests/browser/vitest.config.ts", "browser"), lane: "install" },
+  pytest("pytest-tail", { lane: "install", files: TAIL }),
   vitest("tests/vitest.config.ts", "vitest"),
   vitest("tests/notebooks/vitest.config.ts", "notebooks"),
 ];
