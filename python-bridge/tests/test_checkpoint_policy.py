@@ -68,11 +68,17 @@ def test_selective_layers_give_whole_layer_gradients_and_recompute_only_what_the
     layers = decoder_layers(model)
     assert len(layers) == 2
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids, use_cache=False).logits
+    model.train()
     loss, grads, whole = _step(model, ids)
     assert whole == 7 * len(layers)  # every projection of every layer runs again in backward
 
     # Layer 0 keeps attention's activations (recomputes gate and up), layer 1 keeps the MLP's too.
     checkpoint_policy.apply(layers, checkpoint_policy.Plan(2, 1, 0, 0), model.config.hidden_size, RANK)
+    with torch.no_grad():  # evaluation passes straight through
+        torch.testing.assert_close(model.eval()(input_ids=ids, use_cache=False).logits, logits, rtol=0, atol=0)
+    model.train()
     loss2, grads2, selective = _step(model, ids)
     assert selective == 2
     assert torch.equal(loss, loss2)

@@ -99,6 +99,8 @@ def _context(hidden: int, rank: int, keep_wide: bool) -> Any:
 def _narrow_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     from torch.utils.checkpoint import checkpoint
 
+    if not (self.training and torch.is_grad_enabled()):  # evaluation, a reference pass: nothing to keep
+        return self._selective_plain_forward(*args, **kwargs)
     return checkpoint(self._selective_plain_forward, *args, use_reentrant=False,
                       context_fn=_contexts[(*self._selective_shape, False)], **kwargs)
 
@@ -106,6 +108,8 @@ def _narrow_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
 def _wide_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     from torch.utils.checkpoint import checkpoint
 
+    if not (self.training and torch.is_grad_enabled()):
+        return self._selective_plain_forward(*args, **kwargs)
     return checkpoint(self._selective_plain_forward, *args, use_reentrant=False,
                       context_fn=_contexts[(*self._selective_shape, True)], **kwargs)
 
