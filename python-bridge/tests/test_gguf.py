@@ -87,7 +87,7 @@ def greedy(model, ids: list[int]) -> tuple[list[int], float]:
     smallest = float("inf")
     with torch.no_grad():
         for _ in range(N_TOKENS):
-            top = model(input_ids=x).logits[0, -1].topk(2)
+            top = model(input_ids=x, logits_to_keep=1).logits[0, -1].topk(2)  # the head over one row, not all
             smallest = min(smallest, (top.values[0] - top.values[1]).item())
             x = torch.cat([x, top.indices[:1][None]], dim=1)
     return x[0, len(ids):].tolist(), smallest
