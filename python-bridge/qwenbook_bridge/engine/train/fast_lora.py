@@ -91,12 +91,17 @@ def set_traceable(root: nn.Module, on: bool) -> None:
     as plain differentiable ops: the policy (and the compiler) then see every product and keep or recompute each,
     which an autograd.Function's own saved tensors and in-place sum would not allow."""
     for module in root.modules():
-        if isinstance(module.__dict__.get("forward"), types.MethodType) and \
-                module.__dict__["forward"].__func__ is _fast_forward:
+        if _routed(module):
             if on:
                 module._lora_traceable = True
             else:
                 module.__dict__.pop("_lora_traceable", None)
+
+
+def _routed(module: nn.Module) -> bool:
+    """Whether `install` routed this layer through the fast path."""
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, types.MethodType) and forward.__func__ is _fast_forward
 
 
 def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -154,6 +159,5 @@ def install(model: nn.Module) -> int:
 
 def uninstall(model: nn.Module) -> None:
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), types.MethodType) and \
-                module.__dict__["forward"].__func__ is _fast_forward:
+        if _routed(module):
             del module.forward

@@ -170,8 +170,7 @@ class Trainable:
             budget = checkpoint_policy.auto_budget(free, any(isinstance(m, QuantizedLinear)
                                                              for m in self.model.modules()))
         layers = decoder_layers(self.model)
-        text = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
-            else self.model.config
+        text = self.model.config.get_text_config()
         weights = next(p for p in self.model.parameters() if p.is_floating_point())
         tokens = cfg.batch_size * cfg.max_length * (2 if cfg.preference is not None else 1)  # pairs: both answers
         chosen = checkpoint_policy.plan(text, len(layers), tokens, weights.element_size(), budget)
