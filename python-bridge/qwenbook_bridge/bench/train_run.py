@@ -264,7 +264,7 @@ class Runner:
         graphed = None
         if self.job.cuda_graphs == "on" or (self.job.cuda_graphs == "auto" and compiled):
             # auto: as train() decides, sizes included; on: whenever a capture is possible at all.
-            sizes = dict(step_tokens=batch * length, hidden=self.model.config.hidden_size) \
+            sizes = dict(step_tokens=cfg.micro_batch_tokens, hidden=self.model.config.hidden_size) \
                 if self.job.cuda_graphs == "auto" else {}
             why_not = graphable(runner, grad_accum=1, dropout=self.job.dropout, **sizes)
             if why_not and self.job.cuda_graphs == "on":

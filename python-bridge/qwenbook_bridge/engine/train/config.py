@@ -140,6 +140,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def micro_batch_tokens(self) -> int:
+        """The most tokens one forward pass holds: batch_size rows of max_length, both answers for preference pairs."""
+        return self.batch_size * self.max_length * (2 if self.preference is not None else 1)
+
     def warmup_steps(self, total_steps: int) -> int:
         if self.warmup < 1:
             return int(round(self.warmup * total_steps))

@@ -252,7 +252,7 @@ class _Run:
         dropout = cfg.lora.dropout if cfg.method == "lora" else 0.0
         # Not a preference step: its pair batches and reference log-probabilities are not what a graph captures.
         self.graphed = (GraphedStep(self.runner) if cfg.compile and cfg.preference is None and graphable(
-            self.runner, grad_accum=cfg.grad_accum, dropout=dropout, step_tokens=cfg.batch_size * cfg.max_length,
+            self.runner, grad_accum=cfg.grad_accum, dropout=dropout, step_tokens=cfg.micro_batch_tokens,
             hidden=self.model.config.get_text_config().hidden_size) is None else None)
         if self.parallel is not None:
             self.parallel.broadcast_parameters(self.trainable.parameters())

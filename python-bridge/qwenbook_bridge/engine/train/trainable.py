@@ -172,8 +172,7 @@ class Trainable:
         layers = decoder_layers(self.model)
         text = self.model.config.get_text_config()
         weights = next(p for p in self.model.parameters() if p.is_floating_point())
-        tokens = cfg.batch_size * cfg.max_length * (2 if cfg.preference is not None else 1)  # pairs: both answers
-        chosen = checkpoint_policy.plan(text, len(layers), tokens, weights.element_size(), budget)
+        chosen = checkpoint_policy.plan(text, len(layers), cfg.micro_batch_tokens, weights.element_size(), budget)
         if chosen.selective:
             checkpoint_policy.apply(layers, chosen, text.hidden_size, cfg.lora.r)
             self.checkpoint_plan = chosen
